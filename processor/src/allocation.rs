@@ -1,0 +1,231 @@
+//! The shard allocation table: which node owns which shard (= Kafka partition).
+//!
+//! Every node keeps one. It is fed by ownership announcements: each node periodically and on
+//! every change sends its *complete* set of owned shards, so lost or reordered messages heal on
+//! the next announcement. The gRPC path reads it lock-free (a `DashMap` lookup); writers are
+//! rare (rebalances, announcements) and serialise on a mutex.
+//!
+//! The table is a routing hint, not the authority: the node a query is sent to checks that it
+//! really holds the shard and otherwise answers "not owner", and the caller waits for the next
+//! change. Kafka's assignment is the authority; a node only claims what it was assigned.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use tokio::sync::watch;
+
+/// Who owns a shard, from this node's point of view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    Local,
+    Remote(Arc<str>),
+}
+
+/// One node's latest complete claim.
+#[derive(Debug, Clone)]
+struct Claim {
+    /// (incarnation, seq): orders one node's announcements; a restart gets a new incarnation.
+    version: (u64, u64),
+    shards: BTreeSet<u32>,
+}
+
+pub struct AllocationTable {
+    local_node: Arc<str>,
+    owners: DashMap<u32, Arc<str>>,
+    claims: Mutex<HashMap<Arc<str>, Claim>>,
+    /// Bumped on every change; queries waiting for an owner watch it.
+    changes: watch::Sender<u64>,
+}
+
+impl AllocationTable {
+    pub fn new(local_node: impl Into<Arc<str>>) -> Self {
+        Self {
+            local_node: local_node.into(),
+            owners: DashMap::new(),
+            claims: Mutex::new(HashMap::new()),
+            changes: watch::channel(0).0,
+        }
+    }
+
+    pub fn local_node(&self) -> &Arc<str> {
+        &self.local_node
+    }
+
+    /// Lock-free lookup for the query path.
+    pub fn owner(&self, shard: u32) -> Option<Owner> {
+        self.owners.get(&shard).map(|node| {
+            if *node.value() == self.local_node {
+                Owner::Local
+            } else {
+                Owner::Remote(node.value().clone())
+            }
+        })
+    }
+
+    /// A receiver that sees every later change, for waiting on a shard without an owner.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Applies `node`'s complete claim if it is newer than the last one seen from it.
+    /// Returns whether it changed anything.
+    pub fn apply_claim(&self, node: &str, version: (u64, u64), shards: BTreeSet<u32>) -> bool {
+        let node: Arc<str> = Arc::from(node);
+        let mut claims = self.claims.lock().expect("allocation table lock poisoned");
+        let previous = match claims.get(&node) {
+            Some(c) if c.version >= version => return false,
+            Some(c) => c.shards.clone(),
+            None => BTreeSet::new(),
+        };
+        if previous == shards {
+            claims.insert(node, Claim { version, shards });
+            return false;
+        }
+        // A newly claimed shard moves to the claimant at once: its previous owner released it
+        // before Kafka could assign it here (cooperative rebalancing revokes before assigning).
+        for shard in shards.difference(&previous) {
+            self.owners.insert(*shard, node.clone());
+        }
+        for shard in previous.difference(&shards) {
+            self.release_if_owned_by(&claims, *shard, &node);
+        }
+        claims.insert(node, Claim { version, shards });
+        drop(claims);
+        self.changes.send_modify(|v| *v += 1);
+        true
+    }
+
+    /// Forgets every claim of a node that left the cluster.
+    pub fn remove_node(&self, node: &str) -> Vec<u32> {
+        let mut claims = self.claims.lock().expect("allocation table lock poisoned");
+        let Some(claim) = claims.remove(node) else {
+            return Vec::new();
+        };
+        let node: Arc<str> = Arc::from(node);
+        for shard in &claim.shards {
+            self.release_if_owned_by(&claims, *shard, &node);
+        }
+        drop(claims);
+        self.changes.send_modify(|v| *v += 1);
+        claim.shards.into_iter().collect()
+    }
+
+    /// Clears `shard` if `node` holds it, handing it to another node still claiming it (a
+    /// delayed release can arrive after the new owner's claim).
+    fn release_if_owned_by(&self, claims: &HashMap<Arc<str>, Claim>, shard: u32, node: &Arc<str>) {
+        let owned_by_node = self.owners.get(&shard).is_some_and(|o| o.value() == node);
+        if !owned_by_node {
+            return;
+        }
+        self.owners.remove(&shard);
+        if let Some((other, _)) = claims
+            .iter()
+            .find(|(other, c)| *other != node && c.shards.contains(&shard))
+        {
+            self.owners.insert(shard, other.clone());
+        }
+    }
+
+    /// Shards this node claims.
+    pub fn local_shards(&self) -> BTreeSet<u32> {
+        self.claims_of(&self.local_node.clone())
+    }
+
+    pub fn claims_of(&self, node: &str) -> BTreeSet<u32> {
+        let claims = self.claims.lock().expect("allocation table lock poisoned");
+        claims.get(node).map(|c| c.shards.clone()).unwrap_or_default()
+    }
+
+    /// Every known node and the shards the table routes to it.
+    pub fn members(&self) -> BTreeMap<String, BTreeSet<u32>> {
+        let mut members: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+        {
+            let claims = self.claims.lock().expect("allocation table lock poisoned");
+            for node in claims.keys() {
+                members.entry(node.to_string()).or_default();
+            }
+        }
+        members.entry(self.local_node.to_string()).or_default();
+        for entry in self.owners.iter() {
+            members.entry(entry.value().to_string()).or_default().insert(*entry.key());
+        }
+        members
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(shards: &[u32]) -> BTreeSet<u32> {
+        shards.iter().copied().collect()
+    }
+
+    #[test]
+    fn claims_route_to_local_and_remote_nodes() {
+        let t = AllocationTable::new("a");
+        t.apply_claim("a", (1, 1), set(&[0, 1]));
+        t.apply_claim("b", (1, 1), set(&[2]));
+        assert_eq!(t.owner(0), Some(Owner::Local));
+        assert_eq!(t.owner(2), Some(Owner::Remote("b".into())));
+        assert_eq!(t.owner(3), None);
+    }
+
+    #[test]
+    fn stale_announcements_are_ignored() {
+        let t = AllocationTable::new("a");
+        assert!(t.apply_claim("b", (1, 5), set(&[2])));
+        assert!(!t.apply_claim("b", (1, 4), set(&[3])));
+        assert_eq!(t.owner(3), None);
+        // A restarted node has a newer incarnation even with a lower sequence number.
+        assert!(t.apply_claim("b", (2, 0), set(&[3])));
+        assert_eq!(t.owner(3), Some(Owner::Remote("b".into())));
+        assert_eq!(t.owner(2), None);
+    }
+
+    #[test]
+    fn a_delayed_release_does_not_clear_the_new_owner() {
+        let t = AllocationTable::new("c");
+        t.apply_claim("a", (1, 1), set(&[5, 6]));
+        // b's claim of 5 arrives before a's release of it.
+        t.apply_claim("b", (1, 1), set(&[5]));
+        assert_eq!(t.owner(5), Some(Owner::Remote("b".into())));
+        t.apply_claim("a", (1, 2), set(&[6]));
+        assert_eq!(t.owner(5), Some(Owner::Remote("b".into())));
+        assert_eq!(t.owner(6), Some(Owner::Remote("a".into())));
+    }
+
+    #[test]
+    fn a_release_hands_the_shard_to_another_claimant() {
+        let t = AllocationTable::new("c");
+        t.apply_claim("b", (1, 1), set(&[5]));
+        t.apply_claim("a", (1, 1), set(&[5])); // stale claim arrives late and wins for now
+        assert_eq!(t.owner(5), Some(Owner::Remote("a".into())));
+        t.apply_claim("a", (1, 2), set(&[])); // a's release
+        assert_eq!(t.owner(5), Some(Owner::Remote("b".into())));
+    }
+
+    #[test]
+    fn removing_a_node_clears_its_shards_and_notifies() {
+        let t = AllocationTable::new("a");
+        let mut rx = t.subscribe();
+        t.apply_claim("b", (1, 1), set(&[1, 2]));
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        assert_eq!(t.remove_node("b"), vec![1, 2]);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(t.owner(1), None);
+        assert_eq!(t.members().len(), 1);
+    }
+
+    #[test]
+    fn members_list_every_node_with_its_shards() {
+        let t = AllocationTable::new("a");
+        t.apply_claim("a", (1, 1), set(&[0]));
+        t.apply_claim("b", (1, 1), set(&[1, 2]));
+        let m = t.members();
+        assert_eq!(m["a"], set(&[0]));
+        assert_eq!(m["b"], set(&[1, 2]));
+    }
+}

@@ -1,0 +1,217 @@
+//! Command line of a processor node.
+//!
+//! `processor <remoting-port> <management-port> <grpc-port>` as in the reference, or
+//! `processor N` for ports 2550+N, 8550+N, 8080+N. Every option has an environment fallback.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "processor",
+    about = "A cluster node: consumes its Kafka partitions, hosts the matching user entities, answers gRPC for any user",
+    after_help = "Examples:\n  processor 2551 8551 8081\n  processor 2        # ports 2552 8552 8082"
+)]
+pub struct Args {
+    /// Either three ports (remoting, management, gRPC) or one node number N
+    /// (ports 2550+N, 8550+N, 8080+N).
+    #[arg(value_name = "PORTS", num_args = 1..=3, required = true)]
+    pub ports: Vec<u16>,
+
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    pub bootstrap_servers: String,
+
+    /// Input topic; its partition count is the shard count.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "user-events")]
+    pub topic: String,
+
+    /// Consumer group shared by every node of the cluster.
+    #[arg(long, env = "KAFKA_GROUP", default_value = "user-processing")]
+    pub group: String,
+
+    /// Topic receiving records that cannot be processed (default: `<topic>-dlq`).
+    #[arg(long, env = "KAFKA_DLQ_TOPIC")]
+    pub dlq_topic: Option<String>,
+
+    /// Cluster seed nodes (host:port of their remoting ports), comma separated.
+    #[arg(
+        long,
+        env = "SEED_NODES",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:2551,127.0.0.1:2552"
+    )]
+    pub seed_nodes: Vec<String>,
+
+    /// Shared secret nodes authenticate each other with.
+    #[arg(long, env = "CLUSTER_COOKIE", default_value = "user-processing-cookie")]
+    pub cookie: String,
+
+    /// Host this node's ports bind to and peers reach it at.
+    #[arg(long, env = "NODE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Kafka consumer session timeout: how long a silent node keeps its partitions.
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u64,
+
+    /// How long a query waits for a shard that has no known owner (rebalance) before UNAVAILABLE.
+    #[arg(long, env = "QUERY_WAIT_MS", default_value_t = 5_000)]
+    pub query_wait_ms: u64,
+
+    /// Timeout of one call to another node.
+    #[arg(long, env = "REMOTE_CALL_TIMEOUT_MS", default_value_t = 2_000)]
+    pub remote_call_timeout_ms: u64,
+
+    /// Events dispatched to entities but not yet acknowledged, across all shards (backpressure).
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 20_000)]
+    pub max_in_flight: usize,
+
+    /// How often acknowledged offsets are committed.
+    #[arg(long, env = "COMMIT_INTERVAL_MS", default_value_t = 1_000)]
+    pub commit_interval_ms: u64,
+
+    /// How long a revoked shard may take to finish its in-flight events before hand-off.
+    #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+}
+
+/// The three ports of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    pub remoting: u16,
+    pub management: u16,
+    pub grpc: u16,
+}
+
+impl Ports {
+    /// Resolves `[N]` or `[remoting, management, grpc]`; anything else is a usage error.
+    pub fn from_args(ports: &[u16]) -> Result<Self, String> {
+        match *ports {
+            [n] if (1..=999).contains(&n) => Ok(Self {
+                remoting: 2550 + n,
+                management: 8550 + n,
+                grpc: 8080 + n,
+            }),
+            [n] => Err(format!("node number {n} is out of range 1..=999")),
+            [remoting, management, grpc] => {
+                if remoting == management || remoting == grpc || management == grpc {
+                    return Err("the three ports must differ".into());
+                }
+                if remoting == 0 || management == 0 || grpc == 0 {
+                    return Err("ports must be non-zero".into());
+                }
+                Ok(Self { remoting, management, grpc })
+            }
+            _ => Err(format!(
+                "expected 1 or 3 ports (remoting management grpc), got {}",
+                ports.len()
+            )),
+        }
+    }
+}
+
+/// Everything a node needs, validated.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub ports: Ports,
+    pub host: String,
+    pub bootstrap_servers: String,
+    pub topic: String,
+    pub group: String,
+    pub dlq_topic: String,
+    pub seed_nodes: Vec<String>,
+    pub cookie: String,
+    pub session_timeout: Duration,
+    pub query_wait: Duration,
+    pub remote_call_timeout: Duration,
+    pub max_in_flight: usize,
+    pub commit_interval: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl NodeConfig {
+    pub fn from_args(args: Args) -> Result<Self, String> {
+        let ports = Ports::from_args(&args.ports)?;
+        for seed in &args.seed_nodes {
+            if seed.parse::<SocketAddr>().is_err() && !seed.contains(':') {
+                return Err(format!("seed node '{seed}' is not host:port"));
+            }
+        }
+        if args.topic.is_empty() || args.group.is_empty() {
+            return Err("--topic and --group must not be empty".into());
+        }
+        if args.max_in_flight == 0 {
+            return Err("--max-in-flight must be at least 1".into());
+        }
+        Ok(Self {
+            ports,
+            dlq_topic: args.dlq_topic.unwrap_or_else(|| format!("{}-dlq", args.topic)),
+            host: args.host,
+            bootstrap_servers: args.bootstrap_servers,
+            topic: args.topic,
+            group: args.group,
+            seed_nodes: args.seed_nodes,
+            cookie: args.cookie,
+            session_timeout: Duration::from_millis(args.session_timeout_ms),
+            query_wait: Duration::from_millis(args.query_wait_ms),
+            remote_call_timeout: Duration::from_millis(args.remote_call_timeout_ms),
+            max_in_flight: args.max_in_flight,
+            commit_interval: Duration::from_millis(args.commit_interval_ms),
+            drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+        })
+    }
+
+    /// The ractor_cluster node name (the full name peers see is `<name>@<host>`).
+    pub fn node_name(&self) -> String {
+        format!("processor-{}", self.ports.remoting)
+    }
+
+    /// This node's identity in the shard table, in announcements and as Kafka `client.id`.
+    pub fn node_id(&self) -> String {
+        format!("{}@{}", self.node_name(), self.host)
+    }
+
+    /// The `host:port` peers dial to reach this node.
+    pub fn remoting_addr(&self) -> String {
+        format!("{}:{}", self.host, self.ports.remoting)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_number_gives_the_reference_ports() {
+        assert_eq!(
+            Ports::from_args(&[2]).unwrap(),
+            Ports { remoting: 2552, management: 8552, grpc: 8082 }
+        );
+    }
+
+    #[test]
+    fn three_ports_are_taken_as_given() {
+        assert_eq!(
+            Ports::from_args(&[2551, 8551, 8081]).unwrap(),
+            Ports { remoting: 2551, management: 8551, grpc: 8081 }
+        );
+    }
+
+    #[test]
+    fn two_ports_or_clashing_ports_are_rejected() {
+        assert!(Ports::from_args(&[2551, 8551]).is_err());
+        assert!(Ports::from_args(&[2551, 2551, 8081]).is_err());
+        assert!(Ports::from_args(&[0]).is_err());
+    }
+
+    #[test]
+    fn dlq_topic_defaults_from_the_input_topic() {
+        let args = Args::parse_from(["processor", "1", "--topic", "t1"]);
+        let cfg = NodeConfig::from_args(args).unwrap();
+        assert_eq!(cfg.dlq_topic, "t1-dlq");
+        assert_eq!(cfg.node_id(), "processor-2551@127.0.0.1");
+    }
+}

@@ -1,0 +1,7 @@
+//! The cluster layer: ractor_cluster membership, the per-node gateway actor (the only remotable
+//! actor), ownership announcements, and the wire format between nodes.
+
+pub mod announce;
+pub mod gateway;
+pub mod membership;
+pub mod wire;

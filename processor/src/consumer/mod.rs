@@ -1,0 +1,191 @@
+//! The node's Kafka consumer, on its own OS thread.
+//!
+//! One consumer per node in the shared group, cooperative-sticky assignment, `client.id` = the
+//! node id (so the broker's group description shows which node holds which partition). The poll
+//! loop decodes records, dead-letters malformed ones, batches the rest to their shards, and
+//! commits acknowledged offsets. Rebalance callbacks run inside `poll` on this thread and may
+//! block, which is why it is not a tokio task.
+
+mod commit;
+mod context;
+mod dispatch;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::Message;
+
+use crate::backpressure::InFlightGate;
+use crate::dlq::DeadLetters;
+use crate::event::decode_record;
+use crate::handoff::Handoff;
+use crate::shard::{ConsumedRecord, LocalShards};
+use crate::stats::NodeStats;
+use commit::OffsetCommitter;
+use context::NodeContext;
+use dispatch::Dispatcher;
+
+const PARTITION_COUNT_CHECK_EVERY: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("cannot create the Kafka consumer: {0}")]
+    Create(rdkafka::error::KafkaError),
+    #[error("cannot subscribe to {topic}: {source}")]
+    Subscribe { topic: String, source: rdkafka::error::KafkaError },
+}
+
+pub struct ConsumerSettings {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    pub group: String,
+    pub client_id: String,
+    pub session_timeout: Duration,
+    pub commit_interval: Duration,
+    pub partitions: u32,
+}
+
+/// Shared pieces the consumer drives.
+pub struct ConsumerParts {
+    pub handoff: Arc<Handoff>,
+    pub local: Arc<LocalShards>,
+    pub gate: Arc<InFlightGate>,
+    pub stats: Arc<NodeStats>,
+    pub dead_letters: DeadLetters,
+}
+
+pub struct ConsumerHandle {
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ConsumerHandle {
+    /// Asks the loop to stop; the consumer then leaves the group, which revokes (drains and
+    /// commits) every partition it holds.
+    pub fn stop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    pub fn join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<ConsumerHandle, ConsumerError> {
+    let stopping = Arc::new(AtomicBool::new(false));
+    let context = NodeContext {
+        topic: settings.topic.clone(),
+        handoff: parts.handoff.clone(),
+        dispatcher: Mutex::new(Dispatcher::new(parts.local.clone(), parts.gate.clone(), stopping.clone())),
+        committer: Mutex::new(OffsetCommitter::new(settings.topic.clone())),
+    };
+    let session_ms = settings.session_timeout.as_millis().max(1_000);
+    let consumer: BaseConsumer<NodeContext> = ClientConfig::new()
+        .set("bootstrap.servers", &settings.bootstrap_servers)
+        .set("group.id", &settings.group)
+        .set("client.id", &settings.client_id)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", session_ms.to_string())
+        .set("heartbeat.interval.ms", (session_ms / 4).max(250).to_string())
+        .create_with_context(context)
+        .map_err(ConsumerError::Create)?;
+    consumer
+        .subscribe(&[&settings.topic])
+        .map_err(|source| ConsumerError::Subscribe { topic: settings.topic.clone(), source })?;
+    tracing::info!(
+        "consuming {} ({} partitions) in group {} as {}",
+        settings.topic, settings.partitions, settings.group, settings.client_id
+    );
+    let loop_stopping = stopping.clone();
+    let thread = std::thread::Builder::new()
+        .name("kafka-consumer".into())
+        .spawn(move || poll_loop(consumer, settings, parts, loop_stopping))
+        .expect("cannot spawn the consumer thread");
+    Ok(ConsumerHandle { stopping, thread: Some(thread) })
+}
+
+fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, parts: ConsumerParts, stopping: Arc<AtomicBool>) {
+    let context = consumer.context();
+    let mut last_commit = Instant::now();
+    let mut last_partition_check = Instant::now();
+    let mut partition_count_alarm = false;
+    while !stopping.load(Ordering::SeqCst) {
+        match consumer.poll(Duration::from_millis(50)) {
+            None => context.dispatcher.lock().expect("dispatcher lock poisoned").flush_all(),
+            Some(Err(e)) => tracing::warn!("consumer error: {e}"),
+            Some(Ok(message)) => {
+                let partition = message.partition() as u32;
+                let offset = message.offset();
+                let record = match decode_record(message.key(), message.payload()) {
+                    Ok(purchase) => {
+                        NodeStats::add(&parts.stats.events_consumed, 1);
+                        ConsumedRecord { offset, purchase: Some(purchase) }
+                    }
+                    Err(reason) => {
+                        parts.dead_letters.send_blocking(&message, &reason.to_string());
+                        NodeStats::add(&parts.stats.dead_lettered, 1);
+                        ConsumedRecord { offset, purchase: None }
+                    }
+                };
+                let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
+                dispatcher.push(partition, record);
+                if dispatcher.should_flush() {
+                    dispatcher.flush_all();
+                }
+            }
+        }
+        if last_commit.elapsed() >= settings.commit_interval {
+            context.committer.lock().expect("committer lock poisoned").commit_progress(&consumer, &parts.local);
+            last_commit = Instant::now();
+        }
+        if last_partition_check.elapsed() >= PARTITION_COUNT_CHECK_EVERY {
+            last_partition_check = Instant::now();
+            check_partition_count(&consumer, &settings, &mut partition_count_alarm);
+        }
+    }
+    tracing::info!("consumer stopping: leaving the group (drains and commits every shard)");
+    context.dispatcher.lock().expect("dispatcher lock poisoned").flush_all();
+    // Unsubscribing revokes every partition through the rebalance callback (drain + commit).
+    consumer.unsubscribe();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && (!parts.local.ids().is_empty() || consumer.assignment().map(|a| a.count() > 0).unwrap_or(false))
+    {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+    drop(consumer);
+    tracing::info!("consumer closed");
+}
+
+/// Adding partitions to the topic changes every key's partition: say so loudly.
+fn check_partition_count(consumer: &BaseConsumer<NodeContext>, settings: &ConsumerSettings, alarmed: &mut bool) {
+    let Ok(metadata) = consumer.fetch_metadata(Some(&settings.topic), Duration::from_secs(5)) else {
+        return;
+    };
+    let Some(topic) = metadata.topics().iter().find(|t| t.name() == settings.topic) else {
+        return;
+    };
+    let now = topic.partitions().len() as u32;
+    if now != settings.partitions && !*alarmed {
+        *alarmed = true;
+        tracing::error!(
+            "topic {} now has {now} partitions, but this node started with {}: keys now hash to different partitions \
+             than the shards they were processed in. Restart every node to realign.",
+            settings.topic, settings.partitions
+        );
+    }
+}

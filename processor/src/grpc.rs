@@ -1,0 +1,79 @@
+//! The gRPC front end: any node answers for any user (locally or one hop to the owner), plus
+//! the standard health and reflection services.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use proto::service::user_service_server::{UserService, UserServiceServer};
+use proto::service::{UserStatsRequest, UserStatsResponse};
+use tonic::{Request, Response, Status};
+
+use crate::event::MAX_USER_ID_BYTES;
+use crate::routing::{RouteError, Router};
+
+pub struct UserStatsService {
+    router: Arc<Router>,
+}
+
+#[tonic::async_trait]
+impl UserService for UserStatsService {
+    async fn user_stats(&self, request: Request<UserStatsRequest>) -> Result<Response<UserStatsResponse>, Status> {
+        let id = request.into_inner().id;
+        validate_user_id(&id)?;
+        match self.router.totals(&id).await {
+            Ok(totals) => Ok(Response::new(UserStatsResponse {
+                id,
+                total_purchases: totals.purchases,
+                amount_spent: totals.amount_spent,
+            })),
+            Err(e @ RouteError::Unavailable { .. }) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+}
+
+pub fn validate_user_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("user id must not be empty"));
+    }
+    if id.len() > MAX_USER_ID_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "user id is {} bytes; at most {MAX_USER_ID_BYTES} are allowed",
+            id.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    router: Arc<Router>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<UserServiceServer<UserStatsService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(UserServiceServer::new(UserStatsService { router }))
+        .serve_with_shutdown(addr, shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_and_overlong_ids_are_invalid_arguments() {
+        assert_eq!(validate_user_id("").unwrap_err().code(), tonic::Code::InvalidArgument);
+        let long = "7".repeat(MAX_USER_ID_BYTES + 1);
+        assert_eq!(validate_user_id(&long).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert!(validate_user_id(&"7".repeat(MAX_USER_ID_BYTES)).is_ok());
+    }
+}

@@ -1,0 +1,129 @@
+//! Management HTTP: shard placement and membership, in the reference's shapes.
+//!
+//! - `GET /cluster/shards/{type}`: this node's shards and live entity counts,
+//!   `{"regions":[{"shardId":"45","numEntities":1}, ...]}` (`type` is the group name).
+//! - `GET /cluster/members`: every known node and the shards the table routes to it.
+//! - `GET /cluster/stats`: this node's counters.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use ractor::rpc::CallResult;
+use serde::Serialize;
+
+use crate::allocation::AllocationTable;
+use crate::backpressure::InFlightGate;
+use crate::cluster::membership::Membership;
+use crate::shard::{LocalShards, ShardMsg};
+use crate::stats::{NodeStats, StatsSnapshot};
+
+pub struct Management {
+    pub group: String,
+    pub node: String,
+    pub partitions: u32,
+    pub local: Arc<LocalShards>,
+    pub table: Arc<AllocationTable>,
+    pub membership: Arc<Membership>,
+    pub stats: Arc<NodeStats>,
+    pub gate: Arc<InFlightGate>,
+}
+
+#[derive(Serialize)]
+struct Region {
+    #[serde(rename = "shardId")]
+    shard_id: String,
+    #[serde(rename = "numEntities")]
+    num_entities: usize,
+}
+
+#[derive(Serialize)]
+struct Regions {
+    regions: Vec<Region>,
+}
+
+#[derive(Serialize)]
+struct Member {
+    node: String,
+    connected: bool,
+    #[serde(rename = "shardCount")]
+    shard_count: usize,
+    shards: Vec<u32>,
+}
+
+#[derive(Serialize)]
+struct Members {
+    #[serde(rename = "self")]
+    this_node: String,
+    members: Vec<Member>,
+}
+
+#[derive(Serialize)]
+struct Stats {
+    node: String,
+    partitions: u32,
+    shards: Vec<u32>,
+    in_flight: usize,
+    #[serde(flatten)]
+    counters: StatsSnapshot,
+}
+
+pub fn router(m: Arc<Management>) -> Router {
+    Router::new()
+        .route("/cluster/shards/{type_name}", get(shards))
+        .route("/cluster/members", get(members))
+        .route("/cluster/stats", get(stats))
+        .route("/health", get(|| async { "ok" }))
+        .with_state(m)
+}
+
+async fn shards(State(m): State<Arc<Management>>, Path(type_name): Path<String>) -> Response {
+    if type_name != m.group {
+        return (StatusCode::NOT_FOUND, format!("no sharded type '{type_name}'; this cluster hosts '{}'", m.group))
+            .into_response();
+    }
+    let mut regions = Vec::new();
+    for shard in m.local.ids() {
+        let Some(handle) = m.local.get(shard) else { continue };
+        // A shard being handed off may not answer; it is still listed.
+        let count = match handle.actor.call(ShardMsg::EntityCount, Some(Duration::from_secs(2))).await {
+            Ok(CallResult::Success(n)) => n,
+            _ => 0,
+        };
+        regions.push(Region { shard_id: shard.to_string(), num_entities: count });
+    }
+    Json(Regions { regions }).into_response()
+}
+
+async fn members(State(m): State<Arc<Management>>) -> Response {
+    let peers = m.membership.peers().await;
+    let mut by_node = m.table.members();
+    for peer in &peers {
+        by_node.entry(peer.clone()).or_default();
+    }
+    let members = by_node
+        .into_iter()
+        .map(|(node, shards)| Member {
+            connected: node == m.node || peers.contains(&node),
+            shard_count: shards.len(),
+            shards: shards.into_iter().collect(),
+            node,
+        })
+        .collect();
+    Json(Members { this_node: m.node.clone(), members }).into_response()
+}
+
+async fn stats(State(m): State<Arc<Management>>) -> Response {
+    Json(Stats {
+        node: m.node.clone(),
+        partitions: m.partitions,
+        shards: m.local.ids(),
+        in_flight: m.gate.in_flight(),
+        counters: m.stats.snapshot(),
+    })
+    .into_response()
+}

@@ -1,0 +1,89 @@
+//! Topic metadata and creation (shared with the producer binary).
+
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot reach Kafka at {bootstrap}: {reason}")]
+    Unreachable { bootstrap: String, reason: String },
+    #[error("topic {topic} does not exist (after waiting {waited_s} s)")]
+    NoSuchTopic { topic: String, waited_s: u64 },
+    #[error("cannot create topic {topic}: {reason}")]
+    Create { topic: String, reason: String },
+}
+
+/// Number of partitions of `topic`, or `None` if the topic does not exist.
+pub fn partition_count(bootstrap: &str, topic: &str) -> Result<Option<u32>, AdminError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| AdminError::Unreachable { bootstrap: bootstrap.into(), reason: e.to_string() })?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| AdminError::Unreachable { bootstrap: bootstrap.into(), reason: e.to_string() })?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len() as u32))
+}
+
+/// Waits until `topic` exists, logging while it waits, and returns its partition count.
+pub fn wait_for_topic(bootstrap: &str, topic: &str, wait: Duration) -> Result<u32, AdminError> {
+    let started = Instant::now();
+    let mut next_log = Instant::now();
+    loop {
+        if let Some(n) = partition_count(bootstrap, topic)? {
+            return Ok(n);
+        }
+        if started.elapsed() >= wait {
+            return Err(AdminError::NoSuchTopic { topic: topic.into(), waited_s: wait.as_secs() });
+        }
+        if Instant::now() >= next_log {
+            tracing::info!("waiting for topic {topic} to be created (e.g. by the producer)");
+            next_log = Instant::now() + Duration::from_secs(10);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Creates `topic` with `partitions` partitions unless it exists; returns its partition count.
+pub async fn ensure_topic(bootstrap: &str, topic: &str, partitions: u32, config: &[(&str, &str)]) -> Result<u32, AdminError> {
+    if let Some(n) = partition_count(bootstrap, topic)? {
+        return Ok(n);
+    }
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| AdminError::Unreachable { bootstrap: bootstrap.into(), reason: e.to_string() })?;
+    let mut new_topic = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+    for (k, v) in config {
+        new_topic = new_topic.set(k, v);
+    }
+    let results = admin
+        .create_topics(&[new_topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
+        .await
+        .map_err(|e| AdminError::Create { topic: topic.into(), reason: e.to_string() })?;
+    for result in results {
+        match result {
+            Ok(_) => tracing::info!("created topic {topic} with {partitions} partitions"),
+            // Another process created it first: fine.
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(AdminError::Create { topic: topic.into(), reason: code.to_string() }),
+        }
+    }
+    // Metadata can lag creation briefly.
+    for _ in 0..50 {
+        if let Some(n) = partition_count(bootstrap, topic)? {
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(AdminError::NoSuchTopic { topic: topic.into(), waited_s: 5 })
+}

@@ -1,0 +1,32 @@
+//! A Kafka-aligned actor-sharding cluster node.
+//!
+//! Shard id == Kafka partition: each node hosts the entities of the partitions its consumer is
+//! assigned, so processing never crosses the network, and any node answers queries for any user
+//! by routing to the shard's owner. See `docs/ARCHITECTURE.md`.
+//!
+//! Module map (data flows top to bottom):
+//! - [`consumer`]: Kafka consumer thread; batches records to shards, commits acknowledged offsets;
+//!   its rebalance callbacks drive [`handoff`].
+//! - [`handoff`]: the take-over / hand-off protocol on assignment and revocation.
+//! - [`shard`]: per-partition actor owning that partition's [`entity`] actors.
+//! - [`allocation`]: the shard -> node table every node keeps; [`cluster`] keeps it current
+//!   (membership, announcements, the per-node gateway actor, wire types).
+//! - [`routing`]: reaching a shard locally or on its owner, with bounded waits.
+//! - [`grpc`], [`http`]: the front ends. [`event`], [`dlq`]: input validation and dead letters.
+
+pub mod allocation;
+pub mod backpressure;
+pub mod cli;
+pub mod cluster;
+pub mod consumer;
+pub mod dlq;
+pub mod entity;
+pub mod event;
+pub mod grpc;
+pub mod handoff;
+pub mod http;
+pub mod kafka_admin;
+pub mod node;
+pub mod routing;
+pub mod shard;
+pub mod stats;

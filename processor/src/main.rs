@@ -1,0 +1,33 @@
+use clap::Parser;
+use processor::cli::{Args, NodeConfig};
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let config = match NodeConfig::from_args(args) {
+        Ok(config) => config,
+        Err(message) => {
+            use clap::CommandFactory;
+            let mut cmd = Args::command();
+            cmd.error(clap::error::ErrorKind::ValueValidation, message).exit();
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ractor_cluster=warn,ractor=warn")),
+        )
+        .with_target(false)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime");
+    match runtime.block_on(processor::node::run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("processor: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

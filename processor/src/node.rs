@@ -1,0 +1,193 @@
+//! Wiring one node together and running it until Ctrl-C / SIGTERM.
+
+use std::future::IntoFuture;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::Actor;
+use tokio::sync::watch;
+
+use crate::allocation::AllocationTable;
+use crate::backpressure::InFlightGate;
+use crate::cli::NodeConfig;
+use crate::cluster::announce::Announcer;
+use crate::cluster::gateway::{Gateway, GatewayArgs};
+use crate::cluster::membership::{Membership, MembershipError};
+use crate::consumer::{self, ConsumerError, ConsumerParts, ConsumerSettings};
+use crate::dlq::DeadLetters;
+use crate::handoff::Handoff;
+use crate::http::Management;
+use crate::kafka_admin::{self, AdminError};
+use crate::routing::Router;
+use crate::shard::{LocalShards, ShardEnv};
+use crate::stats::NodeStats;
+
+/// How long a starting node waits for the input topic to appear.
+const TOPIC_WAIT: Duration = Duration::from_secs(600);
+const DLQ_PARTITIONS: u32 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{what} port {port} on {host} is not available: {source}")]
+    PortInUse { what: &'static str, host: String, port: u16, source: std::io::Error },
+    #[error("invalid address {0}")]
+    BadAddress(String),
+    #[error(transparent)]
+    Kafka(#[from] AdminError),
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error(transparent)]
+    Consumer(#[from] ConsumerError),
+    #[error("cannot create the dead-letter producer: {0}")]
+    DeadLetters(rdkafka::error::KafkaError),
+    #[error("cannot start the gateway actor: {0}")]
+    Gateway(String),
+}
+
+fn socket(host: &str, port: u16) -> Result<SocketAddr, NodeError> {
+    format!("{host}:{port}").parse().map_err(|_| NodeError::BadAddress(format!("{host}:{port}")))
+}
+
+/// Fails early with a clear message instead of a half-started node.
+fn check_port_free(what: &'static str, host: &str, port: u16) -> Result<(), NodeError> {
+    TcpListener::bind(socket(host, port)?)
+        .map(drop)
+        .map_err(|source| NodeError::PortInUse { what, host: host.into(), port, source })
+}
+
+pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
+    let host = config.host.clone();
+    check_port_free("remoting", &host, config.ports.remoting)?;
+    check_port_free("management", &host, config.ports.management)?;
+    check_port_free("gRPC", &host, config.ports.grpc)?;
+
+    let (bootstrap, topic) = (config.bootstrap_servers.clone(), config.topic.clone());
+    let partitions = tokio::task::spawn_blocking(move || kafka_admin::wait_for_topic(&bootstrap, &topic, TOPIC_WAIT))
+        .await
+        .expect("topic wait panicked")?;
+    kafka_admin::ensure_topic(&config.bootstrap_servers, &config.dlq_topic, DLQ_PARTITIONS, &[]).await?;
+    let node_id = config.node_id();
+    tracing::info!("node {node_id}: topic {} has {partitions} partitions = {partitions} shards", config.topic);
+
+    let table = Arc::new(AllocationTable::new(node_id.clone()));
+    let local = Arc::new(LocalShards::default());
+    let stats = Arc::new(NodeStats::default());
+    let gate = Arc::new(InFlightGate::new(config.max_in_flight));
+    let router = Arc::new(Router::new(
+        partitions,
+        table.clone(),
+        local.clone(),
+        config.query_wait,
+        config.remote_call_timeout,
+    ));
+    let announcer = Arc::new(Announcer::new(table.clone()));
+    tokio::spawn(announcer.clone().run());
+
+    let (gateway, _) = Actor::spawn(
+        None,
+        Gateway,
+        GatewayArgs { node: Arc::from(node_id.as_str()), table: table.clone(), router: router.clone() },
+    )
+    .await
+    .map_err(|e| NodeError::Gateway(e.to_string()))?;
+    let membership = Arc::new(
+        Membership::start(
+            config.node_name(),
+            host.clone(),
+            config.ports.remoting,
+            config.cookie.clone(),
+            config.seed_nodes.clone(),
+            table.clone(),
+            announcer.clone(),
+        )
+        .await?,
+    );
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let grpc_addr = socket(&host, config.ports.grpc)?;
+    let grpc = tokio::spawn(crate::grpc::serve(grpc_addr, router.clone(), shutdown(shutdown_rx.clone())));
+
+    let management = Arc::new(Management {
+        group: config.group.clone(),
+        node: node_id.clone(),
+        partitions,
+        local: local.clone(),
+        table: table.clone(),
+        membership: membership.clone(),
+        stats: stats.clone(),
+        gate: gate.clone(),
+    });
+    let http_listener = tokio::net::TcpListener::bind(socket(&host, config.ports.management)?)
+        .await
+        .map_err(|source| NodeError::PortInUse { what: "management", host: host.clone(), port: config.ports.management, source })?;
+    let http = tokio::spawn(
+        axum::serve(http_listener, crate::http::router(management)).with_graceful_shutdown(shutdown(shutdown_rx.clone())).into_future(),
+    );
+
+    let env = Arc::new(ShardEnv { partitions, gate: gate.clone(), stats: stats.clone(), router: router.clone() });
+    let handoff = Arc::new(Handoff::new(
+        tokio::runtime::Handle::current(),
+        local.clone(),
+        announcer.clone(),
+        env,
+        config.drain_timeout,
+    ));
+    let dead_letters = DeadLetters::new(&config.bootstrap_servers, &config.dlq_topic, tokio::runtime::Handle::current())
+        .map_err(NodeError::DeadLetters)?;
+    let mut consumer = consumer::start(
+        ConsumerSettings {
+            bootstrap_servers: config.bootstrap_servers.clone(),
+            topic: config.topic.clone(),
+            group: config.group.clone(),
+            client_id: node_id.clone(),
+            session_timeout: config.session_timeout,
+            commit_interval: config.commit_interval,
+            partitions,
+        },
+        ConsumerParts { handoff, local: local.clone(), gate, stats, dead_letters },
+    )?;
+    tracing::info!(
+        "node {node_id} up: remoting {}, management http://{host}:{}, gRPC {grpc_addr}",
+        config.ports.remoting,
+        config.ports.management
+    );
+
+    wait_for_stop_signal(&consumer).await;
+    tracing::info!("shutting down: handing off every shard");
+    consumer.stop();
+    tokio::task::spawn_blocking(move || consumer.join()).await.ok();
+    let _ = shutdown_tx.send(true);
+    let _ = grpc.await;
+    let _ = http.await;
+    gateway.stop(None);
+    membership.server.stop(None);
+    tracing::info!("node {node_id} stopped");
+    Ok(())
+}
+
+async fn wait_for_stop_signal(consumer: &consumer::ConsumerHandle) {
+    #[cfg(unix)]
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("cannot install the SIGTERM handler");
+    loop {
+        #[cfg(unix)]
+        let term = sigterm.recv();
+        #[cfg(not(unix))]
+        let term = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if consumer.is_finished() {
+                    tracing::error!("the consumer thread ended unexpectedly");
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! The contract shared by the producer, the processor and the client.
+//!
+//! - [`events`], [`service`]: generated protobuf types (Kafka record value, gRPC front end).
+//! - [`partitioner`]: the one key -> partition (= shard) function, byte-for-byte Kafka's Java one.
+//! - [`ledger`]: the expected-totals file a producer run writes and `client verify` checks.
+
+pub mod ledger;
+pub mod partitioner;
+
+/// The Kafka record value on the input topic.
+pub mod events {
+    tonic::include_proto!("userevents");
+}
+
+/// The gRPC front end every node serves.
+pub mod service {
+    tonic::include_proto!("userservice");
+}
+
+/// Encoded `FileDescriptorSet` of every proto here, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");
