@@ -160,13 +160,39 @@ async fn verify(client: UserServiceClient<Channel>, ledger_path: PathBuf, concur
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn run(args: Args) -> anyhow::Result<()> {
     let client = connect(&args.addr).await?;
     match args.command {
         None => interactive(client).await,
         Some(Command::Get { ids, json }) => get(client, ids, json).await,
         Some(Command::Verify { ledger, concurrency }) => verify(client, ledger, concurrency).await,
     }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = parse_args();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("client: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses the command line; on a bad one prints the error and the usage and exits with 2.
+fn parse_args() -> Args {
+    use clap::CommandFactory;
+    Args::try_parse().unwrap_or_else(|e| {
+        if !e.use_stderr() {
+            e.exit(); // --help, --version
+        }
+        let message = e.render().to_string();
+        eprint!("{message}");
+        if !message.contains("Usage:") {
+            eprintln!("\n{}", Args::command().render_usage());
+        }
+        std::process::exit(2)
+    })
 }

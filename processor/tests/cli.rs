@@ -1,0 +1,35 @@
+//! Bad command lines get a usage message and exit code 2 (no broker needed).
+
+mod support;
+
+use std::process::Command;
+
+fn run(bin: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(support::bin(bin)).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+#[test]
+fn processor_rejects_wrong_port_arguments_with_usage() {
+    for args in [&[][..], &["2551", "8551"][..], &["2551", "2551", "8081"][..], &["nope"][..], &["1", "--bogus"][..]] {
+        let (code, stderr) = run("processor", args);
+        assert_eq!(code, 2, "processor {args:?} should exit 2, stderr: {stderr}");
+        assert!(stderr.contains("Usage:"), "processor {args:?} prints usage: {stderr}");
+    }
+}
+
+#[test]
+fn producer_and_client_reject_bad_arguments_with_usage() {
+    for (bin, args) in [
+        ("producer", &["--rate", "fast"][..]),
+        ("producer", &["--users", "0"][..]),
+        ("producer", &["--rate", "-1"][..]),
+        ("client", &["get"][..]),
+        ("client", &["verify"][..]),
+        ("client", &["frobnicate"][..]),
+    ] {
+        let (code, stderr) = run(bin, args);
+        assert_eq!(code, 2, "{bin} {args:?} should exit 2, stderr: {stderr}");
+        assert!(stderr.contains("Usage:"), "{bin} {args:?} prints usage: {stderr}");
+    }
+}

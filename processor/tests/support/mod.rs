@@ -1,0 +1,318 @@
+//! Shared test support: a real Kafka broker (started by `scripts/kafka`), processor nodes as
+//! separate OS processes, the producer and client binaries, and broker-side views (group
+//! assignment, topic contents) to check the nodes against.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::Value;
+
+pub fn bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// Fails loudly when no broker is reachable: these tests need the real one.
+pub fn require_broker() {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
+    if let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
+        panic!(
+            "no Kafka broker at {} ({e}). Start the real broker with `scripts/kafka start` \
+             (or run `scripts/test`, which does).",
+            bootstrap()
+        );
+    }
+}
+
+/// A name unique to this test run.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 100_000_000;
+    format!("{prefix}-{t}-{}-{n}", std::process::id())
+}
+
+/// A sibling binary of the workspace (built by `cargo build --workspace`).
+pub fn bin(name: &str) -> PathBuf {
+    let processor = PathBuf::from(env!("CARGO_BIN_EXE_processor"));
+    let path = processor.parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (`cargo build --workspace`, which `scripts/test` does)",
+        path.display()
+    );
+    path
+}
+
+pub fn log_dir(test: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("logs").join(test);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Where a cluster under test lives: topic, group and the nodes' port block.
+#[derive(Clone)]
+pub struct ClusterSpec {
+    pub name: String,
+    pub topic: String,
+    pub group: String,
+    /// Node i (1-based) uses remoting base+i, management base+100+i, gRPC base+200+i; give
+    /// each test its own block of 1000 ports.
+    pub port_base: u16,
+    pub seeds: Vec<u16>,
+    pub extra_args: Vec<String>,
+}
+
+impl ClusterSpec {
+    pub fn new(name: &str, port_base: u16) -> Self {
+        Self {
+            name: name.into(),
+            topic: unique(&format!("{name}-events")),
+            group: unique(&format!("{name}-group")),
+            port_base,
+            seeds: vec![port_base + 1, port_base + 2],
+            extra_args: Vec::new(),
+        }
+    }
+
+    pub fn remoting(&self, i: u16) -> u16 {
+        self.port_base + i
+    }
+    pub fn management(&self, i: u16) -> u16 {
+        self.port_base + 100 + i
+    }
+    pub fn grpc(&self, i: u16) -> u16 {
+        self.port_base + 200 + i
+    }
+    pub fn grpc_url(&self, i: u16) -> String {
+        format!("http://127.0.0.1:{}", self.grpc(i))
+    }
+    pub fn node_id(&self, i: u16) -> String {
+        format!("processor-{}@127.0.0.1", self.remoting(i))
+    }
+
+    pub fn start_node(&self, i: u16) -> Node {
+        let log_path = log_dir(&self.name).join(format!("node{i}.log"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        let seeds: Vec<String> = self.seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let child = Command::new(bin("processor"))
+            .args([self.remoting(i), self.management(i), self.grpc(i)].map(|p| p.to_string()))
+            .args(["--bootstrap-servers", &bootstrap(), "--topic", &self.topic, "--group", &self.group])
+            .args(["--seed-nodes", &seeds.join(","), "--session-timeout-ms", "6000"])
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info,ractor_cluster=warn,ractor=warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start processor");
+        Node { index: i, child: Some(child), management: self.management(i), log_path, id: self.node_id(i) }
+    }
+
+    /// Creates the topic through the producer (its normal path) without producing.
+    pub fn create_topic(&self, partitions: u32) {
+        let out = Command::new(bin("producer"))
+            .args(["--bootstrap-servers", &bootstrap(), "--topic", &self.topic])
+            .args(["--partitions", &partitions.to_string(), "--count", "0"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "producer could not create the topic: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Runs the producer to completion at full speed and returns the ledger path.
+    pub fn produce(&self, count: u64, users: u64, ledger_name: &str) -> PathBuf {
+        let ledger = log_dir(&self.name).join(ledger_name);
+        let out = Command::new(bin("producer"))
+            .args(["--bootstrap-servers", &bootstrap(), "--topic", &self.topic])
+            .args(["--count", &count.to_string(), "--users", &users.to_string(), "--rate", "0"])
+            .args(["--ledger", ledger.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "producer failed: {}", String::from_utf8_lossy(&out.stderr));
+        ledger
+    }
+}
+
+pub struct Node {
+    pub index: u16,
+    child: Option<Child>,
+    pub management: u16,
+    pub log_path: PathBuf,
+    pub id: String,
+}
+
+impl Node {
+    pub async fn get_json(&self, path: &str) -> Option<Value> {
+        let url = format!("http://127.0.0.1:{}{path}", self.management);
+        let response = reqwest::Client::new().get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
+        response.json().await.ok()
+    }
+
+    pub async fn stats(&self) -> Option<Value> {
+        self.get_json("/cluster/stats").await
+    }
+
+    pub async fn shards(&self) -> BTreeSet<u32> {
+        self.stats()
+            .await
+            .and_then(|s| s["shards"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect()))
+            .unwrap_or_default()
+    }
+
+    pub async fn counter(&self, name: &str) -> u64 {
+        self.stats().await.and_then(|s| s[name].as_u64()).unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("node already stopped");
+        unsafe_kill(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "node {} did not stop within 60 s", self.index);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `client verify` through one node; returns (success, output).
+pub fn verify(grpc_url: &str, ledger: &Path) -> (bool, String) {
+    let out = Command::new(bin("client"))
+        .args(["--addr", grpc_url, "verify", "--ledger", ledger.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// `client get ID --json` through one node: (purchases, amount_spent).
+pub fn totals_via(grpc_url: &str, user: &str) -> Option<(i64, i64)> {
+    let out = Command::new(bin("client")).args(["--addr", grpc_url, "get", user, "--json"]).output().unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some((v["purchases"].as_i64()?, v["amount_spent"].as_i64()?))
+}
+
+/// The broker's view of a consumer group: client.id -> assigned partitions of `topic`.
+pub fn group_assignment(group: &str, topic: &str) -> BTreeMap<String, BTreeSet<u32>> {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
+    let list = consumer.fetch_group_list(Some(group), Duration::from_secs(10)).unwrap();
+    let mut by_client = BTreeMap::new();
+    for g in list.groups() {
+        for member in g.members() {
+            let partitions = member.assignment().map(|a| decode_assignment(a, topic)).unwrap_or_default();
+            by_client.insert(member.client_id().to_string(), partitions);
+        }
+    }
+    by_client
+}
+
+/// Decodes Kafka's ConsumerProtocolAssignment: version, [topic, [partition]], user data.
+fn decode_assignment(bytes: &[u8], topic: &str) -> BTreeSet<u32> {
+    let mut pos = 0usize;
+    let mut take = |n: usize| {
+        let s = &bytes[pos..pos + n];
+        pos += n;
+        s
+    };
+    let mut out = BTreeSet::new();
+    if bytes.len() < 6 {
+        return out;
+    }
+    let _version = i16::from_be_bytes(take(2).try_into().unwrap());
+    let topics = i32::from_be_bytes(take(4).try_into().unwrap());
+    for _ in 0..topics {
+        let len = i16::from_be_bytes(take(2).try_into().unwrap()) as usize;
+        let name = String::from_utf8_lossy(take(len)).to_string();
+        let count = i32::from_be_bytes(take(4).try_into().unwrap());
+        for _ in 0..count {
+            let p = i32::from_be_bytes(take(4).try_into().unwrap());
+            if name == topic {
+                out.insert(p as u32);
+            }
+        }
+    }
+    out
+}
+
+/// Every record of a topic: (partition, offset, key, headers).
+pub fn read_topic(topic: &str) -> Vec<(u32, i64, Option<Vec<u8>>, Vec<(String, String)>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    for p in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+        remaining += high - low;
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut records = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (records.len() as i64) < remaining && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).to_string()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            records.push((m.partition() as u32, m.offset(), m.key().map(|k| k.to_vec()), headers));
+        }
+    }
+    assert_eq!(records.len() as i64, remaining, "could not read all of topic {topic}");
+    records
+}
