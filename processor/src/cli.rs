@@ -69,9 +69,26 @@ pub struct Args {
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 20_000)]
     pub max_in_flight: usize,
 
-    /// How often acknowledged offsets are committed.
-    #[arg(long, env = "COMMIT_INTERVAL_MS", default_value_t = 1_000)]
+    /// How often a checkpoint transaction commits changed states and consumed offsets.
+    #[arg(long, env = "COMMIT_INTERVAL_MS", default_value_t = 500)]
     pub commit_interval_ms: u64,
+
+    /// Compacted topic holding every entity's latest state (default: `<group>-state`).
+    #[arg(long, env = "KAFKA_CHANGELOG_TOPIC")]
+    pub changelog_topic: Option<String>,
+
+    /// Transaction timeout: how long an open transaction of a crashed node can block the
+    /// restore of its partitions.
+    #[arg(long, env = "KAFKA_TRANSACTION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub transaction_timeout_ms: u64,
+
+    /// An entity actor idle this long is passivated (stopped; its state is kept).
+    #[arg(long, env = "PASSIVATE_AFTER_MS", default_value_t = 120_000)]
+    pub passivate_after_ms: u64,
+
+    /// Cap on live entity actors on this node; the least recently used idle ones are passivated.
+    #[arg(long, env = "MAX_LIVE_ENTITIES", default_value_t = 100_000)]
+    pub max_live_entities: usize,
 
     /// How long a revoked shard may take to finish its in-flight events before hand-off.
     #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
@@ -130,6 +147,10 @@ pub struct NodeConfig {
     pub max_in_flight: usize,
     pub commit_interval: Duration,
     pub drain_timeout: Duration,
+    pub changelog_topic: String,
+    pub transaction_timeout: Duration,
+    pub passivate_after: Duration,
+    pub max_live_entities: usize,
 }
 
 impl NodeConfig {
@@ -146,8 +167,15 @@ impl NodeConfig {
         if args.max_in_flight == 0 {
             return Err("--max-in-flight must be at least 1".into());
         }
+        if args.max_live_entities == 0 {
+            return Err("--max-live-entities must be at least 1".into());
+        }
         Ok(Self {
             ports,
+            changelog_topic: args.changelog_topic.unwrap_or_else(|| format!("{}-state", args.group)),
+            transaction_timeout: Duration::from_millis(args.transaction_timeout_ms),
+            passivate_after: Duration::from_millis(args.passivate_after_ms),
+            max_live_entities: args.max_live_entities,
             dlq_topic: args.dlq_topic.unwrap_or_else(|| format!("{}-dlq", args.topic)),
             host: args.host,
             bootstrap_servers: args.bootstrap_servers,
@@ -212,6 +240,7 @@ mod tests {
         let args = Args::parse_from(["processor", "1", "--topic", "t1"]);
         let cfg = NodeConfig::from_args(args).unwrap();
         assert_eq!(cfg.dlq_topic, "t1-dlq");
+        assert_eq!(cfg.changelog_topic, "user-processing-state");
         assert_eq!(cfg.node_id(), "processor-2551@127.0.0.1");
     }
 }

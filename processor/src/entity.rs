@@ -1,9 +1,9 @@
 //! The per-user entity actor: applies one user's purchases, one at a time, in partition order.
 //!
 //! Entities are local-only actors (never remotable: every remotable actor would get a proxy on
-//! every peer). They are created by their shard on the user's first event and stopped with it.
+//! every peer). A shard activates one on the user's first event or query, from the user's stored
+//! state if any, and passivates it when idle; the shard keeps the compact state meanwhile.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -20,29 +20,39 @@ pub struct Totals {
     pub amount_spent: i64,
 }
 
-/// Where an event applied by an entity came from, which decides who is told it was applied.
-pub enum Origin {
-    /// Read by this node's consumer from the entity's own partition at `offset`.
-    Consumed { offset: i64 },
-    /// Read by another shard (maybe another node) from `source_partition`; the reply completes
-    /// the forwarder's call. Forwards from one partition arrive in offset order, so a repeat
-    /// (a retried forward whose first attempt was applied) is recognised and not counted again.
-    Forwarded {
-        source_partition: u32,
-        source_offset: i64,
-        reply: RpcReplyPort<Totals>,
-    },
+/// Everything durable about an entity: its totals and the input offset they reflect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntityState {
+    pub totals: Totals,
+    /// Offset of the last applied event of the user's partition; -1 before the first.
+    pub last_offset: i64,
 }
 
-pub struct EntityInput {
-    pub purchase: Purchase,
-    pub origin: Origin,
+impl Default for EntityState {
+    fn default() -> Self {
+        Self { totals: Totals::default(), last_offset: -1 }
+    }
+}
+
+impl EntityState {
+    /// Applies the event at `offset` unless the state already includes it (a replay after a
+    /// crash or hand-off: the state may be ahead of the committed offset). Returns whether
+    /// it was applied.
+    pub fn apply(&mut self, offset: i64, purchase: &Purchase) -> bool {
+        if offset <= self.last_offset {
+            return false;
+        }
+        self.totals.purchases += 1;
+        self.totals.amount_spent = self.totals.amount_spent.saturating_add(purchase.amount());
+        self.last_offset = offset;
+        true
+    }
 }
 
 #[derive(RactorMessage)]
 pub enum EntityMsg {
-    /// Events for this user, in partition order.
-    Apply(Vec<EntityInput>),
+    /// Events of this user read from the shard's partition, in offset order.
+    Apply(Vec<(i64, Purchase)>),
     Get(RpcReplyPort<Totals>),
 }
 
@@ -51,87 +61,74 @@ pub struct UserEntity;
 pub struct EntityArgs {
     pub user_id: Arc<str>,
     pub shard: ActorRef<ShardMsg>,
+    pub state: EntityState,
 }
 
-pub struct EntityState {
+pub struct Entity {
     user_id: Arc<str>,
     shard: ActorRef<ShardMsg>,
-    totals: Totals,
-    /// Highest forwarded offset applied, per source partition.
-    forwarded_high_water: HashMap<u32, i64>,
-}
-
-impl EntityState {
-    fn apply(&mut self, purchase: &Purchase) {
-        self.totals.purchases += 1;
-        self.totals.amount_spent = self.totals.amount_spent.saturating_add(purchase.amount());
-        tracing::debug!(
-            user = %self.user_id,
-            quantity = purchase.quantity,
-            price = purchase.price,
-            "user {} purchase, quantity {}, price {}",
-            self.user_id,
-            purchase.quantity,
-            purchase.price
-        );
-    }
+    state: EntityState,
 }
 
 impl Actor for UserEntity {
     type Msg = EntityMsg;
-    type State = EntityState;
+    type State = Entity;
     type Arguments = EntityArgs;
 
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        args: EntityArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(EntityState {
-            user_id: args.user_id,
-            shard: args.shard,
-            totals: Totals::default(),
-            forwarded_high_water: HashMap::new(),
-        })
+    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: EntityArgs) -> Result<Self::State, ActorProcessingErr> {
+        Ok(Entity { user_id: args.user_id, shard: args.shard, state: args.state })
     }
 
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, entity: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
-            EntityMsg::Apply(inputs) => {
-                let mut consumed_offsets = Vec::with_capacity(inputs.len());
-                for input in inputs {
-                    match input.origin {
-                        Origin::Consumed { offset } => {
-                            state.apply(&input.purchase);
-                            consumed_offsets.push(offset);
-                        }
-                        Origin::Forwarded { source_partition, source_offset, reply } => {
-                            let seen = state.forwarded_high_water.get(&source_partition);
-                            if seen.is_none_or(|hw| source_offset > *hw) {
-                                state.apply(&input.purchase);
-                                state.forwarded_high_water.insert(source_partition, source_offset);
-                            }
-                            let _ = reply.send(state.totals);
-                        }
+            EntityMsg::Apply(events) => {
+                let mut offsets = Vec::with_capacity(events.len());
+                let mut replays = 0u64;
+                for (offset, purchase) in &events {
+                    if entity.state.apply(*offset, purchase) {
+                        tracing::debug!(
+                            "user {} purchase, quantity {}, price {}",
+                            entity.user_id,
+                            purchase.quantity,
+                            purchase.price
+                        );
+                    } else {
+                        replays += 1;
                     }
+                    offsets.push(*offset);
                 }
-                if !consumed_offsets.is_empty() {
-                    // The shard may be gone (hand-off finished); then nothing waits for this ack.
-                    let _ = state.shard.cast(ShardMsg::Applied {
-                        offsets: consumed_offsets,
-                        totals: state.totals,
-                    });
-                }
+                // The shard may be gone (handed off); then nothing waits for this acknowledgement.
+                let _ = entity.shard.cast(ShardMsg::Applied {
+                    user_id: entity.user_id.clone(),
+                    offsets,
+                    replays,
+                    state: entity.state,
+                });
             }
             EntityMsg::Get(reply) => {
-                let _ = reply.send(state.totals);
+                let _ = reply.send(entity.state.totals);
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn purchase(q: i64, p: i64) -> Purchase {
+        Purchase { user_id: Arc::from("7"), product: "mug".into(), quantity: q, price: p }
+    }
+
+    #[test]
+    fn replayed_offsets_are_not_counted_again() {
+        let mut s = EntityState::default();
+        assert!(s.apply(10, &purchase(2, 100)));
+        assert!(s.apply(12, &purchase(1, 5)));
+        assert!(!s.apply(12, &purchase(1, 5)), "same offset again");
+        assert!(!s.apply(10, &purchase(2, 100)), "older offset");
+        assert_eq!(s.totals, Totals { purchases: 2, amount_spent: 205 });
+        assert_eq!(s.last_offset, 12);
     }
 }

@@ -9,6 +9,7 @@ use proto::events::UserPurchase;
 #[derive(Debug, Clone)]
 pub struct Purchase {
     pub user_id: Arc<str>,
+    pub product: String,
     pub quantity: i64,
     pub price: i64,
 }
@@ -77,6 +78,7 @@ pub fn decode_record(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Purchas
     }
     Ok(Purchase {
         user_id: Arc::from(key),
+        product: purchase.product,
         quantity: purchase.quantity,
         price: purchase.price,
     })

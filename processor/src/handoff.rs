@@ -1,19 +1,23 @@
 //! The hand-off protocol: what happens to shards when Kafka moves partitions. Its one home.
 //!
-//! Kafka's assignment is the authority. The consumer's rebalance callbacks call in here:
+//! Kafka's assignment is the authority. The consumer's rebalance callbacks call in here (see
+//! `consumer::context` for the exact order around the checkpoint transaction):
 //!
-//! - **take over** (after an assignment): start a shard actor per new partition, register it
-//!   locally, then claim the shards in the allocation table and announce them to every node.
-//! - **hand off** (before a revocation returns): the consumer has already dispatched everything
-//!   it read from those partitions; wait until every dispatched event is acknowledged by its
-//!   entity (bounded by the drain timeout), commit the acknowledged offsets synchronously, stop
-//!   the shard actors (and their entities), then announce the smaller claim. Only then does the
-//!   callback return and Kafka may give the partition to another node, which starts from the
-//!   committed offset. A partition that was *lost* (session timeout) is not committed: another
-//!   member may already own it.
+//! - **take over** (after an assignment; the consumer has paused the new partitions): start a
+//!   shard actor per partition in the *restoring* state, register it, claim and announce the
+//!   shards, and start reading their changelog. Each shard goes live when its own changelog
+//!   partition is read; the consumer then resumes that partition.
+//! - **hand off** (before a revocation returns): the consumer has dispatched everything it read
+//!   from those partitions; [`Handoff::drain`] waits until every dispatched event is acknowledged
+//!   (bounded by the drain timeout); the consumer commits a checkpoint transaction for them
+//!   (states + offsets); [`Handoff::release`] stops the shard actors and announces the smaller
+//!   claim. Only then does the callback return and may Kafka give the partitions to another
+//!   node, which restores exactly the committed states and reads on from the committed offsets.
+//!   A partition that was *lost* (session timeout) is not checkpointed: another member may
+//!   already own it, and the group generation fences the commit anyway.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +25,7 @@ use ractor::rpc::CallResult;
 use ractor::Actor;
 
 use crate::cluster::announce::Announcer;
+use crate::restore::Restorer;
 use crate::shard::{LocalShard, LocalShards, ShardActor, ShardArgs, ShardEnv, ShardMsg};
 use crate::stats::NodeStats;
 
@@ -29,17 +34,8 @@ pub struct Handoff {
     local: Arc<LocalShards>,
     announcer: Arc<Announcer>,
     env: Arc<ShardEnv>,
+    restorer: Arc<Restorer>,
     drain_timeout: Duration,
-}
-
-/// How a hand-off of one partition ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Drained {
-    pub partition: u32,
-    /// Next offset to commit, if anything was acknowledged since the shard started.
-    pub commit_offset: Option<i64>,
-    /// Whether every dispatched event was acknowledged before the timeout.
-    pub complete: bool,
 }
 
 impl Handoff {
@@ -48,16 +44,22 @@ impl Handoff {
         local: Arc<LocalShards>,
         announcer: Arc<Announcer>,
         env: Arc<ShardEnv>,
+        restorer: Arc<Restorer>,
         drain_timeout: Duration,
     ) -> Self {
-        Self { runtime, local, announcer, env, drain_timeout }
+        Self { runtime, local, announcer, env, restorer, drain_timeout }
     }
 
-    /// Kafka assigned `partitions` to this node.
+    pub fn local(&self) -> &LocalShards {
+        &self.local
+    }
+
+    /// Kafka assigned `partitions` to this node (already paused in the consumer).
     pub fn take_over(&self, partitions: &[u32]) {
         if partitions.is_empty() {
             return;
         }
+        let mut restoring = Vec::new();
         for &partition in partitions {
             if self.local.get(partition).is_some() {
                 continue;
@@ -66,7 +68,8 @@ impl Handoff {
             let args = ShardArgs { shard: partition, committable: committable.clone(), env: self.env.clone() };
             match self.runtime.block_on(Actor::spawn(None, ShardActor, args)) {
                 Ok((actor, _)) => {
-                    self.local.insert(partition, LocalShard { actor, committable });
+                    self.local.insert(partition, LocalShard { actor: actor.clone(), committable });
+                    restoring.push((partition, actor));
                     tracing::info!("partition {partition} assigned to this node");
                 }
                 Err(e) => tracing::error!("cannot start shard {partition}: {e}"),
@@ -74,39 +77,31 @@ impl Handoff {
         }
         NodeStats::add(&self.env.stats.partitions_assigned, partitions.len() as u64);
         self.claim();
-        tracing::info!("shards {:?} now hosted here ({} in total)", partitions, self.local.ids().len());
+        tracing::info!("shards {:?} now hosted here ({} in total); restoring their state", partitions, self.local.ids().len());
+        self.restorer.restore(restoring);
     }
 
     /// Waits until the shards of `partitions` have applied everything dispatched to them.
-    pub fn drain(&self, partitions: &[u32]) -> Vec<Drained> {
+    pub fn drain(&self, partitions: &[u32]) {
         let started = Instant::now();
         let shards: Vec<(u32, LocalShard)> =
             partitions.iter().filter_map(|p| self.local.get(*p).map(|s| (*p, s))).collect();
         let timeout = self.drain_timeout;
         let outcomes = self.runtime.block_on(futures::future::join_all(shards.iter().map(|(p, shard)| async move {
-            let done = shard.actor.call(ShardMsg::Drain, Some(timeout)).await;
-            (*p, matches!(done, Ok(CallResult::Success(()))))
+            (*p, matches!(shard.actor.call(ShardMsg::Drain, Some(timeout)).await, Ok(CallResult::Success(()))))
         })));
-        let drained: Vec<Drained> = outcomes
-            .into_iter()
-            .zip(shards.iter())
-            .map(|((partition, complete), (_, shard))| {
-                let offset = shard.committable.load(Ordering::Acquire);
-                if !complete {
-                    tracing::warn!(
-                        "shard {partition} did not finish its in-flight events within {:?}; the next owner re-reads them",
-                        timeout
-                    );
-                }
-                Drained { partition, commit_offset: (offset >= 0).then_some(offset), complete }
-            })
-            .collect();
+        let incomplete: Vec<u32> = outcomes.into_iter().filter(|(_, done)| !done).map(|(p, _)| p).collect();
+        if !incomplete.is_empty() {
+            tracing::warn!(
+                "shards {incomplete:?} did not finish their in-flight events within {timeout:?}; \
+                 only what they acknowledged is committed, the next owner re-reads the rest"
+            );
+        }
         tracing::info!("drained shards {:?} in {} ms", partitions, started.elapsed().as_millis());
-        drained
     }
 
-    /// Stops the shards of `partitions` and withdraws the claim. Call after their offsets are
-    /// committed (or when the partitions were lost).
+    /// Stops the shards of `partitions` and withdraws the claim. Call after their checkpoint
+    /// is committed (or when the partitions were lost).
     pub fn release(&self, partitions: &[u32]) {
         if partitions.is_empty() {
             return;

@@ -1,7 +1,8 @@
 //! Management HTTP: shard placement and membership, in the reference's shapes.
 //!
 //! - `GET /cluster/shards/{type}`: this node's shards and live entity counts,
-//!   `{"regions":[{"shardId":"45","numEntities":1}, ...]}` (`type` is the group name).
+//!   `{"regions":[{"shardId":"45","numEntities":1,"numStoredEntities":3}, ...]}` (`type` is the
+//!   group name; `numStoredEntities` includes passivated entities).
 //! - `GET /cluster/members`: every known node and the shards the table routes to it.
 //! - `GET /cluster/stats`: this node's counters.
 
@@ -19,7 +20,7 @@ use serde::Serialize;
 use crate::allocation::AllocationTable;
 use crate::backpressure::InFlightGate;
 use crate::cluster::membership::Membership;
-use crate::shard::{LocalShards, ShardMsg};
+use crate::shard::{EntityCounts, LocalShards, ShardMsg};
 use crate::stats::{NodeStats, StatsSnapshot};
 
 pub struct Management {
@@ -37,8 +38,12 @@ pub struct Management {
 struct Region {
     #[serde(rename = "shardId")]
     shard_id: String,
+    /// Live entity actors (as in the reference).
     #[serde(rename = "numEntities")]
     num_entities: usize,
+    /// Users with state in the shard, live or passivated.
+    #[serde(rename = "numStoredEntities")]
+    num_stored_entities: usize,
 }
 
 #[derive(Serialize)]
@@ -90,11 +95,11 @@ async fn shards(State(m): State<Arc<Management>>, Path(type_name): Path<String>)
     for shard in m.local.ids() {
         let Some(handle) = m.local.get(shard) else { continue };
         // A shard being handed off may not answer; it is still listed.
-        let count = match handle.actor.call(ShardMsg::EntityCount, Some(Duration::from_secs(2))).await {
-            Ok(CallResult::Success(n)) => n,
-            _ => 0,
+        let counts = match handle.actor.call(ShardMsg::EntityCounts, Some(Duration::from_secs(2))).await {
+            Ok(CallResult::Success(c)) => c,
+            _ => EntityCounts::default(),
         };
-        regions.push(Region { shard_id: shard.to_string(), num_entities: count });
+        regions.push(Region { shard_id: shard.to_string(), num_entities: counts.live, num_stored_entities: counts.known });
     }
     Json(Regions { regions }).into_response()
 }

@@ -5,9 +5,10 @@
 //! by routing to the shard's owner. See `docs/ARCHITECTURE.md`.
 //!
 //! Module map (data flows top to bottom):
-//! - [`consumer`]: Kafka consumer thread; batches records to shards, commits acknowledged offsets;
-//!   its rebalance callbacks drive [`handoff`].
-//! - [`handoff`]: the take-over / hand-off protocol on assignment and revocation.
+//! - [`consumer`]: Kafka consumer thread; batches records to shards, commits checkpoint
+//!   transactions (changed states + offsets: exactly once); its rebalance callbacks drive [`handoff`].
+//! - [`handoff`]: the take-over / hand-off protocol on assignment and revocation; [`restore`]
+//!   reads a newly assigned shard's state from the changelog.
 //! - [`shard`]: per-partition actor owning that partition's [`entity`] actors.
 //! - [`allocation`]: the shard -> node table every node keeps; [`cluster`] keeps it current
 //!   (membership, announcements, the per-node gateway actor, wire types).
@@ -27,6 +28,7 @@ pub mod handoff;
 pub mod http;
 pub mod kafka_admin;
 pub mod node;
+pub mod restore;
 pub mod routing;
 pub mod shard;
 pub mod stats;

@@ -2,6 +2,7 @@
 
 use std::future::IntoFuture;
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,9 @@ use crate::cli::NodeConfig;
 use crate::cluster::announce::Announcer;
 use crate::cluster::gateway::{Gateway, GatewayArgs};
 use crate::cluster::membership::{Membership, MembershipError};
-use crate::consumer::{self, ConsumerError, ConsumerParts, ConsumerSettings};
+use crate::consumer::checkpoint::Checkpointer;
+use crate::consumer::{self, ConsumerError, ConsumerExit, ConsumerParts, ConsumerSettings};
+use crate::restore::Restorer;
 use crate::dlq::DeadLetters;
 use crate::handoff::Handoff;
 use crate::http::Management;
@@ -43,6 +46,10 @@ pub enum NodeError {
     DeadLetters(rdkafka::error::KafkaError),
     #[error("cannot start the gateway actor: {0}")]
     Gateway(String),
+    #[error("changelog topic {topic} has {found} partitions but the input topic has {expected}: they must match")]
+    ChangelogMismatch { topic: String, found: u32, expected: u32 },
+    #[error("this node was fenced (its partitions were reassigned while it was unresponsive); restart it")]
+    Fenced,
 }
 
 fn socket(host: &str, port: u16) -> Result<SocketAddr, NodeError> {
@@ -67,6 +74,20 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         .await
         .expect("topic wait panicked")?;
     kafka_admin::ensure_topic(&config.bootstrap_servers, &config.dlq_topic, DLQ_PARTITIONS, &[]).await?;
+    let changelog_partitions = kafka_admin::ensure_topic(
+        &config.bootstrap_servers,
+        &config.changelog_topic,
+        partitions,
+        &[("cleanup.policy", "compact"), ("min.cleanable.dirty.ratio", "0.1"), ("segment.ms", "600000")],
+    )
+    .await?;
+    if changelog_partitions != partitions {
+        return Err(NodeError::ChangelogMismatch {
+            topic: config.changelog_topic.clone(),
+            found: changelog_partitions,
+            expected: partitions,
+        });
+    }
     let node_id = config.node_id();
     tracing::info!("node {node_id}: topic {} has {partitions} partitions = {partitions} shards", config.topic);
 
@@ -129,14 +150,37 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         axum::serve(http_listener, crate::http::router(management)).with_graceful_shutdown(shutdown(shutdown_rx.clone())).into_future(),
     );
 
-    let env = Arc::new(ShardEnv { partitions, gate: gate.clone(), stats: stats.clone(), router: router.clone() });
+    let (restored_tx, restored_rx) = std::sync::mpsc::channel();
+    let env = Arc::new(ShardEnv {
+        partitions,
+        gate: gate.clone(),
+        stats: stats.clone(),
+        live_entities: AtomicUsize::new(0),
+        max_live_entities: config.max_live_entities,
+        passivate_after: config.passivate_after,
+        restored: restored_tx,
+    });
+    let restorer = Arc::new(Restorer {
+        bootstrap_servers: config.bootstrap_servers.clone(),
+        changelog_topic: config.changelog_topic.clone(),
+    });
     let handoff = Arc::new(Handoff::new(
         tokio::runtime::Handle::current(),
         local.clone(),
         announcer.clone(),
         env,
+        restorer,
         config.drain_timeout,
     ));
+    // One transactional id per node: a restarted node fences its previous run.
+    let (bootstrap, transactional_id) = (config.bootstrap_servers.clone(), format!("{}-{node_id}", config.group));
+    let (changelog, input, txn_timeout) = (config.changelog_topic.clone(), config.topic.clone(), config.transaction_timeout);
+    let checkpointer = tokio::task::spawn_blocking(move || {
+        Checkpointer::new(&bootstrap, &transactional_id, txn_timeout, &changelog, &input)
+    })
+    .await
+    .expect("checkpointer start panicked")
+    .map_err(ConsumerError::from)?;
     let dead_letters = DeadLetters::new(&config.bootstrap_servers, &config.dlq_topic, tokio::runtime::Handle::current())
         .map_err(NodeError::DeadLetters)?;
     let mut consumer = consumer::start(
@@ -149,7 +193,16 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             commit_interval: config.commit_interval,
             partitions,
         },
-        ConsumerParts { handoff, local: local.clone(), gate, stats, dead_letters },
+        ConsumerParts {
+            handoff,
+            local: local.clone(),
+            gate,
+            stats,
+            dead_letters,
+            checkpointer,
+            restored: restored_rx,
+            runtime: tokio::runtime::Handle::current(),
+        },
     )?;
     tracing::info!(
         "node {node_id} up: remoting {}, management http://{host}:{}, gRPC {grpc_addr}",
@@ -160,12 +213,15 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     wait_for_stop_signal(&consumer).await;
     tracing::info!("shutting down: handing off every shard");
     consumer.stop();
-    tokio::task::spawn_blocking(move || consumer.join()).await.ok();
+    let exit = tokio::task::spawn_blocking(move || consumer.join()).await.unwrap_or(ConsumerExit::Stopped);
     let _ = shutdown_tx.send(true);
     let _ = grpc.await;
     let _ = http.await;
     gateway.stop(None);
     membership.server.stop(None);
+    if exit == ConsumerExit::Fenced {
+        return Err(NodeError::Fenced);
+    }
     tracing::info!("node {node_id} stopped");
     Ok(())
 }
@@ -182,9 +238,8 @@ async fn wait_for_stop_signal(consumer: &consumer::ConsumerHandle) {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return,
             _ = term => return,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
                 if consumer.is_finished() {
-                    tracing::error!("the consumer thread ended unexpectedly");
                     return;
                 }
             }

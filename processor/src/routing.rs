@@ -1,6 +1,6 @@
 //! Reaching a shard wherever it lives: locally through the shard actor, remotely with one
-//! ractor_cluster hop to the owner's gateway. Used by the gRPC front end (queries) and by shards
-//! forwarding events whose key belongs elsewhere.
+//! ractor_cluster hop to the owner's gateway. Used by the gRPC front end. (Events whose key
+//! belongs elsewhere travel through Kafka instead: see `shard::Reroute`.)
 //!
 //! Every call has a timeout. While a shard has no known owner, or the node asked says it is not
 //! (or no longer) the owner, the caller waits for the allocation table to change, up to a bound.
@@ -14,9 +14,8 @@ use ractor::{ActorRef, MessagingErr};
 
 use crate::allocation::{AllocationTable, Owner};
 use crate::cluster::gateway::{self, GatewayMsg};
-use crate::cluster::wire::{forward_ack, totals_answer, ForwardAck, ForwardedEvent, TotalsAnswer, TotalsQuery};
+use crate::cluster::wire::{totals_answer, TotalsAnswer, TotalsQuery};
 use crate::entity::Totals;
-use crate::event::Purchase;
 use crate::shard::{LocalShards, ShardMsg};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -84,36 +83,6 @@ impl Router {
         .await
     }
 
-    /// Applies an event read from `source_partition` on the shard that owns its key.
-    pub async fn forward(&self, purchase: &Purchase, source_partition: u32, source_offset: i64) -> Result<Totals, RouteError> {
-        let shard = self.shard_of(&purchase.user_id);
-        self.with_owner(
-            shard,
-            || self.local_apply(shard, purchase.clone(), source_partition, source_offset),
-            |gw| async move {
-                let event = ForwardedEvent {
-                    shard,
-                    user_id: purchase.user_id.to_string(),
-                    quantity: purchase.quantity,
-                    price: purchase.price,
-                    source_partition,
-                    source_offset,
-                };
-                let answer = gw.call(|reply| GatewayMsg::Forward(event, reply), Some(self.call_timeout)).await;
-                match call_outcome(answer) {
-                    Ok(ForwardAck { result: Some(forward_ack::Result::Applied(t)) }) => {
-                        Attempt::Done(Totals { purchases: t.purchases, amount_spent: t.amount_spent })
-                    }
-                    Ok(ForwardAck { result: Some(forward_ack::Result::NotOwner(_)) }) => Attempt::NotOwner,
-                    Ok(ForwardAck { result: Some(forward_ack::Result::Error(e)) }) => Attempt::Failed(e),
-                    Ok(ForwardAck { result: None }) => Attempt::Failed("empty answer".into()),
-                    Err(e) => Attempt::Failed(e),
-                }
-            },
-        )
-        .await
-    }
-
     /// Totals from a shard hosted here; `NotOwner` if this node does not host it.
     pub async fn local_totals(&self, shard: u32, user_id: &str) -> Attempt<Totals> {
         let Some(local) = self.local.get(shard) else {
@@ -121,21 +90,6 @@ impl Router {
         };
         let user_id: Arc<str> = Arc::from(user_id);
         let answer = local.actor.call(|reply| ShardMsg::Query { user_id, reply }, Some(self.call_timeout)).await;
-        local_outcome(answer)
-    }
-
-    /// Applies a forwarded event on a shard hosted here.
-    pub async fn local_apply(&self, shard: u32, purchase: Purchase, source_partition: u32, source_offset: i64) -> Attempt<Totals> {
-        let Some(local) = self.local.get(shard) else {
-            return Attempt::NotOwner;
-        };
-        let answer = local
-            .actor
-            .call(
-                |reply| ShardMsg::ApplyForwarded { purchase, source_partition, source_offset, reply },
-                Some(self.call_timeout),
-            )
-            .await;
         local_outcome(answer)
     }
 

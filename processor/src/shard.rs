@@ -1,24 +1,29 @@
 //! The shard actor: one per partition this node consumes (shard id == partition).
 //!
-//! It owns the partition's user entities, hands each batch of consumed events to them grouped
-//! by user (one message per user per batch, in partition order), and tracks which offsets the
-//! entities have acknowledged. Only the contiguous acknowledged prefix becomes committable, so a
-//! crash never commits past an event that was not applied. On revocation it drains: the consumer
-//! stops sending, and `Drain` is answered once every dispatched event is acknowledged.
+//! Lifecycle: it starts *restoring* (its partition paused in the consumer) until the restorer
+//! delivers the partition's changelog; events and queries that arrive meanwhile wait. Then it
+//! hands each batch of consumed events to its entities grouped by user (one message per user
+//! per batch, in partition order) and tracks which offsets are acknowledged; only the contiguous
+//! acknowledged prefix is committable. For each checkpoint (a Kafka transaction run by the
+//! consumer) it gives the committable offset, the states changed since the last successful
+//! checkpoint, and the events to re-route, and forgets them once the transaction committed.
+//!
+//! It keeps the compact state of every user of the partition, so idle entity actors can be
+//! passivated (stopped) and re-activated with their totals, and the number of live actors on
+//! the node stays under a cap.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
-use tokio::sync::mpsc;
 
 use crate::backpressure::InFlightGate;
-use crate::entity::{EntityArgs, EntityInput, EntityMsg, Origin, Totals, UserEntity};
+use crate::entity::{EntityArgs, EntityMsg, EntityState, Totals, UserEntity};
 use crate::event::Purchase;
-use crate::routing::Router;
 use crate::stats::NodeStats;
 
 /// One record read from this shard's partition: a purchase, or `None` for a record that was
@@ -28,33 +33,60 @@ pub struct ConsumedRecord {
     pub purchase: Option<Purchase>,
 }
 
-/// An event of this partition whose key belongs to another shard.
-struct Misrouted {
-    offset: i64,
-    purchase: Purchase,
+/// An event read from this partition whose key belongs to another shard: it is written to its
+/// key's partition inside the checkpoint transaction that commits past it, so the owner
+/// consumes it exactly once.
+#[derive(Debug, Clone)]
+pub struct Reroute {
+    pub source_offset: i64,
+    pub target_partition: u32,
+    pub purchase: Purchase,
+}
+
+/// What a shard contributes to one checkpoint transaction.
+#[derive(Debug, Default)]
+pub struct Checkpoint {
+    pub partition: u32,
+    /// Sequence number to confirm with [`ShardMsg::Checkpointed`] once committed.
+    pub seq: u64,
+    /// Next offset to commit; `None` if nothing was acknowledged yet.
+    pub commit_offset: Option<i64>,
+    pub states: Vec<(Arc<str>, EntityState)>,
+    pub reroutes: Vec<Reroute>,
+}
+
+impl Checkpoint {
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty() && self.reroutes.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EntityCounts {
+    /// Live entity actors.
+    pub live: usize,
+    /// Users with state in this shard (live or passivated).
+    pub known: usize,
 }
 
 #[derive(RactorMessage)]
 pub enum ShardMsg {
+    /// The partition's changelog, read to its end: the shard may start.
+    Restored(HashMap<Arc<str>, EntityState>),
     /// A batch read from the partition, in offset order.
     Consumed(Vec<ConsumedRecord>),
-    /// An entity applied these consumed offsets.
-    Applied { offsets: Vec<i64>, totals: Totals },
-    /// The forwarder delivered the event at `offset` to the shard that owns its key.
-    Forwarded { offset: i64 },
-    /// An event read elsewhere whose key belongs to this shard.
-    ApplyForwarded {
-        purchase: Purchase,
-        source_partition: u32,
-        source_offset: i64,
-        reply: RpcReplyPort<Totals>,
-    },
+    /// An entity applied these offsets (`replays` of them were already in its state).
+    Applied { user_id: Arc<str>, offsets: Vec<i64>, replays: u64, state: EntityState },
     /// A user's totals; zeros (and no entity created) for a user never seen.
     Query { user_id: Arc<str>, reply: RpcReplyPort<Totals> },
-    /// Live entity count.
-    EntityCount(RpcReplyPort<usize>),
+    EntityCounts(RpcReplyPort<EntityCounts>),
     /// Answer once every dispatched event is acknowledged.
     Drain(RpcReplyPort<()>),
+    Checkpoint(RpcReplyPort<Checkpoint>),
+    /// The checkpoint with this sequence number was committed.
+    Checkpointed { seq: u64 },
+    /// Passivate idle entities.
+    Tick,
 }
 
 /// What the node keeps about one local shard.
@@ -88,12 +120,18 @@ impl LocalShards {
     }
 }
 
-/// Node-wide services a shard uses.
+/// Node-wide services and limits a shard uses.
 pub struct ShardEnv {
     pub partitions: u32,
     pub gate: Arc<InFlightGate>,
     pub stats: Arc<NodeStats>,
-    pub router: Arc<Router>,
+    /// Live entity actors on the node, and the cap on them.
+    pub live_entities: AtomicUsize,
+    pub max_live_entities: usize,
+    /// An entity with nothing in flight for this long is passivated.
+    pub passivate_after: Duration,
+    /// Partitions whose shard finished restoring, for the consumer to resume.
+    pub restored: std::sync::mpsc::Sender<u32>,
 }
 
 pub struct ShardActor;
@@ -104,17 +142,29 @@ pub struct ShardArgs {
     pub env: Arc<ShardEnv>,
 }
 
+struct LiveEntity {
+    actor: ActorRef<EntityMsg>,
+    last_active: Instant,
+    in_flight: usize,
+}
+
 pub struct ShardState {
     shard: u32,
     env: Arc<ShardEnv>,
-    entities: HashMap<Arc<str>, ActorRef<EntityMsg>>,
+    /// Until the changelog is restored: batches and queries that arrived meanwhile.
+    restoring: Option<(Vec<Vec<ConsumedRecord>>, Vec<(Arc<str>, RpcReplyPort<Totals>)>)>,
+    /// Latest acknowledged state of every user of the partition.
+    known: HashMap<Arc<str>, EntityState>,
+    live: HashMap<Arc<str>, LiveEntity>,
     /// Dispatched offsets in order, with whether each is acknowledged.
     pending: VecDeque<(i64, bool)>,
     committable: Arc<AtomicI64>,
     drain_waiters: Vec<RpcReplyPort<()>>,
-    /// Events whose key belongs to another shard, delivered one at a time in offset order.
-    forward_queue: mpsc::UnboundedSender<Misrouted>,
-    forwarder: tokio::task::JoinHandle<()>,
+    /// Checkpoints handed out so far; `dirty` and `outbox` entries carry the first checkpoint
+    /// that may include them and stay until a checkpoint at or after it is confirmed.
+    checkpoint_seq: u64,
+    dirty: HashMap<Arc<str>, u64>,
+    outbox: Vec<(u64, Reroute)>,
 }
 
 impl ShardState {
@@ -146,17 +196,113 @@ impl ShardState {
         }
     }
 
-    async fn entity(&mut self, myself: &ActorRef<ShardMsg>, user_id: &Arc<str>) -> Result<ActorRef<EntityMsg>, ActorProcessingErr> {
-        if let Some(entity) = self.entities.get(user_id) {
-            return Ok(entity.clone());
+    /// The user's entity actor, activated (from its stored state, if any) when not live.
+    async fn activate(&mut self, myself: &ActorRef<ShardMsg>, user_id: &Arc<str>) -> Result<ActorRef<EntityMsg>, ActorProcessingErr> {
+        if let Some(live) = self.live.get_mut(user_id) {
+            live.last_active = Instant::now();
+            return Ok(live.actor.clone());
         }
-        let args = EntityArgs {
-            user_id: user_id.clone(),
-            shard: myself.clone(),
-        };
-        let (entity, _) = Actor::spawn_linked(None, UserEntity, args, myself.get_cell()).await?;
-        self.entities.insert(user_id.clone(), entity.clone());
-        Ok(entity)
+        let state = self.known.get(user_id).copied().unwrap_or_default();
+        let args = EntityArgs { user_id: user_id.clone(), shard: myself.clone(), state };
+        let (actor, _) = Actor::spawn_linked(None, UserEntity, args, myself.get_cell()).await?;
+        self.live.insert(user_id.clone(), LiveEntity { actor: actor.clone(), last_active: Instant::now(), in_flight: 0 });
+        let live_now = self.env.live_entities.fetch_add(1, Ordering::Relaxed) + 1;
+        if live_now > self.env.max_live_entities {
+            self.passivate(|_| true, live_now - self.env.max_live_entities);
+        }
+        Ok(actor)
+    }
+
+    /// Stops up to `limit` idle entities (nothing in flight) matching `eligible`, oldest first.
+    /// Their state stays in `known`.
+    fn passivate(&mut self, eligible: impl Fn(&LiveEntity) -> bool, limit: usize) {
+        let mut idle: Vec<(Instant, Arc<str>)> = self
+            .live
+            .iter()
+            .filter(|(_, e)| e.in_flight == 0 && eligible(e))
+            .map(|(u, e)| (e.last_active, u.clone()))
+            .collect();
+        if idle.is_empty() {
+            return;
+        }
+        idle.sort_unstable();
+        let count = idle.len().min(limit);
+        for (_, user) in idle.into_iter().take(count) {
+            if let Some(entity) = self.live.remove(&user) {
+                entity.actor.stop(Some("passivated".into()));
+            }
+        }
+        self.env.live_entities.fetch_sub(count, Ordering::Relaxed);
+        NodeStats::add(&self.env.stats.entities_passivated, count as u64);
+    }
+
+    async fn dispatch(&mut self, myself: &ActorRef<ShardMsg>, batch: Vec<ConsumedRecord>) -> Result<(), ActorProcessingErr> {
+        let mut by_user: HashMap<Arc<str>, Vec<(i64, Purchase)>> = HashMap::new();
+        let mut settled = 0usize;
+        for record in batch {
+            let Some(purchase) = record.purchase else {
+                // Dead-lettered: nothing to apply, only to commit past.
+                self.pending.push_back((record.offset, true));
+                settled += 1;
+                continue;
+            };
+            let shard = proto::partitioner::partition_for_key(purchase.user_id.as_bytes(), self.env.partitions);
+            if shard == self.shard {
+                self.pending.push_back((record.offset, false));
+                tracing::debug!("Forwarding message for entity {} to shard {shard}", purchase.user_id);
+                by_user.entry(purchase.user_id.clone()).or_default().push((record.offset, purchase));
+            } else {
+                // Settled once the checkpoint that commits past it also writes it to its shard.
+                self.pending.push_back((record.offset, true));
+                settled += 1;
+                NodeStats::add(&self.env.stats.events_forwarded_out, 1);
+                tracing::debug!(
+                    "event {}/{} is for user {} of shard {shard}: re-routing it to that partition",
+                    self.shard, record.offset, purchase.user_id
+                );
+                let reroute = Reroute { source_offset: record.offset, target_partition: shard, purchase };
+                self.outbox.push((self.checkpoint_seq + 1, reroute));
+            }
+        }
+        for (user_id, events) in by_user {
+            let count = events.len();
+            let entity = self.activate(myself, &user_id).await?;
+            if let Some(live) = self.live.get_mut(&user_id) {
+                live.in_flight += count;
+            }
+            entity.cast(EntityMsg::Apply(events))?;
+        }
+        if settled > 0 {
+            self.advance(settled);
+        }
+        Ok(())
+    }
+
+    async fn query(&mut self, myself: &ActorRef<ShardMsg>, user_id: Arc<str>, reply: RpcReplyPort<Totals>) -> Result<(), ActorProcessingErr> {
+        if !self.live.contains_key(&user_id) && !self.known.contains_key(&user_id) {
+            let _ = reply.send(Totals::default());
+            return Ok(());
+        }
+        let entity = self.activate(myself, &user_id).await?;
+        entity.cast(EntityMsg::Get(reply))?;
+        Ok(())
+    }
+
+    fn checkpoint(&mut self) -> Checkpoint {
+        self.checkpoint_seq += 1;
+        let committable = self.committable.load(Ordering::Acquire);
+        Checkpoint {
+            partition: self.shard,
+            seq: self.checkpoint_seq,
+            commit_offset: (committable >= 0).then_some(committable),
+            states: self.dirty.keys().filter_map(|u| self.known.get(u).map(|s| (u.clone(), *s))).collect(),
+            reroutes: self.outbox.iter().map(|(_, r)| r.clone()).collect(),
+        }
+    }
+
+    fn checkpointed(&mut self, seq: u64) {
+        self.dirty.retain(|_, first| *first > seq);
+        self.outbox.retain(|(first, _)| *first > seq);
     }
 }
 
@@ -165,145 +311,90 @@ impl Actor for ShardActor {
     type State = ShardState;
     type Arguments = ShardArgs;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: ShardArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        let (forward_queue, queue) = mpsc::unbounded_channel();
-        let forwarder = tokio::spawn(run_forwarder(args.shard, queue, args.env.router.clone(), myself));
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: ShardArgs) -> Result<Self::State, ActorProcessingErr> {
+        let tick = (args.env.passivate_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        myself.send_interval(tick, || ShardMsg::Tick);
         Ok(ShardState {
             shard: args.shard,
             env: args.env,
-            entities: HashMap::new(),
+            restoring: Some((Vec::new(), Vec::new())),
+            known: HashMap::new(),
+            live: HashMap::new(),
             pending: VecDeque::new(),
             committable: args.committable,
             drain_waiters: Vec::new(),
-            forward_queue,
-            forwarder,
+            checkpoint_seq: 0,
+            dirty: HashMap::new(),
+            outbox: Vec::new(),
         })
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        state.forwarder.abort();
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        // Entities are linked children and stop with the shard.
+        state.env.live_entities.fetch_sub(state.live.len(), Ordering::Relaxed);
         // Whatever is still pending will be re-read by the partition's next owner.
         let unacknowledged = state.pending.iter().filter(|(_, done)| !done).count();
-        state.env.gate.release(unacknowledged);
+        let buffered: usize = state.restoring.as_ref().map_or(0, |(b, _)| b.iter().map(Vec::len).sum());
+        state.env.gate.release(unacknowledged + buffered);
         Ok(())
     }
 
-    async fn handle(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
-            ShardMsg::Consumed(batch) => {
-                let mut by_user: HashMap<Arc<str>, Vec<EntityInput>> = HashMap::new();
-                let mut local = 0u64;
-                let mut dead_lettered = 0usize;
-                for record in batch {
-                    let Some(purchase) = record.purchase else {
-                        state.pending.push_back((record.offset, true));
-                        dead_lettered += 1;
-                        continue;
-                    };
-                    state.pending.push_back((record.offset, false));
-                    let shard = proto::partitioner::partition_for_key(purchase.user_id.as_bytes(), state.env.partitions);
-                    if shard == state.shard {
-                        local += 1;
-                        tracing::debug!("Forwarding message for entity {} to shard {shard}", purchase.user_id);
-                        by_user
-                            .entry(purchase.user_id.clone())
-                            .or_default()
-                            .push(EntityInput { purchase, origin: Origin::Consumed { offset: record.offset } });
-                    } else {
-                        NodeStats::add(&state.env.stats.events_forwarded_out, 1);
-                        tracing::debug!(
-                            "event {}/{} is for user {} of shard {shard}: forwarding to its owner",
-                            state.shard, record.offset, purchase.user_id
-                        );
-                        let _ = state.forward_queue.send(Misrouted { offset: record.offset, purchase });
-                    }
+            ShardMsg::Restored(known) => {
+                let Some((batches, queries)) = state.restoring.take() else {
+                    return Ok(());
+                };
+                NodeStats::add(&state.env.stats.entities_restored, known.len() as u64);
+                state.known = known;
+                let _ = state.env.restored.send(state.shard);
+                for batch in batches {
+                    state.dispatch(&myself, batch).await?;
                 }
-                NodeStats::add(&state.env.stats.events_processed_local, local);
-                if dead_lettered > 0 {
-                    state.advance(dead_lettered);
-                }
-                for (user_id, inputs) in by_user {
-                    let entity = state.entity(&myself, &user_id).await?;
-                    entity.cast(EntityMsg::Apply(inputs))?;
+                for (user_id, reply) in queries {
+                    state.query(&myself, user_id, reply).await?;
                 }
             }
-            ShardMsg::Applied { offsets, totals: _ } => {
+            ShardMsg::Consumed(batch) => match &mut state.restoring {
+                Some((batches, _)) => batches.push(batch),
+                None => state.dispatch(&myself, batch).await?,
+            },
+            ShardMsg::Applied { user_id, offsets, replays, state: entity_state } => {
+                NodeStats::add(&state.env.stats.events_processed_local, offsets.len() as u64 - replays);
+                NodeStats::add(&state.env.stats.events_skipped_replayed, replays);
+                if let Some(live) = state.live.get_mut(&user_id) {
+                    live.in_flight = live.in_flight.saturating_sub(offsets.len());
+                    live.last_active = Instant::now();
+                }
+                let seq = state.checkpoint_seq + 1;
+                state.dirty.insert(user_id.clone(), seq);
+                state.known.insert(user_id, entity_state);
                 let acknowledged: usize = offsets.iter().map(|o| state.mark_acknowledged(*o)).sum();
                 state.advance(acknowledged);
             }
-            ShardMsg::Forwarded { offset } => {
-                let acknowledged = state.mark_acknowledged(offset);
-                state.advance(acknowledged);
-            }
-            ShardMsg::ApplyForwarded { purchase, source_partition, source_offset, reply } => {
-                NodeStats::add(&state.env.stats.events_forwarded_in, 1);
-                let entity = state.entity(&myself, &purchase.user_id).await?;
-                entity.cast(EntityMsg::Apply(vec![EntityInput {
-                    purchase,
-                    origin: Origin::Forwarded { source_partition, source_offset, reply },
-                }]))?;
-            }
-            ShardMsg::Query { user_id, reply } => match state.entities.get(&user_id) {
-                Some(entity) => entity.cast(EntityMsg::Get(reply))?,
-                None => {
-                    let _ = reply.send(Totals::default());
-                }
+            ShardMsg::Query { user_id, reply } => match &mut state.restoring {
+                Some((_, queries)) => queries.push((user_id, reply)),
+                None => state.query(&myself, user_id, reply).await?,
             },
-            ShardMsg::EntityCount(reply) => {
-                let _ = reply.send(state.entities.len());
+            ShardMsg::EntityCounts(reply) => {
+                let _ = reply.send(EntityCounts { live: state.live.len(), known: state.known.len() });
             }
             ShardMsg::Drain(reply) => {
-                if state.pending.is_empty() {
+                if state.pending.is_empty() && state.restoring.is_none() {
                     let _ = reply.send(());
                 } else {
                     state.drain_waiters.push(reply);
                 }
             }
-        }
-        Ok(())
-    }
-}
-
-/// Delivers events of this partition whose key hashes to another shard, in order, retrying
-/// until the owner applied each; then marks it acknowledged here.
-async fn run_forwarder(
-    source_partition: u32,
-    mut queue: mpsc::UnboundedReceiver<Misrouted>,
-    router: Arc<Router>,
-    shard: ActorRef<ShardMsg>,
-) {
-    while let Some(event) = queue.recv().await {
-        let mut attempt = 0u32;
-        loop {
-            match router.forward(&event.purchase, source_partition, event.offset).await {
-                Ok(_) => break,
-                Err(e) => {
-                    attempt += 1;
-                    if attempt == 1 || attempt % 20 == 0 {
-                        tracing::warn!(
-                            "forwarding event {}/{} for user {} failed ({e}); retrying",
-                            source_partition, event.offset, event.purchase.user_id
-                        );
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                }
+            ShardMsg::Checkpoint(reply) => {
+                let _ = reply.send(state.checkpoint());
+            }
+            ShardMsg::Checkpointed { seq } => state.checkpointed(seq),
+            ShardMsg::Tick => {
+                let idle_for = state.env.passivate_after;
+                state.passivate(|e| e.last_active.elapsed() >= idle_for, usize::MAX);
             }
         }
-        if shard.cast(ShardMsg::Forwarded { offset: event.offset }).is_err() {
-            return;
-        }
+        Ok(())
     }
 }

@@ -10,10 +10,20 @@ pub struct NodeStats {
     pub events_consumed: AtomicU64,
     /// Events applied by an entity on the node that consumed them.
     pub events_processed_local: AtomicU64,
-    /// Events consumed here whose shard another shard or node owns (non-local processing).
+    /// Events consumed here whose key belongs to another shard (non-local): re-routed to the
+    /// key's partition, where its owner consumes them.
     pub events_forwarded_out: AtomicU64,
-    /// Events other shards or nodes forwarded here and an entity here applied.
+    /// Re-routed events consumed here (their key's shard is here).
     pub events_forwarded_in: AtomicU64,
+    /// Redelivered events an entity had already applied (after a crash or hand-off): not counted again.
+    pub events_skipped_replayed: AtomicU64,
+    /// Entity states read from the changelog when shards were assigned here.
+    pub entities_restored: AtomicU64,
+    /// Entity actors stopped for idleness or the live-actor cap (their state is kept).
+    pub entities_passivated: AtomicU64,
+    /// Checkpoint transactions committed / aborted.
+    pub checkpoints_committed: AtomicU64,
+    pub checkpoints_aborted: AtomicU64,
     /// Records copied to the dead-letter topic.
     pub dead_lettered: AtomicU64,
     /// Partitions assigned to / revoked from this node since start.
@@ -28,6 +38,11 @@ pub struct StatsSnapshot {
     pub events_processed_local: u64,
     pub events_forwarded_out: u64,
     pub events_forwarded_in: u64,
+    pub events_skipped_replayed: u64,
+    pub entities_restored: u64,
+    pub entities_passivated: u64,
+    pub checkpoints_committed: u64,
+    pub checkpoints_aborted: u64,
     pub dead_lettered: u64,
     pub partitions_assigned: u64,
     pub partitions_revoked: u64,
@@ -45,6 +60,11 @@ impl NodeStats {
             events_processed_local: get(&self.events_processed_local),
             events_forwarded_out: get(&self.events_forwarded_out),
             events_forwarded_in: get(&self.events_forwarded_in),
+            events_skipped_replayed: get(&self.events_skipped_replayed),
+            entities_restored: get(&self.entities_restored),
+            entities_passivated: get(&self.entities_passivated),
+            checkpoints_committed: get(&self.checkpoints_committed),
+            checkpoints_aborted: get(&self.checkpoints_aborted),
             dead_lettered: get(&self.dead_lettered),
             partitions_assigned: get(&self.partitions_assigned),
             partitions_revoked: get(&self.partitions_revoked),

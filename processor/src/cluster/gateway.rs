@@ -1,8 +1,8 @@
 //! The gateway: one remotable actor per node, the only way nodes talk to each other.
 //!
 //! Peers find it through `ractor::pg`: every gateway joins [`ALL_GATEWAYS`] (for broadcasts)
-//! and a group named after its node (to reach one node). It answers queries and applies
-//! forwarded events for shards hosted here, and feeds ownership announcements into the table.
+//! and a group named after its node (to reach one node). It answers queries for shards hosted
+//! here and feeds ownership announcements into the table.
 //! Calls are served on their own tasks so one slow shard cannot stall the gateway.
 
 use std::collections::BTreeSet;
@@ -12,12 +12,9 @@ use ractor::{pg, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
 
 use crate::allocation::AllocationTable;
-use crate::cluster::wire::{
-    forward_ack, totals_answer, ForwardAck, ForwardedEvent, NotOwner, OwnershipAnnouncement, Totals as WireTotals,
-    TotalsAnswer, TotalsQuery,
-};
+use crate::cluster::wire::{totals_answer, NotOwner, OwnershipAnnouncement, Totals as WireTotals, TotalsAnswer, TotalsQuery};
 use crate::entity::Totals;
-use crate::event::{Purchase, MAX_USER_ID_BYTES};
+use crate::event::MAX_USER_ID_BYTES;
 use crate::routing::{Attempt, Router};
 
 /// The pg group every node's gateway joins.
@@ -33,8 +30,6 @@ pub enum GatewayMsg {
     Announce(OwnershipAnnouncement),
     #[rpc]
     Totals(TotalsQuery, RpcReplyPort<TotalsAnswer>),
-    #[rpc]
-    Forward(ForwardedEvent, RpcReplyPort<ForwardAck>),
 }
 
 /// The gateway of another node, if connected.
@@ -100,13 +95,6 @@ impl Actor for Gateway {
                     let _ = reply.send(answer);
                 });
             }
-            GatewayMsg::Forward(event, reply) => {
-                let router = state.router.clone();
-                tokio::spawn(async move {
-                    let ack = apply_forwarded(&router, event).await;
-                    let _ = reply.send(ack);
-                });
-            }
         }
         Ok(())
     }
@@ -127,22 +115,4 @@ async fn answer_query(router: &Router, query: TotalsQuery) -> TotalsAnswer {
         Attempt::Failed(e) => R::Error(e),
     };
     TotalsAnswer { result: Some(result) }
-}
-
-async fn apply_forwarded(router: &Router, event: ForwardedEvent) -> ForwardAck {
-    use forward_ack::Result as R;
-    if event.user_id.is_empty() || router.shard_of(&event.user_id) != event.shard {
-        return ForwardAck { result: Some(R::Error("forwarded event does not belong to the named shard".into())) };
-    }
-    let purchase = Purchase {
-        user_id: Arc::from(event.user_id.as_str()),
-        quantity: event.quantity,
-        price: event.price,
-    };
-    let result = match router.local_apply(event.shard, purchase, event.source_partition, event.source_offset).await {
-        Attempt::Done(t) => R::Applied(wire(t)),
-        Attempt::NotOwner => R::NotOwner(NotOwner {}),
-        Attempt::Failed(e) => R::Error(e),
-    };
-    ForwardAck { result: Some(result) }
 }

@@ -4,6 +4,12 @@
 
 include!(concat!(env!("OUT_DIR"), "/cluster.rs"));
 
+/// The changelog value (`proto/state.proto`).
+pub use state::EntityState as StoredEntity;
+mod state {
+    include!(concat!(env!("OUT_DIR"), "/state.rs"));
+}
+
 macro_rules! bytes_convertable_via_prost {
     ($($ty:ty),* $(,)?) => {$(
         impl ractor::BytesConvertable for $ty {
@@ -20,7 +26,7 @@ macro_rules! bytes_convertable_via_prost {
     )*};
 }
 
-bytes_convertable_via_prost!(OwnershipAnnouncement, TotalsQuery, TotalsAnswer, ForwardedEvent, ForwardAck);
+bytes_convertable_via_prost!(OwnershipAnnouncement, TotalsQuery, TotalsAnswer);
 
 #[cfg(test)]
 mod tests {

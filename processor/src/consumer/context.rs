@@ -1,23 +1,33 @@
-//! The consumer's rebalance callbacks, which drive the hand-off protocol.
+//! The consumer's rebalance callbacks, which drive the hand-off protocol, and the checkpoint
+//! step shared by the poll loop and the revoke callback.
 //!
-//! librdkafka calls them inside `poll` on the consumer thread, so they may block: Kafka does not
-//! give a revoked partition to another member until the revoke callback returns.
+//! librdkafka calls the callbacks inside `poll` on the consumer thread, so they may block:
+//! Kafka does not give a revoked partition to another member until the revoke callback returns.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::ClientContext;
-use rdkafka::TopicPartitionList;
+use rdkafka::{ClientContext, TopicPartitionList};
 
-use super::commit::OffsetCommitter;
+use super::checkpoint::{CheckpointError, Checkpointer};
 use super::dispatch::Dispatcher;
 use crate::handoff::Handoff;
+use crate::shard::LocalShard;
+use crate::stats::NodeStats;
+
+/// Checkpoint attempts for revoked partitions before giving them up uncommitted.
+const REVOKE_CHECKPOINT_ATTEMPTS: u32 = 3;
 
 pub struct NodeContext {
     pub topic: String,
     pub handoff: Arc<Handoff>,
     pub dispatcher: Mutex<Dispatcher>,
-    pub committer: Mutex<OffsetCommitter>,
+    pub checkpointer: Mutex<Checkpointer>,
+    pub runtime: tokio::runtime::Handle,
+    pub stats: Arc<NodeStats>,
+    /// Set when this node can no longer write (fenced); the node then exits.
+    pub fenced: AtomicBool,
 }
 
 impl NodeContext {
@@ -30,6 +40,33 @@ impl NodeContext {
             .collect();
         partitions.sort_unstable();
         partitions
+    }
+
+    /// Commits one checkpoint transaction for `partitions` (all local shards if `None`).
+    pub fn checkpoint(&self, consumer: &BaseConsumer<Self>, partitions: Option<&[u32]>) -> Result<(), CheckpointError> {
+        let local = self.handoff.local();
+        let ids = partitions.map(<[u32]>::to_vec).unwrap_or_else(|| local.ids());
+        let shards: Vec<(u32, LocalShard)> = ids.into_iter().filter_map(|p| local.get(p).map(|s| (p, s))).collect();
+        if shards.is_empty() {
+            return Ok(());
+        }
+        let result = self.checkpointer.lock().expect("checkpointer lock poisoned").run(&self.runtime, consumer, &shards);
+        match &result {
+            Ok(committed) => {
+                if *committed {
+                    NodeStats::add(&self.stats.checkpoints_committed, 1);
+                }
+            }
+            Err(CheckpointError::Fatal(e)) => {
+                tracing::error!("this node was fenced and can no longer commit ({e}); stopping it");
+                self.fenced.store(true, Ordering::SeqCst);
+            }
+            Err(e) => {
+                NodeStats::add(&self.stats.checkpoints_aborted, 1);
+                tracing::warn!("{e}; the next checkpoint retries");
+            }
+        }
+        result.map(|_| ())
     }
 }
 
@@ -52,19 +89,37 @@ impl ConsumerContext for NodeContext {
         );
         // Everything read from these partitions goes to their shards before the drain.
         self.dispatcher.lock().expect("dispatcher lock poisoned").flush(&partitions);
-        let drained = self.handoff.drain(&partitions);
         if lost {
-            tracing::warn!("partitions {:?} were lost (session timeout?): not committing, their next owner re-reads uncommitted events", partitions);
+            tracing::warn!(
+                "partitions {:?} were lost (session timeout?): not committing; their next owner restores the last checkpoint",
+                partitions
+            );
         } else {
-            self.committer.lock().expect("committer lock poisoned").commit_drained(consumer, &drained);
+            self.handoff.drain(&partitions);
+            let mut attempt = 1;
+            while let Err(e) = self.checkpoint(consumer, Some(&partitions)) {
+                if matches!(e, CheckpointError::Fatal(_)) || attempt >= REVOKE_CHECKPOINT_ATTEMPTS {
+                    tracing::warn!("handing off {:?} without a final checkpoint: the next owner resumes from the previous one", partitions);
+                    break;
+                }
+                attempt += 1;
+            }
         }
+        self.checkpointer.lock().expect("checkpointer lock poisoned").forget(&partitions);
         self.handoff.release(&partitions);
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let partitions = self.partitions_of(tpl);
+                if partitions.is_empty() {
+                    return;
+                }
+                // Nothing is consumed from a partition until its shard restored its state.
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!("cannot pause {:?} during restore ({e}); its events wait in the shard", partitions);
+                }
                 self.handoff.take_over(&partitions);
             }
             Rebalance::Revoke(_) => {}

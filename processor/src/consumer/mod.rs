@@ -2,11 +2,11 @@
 //!
 //! One consumer per node in the shared group, cooperative-sticky assignment, `client.id` = the
 //! node id (so the broker's group description shows which node holds which partition). The poll
-//! loop decodes records, dead-letters malformed ones, batches the rest to their shards, and
-//! commits acknowledged offsets. Rebalance callbacks run inside `poll` on this thread and may
-//! block, which is why it is not a tokio task.
+//! loop decodes records, dead-letters malformed ones, batches the rest to their shards, resumes
+//! partitions whose shard finished restoring, and commits checkpoint transactions. Rebalance
+//! callbacks run inside `poll` on this thread and may block, which is why it is not a tokio task.
 
-mod commit;
+pub mod checkpoint;
 mod context;
 mod dispatch;
 
@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::Message;
+use rdkafka::message::Headers;
+use rdkafka::{Message, TopicPartitionList};
 
 use crate::backpressure::InFlightGate;
 use crate::dlq::DeadLetters;
@@ -25,7 +26,7 @@ use crate::event::decode_record;
 use crate::handoff::Handoff;
 use crate::shard::{ConsumedRecord, LocalShards};
 use crate::stats::NodeStats;
-use commit::OffsetCommitter;
+use checkpoint::{Checkpointer, HEADER_REROUTED_FROM};
 use context::NodeContext;
 use dispatch::Dispatcher;
 
@@ -37,6 +38,8 @@ pub enum ConsumerError {
     Create(rdkafka::error::KafkaError),
     #[error("cannot subscribe to {topic}: {source}")]
     Subscribe { topic: String, source: rdkafka::error::KafkaError },
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
 }
 
 pub struct ConsumerSettings {
@@ -56,11 +59,23 @@ pub struct ConsumerParts {
     pub gate: Arc<InFlightGate>,
     pub stats: Arc<NodeStats>,
     pub dead_letters: DeadLetters,
+    pub checkpointer: Checkpointer,
+    /// Partitions whose shard finished restoring (sent by the shards), to resume.
+    pub restored: std::sync::mpsc::Receiver<u32>,
+    pub runtime: tokio::runtime::Handle,
 }
 
 pub struct ConsumerHandle {
     stopping: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<ConsumerExit>>,
+}
+
+/// Why the consumer thread ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumerExit {
+    Stopped,
+    /// Another instance or a newer group generation fenced this node's transactions.
+    Fenced,
 }
 
 impl ConsumerHandle {
@@ -74,20 +89,26 @@ impl ConsumerHandle {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
-    pub fn join(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+    pub fn join(&mut self) -> ConsumerExit {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(exit)) => exit,
+            Some(Err(_)) => ConsumerExit::Fenced,
+            None => ConsumerExit::Stopped,
         }
     }
 }
 
 pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<ConsumerHandle, ConsumerError> {
     let stopping = Arc::new(AtomicBool::new(false));
+    let ConsumerParts { handoff, local, gate, stats, dead_letters, checkpointer, restored, runtime } = parts;
     let context = NodeContext {
         topic: settings.topic.clone(),
-        handoff: parts.handoff.clone(),
-        dispatcher: Mutex::new(Dispatcher::new(parts.local.clone(), parts.gate.clone(), stopping.clone())),
-        committer: Mutex::new(OffsetCommitter::new(settings.topic.clone())),
+        handoff,
+        dispatcher: Mutex::new(Dispatcher::new(local.clone(), gate, stopping.clone())),
+        checkpointer: Mutex::new(checkpointer),
+        runtime,
+        stats: stats.clone(),
+        fenced: AtomicBool::new(false),
     };
     let session_ms = settings.session_timeout.as_millis().max(1_000);
     let consumer: BaseConsumer<NodeContext> = ClientConfig::new()
@@ -113,17 +134,25 @@ pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<Consume
     let loop_stopping = stopping.clone();
     let thread = std::thread::Builder::new()
         .name("kafka-consumer".into())
-        .spawn(move || poll_loop(consumer, settings, parts, loop_stopping))
+        .spawn(move || poll_loop(consumer, settings, LoopParts { local, stats, dead_letters, restored }, loop_stopping))
         .expect("cannot spawn the consumer thread");
     Ok(ConsumerHandle { stopping, thread: Some(thread) })
 }
 
-fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, parts: ConsumerParts, stopping: Arc<AtomicBool>) {
+struct LoopParts {
+    local: Arc<LocalShards>,
+    stats: Arc<NodeStats>,
+    dead_letters: DeadLetters,
+    restored: std::sync::mpsc::Receiver<u32>,
+}
+
+fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, parts: LoopParts, stopping: Arc<AtomicBool>) -> ConsumerExit {
     let context = consumer.context();
     let mut last_commit = Instant::now();
     let mut last_partition_check = Instant::now();
     let mut partition_count_alarm = false;
-    while !stopping.load(Ordering::SeqCst) {
+    while !stopping.load(Ordering::SeqCst) && !context.fenced.load(Ordering::SeqCst) {
+        resume_restored(&consumer, &settings.topic, &parts);
         match consumer.poll(Duration::from_millis(50)) {
             None => context.dispatcher.lock().expect("dispatcher lock poisoned").flush_all(),
             Some(Err(e)) => tracing::warn!("consumer error: {e}"),
@@ -133,6 +162,9 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
                 let record = match decode_record(message.key(), message.payload()) {
                     Ok(purchase) => {
                         NodeStats::add(&parts.stats.events_consumed, 1);
+                        if message.headers().is_some_and(|h| h.iter().any(|h| h.key == HEADER_REROUTED_FROM)) {
+                            NodeStats::add(&parts.stats.events_forwarded_in, 1);
+                        }
                         ConsumedRecord { offset, purchase: Some(purchase) }
                     }
                     Err(reason) => {
@@ -149,7 +181,7 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
             }
         }
         if last_commit.elapsed() >= settings.commit_interval {
-            context.committer.lock().expect("committer lock poisoned").commit_progress(&consumer, &parts.local);
+            let _ = context.checkpoint(&consumer, None);
             last_commit = Instant::now();
         }
         if last_partition_check.elapsed() >= PARTITION_COUNT_CHECK_EVERY {
@@ -157,7 +189,12 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
             check_partition_count(&consumer, &settings, &mut partition_count_alarm);
         }
     }
-    tracing::info!("consumer stopping: leaving the group (drains and commits every shard)");
+    if context.fenced.load(Ordering::SeqCst) {
+        // Nothing this node holds may be committed any more; its partitions are (being) reassigned.
+        drop(consumer);
+        return ConsumerExit::Fenced;
+    }
+    tracing::info!("consumer stopping: leaving the group (drains and checkpoints every shard)");
     context.dispatcher.lock().expect("dispatcher lock poisoned").flush_all();
     // Unsubscribing revokes every partition through the rebalance callback (drain + commit).
     consumer.unsubscribe();
@@ -169,6 +206,22 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
     }
     drop(consumer);
     tracing::info!("consumer closed");
+    ConsumerExit::Stopped
+}
+
+/// Resumes the partitions whose shard finished restoring (if still assigned here).
+fn resume_restored(consumer: &BaseConsumer<NodeContext>, topic: &str, parts: &LoopParts) {
+    let mut tpl = TopicPartitionList::new();
+    while let Ok(partition) = parts.restored.try_recv() {
+        if parts.local.get(partition).is_some() {
+            tpl.add_partition(topic, partition as i32);
+        }
+    }
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.resume(&tpl) {
+            tracing::error!("cannot resume restored partitions: {e}");
+        }
+    }
 }
 
 /// Adding partitions to the topic changes every key's partition: say so loudly.

@@ -1,0 +1,194 @@
+//! Checkpoints: one Kafka transaction that writes the changed entity states to the changelog,
+//! re-routes mis-keyed events to their key's partition, and commits the consumed offsets.
+//!
+//! This is what makes every event count exactly once. The transaction is atomic: after a crash
+//! the next owner restores (read_committed) exactly the states whose offsets were committed,
+//! and re-reads from there; states may be slightly ahead of the offsets (an entity applied
+//! events past the contiguous acknowledged prefix), and entities skip events at or below the
+//! offset their state records. The offsets are sent with the consumer's group metadata, so a
+//! node whose group generation is stale (a zombie that was frozen past its session timeout)
+//! cannot commit: its transaction fails and nothing it wrote becomes visible.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::restore::encode_state;
+use crate::shard::{Checkpoint, LocalShard, ShardMsg};
+
+/// Header on a re-routed event: where it was first read.
+pub const HEADER_REROUTED_FROM: &str = "rerouted.from";
+
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot create the transactional producer: {0}")]
+    Create(KafkaError),
+    /// The transaction was aborted; its content is retried by the next checkpoint.
+    #[error("checkpoint aborted: {0}")]
+    Aborted(KafkaError),
+    #[error("the consumer has no group membership to commit offsets for")]
+    NotInGroup,
+    /// This node may no longer write (fenced by a newer instance or a newer group generation).
+    #[error("checkpoint failed fatally (fenced?): {0}")]
+    Fatal(KafkaError),
+}
+
+pub struct Checkpointer {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    changelog_topic: String,
+    input_topic: String,
+    committed: HashMap<u32, i64>,
+}
+
+impl Checkpointer {
+    /// `transactional_id` must be stable per node: a restarted node fences its previous run.
+    pub fn new(
+        bootstrap: &str,
+        transactional_id: &str,
+        transaction_timeout: Duration,
+        changelog_topic: &str,
+        input_topic: &str,
+    ) -> Result<Self, CheckpointError> {
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("transactional.id", transactional_id)
+            .set("transaction.timeout.ms", transaction_timeout.as_millis().to_string())
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("compression.type", "lz4")
+            .create()
+            .map_err(CheckpointError::Create)?;
+        producer.init_transactions(TXN_TIMEOUT).map_err(CheckpointError::Create)?;
+        Ok(Self {
+            producer,
+            changelog_topic: changelog_topic.into(),
+            input_topic: input_topic.into(),
+            committed: HashMap::new(),
+        })
+    }
+
+    /// Collects a checkpoint from each shard and commits them in one transaction. Returns
+    /// whether there was anything to commit.
+    pub fn run<C: ConsumerContext>(
+        &mut self,
+        runtime: &tokio::runtime::Handle,
+        consumer: &BaseConsumer<C>,
+        shards: &[(u32, LocalShard)],
+    ) -> Result<bool, CheckpointError> {
+        let checkpoints: Vec<(LocalShard, Checkpoint)> = runtime.block_on(futures::future::join_all(shards.iter().map(
+            |(_, shard)| async move {
+                let cp = shard.actor.call(ShardMsg::Checkpoint, Some(Duration::from_secs(10))).await;
+                match cp {
+                    Ok(ractor::rpc::CallResult::Success(cp)) => Some((shard.clone(), cp)),
+                    _ => None,
+                }
+            },
+        )))
+        .into_iter()
+        .flatten()
+        .collect();
+        let moved = |cp: &Checkpoint| cp.commit_offset.is_some_and(|o| self.committed.get(&cp.partition) != Some(&o));
+        if checkpoints.iter().all(|(_, cp)| cp.is_empty() && !moved(cp)) {
+            return Ok(false);
+        }
+        let Some(group) = consumer.group_metadata() else {
+            return Err(CheckpointError::NotInGroup);
+        };
+        self.producer.begin_transaction().map_err(|e| self.classify(e))?;
+        let mut offsets = TopicPartitionList::new();
+        for (_, cp) in &checkpoints {
+            if let Err(e) = self.write(cp, &mut offsets) {
+                return Err(self.abort(e));
+            }
+        }
+        if let Err(e) = self.producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT) {
+            return Err(self.abort(e));
+        }
+        if let Err(e) = self.producer.commit_transaction(TXN_TIMEOUT) {
+            return Err(self.abort(e));
+        }
+        for (shard, cp) in checkpoints {
+            if let Some(offset) = cp.commit_offset {
+                self.committed.insert(cp.partition, offset);
+            }
+            let _ = shard.actor.cast(ShardMsg::Checkpointed { seq: cp.seq });
+        }
+        Ok(true)
+    }
+
+    /// Forgets what was committed for partitions no longer owned.
+    pub fn forget(&mut self, partitions: &[u32]) {
+        for p in partitions {
+            self.committed.remove(p);
+        }
+    }
+
+    fn write(&self, cp: &Checkpoint, offsets: &mut TopicPartitionList) -> Result<(), KafkaError> {
+        for (user, state) in &cp.states {
+            let value = encode_state(state);
+            self.send(BaseRecord::to(&self.changelog_topic).partition(cp.partition as i32).key(user.as_bytes()).payload(&value))?;
+        }
+        for reroute in &cp.reroutes {
+            let value = prost::Message::encode_to_vec(&proto::events::UserPurchase {
+                user_id: reroute.purchase.user_id.to_string(),
+                product: reroute.purchase.product.to_string(),
+                quantity: reroute.purchase.quantity,
+                price: reroute.purchase.price,
+            });
+            let origin = format!("{}/{}", cp.partition, reroute.source_offset);
+            let headers = OwnedHeaders::new().insert(Header { key: HEADER_REROUTED_FROM, value: Some(origin.as_str()) });
+            self.send(
+                BaseRecord::to(&self.input_topic)
+                    .partition(reroute.target_partition as i32)
+                    .key(reroute.purchase.user_id.as_bytes())
+                    .payload(&value)
+                    .headers(headers),
+            )?;
+        }
+        if let Some(offset) = cp.commit_offset {
+            offsets.add_partition_offset(&self.input_topic, cp.partition as i32, Offset::Offset(offset))?;
+        }
+        Ok(())
+    }
+
+    /// Sends one record, waiting while the producer queue is full.
+    fn send(&self, mut record: BaseRecord<'_, [u8], Vec<u8>>) -> Result<(), KafkaError> {
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    fn abort(&self, e: KafkaError) -> CheckpointError {
+        let error = self.classify(e);
+        if let CheckpointError::Aborted(_) = error {
+            if let Err(abort_error) = self.producer.abort_transaction(TXN_TIMEOUT) {
+                return self.classify(abort_error);
+            }
+        }
+        error
+    }
+
+    fn classify(&self, e: KafkaError) -> CheckpointError {
+        match &e {
+            KafkaError::Transaction(t) if t.is_fatal() => CheckpointError::Fatal(e),
+            _ => CheckpointError::Aborted(e),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Restoring shards from the changelog when their partitions are assigned here.
+//!
+//! One consumer per assignment reads every newly assigned changelog partition at once
+//! (read_committed, from the beginning to the end), and hands each shard its states as soon as
+//! *its* partition is complete, so a large shard does not hold up small ones. The changelog is
+//! compacted: it holds about one record per user. A partition with an open transaction of a
+//! crashed node can only be read to its end once that transaction is aborted (after the
+//! producers' `transaction.timeout.ms`), which is logged while waiting.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use ractor::ActorRef;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::cluster::wire::StoredEntity;
+use crate::entity::{EntityState, Totals};
+use crate::shard::ShardMsg;
+
+pub struct Restorer {
+    pub bootstrap_servers: String,
+    pub changelog_topic: String,
+}
+
+struct PartitionRestore {
+    shard: ActorRef<ShardMsg>,
+    states: HashMap<Arc<str>, EntityState>,
+    end: i64,
+    records: u64,
+}
+
+impl Restorer {
+    /// Starts restoring `shards` on a background thread, retrying until every shard is restored
+    /// or stopped (a shard that was handed off meanwhile needs no restore).
+    pub fn restore(self: &Arc<Self>, shards: Vec<(u32, ActorRef<ShardMsg>)>) {
+        if shards.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        std::thread::Builder::new()
+            .name("changelog-restore".into())
+            .spawn(move || {
+                let mut shards = shards;
+                loop {
+                    match this.run(&shards) {
+                        Ok(()) => return,
+                        Err(e) => {
+                            shards.retain(|(_, shard)| shard.get_status() != ractor::ActorStatus::Stopped);
+                            if shards.is_empty() {
+                                return;
+                            }
+                            tracing::warn!("changelog restore failed ({e}); retrying");
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                    }
+                }
+            })
+            .expect("cannot spawn the restore thread");
+    }
+
+    fn run(&self, shards: &[(u32, ActorRef<ShardMsg>)]) -> Result<(), KafkaError> {
+        let started = Instant::now();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("enable.auto.commit", "false")
+            .set("fetch.max.bytes", "52428800")
+            .set("max.partition.fetch.bytes", "10485760")
+            .create()?;
+        let mut pending: BTreeMap<u32, PartitionRestore> = BTreeMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for (partition, shard) in shards.iter().cloned() {
+            let (low, high) = consumer.fetch_watermarks(&self.changelog_topic, partition as i32, Duration::from_secs(10))?;
+            if high <= low {
+                let _ = shard.cast(ShardMsg::Restored(HashMap::new()));
+                continue;
+            }
+            tpl.add_partition_offset(&self.changelog_topic, partition as i32, Offset::Beginning)?;
+            pending.insert(partition, PartitionRestore { shard, states: HashMap::new(), end: high, records: 0 });
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        tracing::info!("restoring {} shards from {}", pending.len(), self.changelog_topic);
+        consumer.assign(&tpl)?;
+        let mut last_report = Instant::now();
+        while !pending.is_empty() {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(record)) => {
+                    let partition = record.partition() as u32;
+                    if let Some(restore) = pending.get_mut(&partition) {
+                        restore.records += 1;
+                        apply_record(&mut restore.states, record.key(), record.payload());
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+                Some(Err(e)) => tracing::warn!("changelog read error: {e}"),
+            }
+            // A partition is complete once the read position reached the end it had at start
+            // (transaction markers included). Nothing else writes it: this node owns it now.
+            let positions = consumer.position()?;
+            let complete: Vec<u32> = pending
+                .iter()
+                .filter(|(p, r)| {
+                    positions
+                        .find_partition(&self.changelog_topic, **p as i32)
+                        .and_then(|e| e.offset().to_raw())
+                        .is_some_and(|pos| pos >= r.end)
+                })
+                .map(|(p, _)| *p)
+                .collect();
+            for partition in complete {
+                let restore = pending.remove(&partition).expect("listed above");
+                tracing::info!(
+                    "shard {partition} restored: {} entities from {} changelog records in {} ms",
+                    restore.states.len(),
+                    restore.records,
+                    started.elapsed().as_millis()
+                );
+                let _ = restore.shard.cast(ShardMsg::Restored(restore.states));
+            }
+            if !pending.is_empty() && last_report.elapsed() > Duration::from_secs(5) {
+                last_report = Instant::now();
+                tracing::warn!(
+                    "still restoring shards {:?}: waiting for their changelog end (an open transaction of a \
+                     failed node is aborted after the transaction timeout)",
+                    pending.keys().collect::<Vec<_>>()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Folds one changelog record into the partition's states (a tombstone deletes).
+fn apply_record(states: &mut HashMap<Arc<str>, EntityState>, key: Option<&[u8]>, value: Option<&[u8]>) {
+    let Some(user) = key.and_then(|k| std::str::from_utf8(k).ok()) else {
+        tracing::error!("changelog record without a UTF-8 key: skipped");
+        return;
+    };
+    let Some(value) = value else {
+        states.remove(user);
+        return;
+    };
+    match StoredEntity::decode(value) {
+        Ok(s) => {
+            let state = EntityState {
+                totals: Totals { purchases: s.purchases, amount_spent: s.amount_spent },
+                last_offset: s.last_offset,
+            };
+            states.insert(Arc::from(user), state);
+        }
+        Err(e) => tracing::error!("changelog record for user {user} does not decode ({e}): skipped"),
+    }
+}
+
+/// The changelog value for a state.
+pub fn encode_state(state: &EntityState) -> Vec<u8> {
+    StoredEntity {
+        purchases: state.totals.purchases,
+        amount_spent: state.totals.amount_spent,
+        last_offset: state.last_offset,
+    }
+    .encode_to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_fold_to_the_latest_state_and_tombstones_delete() {
+        let mut states = HashMap::new();
+        let s1 = EntityState { totals: Totals { purchases: 1, amount_spent: 10 }, last_offset: 4 };
+        let s2 = EntityState { totals: Totals { purchases: 2, amount_spent: 30 }, last_offset: 9 };
+        apply_record(&mut states, Some(b"7"), Some(&encode_state(&s1)));
+        apply_record(&mut states, Some(b"8"), Some(&encode_state(&s1)));
+        apply_record(&mut states, Some(b"7"), Some(&encode_state(&s2)));
+        apply_record(&mut states, Some(b"8"), None);
+        apply_record(&mut states, None, Some(&encode_state(&s1)));
+        apply_record(&mut states, Some(b"9"), Some(b"\xff\xff garbage"));
+        assert_eq!(states.len(), 1);
+        assert_eq!(states[&Arc::<str>::from("7")], s2);
+    }
+}
