@@ -67,6 +67,8 @@ impl Restorer {
         let started = Instant::now();
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap_servers)
+            // Assign-only (never joins or commits), but librdkafka needs a group id to report positions.
+            .set("group.id", format!("{}-restore", self.changelog_topic))
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
             .set("enable.auto.commit", "false")

@@ -208,18 +208,20 @@ impl ShardState {
         self.live.insert(user_id.clone(), LiveEntity { actor: actor.clone(), last_active: Instant::now(), in_flight: 0 });
         let live_now = self.env.live_entities.fetch_add(1, Ordering::Relaxed) + 1;
         if live_now > self.env.max_live_entities {
-            self.passivate(|_| true, live_now - self.env.max_live_entities);
+            // The cap is soft: only idle entities other than this one can make room.
+            let activated = user_id.clone();
+            self.passivate(|user, _| *user != activated, live_now - self.env.max_live_entities);
         }
         Ok(actor)
     }
 
     /// Stops up to `limit` idle entities (nothing in flight) matching `eligible`, oldest first.
     /// Their state stays in `known`.
-    fn passivate(&mut self, eligible: impl Fn(&LiveEntity) -> bool, limit: usize) {
+    fn passivate(&mut self, eligible: impl Fn(&Arc<str>, &LiveEntity) -> bool, limit: usize) {
         let mut idle: Vec<(Instant, Arc<str>)> = self
             .live
             .iter()
-            .filter(|(_, e)| e.in_flight == 0 && eligible(e))
+            .filter(|(u, e)| e.in_flight == 0 && eligible(u, e))
             .map(|(u, e)| (e.last_active, u.clone()))
             .collect();
         if idle.is_empty() {
@@ -329,6 +331,24 @@ impl Actor for ShardActor {
         })
     }
 
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: ractor::SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // A failed entity must not take the shard down; its acknowledged state is in `known`
+        // and it is re-activated on the next event or query.
+        if let ractor::SupervisionEvent::ActorFailed(cell, error) = event {
+            tracing::error!("an entity of shard {} failed: {error}", state.shard);
+            let id = cell.get_id();
+            let before = state.live.len();
+            state.live.retain(|_, e| e.actor.get_id() != id);
+            state.env.live_entities.fetch_sub(before - state.live.len(), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         // Entities are linked children and stop with the shard.
         state.env.live_entities.fetch_sub(state.live.len(), Ordering::Relaxed);
@@ -340,6 +360,19 @@ impl Actor for ShardActor {
     }
 
     async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        // A returned error would stop the shard and strand its partition; log it instead. The
+        // events it concerns stay unacknowledged, so they are never committed as done.
+        if let Err(e) = state.handle(&myself, msg).await {
+            tracing::error!("shard {}: {e}", state.shard);
+        }
+        Ok(())
+    }
+}
+
+impl ShardState {
+    async fn handle(&mut self, myself: &ActorRef<ShardMsg>, msg: ShardMsg) -> Result<(), ActorProcessingErr> {
+        let state = self;
+        let myself = myself.clone();
         match msg {
             ShardMsg::Restored(known) => {
                 let Some((batches, queries)) = state.restoring.take() else {
@@ -392,7 +425,13 @@ impl Actor for ShardActor {
             ShardMsg::Checkpointed { seq } => state.checkpointed(seq),
             ShardMsg::Tick => {
                 let idle_for = state.env.passivate_after;
-                state.passivate(|e| e.last_active.elapsed() >= idle_for, usize::MAX);
+                state.passivate(|_, e| e.last_active.elapsed() >= idle_for, usize::MAX);
+                // A burst can exceed the cap (entities with events in flight are never
+                // evicted); bring it back down once they are idle.
+                let excess = state.env.live_entities.load(Ordering::Relaxed).saturating_sub(state.env.max_live_entities);
+                if excess > 0 {
+                    state.passivate(|_, _| true, excess);
+                }
             }
         }
         Ok(())

@@ -140,6 +140,36 @@ impl ClusterSpec {
     }
 }
 
+/// A producer running in the background at a steady rate.
+pub struct BackgroundProducer {
+    child: Child,
+    pub ledger: PathBuf,
+}
+
+impl BackgroundProducer {
+    pub fn wait(mut self) -> PathBuf {
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "producer failed: {status}");
+        self.ledger
+    }
+}
+
+impl ClusterSpec {
+    pub fn produce_in_background(&self, count: u64, users: u64, rate: u32, ledger_name: &str) -> BackgroundProducer {
+        let ledger = log_dir(&self.name).join(ledger_name);
+        let log = std::fs::File::create(log_dir(&self.name).join(format!("{ledger_name}.producer.log"))).unwrap();
+        let child = Command::new(bin("producer"))
+            .args(["--bootstrap-servers", &bootstrap(), "--topic", &self.topic])
+            .args(["--count", &count.to_string(), "--users", &users.to_string(), "--rate", &rate.to_string()])
+            .args(["--ledger", ledger.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        BackgroundProducer { child, ledger }
+    }
+}
+
 pub struct Node {
     pub index: u16,
     child: Option<Child>,
@@ -172,6 +202,25 @@ impl Node {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("node already stopped");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGSTOP / SIGCONT: a node that stops responding, then resumes (a zombie).
+    pub fn freeze(&self) {
+        unsafe_kill(self.child.as_ref().expect("node stopped").id(), "STOP");
+    }
+    pub fn thaw(&self) {
+        unsafe_kill(self.child.as_ref().expect("node stopped").id(), "CONT");
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     /// SIGTERM, then wait for a clean exit.
