@@ -3,10 +3,10 @@
 //! Kafka's assignment is the authority. The consumer's rebalance callbacks call in here (see
 //! `consumer::context` for the exact order around the checkpoint transaction):
 //!
-//! - **take over** (after an assignment; the consumer has paused the new partitions): start a
-//!   shard actor per partition in the *restoring* state, register it, claim and announce the
-//!   shards, and start reading their changelog. Each shard goes live when its own changelog
-//!   partition is read; the consumer then resumes that partition.
+//! - **take over** (after an assignment): start a shard actor per partition in the *restoring*
+//!   state, register it, claim and announce the shards, and start reading their changelog. Each
+//!   shard goes live when its own changelog partition is read; events consumed before that wait
+//!   in the shard. (The partitions are not paused: see `consumer::context`.)
 //! - **hand off** (before a revocation returns): the consumer has dispatched everything it read
 //!   from those partitions; [`Handoff::drain`] waits until every dispatched event is acknowledged
 //!   (bounded by the drain timeout); the consumer commits a checkpoint transaction for them
@@ -54,7 +54,7 @@ impl Handoff {
         &self.local
     }
 
-    /// Kafka assigned `partitions` to this node (already paused in the consumer).
+    /// Kafka assigned `partitions` to this node.
     pub fn take_over(&self, partitions: &[u32]) {
         if partitions.is_empty() {
             return;

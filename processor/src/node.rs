@@ -150,7 +150,6 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         axum::serve(http_listener, crate::http::router(management)).with_graceful_shutdown(shutdown(shutdown_rx.clone())).into_future(),
     );
 
-    let (restored_tx, restored_rx) = std::sync::mpsc::channel();
     let env = Arc::new(ShardEnv {
         partitions,
         gate: gate.clone(),
@@ -158,7 +157,6 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         live_entities: AtomicUsize::new(0),
         max_live_entities: config.max_live_entities,
         passivate_after: config.passivate_after,
-        restored: restored_tx,
     });
     let restorer = Arc::new(Restorer {
         bootstrap_servers: config.bootstrap_servers.clone(),
@@ -200,7 +198,6 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             stats,
             dead_letters,
             checkpointer,
-            restored: restored_rx,
             runtime: tokio::runtime::Handle::current(),
         },
     )?;

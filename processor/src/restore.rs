@@ -70,7 +70,6 @@ impl Restorer {
             // Assign-only (never joins or commits), but librdkafka needs a group id to report positions.
             .set("group.id", format!("{}-restore", self.changelog_topic))
             .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
             .set("enable.auto.commit", "false")
             .set("fetch.max.bytes", "52428800")
             .set("max.partition.fetch.bytes", "10485760")
@@ -101,7 +100,7 @@ impl Restorer {
                         apply_record(&mut restore.states, record.key(), record.payload());
                     }
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+                None => {}
                 Some(Err(e)) => tracing::warn!("changelog read error: {e}"),
             }
             // A partition is complete once the read position reached the end it had at start

@@ -1,7 +1,7 @@
 //! The shard actor: one per partition this node consumes (shard id == partition).
 //!
-//! Lifecycle: it starts *restoring* (its partition paused in the consumer) until the restorer
-//! delivers the partition's changelog; events and queries that arrive meanwhile wait. Then it
+//! Lifecycle: it starts *restoring* until the restorer delivers the partition's changelog;
+//! events and queries that arrive meanwhile wait in the shard. Then it
 //! hands each batch of consumed events to its entities grouped by user (one message per user
 //! per batch, in partition order) and tracks which offsets are acknowledged; only the contiguous
 //! acknowledged prefix is committable. For each checkpoint (a Kafka transaction run by the
@@ -130,8 +130,6 @@ pub struct ShardEnv {
     pub max_live_entities: usize,
     /// An entity with nothing in flight for this long is passivated.
     pub passivate_after: Duration,
-    /// Partitions whose shard finished restoring, for the consumer to resume.
-    pub restored: std::sync::mpsc::Sender<u32>,
 }
 
 pub struct ShardActor;
@@ -380,7 +378,6 @@ impl ShardState {
                 };
                 NodeStats::add(&state.env.stats.entities_restored, known.len() as u64);
                 state.known = known;
-                let _ = state.env.restored.send(state.shard);
                 for batch in batches {
                     state.dispatch(&myself, batch).await?;
                 }

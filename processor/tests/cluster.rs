@@ -154,6 +154,8 @@ async fn a_third_node_takes_only_the_moved_partitions_and_answers_for_them() {
     let node1 = spec.start_node(1);
     let node2 = spec.start_node(2);
     let before = wait_for_stable_split(&spec, &[&node1, &node2], 128).await;
+    let before_move = spec.produce(4_000, 300, "before-move.json");
+    wait_for_ledger(&spec, &[1, 2], &before_move).await;
     let revoked_before = [node1.counter("partitions_revoked").await, node2.counter("partitions_revoked").await];
 
     let node3 = spec.start_node(3);
@@ -180,10 +182,13 @@ async fn a_third_node_takes_only_the_moved_partitions_and_answers_for_them() {
     let any = after[2].iter().next().unwrap();
     assert!(log.contains(&format!("partition {any} assigned to this node")), "node 3 logs its assignments");
 
-    // Events after the move are processed by the new owner, and every node routes queries
-    // for moved users to it.
-    let ledger_path = spec.produce(6_000, 300, "after-move.json");
-    let ledger = Ledger::load(&ledger_path).unwrap();
+    // Events after the move are processed by the new owner, on top of the state it restored,
+    // and every node routes queries for moved users to it.
+    let after_move = spec.produce(6_000, 300, "after-move.json");
+    let mut ledger = Ledger::load(&before_move).unwrap();
+    ledger.merge(&Ledger::load(&after_move).unwrap());
+    let ledger_path = log_dir(&spec.name).join("expected.json");
+    ledger.save(&ledger_path).unwrap();
     wait_for_ledger(&spec, &[1, 2, 3], &ledger_path).await;
     let moved_users: Vec<String> = ledger
         .user_ids()
@@ -192,6 +197,7 @@ async fn a_third_node_takes_only_the_moved_partitions_and_answers_for_them() {
         .collect();
     assert!(!moved_users.is_empty());
     assert!(node3.counter("events_processed_local").await > 0);
+    assert!(node3.counter("entities_restored").await > 0, "node 3 restored the moved users' state");
     for node in [&node1, &node2, &node3] {
         assert_eq!(node.counter("events_forwarded_out").await, 0);
     }

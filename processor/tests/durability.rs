@@ -25,12 +25,29 @@ async fn wait_for_ledger(spec: &ClusterSpec, nodes: &[u16], ledger: &std::path::
             }
             assert!(
                 Instant::now() < deadline,
-                "totals through node {i} never equalled the ledger within {within:?}; last report:\n{}",
-                last.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+                "totals through node {i} never equalled the ledger within {within:?}; {}",
+                describe_mismatches(spec, &last)
             );
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+}
+
+/// The verify report's summary plus the partitions the wrong users live on (to tell a stalled
+/// partition from a lost event).
+fn describe_mismatches(spec: &ClusterSpec, report: &str) -> String {
+    let partitions = partition_count(&spec.topic);
+    let mut by_partition: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+    for line in report.lines().filter(|l| l.starts_with("MISMATCH") || l.starts_with("ERROR")) {
+        let user = line.split_whitespace().nth(2).unwrap_or("").trim_end_matches(':').to_string();
+        let p = proto::partitioner::partition_for_key(user.as_bytes(), partitions);
+        by_partition.entry(p).or_default().push(line.to_string());
+    }
+    let mut out = format!("{}\nwrong users by partition:", report.lines().last().unwrap_or(""));
+    for (p, lines) in by_partition {
+        out.push_str(&format!("\n  partition {p}: {} users, e.g. {}", lines.len(), lines[0]));
+    }
+    out
 }
 
 fn merge(spec: &ClusterSpec, ledgers: &[&std::path::Path], name: &str) -> std::path::PathBuf {

@@ -87,15 +87,17 @@ impl ConsumerContext for NodeContext {
             partitions,
             if lost { "were lost by" } else { "are being revoked from" }
         );
-        // Everything read from these partitions goes to their shards before the drain.
+        // Everything read from these partitions goes to their shards before the drain. A lost
+        // partition is drained too (its results are discarded), so no batch is dropped unseen
+        // with its in-flight permits when the shard stops.
         self.dispatcher.lock().expect("dispatcher lock poisoned").flush(&partitions);
+        self.handoff.drain(&partitions);
         if lost {
             tracing::warn!(
                 "partitions {:?} were lost (session timeout?): not committing; their next owner restores the last checkpoint",
                 partitions
             );
         } else {
-            self.handoff.drain(&partitions);
             let mut attempt = 1;
             while let Err(e) = self.checkpoint(consumer, Some(&partitions)) {
                 if matches!(e, CheckpointError::Fatal(_)) || attempt >= REVOKE_CHECKPOINT_ATTEMPTS {
@@ -109,18 +111,13 @@ impl ConsumerContext for NodeContext {
         self.handoff.release(&partitions);
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let partitions = self.partitions_of(tpl);
-                if partitions.is_empty() {
-                    return;
-                }
-                // Nothing is consumed from a partition until its shard restored its state.
-                if let Err(e) = consumer.pause(tpl) {
-                    tracing::warn!("cannot pause {:?} during restore ({e}); its events wait in the shard", partitions);
-                }
-                self.handoff.take_over(&partitions);
+                // The partitions are deliberately not paused while their shards restore: pausing
+                // inside the assign callback can lose the assigned start offset (librdkafka
+                // issue #2190) and skip events. Events that arrive early wait in the shard.
+                self.handoff.take_over(&self.partitions_of(tpl));
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::error!("rebalance error: {e}"),

@@ -2,8 +2,8 @@
 //!
 //! One consumer per node in the shared group, cooperative-sticky assignment, `client.id` = the
 //! node id (so the broker's group description shows which node holds which partition). The poll
-//! loop decodes records, dead-letters malformed ones, batches the rest to their shards, resumes
-//! partitions whose shard finished restoring, and commits checkpoint transactions. Rebalance
+//! loop decodes records, dead-letters malformed ones, batches the rest to their shards, and
+//! commits checkpoint transactions. Rebalance
 //! callbacks run inside `poll` on this thread and may block, which is why it is not a tokio task.
 
 pub mod checkpoint;
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
-use rdkafka::{Message, TopicPartitionList};
+use rdkafka::Message;
 
 use crate::backpressure::InFlightGate;
 use crate::dlq::DeadLetters;
@@ -60,8 +60,6 @@ pub struct ConsumerParts {
     pub stats: Arc<NodeStats>,
     pub dead_letters: DeadLetters,
     pub checkpointer: Checkpointer,
-    /// Partitions whose shard finished restoring (sent by the shards), to resume.
-    pub restored: std::sync::mpsc::Receiver<u32>,
     pub runtime: tokio::runtime::Handle,
 }
 
@@ -100,7 +98,7 @@ impl ConsumerHandle {
 
 pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<ConsumerHandle, ConsumerError> {
     let stopping = Arc::new(AtomicBool::new(false));
-    let ConsumerParts { handoff, local, gate, stats, dead_letters, checkpointer, restored, runtime } = parts;
+    let ConsumerParts { handoff, local, gate, stats, dead_letters, checkpointer, runtime } = parts;
     let context = NodeContext {
         topic: settings.topic.clone(),
         handoff,
@@ -134,7 +132,7 @@ pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<Consume
     let loop_stopping = stopping.clone();
     let thread = std::thread::Builder::new()
         .name("kafka-consumer".into())
-        .spawn(move || poll_loop(consumer, settings, LoopParts { local, stats, dead_letters, restored }, loop_stopping))
+        .spawn(move || poll_loop(consumer, settings, LoopParts { local, stats, dead_letters }, loop_stopping))
         .expect("cannot spawn the consumer thread");
     Ok(ConsumerHandle { stopping, thread: Some(thread) })
 }
@@ -143,7 +141,6 @@ struct LoopParts {
     local: Arc<LocalShards>,
     stats: Arc<NodeStats>,
     dead_letters: DeadLetters,
-    restored: std::sync::mpsc::Receiver<u32>,
 }
 
 fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, parts: LoopParts, stopping: Arc<AtomicBool>) -> ConsumerExit {
@@ -152,7 +149,6 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
     let mut last_partition_check = Instant::now();
     let mut partition_count_alarm = false;
     while !stopping.load(Ordering::SeqCst) && !context.fenced.load(Ordering::SeqCst) {
-        resume_restored(&consumer, &settings.topic, &parts);
         match consumer.poll(Duration::from_millis(50)) {
             None => context.dispatcher.lock().expect("dispatcher lock poisoned").flush_all(),
             Some(Err(e)) => tracing::warn!("consumer error: {e}"),
@@ -209,20 +205,6 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
     ConsumerExit::Stopped
 }
 
-/// Resumes the partitions whose shard finished restoring (if still assigned here).
-fn resume_restored(consumer: &BaseConsumer<NodeContext>, topic: &str, parts: &LoopParts) {
-    let mut tpl = TopicPartitionList::new();
-    while let Ok(partition) = parts.restored.try_recv() {
-        if parts.local.get(partition).is_some() {
-            tpl.add_partition(topic, partition as i32);
-        }
-    }
-    if tpl.count() > 0 {
-        if let Err(e) = consumer.resume(&tpl) {
-            tracing::error!("cannot resume restored partitions: {e}");
-        }
-    }
-}
 
 /// Adding partitions to the topic changes every key's partition: say so loudly.
 fn check_partition_count(consumer: &BaseConsumer<NodeContext>, settings: &ConsumerSettings, alarmed: &mut bool) {

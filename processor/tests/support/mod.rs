@@ -329,6 +329,12 @@ fn decode_assignment(bytes: &[u8], topic: &str) -> BTreeSet<u32> {
     out
 }
 
+pub fn partition_count(topic: &str) -> u32 {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    metadata.topics()[0].partitions().len() as u32
+}
+
 /// Every record of a topic: (partition, offset, key, headers).
 pub fn read_topic(topic: &str) -> Vec<(u32, i64, Option<Vec<u8>>, Vec<(String, String)>)> {
     let consumer: BaseConsumer = ClientConfig::new()
