@@ -301,6 +301,14 @@ async fn queries_validate_input_and_wait_a_bounded_time_for_a_shard_without_owne
         async move { UserServiceClient::connect(url).await.ok() }
     })
     .await;
+    // Standard gRPC health checking reports the user service as serving.
+    let channel = tonic::transport::Channel::from_shared(spec.grpc_url(1)).unwrap().connect().await.unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest { service: "userservice.UserService".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     for bad in [String::new(), "x".repeat(257)] {
         let status = client.user_stats(UserStatsRequest { id: bad }).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
