@@ -17,7 +17,6 @@
 //!   already own it, and the group generation fences the commit anyway.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,11 +63,10 @@ impl Handoff {
             if self.local.get(partition).is_some() {
                 continue;
             }
-            let committable = Arc::new(AtomicI64::new(-1));
-            let args = ShardArgs { shard: partition, committable: committable.clone(), env: self.env.clone() };
+            let args = ShardArgs { shard: partition, env: self.env.clone() };
             match self.runtime.block_on(Actor::spawn(None, ShardActor, args)) {
                 Ok((actor, _)) => {
-                    self.local.insert(partition, LocalShard { actor: actor.clone(), committable });
+                    self.local.insert(partition, LocalShard { actor: actor.clone() });
                     restoring.push((partition, actor));
                     tracing::info!("partition {partition} assigned to this node");
                 }

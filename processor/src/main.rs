@@ -1,8 +1,7 @@
-use clap::Parser;
 use processor::cli::{Args, NodeConfig};
 
 fn main() -> std::process::ExitCode {
-    let args = parse_args();
+    let args: Args = proto::cli::parse_or_exit();
     let config = match NodeConfig::from_args(args) {
         Ok(config) => config,
         Err(message) => {
@@ -30,20 +29,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// Parses the command line; on a bad one prints the error and the usage and exits with 2.
-fn parse_args() -> Args {
-    use clap::CommandFactory;
-    Args::try_parse().unwrap_or_else(|e| {
-        if !e.use_stderr() {
-            e.exit(); // --help, --version
-        }
-        let message = e.render().to_string();
-        eprint!("{message}");
-        if !message.contains("Usage:") {
-            eprintln!("\n{}", Args::command().render_usage());
-        }
-        std::process::exit(2)
-    })
 }

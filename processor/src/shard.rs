@@ -13,7 +13,7 @@
 //! the node stays under a cap.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -93,8 +93,6 @@ pub enum ShardMsg {
 #[derive(Clone)]
 pub struct LocalShard {
     pub actor: ActorRef<ShardMsg>,
-    /// Next offset to commit (offset after the last contiguous acknowledged event); -1: none yet.
-    pub committable: Arc<AtomicI64>,
 }
 
 /// The shards hosted on this node, by shard id.
@@ -136,7 +134,6 @@ pub struct ShardActor;
 
 pub struct ShardArgs {
     pub shard: u32,
-    pub committable: Arc<AtomicI64>,
     pub env: Arc<ShardEnv>,
 }
 
@@ -156,7 +153,8 @@ pub struct ShardState {
     live: HashMap<Arc<str>, LiveEntity>,
     /// Dispatched offsets in order, with whether each is acknowledged.
     pending: VecDeque<(i64, bool)>,
-    committable: Arc<AtomicI64>,
+    /// Next offset to commit: after the last contiguous acknowledged event.
+    committable: Option<i64>,
     drain_waiters: Vec<RpcReplyPort<()>>,
     /// Checkpoints handed out so far; `dirty` and `outbox` entries carry the first checkpoint
     /// that may include them and stay until a checkpoint at or after it is confirmed.
@@ -184,7 +182,7 @@ impl ShardState {
             self.pending.pop_front();
         }
         if let Some(offset) = last {
-            self.committable.store(offset + 1, Ordering::Release);
+            self.committable = Some(offset + 1);
         }
         self.env.gate.release(acknowledged);
         if self.pending.is_empty() {
@@ -290,11 +288,10 @@ impl ShardState {
 
     fn checkpoint(&mut self) -> Checkpoint {
         self.checkpoint_seq += 1;
-        let committable = self.committable.load(Ordering::Acquire);
         Checkpoint {
             partition: self.shard,
             seq: self.checkpoint_seq,
-            commit_offset: (committable >= 0).then_some(committable),
+            commit_offset: self.committable,
             states: self.dirty.keys().filter_map(|u| self.known.get(u).map(|s| (u.clone(), *s))).collect(),
             reroutes: self.outbox.iter().map(|(_, r)| r.clone()).collect(),
         }
@@ -321,7 +318,7 @@ impl Actor for ShardActor {
             known: HashMap::new(),
             live: HashMap::new(),
             pending: VecDeque::new(),
-            committable: args.committable,
+            committable: None,
             drain_waiters: Vec::new(),
             checkpoint_seq: 0,
             dirty: HashMap::new(),

@@ -51,17 +51,6 @@ async fn wait_for_stable_split(spec: &ClusterSpec, nodes: &[&Node], partitions: 
     .await
 }
 
-async fn wait_for_ledger(spec: &ClusterSpec, node_indexes: &[u16], ledger: &std::path::Path) {
-    for &i in node_indexes {
-        let url = spec.grpc_url(i);
-        eventually(Duration::from_secs(120), &format!("totals through node {i} to equal the ledger"), || async {
-            let (ok, _) = verify(&url, ledger);
-            ok.then_some(())
-        })
-        .await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn producer_records_land_on_the_partitions_the_processor_computes() {
     require_broker();
@@ -95,7 +84,7 @@ async fn two_nodes_split_the_partitions_and_count_every_event_locally() {
     assert!(sets[0].is_disjoint(&sets[1]));
 
     let ledger = spec.produce(20_000, 200, "ledger.json");
-    wait_for_ledger(&spec, &[1, 2], &ledger).await;
+    wait_for_ledger(&spec, &[1, 2], &ledger, Duration::from_secs(120)).await;
 
     let local = node1.counter("events_processed_local").await + node2.counter("events_processed_local").await;
     assert_eq!(local, 20_000, "every event is processed exactly where it was consumed");
@@ -155,7 +144,7 @@ async fn a_third_node_takes_only_the_moved_partitions_and_answers_for_them() {
     let node2 = spec.start_node(2);
     let before = wait_for_stable_split(&spec, &[&node1, &node2], 128).await;
     let before_move = spec.produce(4_000, 300, "before-move.json");
-    wait_for_ledger(&spec, &[1, 2], &before_move).await;
+    wait_for_ledger(&spec, &[1, 2], &before_move, Duration::from_secs(120)).await;
     let revoked_before = [node1.counter("partitions_revoked").await, node2.counter("partitions_revoked").await];
 
     let node3 = spec.start_node(3);
@@ -189,7 +178,7 @@ async fn a_third_node_takes_only_the_moved_partitions_and_answers_for_them() {
     ledger.merge(&Ledger::load(&after_move).unwrap());
     let ledger_path = log_dir(&spec.name).join("expected.json");
     ledger.save(&ledger_path).unwrap();
-    wait_for_ledger(&spec, &[1, 2, 3], &ledger_path).await;
+    wait_for_ledger(&spec, &[1, 2, 3], &ledger_path, Duration::from_secs(120)).await;
     let moved_users: Vec<String> = ledger
         .user_ids()
         .into_iter()
@@ -215,7 +204,7 @@ async fn malformed_records_go_to_the_dead_letter_topic_and_valid_ones_are_all_co
     let spec = ClusterSpec::new("dead-letters", 23_000);
     spec.create_topic(8);
     let node = spec.start_node(1);
-    eventually(SETTLE, "the node to own all 8 partitions", || async { (node.shards().await.len() == 8).then_some(()) }).await;
+    wait_for_split(&[&node], 8).await;
 
     let first = spec.produce(1_000, 50, "first.json");
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
@@ -239,7 +228,7 @@ async fn malformed_records_go_to_the_dead_letter_topic_and_valid_ones_are_all_co
     expected.merge(&Ledger::load(&second).unwrap());
     let merged = log_dir(&spec.name).join("merged.json");
     expected.save(&merged).unwrap();
-    wait_for_ledger(&spec, &[1], &merged).await;
+    wait_for_ledger(&spec, &[1], &merged, Duration::from_secs(120)).await;
     assert_eq!(node.counter("dead_lettered").await, 3);
     assert_eq!(node.counter("events_processed_local").await, 2_000);
 
@@ -325,7 +314,7 @@ async fn queries_validate_input_and_wait_a_bounded_time_for_a_shard_without_owne
     // Once the squatter leaves, Kafka gives its partitions to the node and the query answers.
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     squatter.join().unwrap();
-    eventually(SETTLE, "the node to own every partition", || async { (node.shards().await.len() == 8).then_some(()) }).await;
+    wait_for_split(&[&node], 8).await;
     let answer = client.user_stats(UserStatsRequest { id: orphan.clone() }).await.unwrap().into_inner();
     assert_eq!((answer.id.as_str(), answer.total_purchases, answer.amount_spent), (orphan.as_str(), 0, 0));
     let regions = node.get_json(&format!("/cluster/shards/{}", spec.group)).await.unwrap();

@@ -7,48 +7,12 @@ mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use proto::ledger::Ledger;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::*;
-
-async fn wait_for_ledger(spec: &ClusterSpec, nodes: &[u16], ledger: &std::path::Path, within: Duration) {
-    for &i in nodes {
-        let url = spec.grpc_url(i);
-        let deadline = Instant::now() + within;
-        loop {
-            let (ok, last) = verify(&url, ledger);
-            if ok {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "totals through node {i} never equalled the ledger within {within:?}; {}",
-                describe_mismatches(spec, &last)
-            );
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
-}
-
-/// The verify report's summary plus the partitions the wrong users live on (to tell a stalled
-/// partition from a lost event).
-fn describe_mismatches(spec: &ClusterSpec, report: &str) -> String {
-    let partitions = partition_count(&spec.topic);
-    let mut by_partition: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
-    for line in report.lines().filter(|l| l.starts_with("MISMATCH") || l.starts_with("ERROR")) {
-        let user = line.split_whitespace().nth(2).unwrap_or("").trim_end_matches(':').to_string();
-        let p = proto::partitioner::partition_for_key(user.as_bytes(), partitions);
-        by_partition.entry(p).or_default().push(line.to_string());
-    }
-    let mut out = format!("{}\nwrong users by partition:", report.lines().last().unwrap_or(""));
-    for (p, lines) in by_partition {
-        out.push_str(&format!("\n  partition {p}: {} users, e.g. {}", lines.len(), lines[0]));
-    }
-    out
-}
 
 fn merge(spec: &ClusterSpec, ledgers: &[&std::path::Path], name: &str) -> std::path::PathBuf {
     let mut merged = Ledger::load(ledgers[0]).unwrap();
@@ -154,11 +118,7 @@ async fn chaos_crash_graceful_stop_and_join_count_every_event_exactly_once() {
     let mut node1 = spec.start_node(1);
     let mut node2 = spec.start_node(2);
     let mut node3 = spec.start_node(3);
-    eventually(Duration::from_secs(60), "three nodes to split the partitions", || async {
-        let (a, b, c) = (node1.shards().await.len(), node2.shards().await.len(), node3.shards().await.len());
-        (a > 0 && b > 0 && c > 0 && a + b + c == 128).then_some(())
-    })
-    .await;
+    wait_for_split(&[&node1, &node2, &node3], 128).await;
 
     let sentinels = produce_sentinels(&spec, 40, 400).await;
     let sentinel_path = log_dir(&spec.name).join("sentinels.json");
@@ -198,21 +158,14 @@ async fn a_fresh_node_restores_every_total_after_the_whole_cluster_stopped() {
     spec.create_topic(32);
     let mut node1 = spec.start_node(1);
     let mut node2 = spec.start_node(2);
-    eventually(Duration::from_secs(60), "two nodes to split the partitions", || async {
-        let (a, b) = (node1.shards().await.len(), node2.shards().await.len());
-        (a > 0 && b > 0 && a + b == 32).then_some(())
-    })
-    .await;
+    wait_for_split(&[&node1, &node2], 32).await;
     let ledger = spec.produce(8_000, 300, "ledger.json");
     wait_for_ledger(&spec, &[1, 2], &ledger, Duration::from_secs(120)).await;
     assert!(node1.stop().success());
     assert!(node2.stop().success());
 
     let node3 = spec.start_node(3);
-    eventually(Duration::from_secs(60), "the fresh node to own every partition", || async {
-        (node3.shards().await.len() == 32).then_some(())
-    })
-    .await;
+    wait_for_split(&[&node3], 32).await;
     wait_for_ledger(&spec, &[3], &ledger, Duration::from_secs(60)).await;
     assert_eq!(node3.counter("events_processed_local").await, 0, "nothing was re-applied: all came from the changelog");
     assert!(node3.counter("entities_restored").await >= 300);
@@ -225,19 +178,12 @@ async fn a_frozen_node_that_resumes_neither_double_applies_nor_overwrites_newer_
     spec.create_topic(32);
     let node1 = spec.start_node(1);
     let mut node2 = spec.start_node(2);
-    eventually(Duration::from_secs(60), "two nodes to split the partitions", || async {
-        let (a, b) = (node1.shards().await.len(), node2.shards().await.len());
-        (a > 0 && b > 0 && a + b == 32).then_some(())
-    })
-    .await;
+    wait_for_split(&[&node1, &node2], 32).await;
     let producer = spec.produce_in_background(12_000, 200, 600, "events.json");
     tokio::time::sleep(Duration::from_secs(4)).await;
     node2.freeze();
     // Past the 6 s session timeout: Kafka gives node 2's partitions to node 1.
-    eventually(Duration::from_secs(60), "node 1 to take over every partition", || async {
-        (node1.shards().await.len() == 32).then_some(())
-    })
-    .await;
+    wait_for_split(&[&node1], 32).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     node2.thaw();
     let events = producer.wait();
@@ -256,10 +202,7 @@ async fn idle_entities_passivate_and_come_back_with_their_totals() {
     spec.extra_args = vec!["--passivate-after-ms".into(), "1000".into(), "--max-live-entities".into(), "50".into()];
     spec.create_topic(8);
     let node = spec.start_node(1);
-    eventually(Duration::from_secs(60), "the node to own every partition", || async {
-        (node.shards().await.len() == 8).then_some(())
-    })
-    .await;
+    wait_for_split(&[&node], 8).await;
     let ledger = spec.produce(3_000, 200, "ledger.json");
     wait_for_ledger(&spec, &[1], &ledger, Duration::from_secs(60)).await;
 

@@ -63,14 +63,8 @@ fn purchase(rng: &mut impl Rng, users: u64) -> UserPurchase {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let args = parse_args();
-    match run(args).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("producer: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let args: Args = proto::cli::parse_or_exit();
+    proto::cli::exit_code("producer", run(args).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -198,20 +192,4 @@ where
             eprintln!("event for user {} not acknowledged: {e}", event.user_id);
         }
     }
-}
-
-/// Parses the command line; on a bad one prints the error and the usage and exits with 2.
-fn parse_args() -> Args {
-    use clap::CommandFactory;
-    Args::try_parse().unwrap_or_else(|e| {
-        if !e.use_stderr() {
-            e.exit(); // --help, --version
-        }
-        let message = e.render().to_string();
-        eprint!("{message}");
-        if !message.contains("Usage:") {
-            eprintln!("\n{}", Args::command().render_usage());
-        }
-        std::process::exit(2)
-    })
 }

@@ -371,3 +371,55 @@ pub fn read_topic(topic: &str) -> Vec<(u32, i64, Option<Vec<u8>>, Vec<(String, S
     assert_eq!(records.len() as i64, remaining, "could not read all of topic {topic}");
     records
 }
+
+/// Waits until every node owns some partitions and together they own each of `partitions` once.
+pub async fn wait_for_split(nodes: &[&Node], partitions: u32) -> Vec<BTreeSet<u32>> {
+    eventually(Duration::from_secs(60), &format!("{} nodes to split {partitions} partitions", nodes.len()), || async {
+        let mut sets = Vec::new();
+        for node in nodes {
+            sets.push(node.shards().await);
+        }
+        let total: usize = sets.iter().map(BTreeSet::len).sum();
+        let union: BTreeSet<u32> = sets.iter().flatten().copied().collect();
+        let split = total == partitions as usize && union.len() == total && sets.iter().all(|s| !s.is_empty());
+        split.then_some(sets)
+    })
+    .await
+}
+
+/// Waits until every user's totals through each of `nodes` equal `ledger`; on timeout, fails
+/// with the report's summary and the wrong users grouped by partition (a stalled partition
+/// looks different from lost events).
+pub async fn wait_for_ledger(spec: &ClusterSpec, nodes: &[u16], ledger: &Path, within: Duration) {
+    for &i in nodes {
+        let url = spec.grpc_url(i);
+        let deadline = Instant::now() + within;
+        loop {
+            let (ok, report) = verify(&url, ledger);
+            if ok {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "totals through node {i} never equalled the ledger within {within:?}; {}",
+                describe_mismatches(spec, &report)
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+fn describe_mismatches(spec: &ClusterSpec, report: &str) -> String {
+    let partitions = partition_count(&spec.topic);
+    let mut by_partition: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+    for line in report.lines().filter(|l| l.starts_with("MISMATCH") || l.starts_with("ERROR")) {
+        let user = line.split_whitespace().nth(2).unwrap_or("").trim_end_matches(':');
+        let p = proto::partitioner::partition_for_key(user.as_bytes(), partitions);
+        by_partition.entry(p).or_default().push(line);
+    }
+    let mut out = format!("{}\nwrong users by partition:", report.lines().last().unwrap_or(""));
+    for (p, lines) in by_partition {
+        out.push_str(&format!("\n  partition {p}: {} users, e.g. {}", lines.len(), lines[0]));
+    }
+    out
+}
