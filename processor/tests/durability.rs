@@ -7,9 +7,11 @@ mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use proto::ledger::Ledger;
+use std::panic::AssertUnwindSafe;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::*;
@@ -189,7 +191,15 @@ async fn a_frozen_node_that_resumes_neither_double_applies_nor_overwrites_newer_
     let events = producer.wait();
     // The zombie either rejoined (and restored) or stopped itself when fenced; both are fine,
     // as long as no event is lost or counted twice.
-    wait_for_ledger(&spec, &[1], &events, Duration::from_secs(120)).await;
+    let outcome = AssertUnwindSafe(wait_for_ledger(&spec, &[1], &events, Duration::from_secs(120))).catch_unwind().await;
+    if let Err(failure) = outcome {
+        // Counters tell a partition that was never fetched from events dropped or skipped.
+        let records = read_topic(&spec.topic).len();
+        for node in [&node1, &node2] {
+            eprintln!("zombie diagnostics: topic has {records} records; node {}: {:?}", node.index, node.stats().await);
+        }
+        std::panic::resume_unwind(failure);
+    }
     if node2.is_running() {
         wait_for_ledger(&spec, &[2], &events, Duration::from_secs(60)).await;
     }
@@ -228,4 +238,48 @@ async fn idle_entities_passivate_and_come_back_with_their_totals() {
     // The cap is soft during a burst (entities with events in flight are not evicted) and
     // restored within a passivation tick once they are idle.
     eventually(Duration::from_secs(3), "the live-actor cap to hold again", || async { (counts().await.0 <= 50).then_some(()) }).await;
+}
+
+/// Rebalance churn: a plain consumer keeps joining and leaving the group, taking partitions
+/// from the node and giving them back, while events flow. Every return restores the shard from
+/// the changelog and resumes from the committed offset; nothing may be lost or counted twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn rebalance_churn_during_checkpoints_loses_nothing() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    require_broker();
+    let spec = ClusterSpec::new("churn", 29_000);
+    spec.create_topic(16);
+    let node = spec.start_node(1);
+    wait_for_split(&[&node], 16).await;
+    let producer = spec.produce_in_background(15_000, 200, 750, "events.json");
+    let (group, topic) = (spec.group.clone(), spec.topic.clone());
+    let churn = std::thread::spawn(move || {
+        for round in 0..6 {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", bootstrap())
+                .set("group.id", &group)
+                .set("client.id", format!("churn-{round}"))
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .set("enable.auto.commit", "false")
+                .set("session.timeout.ms", "6000")
+                .create()
+                .unwrap();
+            consumer.subscribe(&[&topic]).unwrap();
+            let until = Instant::now() + Duration::from_millis(2_500);
+            while Instant::now() < until {
+                let _ = consumer.poll(Duration::from_millis(50));
+            }
+            drop(consumer); // leaves the group: another rebalance
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let events = producer.wait();
+    churn.join().unwrap();
+    wait_for_split(&[&node], 16).await;
+    let outcome = AssertUnwindSafe(wait_for_ledger(&spec, &[1], &events, Duration::from_secs(90))).catch_unwind().await;
+    let stats = node.stats().await;
+    eprintln!("churn diagnostics: {stats:?}");
+    if let Err(failure) = outcome {
+        std::panic::resume_unwind(failure);
+    }
 }
