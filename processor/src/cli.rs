@@ -86,6 +86,10 @@ pub struct Args {
     #[arg(long, env = "PASSIVATE_AFTER_MS", default_value_t = 120_000)]
     pub passivate_after_ms: u64,
 
+    /// How often librdkafka's consumer statistics are refreshed for `/cluster/kafka-stats` (0 = off).
+    #[arg(long, env = "KAFKA_STATISTICS_INTERVAL_MS", default_value_t = 0)]
+    pub statistics_interval_ms: u64,
+
     /// Cap on live entity actors on this node; the least recently used idle ones are passivated.
     #[arg(long, env = "MAX_LIVE_ENTITIES", default_value_t = 100_000)]
     pub max_live_entities: usize,
@@ -151,6 +155,7 @@ pub struct NodeConfig {
     pub transaction_timeout: Duration,
     pub passivate_after: Duration,
     pub max_live_entities: usize,
+    pub statistics_interval: Duration,
 }
 
 impl NodeConfig {
@@ -176,6 +181,7 @@ impl NodeConfig {
             transaction_timeout: Duration::from_millis(args.transaction_timeout_ms),
             passivate_after: Duration::from_millis(args.passivate_after_ms),
             max_live_entities: args.max_live_entities,
+            statistics_interval: Duration::from_millis(args.statistics_interval_ms),
             dlq_topic: args.dlq_topic.unwrap_or_else(|| format!("{}-dlq", args.topic)),
             host: args.host,
             bootstrap_servers: args.bootstrap_servers,

@@ -5,6 +5,7 @@
 //!   group name; `numStoredEntities` includes passivated entities).
 //! - `GET /cluster/members`: every known node and the shards the table routes to it.
 //! - `GET /cluster/stats`: this node's counters.
+//! - `GET /cluster/kafka-stats`: librdkafka's consumer statistics (with `--statistics-interval-ms`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,8 @@ use crate::shard::{EntityCounts, LocalShards, ShardMsg};
 use crate::stats::{NodeStats, StatsSnapshot};
 
 pub struct Management {
+    /// librdkafka's latest consumer statistics (JSON; empty unless enabled).
+    pub kafka_stats: Arc<std::sync::Mutex<String>>,
     pub group: String,
     pub node: String,
     pub partitions: u32,
@@ -82,6 +85,7 @@ pub fn router(m: Arc<Management>) -> Router {
         .route("/cluster/shards/{type_name}", get(shards))
         .route("/cluster/members", get(members))
         .route("/cluster/stats", get(stats))
+        .route("/cluster/kafka-stats", get(kafka_stats))
         .route("/health", get(|| async { "ok" }))
         .with_state(m)
 }
@@ -120,6 +124,11 @@ async fn members(State(m): State<Arc<Management>>) -> Response {
         })
         .collect();
     Json(Members { this_node: m.node.clone(), members }).into_response()
+}
+
+async fn kafka_stats(State(m): State<Arc<Management>>) -> Response {
+    let body = m.kafka_stats.lock().expect("stats lock poisoned").clone();
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn stats(State(m): State<Arc<Management>>) -> Response {

@@ -133,7 +133,9 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let grpc_addr = socket(&host, config.ports.grpc)?;
     let grpc = tokio::spawn(crate::grpc::serve(grpc_addr, router.clone(), shutdown(shutdown_rx.clone())));
 
+    let kafka_stats = Arc::new(std::sync::Mutex::new(String::new()));
     let management = Arc::new(Management {
+        kafka_stats: kafka_stats.clone(),
         group: config.group.clone(),
         node: node_id.clone(),
         partitions,
@@ -190,6 +192,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             session_timeout: config.session_timeout,
             commit_interval: config.commit_interval,
             partitions,
+            statistics_interval: config.statistics_interval,
         },
         ConsumerParts {
             handoff,
@@ -198,6 +201,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             stats,
             dead_letters,
             checkpointer,
+            kafka_stats: kafka_stats.clone(),
             runtime: tokio::runtime::Handle::current(),
         },
     )?;

@@ -28,6 +28,9 @@ pub struct NodeContext {
     pub stats: Arc<NodeStats>,
     /// Set when this node can no longer write (fenced); the node then exits.
     pub fenced: AtomicBool,
+    /// librdkafka's latest statistics JSON (per-partition fetch state and offsets), when
+    /// `statistics.interval.ms` is enabled; served at `/cluster/kafka-stats` for diagnosis.
+    pub kafka_stats: Arc<Mutex<String>>,
 }
 
 impl NodeContext {
@@ -70,7 +73,11 @@ impl NodeContext {
     }
 }
 
-impl ClientContext for NodeContext {}
+impl ClientContext for NodeContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        *self.kafka_stats.lock().expect("stats lock poisoned") = String::from_utf8_lossy(statistics).into_owned();
+    }
+}
 
 impl ConsumerContext for NodeContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

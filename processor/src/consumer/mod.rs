@@ -50,6 +50,8 @@ pub struct ConsumerSettings {
     pub session_timeout: Duration,
     pub commit_interval: Duration,
     pub partitions: u32,
+    /// How often librdkafka reports statistics (0 = never).
+    pub statistics_interval: Duration,
 }
 
 /// Shared pieces the consumer drives.
@@ -60,6 +62,8 @@ pub struct ConsumerParts {
     pub stats: Arc<NodeStats>,
     pub dead_letters: DeadLetters,
     pub checkpointer: Checkpointer,
+    /// Where librdkafka's statistics are kept (see `NodeContext::kafka_stats`).
+    pub kafka_stats: Arc<Mutex<String>>,
     pub runtime: tokio::runtime::Handle,
 }
 
@@ -98,7 +102,7 @@ impl ConsumerHandle {
 
 pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<ConsumerHandle, ConsumerError> {
     let stopping = Arc::new(AtomicBool::new(false));
-    let ConsumerParts { handoff, local, gate, stats, dead_letters, checkpointer, runtime } = parts;
+    let ConsumerParts { handoff, local, gate, stats, dead_letters, checkpointer, kafka_stats, runtime } = parts;
     let context = NodeContext {
         topic: settings.topic.clone(),
         handoff,
@@ -107,6 +111,7 @@ pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<Consume
         runtime,
         stats: stats.clone(),
         fenced: AtomicBool::new(false),
+        kafka_stats,
     };
     let session_ms = settings.session_timeout.as_millis().max(1_000);
     let consumer: BaseConsumer<NodeContext> = ClientConfig::new()
@@ -120,6 +125,7 @@ pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<Consume
         .set("isolation.level", "read_committed")
         .set("session.timeout.ms", session_ms.to_string())
         .set("heartbeat.interval.ms", (session_ms / 4).max(250).to_string())
+        .set("statistics.interval.ms", settings.statistics_interval.as_millis().to_string())
         .create_with_context(context)
         .map_err(ConsumerError::Create)?;
     consumer

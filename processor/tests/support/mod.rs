@@ -219,6 +219,15 @@ impl Node {
         unsafe_kill(self.child.as_ref().expect("node stopped").id(), "CONT");
     }
 
+    /// Every thread's stack of the running node (via gdb, when installed), for diagnosing a stall.
+    pub fn thread_dump(&self) -> String {
+        let Some(child) = self.child.as_ref() else { return "node not running".into() };
+        match Command::new("gdb").args(["-p", &child.id().to_string(), "-batch", "-ex", "thread apply all bt 12"]).output() {
+            Ok(out) => String::from_utf8_lossy(&out.stdout).to_string(),
+            Err(e) => format!("no gdb: {e}"),
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
