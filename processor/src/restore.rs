@@ -4,8 +4,9 @@
 //! (read_committed, from the beginning to the end), and hands each shard its states as soon as
 //! *its* partition is complete, so a large shard does not hold up small ones. The changelog is
 //! compacted: it holds about one record per user. A partition with an open transaction of a
-//! crashed node can only be read to its end once that transaction is aborted (after the
-//! producers' `transaction.timeout.ms`), which is logged while waiting.
+//! failed or frozen node is only read to its end once that transaction is resolved: committed
+//! (a frozen node that resumes can still commit it) or aborted (after the producers'
+//! `transaction.timeout.ms`), which is logged while waiting.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -74,10 +75,21 @@ impl Restorer {
             .set("fetch.max.bytes", "52428800")
             .set("max.partition.fetch.bytes", "10485760")
             .create()?;
+        // The end to read to is the partition's high watermark, asked with read_uncommitted: a
+        // read_committed client is told the *last stable offset*, which stops short of an open
+        // transaction. Reading (read_committed) up to the high watermark therefore waits until
+        // every transaction already in the partition is committed or aborted. Without that, a
+        // frozen node's checkpoint that it commits after resuming (its offsets were accepted
+        // before it froze) is missing from the restored state, while this node's consumer,
+        // which waits for stable offsets, resumes after it: those events would be lost.
+        let watermarks: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("isolation.level", "read_uncommitted")
+            .create()?;
         let mut pending: BTreeMap<u32, PartitionRestore> = BTreeMap::new();
         let mut tpl = TopicPartitionList::new();
         for (partition, shard) in shards.iter().cloned() {
-            let (low, high) = consumer.fetch_watermarks(&self.changelog_topic, partition as i32, Duration::from_secs(10))?;
+            let (low, high) = watermarks.fetch_watermarks(&self.changelog_topic, partition as i32, Duration::from_secs(10))?;
             if high <= low {
                 let _ = shard.cast(ShardMsg::Restored(HashMap::new()));
                 continue;
@@ -103,8 +115,8 @@ impl Restorer {
                 None => {}
                 Some(Err(e)) => tracing::warn!("changelog read error: {e}"),
             }
-            // A partition is complete once the read position reached the end it had at start
-            // (transaction markers included). Nothing else writes it: this node owns it now.
+            // A partition is complete once the read position reached the high watermark it had
+            // at start (transaction markers included); later writes are this node's own.
             let positions = consumer.position()?;
             let complete: Vec<u32> = pending
                 .iter()
