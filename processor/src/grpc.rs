@@ -3,30 +3,43 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use proto::service::user_service_server::{UserService, UserServiceServer};
 use proto::service::{UserStatsRequest, UserStatsResponse};
 use tonic::{Request, Response, Status};
 
 use crate::event::MAX_USER_ID_BYTES;
+use crate::metrics::Metrics;
 use crate::routing::{RouteError, Router};
 
 pub struct UserStatsService {
     router: Arc<Router>,
+    metrics: Arc<Metrics>,
 }
 
 #[tonic::async_trait]
 impl UserService for UserStatsService {
     async fn user_stats(&self, request: Request<UserStatsRequest>) -> Result<Response<UserStatsResponse>, Status> {
+        let started = Instant::now();
         let id = request.into_inner().id;
-        validate_user_id(&id)?;
+        if let Err(status) = validate_user_id(&id) {
+            self.metrics.observe_grpc("none", "invalid_argument", started.elapsed());
+            return Err(status);
+        }
         match self.router.totals(&id).await {
-            Ok(totals) => Ok(Response::new(UserStatsResponse {
-                id,
-                total_purchases: totals.purchases,
-                amount_spent: totals.amount_spent,
-            })),
-            Err(e @ RouteError::Unavailable { .. }) => Err(Status::unavailable(e.to_string())),
+            Ok((totals, route)) => {
+                self.metrics.observe_grpc(route.label(), "ok", started.elapsed());
+                Ok(Response::new(UserStatsResponse {
+                    id,
+                    total_purchases: totals.purchases,
+                    amount_spent: totals.amount_spent,
+                }))
+            }
+            Err(e @ RouteError::Unavailable { .. }) => {
+                self.metrics.observe_grpc("none", "unavailable", started.elapsed());
+                Err(Status::unavailable(e.to_string()))
+            }
         }
     }
 }
@@ -48,6 +61,7 @@ pub fn validate_user_id(id: &str) -> Result<(), Status> {
 pub async fn serve(
     addr: SocketAddr,
     router: Arc<Router>,
+    metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -60,7 +74,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(UserServiceServer::new(UserStatsService { router }))
+        .add_service(UserServiceServer::new(UserStatsService { router, metrics }))
         .serve_with_shutdown(addr, shutdown)
         .await
 }

@@ -6,6 +6,7 @@
 //! - `GET /cluster/members`: every known node and the shards the table routes to it.
 //! - `GET /cluster/stats`: this node's counters.
 //! - `GET /cluster/kafka-stats`: librdkafka's consumer statistics (with `--statistics-interval-ms`).
+//! - `GET /metrics`: Prometheus metrics (see `metrics`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use serde::Serialize;
 use crate::allocation::AllocationTable;
 use crate::backpressure::InFlightGate;
 use crate::cluster::membership::Membership;
+use crate::metrics::{Metrics, ScrapeInputs};
 use crate::shard::{EntityCounts, LocalShards, ShardMsg};
 use crate::stats::{NodeStats, StatsSnapshot};
 
@@ -28,6 +30,7 @@ pub struct Management {
     /// librdkafka's latest consumer statistics (JSON; empty unless enabled).
     pub kafka_stats: Arc<std::sync::Mutex<String>>,
     pub group: String,
+    pub topic: String,
     pub node: String,
     pub partitions: u32,
     pub local: Arc<LocalShards>,
@@ -35,6 +38,7 @@ pub struct Management {
     pub membership: Arc<Membership>,
     pub stats: Arc<NodeStats>,
     pub gate: Arc<InFlightGate>,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Serialize)]
@@ -86,6 +90,7 @@ pub fn router(m: Arc<Management>) -> Router {
         .route("/cluster/members", get(members))
         .route("/cluster/stats", get(stats))
         .route("/cluster/kafka-stats", get(kafka_stats))
+        .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
         .with_state(m)
 }
@@ -95,17 +100,40 @@ async fn shards(State(m): State<Arc<Management>>, Path(type_name): Path<String>)
         return (StatusCode::NOT_FOUND, format!("no sharded type '{type_name}'; this cluster hosts '{}'", m.group))
             .into_response();
     }
-    let mut regions = Vec::new();
-    for shard in m.local.ids() {
-        let Some(handle) = m.local.get(shard) else { continue };
-        // A shard being handed off may not answer; it is still listed.
-        let counts = match handle.actor.call(ShardMsg::EntityCounts, Some(Duration::from_secs(2))).await {
-            Ok(CallResult::Success(c)) => c,
-            _ => EntityCounts::default(),
-        };
-        regions.push(Region { shard_id: shard.to_string(), num_entities: counts.live, num_stored_entities: counts.known });
-    }
+    let regions = entity_counts(&m.local)
+        .await
+        .into_iter()
+        .map(|(shard, counts)| Region { shard_id: shard.to_string(), num_entities: counts.live, num_stored_entities: counts.known })
+        .collect();
     Json(Regions { regions }).into_response()
+}
+
+/// Entity counts of every local shard. A shard being handed off may not answer; it is still
+/// listed, with zeros.
+async fn entity_counts(local: &LocalShards) -> Vec<(u32, EntityCounts)> {
+    let shards: Vec<_> = local.ids().into_iter().filter_map(|id| local.get(id).map(|s| (id, s))).collect();
+    futures::future::join_all(shards.into_iter().map(|(id, handle)| async move {
+        match handle.actor.call(ShardMsg::EntityCounts, Some(Duration::from_secs(2))).await {
+            Ok(CallResult::Success(counts)) => (id, counts),
+            _ => (id, EntityCounts::default()),
+        }
+    }))
+    .await
+}
+
+async fn metrics(State(m): State<Arc<Management>>) -> Response {
+    let counts = entity_counts(&m.local).await;
+    let shards: Vec<u32> = counts.iter().map(|(id, _)| *id).collect();
+    let kafka_stats = m.kafka_stats.lock().expect("stats lock poisoned").clone();
+    let body = m.metrics.render(&ScrapeInputs {
+        shards: &shards,
+        live_entities: counts.iter().map(|(_, c)| c.live).sum(),
+        stored_entities: counts.iter().map(|(_, c)| c.known).sum(),
+        in_flight: m.gate.in_flight(),
+        kafka_stats: &kafka_stats,
+        topic: &m.topic,
+    });
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 async fn members(State(m): State<Arc<Management>>) -> Response {

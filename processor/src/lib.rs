@@ -13,7 +13,7 @@
 //! - [`allocation`]: the shard -> node table every node keeps; [`cluster`] keeps it current
 //!   (membership, announcements, the per-node gateway actor, wire types).
 //! - [`routing`]: reaching a shard locally or on its owner, with bounded waits.
-//! - [`grpc`], [`http`]: the front ends. [`event`], [`dlq`]: input validation and dead letters.
+//! - [`grpc`], [`http`]: the front ends; [`stats`] and [`metrics`] what they report. [`event`], [`dlq`]: input validation and dead letters.
 
 pub mod allocation;
 pub mod backpressure;
@@ -27,6 +27,7 @@ pub mod grpc;
 pub mod handoff;
 pub mod http;
 pub mod kafka_admin;
+pub mod metrics;
 pub mod node;
 pub mod restore;
 pub mod routing;

@@ -22,6 +22,7 @@ use crate::dlq::DeadLetters;
 use crate::handoff::Handoff;
 use crate::http::Management;
 use crate::kafka_admin::{self, AdminError};
+use crate::metrics::{CommittedOffsets, Metrics};
 use crate::routing::Router;
 use crate::shard::{LocalShards, ShardEnv};
 use crate::stats::NodeStats;
@@ -94,6 +95,8 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let table = Arc::new(AllocationTable::new(node_id.clone()));
     let local = Arc::new(LocalShards::default());
     let stats = Arc::new(NodeStats::default());
+    let committed = CommittedOffsets::default();
+    let metrics = Arc::new(Metrics::new(&stats, committed.clone()));
     let gate = Arc::new(InFlightGate::new(config.max_in_flight));
     let router = Arc::new(Router::new(
         partitions,
@@ -131,12 +134,13 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     };
 
     let grpc_addr = socket(&host, config.ports.grpc)?;
-    let grpc = tokio::spawn(crate::grpc::serve(grpc_addr, router.clone(), shutdown(shutdown_rx.clone())));
+    let grpc = tokio::spawn(crate::grpc::serve(grpc_addr, router.clone(), metrics.clone(), shutdown(shutdown_rx.clone())));
 
     let kafka_stats = Arc::new(std::sync::Mutex::new(String::new()));
     let management = Arc::new(Management {
         kafka_stats: kafka_stats.clone(),
         group: config.group.clone(),
+        topic: config.topic.clone(),
         node: node_id.clone(),
         partitions,
         local: local.clone(),
@@ -144,6 +148,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         membership: membership.clone(),
         stats: stats.clone(),
         gate: gate.clone(),
+        metrics: metrics.clone(),
     });
     let http_listener = tokio::net::TcpListener::bind(socket(&host, config.ports.management)?)
         .await
@@ -163,6 +168,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let restorer = Arc::new(Restorer {
         bootstrap_servers: config.bootstrap_servers.clone(),
         changelog_topic: config.changelog_topic.clone(),
+        metrics: metrics.clone(),
     });
     let handoff = Arc::new(Handoff::new(
         tokio::runtime::Handle::current(),
@@ -176,7 +182,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let (bootstrap, transactional_id) = (config.bootstrap_servers.clone(), format!("{}-{node_id}", config.group));
     let (changelog, input, txn_timeout) = (config.changelog_topic.clone(), config.topic.clone(), config.transaction_timeout);
     let checkpointer = tokio::task::spawn_blocking(move || {
-        Checkpointer::new(&bootstrap, &transactional_id, txn_timeout, &changelog, &input)
+        Checkpointer::new(&bootstrap, &transactional_id, txn_timeout, &changelog, &input, committed)
     })
     .await
     .expect("checkpointer start panicked")
@@ -199,6 +205,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             local: local.clone(),
             gate,
             stats,
+            metrics,
             dead_letters,
             checkpointer,
             kafka_stats: kafka_stats.clone(),

@@ -21,11 +21,13 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::cluster::wire::StoredEntity;
 use crate::entity::{EntityState, Totals};
+use crate::metrics::Metrics;
 use crate::shard::ShardMsg;
 
 pub struct Restorer {
     pub bootstrap_servers: String,
     pub changelog_topic: String,
+    pub metrics: Arc<Metrics>,
 }
 
 struct PartitionRestore {
@@ -43,12 +45,13 @@ impl Restorer {
             return;
         }
         let this = self.clone();
+        let assigned_at = Instant::now();
         std::thread::Builder::new()
             .name("changelog-restore".into())
             .spawn(move || {
                 let mut shards = shards;
                 loop {
-                    match this.run(&shards) {
+                    match this.run(&shards, assigned_at) {
                         Ok(()) => return,
                         Err(e) => {
                             shards.retain(|(_, shard)| shard.get_status() != ractor::ActorStatus::Stopped);
@@ -64,7 +67,7 @@ impl Restorer {
             .expect("cannot spawn the restore thread");
     }
 
-    fn run(&self, shards: &[(u32, ActorRef<ShardMsg>)]) -> Result<(), KafkaError> {
+    fn run(&self, shards: &[(u32, ActorRef<ShardMsg>)], assigned_at: Instant) -> Result<(), KafkaError> {
         let started = Instant::now();
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap_servers)
@@ -92,6 +95,7 @@ impl Restorer {
             let (low, high) = watermarks.fetch_watermarks(&self.changelog_topic, partition as i32, Duration::from_secs(10))?;
             if high <= low {
                 let _ = shard.cast(ShardMsg::Restored(HashMap::new()));
+                self.metrics.restore_seconds.observe(assigned_at.elapsed().as_secs_f64());
                 continue;
             }
             tpl.add_partition_offset(&self.changelog_topic, partition as i32, Offset::Beginning)?;
@@ -137,6 +141,7 @@ impl Restorer {
                     started.elapsed().as_millis()
                 );
                 let _ = restore.shard.cast(ShardMsg::Restored(restore.states));
+                self.metrics.restore_seconds.observe(assigned_at.elapsed().as_secs_f64());
             }
             if !pending.is_empty() && last_report.elapsed() > Duration::from_secs(5) {
                 last_report = Instant::now();

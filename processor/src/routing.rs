@@ -28,6 +28,22 @@ pub enum RouteError {
     },
 }
 
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Local,
+    Remote,
+}
+
+impl Route {
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Local => "local",
+            Route::Remote => "remote",
+        }
+    }
+}
+
 /// What one attempt at the presumed owner gave.
 pub enum Attempt<T> {
     Done(T),
@@ -60,8 +76,8 @@ impl Router {
         proto::partitioner::partition_for_key(user_id.as_bytes(), self.partitions)
     }
 
-    /// A user's totals, from whichever node hosts the user's shard.
-    pub async fn totals(&self, user_id: &str) -> Result<Totals, RouteError> {
+    /// A user's totals, from whichever node hosts the user's shard, and where they came from.
+    pub async fn totals(&self, user_id: &str) -> Result<(Totals, Route), RouteError> {
         let shard = self.shard_of(user_id);
         self.with_owner(
             shard,
@@ -95,7 +111,7 @@ impl Router {
 
     /// Runs `local` or `remote` against the shard's current owner until one answers, waiting
     /// for the table to change while there is no owner, up to `owner_wait`.
-    async fn with_owner<T, L, LF, R, RF>(&self, shard: u32, local: L, remote: R) -> Result<T, RouteError>
+    async fn with_owner<T, L, LF, R, RF>(&self, shard: u32, local: L, remote: R) -> Result<(T, Route), RouteError>
     where
         L: Fn() -> LF,
         LF: Future<Output = Attempt<T>>,
@@ -108,16 +124,16 @@ impl Router {
         let mut last_error = None;
         loop {
             changes.mark_unchanged();
-            let attempt = match self.table.owner(shard) {
-                Some(Owner::Local) => local().await,
+            let (attempt, route) = match self.table.owner(shard) {
+                Some(Owner::Local) => (local().await, Route::Local),
                 Some(Owner::Remote(node)) => match gateway::of_node(&node) {
-                    Some(gw) => remote(gw).await,
-                    None => Attempt::Failed(format!("no gateway known for node {node}")),
+                    Some(gw) => (remote(gw).await, Route::Remote),
+                    None => (Attempt::Failed(format!("no gateway known for node {node}")), Route::Remote),
                 },
-                None => Attempt::NotOwner,
+                None => (Attempt::NotOwner, Route::Local),
             };
             match attempt {
-                Attempt::Done(value) => return Ok(value),
+                Attempt::Done(value) => return Ok((value, route)),
                 Attempt::NotOwner => {}
                 Attempt::Failed(e) => last_error = Some(e),
             }

@@ -9,7 +9,6 @@
 //! node whose group generation is stale (a zombie that was frozen past its session timeout)
 //! cannot commit: its transaction fails and nothing it wrote becomes visible.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -20,6 +19,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::metrics::CommittedOffsets;
 use crate::restore::encode_state;
 use crate::shard::{Checkpoint, LocalShard, ShardMsg};
 
@@ -46,7 +46,8 @@ pub struct Checkpointer {
     producer: ThreadedProducer<DefaultProducerContext>,
     changelog_topic: String,
     input_topic: String,
-    committed: HashMap<u32, i64>,
+    /// What this node committed per partition (shared with the metrics, for the consumer lag).
+    committed: CommittedOffsets,
 }
 
 impl Checkpointer {
@@ -57,6 +58,7 @@ impl Checkpointer {
         transaction_timeout: Duration,
         changelog_topic: &str,
         input_topic: &str,
+        committed: CommittedOffsets,
     ) -> Result<Self, CheckpointError> {
         let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
@@ -73,7 +75,7 @@ impl Checkpointer {
             producer,
             changelog_topic: changelog_topic.into(),
             input_topic: input_topic.into(),
-            committed: HashMap::new(),
+            committed,
         })
     }
 
@@ -97,7 +99,7 @@ impl Checkpointer {
         .into_iter()
         .flatten()
         .collect();
-        let moved = |cp: &Checkpoint| cp.commit_offset.is_some_and(|o| self.committed.get(&cp.partition) != Some(&o));
+        let moved = |cp: &Checkpoint| cp.commit_offset.is_some_and(|o| self.committed.get(&cp.partition).map(|c| *c) != Some(o));
         if checkpoints.iter().all(|(_, cp)| cp.is_empty() && !moved(cp)) {
             return Ok(false);
         }

@@ -6,6 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, TopicPartitionList};
@@ -13,6 +14,7 @@ use rdkafka::{ClientContext, TopicPartitionList};
 use super::checkpoint::{CheckpointError, Checkpointer};
 use super::dispatch::Dispatcher;
 use crate::handoff::Handoff;
+use crate::metrics::Metrics;
 use crate::shard::LocalShard;
 use crate::stats::NodeStats;
 
@@ -26,6 +28,7 @@ pub struct NodeContext {
     pub checkpointer: Mutex<Checkpointer>,
     pub runtime: tokio::runtime::Handle,
     pub stats: Arc<NodeStats>,
+    pub metrics: Arc<Metrics>,
     /// Set when this node can no longer write (fenced); the node then exits.
     pub fenced: AtomicBool,
     /// librdkafka's latest statistics JSON (per-partition fetch state and offsets), when
@@ -88,6 +91,7 @@ impl ConsumerContext for NodeContext {
         if partitions.is_empty() {
             return;
         }
+        let started = Instant::now();
         let lost = consumer.assignment_lost();
         tracing::info!(
             "partitions {:?} {} this node; handing off their shards",
@@ -99,6 +103,8 @@ impl ConsumerContext for NodeContext {
         // with its in-flight permits when the shard stops.
         self.dispatcher.lock().expect("dispatcher lock poisoned").flush(&partitions);
         self.handoff.drain(&partitions);
+        self.metrics.observe_handoff_step("drain", started.elapsed());
+        let checkpoint_started = Instant::now();
         if lost {
             tracing::warn!(
                 "partitions {:?} were lost (session timeout?): not committing; their next owner restores the last checkpoint",
@@ -113,9 +119,11 @@ impl ConsumerContext for NodeContext {
                 }
                 attempt += 1;
             }
+            self.metrics.observe_handoff_step("checkpoint", checkpoint_started.elapsed());
         }
         self.checkpointer.lock().expect("checkpointer lock poisoned").forget(&partitions);
         self.handoff.release(&partitions);
+        self.metrics.observe_rebalance(if lost { "lost" } else { "revoked" }, started.elapsed());
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -124,7 +132,9 @@ impl ConsumerContext for NodeContext {
                 // The partitions are deliberately not paused while their shards restore: pausing
                 // inside the assign callback can lose the assigned start offset (librdkafka
                 // issue #2190) and skip events. Events that arrive early wait in the shard.
+                let started = Instant::now();
                 self.handoff.take_over(&self.partitions_of(tpl));
+                self.metrics.observe_rebalance("assigned", started.elapsed());
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::error!("rebalance error: {e}"),

@@ -24,6 +24,7 @@ use crate::backpressure::InFlightGate;
 use crate::dlq::DeadLetters;
 use crate::event::decode_record;
 use crate::handoff::Handoff;
+use crate::metrics::Metrics;
 use crate::shard::{ConsumedRecord, LocalShards};
 use crate::stats::NodeStats;
 use checkpoint::{Checkpointer, HEADER_REROUTED_FROM};
@@ -60,6 +61,7 @@ pub struct ConsumerParts {
     pub local: Arc<LocalShards>,
     pub gate: Arc<InFlightGate>,
     pub stats: Arc<NodeStats>,
+    pub metrics: Arc<Metrics>,
     pub dead_letters: DeadLetters,
     pub checkpointer: Checkpointer,
     /// Where librdkafka's statistics are kept (see `NodeContext::kafka_stats`).
@@ -102,7 +104,7 @@ impl ConsumerHandle {
 
 pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<ConsumerHandle, ConsumerError> {
     let stopping = Arc::new(AtomicBool::new(false));
-    let ConsumerParts { handoff, local, gate, stats, dead_letters, checkpointer, kafka_stats, runtime } = parts;
+    let ConsumerParts { handoff, local, gate, stats, metrics, dead_letters, checkpointer, kafka_stats, runtime } = parts;
     let context = NodeContext {
         topic: settings.topic.clone(),
         handoff,
@@ -110,6 +112,7 @@ pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<Consume
         checkpointer: Mutex::new(checkpointer),
         runtime,
         stats: stats.clone(),
+        metrics,
         fenced: AtomicBool::new(false),
         kafka_stats,
     };

@@ -147,6 +147,10 @@ pub struct BackgroundProducer {
 }
 
 impl BackgroundProducer {
+    pub fn finished(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
     pub fn wait(mut self) -> PathBuf {
         let status = self.child.wait().unwrap();
         assert!(status.success(), "producer failed: {status}");
@@ -194,6 +198,22 @@ impl Node {
             .await
             .and_then(|s| s["shards"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect()))
             .unwrap_or_default()
+    }
+
+    /// `GET /metrics`, parsed: `name{labels}` -> value (labels as the node printed them).
+    pub async fn metrics(&self) -> Option<BTreeMap<String, f64>> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.management);
+        let response = reqwest::Client::new().get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let text = response.text().await.ok()?;
+        let mut samples = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let (series, value) = line.rsplit_once(' ')?;
+            samples.insert(series.to_string(), value.parse().ok()?);
+        }
+        Some(samples)
     }
 
     pub async fn counter(&self, name: &str) -> u64 {
