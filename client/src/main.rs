@@ -3,6 +3,9 @@
 //! - `client [--addr URL]`: interactive, like the reference.
 //! - `client [--addr URL] get ID... [--json]`: one-shot, for scripts.
 //! - `client [--addr URL] verify --ledger FILE`: every user of a producer ledger, compared.
+//! - `client [--addr URL] bench (--ids-file FILE | --users N) --concurrency C`: closed-loop load.
+
+mod bench;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -45,6 +48,29 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
     },
+    /// Closed-loop query load: latency percentiles and queries/s.
+    Bench {
+        /// User ids to query in turn, one per line.
+        #[arg(long, conflicts_with = "users", required_unless_present = "users")]
+        ids_file: Option<PathBuf>,
+        /// Query users "0" .. "N-1" in turn.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        users: Option<u64>,
+        /// Queries in flight at once (each worker waits for its answer before the next).
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        concurrency: u64,
+        /// HTTP/2 connections shared by the workers.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+        connections: u64,
+        /// Measured seconds (after the warm-up).
+        #[arg(long, default_value_t = 10.0)]
+        duration_secs: f64,
+        #[arg(long, default_value_t = 2.0)]
+        warmup_secs: f64,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Serialize)]
@@ -55,12 +81,15 @@ struct JsonTotals<'a> {
 }
 
 async fn connect(addr: &str) -> anyhow::Result<UserServiceClient<Channel>> {
+    Ok(UserServiceClient::new(connect_channel(addr).await?))
+}
+
+async fn connect_channel(addr: &str) -> anyhow::Result<Channel> {
     let endpoint = Channel::from_shared(addr.to_owned())
         .with_context(|| format!("invalid address {addr}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30));
-    let channel = endpoint.connect().await.with_context(|| format!("cannot connect to {addr}"))?;
-    Ok(UserServiceClient::new(channel))
+    endpoint.connect().await.with_context(|| format!("cannot connect to {addr}"))
 }
 
 async fn query(client: &mut UserServiceClient<Channel>, id: &str) -> Result<UserStatsResponse, tonic::Status> {
@@ -160,12 +189,59 @@ async fn verify(client: UserServiceClient<Channel>, ledger_path: PathBuf, concur
     Ok(())
 }
 
+fn seconds(what: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value).map_err(|_| anyhow::anyhow!("{what} must be a number of seconds >= 0, not {value}"))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn bench(
+    addr: &str,
+    ids_file: Option<PathBuf>,
+    users: Option<u64>,
+    concurrency: u64,
+    connections: u64,
+    duration_secs: f64,
+    warmup_secs: f64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let ids = match (ids_file, users) {
+        (Some(path), _) => bench::read_ids(&path)?,
+        (None, Some(n)) => (0..n).map(|u| u.to_string()).collect(),
+        (None, None) => anyhow::bail!("give --ids-file or --users"),
+    };
+    let plan = bench::BenchPlan {
+        ids,
+        concurrency: concurrency as usize,
+        connections: connections as usize,
+        warmup: seconds("--warmup-secs", warmup_secs)?,
+        duration: seconds("--duration-secs", duration_secs)?,
+    };
+    anyhow::ensure!(!plan.duration.is_zero(), "--duration-secs must be > 0");
+    let mut channels = Vec::new();
+    for _ in 0..plan.connections.min(plan.concurrency) {
+        channels.push(connect_channel(addr).await?);
+    }
+    let report = bench::run(channels, plan).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{} queries in {:.1} s at concurrency {}: {:.0} queries/s, p50 {} us, p99 {} us, p99.9 {} us, max {} us, {} errors",
+            report.queries, report.seconds, report.concurrency, report.qps, report.p50_us, report.p99_us, report.p999_us,
+            report.max_us, report.errors
+        );
+    }
+    Ok(())
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
-    let client = connect(&args.addr).await?;
     match args.command {
-        None => interactive(client).await,
-        Some(Command::Get { ids, json }) => get(client, ids, json).await,
-        Some(Command::Verify { ledger, concurrency }) => verify(client, ledger, concurrency).await,
+        None => interactive(connect(&args.addr).await?).await,
+        Some(Command::Get { ids, json }) => get(connect(&args.addr).await?, ids, json).await,
+        Some(Command::Verify { ledger, concurrency }) => verify(connect(&args.addr).await?, ledger, concurrency).await,
+        Some(Command::Bench { ids_file, users, concurrency, connections, duration_secs, warmup_secs, json }) => {
+            bench(&args.addr, ids_file, users, concurrency, connections, duration_secs, warmup_secs, json).await
+        }
     }
 }
 

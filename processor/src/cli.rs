@@ -92,7 +92,7 @@ pub struct Args {
     pub statistics_interval_ms: u64,
 
     /// Cap on live entity actors on this node; the least recently used idle ones are passivated.
-    #[arg(long, env = "MAX_LIVE_ENTITIES", default_value_t = 100_000)]
+    #[arg(long, env = "MAX_LIVE_ENTITIES", default_value_t = 50_000)]
     pub max_live_entities: usize,
 
     /// How long a revoked shard may take to finish its in-flight events before hand-off.

@@ -1,8 +1,9 @@
 //! Management HTTP: shard placement and membership, in the reference's shapes.
 //!
 //! - `GET /cluster/shards/{type}`: this node's shards and live entity counts,
-//!   `{"regions":[{"shardId":"45","numEntities":1,"numStoredEntities":3}, ...]}` (`type` is the
-//!   group name; `numStoredEntities` includes passivated entities).
+//!   `{"regions":[{"shardId":"45","numEntities":1,"numStoredEntities":3,"processedOffset":17}, ...]}`
+//!   (`type` is the group name; `numStoredEntities` includes passivated entities;
+//!   `processedOffset` is where the next checkpoint commits to).
 //! - `GET /cluster/members`: every known node and the shards the table routes to it.
 //! - `GET /cluster/stats`: this node's counters.
 //! - `GET /cluster/kafka-stats`: librdkafka's consumer statistics (with `--statistics-interval-ms`).
@@ -51,6 +52,9 @@ struct Region {
     /// Users with state in the shard, live or passivated.
     #[serde(rename = "numStoredEntities")]
     num_stored_entities: usize,
+    /// Next offset after the events applied without a gap (absent before the first event).
+    #[serde(rename = "processedOffset", skip_serializing_if = "Option::is_none")]
+    processed_offset: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -103,7 +107,12 @@ async fn shards(State(m): State<Arc<Management>>, Path(type_name): Path<String>)
     let regions = entity_counts(&m.local)
         .await
         .into_iter()
-        .map(|(shard, counts)| Region { shard_id: shard.to_string(), num_entities: counts.live, num_stored_entities: counts.known })
+        .map(|(shard, counts)| Region {
+            shard_id: shard.to_string(),
+            num_entities: counts.live,
+            num_stored_entities: counts.known,
+            processed_offset: counts.processed_offset,
+        })
         .collect();
     Json(Regions { regions }).into_response()
 }

@@ -24,6 +24,9 @@ use crate::entity::{EntityState, Totals};
 use crate::metrics::Metrics;
 use crate::shard::ShardMsg;
 
+/// How often the read positions are checked while records keep coming.
+const POSITION_CHECK_EVERY: Duration = Duration::from_millis(20);
+
 pub struct Restorer {
     pub bootstrap_servers: String,
     pub changelog_topic: String,
@@ -51,7 +54,7 @@ impl Restorer {
             .spawn(move || {
                 let mut shards = shards;
                 loop {
-                    match this.run(&shards, assigned_at) {
+                    match this.run(&mut shards, assigned_at) {
                         Ok(()) => return,
                         Err(e) => {
                             shards.retain(|(_, shard)| shard.get_status() != ractor::ActorStatus::Stopped);
@@ -67,7 +70,9 @@ impl Restorer {
             .expect("cannot spawn the restore thread");
     }
 
-    fn run(&self, shards: &[(u32, ActorRef<ShardMsg>)], assigned_at: Instant) -> Result<(), KafkaError> {
+    /// Restores `shards`, removing each from the list once it has its state (so a retry after
+    /// an error only does the rest).
+    fn run(&self, shards: &mut Vec<(u32, ActorRef<ShardMsg>)>, assigned_at: Instant) -> Result<(), KafkaError> {
         let started = Instant::now();
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap_servers)
@@ -91,11 +96,12 @@ impl Restorer {
             .create()?;
         let mut pending: BTreeMap<u32, PartitionRestore> = BTreeMap::new();
         let mut tpl = TopicPartitionList::new();
-        for (partition, shard) in shards.iter().cloned() {
+        for (partition, shard) in shards.clone() {
             let (low, high) = watermarks.fetch_watermarks(&self.changelog_topic, partition as i32, Duration::from_secs(10))?;
             if high <= low {
                 let _ = shard.cast(ShardMsg::Restored(HashMap::new()));
                 self.metrics.restore_seconds.observe(assigned_at.elapsed().as_secs_f64());
+                shards.retain(|(p, _)| *p != partition);
                 continue;
             }
             tpl.add_partition_offset(&self.changelog_topic, partition as i32, Offset::Beginning)?;
@@ -107,33 +113,43 @@ impl Restorer {
         tracing::info!("restoring {} shards from {}", pending.len(), self.changelog_topic);
         consumer.assign(&tpl)?;
         let mut last_report = Instant::now();
+        let mut last_position_check = Instant::now();
         while !pending.is_empty() {
-            match consumer.poll(Duration::from_millis(100)) {
+            let mut complete = Vec::new();
+            let polled = consumer.poll(Duration::from_millis(100));
+            match &polled {
                 Some(Ok(record)) => {
                     let partition = record.partition() as u32;
                     if let Some(restore) = pending.get_mut(&partition) {
                         restore.records += 1;
                         apply_record(&mut restore.states, record.key(), record.payload());
+                        if record.offset() + 1 >= restore.end {
+                            complete.push(partition);
+                        }
                     }
                 }
                 None => {}
                 Some(Err(e)) => tracing::warn!("changelog read error: {e}"),
             }
             // A partition is complete once the read position reached the high watermark it had
-            // at start (transaction markers included); later writes are this node's own.
-            let positions = consumer.position()?;
-            let complete: Vec<u32> = pending
-                .iter()
-                .filter(|(p, r)| {
+            // at start (transaction markers included, so a partition ending in a marker is only
+            // seen complete by its position; later writes are this node's own). Positions are
+            // asked when idle and every few ms, not per record: asking costs more than a record.
+            if polled.is_none() || last_position_check.elapsed() >= POSITION_CHECK_EVERY {
+                last_position_check = Instant::now();
+                let positions = consumer.position()?;
+                complete.extend(pending.iter().filter(|(p, r)| {
                     positions
                         .find_partition(&self.changelog_topic, **p as i32)
                         .and_then(|e| e.offset().to_raw())
                         .is_some_and(|pos| pos >= r.end)
                 })
-                .map(|(p, _)| *p)
-                .collect();
+                .map(|(p, _)| *p));
+                complete.sort_unstable();
+                complete.dedup();
+            }
             for partition in complete {
-                let restore = pending.remove(&partition).expect("listed above");
+                let Some(restore) = pending.remove(&partition) else { continue };
                 tracing::info!(
                     "shard {partition} restored: {} entities from {} changelog records in {} ms",
                     restore.states.len(),
@@ -142,6 +158,7 @@ impl Restorer {
                 );
                 let _ = restore.shard.cast(ShardMsg::Restored(restore.states));
                 self.metrics.restore_seconds.observe(assigned_at.elapsed().as_secs_f64());
+                shards.retain(|(p, _)| *p != partition);
             }
             if !pending.is_empty() && last_report.elapsed() > Duration::from_secs(5) {
                 last_report = Instant::now();

@@ -67,6 +67,9 @@ pub struct EntityCounts {
     pub live: usize,
     /// Users with state in this shard (live or passivated).
     pub known: usize,
+    /// Next offset after the events applied so far without a gap (what the next checkpoint
+    /// commits); `None` before the first event. Its movement is the shard's progress.
+    pub processed_offset: Option<i64>,
 }
 
 #[derive(RactorMessage)]
@@ -404,7 +407,11 @@ impl ShardState {
                 None => state.query(&myself, user_id, reply).await?,
             },
             ShardMsg::EntityCounts(reply) => {
-                let _ = reply.send(EntityCounts { live: state.live.len(), known: state.known.len() });
+                let _ = reply.send(EntityCounts {
+                    live: state.live.len(),
+                    known: state.known.len(),
+                    processed_offset: state.committable,
+                });
             }
             ShardMsg::Drain(reply) => {
                 if state.pending.is_empty() && state.restoring.is_none() {

@@ -46,15 +46,19 @@ struct Args {
     /// Write the expected per-user totals of every acknowledged event here at the end (JSON).
     #[arg(long)]
     ledger: Option<PathBuf>,
+    /// Give users their events in turn ("0", "1", ... "N-1", "0", ...) instead of at random:
+    /// N events reach exactly N users.
+    #[arg(long)]
+    users_in_turn: bool,
     /// Print every event ("Sending message to user 7"); default: only when no --count is given
     /// and the rate is at most 50/s.
     #[arg(long)]
     verbose: bool,
 }
 
-fn purchase(rng: &mut impl Rng, users: u64) -> UserPurchase {
+fn purchase(rng: &mut impl Rng, user: u64) -> UserPurchase {
     UserPurchase {
-        user_id: rng.random_range(0..users).to_string(),
+        user_id: user.to_string(),
         product: PRODUCTS[rng.random_range(0..PRODUCTS.len())].to_string(),
         quantity: rng.random_range(1..=5),
         price: rng.random_range(100..=20_000),
@@ -126,7 +130,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         while outstanding.len() >= MAX_OUTSTANDING {
             drain_one(&mut outstanding, &ledger, progress.as_ref()).await;
         }
-        let event = purchase(&mut rng, args.users);
+        let user = if args.users_in_turn { sent % args.users } else { rng.random_range(0..args.users) };
+        let event = purchase(&mut rng, user);
         if verbose {
             println!("Sending message to user {}", event.user_id);
         }

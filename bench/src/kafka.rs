@@ -1,0 +1,167 @@
+//! Broker-side measurements: end and committed offsets, and the bare-consumer baselines (a drain
+//! with no processing, and a plain consumer group going through the same membership changes).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::progress::Progress;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn client(bootstrap: &str, group: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed");
+    config
+}
+
+/// High watermark of every partition.
+pub fn end_offsets(bootstrap: &str, topic: &str, partitions: u32) -> anyhow::Result<BTreeMap<u32, i64>> {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    (0..partitions)
+        .map(|p| Ok((p, consumer.fetch_watermarks(topic, p as i32, TIMEOUT)?.1)))
+        .collect()
+}
+
+/// Polls the group's committed offsets until every partition's reaches `ends`.
+pub fn wait_committed(bootstrap: &str, group: &str, topic: &str, ends: &BTreeMap<u32, i64>, within: Duration) -> anyhow::Result<Instant> {
+    let consumer: BaseConsumer = client(bootstrap, group).create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition(topic, *p as i32);
+    }
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(committed) = consumer.committed_offsets(tpl.clone(), TIMEOUT) {
+            let done = ends.iter().all(|(p, end)| {
+                committed.find_partition(topic, *p as i32).and_then(|e| e.offset().to_raw()).is_some_and(|o| o >= *end)
+            });
+            if done {
+                return Ok(Instant::now());
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "group {group} did not commit to the end of {topic} within {within:?}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// [`wait_committed`] off the async runtime; up to 15 minutes.
+pub async fn committed_to_end(bootstrap: &str, group: &str, topic: &str, ends: &BTreeMap<u32, i64>) -> anyhow::Result<Instant> {
+    let (bootstrap, group, topic, ends) = (bootstrap.to_string(), group.to_string(), topic.to_string(), ends.clone());
+    tokio::task::spawn_blocking(move || wait_committed(&bootstrap, &group, &topic, &ends, Duration::from_secs(900))).await?
+}
+
+/// The baseline: a bare consumer (read_committed, as the processor) reads every partition from
+/// the start to `ends`, doing nothing with the records. Returns (records, time).
+pub fn bare_drain(bootstrap: &str, topic: &str, ends: &BTreeMap<u32, i64>) -> anyhow::Result<(u64, Duration)> {
+    let consumer: BaseConsumer = client(bootstrap, &format!("bench-bare-{topic}"))
+        .set("fetch.max.bytes", "52428800")
+        .set("max.partition.fetch.bytes", "10485760")
+        .create()?;
+    let started = Instant::now();
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition_offset(topic, *p as i32, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut records = 0u64;
+    let mut since_check = 0u32;
+    loop {
+        let polled = consumer.poll(Duration::from_millis(100));
+        if let Some(message) = &polled {
+            let message = message.as_ref().map_err(|e| anyhow::anyhow!("bare consumer: {e}"))?;
+            records += 1;
+            since_check += 1;
+            // Touch the payload as any consumer would, without decoding it.
+            std::hint::black_box(message.payload().map(<[u8]>::len));
+        }
+        // Positions include transaction markers, so the end is judged by position, not count.
+        if polled.is_none() || since_check >= 10_000 {
+            since_check = 0;
+            let positions = consumer.position()?;
+            let done = ends.iter().all(|(p, end)| {
+                *end == 0 || positions.find_partition(topic, *p as i32).and_then(|e| e.offset().to_raw()).is_some_and(|o| o >= *end)
+            });
+            if done {
+                return Ok((records, started.elapsed()));
+            }
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "bare drain of {topic} did not finish");
+        }
+    }
+}
+
+/// Members of a plain consumer group (cooperative-sticky, the processor's session timeout)
+/// that only note when each partition delivers: the group's own rebalance cost, as a baseline.
+pub struct BareGroup {
+    bootstrap: String,
+    topic: String,
+    group: String,
+    session_timeout_ms: u64,
+    pub progress: Arc<Mutex<Progress>>,
+    members: Vec<(Arc<AtomicBool>, JoinHandle<()>)>,
+}
+
+impl BareGroup {
+    pub fn new(bootstrap: &str, topic: &str, session_timeout_ms: u64) -> Self {
+        Self {
+            bootstrap: bootstrap.into(),
+            topic: topic.into(),
+            group: format!("bench-bare-group-{topic}"),
+            session_timeout_ms,
+            progress: Arc::new(Mutex::new(Progress::default())),
+            members: Vec::new(),
+        }
+    }
+
+    pub fn add_member(&mut self) -> anyhow::Result<()> {
+        let consumer: BaseConsumer = client(&self.bootstrap, &self.group)
+            .set("auto.offset.reset", "latest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", self.session_timeout_ms.to_string())
+            .set("heartbeat.interval.ms", (self.session_timeout_ms / 4).to_string())
+            .set("client.id", format!("bare-{}", self.members.len() + 1))
+            .create()?;
+        consumer.subscribe(&[&self.topic]).context("bare member subscribe")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (progress, stopping) = (self.progress.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(Ordering::SeqCst) {
+                if let Some(Ok(message)) = consumer.poll(Duration::from_millis(20)) {
+                    let now = Instant::now();
+                    progress.lock().expect("progress lock").observe(message.partition() as u32, message.offset() + 1, now);
+                }
+            }
+            // Dropping the consumer closes it: it leaves the group (a graceful leave).
+        });
+        self.members.push((stop, thread));
+        Ok(())
+    }
+
+    /// The newest member leaves gracefully.
+    pub fn remove_member(&mut self) {
+        if let Some((stop, thread)) = self.members.pop() {
+            stop.store(true, Ordering::SeqCst);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for BareGroup {
+    fn drop(&mut self) {
+        while !self.members.is_empty() {
+            self.remove_member();
+        }
+    }
+}

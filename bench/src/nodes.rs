@@ -1,0 +1,247 @@
+//! Processor nodes as separate processes (the release binary), and what the harness reads from
+//! them: `/cluster/stats`, `/cluster/shards`, `/metrics`, resident memory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::Value;
+
+/// Where the cluster under test lives.
+#[derive(Clone)]
+pub struct Setup {
+    pub bin_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub bootstrap: String,
+}
+
+impl Setup {
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+}
+
+/// Node i uses remoting 42000+i, management 42100+i, gRPC 42200+i.
+const PORT_BASE: u16 = 42_000;
+
+/// A node's endpoints (valid whether or not the process still runs).
+#[derive(Clone)]
+pub struct NodeAddr {
+    pub index: u16,
+    pub group: String,
+    http: reqwest::Client,
+}
+
+pub struct NodeProcess {
+    pub addr: NodeAddr,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl std::ops::Deref for NodeProcess {
+    type Target = NodeAddr;
+    fn deref(&self) -> &NodeAddr {
+        &self.addr
+    }
+}
+
+impl NodeProcess {
+    pub fn start(setup: &Setup, index: u16, topic: &str, group: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let log = setup.log_dir.join(format!("{group}-node{index}.log"));
+        let file = std::fs::File::create(&log)?;
+        let seeds = format!("127.0.0.1:{},127.0.0.1:{}", PORT_BASE + 1, PORT_BASE + 2);
+        let child = Command::new(setup.bin("processor"))
+            .args([PORT_BASE + index, PORT_BASE + 100 + index, PORT_BASE + 200 + index].map(|p| p.to_string()))
+            .args(["--bootstrap-servers", &setup.bootstrap, "--topic", topic, "--group", group, "--seed-nodes", &seeds])
+            .args(extra)
+            .env("RUST_LOG", "info,ractor_cluster=warn,ractor=warn")
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("starting the processor binary")?;
+        Ok(Self { addr: NodeAddr::new(index, group), child: Some(child), log })
+    }
+
+    /// Resident memory (VmRSS) of the node process.
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        let pid = self.child.as_ref().context("node not running")?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in /proc/<pid>/status")?;
+        Ok(kib * 1024)
+    }
+
+    /// The longest "shard N restored: ... in X ms" this node logged, in seconds.
+    pub fn longest_logged_restore(&self) -> f64 {
+        longest_restore_in(&self.log)
+    }
+
+    /// SIGTERM (graceful hand-off), then wait for the exit.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait()?.is_none() {
+            anyhow::ensure!(Instant::now() < deadline, "node {} did not stop within 60 s", self.index);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl NodeAddr {
+    pub fn new(index: u16, group: &str) -> Self {
+        Self { index, group: group.into(), http: reqwest::Client::new() }
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", PORT_BASE + 200 + self.index)
+    }
+
+    async fn get(&self, path: &str) -> Option<String> {
+        let url = format!("http://127.0.0.1:{}{path}", PORT_BASE + 100 + self.index);
+        let response = self.http.get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
+        response.status().is_success().then_some(())?;
+        response.text().await.ok()
+    }
+
+    pub async fn stats(&self) -> Option<Value> {
+        serde_json::from_str(&self.get("/cluster/stats").await?).ok()
+    }
+
+    pub async fn counter(&self, name: &str) -> u64 {
+        self.stats().await.and_then(|s| s[name].as_u64()).unwrap_or(0)
+    }
+
+    pub async fn shards(&self) -> Vec<u32> {
+        self.stats()
+            .await
+            .and_then(|s| s["shards"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect()))
+            .unwrap_or_default()
+    }
+
+    /// Per shard: the next offset after what it applied (see `/cluster/shards`).
+    pub async fn processed_offsets(&self) -> Option<BTreeMap<u32, i64>> {
+        let regions: Value = serde_json::from_str(&self.get(&format!("/cluster/shards/{}", self.group)).await?).ok()?;
+        Some(
+            regions["regions"]
+                .as_array()?
+                .iter()
+                .filter_map(|r| Some((r["shardId"].as_str()?.parse().ok()?, r["processedOffset"].as_i64()?)))
+                .collect(),
+        )
+    }
+
+    /// `/metrics` as `series -> value`.
+    pub async fn metrics(&self) -> Option<BTreeMap<String, f64>> {
+        let text = self.get("/metrics").await?;
+        Some(
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| l.rsplit_once(' '))
+                .filter_map(|(series, v)| Some((series.to_string(), v.parse().ok()?)))
+                .collect(),
+        )
+    }
+
+    /// Polls until the node reports at least one assigned partition; returns when it did.
+    pub async fn wait_assigned(&self, within: Duration) -> anyhow::Result<Instant> {
+        wait_until(within, &format!("node {} to be assigned partitions", self.index), || async {
+            (self.counter("partitions_assigned").await > 0 && !self.shards().await.is_empty()).then_some(())
+        })
+        .await?;
+        Ok(Instant::now())
+    }
+
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).stdout(Stdio::null()).status();
+}
+
+fn longest_restore_in(log: &Path) -> f64 {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("restored:"))
+        .filter_map(|l| l.rsplit_once(" in ")?.1.strip_suffix(" ms")?.trim().parse::<f64>().ok())
+        .fold(0.0, f64::max)
+        / 1_000.0
+}
+
+/// Polls `check` every 20 ms until it gives `Some`, or fails after `within`.
+pub async fn wait_until<T, F, Fut>(within: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs the producer release binary to completion.
+pub fn produce(setup: &Setup, topic: &str, count: u64, users: u64, rate: u64, in_turn: bool) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let out = producer_command(setup, topic, count, users, rate, in_turn).output()?;
+    anyhow::ensure!(out.status.success(), "producer failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(started.elapsed())
+}
+
+/// The producer at a steady rate in the background.
+pub fn produce_in_background(setup: &Setup, topic: &str, count: u64, users: u64, rate: u64) -> anyhow::Result<Child> {
+    Ok(producer_command(setup, topic, count, users, rate, false).stderr(Stdio::null()).spawn()?)
+}
+
+fn producer_command(setup: &Setup, topic: &str, count: u64, users: u64, rate: u64, in_turn: bool) -> Command {
+    let mut command = Command::new(setup.bin("producer"));
+    command
+        .args(["--bootstrap-servers", &setup.bootstrap, "--topic", topic, "--partitions", "128"])
+        .args(["--count", &count.to_string(), "--users", &users.to_string(), "--rate", &rate.to_string()])
+        .stdout(Stdio::null());
+    if in_turn {
+        command.arg("--users-in-turn");
+    }
+    command
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_restore_is_read_from_the_log() {
+        let path = std::env::temp_dir().join(format!("bench-restore-{}.log", std::process::id()));
+        std::fs::write(
+            &path,
+            "x INFO shard 3 restored: 10 entities from 12 changelog records in 40 ms\n\
+             x INFO shard 9 restored: 99 entities from 99 changelog records in 1250 ms\nother line in 7 ms\n",
+        )
+        .unwrap();
+        assert_eq!(longest_restore_in(&path), 1.25);
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -1,0 +1,209 @@
+//! Scenario 3: rebalance pauses under steady input. A third node joins, then leaves gracefully
+//! (SIGTERM), then node 2 is killed (SIGKILL). For each: time until the partitions are
+//! assigned, until their users are answered, and the longest processing gap on any partition
+//! (from each shard's processed offset, polled every 50 ms). The baseline is a plain consumer
+//! group (no processing, same session timeout and assignor) going through the same join and
+//! leave on the same input, measured in the same run.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proto::partitioner::partition_for_key;
+use proto::service::user_service_client::UserServiceClient;
+use proto::service::UserStatsRequest;
+
+use crate::kafka::BareGroup;
+use crate::nodes::{produce_in_background, NodeAddr, NodeProcess, Setup};
+use crate::progress::Progress;
+use crate::report::{ms, verdict, Table};
+
+const INPUT_RATE: u64 = 4_000;
+/// The processor's default `--session-timeout-ms`.
+const SESSION_TIMEOUT_MS: u64 = 10_000;
+const STEADY: Duration = Duration::from_secs(8);
+/// How long after an event the gap is still watched (the group settles well within it).
+const SETTLE: Duration = Duration::from_secs(8);
+const POLL: Duration = Duration::from_millis(50);
+
+struct Event {
+    name: &'static str,
+    to_assignment: Option<f64>,
+    to_answering: f64,
+    restore: Option<f64>,
+    gap: (f64, Option<u32>),
+}
+
+pub async fn run(setup: &Setup, topic: &str, mut nodes: [NodeProcess; 2], users: u64) -> anyhow::Result<Table> {
+    let group = nodes[0].group.clone();
+    let mut producer = produce_in_background(setup, topic, INPUT_RATE * 600, users, INPUT_RATE)?;
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let poller = tokio::spawn(poll_progress((1..=3).map(|i| NodeAddr::new(i, &group)).collect(), progress.clone()));
+    let one_user_per_partition = sample_users(users);
+    let result = async {
+        tokio::time::sleep(STEADY).await;
+        let steady_to = Instant::now();
+        let steady = progress.lock().expect("progress").longest_gap(steady_to - STEADY + Duration::from_secs(2), steady_to);
+
+        eprintln!("rebalance: node 3 joins");
+        let t0 = Instant::now();
+        let mut node3 = NodeProcess::start(setup, 3, topic, &group, &[])?;
+        let assigned = node3.wait_assigned(Duration::from_secs(60)).await?;
+        let moved = node3.shards().await;
+        let answered = answering(&node3.grpc_url(), users_of(&one_user_per_partition, &moved)).await?;
+        tokio::time::sleep(SETTLE).await;
+        let join = Event {
+            name: "node 3 joins",
+            to_assignment: Some((assigned - t0).as_secs_f64()),
+            to_answering: (answered - t0).as_secs_f64(),
+            restore: Some(node3.longest_logged_restore()),
+            gap: progress.lock().expect("progress").longest_gap(t0, Instant::now()),
+        };
+
+        eprintln!("rebalance: node 3 stops gracefully");
+        let moving = node3.shards().await;
+        let t0 = Instant::now();
+        node3.stop()?;
+        let answered = answering(&nodes[0].grpc_url(), users_of(&one_user_per_partition, &moving)).await?;
+        tokio::time::sleep(SETTLE).await;
+        let leave = Event {
+            name: "node 3 stops (SIGTERM, graceful hand-off)",
+            to_assignment: None,
+            to_answering: (answered - t0).as_secs_f64(),
+            restore: None,
+            gap: progress.lock().expect("progress").longest_gap(t0, Instant::now()),
+        };
+
+        eprintln!("rebalance: node 2 is killed");
+        let moving = nodes[1].shards().await;
+        let t0 = Instant::now();
+        nodes[1].kill();
+        let answered = answering(&nodes[0].grpc_url(), users_of(&one_user_per_partition, &moving)).await?;
+        tokio::time::sleep(SETTLE).await;
+        let kill = Event {
+            name: "node 2 killed (SIGKILL)",
+            to_assignment: None,
+            to_answering: (answered - t0).as_secs_f64(),
+            restore: None,
+            gap: progress.lock().expect("progress").longest_gap(t0, Instant::now()),
+        };
+
+        eprintln!("rebalance: the same join and leave in a bare consumer group (baseline)");
+        let (bare_join, bare_leave) = bare_group_gaps(setup, topic).await?;
+        anyhow::Ok((steady, join, leave, kill, bare_join, bare_leave))
+    }
+    .await;
+    poller.abort();
+    let _ = producer.kill();
+    let _ = producer.wait();
+    let (steady, join, leave, kill, bare_join, bare_leave) = result?;
+
+    let mut table = Table::new(
+        &format!("Rebalance pauses under steady input ({INPUT_RATE} events/s, {users} users, 128 partitions)"),
+        &["event", "to assignment", "to answering its users", "longest shard restore", "longest processing gap", "bare group's gap", "gap beyond bare group", "target", ""],
+    );
+    table.row(vec!["steady state, no change (baseline)".into(), "".into(), "".into(), "".into(), ms(steady.0), "".into(), "".into(), "".into(), "".into()]);
+    for (event, bare) in [(&join, Some(bare_join)), (&leave, Some(bare_leave)), (&kill, None)] {
+        let beyond = bare.map(|b| event.gap.0 - b);
+        let (target, met) = match beyond {
+            Some(beyond) => ("≤ 1 s beyond the bare group".to_string(), verdict(beyond <= 1.0)),
+            None => (format!("reported; includes the {} s session timeout", SESSION_TIMEOUT_MS / 1000), "".into()),
+        };
+        table.row(vec![
+            event.name.into(),
+            event.to_assignment.map(ms).unwrap_or_default(),
+            ms(event.to_answering),
+            event.restore.map(ms).unwrap_or_default(),
+            format!("{} (partition {})", ms(event.gap.0), event.gap.1.map(|p| p.to_string()).unwrap_or("-".into())),
+            bare.map(ms).unwrap_or_default(),
+            beyond.map(ms).unwrap_or_default(),
+            target,
+            met,
+        ]);
+    }
+    let answer_after_restore = join.to_answering - join.to_assignment.unwrap_or(0.0) - join.restore.unwrap_or(0.0);
+    table.note(format!(
+        "Node 3 answered its users {} after its assignment beyond its longest shard restore (target ≤ 1 s: {}). \
+         Gaps: the longest time any partition that was moving did not advance, from the event until {} s after \
+         its users answered; processor progress is polled every {} ms (the bare group's is exact), so processor gaps \
+         carry up to that much extra.",
+        ms(answer_after_restore),
+        verdict(answer_after_restore <= 1.0),
+        SETTLE.as_secs(),
+        POLL.as_millis()
+    ));
+    Ok(table)
+}
+
+/// Feeds every node's per-shard processed offsets into `progress` until aborted.
+async fn poll_progress(nodes: Vec<NodeAddr>, progress: Arc<Mutex<Progress>>) {
+    loop {
+        let polled = futures::future::join_all(nodes.iter().map(|n| n.processed_offsets())).await;
+        let now = Instant::now();
+        {
+            let mut progress = progress.lock().expect("progress");
+            for offsets in polled.into_iter().flatten() {
+                for (partition, offset) in offsets {
+                    progress.observe(partition, offset, now);
+                }
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn sample_users(users: u64) -> BTreeMap<u32, String> {
+    let mut sample = BTreeMap::new();
+    for u in 0..users {
+        let id = u.to_string();
+        sample.entry(partition_for_key(id.as_bytes(), 128)).or_insert(id);
+    }
+    sample
+}
+
+fn users_of(sample: &BTreeMap<u32, String>, partitions: &[u32]) -> Vec<String> {
+    partitions.iter().filter_map(|p| sample.get(p).cloned()).collect()
+}
+
+/// When every one of `users` has been answered through `addr` (each retried until it is).
+async fn answering(addr: &str, users: Vec<String>) -> anyhow::Result<Instant> {
+    let channel = tonic::transport::Channel::from_shared(addr.to_string())?.connect_timeout(Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let asks = users.into_iter().map(|id| {
+        let channel = channel.clone();
+        async move {
+            loop {
+                anyhow::ensure!(Instant::now() < deadline, "user {id} was not answered within 120 s");
+                if let Ok(ch) = channel.connect().await {
+                    let mut client = UserServiceClient::new(ch);
+                    let ask = client.user_stats(UserStatsRequest { id: id.clone() });
+                    if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), ask).await {
+                        return anyhow::Ok(());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    for result in futures::future::join_all(asks).await {
+        result?;
+    }
+    Ok(Instant::now())
+}
+
+/// A plain two-member group on the same input: a third member joins, then leaves.
+async fn bare_group_gaps(setup: &Setup, topic: &str) -> anyhow::Result<(f64, f64)> {
+    let mut group = BareGroup::new(&setup.bootstrap, topic, SESSION_TIMEOUT_MS);
+    group.add_member()?;
+    group.add_member()?;
+    tokio::time::sleep(STEADY + Duration::from_secs(4)).await;
+    let t0 = Instant::now();
+    group.add_member()?;
+    tokio::time::sleep(SETTLE + Duration::from_secs(4)).await;
+    let join = group.progress.lock().expect("progress").longest_gap(t0, Instant::now()).0;
+    let t0 = Instant::now();
+    group.remove_member();
+    tokio::time::sleep(SETTLE + Duration::from_secs(4)).await;
+    let leave = group.progress.lock().expect("progress").longest_gap(t0, Instant::now()).0;
+    Ok((join, leave))
+}

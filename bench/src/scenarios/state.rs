@@ -1,0 +1,118 @@
+//! Scenarios 4 and 5: restore and memory, with one node holding 1 000 000 users' state.
+//!
+//! Node A starts on an empty topic (its idle memory is the baseline), processes one event for
+//! each of N users (the live-actor cap keeps at most 100 000 actors), and stops gracefully.
+//! Node B (same group) then restores all N states from the changelog: its restore rate is
+//! compared with a bare read of that changelog, and its memory with N states and no live actor
+//! gives the bytes per user. Events for 40 000 of the users (under the cap) then make that many actors live:
+//! the memory difference is the cost of a live entity actor.
+
+use std::time::{Duration, Instant};
+
+use crate::kafka::{bare_drain, committed_to_end, end_offsets};
+use crate::nodes::{produce, wait_until, NodeProcess, Setup};
+use crate::report::{mib, rate, verdict, Table};
+
+const LIVE_ACTORS: u64 = 40_000;
+const GIB: u64 = 1 << 30;
+
+pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Table, Table)> {
+    let group = format!("{topic}-state");
+    let changelog = format!("{group}-state");
+    // Create the empty topic, then start node A on it.
+    produce(setup, topic, 0, 1, 0, false)?;
+    let mut node_a = NodeProcess::start(setup, 1, topic, &group, &[])?;
+    node_a.wait_assigned(Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_rss = node_a.rss_bytes()?;
+
+    eprintln!("state: one event for each of {users} users");
+    produce(setup, topic, users, users, 0, true)?;
+    let ends = end_offsets(&setup.bootstrap, topic, 128)?;
+    committed_to_end(&setup.bootstrap, &group, topic, &ends).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_a = node_a.rss_bytes()?;
+    let metrics_a = node_a.metrics().await.unwrap_or_default();
+    let live_a = metrics_a.get("processor_live_entities").copied().unwrap_or(0.0);
+    let stored_a = live_a + metrics_a.get("processor_passivated_entities").copied().unwrap_or(0.0);
+    anyhow::ensure!(stored_a as u64 == users, "node A holds {stored_a} users' state, not {users}");
+    node_a.stop()?;
+
+    eprintln!("state: node B restores {users} users from {changelog}");
+    let mut node_b = NodeProcess::start(setup, 2, topic, &group, &[])?;
+    let assigned = node_b.wait_assigned(Duration::from_secs(60)).await?;
+    let restored_at = wait_until(Duration::from_secs(600), "node B to restore every user", || async {
+        let restored = node_b.counter("entities_restored").await;
+        let metrics = node_b.metrics().await?;
+        let shards_done = metrics.get("processor_restore_seconds_count").copied().unwrap_or(0.0) >= 128.0;
+        (restored >= users && shards_done).then(Instant::now)
+    })
+    .await?;
+    let restore_time = (restored_at - assigned).as_secs_f64();
+    let restore_rate = users as f64 / restore_time;
+    let longest_shard = node_b.longest_logged_restore();
+
+    eprintln!("state: bare read of the changelog (baseline)");
+    let changelog_ends = end_offsets(&setup.bootstrap, &changelog, 128)?;
+    let (bootstrap, cl, e) = (setup.bootstrap.clone(), changelog.clone(), changelog_ends.clone());
+    let (records, bare_time) = tokio::task::spawn_blocking(move || bare_drain(&bootstrap, &cl, &e)).await??;
+    let bare_rate = records as f64 / bare_time.as_secs_f64();
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_b = node_b.rss_bytes()?;
+    let live_b = node_b.metrics().await.unwrap_or_default().get("processor_live_entities").copied().unwrap_or(0.0);
+
+    eprintln!("state: {LIVE_ACTORS} users' actors made live");
+    produce(setup, topic, LIVE_ACTORS, LIVE_ACTORS, 0, true)?;
+    let ends = end_offsets(&setup.bootstrap, topic, 128)?;
+    committed_to_end(&setup.bootstrap, &group, topic, &ends).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_live = node_b.rss_bytes()?;
+    let live_after = node_b.metrics().await.unwrap_or_default().get("processor_live_entities").copied().unwrap_or(0.0);
+    node_b.stop()?;
+
+    let mut restore = Table::new(
+        &format!("Restore: {users} users' state from the changelog ({records} records in 128 partitions)"),
+        &["read", "time", "per second", "× bare read", "target", ""],
+    );
+    restore.row(vec!["bare read_committed read of the changelog (baseline)".into(), format!("{:.2} s", bare_time.as_secs_f64()), format!("{} records", rate(bare_rate)), "1.00".into(), "baseline".into(), "".into()]);
+    restore.row(vec![
+        format!("node B: assignment to every shard live (longest shard {longest_shard:.2} s)"),
+        format!("{restore_time:.2} s"),
+        format!("{} entities", rate(restore_rate)),
+        format!("{:.2}", restore_rate / bare_rate),
+        "≥ 0.5 × bare".into(),
+        verdict(restore_rate >= 0.5 * bare_rate),
+    ]);
+
+    let per_user = rss_b.saturating_sub(idle_rss) as f64 / users as f64;
+    let per_actor = rss_live.saturating_sub(rss_b) as f64 / (live_after - live_b).max(1.0);
+    let mut memory = Table::new(&format!("Memory (resident set, VmRSS) with {users} users"), &["node", "live actors", "RSS", "per user / actor", "target", ""]);
+    memory.row(vec!["node A idle, before any event (baseline)".into(), "0".into(), mib(idle_rss), "".into(), "".into(), "".into()]);
+    memory.row(vec![
+        format!("node A after processing {users} users (default live-actor cap)"),
+        format!("{live_a:.0}"),
+        mib(rss_a),
+        format!("{:.0} B/user (incl. actors)", rss_a.saturating_sub(idle_rss) as f64 / users as f64),
+        "≤ 1 GiB".into(),
+        verdict(rss_a <= GIB),
+    ]);
+    memory.row(vec![
+        format!("node B with {users} users restored"),
+        format!("{live_b:.0}"),
+        mib(rss_b),
+        format!("{per_user:.0} B/user"),
+        "≤ 1 GiB".into(),
+        verdict(rss_b <= GIB),
+    ]);
+    memory.row(vec![
+        format!("node B after events for {LIVE_ACTORS} users"),
+        format!("{live_after:.0}"),
+        mib(rss_live),
+        format!("{per_actor:.0} B per live actor"),
+        "".into(),
+        "".into(),
+    ]);
+    memory.note("Per user = (RSS − idle RSS) ÷ users; per live actor = RSS growth ÷ actors made live, in the same process.");
+    Ok((restore, memory))
+}
