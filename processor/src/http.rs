@@ -84,6 +84,8 @@ struct Stats {
     partitions: u32,
     shards: Vec<u32>,
     in_flight: usize,
+    /// Actors alive in this process (ractor's registry): shards, entities, cluster plumbing.
+    actors: usize,
     #[serde(flatten)]
     counters: StatsSnapshot,
 }
@@ -174,6 +176,7 @@ async fn stats(State(m): State<Arc<Management>>) -> Response {
         partitions: m.partitions,
         shards: m.local.ids(),
         in_flight: m.gate.in_flight(),
+        actors: ractor::registry::pid_registry::get_all_pids().len(),
         counters: m.stats.snapshot(),
     })
     .into_response()

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -37,6 +37,8 @@ pub enum CheckpointError {
     Aborted(KafkaError),
     #[error("the consumer has no group membership to commit offsets for")]
     NotInGroup,
+    #[error("the checkpoint thread has stopped")]
+    WorkerGone,
     /// This node may no longer write (fenced by a newer instance or a newer group generation).
     #[error("checkpoint failed fatally (fenced?): {0}")]
     Fatal(KafkaError),
@@ -81,10 +83,10 @@ impl Checkpointer {
 
     /// Collects a checkpoint from each shard and commits them in one transaction. Returns
     /// whether there was anything to commit.
-    pub fn run<C: ConsumerContext>(
+    pub fn run(
         &mut self,
         runtime: &tokio::runtime::Handle,
-        consumer: &BaseConsumer<C>,
+        group: &ConsumerGroupMetadata,
         shards: &[(u32, LocalShard)],
     ) -> Result<bool, CheckpointError> {
         let checkpoints: Vec<(LocalShard, Checkpoint)> = runtime.block_on(futures::future::join_all(shards.iter().map(
@@ -103,9 +105,6 @@ impl Checkpointer {
         if checkpoints.iter().all(|(_, cp)| cp.is_empty() && !moved(cp)) {
             return Ok(false);
         }
-        let Some(group) = consumer.group_metadata() else {
-            return Err(CheckpointError::NotInGroup);
-        };
         self.producer.begin_transaction().map_err(|e| self.classify(e))?;
         let mut offsets = TopicPartitionList::new();
         for (_, cp) in &checkpoints {
@@ -113,7 +112,7 @@ impl Checkpointer {
                 return Err(self.abort(e));
             }
         }
-        if let Err(e) = self.producer.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT) {
+        if let Err(e) = self.producer.send_offsets_to_transaction(&offsets, group, TXN_TIMEOUT) {
             return Err(self.abort(e));
         }
         if let Err(e) = self.producer.commit_transaction(TXN_TIMEOUT) {
@@ -128,11 +127,9 @@ impl Checkpointer {
         Ok(true)
     }
 
-    /// Forgets what was committed for partitions no longer owned.
-    pub fn forget(&mut self, partitions: &[u32]) {
-        for p in partitions {
-            self.committed.remove(p);
-        }
+    /// What this node committed per partition (shared).
+    pub fn committed_offsets(&self) -> CommittedOffsets {
+        self.committed.clone()
     }
 
     fn write(&self, cp: &Checkpoint, offsets: &mut TopicPartitionList) -> Result<(), KafkaError> {

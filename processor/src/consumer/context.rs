@@ -4,19 +4,19 @@
 //! librdkafka calls the callbacks inside `poll` on the consumer thread, so they may block:
 //! Kafka does not give a revoked partition to another member until the revoke callback returns.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, TopicPartitionList};
 
-use super::checkpoint::{CheckpointError, Checkpointer};
+use super::checkpoint::CheckpointError;
+use super::checkpoint_worker::CheckpointWorker;
 use super::dispatch::Dispatcher;
 use crate::handoff::Handoff;
 use crate::metrics::Metrics;
 use crate::shard::LocalShard;
-use crate::stats::NodeStats;
 
 /// Checkpoint attempts for revoked partitions before giving them up uncommitted.
 const REVOKE_CHECKPOINT_ATTEMPTS: u32 = 3;
@@ -25,12 +25,10 @@ pub struct NodeContext {
     pub topic: String,
     pub handoff: Arc<Handoff>,
     pub dispatcher: Mutex<Dispatcher>,
-    pub checkpointer: Mutex<Checkpointer>,
-    pub runtime: tokio::runtime::Handle,
-    pub stats: Arc<NodeStats>,
+    pub checkpoints: Mutex<CheckpointWorker>,
     pub metrics: Arc<Metrics>,
     /// Set when this node can no longer write (fenced); the node then exits.
-    pub fenced: AtomicBool,
+    pub fenced: Arc<AtomicBool>,
     /// librdkafka's latest statistics JSON (per-partition fetch state and offsets), when
     /// `statistics.interval.ms` is enabled; served at `/cluster/kafka-stats` for diagnosis.
     pub kafka_stats: Arc<Mutex<String>>,
@@ -48,31 +46,29 @@ impl NodeContext {
         partitions
     }
 
-    /// Commits one checkpoint transaction for `partitions` (all local shards if `None`).
-    pub fn checkpoint(&self, consumer: &BaseConsumer<Self>, partitions: Option<&[u32]>) -> Result<(), CheckpointError> {
+    fn shards(&self, partitions: Option<&[u32]>) -> Vec<(u32, LocalShard)> {
         let local = self.handoff.local();
         let ids = partitions.map(<[u32]>::to_vec).unwrap_or_else(|| local.ids());
-        let shards: Vec<(u32, LocalShard)> = ids.into_iter().filter_map(|p| local.get(p).map(|s| (p, s))).collect();
+        ids.into_iter().filter_map(|p| local.get(p).map(|s| (p, s))).collect()
+    }
+
+    /// Starts the periodic checkpoint of every local shard (on the checkpoint thread).
+    pub fn checkpoint_in_background(&self, consumer: &BaseConsumer<Self>) {
+        let shards = self.shards(None);
+        if let (false, Some(group)) = (shards.is_empty(), consumer.group_metadata()) {
+            self.checkpoints.lock().expect("checkpoint lock poisoned").start_periodic(shards, group);
+        }
+    }
+
+    /// Commits one checkpoint transaction for `partitions` and waits for it (after the one in
+    /// flight).
+    fn checkpoint_now(&self, consumer: &BaseConsumer<Self>, partitions: &[u32]) -> Result<(), CheckpointError> {
+        let shards = self.shards(Some(partitions));
         if shards.is_empty() {
             return Ok(());
         }
-        let result = self.checkpointer.lock().expect("checkpointer lock poisoned").run(&self.runtime, consumer, &shards);
-        match &result {
-            Ok(committed) => {
-                if *committed {
-                    NodeStats::add(&self.stats.checkpoints_committed, 1);
-                }
-            }
-            Err(CheckpointError::Fatal(e)) => {
-                tracing::error!("this node was fenced and can no longer commit ({e}); stopping it");
-                self.fenced.store(true, Ordering::SeqCst);
-            }
-            Err(e) => {
-                NodeStats::add(&self.stats.checkpoints_aborted, 1);
-                tracing::warn!("{e}; the next checkpoint retries");
-            }
-        }
-        result.map(|_| ())
+        let group = consumer.group_metadata().ok_or(CheckpointError::NotInGroup)?;
+        self.checkpoints.lock().expect("checkpoint lock poisoned").run_now(shards, group).map(|_| ())
     }
 }
 
@@ -112,7 +108,7 @@ impl ConsumerContext for NodeContext {
             );
         } else {
             let mut attempt = 1;
-            while let Err(e) = self.checkpoint(consumer, Some(&partitions)) {
+            while let Err(e) = self.checkpoint_now(consumer, &partitions) {
                 if matches!(e, CheckpointError::Fatal(_)) || attempt >= REVOKE_CHECKPOINT_ATTEMPTS {
                     tracing::warn!("handing off {:?} without a final checkpoint: the next owner resumes from the previous one", partitions);
                     break;
@@ -121,7 +117,11 @@ impl ConsumerContext for NodeContext {
             }
             self.metrics.observe_handoff_step("checkpoint", checkpoint_started.elapsed());
         }
-        self.checkpointer.lock().expect("checkpointer lock poisoned").forget(&partitions);
+        let mut checkpoints = self.checkpoints.lock().expect("checkpoint lock poisoned");
+        // A lost partition's checkpoint may be in flight (it will fail): let it end first.
+        checkpoints.wait_in_flight();
+        checkpoints.forget(&partitions);
+        drop(checkpoints);
         self.handoff.release(&partitions);
         self.metrics.observe_rebalance(if lost { "lost" } else { "revoked" }, started.elapsed());
     }

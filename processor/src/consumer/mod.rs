@@ -7,6 +7,7 @@
 //! callbacks run inside `poll` on this thread and may block, which is why it is not a tokio task.
 
 pub mod checkpoint;
+mod checkpoint_worker;
 mod context;
 mod dispatch;
 
@@ -28,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::shard::{ConsumedRecord, LocalShards};
 use crate::stats::NodeStats;
 use checkpoint::{Checkpointer, HEADER_REROUTED_FROM};
+use checkpoint_worker::CheckpointWorker;
 use context::NodeContext;
 use dispatch::Dispatcher;
 
@@ -104,16 +106,15 @@ impl ConsumerHandle {
 
 pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<ConsumerHandle, ConsumerError> {
     let stopping = Arc::new(AtomicBool::new(false));
+    let fenced = Arc::new(AtomicBool::new(false));
     let ConsumerParts { handoff, local, gate, stats, metrics, dead_letters, checkpointer, kafka_stats, runtime } = parts;
     let context = NodeContext {
         topic: settings.topic.clone(),
         handoff,
         dispatcher: Mutex::new(Dispatcher::new(local.clone(), gate, stopping.clone())),
-        checkpointer: Mutex::new(checkpointer),
-        runtime,
-        stats: stats.clone(),
+        checkpoints: Mutex::new(CheckpointWorker::start(checkpointer, runtime.clone(), stats.clone(), fenced.clone())),
         metrics,
-        fenced: AtomicBool::new(false),
+        fenced,
         kafka_stats,
     };
     let session_ms = settings.session_timeout.as_millis().max(1_000);
@@ -186,7 +187,7 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
             }
         }
         if last_commit.elapsed() >= settings.commit_interval {
-            let _ = context.checkpoint(&consumer, None);
+            context.checkpoint_in_background(&consumer);
             last_commit = Instant::now();
         }
         if last_partition_check.elapsed() >= PARTITION_COUNT_CHECK_EVERY {

@@ -1,0 +1,107 @@
+//! Runs checkpoint transactions on a thread of their own, so the poll loop keeps reading and
+//! dispatching while a transaction commits (a commit waits for the broker to write markers to
+//! every changelog partition in it, and for the group coordinator: tens to hundreds of ms that
+//! would otherwise stall every partition; see docs/BENCHMARKS.md).
+//!
+//! At most one checkpoint is in flight. The periodic one is started and not waited for; the
+//! hand-off's final checkpoint first waits for the one in flight, then runs and is waited for,
+//! so a revoked partition's last transaction is committed before the callback returns.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+
+use rdkafka::consumer::ConsumerGroupMetadata;
+
+use super::checkpoint::{CheckpointError, Checkpointer};
+use crate::shard::LocalShard;
+use crate::stats::NodeStats;
+
+type Outcome = Result<bool, CheckpointError>;
+
+struct Request {
+    shards: Vec<(u32, LocalShard)>,
+    group: ConsumerGroupMetadata,
+    done: Sender<Outcome>,
+}
+
+pub struct CheckpointWorker {
+    requests: Sender<Request>,
+    in_flight: Option<Receiver<Outcome>>,
+    checkpointer_committed: crate::metrics::CommittedOffsets,
+}
+
+impl CheckpointWorker {
+    /// Starts the thread. It counts outcomes in `stats` and sets `fenced` when this node may
+    /// no longer commit.
+    pub fn start(mut checkpointer: Checkpointer, runtime: tokio::runtime::Handle, stats: Arc<NodeStats>, fenced: Arc<AtomicBool>) -> Self {
+        let (requests, inbox) = mpsc::channel::<Request>();
+        let checkpointer_committed = checkpointer.committed_offsets();
+        std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                for request in inbox {
+                    let outcome = checkpointer.run(&runtime, &request.group, &request.shards);
+                    record(&outcome, &stats, &fenced);
+                    let _ = request.done.send(outcome);
+                }
+            })
+            .expect("cannot spawn the checkpoint thread");
+        Self { requests, in_flight: None, checkpointer_committed }
+    }
+
+    /// Starts a checkpoint of `shards` unless one is still running (then this round is skipped:
+    /// the running one's successor will include everything).
+    pub fn start_periodic(&mut self, shards: Vec<(u32, LocalShard)>, group: ConsumerGroupMetadata) {
+        if let Some(running) = &self.in_flight {
+            match running.try_recv() {
+                Err(TryRecvError::Empty) => return,
+                Ok(_) | Err(TryRecvError::Disconnected) => self.in_flight = None,
+            }
+        }
+        self.in_flight = self.send(shards, group);
+    }
+
+    /// Waits for the checkpoint in flight, if any.
+    pub fn wait_in_flight(&mut self) {
+        if let Some(running) = self.in_flight.take() {
+            let _ = running.recv();
+        }
+    }
+
+    /// Runs a checkpoint of `shards` after the one in flight, and waits for it.
+    pub fn run_now(&mut self, shards: Vec<(u32, LocalShard)>, group: ConsumerGroupMetadata) -> Outcome {
+        self.wait_in_flight();
+        let Some(done) = self.send(shards, group) else {
+            return Err(CheckpointError::WorkerGone);
+        };
+        done.recv().unwrap_or(Err(CheckpointError::WorkerGone))
+    }
+
+    /// Forgets what was committed for partitions no longer owned (call with none in flight).
+    pub fn forget(&mut self, partitions: &[u32]) {
+        for p in partitions {
+            self.checkpointer_committed.remove(p);
+        }
+    }
+
+    fn send(&self, shards: Vec<(u32, LocalShard)>, group: ConsumerGroupMetadata) -> Option<Receiver<Outcome>> {
+        let (done, outcome) = mpsc::channel();
+        self.requests.send(Request { shards, group, done }).ok().map(|_| outcome)
+    }
+}
+
+fn record(outcome: &Outcome, stats: &NodeStats, fenced: &AtomicBool) {
+    match outcome {
+        Ok(true) => NodeStats::add(&stats.checkpoints_committed, 1),
+        Ok(false) => {}
+        Err(CheckpointError::Fatal(e)) => {
+            tracing::error!("this node was fenced and can no longer commit ({e}); stopping it");
+            fenced.store(true, Ordering::SeqCst);
+        }
+        Err(e) => {
+            NodeStats::add(&stats.checkpoints_aborted, 1);
+            tracing::warn!("{e}; the next checkpoint retries");
+        }
+    }
+}
