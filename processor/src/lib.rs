@@ -27,7 +27,6 @@ pub mod grpc;
 pub mod handoff;
 pub mod http;
 pub mod kafka_admin;
-pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod restore;

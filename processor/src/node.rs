@@ -105,7 +105,6 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         config.query_wait,
         config.remote_call_timeout,
     ));
-    tokio::spawn(crate::memory::trim_after_passivation(stats.clone()));
     let announcer = Arc::new(Announcer::new(table.clone()));
     tokio::spawn(announcer.clone().run());
 

@@ -14,6 +14,8 @@ use crate::shard::{ConsumedRecord, LocalShards, ShardMsg};
 
 pub const MAX_BATCH: usize = 2_000;
 pub const MAX_BATCH_AGE: Duration = Duration::from_millis(5);
+/// A new batch's initial capacity: growing every batch from empty showed in the profile.
+const BATCH_CAPACITY: usize = 64;
 
 pub struct Dispatcher {
     batches: HashMap<u32, Vec<ConsumedRecord>>,
@@ -30,7 +32,7 @@ impl Dispatcher {
     }
 
     pub fn push(&mut self, partition: u32, record: ConsumedRecord) {
-        self.batches.entry(partition).or_default().push(record);
+        self.batches.entry(partition).or_insert_with(|| Vec::with_capacity(BATCH_CAPACITY)).push(record);
         self.buffered += 1;
         self.oldest.get_or_insert_with(Instant::now);
     }
