@@ -43,6 +43,9 @@ struct Args {
     /// Users whose state one node holds in the restore and memory runs.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     state_users: u64,
+    /// Runs of each throughput measurement (the median is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
+    repeat: u64,
     /// Scenarios to run (queries and rebalance need throughput's nodes).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "throughput,queries,rebalance,state")]
     scenarios: Vec<Scenario>,
@@ -71,7 +74,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut tables = Vec::new();
     if wants(Scenario::Throughput) {
-        let (table, nodes) = scenarios::throughput::run(&setup, &topic, args.events, args.users).await?;
+        let (table, nodes) = scenarios::throughput::run(&setup, &topic, args.events, args.users, args.repeat as usize).await?;
         println!("{}", table.render());
         tables.push(table);
         if wants(Scenario::Queries) {
