@@ -66,6 +66,8 @@ pub struct Metrics {
     /// Per shard: from its assignment until its state was restored and it went live.
     pub restore_seconds: Histogram,
     pub grpc_seconds: HistogramFamily<GrpcLabels>,
+    /// Queries per message to a peer (see `cluster::query_batcher`).
+    pub remote_query_batch: Histogram,
     shards_owned: Gauge,
     live_entities: Gauge,
     passivated_entities: Gauge,
@@ -96,6 +98,7 @@ impl Metrics {
             handoff_step_seconds: Family::new_with_constructor(slow_histogram),
             restore_seconds: slow_histogram(),
             grpc_seconds: Family::new_with_constructor(request_histogram),
+            remote_query_batch: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
             shards_owned: Gauge::default(),
             live_entities: Gauge::default(),
             passivated_entities: Gauge::default(),
@@ -107,6 +110,7 @@ impl Metrics {
         registry.register("handoff_step_seconds", "Steps of handing a shard off, by step", this.handoff_step_seconds.clone());
         registry.register("restore_seconds", "Per shard, from assignment until restored from the changelog and live", this.restore_seconds.clone());
         registry.register("grpc_request_seconds", "UserStats request latency, by route and outcome", this.grpc_seconds.clone());
+        registry.register("remote_query_batch_size", "Queries sent to a peer in one message", this.remote_query_batch.clone());
         registry.register("shards_owned", "Shards (partitions) hosted by this node", this.shards_owned.clone());
         registry.register("live_entities", "Live entity actors", this.live_entities.clone());
         registry.register("passivated_entities", "Users with state here whose actor is passivated", this.passivated_entities.clone());

@@ -104,6 +104,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         local.clone(),
         config.query_wait,
         config.remote_call_timeout,
+        metrics.clone(),
     ));
     let announcer = Arc::new(Announcer::new(table.clone()));
     tokio::spawn(announcer.clone().run());

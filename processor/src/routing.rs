@@ -14,8 +14,10 @@ use ractor::{ActorRef, MessagingErr};
 
 use crate::allocation::{AllocationTable, Owner};
 use crate::cluster::gateway::{self, GatewayMsg};
+use crate::cluster::query_batcher::QueryBatcher;
 use crate::cluster::wire::{totals_answer, TotalsAnswer, TotalsQuery};
 use crate::entity::Totals;
+use crate::metrics::Metrics;
 use crate::shard::{LocalShards, ShardMsg};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -59,6 +61,7 @@ pub struct Router {
     local: Arc<LocalShards>,
     owner_wait: Duration,
     call_timeout: Duration,
+    batcher: QueryBatcher,
 }
 
 impl Router {
@@ -68,8 +71,9 @@ impl Router {
         local: Arc<LocalShards>,
         owner_wait: Duration,
         call_timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> Self {
-        Self { partitions, table, local, owner_wait, call_timeout }
+        Self { partitions, table, local, owner_wait, call_timeout, batcher: QueryBatcher::new(call_timeout, metrics) }
     }
 
     pub fn shard_of(&self, user_id: &str) -> u32 {
@@ -84,8 +88,7 @@ impl Router {
             || self.local_totals(shard, user_id),
             |gw| async move {
                 let query = TotalsQuery { user_id: user_id.to_owned(), shard };
-                let answer = gw.call(|reply| GatewayMsg::Totals(query, reply), Some(self.call_timeout)).await;
-                match call_outcome(answer) {
+                match self.batcher.ask(&gw, query).await {
                     Ok(TotalsAnswer { result: Some(totals_answer::Result::Totals(t)) }) => {
                         Attempt::Done(Totals { purchases: t.purchases, amount_spent: t.amount_spent })
                     }
@@ -152,7 +155,7 @@ impl Router {
     }
 }
 
-fn call_outcome<T>(result: Result<CallResult<T>, MessagingErr<GatewayMsg>>) -> Result<T, String> {
+pub(crate) fn call_outcome<T>(result: Result<CallResult<T>, MessagingErr<GatewayMsg>>) -> Result<T, String> {
     match result {
         Ok(CallResult::Success(value)) => Ok(value),
         Ok(CallResult::Timeout) => Err("remote call timed out".into()),

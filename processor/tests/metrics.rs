@@ -138,6 +138,10 @@ async fn metrics_move_with_what_was_produced() {
         let remote = sum_of(m, "processor_grpc_request_seconds_count", r#"route="remote",outcome="ok""#);
         assert!(local > 0.0 && remote > 0.0, "local {local}, remote {remote}");
         assert!(local + remote >= users, "every user was asked through each node ({local} + {remote} < {users})");
+        // Every remote answer came through a (possibly batched) message to the peer.
+        let batched = sample(m, "processor_remote_query_batch_size_sum");
+        let messages = sample(m, "processor_remote_query_batch_size_count");
+        assert!(batched >= remote && messages >= 1.0 && messages <= batched, "batches: {messages} messages, {batched} queries, {remote} remote answers");
     }
     let mut client = UserServiceClient::connect(spec.grpc_url(1)).await.unwrap();
     let status = client.user_stats(UserStatsRequest { id: String::new() }).await.unwrap_err();

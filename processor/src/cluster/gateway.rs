@@ -12,7 +12,9 @@ use ractor::{pg, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
 
 use crate::allocation::AllocationTable;
-use crate::cluster::wire::{totals_answer, NotOwner, OwnershipAnnouncement, Totals as WireTotals, TotalsAnswer, TotalsQuery};
+use crate::cluster::wire::{
+    totals_answer, NotOwner, OwnershipAnnouncement, Totals as WireTotals, TotalsAnswer, TotalsBatch, TotalsBatchAnswer, TotalsQuery,
+};
 use crate::entity::Totals;
 use crate::event::MAX_USER_ID_BYTES;
 use crate::routing::{Attempt, Router};
@@ -28,8 +30,9 @@ fn node_group(node: &str) -> String {
 pub enum GatewayMsg {
     /// A node's complete set of owned shards.
     Announce(OwnershipAnnouncement),
+    /// Users' totals from shards hosted here, answered in order (see `query_batcher`).
     #[rpc]
-    Totals(TotalsQuery, RpcReplyPort<TotalsAnswer>),
+    TotalsBatch(TotalsBatch, RpcReplyPort<TotalsBatchAnswer>),
 }
 
 /// The gateway of another node, if connected.
@@ -88,11 +91,11 @@ impl Actor for Gateway {
                     tracing::info!("node {} now owns {} shards", a.node, a.shards.len());
                 }
             }
-            GatewayMsg::Totals(query, reply) => {
+            GatewayMsg::TotalsBatch(batch, reply) => {
                 let router = state.router.clone();
                 tokio::spawn(async move {
-                    let answer = answer_query(&router, query).await;
-                    let _ = reply.send(answer);
+                    let answers = futures::future::join_all(batch.queries.into_iter().map(|q| answer_query(&router, q))).await;
+                    let _ = reply.send(TotalsBatchAnswer { answers });
                 });
             }
         }

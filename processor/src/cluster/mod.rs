@@ -1,7 +1,8 @@
 //! The cluster layer: ractor_cluster membership, the per-node gateway actor (the only remotable
-//! actor), ownership announcements, and the wire format between nodes.
+//! actor), ownership announcements, query batching to peers, and the wire format between nodes.
 
 pub mod announce;
 pub mod gateway;
 pub mod membership;
+pub mod query_batcher;
 pub mod wire;

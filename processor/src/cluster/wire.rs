@@ -26,7 +26,7 @@ macro_rules! bytes_convertable_via_prost {
     )*};
 }
 
-bytes_convertable_via_prost!(OwnershipAnnouncement, TotalsQuery, TotalsAnswer);
+bytes_convertable_via_prost!(OwnershipAnnouncement, TotalsQuery, TotalsAnswer, TotalsBatch, TotalsBatchAnswer);
 
 #[cfg(test)]
 mod tests {
