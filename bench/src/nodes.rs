@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -36,7 +37,8 @@ pub struct NodeAddr {
 
 pub struct NodeProcess {
     pub addr: NodeAddr,
-    child: Option<Child>,
+    /// `None` once stopped or killed.
+    child: Mutex<Option<Child>>,
     log: PathBuf,
 }
 
@@ -61,12 +63,25 @@ impl NodeProcess {
             .stderr(file)
             .spawn()
             .context("starting the processor binary")?;
-        Ok(Self { addr: NodeAddr::new(index, group), child: Some(child), log })
+        Ok(Self { addr: NodeAddr::new(index, group), child: Mutex::new(Some(child)), log })
+    }
+
+    /// Polls until this node (still running) reports assigned partitions; returns when it did.
+    pub async fn wait_assigned(&self, within: Duration) -> anyhow::Result<Instant> {
+        let deadline = Instant::now() + within;
+        loop {
+            self.ensure_running()?;
+            if self.counter("partitions_assigned").await > 0 && !self.shards().await.is_empty() {
+                return Ok(Instant::now());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "node {} was not assigned partitions within {within:?}", self.index);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Resident memory (VmRSS) of the node process.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
-        let pid = self.child.as_ref().context("node not running")?.id();
+        let pid = self.child.lock().expect("child lock").as_ref().context("node not running")?.id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kib: u64 = status
             .lines()
@@ -82,8 +97,19 @@ impl NodeProcess {
     }
 
     /// SIGTERM (graceful hand-off), then wait for the exit.
+    /// Fails if the process has exited (e.g. it could not bind its ports), naming its log.
+    pub fn ensure_running(&self) -> anyhow::Result<()> {
+        let mut child = self.child.lock().expect("child lock");
+        let Some(running) = child.as_mut() else { anyhow::bail!("node {} was stopped", self.index) };
+        if let Some(status) = running.try_wait()? {
+            child.take();
+            anyhow::bail!("node {} exited ({status}); see {}", self.index, self.log.display());
+        }
+        Ok(())
+    }
+
     pub fn stop(&mut self) -> anyhow::Result<()> {
-        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let Some(mut child) = self.child.lock().expect("child lock").take() else { return Ok(()) };
         signal(child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(60);
         while child.try_wait()?.is_none() {
@@ -95,7 +121,7 @@ impl NodeProcess {
 
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if let Some(mut child) = self.child.lock().expect("child lock").take() {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -155,15 +181,6 @@ impl NodeAddr {
                 .filter_map(|(series, v)| Some((series.to_string(), v.parse().ok()?)))
                 .collect(),
         )
-    }
-
-    /// Polls until the node reports at least one assigned partition; returns when it did.
-    pub async fn wait_assigned(&self, within: Duration) -> anyhow::Result<Instant> {
-        wait_until(within, &format!("node {} to be assigned partitions", self.index), || async {
-            (self.counter("partitions_assigned").await > 0 && !self.shards().await.is_empty()).then_some(())
-        })
-        .await?;
-        Ok(Instant::now())
     }
 
 }

@@ -45,8 +45,14 @@ pub async fn run(setup: &Setup, topic: &str, events: u64, users: u64, repeat: us
     let mut bare = Vec::new();
     let mut one = Vec::new();
     let mut two = Vec::new();
-    let mut last_nodes = None;
+    let mut last_nodes: Option<Vec<NodeProcess>> = None;
     for round in 1..=repeat {
+        // The previous round's two nodes hold the ports.
+        if let Some(mut nodes) = last_nodes.take() {
+            for node in nodes.iter_mut() {
+                node.stop()?;
+            }
+        }
         eprintln!("throughput round {round}/{repeat}: bare consumer drain (baseline)");
         let (bootstrap, t, e) = (setup.bootstrap.clone(), topic.to_string(), ends.clone());
         let (records, bare_time) = tokio::task::spawn_blocking(move || bare_drain(&bootstrap, &t, &e)).await??;
@@ -123,13 +129,15 @@ async fn drain(setup: &Setup, topic: &str, nodes: &[NodeProcess], ends: &BTreeMa
 }
 
 async fn first_assigned(nodes: &[NodeProcess]) -> anyhow::Result<Instant> {
-    crate::nodes::wait_until(Duration::from_secs(60), "a node to be assigned partitions", || async {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
         for node in nodes {
+            node.ensure_running()?;
             if node.counter("partitions_assigned").await > 0 {
-                return Some(Instant::now());
+                return Ok(Instant::now());
             }
         }
-        None
-    })
-    .await
+        anyhow::ensure!(Instant::now() < deadline, "no node was assigned partitions within 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
