@@ -1,11 +1,5 @@
 use processor::cli::{Args, NodeConfig};
 
-/// mimalloc instead of glibc malloc: records are allocated on the consumer thread and freed on
-/// the tokio workers, and glibc's per-thread arenas grew and shrank their heaps under that
-/// pattern (sysmalloc/grow_heap were 18% of the consumer thread's profile; docs/BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     let args: Args = proto::cli::parse_or_exit();
     let config = match NodeConfig::from_args(args) {

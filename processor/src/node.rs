@@ -106,6 +106,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         config.remote_call_timeout,
         metrics.clone(),
     ));
+    tokio::spawn(crate::memory::trim_after_passivation(stats.clone()));
     let announcer = Arc::new(Announcer::new(table.clone()));
     tokio::spawn(announcer.clone().run());
 
