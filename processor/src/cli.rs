@@ -86,9 +86,9 @@ pub struct Args {
     #[arg(long, env = "PASSIVATE_AFTER_MS", default_value_t = 120_000)]
     pub passivate_after_ms: u64,
 
-    /// How often librdkafka's consumer statistics are refreshed, for `/cluster/kafka-stats` and the
-    /// consumer lag at `/metrics` (0 = off).
-    #[arg(long, env = "KAFKA_STATISTICS_INTERVAL_MS", default_value_t = 1_000)]
+    /// How often librdkafka's consumer statistics are refreshed for `/cluster/kafka-stats` (0 = off;
+    /// producing them delays fetches on a busy node, so they are for diagnosis).
+    #[arg(long, env = "KAFKA_STATISTICS_INTERVAL_MS", default_value_t = 0)]
     pub statistics_interval_ms: u64,
 
     /// Cap on live entity actors on this node; the least recently used idle ones are passivated.

@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::allocation::AllocationTable;
 use crate::backpressure::InFlightGate;
 use crate::cluster::membership::Membership;
+use crate::lag::LagProbe;
 use crate::metrics::{Metrics, ScrapeInputs};
 use crate::shard::{EntityCounts, LocalShards, ShardMsg};
 use crate::stats::{NodeStats, StatsSnapshot};
@@ -40,6 +41,7 @@ pub struct Management {
     pub stats: Arc<NodeStats>,
     pub gate: Arc<InFlightGate>,
     pub metrics: Arc<Metrics>,
+    pub lag: LagProbe,
 }
 
 #[derive(Serialize)]
@@ -135,14 +137,24 @@ async fn entity_counts(local: &LocalShards) -> Vec<(u32, EntityCounts)> {
 async fn metrics(State(m): State<Arc<Management>>) -> Response {
     let counts = entity_counts(&m.local).await;
     let shards: Vec<u32> = counts.iter().map(|(id, _)| *id).collect();
-    let kafka_stats = m.kafka_stats.lock().expect("stats lock poisoned").clone();
+    let lags = {
+        let (m, shards) = (m.clone(), shards.clone());
+        tokio::task::spawn_blocking(move || m.lag.lags(&shards)).await
+    };
+    let lags = match lags {
+        Ok(Ok(lags)) => lags,
+        Ok(Err(e)) => {
+            tracing::warn!("consumer lag not available for /metrics: {e}");
+            Vec::new()
+        }
+        Err(_) => Vec::new(),
+    };
     let body = m.metrics.render(&ScrapeInputs {
         shards: &shards,
         live_entities: counts.iter().map(|(_, c)| c.live).sum(),
         stored_entities: counts.iter().map(|(_, c)| c.known).sum(),
         in_flight: m.gate.in_flight(),
-        kafka_stats: &kafka_stats,
-        topic: &m.topic,
+        lags: &lags,
     });
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }

@@ -27,6 +27,7 @@ pub mod grpc;
 pub mod handoff;
 pub mod http;
 pub mod kafka_admin;
+pub mod lag;
 pub mod memory;
 pub mod metrics;
 pub mod node;

@@ -5,21 +5,14 @@
 //! that are read when scraped (shards owned, live / passivated entities, consumer lag per
 //! partition). All names start with `processor_`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use serde_json::Value;
-
 use crate::stats::NodeStats;
-
-/// Next offset to read per partition, as committed by this node's checkpoint transactions.
-pub type CommittedOffsets = Arc<DashMap<u32, i64>>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RebalanceLabels {
@@ -73,7 +66,6 @@ pub struct Metrics {
     passivated_entities: Gauge,
     in_flight_events: Gauge,
     consumer_lag: Family<PartitionLabels, Gauge>,
-    committed: CommittedOffsets,
 }
 
 /// What only the scraper can see: read when `/metrics` is requested.
@@ -82,13 +74,12 @@ pub struct ScrapeInputs<'a> {
     pub live_entities: usize,
     pub stored_entities: usize,
     pub in_flight: usize,
-    /// librdkafka's latest statistics JSON (for the end offset of each partition).
-    pub kafka_stats: &'a str,
-    pub topic: &'a str,
+    /// Consumer lag per owned partition (see `lag`).
+    pub lags: &'a [(u32, i64)],
 }
 
 impl Metrics {
-    pub fn new(stats: &NodeStats, committed: CommittedOffsets) -> Self {
+    pub fn new(stats: &NodeStats) -> Self {
         let mut root = Registry::default();
         let registry = root.sub_registry_with_prefix("processor");
         stats.register(registry);
@@ -104,7 +95,6 @@ impl Metrics {
             passivated_entities: Gauge::default(),
             in_flight_events: Gauge::default(),
             consumer_lag: Family::default(),
-            committed,
         };
         registry.register("rebalance_callback_seconds", "Time a rebalance callback held the group, by kind", this.rebalance_seconds.clone());
         registry.register("handoff_step_seconds", "Steps of handing a shard off, by step", this.handoff_step_seconds.clone());
@@ -138,7 +128,7 @@ impl Metrics {
         self.passivated_entities.set(inputs.stored_entities.saturating_sub(inputs.live_entities) as i64);
         self.in_flight_events.set(inputs.in_flight as i64);
         self.consumer_lag.clear();
-        for (partition, lag) in consumer_lags(inputs.kafka_stats, inputs.topic, inputs.shards, &self.committed) {
+        for &(partition, lag) in inputs.lags {
             self.consumer_lag.get_or_create(&PartitionLabels { partition }).set(lag);
         }
         let mut out = String::new();
@@ -147,53 +137,14 @@ impl Metrics {
     }
 }
 
-/// Lag per owned partition: its end (last stable offset, as this read_committed consumer sees
-/// it) minus the next offset to process: this node's last committed checkpoint, else the group's
-/// committed offset found at assignment, else the partition's start. Partitions librdkafka has
-/// no end for yet are left out.
-fn consumer_lags(kafka_stats: &str, topic: &str, shards: &[u32], committed: &DashMap<u32, i64>) -> Vec<(u32, i64)> {
-    let Ok(stats) = serde_json::from_str::<Value>(kafka_stats) else {
-        return Vec::new();
-    };
-    let partitions = &stats["topics"][topic]["partitions"];
-    let offset = |p: &Value, field: &str| p[field].as_i64().filter(|o| *o >= 0);
-    shards
-        .iter()
-        .filter_map(|&shard| {
-            let p = &partitions[shard.to_string()];
-            let end = offset(p, "ls_offset").or_else(|| offset(p, "hi_offset"))?;
-            let position = committed
-                .get(&shard)
-                .map(|o| *o)
-                .or_else(|| offset(p, "committed_offset"))
-                .or_else(|| offset(p, "lo_offset"))?;
-            Some((shard, (end - position).max(0)))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn lag_uses_our_commit_then_the_group_commit_then_the_start() {
-        let stats = r#"{"topics":{"t":{"partitions":{
-            "0":{"ls_offset":100,"hi_offset":100,"lo_offset":0,"committed_offset":40},
-            "1":{"ls_offset":50,"hi_offset":55,"lo_offset":10,"committed_offset":-1001},
-            "2":{"ls_offset":-1001,"hi_offset":-1001,"lo_offset":-1001,"committed_offset":-1001},
-            "3":{"ls_offset":70,"hi_offset":70,"lo_offset":0,"committed_offset":20}}}}}"#;
-        let committed = DashMap::new();
-        committed.insert(3, 70);
-        let lags = consumer_lags(stats, "t", &[0, 1, 2, 3, 9], &committed);
-        assert_eq!(lags, vec![(0, 60), (1, 40), (3, 0)]);
-        assert!(consumer_lags("not json", "t", &[0], &committed).is_empty());
-    }
-
-    #[test]
     fn render_exposes_counters_histograms_and_gauges() {
         let stats = NodeStats::default();
-        let metrics = Metrics::new(&stats, CommittedOffsets::default());
+        let metrics = Metrics::new(&stats);
         NodeStats::add(&stats.events_processed_local, 7);
         metrics.observe_grpc("remote", "ok", Duration::from_millis(2));
         let text = metrics.render(&ScrapeInputs {
@@ -201,11 +152,11 @@ mod tests {
             live_entities: 3,
             stored_entities: 10,
             in_flight: 0,
-            kafka_stats: "",
-            topic: "t",
+            lags: &[(1, 5), (2, 0)],
         });
         assert!(text.contains("processor_events_processed_local_total 7"), "{text}");
         assert!(text.contains("processor_shards_owned 2"), "{text}");
+        assert!(text.contains(r#"processor_consumer_lag{partition="1"} 5"#), "{text}");
         assert!(text.contains("processor_passivated_entities 7"), "{text}");
         assert!(text.contains(r#"processor_grpc_request_seconds_count{route="remote",outcome="ok"} 1"#), "{text}");
     }

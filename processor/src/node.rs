@@ -22,7 +22,8 @@ use crate::dlq::DeadLetters;
 use crate::handoff::Handoff;
 use crate::http::Management;
 use crate::kafka_admin::{self, AdminError};
-use crate::metrics::{CommittedOffsets, Metrics};
+use crate::lag::LagProbe;
+use crate::metrics::Metrics;
 use crate::routing::Router;
 use crate::shard::{LocalShards, ShardEnv};
 use crate::stats::NodeStats;
@@ -45,6 +46,8 @@ pub enum NodeError {
     Consumer(#[from] ConsumerError),
     #[error("cannot create the dead-letter producer: {0}")]
     DeadLetters(rdkafka::error::KafkaError),
+    #[error("cannot create the consumer-lag client: {0}")]
+    LagProbe(rdkafka::error::KafkaError),
     #[error("cannot start the gateway actor: {0}")]
     Gateway(String),
     #[error("changelog topic {topic} has {found} partitions but the input topic has {expected}: they must match")]
@@ -95,8 +98,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let table = Arc::new(AllocationTable::new(node_id.clone()));
     let local = Arc::new(LocalShards::default());
     let stats = Arc::new(NodeStats::default());
-    let committed = CommittedOffsets::default();
-    let metrics = Arc::new(Metrics::new(&stats, committed.clone()));
+    let metrics = Arc::new(Metrics::new(&stats));
     let gate = Arc::new(InFlightGate::new(config.max_in_flight));
     let router = Arc::new(Router::new(
         partitions,
@@ -151,6 +153,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         stats: stats.clone(),
         gate: gate.clone(),
         metrics: metrics.clone(),
+        lag: LagProbe::new(&config.bootstrap_servers, &config.group, &config.topic).map_err(NodeError::LagProbe)?,
     });
     let http_listener = tokio::net::TcpListener::bind(socket(&host, config.ports.management)?)
         .await
@@ -184,7 +187,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let (bootstrap, transactional_id) = (config.bootstrap_servers.clone(), format!("{}-{node_id}", config.group));
     let (changelog, input, txn_timeout) = (config.changelog_topic.clone(), config.topic.clone(), config.transaction_timeout);
     let checkpointer = tokio::task::spawn_blocking(move || {
-        Checkpointer::new(&bootstrap, &transactional_id, txn_timeout, &changelog, &input, committed)
+        Checkpointer::new(&bootstrap, &transactional_id, txn_timeout, &changelog, &input)
     })
     .await
     .expect("checkpointer start panicked")

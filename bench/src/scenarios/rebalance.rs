@@ -89,20 +89,30 @@ pub async fn run(setup: &Setup, topic: &str, mut nodes: [NodeProcess; 2], users:
         };
 
         eprintln!("rebalance: the same join and leave in a bare consumer group (baseline)");
-        let (bare_join, bare_leave) = bare_group_gaps(setup, topic).await?;
-        anyhow::Ok((steady, join, leave, kill, bare_join, bare_leave))
+        let bare = bare_group_gaps(setup, topic).await?;
+        anyhow::Ok((steady, join, leave, kill, bare))
     }
     .await;
     poller.abort();
     let _ = producer.kill();
     let _ = producer.wait();
-    let (steady, join, leave, kill, bare_join, bare_leave) = result?;
+    let (steady, join, leave, kill, (bare_steady, bare_join, bare_leave)) = result?;
 
     let mut table = Table::new(
         &format!("Rebalance pauses under steady input ({INPUT_RATE} events/s, {users} users, 128 partitions)"),
         &["event", "to assignment", "to answering its users", "longest shard restore", "longest processing gap", "bare group's gap", "gap beyond bare group", "target", ""],
     );
-    table.row(vec!["steady state, no change (baseline)".into(), "".into(), "".into(), "".into(), ms(steady.0), "".into(), "".into(), "".into(), "".into()]);
+    table.row(vec![
+        "steady state, no change (baseline)".into(),
+        "".into(),
+        "".into(),
+        "".into(),
+        format!("{} (partition {})", ms(steady.0), steady.1.map(|p| p.to_string()).unwrap_or("-".into())),
+        ms(bare_steady),
+        ms(steady.0 - bare_steady),
+        "".into(),
+        "".into(),
+    ]);
     for (event, bare) in [(&join, Some(bare_join)), (&leave, Some(bare_leave)), (&kill, None)] {
         let beyond = bare.map(|b| event.gap.0 - b);
         let (target, met) = match beyond {
@@ -191,13 +201,14 @@ async fn answering(addr: &str, users: Vec<String>) -> anyhow::Result<Instant> {
     Ok(Instant::now())
 }
 
-/// A plain two-member group on the same input: a third member joins, then leaves.
-async fn bare_group_gaps(setup: &Setup, topic: &str) -> anyhow::Result<(f64, f64)> {
+/// A plain two-member group on the same input: steady, then a third member joins, then leaves.
+async fn bare_group_gaps(setup: &Setup, topic: &str) -> anyhow::Result<(f64, f64, f64)> {
     let mut group = BareGroup::new(&setup.bootstrap, topic, SESSION_TIMEOUT_MS);
     group.add_member()?;
     group.add_member()?;
     tokio::time::sleep(STEADY + Duration::from_secs(4)).await;
     let t0 = Instant::now();
+    let steady = group.progress.lock().expect("progress").longest_gap(t0 - STEADY + Duration::from_secs(2), t0).0;
     group.add_member()?;
     tokio::time::sleep(SETTLE + Duration::from_secs(4)).await;
     let join = group.progress.lock().expect("progress").longest_gap(t0, Instant::now()).0;
@@ -205,5 +216,5 @@ async fn bare_group_gaps(setup: &Setup, topic: &str) -> anyhow::Result<(f64, f64
     group.remove_member();
     tokio::time::sleep(SETTLE + Duration::from_secs(4)).await;
     let leave = group.progress.lock().expect("progress").longest_gap(t0, Instant::now()).0;
-    Ok((join, leave))
+    Ok((steady, join, leave))
 }

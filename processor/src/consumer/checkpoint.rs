@@ -19,9 +19,12 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::metrics::CommittedOffsets;
 use crate::restore::encode_state;
 use crate::shard::{Checkpoint, LocalShard, ShardMsg};
+
+/// Next offset to read per partition, as committed by this node's checkpoints (shared with the
+/// checkpoint worker, which forgets revoked partitions).
+pub type CommittedOffsets = std::sync::Arc<dashmap::DashMap<u32, i64>>;
 
 /// Header on a re-routed event: where it was first read.
 pub const HEADER_REROUTED_FROM: &str = "rerouted.from";
@@ -48,7 +51,6 @@ pub struct Checkpointer {
     producer: ThreadedProducer<DefaultProducerContext>,
     changelog_topic: String,
     input_topic: String,
-    /// What this node committed per partition (shared with the metrics, for the consumer lag).
     committed: CommittedOffsets,
 }
 
@@ -60,7 +62,6 @@ impl Checkpointer {
         transaction_timeout: Duration,
         changelog_topic: &str,
         input_topic: &str,
-        committed: CommittedOffsets,
     ) -> Result<Self, CheckpointError> {
         let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
@@ -77,7 +78,7 @@ impl Checkpointer {
             producer,
             changelog_topic: changelog_topic.into(),
             input_topic: input_topic.into(),
-            committed,
+            committed: CommittedOffsets::default(),
         })
     }
 

@@ -28,7 +28,7 @@ struct Request {
 pub struct CheckpointWorker {
     requests: Sender<Request>,
     in_flight: Option<Receiver<Outcome>>,
-    checkpointer_committed: crate::metrics::CommittedOffsets,
+    checkpointer_committed: super::checkpoint::CommittedOffsets,
 }
 
 impl CheckpointWorker {
