@@ -19,6 +19,11 @@ impl Progress {
         }
     }
 
+    /// Partitions seen advancing at least once.
+    pub fn partitions_moving(&self) -> usize {
+        self.partitions.len()
+    }
+
     /// The longest stretch, overlapping `[from, to]`, in which a partition that was moving
     /// before `from` did not advance (a partition still stalled at `to` counts until `to`).
     /// Returns (seconds, partition).

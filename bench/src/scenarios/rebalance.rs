@@ -206,7 +206,14 @@ async fn bare_group_gaps(setup: &Setup, topic: &str) -> anyhow::Result<(f64, f64
     let mut group = BareGroup::new(&setup.bootstrap, topic, SESSION_TIMEOUT_MS);
     group.add_member()?;
     group.add_member()?;
-    tokio::time::sleep(STEADY + Duration::from_secs(4)).await;
+    // Joining a new group takes the broker's initial rebalance delay and two cooperative rounds:
+    // measure the steady state only once every partition is being consumed.
+    let joined = Instant::now() + Duration::from_secs(60);
+    while group.progress.lock().expect("progress").partitions_moving() < 128 {
+        anyhow::ensure!(Instant::now() < joined, "the bare group did not consume every partition within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(STEADY).await;
     let t0 = Instant::now();
     let steady = group.progress.lock().expect("progress").longest_gap(t0 - STEADY + Duration::from_secs(2), t0).0;
     group.add_member()?;
