@@ -14,13 +14,11 @@ use proto::service::user_service_client::UserServiceClient;
 use proto::service::UserStatsRequest;
 
 use crate::kafka::BareGroup;
-use crate::nodes::{produce_in_background, NodeAddr, NodeProcess, Setup};
+use crate::nodes::{produce_in_background, NodeAddr, NodeProcess, Setup, SESSION_TIMEOUT_MS};
 use crate::progress::Progress;
 use crate::report::{ms, verdict, Table};
 
 const INPUT_RATE: u64 = 4_000;
-/// The processor's default `--session-timeout-ms`.
-const SESSION_TIMEOUT_MS: u64 = 10_000;
 const STEADY: Duration = Duration::from_secs(8);
 /// How long after an event the gap is still watched (the group settles well within it).
 const SETTLE: Duration = Duration::from_secs(8);
@@ -117,7 +115,7 @@ pub async fn run(setup: &Setup, topic: &str, mut nodes: [NodeProcess; 2], users:
         let beyond = bare.map(|b| event.gap.0 - b);
         let (target, met) = match beyond {
             Some(beyond) => ("≤ 1 s beyond the bare group".to_string(), verdict(beyond <= 1.0)),
-            None => (format!("reported; includes the {} s session timeout", SESSION_TIMEOUT_MS / 1000), "".into()),
+            None => (format!("reported; includes the {:.0} s session timeout", SESSION_TIMEOUT_MS as f64 / 1000.0), "".into()),
         };
         table.row(vec![
             event.name.into(),
