@@ -32,7 +32,6 @@ pub struct Management {
     /// librdkafka's latest consumer statistics (JSON; empty unless enabled).
     pub kafka_stats: Arc<std::sync::Mutex<String>>,
     pub group: String,
-    pub topic: String,
     pub node: String,
     pub partitions: u32,
     pub local: Arc<LocalShards>,

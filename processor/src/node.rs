@@ -144,7 +144,6 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let management = Arc::new(Management {
         kafka_stats: kafka_stats.clone(),
         group: config.group.clone(),
-        topic: config.topic.clone(),
         node: node_id.clone(),
         partitions,
         local: local.clone(),

@@ -69,7 +69,8 @@ pub async fn run(setup: &Setup, topic: &str, events: u64, users: u64, repeat: us
         two.push(drain(setup, topic, &nodes, &ends, events).await?);
         last_nodes = Some(nodes);
     }
-    let [n1, n2] = <[NodeProcess; 2]>::try_from(last_nodes.expect("at least one round")).map_err(|_| anyhow::anyhow!("two nodes"))?;
+    let nodes = last_nodes.ok_or_else(|| anyhow::anyhow!("--repeat must be at least 1"))?;
+    let [n1, n2] = <[NodeProcess; 2]>::try_from(nodes).map_err(|_| anyhow::anyhow!("the two-node run started two nodes"))?;
 
     let (bare, one_rate, two_rate) = (spread(bare), spread(one.iter().map(|d| d.rate)), spread(two.iter().map(|d| d.rate)));
     let mut table = Table::new(
