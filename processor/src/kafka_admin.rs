@@ -2,6 +2,9 @@
 
 use std::time::{Duration, Instant};
 
+/// How long a created topic may take to appear in the metadata.
+const METADATA_WAIT: Duration = Duration::from_secs(30);
+
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -78,12 +81,14 @@ pub async fn ensure_topic(bootstrap: &str, topic: &str, partitions: u32, config:
             Err((_, code)) => return Err(AdminError::Create { topic: topic.into(), reason: code.to_string() }),
         }
     }
-    // Metadata can lag creation briefly.
-    for _ in 0..50 {
+    // Metadata lags creation: briefly on a fresh broker, for seconds on one just started with
+    // thousands of partitions to load.
+    let deadline = Instant::now() + METADATA_WAIT;
+    while Instant::now() < deadline {
         if let Some(n) = partition_count(bootstrap, topic)? {
             return Ok(n);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(AdminError::NoSuchTopic { topic: topic.into(), waited_s: 5 })
+    Err(AdminError::NoSuchTopic { topic: topic.into(), waited_s: METADATA_WAIT.as_secs() })
 }
