@@ -9,6 +9,7 @@
 //! node whose group generation is stale (a zombie that was frozen past its session timeout)
 //! cannot commit: its transaction fails and nothing it wrote becomes visible.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -21,10 +22,6 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::restore::encode_state;
 use crate::shard::{Checkpoint, LocalShard, ShardMsg};
-
-/// Next offset to read per partition, as committed by this node's checkpoints (shared with the
-/// checkpoint worker, which forgets revoked partitions).
-pub type CommittedOffsets = std::sync::Arc<dashmap::DashMap<u32, i64>>;
 
 /// Header on a re-routed event: where it was first read.
 pub const HEADER_REROUTED_FROM: &str = "rerouted.from";
@@ -51,7 +48,7 @@ pub struct Checkpointer {
     producer: ThreadedProducer<DefaultProducerContext>,
     changelog_topic: String,
     input_topic: String,
-    committed: CommittedOffsets,
+    committed: HashMap<u32, i64>,
 }
 
 impl Checkpointer {
@@ -78,7 +75,7 @@ impl Checkpointer {
             producer,
             changelog_topic: changelog_topic.into(),
             input_topic: input_topic.into(),
-            committed: CommittedOffsets::default(),
+            committed: HashMap::new(),
         })
     }
 
@@ -102,7 +99,7 @@ impl Checkpointer {
         .into_iter()
         .flatten()
         .collect();
-        let moved = |cp: &Checkpoint| cp.commit_offset.is_some_and(|o| self.committed.get(&cp.partition).map(|c| *c) != Some(o));
+        let moved = |cp: &Checkpoint| cp.commit_offset.is_some_and(|o| self.committed.get(&cp.partition) != Some(&o));
         if checkpoints.iter().all(|(_, cp)| cp.is_empty() && !moved(cp)) {
             return Ok(false);
         }
@@ -128,9 +125,11 @@ impl Checkpointer {
         Ok(true)
     }
 
-    /// What this node committed per partition (shared).
-    pub fn committed_offsets(&self) -> CommittedOffsets {
-        self.committed.clone()
+    /// Forgets what was committed for partitions no longer owned.
+    pub fn forget(&mut self, partitions: &[u32]) {
+        for p in partitions {
+            self.committed.remove(p);
+        }
     }
 
     fn write(&self, cp: &Checkpoint, offsets: &mut TopicPartitionList) -> Result<(), KafkaError> {

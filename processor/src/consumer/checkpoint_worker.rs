@@ -19,16 +19,15 @@ use crate::stats::NodeStats;
 
 type Outcome = Result<bool, CheckpointError>;
 
-struct Request {
-    shards: Vec<(u32, LocalShard)>,
-    group: ConsumerGroupMetadata,
-    done: Sender<Outcome>,
+enum Request {
+    Checkpoint { shards: Vec<(u32, LocalShard)>, group: ConsumerGroupMetadata, done: Sender<Outcome> },
+    /// The partitions were handed off: their committed offsets no longer matter here.
+    Forget(Vec<u32>),
 }
 
 pub struct CheckpointWorker {
     requests: Sender<Request>,
     in_flight: Option<Receiver<Outcome>>,
-    checkpointer_committed: super::checkpoint::CommittedOffsets,
 }
 
 impl CheckpointWorker {
@@ -36,18 +35,22 @@ impl CheckpointWorker {
     /// no longer commit.
     pub fn start(mut checkpointer: Checkpointer, runtime: tokio::runtime::Handle, stats: Arc<NodeStats>, fenced: Arc<AtomicBool>) -> Self {
         let (requests, inbox) = mpsc::channel::<Request>();
-        let checkpointer_committed = checkpointer.committed_offsets();
         std::thread::Builder::new()
             .name("checkpoint".into())
             .spawn(move || {
                 for request in inbox {
-                    let outcome = checkpointer.run(&runtime, &request.group, &request.shards);
-                    record(&outcome, &stats, &fenced);
-                    let _ = request.done.send(outcome);
+                    match request {
+                        Request::Checkpoint { shards, group, done } => {
+                            let outcome = checkpointer.run(&runtime, &group, &shards);
+                            record(&outcome, &stats, &fenced);
+                            let _ = done.send(outcome);
+                        }
+                        Request::Forget(partitions) => checkpointer.forget(&partitions),
+                    }
                 }
             })
             .expect("cannot spawn the checkpoint thread");
-        Self { requests, in_flight: None, checkpointer_committed }
+        Self { requests, in_flight: None }
     }
 
     /// Starts a checkpoint of `shards` unless one is still running (then this round is skipped:
@@ -78,16 +81,14 @@ impl CheckpointWorker {
         done.recv().unwrap_or(Err(CheckpointError::WorkerGone))
     }
 
-    /// Forgets what was committed for partitions no longer owned (call with none in flight).
+    /// Forgets what was committed for partitions no longer owned (queued after any checkpoint).
     pub fn forget(&mut self, partitions: &[u32]) {
-        for p in partitions {
-            self.checkpointer_committed.remove(p);
-        }
+        let _ = self.requests.send(Request::Forget(partitions.to_vec()));
     }
 
     fn send(&self, shards: Vec<(u32, LocalShard)>, group: ConsumerGroupMetadata) -> Option<Receiver<Outcome>> {
         let (done, outcome) = mpsc::channel();
-        self.requests.send(Request { shards, group, done }).ok().map(|_| outcome)
+        self.requests.send(Request::Checkpoint { shards, group, done }).ok().map(|_| outcome)
     }
 }
 
