@@ -73,7 +73,8 @@ pub struct Args {
     #[arg(long, env = "COMMIT_INTERVAL_MS", default_value_t = 500)]
     pub commit_interval_ms: u64,
 
-    /// Compacted topic holding every entity's latest state (default: `<group>-state`).
+    /// Compacted topic holding every entity's latest state (default: `<group>-<topic>-state`; the
+    /// states' offsets are offsets of the input topic, so a changelog serves one topic only).
     #[arg(long, env = "KAFKA_CHANGELOG_TOPIC")]
     pub changelog_topic: Option<String>,
 
@@ -178,7 +179,7 @@ impl NodeConfig {
         }
         Ok(Self {
             ports,
-            changelog_topic: args.changelog_topic.unwrap_or_else(|| format!("{}-state", args.group)),
+            changelog_topic: args.changelog_topic.unwrap_or_else(|| format!("{}-{}-state", args.group, args.topic)),
             transaction_timeout: Duration::from_millis(args.transaction_timeout_ms),
             passivate_after: Duration::from_millis(args.passivate_after_ms),
             max_live_entities: args.max_live_entities,
@@ -247,7 +248,7 @@ mod tests {
         let args = Args::parse_from(["processor", "1", "--topic", "t1"]);
         let cfg = NodeConfig::from_args(args).unwrap();
         assert_eq!(cfg.dlq_topic, "t1-dlq");
-        assert_eq!(cfg.changelog_topic, "user-processing-state");
+        assert_eq!(cfg.changelog_topic, "user-processing-user-events-state");
         assert_eq!(cfg.node_id(), "processor-2551@127.0.0.1");
     }
 }

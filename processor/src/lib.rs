@@ -8,7 +8,7 @@
 //! - [`consumer`]: Kafka consumer thread; batches records to shards, commits checkpoint
 //!   transactions (changed states + offsets: exactly once); its rebalance callbacks drive [`handoff`].
 //! - [`handoff`]: the take-over / hand-off protocol on assignment and revocation; [`restore`]
-//!   reads a newly assigned shard's state from the changelog.
+//!   reads a newly assigned shard's state from the changelog ([`changelog`]: its record format).
 //! - [`shard`]: per-partition actor owning that partition's [`entity`] actors.
 //! - [`allocation`]: the shard -> node table every node keeps; [`cluster`] keeps it current
 //!   (membership, announcements, the per-node gateway actor, wire types).
@@ -17,6 +17,7 @@
 
 pub mod allocation;
 pub mod backpressure;
+pub mod changelog;
 pub mod cli;
 pub mod cluster;
 pub mod consumer;

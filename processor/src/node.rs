@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::allocation::AllocationTable;
 use crate::backpressure::InFlightGate;
+use crate::changelog::{self, ChangelogError};
 use crate::cli::NodeConfig;
 use crate::cluster::announce::Announcer;
 use crate::cluster::gateway::{Gateway, GatewayArgs};
@@ -52,6 +53,8 @@ pub enum NodeError {
     Gateway(String),
     #[error("changelog topic {topic} has {found} partitions but the input topic has {expected}: they must match")]
     ChangelogMismatch { topic: String, found: u32, expected: u32 },
+    #[error(transparent)]
+    Changelog(#[from] ChangelogError),
     #[error("this node was fenced (its partitions were reassigned while it was unresponsive); restart it")]
     Fenced,
 }
@@ -92,6 +95,10 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             expected: partitions,
         });
     }
+    let (bootstrap, changelog_topic, topic) = (config.bootstrap_servers.clone(), config.changelog_topic.clone(), config.topic.clone());
+    tokio::task::spawn_blocking(move || changelog::check_written_for(&bootstrap, &changelog_topic, &topic, partitions))
+        .await
+        .expect("changelog check panicked")?;
     let node_id = config.node_id();
     tracing::info!("node {node_id}: topic {} has {partitions} partitions = {partitions} shards", config.topic);
 

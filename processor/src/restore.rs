@@ -12,15 +12,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prost::Message as _;
 use ractor::ActorRef;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::cluster::wire::StoredEntity;
-use crate::entity::{EntityState, Totals};
+use crate::changelog::decode_state;
+use crate::entity::EntityState;
 use crate::metrics::Metrics;
 use crate::shard::ShardMsg;
 
@@ -186,31 +185,19 @@ fn apply_record(states: &mut HashMap<Arc<str>, EntityState>, key: Option<&[u8]>,
         states.remove(user);
         return;
     };
-    match StoredEntity::decode(value) {
-        Ok(s) => {
-            let state = EntityState {
-                totals: Totals { purchases: s.purchases, amount_spent: s.amount_spent },
-                last_offset: s.last_offset,
-            };
+    match decode_state(value) {
+        Ok(state) => {
             states.insert(Arc::from(user), state);
         }
         Err(e) => tracing::error!("changelog record for user {user} does not decode ({e}): skipped"),
     }
 }
 
-/// The changelog value for a state.
-pub fn encode_state(state: &EntityState) -> Vec<u8> {
-    StoredEntity {
-        purchases: state.totals.purchases,
-        amount_spent: state.totals.amount_spent,
-        last_offset: state.last_offset,
-    }
-    .encode_to_vec()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::changelog::encode_state;
+    use crate::entity::Totals;
 
     #[test]
     fn records_fold_to_the_latest_state_and_tombstones_delete() {

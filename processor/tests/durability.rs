@@ -174,6 +174,45 @@ async fn a_fresh_node_restores_every_total_after_the_whole_cluster_stopped() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_group_moved_to_another_topic_starts_clean_and_a_foreign_changelog_is_refused() {
+    require_broker();
+    let first = ClusterSpec::new("topic-move", 31_000);
+    first.create_topic(8);
+    let mut node = first.start_node(1);
+    wait_for_split(&[&node], 8).await;
+    let first_ledger = first.produce(400, 40, "first.json");
+    wait_for_ledger(&first, &[1], &first_ledger, Duration::from_secs(60)).await;
+    assert!(node.stop().success());
+
+    // Same group and users, another topic: the default changelog is per topic, so nothing of the
+    // first topic's state (whose offsets mean nothing here) is restored.
+    let mut second = first.clone();
+    second.topic = unique("topic-move-second-events");
+    second.create_topic(8);
+    let mut node = second.start_node(1);
+    wait_for_split(&[&node], 8).await;
+    let second_ledger = second.produce(300, 40, "second.json");
+    wait_for_ledger(&second, &[1], &second_ledger, Duration::from_secs(60)).await;
+    assert_eq!(node.counter("entities_restored").await, 0, "nothing restored from the first topic's changelog");
+    assert!(node.stop().success());
+
+    // Pointing it at the first topic's changelog explicitly is refused at start.
+    let mut foreign = second.clone();
+    foreign.extra_args = vec!["--changelog-topic".into(), format!("{}-{}-state", first.group, first.topic)];
+    let mut node = foreign.start_node(1);
+    eventually(Duration::from_secs(60), "the node to refuse the foreign changelog and exit", || {
+        let running = node.is_running();
+        async move { (!running).then_some(()) }
+    })
+    .await;
+    let log = node.log();
+    assert!(
+        log.contains(&format!("written for input topic {}, not {}", first.topic, second.topic)),
+        "the node says why it refused: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_node_that_resumes_neither_double_applies_nor_overwrites_newer_state() {
     require_broker();
     let mut spec = ClusterSpec::new("zombie", 27_000);

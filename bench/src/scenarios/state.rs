@@ -18,10 +18,12 @@ const GIB: u64 = 1 << 30;
 
 pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Table, Table)> {
     let group = format!("{topic}-state");
-    let changelog = format!("{group}-state");
+    // Named here (and passed to both nodes) because the baseline reads it directly.
+    let changelog = format!("{group}-changelog");
+    let changelog_args = ["--changelog-topic", changelog.as_str()];
     // Create the empty topic, then start node A on it.
     produce(setup, topic, 0, 1, 0, false)?;
-    let mut node_a = NodeProcess::start(setup, 1, topic, &group, &[])?;
+    let mut node_a = NodeProcess::start(setup, 1, topic, &group, &changelog_args)?;
     node_a.wait_assigned(Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle_rss = node_a.rss_bytes()?;
@@ -39,7 +41,7 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
     node_a.stop()?;
 
     eprintln!("state: node B restores {users} users from {changelog}");
-    let mut node_b = NodeProcess::start(setup, 2, topic, &group, &[])?;
+    let mut node_b = NodeProcess::start(setup, 2, topic, &group, &changelog_args)?;
     let assigned = node_b.wait_assigned(Duration::from_secs(60)).await?;
     let restored_at = wait_until(Duration::from_secs(600), "node B to restore every user", || async {
         let restored = node_b.counter("entities_restored").await;

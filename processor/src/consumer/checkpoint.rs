@@ -20,7 +20,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::restore::encode_state;
+use crate::changelog::{encode_state, record_headers};
 use crate::shard::{Checkpoint, LocalShard, ShardMsg};
 
 /// Header on a re-routed event: where it was first read.
@@ -48,6 +48,8 @@ pub struct Checkpointer {
     producer: ThreadedProducer<DefaultProducerContext>,
     changelog_topic: String,
     input_topic: String,
+    /// Every changelog record says which input topic its offsets belong to.
+    changelog_headers: OwnedHeaders,
     committed: HashMap<u32, i64>,
 }
 
@@ -75,6 +77,7 @@ impl Checkpointer {
             producer,
             changelog_topic: changelog_topic.into(),
             input_topic: input_topic.into(),
+            changelog_headers: record_headers(input_topic),
             committed: HashMap::new(),
         })
     }
@@ -135,7 +138,13 @@ impl Checkpointer {
     fn write(&self, cp: &Checkpoint, offsets: &mut TopicPartitionList) -> Result<(), KafkaError> {
         for (user, state) in &cp.states {
             let value = encode_state(state);
-            self.send(BaseRecord::to(&self.changelog_topic).partition(cp.partition as i32).key(user.as_bytes()).payload(&value))?;
+            self.send(
+                BaseRecord::to(&self.changelog_topic)
+                    .partition(cp.partition as i32)
+                    .key(user.as_bytes())
+                    .payload(&value)
+                    .headers(self.changelog_headers.clone()),
+            )?;
         }
         for reroute in &cp.reroutes {
             let value = prost::Message::encode_to_vec(&proto::events::UserPurchase {
