@@ -244,11 +244,11 @@ mod tests {
     }
 
     #[test]
-    fn dlq_topic_defaults_from_the_input_topic() {
+    fn dlq_and_changelog_topics_default_from_the_input_topic() {
         let args = Args::parse_from(["processor", "1", "--topic", "t1"]);
         let cfg = NodeConfig::from_args(args).unwrap();
         assert_eq!(cfg.dlq_topic, "t1-dlq");
-        assert_eq!(cfg.changelog_topic, "user-processing-user-events-state");
+        assert_eq!(cfg.changelog_topic, "user-processing-t1-state");
         assert_eq!(cfg.node_id(), "processor-2551@127.0.0.1");
     }
 }
