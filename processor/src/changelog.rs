@@ -16,6 +16,7 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::cluster::wire::StoredEntity;
+use crate::kafka_admin::list_offsets;
 use crate::entity::{EntityState, Totals};
 
 /// Header on every changelog record: the input topic its state's offsets refer to.
@@ -79,8 +80,8 @@ pub fn check_written_for(bootstrap: &str, changelog: &str, input_topic: &str, pa
     let deadline = Instant::now() + CHECK_TIMEOUT;
     // A topic created moments ago has no partition leaders yet: retry until the deadline.
     let (starts, ends) = loop {
-        let listed = list_offsets(&consumer, changelog, partitions, Offset::Beginning)
-            .and_then(|starts| Ok((starts, list_offsets(&consumer, changelog, partitions, Offset::End)?)));
+        let listed = list_offsets(&consumer, changelog, 0..partitions, Offset::Beginning, CHECK_TIMEOUT)
+            .and_then(|starts| Ok((starts, list_offsets(&consumer, changelog, 0..partitions, Offset::End, CHECK_TIMEOUT)?)));
         match listed {
             Ok(offsets) => break offsets,
             Err(e) if Instant::now() >= deadline => return Err(unreadable(e)),
@@ -88,9 +89,9 @@ pub fn check_written_for(bootstrap: &str, changelog: &str, input_topic: &str, pa
         }
     };
     let mut with_records = TopicPartitionList::new();
-    for (partition, start) in starts.iter().enumerate() {
+    for (partition, start) in &starts {
         if ends.get(partition).is_some_and(|end| end > start) {
-            with_records.add_partition_offset(changelog, partition as i32, Offset::Offset(*start)).map_err(unreadable)?;
+            with_records.add_partition_offset(changelog, *partition as i32, Offset::Offset(*start)).map_err(unreadable)?;
         }
     }
     if with_records.count() == 0 {
@@ -121,22 +122,6 @@ pub fn check_written_for(bootstrap: &str, changelog: &str, input_topic: &str, pa
         changelog: changelog.into(),
         reason: format!("it has records but none arrived within {} s", CHECK_TIMEOUT.as_secs()),
     })
-}
-
-/// Each partition's offset (`Beginning` or `End`), indexed by partition.
-fn list_offsets(consumer: &BaseConsumer, topic: &str, partitions: u32, which: Offset) -> Result<Vec<i64>, KafkaError> {
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p as i32, which)?;
-    }
-    let listed = consumer.offsets_for_times(tpl, Duration::from_secs(10))?;
-    let mut offsets = vec![0; partitions as usize];
-    for element in listed.elements() {
-        if let (Some(slot), Some(offset)) = (offsets.get_mut(element.partition() as usize), element.offset().to_raw()) {
-            *slot = offset;
-        }
-    }
-    Ok(offsets)
 }
 
 #[cfg(test)]

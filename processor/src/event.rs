@@ -1,14 +1,14 @@
 //! Turning a Kafka record into a purchase, or into a reason it is malformed.
 
-use std::sync::Arc;
-
 use prost::Message;
 use proto::events::UserPurchase;
+
+use crate::entity::UserId;
 
 /// A validated purchase event, as read from one partition at one offset.
 #[derive(Debug, Clone)]
 pub struct Purchase {
-    pub user_id: Arc<str>,
+    pub user_id: UserId,
     pub product: String,
     pub quantity: i64,
     pub price: i64,
@@ -77,7 +77,7 @@ pub fn decode_record(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Purchas
         });
     }
     Ok(Purchase {
-        user_id: Arc::from(key),
+        user_id: UserId::from(key),
         product: purchase.product,
         quantity: purchase.quantity,
         price: purchase.price,

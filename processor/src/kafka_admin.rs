@@ -9,7 +9,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
+use rdkafka::{Offset, TopicPartitionList};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -91,4 +92,29 @@ pub async fn ensure_topic(bootstrap: &str, topic: &str, partitions: u32, config:
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(AdminError::NoSuchTopic { topic: topic.into(), waited_s: METADATA_WAIT.as_secs() })
+}
+
+/// Every one of `partitions`' first (`Offset::Beginning`) or end (`Offset::End`) offset, in one
+/// ListOffsets request. The end is the high watermark for a read_uncommitted `client`, the last
+/// stable offset for a read_committed one. Partitions the broker gave no offset for are absent.
+pub fn list_offsets(
+    client: &BaseConsumer,
+    topic: &str,
+    partitions: impl IntoIterator<Item = u32>,
+    which: Offset,
+    timeout: Duration,
+) -> KafkaResult<std::collections::BTreeMap<u32, i64>> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition_offset(topic, p as i32, which)?;
+    }
+    Ok(offsets_by_partition(&client.offsets_for_times(tpl, timeout)?))
+}
+
+/// The valid (non-negative) offsets in `tpl`, by partition.
+pub fn offsets_by_partition(tpl: &TopicPartitionList) -> std::collections::BTreeMap<u32, i64> {
+    tpl.elements()
+        .iter()
+        .filter_map(|e| Some((e.partition() as u32, e.offset().to_raw().filter(|o| *o >= 0)?)))
+        .collect()
 }

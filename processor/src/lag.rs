@@ -6,13 +6,14 @@
 //! scraped costs nothing in between: librdkafka's periodic statistics would give the end offsets
 //! too, but producing them every second delayed fetches (gaps of up to 1 s on a busy node).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka_admin::{list_offsets, offsets_by_partition};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -38,33 +39,17 @@ impl LagProbe {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
-        let ends = self.list_offsets(partitions, Offset::End)?;
-        let starts = self.list_offsets(partitions, Offset::Beginning)?;
-        let committed = self.offsets(self.client.committed_offsets(self.tpl(partitions, Offset::Invalid)?, TIMEOUT)?);
+        let ends = list_offsets(&self.client, &self.topic, partitions.iter().copied(), Offset::End, TIMEOUT)?;
+        let starts = list_offsets(&self.client, &self.topic, partitions.iter().copied(), Offset::Beginning, TIMEOUT)?;
+        let mut asked = TopicPartitionList::new();
+        for p in partitions {
+            asked.add_partition_offset(&self.topic, *p as i32, Offset::Invalid)?;
+        }
+        let committed = offsets_by_partition(&self.client.committed_offsets(asked, TIMEOUT)?);
         Ok(partitions
             .iter()
             .filter_map(|p| Some((*p, lag(*ends.get(p)?, committed.get(p).copied(), *starts.get(p)?))))
             .collect())
-    }
-
-    /// ListOffsets: `Offset::End` gives the last stable offset, `Offset::Beginning` the first.
-    fn list_offsets(&self, partitions: &[u32], which: Offset) -> KafkaResult<BTreeMap<u32, i64>> {
-        Ok(self.offsets(self.client.offsets_for_times(self.tpl(partitions, which)?, TIMEOUT)?))
-    }
-
-    fn tpl(&self, partitions: &[u32], offset: Offset) -> KafkaResult<TopicPartitionList> {
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            tpl.add_partition_offset(&self.topic, *p as i32, offset)?;
-        }
-        Ok(tpl)
-    }
-
-    fn offsets(&self, tpl: TopicPartitionList) -> BTreeMap<u32, i64> {
-        tpl.elements()
-            .iter()
-            .filter_map(|e| Some((e.partition() as u32, e.offset().to_raw().filter(|o| *o >= 0)?)))
-            .collect()
     }
 }
 

@@ -8,7 +8,7 @@
 //! (a frozen node that resumes can still commit it) or aborted (after the producers'
 //! `transaction.timeout.ms`), which is logged while waiting.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,12 +19,18 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::changelog::decode_state;
-use crate::entity::EntityState;
+use crate::entity::{EntityState, UserId, UserMap};
+use crate::kafka_admin::list_offsets;
 use crate::metrics::Metrics;
 use crate::shard::ShardMsg;
 
 /// How often the read positions are checked while records keep coming.
 const POSITION_CHECK_EVERY: Duration = Duration::from_millis(20);
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Records between two looks at the clock (reading it per record showed in the profile).
+const CLOCK_EVERY_RECORDS: u32 = 64;
+/// Upper bound on a partition's map sized up front from its record count.
+const MAX_PRESIZED_USERS: usize = 1 << 20;
 
 pub struct Restorer {
     pub bootstrap_servers: String,
@@ -34,7 +40,7 @@ pub struct Restorer {
 
 struct PartitionRestore {
     shard: ActorRef<ShardMsg>,
-    states: HashMap<Arc<str>, EntityState>,
+    states: UserMap<EntityState>,
     end: i64,
     records: u64,
 }
@@ -96,18 +102,29 @@ impl Restorer {
             .set("bootstrap.servers", &self.bootstrap_servers)
             .set("isolation.level", "read_uncommitted")
             .create()?;
+        // One ListOffsets request each for all partitions: asking per partition cost a broker
+        // round trip each, a noticeable part of restoring 128 shards.
+        let partitions = || shards.iter().map(|(p, _)| *p);
+        let lows = list_offsets(&watermarks, &self.changelog_topic, partitions(), Offset::Beginning, WATERMARK_TIMEOUT)?;
+        let highs = list_offsets(&watermarks, &self.changelog_topic, partitions(), Offset::End, WATERMARK_TIMEOUT)?;
         let mut pending: BTreeMap<u32, PartitionRestore> = BTreeMap::new();
         let mut tpl = TopicPartitionList::new();
         for (partition, shard) in shards.clone() {
-            let (low, high) = watermarks.fetch_watermarks(&self.changelog_topic, partition as i32, Duration::from_secs(10))?;
+            let (Some(&low), Some(&high)) = (lows.get(&partition), highs.get(&partition)) else {
+                return Err(KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable));
+            };
             if high <= low {
-                let _ = shard.cast(ShardMsg::Restored(HashMap::new()));
+                let _ = shard.cast(ShardMsg::Restored(UserMap::default()));
                 self.metrics.restore_seconds.observe(assigned_at.elapsed().as_secs_f64());
                 shards.retain(|(p, _)| *p != partition);
                 continue;
             }
             tpl.add_partition_offset(&self.changelog_topic, partition as i32, Offset::Beginning)?;
-            pending.insert(partition, PartitionRestore { shard, states: HashMap::new(), end: high, records: 0 });
+            // A compacted changelog holds about one record per user: sizing the map up front
+            // saves rehashing it as it grows (visible in the profile).
+            let expected = usize::try_from(high - low).unwrap_or(0).min(MAX_PRESIZED_USERS);
+            let states = UserMap::with_capacity_and_hasher(expected, Default::default());
+            pending.insert(partition, PartitionRestore { shard, states, end: high, records: 0 });
         }
         if pending.is_empty() {
             return Ok(());
@@ -116,9 +133,15 @@ impl Restorer {
         consumer.assign(&tpl)?;
         let mut last_report = Instant::now();
         let mut last_position_check = Instant::now();
+        let mut records_since_clock = 0u32;
         while !pending.is_empty() {
             let mut complete = Vec::new();
             let polled = consumer.poll(Duration::from_millis(100));
+            records_since_clock += 1;
+            let look_at_clock = polled.is_none() || records_since_clock >= CLOCK_EVERY_RECORDS;
+            if look_at_clock {
+                records_since_clock = 0;
+            }
             match &polled {
                 Some(Ok(record)) => {
                     let partition = record.partition() as u32;
@@ -137,7 +160,7 @@ impl Restorer {
             // at start (transaction markers included, so a partition ending in a marker is only
             // seen complete by its position; later writes are this node's own). Positions are
             // asked when idle and every few ms, not per record: asking costs more than a record.
-            if polled.is_none() || last_position_check.elapsed() >= POSITION_CHECK_EVERY {
+            if polled.is_none() || (look_at_clock && last_position_check.elapsed() >= POSITION_CHECK_EVERY) {
                 last_position_check = Instant::now();
                 let positions = consumer.position()?;
                 complete.extend(pending.iter().filter(|(p, r)| {
@@ -151,7 +174,11 @@ impl Restorer {
                 complete.dedup();
             }
             for partition in complete {
-                let Some(restore) = pending.remove(&partition) else { continue };
+                let Some(mut restore) = pending.remove(&partition) else { continue };
+                // Many updates per user (an uncompacted tail) made the map larger than needed.
+                if restore.states.capacity() > 2 * restore.states.len() + 1024 {
+                    restore.states.shrink_to_fit();
+                }
                 tracing::info!(
                     "shard {partition} restored: {} entities from {} changelog records in {} ms",
                     restore.states.len(),
@@ -162,7 +189,7 @@ impl Restorer {
                 self.metrics.restore_seconds.observe(assigned_at.elapsed().as_secs_f64());
                 shards.retain(|(p, _)| *p != partition);
             }
-            if !pending.is_empty() && last_report.elapsed() > Duration::from_secs(5) {
+            if look_at_clock && !pending.is_empty() && last_report.elapsed() > Duration::from_secs(5) {
                 last_report = Instant::now();
                 tracing::warn!(
                     "still restoring shards {:?}: waiting for their changelog end (an open transaction of a \
@@ -176,7 +203,7 @@ impl Restorer {
 }
 
 /// Folds one changelog record into the partition's states (a tombstone deletes).
-fn apply_record(states: &mut HashMap<Arc<str>, EntityState>, key: Option<&[u8]>, value: Option<&[u8]>) {
+fn apply_record(states: &mut UserMap<EntityState>, key: Option<&[u8]>, value: Option<&[u8]>) {
     let Some(user) = key.and_then(|k| std::str::from_utf8(k).ok()) else {
         tracing::error!("changelog record without a UTF-8 key: skipped");
         return;
@@ -187,7 +214,7 @@ fn apply_record(states: &mut HashMap<Arc<str>, EntityState>, key: Option<&[u8]>,
     };
     match decode_state(value) {
         Ok(state) => {
-            states.insert(Arc::from(user), state);
+            states.insert(UserId::from(user), state);
         }
         Err(e) => tracing::error!("changelog record for user {user} does not decode ({e}): skipped"),
     }
@@ -201,7 +228,7 @@ mod tests {
 
     #[test]
     fn records_fold_to_the_latest_state_and_tombstones_delete() {
-        let mut states = HashMap::new();
+        let mut states = UserMap::default();
         let s1 = EntityState { totals: Totals { purchases: 1, amount_spent: 10 }, last_offset: 4 };
         let s2 = EntityState { totals: Totals { purchases: 2, amount_spent: 30 }, last_offset: 9 };
         apply_record(&mut states, Some(b"7"), Some(&encode_state(&s1)));
@@ -211,6 +238,6 @@ mod tests {
         apply_record(&mut states, None, Some(&encode_state(&s1)));
         apply_record(&mut states, Some(b"9"), Some(b"\xff\xff garbage"));
         assert_eq!(states.len(), 1);
-        assert_eq!(states[&Arc::<str>::from("7")], s2);
+        assert_eq!(states["7"], s2);
     }
 }

@@ -16,7 +16,7 @@ use crate::allocation::{AllocationTable, Owner};
 use crate::cluster::gateway::{self, GatewayMsg};
 use crate::cluster::query_batcher::QueryBatcher;
 use crate::cluster::wire::{totals_answer, TotalsAnswer, TotalsQuery};
-use crate::entity::Totals;
+use crate::entity::{Totals, UserId};
 use crate::metrics::Metrics;
 use crate::shard::{LocalShards, ShardMsg};
 
@@ -107,7 +107,7 @@ impl Router {
         let Some(local) = self.local.get(shard) else {
             return Attempt::NotOwner;
         };
-        let user_id: Arc<str> = Arc::from(user_id);
+        let user_id = UserId::from(user_id);
         let answer = local.actor.call(|reply| ShardMsg::Query { user_id, reply }, Some(self.call_timeout)).await;
         local_outcome(answer)
     }

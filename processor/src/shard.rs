@@ -12,7 +12,7 @@
 //! passivated (stopped) and re-activated with their totals, and the number of live actors on
 //! the node stays under a cap.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 
 use crate::backpressure::InFlightGate;
-use crate::entity::{EntityArgs, EntityMsg, EntityState, Totals, UserEntity};
+use crate::entity::{EntityArgs, EntityMsg, EntityState, Totals, UserEntity, UserId, UserMap};
 use crate::event::Purchase;
 use crate::stats::NodeStats;
 
@@ -51,7 +51,7 @@ pub struct Checkpoint {
     pub seq: u64,
     /// Next offset to commit; `None` if nothing was acknowledged yet.
     pub commit_offset: Option<i64>,
-    pub states: Vec<(Arc<str>, EntityState)>,
+    pub states: Vec<(UserId, EntityState)>,
     pub reroutes: Vec<Reroute>,
 }
 
@@ -75,13 +75,13 @@ pub struct EntityCounts {
 #[derive(RactorMessage)]
 pub enum ShardMsg {
     /// The partition's changelog, read to its end: the shard may start.
-    Restored(HashMap<Arc<str>, EntityState>),
+    Restored(UserMap<EntityState>),
     /// A batch read from the partition, in offset order.
     Consumed(Vec<ConsumedRecord>),
     /// An entity applied these offsets (`replays` of them were already in its state).
-    Applied { user_id: Arc<str>, offsets: Vec<i64>, replays: u64, state: EntityState },
+    Applied { user_id: UserId, offsets: Vec<i64>, replays: u64, state: EntityState },
     /// A user's totals; zeros (and no entity created) for a user never seen.
-    Query { user_id: Arc<str>, reply: RpcReplyPort<Totals> },
+    Query { user_id: UserId, reply: RpcReplyPort<Totals> },
     EntityCounts(RpcReplyPort<EntityCounts>),
     /// Answer once every dispatched event is acknowledged.
     Drain(RpcReplyPort<()>),
@@ -150,10 +150,10 @@ pub struct ShardState {
     shard: u32,
     env: Arc<ShardEnv>,
     /// Until the changelog is restored: batches and queries that arrived meanwhile.
-    restoring: Option<(Vec<Vec<ConsumedRecord>>, Vec<(Arc<str>, RpcReplyPort<Totals>)>)>,
+    restoring: Option<(Vec<Vec<ConsumedRecord>>, Vec<(UserId, RpcReplyPort<Totals>)>)>,
     /// Latest acknowledged state of every user of the partition.
-    known: HashMap<Arc<str>, EntityState>,
-    live: HashMap<Arc<str>, LiveEntity>,
+    known: UserMap<EntityState>,
+    live: UserMap<LiveEntity>,
     /// Dispatched offsets in order, with whether each is acknowledged.
     pending: VecDeque<(i64, bool)>,
     /// Next offset to commit: after the last contiguous acknowledged event.
@@ -162,7 +162,7 @@ pub struct ShardState {
     /// Checkpoints handed out so far; `dirty` and `outbox` entries carry the first checkpoint
     /// that may include them and stay until a checkpoint at or after it is confirmed.
     checkpoint_seq: u64,
-    dirty: HashMap<Arc<str>, u64>,
+    dirty: UserMap<u64>,
     outbox: Vec<(u64, Reroute)>,
 }
 
@@ -196,7 +196,7 @@ impl ShardState {
     }
 
     /// The user's entity actor, activated (from its stored state, if any) when not live.
-    async fn activate(&mut self, myself: &ActorRef<ShardMsg>, user_id: &Arc<str>) -> Result<ActorRef<EntityMsg>, ActorProcessingErr> {
+    async fn activate(&mut self, myself: &ActorRef<ShardMsg>, user_id: &UserId) -> Result<ActorRef<EntityMsg>, ActorProcessingErr> {
         if let Some(live) = self.live.get_mut(user_id) {
             live.last_active = Instant::now();
             return Ok(live.actor.clone());
@@ -216,8 +216,8 @@ impl ShardState {
 
     /// Stops up to `limit` idle entities (nothing in flight) matching `eligible`, oldest first.
     /// Their state stays in `known`.
-    fn passivate(&mut self, eligible: impl Fn(&Arc<str>, &LiveEntity) -> bool, limit: usize) {
-        let mut idle: Vec<(Instant, Arc<str>)> = self
+    fn passivate(&mut self, eligible: impl Fn(&UserId, &LiveEntity) -> bool, limit: usize) {
+        let mut idle: Vec<(Instant, UserId)> = self
             .live
             .iter()
             .filter(|(u, e)| e.in_flight == 0 && eligible(u, e))
@@ -233,7 +233,7 @@ impl ShardState {
     }
 
     /// Stops one entity actor; its state stays in `known`.
-    fn passivate_entity(&mut self, user_id: &Arc<str>) {
+    fn passivate_entity(&mut self, user_id: &UserId) {
         if let Some(entity) = self.live.remove(user_id) {
             entity.actor.stop(Some("passivated".into()));
             self.env.live_entities.fetch_sub(1, Ordering::Relaxed);
@@ -242,7 +242,7 @@ impl ShardState {
     }
 
     async fn dispatch(&mut self, myself: &ActorRef<ShardMsg>, batch: Vec<ConsumedRecord>) -> Result<(), ActorProcessingErr> {
-        let mut by_user: HashMap<Arc<str>, Vec<(i64, Purchase)>> = HashMap::new();
+        let mut by_user: UserMap<Vec<(i64, Purchase)>> = UserMap::default();
         let mut settled = 0usize;
         for record in batch {
             let Some(purchase) = record.purchase else {
@@ -283,7 +283,7 @@ impl ShardState {
         Ok(())
     }
 
-    async fn query(&mut self, myself: &ActorRef<ShardMsg>, user_id: Arc<str>, reply: RpcReplyPort<Totals>) -> Result<(), ActorProcessingErr> {
+    async fn query(&mut self, myself: &ActorRef<ShardMsg>, user_id: UserId, reply: RpcReplyPort<Totals>) -> Result<(), ActorProcessingErr> {
         if !self.live.contains_key(&user_id) && !self.known.contains_key(&user_id) {
             let _ = reply.send(Totals::default());
             return Ok(());
@@ -322,13 +322,13 @@ impl Actor for ShardActor {
             shard: args.shard,
             env: args.env,
             restoring: Some((Vec::new(), Vec::new())),
-            known: HashMap::new(),
-            live: HashMap::new(),
+            known: UserMap::default(),
+            live: UserMap::default(),
             pending: VecDeque::new(),
             committable: None,
             drain_waiters: Vec::new(),
             checkpoint_seq: 0,
-            dirty: HashMap::new(),
+            dirty: UserMap::default(),
             outbox: Vec::new(),
         })
     }
