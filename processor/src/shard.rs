@@ -146,11 +146,18 @@ struct LiveEntity {
     in_flight: usize,
 }
 
+/// What arrives while the shard waits for its changelog: served once it is restored.
+#[derive(Default)]
+struct WaitingForRestore {
+    batches: Vec<Vec<ConsumedRecord>>,
+    queries: Vec<(UserId, RpcReplyPort<Totals>)>,
+}
+
 pub struct ShardState {
     shard: u32,
     env: Arc<ShardEnv>,
     /// Until the changelog is restored: batches and queries that arrived meanwhile.
-    restoring: Option<(Vec<Vec<ConsumedRecord>>, Vec<(UserId, RpcReplyPort<Totals>)>)>,
+    restoring: Option<WaitingForRestore>,
     /// Latest acknowledged state of every user of the partition.
     known: UserMap<EntityState>,
     live: UserMap<LiveEntity>,
@@ -321,7 +328,7 @@ impl Actor for ShardActor {
         Ok(ShardState {
             shard: args.shard,
             env: args.env,
-            restoring: Some((Vec::new(), Vec::new())),
+            restoring: Some(WaitingForRestore::default()),
             known: UserMap::default(),
             live: UserMap::default(),
             pending: VecDeque::new(),
@@ -356,7 +363,7 @@ impl Actor for ShardActor {
         state.env.live_entities.fetch_sub(state.live.len(), Ordering::Relaxed);
         // Whatever is still pending will be re-read by the partition's next owner.
         let unacknowledged = state.pending.iter().filter(|(_, done)| !done).count();
-        let buffered: usize = state.restoring.as_ref().map_or(0, |(b, _)| b.iter().map(Vec::len).sum());
+        let buffered: usize = state.restoring.as_ref().map_or(0, |w| w.batches.iter().map(Vec::len).sum());
         state.env.gate.release(unacknowledged + buffered);
         Ok(())
     }
@@ -377,7 +384,7 @@ impl ShardState {
         let myself = myself.clone();
         match msg {
             ShardMsg::Restored(known) => {
-                let Some((batches, queries)) = state.restoring.take() else {
+                let Some(WaitingForRestore { batches, queries }) = state.restoring.take() else {
                     return Ok(());
                 };
                 NodeStats::add(&state.env.stats.entities_restored, known.len() as u64);
@@ -390,7 +397,7 @@ impl ShardState {
                 }
             }
             ShardMsg::Consumed(batch) => match &mut state.restoring {
-                Some((batches, _)) => batches.push(batch),
+                Some(waiting) => waiting.batches.push(batch),
                 None => state.dispatch(&myself, batch).await?,
             },
             ShardMsg::Applied { user_id, offsets, replays, state: entity_state } => {
@@ -416,7 +423,7 @@ impl ShardState {
                 state.advance(acknowledged);
             }
             ShardMsg::Query { user_id, reply } => match &mut state.restoring {
-                Some((_, queries)) => queries.push((user_id, reply)),
+                Some(waiting) => waiting.queries.push((user_id, reply)),
                 None => state.query(&myself, user_id, reply).await?,
             },
             ShardMsg::EntityCounts(reply) => {

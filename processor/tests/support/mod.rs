@@ -364,8 +364,11 @@ pub fn partition_count(topic: &str) -> u32 {
     metadata.topics()[0].partitions().len() as u32
 }
 
-/// Every record of a topic: (partition, offset, key, headers).
-pub fn read_topic(topic: &str) -> Vec<(u32, i64, Option<Vec<u8>>, Vec<(String, String)>)> {
+/// One record read back: (partition, offset, key, headers).
+pub type ReadRecord = (u32, i64, Option<Vec<u8>>, Vec<(String, String)>);
+
+/// Every record of a topic.
+pub fn read_topic(topic: &str) -> Vec<ReadRecord> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .set("group.id", unique("reader"))
