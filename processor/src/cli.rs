@@ -92,6 +92,11 @@ pub struct Args {
     #[arg(long, env = "KAFKA_STATISTICS_INTERVAL_MS", default_value_t = 0)]
     pub statistics_interval_ms: u64,
 
+    /// librdkafka debug contexts for the node's consumer (e.g. `fetch`, `cgrp`), logged at debug
+    /// level under `librdkafka` (set `RUST_LOG=info,librdkafka=debug`). Verbose: for diagnosis.
+    #[arg(long, env = "KAFKA_DEBUG")]
+    pub kafka_debug: Option<String>,
+
     /// Cap on live entity actors on this node; the least recently used idle ones are passivated.
     #[arg(long, env = "MAX_LIVE_ENTITIES", default_value_t = 50_000)]
     pub max_live_entities: usize,
@@ -158,6 +163,7 @@ pub struct NodeConfig {
     pub passivate_after: Duration,
     pub max_live_entities: usize,
     pub statistics_interval: Duration,
+    pub kafka_debug: Option<String>,
 }
 
 impl NodeConfig {
@@ -184,6 +190,7 @@ impl NodeConfig {
             passivate_after: Duration::from_millis(args.passivate_after_ms),
             max_live_entities: args.max_live_entities,
             statistics_interval: Duration::from_millis(args.statistics_interval_ms),
+            kafka_debug: args.kafka_debug.filter(|d| !d.is_empty()),
             dlq_topic: args.dlq_topic.unwrap_or_else(|| format!("{}-dlq", args.topic)),
             host: args.host,
             bootstrap_servers: args.bootstrap_servers,

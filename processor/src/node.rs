@@ -210,6 +210,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             commit_interval: config.commit_interval,
             partitions,
             statistics_interval: config.statistics_interval,
+            debug: config.kafka_debug.clone(),
         },
         ConsumerParts {
             handoff,

@@ -55,6 +55,8 @@ pub struct ConsumerSettings {
     pub partitions: u32,
     /// How often librdkafka reports statistics (0 = never).
     pub statistics_interval: Duration,
+    /// librdkafka debug contexts, if any.
+    pub debug: Option<String>,
 }
 
 /// Shared pieces the consumer drives.
@@ -118,7 +120,11 @@ pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<Consume
         kafka_stats,
     };
     let session_ms = settings.session_timeout.as_millis().max(1_000);
-    let consumer: BaseConsumer<NodeContext> = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    if let Some(contexts) = &settings.debug {
+        config.set("debug", contexts).set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
+    }
+    let consumer: BaseConsumer<NodeContext> = config
         .set("bootstrap.servers", &settings.bootstrap_servers)
         .set("group.id", &settings.group)
         .set("client.id", &settings.client_id)
