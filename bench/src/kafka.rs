@@ -102,6 +102,51 @@ pub fn bare_drain(bootstrap: &str, topic: &str, ends: &BTreeMap<u32, i64>) -> an
     }
 }
 
+/// Records every partition's end offset (the last stable offset, what a read_committed consumer
+/// can read) into a [`Progress`] every `every`, in one ListOffsets request each time, until dropped.
+pub struct EndPoller {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EndPoller {
+    pub fn start(bootstrap: &str, topic: &str, partitions: u32, progress: Arc<Mutex<Progress>>, every: Duration) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = client(bootstrap, &format!("bench-ends-{topic}")).create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p as i32, Offset::End)?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(Ordering::SeqCst) {
+                let asked = Instant::now();
+                if let Ok(ends) = consumer.offsets_for_times(tpl.clone(), TIMEOUT) {
+                    // The answer describes the partition at some point during the request: the
+                    // time it was asked is the conservative (earliest) one.
+                    let mut progress = progress.lock().expect("progress lock");
+                    for e in ends.elements() {
+                        if let Some(end) = e.offset().to_raw().filter(|o| *o >= 0) {
+                            progress.observe_end(e.partition() as u32, end, asked);
+                        }
+                    }
+                }
+                std::thread::sleep(every.saturating_sub(asked.elapsed()));
+            }
+        });
+        Ok(Self { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for EndPoller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Members of a plain consumer group (cooperative-sticky, the processor's session timeout)
 /// that only note when each partition delivers: the group's own rebalance cost, as a baseline.
 pub struct BareGroup {

@@ -65,7 +65,8 @@ impl NodeProcess {
             .args(["--bootstrap-servers", &setup.bootstrap, "--topic", topic, "--group", group, "--seed-nodes", &seeds])
             .args(["--session-timeout-ms", &SESSION_TIMEOUT_MS.to_string()])
             .args(extra)
-            .env("RUST_LOG", "info,ractor_cluster=warn,ractor=warn")
+            // BENCH_NODE_LOG overrides the nodes' log filter, e.g. with KAFKA_DEBUG for librdkafka's.
+            .env("RUST_LOG", std::env::var("BENCH_NODE_LOG").unwrap_or_else(|_| "info,ractor_cluster=warn,ractor=warn".into()))
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()

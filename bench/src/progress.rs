@@ -1,27 +1,43 @@
-//! Per-partition progress over time, and the longest time any partition made none.
+//! Per-partition progress over time, against what was available to consume.
+//!
+//! Two measures of a pause: the *gap* (the longest stretch in which a partition did not advance)
+//! and the *wait* (the longest time a record that was already readable waited to be consumed).
+//! Gaps include the input's own pauses: the producer's acknowledgements and the broker's appends
+//! stall now and then on shared cores, and then no consumer can advance. Waits do not: they
+//! start when the record is seen at the partition's end (its last stable offset, polled).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 #[derive(Default)]
 pub struct Progress {
-    /// Per partition: the highest offset seen, and when it moved.
-    partitions: BTreeMap<u32, (i64, Vec<Instant>)>,
+    /// Per partition: when the consumed offset (next offset to consume) advanced, and to what.
+    consumed: BTreeMap<u32, Vec<(Instant, i64)>>,
+    /// Per partition: when its end offset (records readable below it) advanced, and to what.
+    available: BTreeMap<u32, Vec<(Instant, i64)>>,
+}
+
+/// Appends `(at, offset)` if `offset` is higher than the last one recorded.
+fn record_advance(series: &mut Vec<(Instant, i64)>, offset: i64, at: Instant) {
+    if series.last().is_none_or(|(_, last)| offset > *last) {
+        series.push((at, offset));
+    }
 }
 
 impl Progress {
-    /// Partition `partition` has processed up to `offset` as of `at`; only an advance counts.
+    /// Partition `partition` has consumed everything below `offset` as of `at`.
     pub fn observe(&mut self, partition: u32, offset: i64, at: Instant) {
-        let (highest, moves) = self.partitions.entry(partition).or_insert((i64::MIN, Vec::new()));
-        if offset > *highest {
-            *highest = offset;
-            moves.push(at);
-        }
+        record_advance(self.consumed.entry(partition).or_default(), offset, at);
+    }
+
+    /// Partition `partition` had records readable below `end` as of `at`.
+    pub fn observe_end(&mut self, partition: u32, end: i64, at: Instant) {
+        record_advance(self.available.entry(partition).or_default(), end, at);
     }
 
     /// Partitions seen advancing at least once.
     pub fn partitions_moving(&self) -> usize {
-        self.partitions.len()
+        self.consumed.len()
     }
 
     /// The longest stretch, overlapping `[from, to]`, in which a partition that was moving
@@ -29,15 +45,36 @@ impl Progress {
     /// Returns (seconds, partition).
     pub fn longest_gap(&self, from: Instant, to: Instant) -> (f64, Option<u32>) {
         let mut longest = (0.0, None);
-        for (partition, (_, moves)) in &self.partitions {
-            let Some(start) = moves.iter().rev().find(|t| **t <= from) else { continue };
+        for (partition, moves) in &self.consumed {
+            let Some((start, _)) = moves.iter().rev().find(|(t, _)| *t <= from) else { continue };
             let mut previous = *start;
-            for t in moves.iter().filter(|t| **t > from && **t <= to).chain(std::iter::once(&to)) {
+            let inside = moves.iter().map(|(t, _)| t).filter(|t| **t > from && **t <= to);
+            for t in inside.chain(std::iter::once(&to)) {
                 let gap = t.duration_since(previous).as_secs_f64();
                 if gap > longest.0 {
                     longest = (gap, Some(*partition));
                 }
                 previous = *t;
+            }
+        }
+        longest
+    }
+
+    /// The longest time a record seen readable in `[from, to]` waited until it was consumed (a
+    /// record still waiting at `to` counts until `to`), over partitions consumed at least once.
+    /// Returns (seconds, partition).
+    pub fn longest_wait(&self, from: Instant, to: Instant) -> (f64, Option<u32>) {
+        let mut longest = (0.0, None);
+        for (partition, ends) in &self.available {
+            let Some(moves) = self.consumed.get(partition) else { continue };
+            for (seen, end) in ends.iter().filter(|(t, _)| *t >= from && *t <= to) {
+                // Offsets only grow, so the first move reaching `end` is found by bisection.
+                let reached = moves.partition_point(|(_, offset)| offset < end);
+                let consumed_at = moves.get(reached).map_or(to, |(t, _)| (*t).min(to));
+                let wait = consumed_at.saturating_duration_since(*seen).as_secs_f64();
+                if wait > longest.0 {
+                    longest = (wait, Some(*partition));
+                }
             }
         }
         longest
@@ -74,5 +111,40 @@ mod tests {
         let (gap, partition) = one.longest_gap(at(210), at(950));
         assert_eq!(partition, Some(1));
         assert!((gap - 0.7).abs() < 1e-9, "200 -> 900 ms, the gap around the window's start");
+    }
+
+    #[test]
+    fn a_pause_in_the_input_is_a_gap_but_not_a_wait() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut progress = Progress::default();
+        // Records arrive at 0, 100 and (after an input pause) 900 ms; each is consumed 20 ms later.
+        for (ms, end) in [(0, 10), (100, 20), (900, 30)] {
+            progress.observe_end(1, end, at(ms));
+            progress.observe(1, end, at(ms + 20));
+        }
+        let (gap, _) = progress.longest_gap(at(50), at(1000));
+        assert!((gap - 0.8).abs() < 1e-9, "120 -> 920 ms without progress");
+        let (wait, partition) = progress.longest_wait(at(0), at(1000));
+        assert_eq!(partition, Some(1));
+        assert!((wait - 0.02).abs() < 1e-9, "no record waited more than 20 ms: {wait}");
+    }
+
+    #[test]
+    fn a_stalled_consumer_makes_records_wait_until_consumed_or_the_window_ends() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut progress = Progress::default();
+        progress.observe(2, 5, at(0));
+        progress.observe_end(2, 8, at(100));
+        progress.observe_end(2, 12, at(200));
+        progress.observe(2, 8, at(700)); // the records below 8 waited 600 ms
+        let (wait, partition) = progress.longest_wait(at(0), at(1000));
+        assert_eq!(partition, Some(2));
+        assert!((wait - 0.8).abs() < 1e-9, "the records below 12 still wait at 1000 ms: {wait}");
+        let (wait, _) = progress.longest_wait(at(0), at(650));
+        assert!((wait - 0.55).abs() < 1e-9, "counted until the window's end: {wait}");
+        progress.observe_end(3, 4, at(100)); // never consumed at all: not a partition of this group
+        assert_eq!(progress.longest_wait(at(0), at(1000)).1, Some(2));
     }
 }

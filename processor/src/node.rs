@@ -180,6 +180,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         bootstrap_servers: config.bootstrap_servers.clone(),
         changelog_topic: config.changelog_topic.clone(),
         metrics: metrics.clone(),
+        kafka_debug: config.kafka_debug.clone(),
     });
     let handoff = Arc::new(Handoff::new(
         tokio::runtime::Handle::current(),

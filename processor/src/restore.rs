@@ -36,6 +36,8 @@ pub struct Restorer {
     pub bootstrap_servers: String,
     pub changelog_topic: String,
     pub metrics: Arc<Metrics>,
+    /// librdkafka debug contexts for the restore consumer (`--kafka-debug`).
+    pub kafka_debug: Option<String>,
 }
 
 struct PartitionRestore {
@@ -79,7 +81,11 @@ impl Restorer {
     /// an error only does the rest).
     fn run(&self, shards: &mut Vec<(u32, ActorRef<ShardMsg>)>, assigned_at: Instant) -> Result<(), KafkaError> {
         let started = Instant::now();
-        let consumer: BaseConsumer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        if let Some(contexts) = &self.kafka_debug {
+            config.set("debug", contexts).set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
+        }
+        let consumer: BaseConsumer = config
             .set("bootstrap.servers", &self.bootstrap_servers)
             // Assign-only (never joins or commits), but librdkafka needs a group id to report positions.
             .set("group.id", format!("{}-restore", self.changelog_topic))
@@ -119,7 +125,9 @@ impl Restorer {
                 shards.retain(|(p, _)| *p != partition);
                 continue;
             }
-            tpl.add_partition_offset(&self.changelog_topic, partition as i32, Offset::Beginning)?;
+            // From the known first offset: `Offset::Beginning` would make librdkafka look it up
+            // again, one request per partition, before the first fetch.
+            tpl.add_partition_offset(&self.changelog_topic, partition as i32, Offset::Offset(low))?;
             // A compacted changelog holds about one record per user: sizing the map up front
             // saves rehashing it as it grows (visible in the profile).
             let expected = usize::try_from(high - low).unwrap_or(0).min(MAX_PRESIZED_USERS);
