@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::stats::NodeStats;
 
-const CHECK_EVERY: Duration = Duration::from_secs(5);
+const CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Trim only after this many passivations since the last trim (trimming walks the heaps).
 const PASSIVATIONS_WORTH_A_TRIM: u64 = 10_000;
 

@@ -14,6 +14,8 @@ use crate::nodes::{produce, wait_until, NodeProcess, Setup};
 use crate::report::{mib, rate, verdict, Table};
 
 const LIVE_ACTORS: u64 = 40_000;
+/// How long a node's resident set is given to settle after a burst.
+const SETTLE_RSS: Duration = Duration::from_secs(8);
 const GIB: u64 = 1 << 30;
 
 pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Table, Table)> {
@@ -32,8 +34,7 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
     produce(setup, topic, users, users, 0, true)?;
     let ends = end_offsets(&setup.bootstrap, topic, 128)?;
     committed_to_end(&setup.bootstrap, &group, topic, &ends).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_a = node_a.rss_bytes()?;
+    let (rss_a_early, rss_a) = settling_rss(&node_a).await?;
     let metrics_a = node_a.metrics().await.unwrap_or_default();
     let live_a = metrics_a.get("processor_live_entities").copied().unwrap_or(0.0);
     let stored_a = live_a + metrics_a.get("processor_passivated_entities").copied().unwrap_or(0.0);
@@ -92,7 +93,7 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
     let mut memory = Table::new(&format!("Memory (resident set, VmRSS) with {users} users"), &["node", "live actors", "RSS", "per user / actor", "target", ""]);
     memory.row(vec!["node A idle, before any event (baseline)".into(), "0".into(), mib(idle_rss), "".into(), "".into(), "".into()]);
     memory.row(vec![
-        format!("node A after processing {users} users (default live-actor cap)"),
+        format!("node A after processing {users} users (default live-actor cap; {} 2 s after the end)", mib(rss_a_early)),
         format!("{live_a:.0}"),
         mib(rss_a),
         format!("{:.0} B/user (incl. actors)", rss_a.saturating_sub(idle_rss) as f64 / users as f64),
@@ -115,6 +116,19 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
         "".into(),
         "".into(),
     ]);
-    memory.note("Per user = (RSS − idle RSS) ÷ users; per live actor = RSS growth ÷ actors made live, in the same process.");
+    memory.note(format!(
+        "Per user = (RSS − idle RSS) ÷ users; per live actor = RSS growth ÷ actors made live, in the same process. \
+         Node A's RSS is taken once it has settled ({} s after its offsets reached the end): right after a burst of \
+         passivations glibc still holds the stopped actors' memory until the node's periodic malloc_trim.",
+        SETTLE_RSS.as_secs()
+    ));
     Ok((restore, memory))
+}
+
+/// The node's RSS 2 s after now, and after [`SETTLE_RSS`].
+async fn settling_rss(node: &NodeProcess) -> anyhow::Result<(u64, u64)> {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let early = node.rss_bytes()?;
+    tokio::time::sleep(SETTLE_RSS - Duration::from_secs(2)).await;
+    Ok((early, node.rss_bytes()?))
 }
