@@ -2,10 +2,13 @@
 //!
 //! Every message to a peer passes through ractor_cluster's node-session and TCP-session actors
 //! on both sides, which cost more than answering the query (the profile of a remote query load
-//! is dominated by them: docs/BENCHMARKS.md). One sender task per peer gateway takes whatever
-//! queries are waiting when it is free, up to [`MAX_BATCH`], and sends them as one
-//! `TotalsBatch`. A lone query goes out at once, so nothing waits for a batch to fill.
+//! is dominated by them: docs/BENCHMARKS.md). While queries to a peer are outstanding, new ones
+//! queue for that peer's sender task, which takes whatever is waiting when it is free, up to
+//! [`MAX_BATCH`], and sends it as one `TotalsBatch`. A query to a peer with nothing outstanding
+//! is sent from the caller's own task: there is nothing to batch it with, and going through the
+//! sender and a call task cost two more thread hand-offs per query (counted: docs/BENCHMARKS.md).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,8 +26,32 @@ pub const MAX_BATCH: usize = 256;
 
 type Reply = oneshot::Sender<Result<TotalsAnswer, String>>;
 
+/// One peer's queue (served by its sender task) and its queries outstanding.
+#[derive(Clone)]
+struct Peer {
+    queue: mpsc::UnboundedSender<(TotalsQuery, Reply)>,
+    outstanding: Arc<AtomicUsize>,
+}
+
+/// Counts a query as outstanding for as long as it lives (also when the caller gives up).
+struct Outstanding(Arc<AtomicUsize>);
+
+impl Outstanding {
+    /// Registers a query; returns whether it is the only one outstanding.
+    fn register(counter: &Arc<AtomicUsize>) -> (Self, bool) {
+        let alone = counter.fetch_add(1, Ordering::SeqCst) == 0;
+        (Self(counter.clone()), alone)
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pub struct QueryBatcher {
-    peers: DashMap<ActorId, mpsc::UnboundedSender<(TotalsQuery, Reply)>>,
+    peers: DashMap<ActorId, Peer>,
     call_timeout: Duration,
     metrics: Arc<Metrics>,
 }
@@ -36,17 +63,23 @@ impl QueryBatcher {
 
     /// Asks `gateway` (a peer's) for one user's totals.
     pub async fn ask(&self, gateway: &ActorRef<GatewayMsg>, query: TotalsQuery) -> Result<TotalsAnswer, String> {
-        let (reply, answer) = oneshot::channel();
-        let queue = self
+        let peer = self
             .peers
             .entry(gateway.get_id())
             .or_insert_with(|| {
                 let (queue, waiting) = mpsc::unbounded_channel();
                 tokio::spawn(send_batches(gateway.clone(), waiting, self.call_timeout, self.metrics.clone()));
-                queue
+                Peer { queue, outstanding: Arc::new(AtomicUsize::new(0)) }
             })
             .clone();
-        if queue.send((query, reply)).is_err() {
+        let (_outstanding, alone) = Outstanding::register(&peer.outstanding);
+        if alone {
+            self.metrics.remote_query_batch.observe(1.0);
+            let mut answers = ask_gateway(gateway, vec![query], self.call_timeout).await?;
+            return answers.pop().ok_or_else(|| "the peer answered no query".into());
+        }
+        let (reply, answer) = oneshot::channel();
+        if peer.queue.send((query, reply)).is_err() {
             // The peer's sender ended (its gateway stopped): the next query starts a new one.
             self.peers.remove(&gateway.get_id());
             return Err("the peer's gateway is gone".into());
@@ -77,16 +110,11 @@ async fn send_batches(
         let (queries, replies): (Vec<TotalsQuery>, Vec<Reply>) = batch.into_iter().unzip();
         let peer = gateway.clone();
         tokio::spawn(async move {
-            let answer = peer.call(|reply| GatewayMsg::TotalsBatch(TotalsBatch { queries }, reply), Some(timeout)).await;
-            match call_outcome(answer) {
-                Ok(TotalsBatchAnswer { answers }) if answers.len() == replies.len() => {
+            match ask_gateway(&peer, queries, timeout).await {
+                Ok(answers) => {
                     for (reply, answer) in replies.into_iter().zip(answers) {
                         let _ = reply.send(Ok(answer));
                     }
-                }
-                Ok(TotalsBatchAnswer { answers }) => {
-                    let error = format!("the peer answered {} of {} queries", answers.len(), replies.len());
-                    replies.into_iter().for_each(|r| drop(r.send(Err(error.clone()))));
                 }
                 Err(error) => replies.into_iter().for_each(|r| drop(r.send(Err(error.clone())))),
             }
@@ -95,4 +123,15 @@ async fn send_batches(
             return;
         }
     }
+}
+
+/// One `TotalsBatch` call: the answers in the queries' order, or why there are none.
+async fn ask_gateway(gateway: &ActorRef<GatewayMsg>, queries: Vec<TotalsQuery>, timeout: Duration) -> Result<Vec<TotalsAnswer>, String> {
+    let asked = queries.len();
+    let answer = gateway.call(|reply| GatewayMsg::TotalsBatch(TotalsBatch { queries }, reply), Some(timeout)).await;
+    let TotalsBatchAnswer { answers } = call_outcome(answer)?;
+    if answers.len() != asked {
+        return Err(format!("the peer answered {} of {asked} queries", answers.len()));
+    }
+    Ok(answers)
 }
