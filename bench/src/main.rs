@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     state_users: u64,
     /// Runs of each throughput measurement (the median is reported).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=20))]
     repeat: u64,
     /// Scenarios to run (queries and rebalance need throughput's nodes).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "throughput,queries,rebalance,state")]

@@ -76,6 +76,11 @@ impl Dispatcher {
         }
     }
 
+    /// Whether every event dispatched so far has been acknowledged by its entity.
+    pub fn all_acknowledged(&self) -> bool {
+        self.buffered == 0 && self.gate.in_flight() == 0
+    }
+
     /// Backpressure: wait until the batch fits in the in-flight window. Waits in slices so a
     /// shutdown is not held up; on shutdown the batch is admitted and the drain bounds the wait.
     fn admit(&self, n: usize) {

@@ -164,9 +164,24 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
     let mut last_commit = Instant::now();
     let mut last_partition_check = Instant::now();
     let mut partition_count_alarm = false;
+    // Records dispatched since the last checkpoint started: a caught-up node commits them at once.
+    let mut uncommitted = false;
     while !stopping.load(Ordering::SeqCst) && !context.fenced.load(Ordering::SeqCst) {
         match consumer.poll(Duration::from_millis(50)) {
-            None => context.dispatcher.lock().expect("dispatcher lock poisoned").flush_all(),
+            None => {
+                let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
+                dispatcher.flush_all();
+                // Caught up and every event acknowledged: commit now instead of at the next
+                // interval, so the committed offsets (and a crash's replay) trail by milliseconds
+                // when the input pauses. Spaced by half the interval at least, so light traffic
+                // does not turn every record into a transaction.
+                if uncommitted && dispatcher.all_acknowledged() && last_commit.elapsed() >= settings.commit_interval / 2 {
+                    drop(dispatcher);
+                    context.checkpoint_in_background(&consumer);
+                    last_commit = Instant::now();
+                    uncommitted = false;
+                }
+            }
             Some(Err(e)) => tracing::warn!("consumer error: {e}"),
             Some(Ok(message)) => {
                 let partition = message.partition() as u32;
@@ -187,6 +202,7 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
                 };
                 let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
                 dispatcher.push(partition, record);
+                uncommitted = true;
                 if dispatcher.should_flush() {
                     dispatcher.flush_all();
                 }
@@ -195,6 +211,7 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
         if last_commit.elapsed() >= settings.commit_interval {
             context.checkpoint_in_background(&consumer);
             last_commit = Instant::now();
+            uncommitted = false;
         }
         if last_partition_check.elapsed() >= PARTITION_COUNT_CHECK_EVERY {
             last_partition_check = Instant::now();
