@@ -63,22 +63,32 @@ pub async fn committed_to_end(bootstrap: &str, group: &str, topic: &str, ends: &
     tokio::task::spawn_blocking(move || wait_committed(&bootstrap, &group, &topic, &ends, Duration::from_secs(900))).await?
 }
 
+/// Where a bare drain starts.
+#[derive(Debug, Clone, Copy)]
+pub enum StartFrom {
+    /// `Offset::Beginning`: librdkafka looks each partition's start up before fetching, as a
+    /// group consumer without committed offsets (`auto.offset.reset=earliest`, the node) does.
+    Beginning,
+    /// The start offsets asked in one request first, then assigned as they are (the restorer).
+    KnownOffsets,
+}
+
 /// The baseline: a bare consumer (read_committed, as the processor) reads every partition from
 /// the start to `ends`, doing nothing with the records. Returns (records, time).
-pub fn bare_drain(bootstrap: &str, topic: &str, ends: &BTreeMap<u32, i64>) -> anyhow::Result<(u64, Duration)> {
+pub fn bare_drain(bootstrap: &str, topic: &str, ends: &BTreeMap<u32, i64>, from: StartFrom) -> anyhow::Result<(u64, Duration)> {
     let consumer: BaseConsumer = client(bootstrap, &format!("bench-bare-{topic}"))
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "10485760")
         .create()?;
     let started = Instant::now();
-    // Concrete start offsets, as the node's restorer uses: with `Offset::Beginning` librdkafka
-    // looks each one up before fetching, which would slow the baseline down.
     let mut tpl = TopicPartitionList::new();
     for p in ends.keys() {
         tpl.add_partition_offset(topic, *p as i32, Offset::Beginning)?;
     }
-    let starts = consumer.offsets_for_times(tpl, TIMEOUT)?;
-    consumer.assign(&starts)?;
+    match from {
+        StartFrom::Beginning => consumer.assign(&tpl)?,
+        StartFrom::KnownOffsets => consumer.assign(&consumer.offsets_for_times(tpl, TIMEOUT)?)?,
+    }
     let mut records = 0u64;
     let mut since_check = 0u32;
     loop {

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::kafka::{bare_drain, committed_to_end, end_offsets};
+use crate::kafka::{bare_drain, committed_to_end, end_offsets, StartFrom};
 use crate::nodes::{produce, wait_until, NodeProcess, Setup};
 use crate::report::{mib, rate, verdict, Table};
 
@@ -58,7 +58,7 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
     eprintln!("state: bare read of the changelog (baseline)");
     let changelog_ends = end_offsets(&setup.bootstrap, &changelog, 128)?;
     let (bootstrap, cl, e) = (setup.bootstrap.clone(), changelog.clone(), changelog_ends.clone());
-    let (records, bare_time) = tokio::task::spawn_blocking(move || bare_drain(&bootstrap, &cl, &e)).await??;
+    let (records, bare_time) = tokio::task::spawn_blocking(move || bare_drain(&bootstrap, &cl, &e, StartFrom::KnownOffsets)).await??;
     let bare_rate = records as f64 / bare_time.as_secs_f64();
 
     tokio::time::sleep(Duration::from_secs(2)).await;
