@@ -179,6 +179,8 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let restorer = Arc::new(Restorer {
         bootstrap_servers: config.bootstrap_servers.clone(),
         changelog_topic: config.changelog_topic.clone(),
+        group: config.group.clone(),
+        input_topic: config.topic.clone(),
         metrics: metrics.clone(),
         kafka_debug: config.kafka_debug.clone(),
     });

@@ -27,6 +27,8 @@ use crate::shard::ShardMsg;
 /// How often the read positions are checked while records keep coming.
 const POSITION_CHECK_EVERY: Duration = Duration::from_millis(20);
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for a previous owner's pending offsets (bounded by its transaction timeout).
+const STABLE_OFFSETS_TIMEOUT: Duration = Duration::from_secs(60);
 /// Records between two looks at the clock (reading it per record showed in the profile).
 const CLOCK_EVERY_RECORDS: u32 = 64;
 /// Upper bound on a partition's map sized up front from its record count.
@@ -35,6 +37,10 @@ const MAX_PRESIZED_USERS: usize = 1 << 20;
 pub struct Restorer {
     pub bootstrap_servers: String,
     pub changelog_topic: String,
+    /// The consumer group and its input topic, whose committed offsets the restore waits to be
+    /// stable for (see `run`).
+    pub group: String,
+    pub input_topic: String,
     pub metrics: Arc<Metrics>,
     /// librdkafka debug contexts for the restore consumer (`--kafka-debug`).
     pub kafka_debug: Option<String>,
@@ -108,6 +114,16 @@ impl Restorer {
             .set("bootstrap.servers", &self.bootstrap_servers)
             .set("isolation.level", "read_uncommitted")
             .create()?;
+        // Reading to the high watermark covers a previous owner's open transaction only once its
+        // records are in the changelog. A frozen owner's checkpoint can have its offsets accepted
+        // (TxnOffsetCommit) before its changelog records are appended, and commit both after it
+        // resumes: this node's consumer then starts after those offsets while a restore that
+        // sampled the high watermark before the append missed the states (events lost; seen in
+        // the zombie test). So first wait until the group's committed offsets for these
+        // partitions are stable (a read_committed OffsetFetch requires stable offsets: the
+        // broker answers only once no transaction has offsets pending for them); by then every
+        // record such a transaction will ever commit is in the changelog.
+        self.wait_for_stable_offsets(shards.iter().map(|(p, _)| *p))?;
         // One ListOffsets request each for all partitions: asking per partition cost a broker
         // round trip each, a noticeable part of restoring 128 shards.
         let partitions = || shards.iter().map(|(p, _)| *p);
@@ -206,6 +222,23 @@ impl Restorer {
                 );
             }
         }
+        Ok(())
+    }
+}
+
+impl Restorer {
+    fn wait_for_stable_offsets(&self, partitions: impl Iterator<Item = u32>) -> Result<(), KafkaError> {
+        let offsets: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("group.id", &self.group)
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition(&self.input_topic, p as i32);
+        }
+        offsets.committed_offsets(tpl, STABLE_OFFSETS_TIMEOUT)?;
         Ok(())
     }
 }
