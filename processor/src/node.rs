@@ -49,6 +49,8 @@ pub enum NodeError {
     DeadLetters(rdkafka::error::KafkaError),
     #[error("cannot create the consumer-lag client: {0}")]
     LagProbe(rdkafka::error::KafkaError),
+    #[error("cannot create the restorer's group-offsets client: {0}")]
+    GroupOffsets(rdkafka::error::KafkaError),
     #[error("cannot start the gateway actor: {0}")]
     Gateway(String),
     #[error("changelog topic {topic} has {found} partitions but the input topic has {expected}: they must match")]
@@ -179,7 +181,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let restorer = Arc::new(Restorer {
         bootstrap_servers: config.bootstrap_servers.clone(),
         changelog_topic: config.changelog_topic.clone(),
-        group: config.group.clone(),
+        group_offsets: Restorer::group_offsets_client(&config.bootstrap_servers, &config.group).map_err(NodeError::GroupOffsets)?,
         input_topic: config.topic.clone(),
         metrics: metrics.clone(),
         kafka_debug: config.kafka_debug.clone(),

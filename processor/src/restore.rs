@@ -37,9 +37,11 @@ const MAX_PRESIZED_USERS: usize = 1 << 20;
 pub struct Restorer {
     pub bootstrap_servers: String,
     pub changelog_topic: String,
-    /// The consumer group and its input topic, whose committed offsets the restore waits to be
-    /// stable for (see `run`).
-    pub group: String,
+    /// A client of the node's group (never joins it; read_committed) and the group's input
+    /// topic: the restore waits for their committed offsets to be stable (see `run`). Long-lived,
+    /// so the group coordinator is known when a restore starts: a client created per restore
+    /// spent about a second finding it (measured: docs/BENCHMARKS.md).
+    pub group_offsets: BaseConsumer,
     pub input_topic: String,
     pub metrics: Arc<Metrics>,
     /// librdkafka debug contexts for the restore consumer (`--kafka-debug`).
@@ -87,6 +89,16 @@ impl Restorer {
     /// an error only does the rest).
     fn run(&self, shards: &mut Vec<(u32, ActorRef<ShardMsg>)>, assigned_at: Instant) -> Result<(), KafkaError> {
         let started = Instant::now();
+        // Reading to the high watermark covers a previous owner's open transaction only once its
+        // records are in the changelog. A frozen owner's checkpoint can have its offsets accepted
+        // (TxnOffsetCommit) before its changelog records are appended, and commit both after it
+        // resumes: this node's consumer then starts after those offsets while a restore that
+        // sampled the high watermark before the append missed the states (events lost; seen in
+        // the zombie test). So first wait until the group's committed offsets for these
+        // partitions are stable (a read_committed OffsetFetch requires stable offsets: the
+        // broker answers only once no transaction has offsets pending for them); by then every
+        // record such a transaction will ever commit is in the changelog.
+        self.wait_for_stable_offsets(shards.iter().map(|(p, _)| *p))?;
         let mut config = ClientConfig::new();
         if let Some(contexts) = &self.kafka_debug {
             config.set("debug", contexts).set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
@@ -114,16 +126,6 @@ impl Restorer {
             .set("bootstrap.servers", &self.bootstrap_servers)
             .set("isolation.level", "read_uncommitted")
             .create()?;
-        // Reading to the high watermark covers a previous owner's open transaction only once its
-        // records are in the changelog. A frozen owner's checkpoint can have its offsets accepted
-        // (TxnOffsetCommit) before its changelog records are appended, and commit both after it
-        // resumes: this node's consumer then starts after those offsets while a restore that
-        // sampled the high watermark before the append missed the states (events lost; seen in
-        // the zombie test). So first wait until the group's committed offsets for these
-        // partitions are stable (a read_committed OffsetFetch requires stable offsets: the
-        // broker answers only once no transaction has offsets pending for them); by then every
-        // record such a transaction will ever commit is in the changelog.
-        self.wait_for_stable_offsets(shards.iter().map(|(p, _)| *p))?;
         // One ListOffsets request each for all partitions: asking per partition cost a broker
         // round trip each, a noticeable part of restoring 128 shards.
         let partitions = || shards.iter().map(|(p, _)| *p);
@@ -227,18 +229,22 @@ impl Restorer {
 }
 
 impl Restorer {
-    fn wait_for_stable_offsets(&self, partitions: impl Iterator<Item = u32>) -> Result<(), KafkaError> {
-        let offsets: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap_servers)
-            .set("group.id", &self.group)
+    /// The client for [`Restorer::group_offsets`].
+    pub fn group_offsets_client(bootstrap: &str, group: &str) -> Result<BaseConsumer, KafkaError> {
+        ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", group)
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
-            .create()?;
+            .create()
+    }
+
+    fn wait_for_stable_offsets(&self, partitions: impl Iterator<Item = u32>) -> Result<(), KafkaError> {
         let mut tpl = TopicPartitionList::new();
         for p in partitions {
             tpl.add_partition(&self.input_topic, p as i32);
         }
-        offsets.committed_offsets(tpl, STABLE_OFFSETS_TIMEOUT)?;
+        self.group_offsets.committed_offsets(tpl, STABLE_OFFSETS_TIMEOUT)?;
         Ok(())
     }
 }
