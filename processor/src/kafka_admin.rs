@@ -118,3 +118,38 @@ pub fn offsets_by_partition(tpl: &TopicPartitionList) -> std::collections::BTree
         .filter_map(|e| Some((e.partition() as u32, e.offset().to_raw().filter(|o| *o >= 0)?)))
         .collect()
 }
+
+/// A client of `group` that never joins it, for reading the group's committed offsets (the lag
+/// probe, the restorer). read_committed: it asks for *stable* offsets, i.e. the broker answers
+/// only once no transaction has offsets pending for the partitions asked.
+pub fn group_offsets_client(bootstrap: &str, group: &str) -> KafkaResult<BaseConsumer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()
+}
+
+/// The group's committed offset of each of `partitions` (absent when none), through a
+/// [`group_offsets_client`]; waits (up to `timeout`) while a transaction has offsets pending.
+pub fn committed_offsets(
+    client: &BaseConsumer,
+    topic: &str,
+    partitions: impl IntoIterator<Item = u32>,
+    timeout: Duration,
+) -> KafkaResult<std::collections::BTreeMap<u32, i64>> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(topic, p as i32);
+    }
+    Ok(offsets_by_partition(&client.committed_offsets(tpl, timeout)?))
+}
+
+/// Turns on librdkafka's debug `contexts` (e.g. `fetch`), if any, for a client built from `config`.
+pub fn with_debug<'a>(config: &'a mut ClientConfig, contexts: Option<&str>) -> &'a mut ClientConfig {
+    if let Some(contexts) = contexts {
+        config.set("debug", contexts).set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
+    }
+    config
+}

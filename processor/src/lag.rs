@@ -6,32 +6,26 @@
 //! scraped costs nothing in between: librdkafka's periodic statistics would give the end offsets
 //! too, but producing them every second delayed fetches (gaps of up to 1 s on a busy node).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaResult;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::Offset;
 
-use crate::kafka_admin::{list_offsets, offsets_by_partition};
+use crate::kafka_admin::{committed_offsets, list_offsets};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct LagProbe {
-    client: BaseConsumer,
+    /// The node's [`crate::kafka_admin::group_offsets_client`] (shared with the restorer).
+    client: Arc<BaseConsumer>,
     topic: String,
 }
 
 impl LagProbe {
-    /// `group` is only used to read its committed offsets.
-    pub fn new(bootstrap: &str, group: &str, topic: &str) -> KafkaResult<Self> {
-        let client = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", group)
-            .set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false")
-            .create()?;
-        Ok(Self { client, topic: topic.into() })
+    pub fn new(client: Arc<BaseConsumer>, topic: &str) -> Self {
+        Self { client, topic: topic.into() }
     }
 
     /// Lag of each of `partitions` (blocking: a few broker round trips).
@@ -41,11 +35,7 @@ impl LagProbe {
         }
         let ends = list_offsets(&self.client, &self.topic, partitions.iter().copied(), Offset::End, TIMEOUT)?;
         let starts = list_offsets(&self.client, &self.topic, partitions.iter().copied(), Offset::Beginning, TIMEOUT)?;
-        let mut asked = TopicPartitionList::new();
-        for p in partitions {
-            asked.add_partition_offset(&self.topic, *p as i32, Offset::Invalid)?;
-        }
-        let committed = offsets_by_partition(&self.client.committed_offsets(asked, TIMEOUT)?);
+        let committed = committed_offsets(&self.client, &self.topic, partitions.iter().copied(), TIMEOUT)?;
         Ok(partitions
             .iter()
             .filter_map(|p| Some((*p, lag(*ends.get(p)?, committed.get(p).copied(), *starts.get(p)?))))

@@ -47,9 +47,7 @@ pub enum NodeError {
     Consumer(#[from] ConsumerError),
     #[error("cannot create the dead-letter producer: {0}")]
     DeadLetters(rdkafka::error::KafkaError),
-    #[error("cannot create the consumer-lag client: {0}")]
-    LagProbe(rdkafka::error::KafkaError),
-    #[error("cannot create the restorer's group-offsets client: {0}")]
+    #[error("cannot create the client reading the group's committed offsets: {0}")]
     GroupOffsets(rdkafka::error::KafkaError),
     #[error("cannot start the gateway actor: {0}")]
     Gateway(String),
@@ -149,6 +147,10 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let grpc_addr = socket(&host, config.ports.grpc)?;
     let grpc = tokio::spawn(crate::grpc::serve(grpc_addr, router.clone(), metrics.clone(), shutdown(shutdown_rx.clone())));
 
+    // One client reads the group's committed offsets, for the lag at /metrics and the restorer.
+    let group_offsets = Arc::new(
+        kafka_admin::group_offsets_client(&config.bootstrap_servers, &config.group).map_err(NodeError::GroupOffsets)?,
+    );
     let kafka_stats = Arc::new(std::sync::Mutex::new(String::new()));
     let management = Arc::new(Management {
         kafka_stats: kafka_stats.clone(),
@@ -161,7 +163,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         stats: stats.clone(),
         gate: gate.clone(),
         metrics: metrics.clone(),
-        lag: LagProbe::new(&config.bootstrap_servers, &config.group, &config.topic).map_err(NodeError::LagProbe)?,
+        lag: LagProbe::new(group_offsets.clone(), &config.topic),
     });
     let http_listener = tokio::net::TcpListener::bind(socket(&host, config.ports.management)?)
         .await
@@ -181,7 +183,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let restorer = Arc::new(Restorer {
         bootstrap_servers: config.bootstrap_servers.clone(),
         changelog_topic: config.changelog_topic.clone(),
-        group_offsets: Restorer::group_offsets_client(&config.bootstrap_servers, &config.group).map_err(NodeError::GroupOffsets)?,
+        group_offsets,
         input_topic: config.topic.clone(),
         metrics: metrics.clone(),
         kafka_debug: config.kafka_debug.clone(),

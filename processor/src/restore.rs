@@ -20,7 +20,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::changelog::decode_state;
 use crate::entity::{EntityState, UserId, UserMap};
-use crate::kafka_admin::list_offsets;
+use crate::kafka_admin::{committed_offsets, list_offsets, with_debug};
 use crate::metrics::Metrics;
 use crate::shard::ShardMsg;
 
@@ -37,11 +37,9 @@ const MAX_PRESIZED_USERS: usize = 1 << 20;
 pub struct Restorer {
     pub bootstrap_servers: String,
     pub changelog_topic: String,
-    /// A client of the node's group (never joins it; read_committed) and the group's input
-    /// topic: the restore waits for their committed offsets to be stable (see `run`). Long-lived,
-    /// so the group coordinator is known when a restore starts: a client created per restore
-    /// spent about a second finding it (measured: docs/BENCHMARKS.md).
-    pub group_offsets: BaseConsumer,
+    /// The node's [`crate::kafka_admin::group_offsets_client`] and the group's input topic: the
+    /// restore waits for their committed offsets to be stable (see `run`).
+    pub group_offsets: Arc<BaseConsumer>,
     pub input_topic: String,
     pub metrics: Arc<Metrics>,
     /// librdkafka debug contexts for the restore consumer (`--kafka-debug`).
@@ -97,13 +95,11 @@ impl Restorer {
         // the zombie test). So first wait until the group's committed offsets for these
         // partitions are stable (a read_committed OffsetFetch requires stable offsets: the
         // broker answers only once no transaction has offsets pending for them); by then every
-        // record such a transaction will ever commit is in the changelog.
-        self.wait_for_stable_offsets(shards.iter().map(|(p, _)| *p))?;
-        let mut config = ClientConfig::new();
-        if let Some(contexts) = &self.kafka_debug {
-            config.set("debug", contexts).set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
-        }
-        let consumer: BaseConsumer = config
+        // record such a transaction will ever commit is in the changelog. This runs before the
+        // restore consumer is created: created first, its first fetch came about a second late
+        // (measured: docs/BENCHMARKS.md).
+        committed_offsets(&self.group_offsets, &self.input_topic, shards.iter().map(|(p, _)| *p), STABLE_OFFSETS_TIMEOUT)?;
+        let consumer: BaseConsumer = with_debug(&mut ClientConfig::new(), self.kafka_debug.as_deref())
             .set("bootstrap.servers", &self.bootstrap_servers)
             // Assign-only (never joins or commits), but librdkafka needs a group id to report positions.
             .set("group.id", format!("{}-restore", self.changelog_topic))
@@ -224,27 +220,6 @@ impl Restorer {
                 );
             }
         }
-        Ok(())
-    }
-}
-
-impl Restorer {
-    /// The client for [`Restorer::group_offsets`].
-    pub fn group_offsets_client(bootstrap: &str, group: &str) -> Result<BaseConsumer, KafkaError> {
-        ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", group)
-            .set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false")
-            .create()
-    }
-
-    fn wait_for_stable_offsets(&self, partitions: impl Iterator<Item = u32>) -> Result<(), KafkaError> {
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            tpl.add_partition(&self.input_topic, p as i32);
-        }
-        self.group_offsets.committed_offsets(tpl, STABLE_OFFSETS_TIMEOUT)?;
         Ok(())
     }
 }

@@ -120,11 +120,7 @@ pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<Consume
         kafka_stats,
     };
     let session_ms = settings.session_timeout.as_millis().max(1_000);
-    let mut config = ClientConfig::new();
-    if let Some(contexts) = &settings.debug {
-        config.set("debug", contexts).set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
-    }
-    let consumer: BaseConsumer<NodeContext> = config
+    let consumer: BaseConsumer<NodeContext> = crate::kafka_admin::with_debug(&mut ClientConfig::new(), settings.debug.as_deref())
         .set("bootstrap.servers", &settings.bootstrap_servers)
         .set("group.id", &settings.group)
         .set("client.id", &settings.client_id)
