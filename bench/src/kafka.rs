@@ -28,15 +28,27 @@ fn client(bootstrap: &str, group: &str) -> ClientConfig {
 }
 
 /// High watermark of every partition.
-pub fn end_offsets(bootstrap: &str, topic: &str, partitions: u32) -> anyhow::Result<BTreeMap<u32, i64>> {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+pub fn end_offsets(
+    bootstrap: &str,
+    topic: &str,
+    partitions: u32,
+) -> anyhow::Result<BTreeMap<u32, i64>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
     (0..partitions)
         .map(|p| Ok((p, consumer.fetch_watermarks(topic, p as i32, TIMEOUT)?.1)))
         .collect()
 }
 
 /// Polls the group's committed offsets until every partition's reaches `ends`.
-pub fn wait_committed(bootstrap: &str, group: &str, topic: &str, ends: &BTreeMap<u32, i64>, within: Duration) -> anyhow::Result<Instant> {
+pub fn wait_committed(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    ends: &BTreeMap<u32, i64>,
+    within: Duration,
+) -> anyhow::Result<Instant> {
     let consumer: BaseConsumer = client(bootstrap, group).create()?;
     let mut tpl = TopicPartitionList::new();
     for p in ends.keys() {
@@ -46,21 +58,40 @@ pub fn wait_committed(bootstrap: &str, group: &str, topic: &str, ends: &BTreeMap
     loop {
         if let Ok(committed) = consumer.committed_offsets(tpl.clone(), TIMEOUT) {
             let done = ends.iter().all(|(p, end)| {
-                committed.find_partition(topic, *p as i32).and_then(|e| e.offset().to_raw()).is_some_and(|o| o >= *end)
+                committed
+                    .find_partition(topic, *p as i32)
+                    .and_then(|e| e.offset().to_raw())
+                    .is_some_and(|o| o >= *end)
             });
             if done {
                 return Ok(Instant::now());
             }
         }
-        anyhow::ensure!(Instant::now() < deadline, "group {group} did not commit to the end of {topic} within {within:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "group {group} did not commit to the end of {topic} within {within:?}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
 
 /// [`wait_committed`] off the async runtime; up to 15 minutes.
-pub async fn committed_to_end(bootstrap: &str, group: &str, topic: &str, ends: &BTreeMap<u32, i64>) -> anyhow::Result<Instant> {
-    let (bootstrap, group, topic, ends) = (bootstrap.to_string(), group.to_string(), topic.to_string(), ends.clone());
-    tokio::task::spawn_blocking(move || wait_committed(&bootstrap, &group, &topic, &ends, Duration::from_secs(900))).await?
+pub async fn committed_to_end(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    ends: &BTreeMap<u32, i64>,
+) -> anyhow::Result<Instant> {
+    let (bootstrap, group, topic, ends) = (
+        bootstrap.to_string(),
+        group.to_string(),
+        topic.to_string(),
+        ends.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        wait_committed(&bootstrap, &group, &topic, &ends, Duration::from_secs(900))
+    })
+    .await?
 }
 
 /// Where a bare drain starts.
@@ -75,7 +106,12 @@ pub enum StartFrom {
 
 /// The baseline: a bare consumer (read_committed, as the processor) reads every partition from
 /// the start to `ends`, doing nothing with the records. Returns (records, time).
-pub fn bare_drain(bootstrap: &str, topic: &str, ends: &BTreeMap<u32, i64>, from: StartFrom) -> anyhow::Result<(u64, Duration)> {
+pub fn bare_drain(
+    bootstrap: &str,
+    topic: &str,
+    ends: &BTreeMap<u32, i64>,
+    from: StartFrom,
+) -> anyhow::Result<(u64, Duration)> {
     let consumer: BaseConsumer = client(bootstrap, &format!("bench-bare-{topic}"))
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "10485760")
@@ -94,7 +130,9 @@ pub fn bare_drain(bootstrap: &str, topic: &str, ends: &BTreeMap<u32, i64>, from:
     loop {
         let polled = consumer.poll(Duration::from_millis(100));
         if let Some(message) = &polled {
-            let message = message.as_ref().map_err(|e| anyhow::anyhow!("bare consumer: {e}"))?;
+            let message = message
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("bare consumer: {e}"))?;
             records += 1;
             since_check += 1;
             // Touch the payload as any consumer would, without decoding it.
@@ -105,12 +143,19 @@ pub fn bare_drain(bootstrap: &str, topic: &str, ends: &BTreeMap<u32, i64>, from:
             since_check = 0;
             let positions = consumer.position()?;
             let done = ends.iter().all(|(p, end)| {
-                *end == 0 || positions.find_partition(topic, *p as i32).and_then(|e| e.offset().to_raw()).is_some_and(|o| o >= *end)
+                *end == 0
+                    || positions
+                        .find_partition(topic, *p as i32)
+                        .and_then(|e| e.offset().to_raw())
+                        .is_some_and(|o| o >= *end)
             });
             if done {
                 return Ok((records, started.elapsed()));
             }
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "bare drain of {topic} did not finish");
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "bare drain of {topic} did not finish"
+            );
         }
     }
 }
@@ -123,7 +168,13 @@ pub struct EndPoller {
 }
 
 impl EndPoller {
-    pub fn start(bootstrap: &str, topic: &str, partitions: u32, progress: Arc<Mutex<Progress>>, every: Duration) -> anyhow::Result<Self> {
+    pub fn start(
+        bootstrap: &str,
+        topic: &str,
+        partitions: u32,
+        progress: Arc<Mutex<Progress>>,
+        every: Duration,
+    ) -> anyhow::Result<Self> {
         let consumer: BaseConsumer = client(bootstrap, &format!("bench-ends-{topic}")).create()?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
@@ -147,7 +198,10 @@ impl EndPoller {
                 std::thread::sleep(every.saturating_sub(asked.elapsed()));
             }
         });
-        Ok(Self { stop, thread: Some(thread) })
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -188,17 +242,26 @@ impl BareGroup {
             .set("auto.offset.reset", "latest")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", self.session_timeout_ms.to_string())
-            .set("heartbeat.interval.ms", (self.session_timeout_ms / 4).to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (self.session_timeout_ms / 4).to_string(),
+            )
             .set("client.id", format!("bare-{}", self.members.len() + 1))
             .create()?;
-        consumer.subscribe(&[&self.topic]).context("bare member subscribe")?;
+        consumer
+            .subscribe(&[&self.topic])
+            .context("bare member subscribe")?;
         let stop = Arc::new(AtomicBool::new(false));
         let (progress, stopping) = (self.progress.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             while !stopping.load(Ordering::SeqCst) {
                 if let Some(Ok(message)) = consumer.poll(Duration::from_millis(20)) {
                     let now = Instant::now();
-                    progress.lock().expect("progress lock").observe(message.partition() as u32, message.offset() + 1, now);
+                    progress.lock().expect("progress lock").observe(
+                        message.partition() as u32,
+                        message.offset() + 1,
+                        now,
+                    );
                 }
             }
             // Dropping the consumer closes it: it leaves the group (a graceful leave).

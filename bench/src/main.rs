@@ -24,9 +24,16 @@ enum Scenario {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "bench", about = "Benchmarks the cluster against a real Kafka broker; prints markdown")]
+#[command(
+    name = "bench",
+    about = "Benchmarks the cluster against a real Kafka broker; prints markdown"
+)]
 struct Args {
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
     bootstrap_servers: String,
     /// Where the release binaries are.
     #[arg(long, default_value = "target/release")]
@@ -47,7 +54,12 @@ struct Args {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=20))]
     repeat: u64,
     /// Scenarios to run (queries and rebalance need throughput's nodes).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "throughput,queries,rebalance,state")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "throughput,queries,rebalance,state"
+    )]
     scenarios: Vec<Scenario>,
 }
 
@@ -60,11 +72,21 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     for bin in ["processor", "producer", "client"] {
         let path = args.bin_dir.join(bin);
-        anyhow::ensure!(path.exists(), "{} is missing: build with `cargo build --release --workspace`", path.display());
+        anyhow::ensure!(
+            path.exists(),
+            "{} is missing: build with `cargo build --release --workspace`",
+            path.display()
+        );
     }
     std::fs::create_dir_all(&args.log_dir)?;
-    let setup = Setup { bin_dir: args.bin_dir.clone(), log_dir: args.log_dir.clone(), bootstrap: args.bootstrap_servers.clone() };
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let setup = Setup {
+        bin_dir: args.bin_dir.clone(),
+        log_dir: args.log_dir.clone(),
+        bootstrap: args.bootstrap_servers.clone(),
+    };
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     let topic = format!("bench-events-{stamp}");
     let wants = |s: Scenario| args.scenarios.contains(&s);
     anyhow::ensure!(
@@ -74,7 +96,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut tables = Vec::new();
     if wants(Scenario::Throughput) {
-        let (table, nodes) = scenarios::throughput::run(&setup, &topic, args.events, args.users, args.repeat as usize).await?;
+        let (table, nodes) = scenarios::throughput::run(
+            &setup,
+            &topic,
+            args.events,
+            args.users,
+            args.repeat as usize,
+        )
+        .await?;
         println!("{}", table.render());
         tables.push(table);
         if wants(Scenario::Queries) {
@@ -90,7 +119,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     if wants(Scenario::State) {
-        let (restore, memory) = scenarios::state::run(&setup, &format!("bench-state-{stamp}"), args.state_users).await?;
+        let (restore, memory) =
+            scenarios::state::run(&setup, &format!("bench-state-{stamp}"), args.state_users)
+                .await?;
         println!("{}\n{}", restore.render(), memory.render());
     }
     Ok(())

@@ -56,22 +56,52 @@ impl std::ops::Deref for NodeProcess {
 }
 
 impl NodeProcess {
-    pub fn start(setup: &Setup, index: u16, topic: &str, group: &str, extra: &[&str]) -> anyhow::Result<Self> {
+    pub fn start(
+        setup: &Setup,
+        index: u16,
+        topic: &str,
+        group: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let log = setup.log_dir.join(format!("{group}-node{index}.log"));
         let file = std::fs::File::create(&log)?;
         let seeds = format!("127.0.0.1:{},127.0.0.1:{}", PORT_BASE + 1, PORT_BASE + 2);
         let child = Command::new(setup.bin("processor"))
-            .args([PORT_BASE + index, PORT_BASE + 100 + index, PORT_BASE + 200 + index].map(|p| p.to_string()))
-            .args(["--bootstrap-servers", &setup.bootstrap, "--topic", topic, "--group", group, "--seed-nodes", &seeds])
+            .args(
+                [
+                    PORT_BASE + index,
+                    PORT_BASE + 100 + index,
+                    PORT_BASE + 200 + index,
+                ]
+                .map(|p| p.to_string()),
+            )
+            .args([
+                "--bootstrap-servers",
+                &setup.bootstrap,
+                "--topic",
+                topic,
+                "--group",
+                group,
+                "--seed-nodes",
+                &seeds,
+            ])
             .args(["--session-timeout-ms", &SESSION_TIMEOUT_MS.to_string()])
             .args(extra)
             // BENCH_NODE_LOG overrides the nodes' log filter, e.g. with KAFKA_DEBUG for librdkafka's.
-            .env("RUST_LOG", std::env::var("BENCH_NODE_LOG").unwrap_or_else(|_| "info,ractor_cluster=warn,ractor=warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_NODE_LOG")
+                    .unwrap_or_else(|_| "info,ractor_cluster=warn,ractor=warn".into()),
+            )
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()
             .context("starting the processor binary")?;
-        Ok(Self { addr: NodeAddr::new(index, group), child: Mutex::new(Some(child)), log })
+        Ok(Self {
+            addr: NodeAddr::new(index, group),
+            child: Mutex::new(Some(child)),
+            log,
+        })
     }
 
     /// Polls until this node (still running) reports assigned partitions; returns when it did.
@@ -82,14 +112,24 @@ impl NodeProcess {
             if self.counter("partitions_assigned").await > 0 && !self.shards().await.is_empty() {
                 return Ok(Instant::now());
             }
-            anyhow::ensure!(Instant::now() < deadline, "node {} was not assigned partitions within {within:?}", self.index);
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "node {} was not assigned partitions within {within:?}",
+                self.index
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// Resident memory (VmRSS) of the node process.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
-        let pid = self.child.lock().expect("child lock").as_ref().context("node not running")?.id();
+        let pid = self
+            .child
+            .lock()
+            .expect("child lock")
+            .as_ref()
+            .context("node not running")?
+            .id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kib: u64 = status
             .lines()
@@ -108,20 +148,32 @@ impl NodeProcess {
     /// Fails if the process has exited (e.g. it could not bind its ports), naming its log.
     pub fn ensure_running(&self) -> anyhow::Result<()> {
         let mut child = self.child.lock().expect("child lock");
-        let Some(running) = child.as_mut() else { anyhow::bail!("node {} was stopped", self.index) };
+        let Some(running) = child.as_mut() else {
+            anyhow::bail!("node {} was stopped", self.index)
+        };
         if let Some(status) = running.try_wait()? {
             child.take();
-            anyhow::bail!("node {} exited ({status}); see {}", self.index, self.log.display());
+            anyhow::bail!(
+                "node {} exited ({status}); see {}",
+                self.index,
+                self.log.display()
+            );
         }
         Ok(())
     }
 
     pub fn stop(&mut self) -> anyhow::Result<()> {
-        let Some(mut child) = self.child.lock().expect("child lock").take() else { return Ok(()) };
+        let Some(mut child) = self.child.lock().expect("child lock").take() else {
+            return Ok(());
+        };
         signal(child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(60);
         while child.try_wait()?.is_none() {
-            anyhow::ensure!(Instant::now() < deadline, "node {} did not stop within 60 s", self.index);
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "node {} did not stop within 60 s",
+                self.index
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
@@ -138,7 +190,11 @@ impl NodeProcess {
 
 impl NodeAddr {
     pub fn new(index: u16, group: &str) -> Self {
-        Self { index, group: group.into(), http: reqwest::Client::new() }
+        Self {
+            index,
+            group: group.into(),
+            http: reqwest::Client::new(),
+        }
     }
 
     pub fn grpc_url(&self) -> String {
@@ -147,7 +203,13 @@ impl NodeAddr {
 
     async fn get(&self, path: &str) -> Option<String> {
         let url = format!("http://127.0.0.1:{}{path}", PORT_BASE + 100 + self.index);
-        let response = self.http.get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
+        let response = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
         response.status().is_success().then_some(())?;
         response.text().await.ok()
     }
@@ -157,24 +219,41 @@ impl NodeAddr {
     }
 
     pub async fn counter(&self, name: &str) -> u64 {
-        self.stats().await.and_then(|s| s[name].as_u64()).unwrap_or(0)
+        self.stats()
+            .await
+            .and_then(|s| s[name].as_u64())
+            .unwrap_or(0)
     }
 
     pub async fn shards(&self) -> Vec<u32> {
         self.stats()
             .await
-            .and_then(|s| s["shards"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect()))
+            .and_then(|s| {
+                s["shards"].as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64())
+                        .map(|v| v as u32)
+                        .collect()
+                })
+            })
             .unwrap_or_default()
     }
 
     /// Per shard: the next offset after what it applied (see `/cluster/shards`).
     pub async fn processed_offsets(&self) -> Option<BTreeMap<u32, i64>> {
-        let regions: Value = serde_json::from_str(&self.get(&format!("/cluster/shards/{}", self.group)).await?).ok()?;
+        let regions: Value =
+            serde_json::from_str(&self.get(&format!("/cluster/shards/{}", self.group)).await?)
+                .ok()?;
         Some(
             regions["regions"]
                 .as_array()?
                 .iter()
-                .filter_map(|r| Some((r["shardId"].as_str()?.parse().ok()?, r["processedOffset"].as_i64()?)))
+                .filter_map(|r| {
+                    Some((
+                        r["shardId"].as_str()?.parse().ok()?,
+                        r["processedOffset"].as_i64()?,
+                    ))
+                })
                 .collect(),
         )
     }
@@ -190,7 +269,6 @@ impl NodeAddr {
                 .collect(),
         )
     }
-
 }
 
 impl Drop for NodeProcess {
@@ -200,14 +278,24 @@ impl Drop for NodeProcess {
 }
 
 fn signal(pid: u32, name: &str) {
-    let _ = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).stdout(Stdio::null()).status();
+    let _ = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .stdout(Stdio::null())
+        .status();
 }
 
 fn longest_restore_in(log: &Path) -> f64 {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines()
         .filter(|l| l.contains("restored:"))
-        .filter_map(|l| l.rsplit_once(" in ")?.1.strip_suffix(" ms")?.trim().parse::<f64>().ok())
+        .filter_map(|l| {
+            l.rsplit_once(" in ")?
+                .1
+                .strip_suffix(" ms")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
         .fold(0.0, f64::max)
         / 1_000.0
 }
@@ -223,29 +311,72 @@ where
         if let Some(v) = check().await {
             return Ok(v);
         }
-        anyhow::ensure!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// Runs the producer release binary to completion.
-pub fn produce(setup: &Setup, topic: &str, count: u64, users: u64, rate: u64, in_turn: bool) -> anyhow::Result<Duration> {
+pub fn produce(
+    setup: &Setup,
+    topic: &str,
+    count: u64,
+    users: u64,
+    rate: u64,
+    in_turn: bool,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let out = producer_command(setup, topic, count, users, rate, in_turn).output()?;
-    anyhow::ensure!(out.status.success(), "producer failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "producer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(started.elapsed())
 }
 
 /// The producer at a steady rate in the background.
-pub fn produce_in_background(setup: &Setup, topic: &str, count: u64, users: u64, rate: u64) -> anyhow::Result<Child> {
-    Ok(producer_command(setup, topic, count, users, rate, false).stderr(Stdio::null()).spawn()?)
+pub fn produce_in_background(
+    setup: &Setup,
+    topic: &str,
+    count: u64,
+    users: u64,
+    rate: u64,
+) -> anyhow::Result<Child> {
+    Ok(producer_command(setup, topic, count, users, rate, false)
+        .stderr(Stdio::null())
+        .spawn()?)
 }
 
-fn producer_command(setup: &Setup, topic: &str, count: u64, users: u64, rate: u64, in_turn: bool) -> Command {
+fn producer_command(
+    setup: &Setup,
+    topic: &str,
+    count: u64,
+    users: u64,
+    rate: u64,
+    in_turn: bool,
+) -> Command {
     let mut command = Command::new(setup.bin("producer"));
     command
-        .args(["--bootstrap-servers", &setup.bootstrap, "--topic", topic, "--partitions", "128"])
-        .args(["--count", &count.to_string(), "--users", &users.to_string(), "--rate", &rate.to_string()])
+        .args([
+            "--bootstrap-servers",
+            &setup.bootstrap,
+            "--topic",
+            topic,
+            "--partitions",
+            "128",
+        ])
+        .args([
+            "--count",
+            &count.to_string(),
+            "--users",
+            &users.to_string(),
+            "--rate",
+            &rate.to_string(),
+        ])
         .stdout(Stdio::null());
     if in_turn {
         command.arg("--users-in-turn");

@@ -46,9 +46,14 @@ impl Progress {
     pub fn longest_gap(&self, from: Instant, to: Instant) -> (f64, Option<u32>) {
         let mut longest = (0.0, None);
         for (partition, moves) in &self.consumed {
-            let Some((start, _)) = moves.iter().rev().find(|(t, _)| *t <= from) else { continue };
+            let Some((start, _)) = moves.iter().rev().find(|(t, _)| *t <= from) else {
+                continue;
+            };
             let mut previous = *start;
-            let inside = moves.iter().map(|(t, _)| t).filter(|t| **t > from && **t <= to);
+            let inside = moves
+                .iter()
+                .map(|(t, _)| t)
+                .filter(|t| **t > from && **t <= to);
             for t in inside.chain(std::iter::once(&to)) {
                 let gap = t.duration_since(previous).as_secs_f64();
                 if gap > longest.0 {
@@ -66,7 +71,9 @@ impl Progress {
     pub fn longest_wait(&self, from: Instant, to: Instant) -> (f64, Option<u32>) {
         let mut longest = (0.0, None);
         for (partition, ends) in &self.available {
-            let Some(moves) = self.consumed.get(partition) else { continue };
+            let Some(moves) = self.consumed.get(partition) else {
+                continue;
+            };
             for (seen, end) in ends.iter().filter(|(t, _)| *t >= from && *t <= to) {
                 // Offsets only grow, so the first move reaching `end` is found by bisection.
                 let reached = moves.partition_point(|(_, offset)| offset < end);
@@ -100,7 +107,11 @@ mod tests {
         }
         progress.observe(3, 7, at(500)); // first seen inside the window: not "moving before"
         let (gap, partition) = progress.longest_gap(at(150), at(1000));
-        assert_eq!(partition, Some(2), "partition 2 stalls from 150 ms to the end");
+        assert_eq!(
+            partition,
+            Some(2),
+            "partition 2 stalls from 150 ms to the end"
+        );
         assert!((gap - 0.85).abs() < 1e-9);
         let (gap, partition) = progress.longest_gap(at(150), at(300));
         assert_eq!((partition, (gap * 1000.0).round()), (Some(2), 150.0));
@@ -110,7 +121,10 @@ mod tests {
         }
         let (gap, partition) = one.longest_gap(at(210), at(950));
         assert_eq!(partition, Some(1));
-        assert!((gap - 0.7).abs() < 1e-9, "200 -> 900 ms, the gap around the window's start");
+        assert!(
+            (gap - 0.7).abs() < 1e-9,
+            "200 -> 900 ms, the gap around the window's start"
+        );
     }
 
     #[test]
@@ -127,7 +141,10 @@ mod tests {
         assert!((gap - 0.8).abs() < 1e-9, "120 -> 920 ms without progress");
         let (wait, partition) = progress.longest_wait(at(0), at(1000));
         assert_eq!(partition, Some(1));
-        assert!((wait - 0.02).abs() < 1e-9, "no record waited more than 20 ms: {wait}");
+        assert!(
+            (wait - 0.02).abs() < 1e-9,
+            "no record waited more than 20 ms: {wait}"
+        );
     }
 
     #[test]
@@ -141,9 +158,15 @@ mod tests {
         progress.observe(2, 8, at(700)); // the records below 8 waited 600 ms
         let (wait, partition) = progress.longest_wait(at(0), at(1000));
         assert_eq!(partition, Some(2));
-        assert!((wait - 0.8).abs() < 1e-9, "the records below 12 still wait at 1000 ms: {wait}");
+        assert!(
+            (wait - 0.8).abs() < 1e-9,
+            "the records below 12 still wait at 1000 ms: {wait}"
+        );
         let (wait, _) = progress.longest_wait(at(0), at(650));
-        assert!((wait - 0.55).abs() < 1e-9, "counted until the window's end: {wait}");
+        assert!(
+            (wait - 0.55).abs() < 1e-9,
+            "counted until the window's end: {wait}"
+        );
         progress.observe_end(3, 4, at(100)); // never consumed at all: not a partition of this group
         assert_eq!(progress.longest_wait(at(0), at(1000)).1, Some(2));
     }

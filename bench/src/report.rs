@@ -9,7 +9,12 @@ pub struct Table {
 
 impl Table {
     pub fn new(title: &str, header: &[&str]) -> Self {
-        Self { title: title.into(), header: header.iter().map(|h| h.to_string()).collect(), rows: Vec::new(), notes: Vec::new() }
+        Self {
+            title: title.into(),
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+            notes: Vec::new(),
+        }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -21,7 +26,12 @@ impl Table {
     }
 
     pub fn render(&self) -> String {
-        let mut out = format!("### {}\n\n| {} |\n|{}|\n", self.title, self.header.join(" | "), vec!["---"; self.header.len()].join("|"));
+        let mut out = format!(
+            "### {}\n\n| {} |\n|{}|\n",
+            self.title,
+            self.header.join(" | "),
+            vec!["---"; self.header.len()].join("|")
+        );
         for row in &self.rows {
             out.push_str(&format!("| {} |\n", row.join(" | ")));
         }
@@ -34,11 +44,19 @@ impl Table {
 
 /// Whether a target holds, for the last column.
 pub fn verdict(met: bool) -> String {
-    if met { "met".into() } else { "**missed**".into() }
+    if met {
+        "met".into()
+    } else {
+        "**missed**".into()
+    }
 }
 
 pub fn rate(per_second: f64) -> String {
-    if per_second >= 10_000.0 { format!("{:.0}k", per_second / 1_000.0) } else { format!("{per_second:.0}") }
+    if per_second >= 10_000.0 {
+        format!("{:.0}k", per_second / 1_000.0)
+    } else {
+        format!("{per_second:.0}")
+    }
 }
 
 pub fn ms(seconds: f64) -> String {

@@ -36,14 +36,23 @@ pub struct BenchReport {
 
 /// Ids, one per line (blank lines ignored).
 pub fn read_ids(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let ids: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let ids: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
     anyhow::ensure!(!ids.is_empty(), "{} lists no user ids", path.display());
     Ok(ids)
 }
 
 pub async fn run(channels: Vec<Channel>, plan: BenchPlan) -> anyhow::Result<BenchReport> {
-    anyhow::ensure!(!plan.ids.is_empty() && plan.concurrency > 0, "nothing to query");
+    anyhow::ensure!(
+        !plan.ids.is_empty() && plan.concurrency > 0,
+        "nothing to query"
+    );
     let ids = Arc::new(plan.ids);
     let next = Arc::new(AtomicUsize::new(0));
     let measure_from = Instant::now() + plan.warmup;
@@ -53,7 +62,8 @@ pub async fn run(channels: Vec<Channel>, plan: BenchPlan) -> anyhow::Result<Benc
             let mut client = UserServiceClient::new(channels[w % channels.len()].clone());
             let (ids, next) = (ids.clone(), next.clone());
             tokio::spawn(async move {
-                let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+                let mut latencies =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
                 let mut errors = 0u64;
                 loop {
                     let id = ids[next.fetch_add(1, Ordering::Relaxed) % ids.len()].clone();

@@ -21,10 +21,18 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]
-#[command(name = "client", about = "Queries users' running totals from any processor node")]
+#[command(
+    name = "client",
+    about = "Queries users' running totals from any processor node"
+)]
 struct Args {
     /// gRPC address of any processor node.
-    #[arg(long, env = "PROCESSOR_ADDR", default_value = "http://127.0.0.1:8081", global = true)]
+    #[arg(
+        long,
+        env = "PROCESSOR_ADDR",
+        default_value = "http://127.0.0.1:8081",
+        global = true
+    )]
     addr: String,
     #[command(subcommand)]
     command: Option<Command>,
@@ -89,15 +97,27 @@ async fn connect_channel(addr: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("invalid address {addr}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30));
-    endpoint.connect().await.with_context(|| format!("cannot connect to {addr}"))
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))
 }
 
-async fn query(client: &mut UserServiceClient<Channel>, id: &str) -> Result<UserStatsResponse, tonic::Status> {
-    client.user_stats(UserStatsRequest { id: id.to_owned() }).await.map(|r| r.into_inner())
+async fn query(
+    client: &mut UserServiceClient<Channel>,
+    id: &str,
+) -> Result<UserStatsResponse, tonic::Status> {
+    client
+        .user_stats(UserStatsRequest { id: id.to_owned() })
+        .await
+        .map(|r| r.into_inner())
 }
 
 fn sentence(r: &UserStatsResponse) -> String {
-    format!("User {} has made {} purchases for a total of {}p", r.id, r.total_purchases, r.amount_spent)
+    format!(
+        "User {} has made {} purchases for a total of {}p",
+        r.id, r.total_purchases, r.amount_spent
+    )
 }
 
 async fn interactive(mut client: UserServiceClient<Channel>) -> anyhow::Result<()> {
@@ -106,7 +126,9 @@ async fn interactive(mut client: UserServiceClient<Channel>) -> anyhow::Result<(
     loop {
         println!("Enter user id or :q to quit");
         std::io::stdout().flush().ok();
-        let Some(line) = lines.next() else { return Ok(()) };
+        let Some(line) = lines.next() else {
+            return Ok(());
+        };
         let id = line.context("reading standard input")?.trim().to_owned();
         if id == ":q" {
             return Ok(());
@@ -118,13 +140,21 @@ async fn interactive(mut client: UserServiceClient<Channel>) -> anyhow::Result<(
     }
 }
 
-async fn get(mut client: UserServiceClient<Channel>, ids: Vec<String>, json: bool) -> anyhow::Result<()> {
+async fn get(
+    mut client: UserServiceClient<Channel>,
+    ids: Vec<String>,
+    json: bool,
+) -> anyhow::Result<()> {
     let mut failed = 0;
     for id in &ids {
         match query(&mut client, id).await {
             Ok(r) if json => println!(
                 "{}",
-                serde_json::to_string(&JsonTotals { user_id: &r.id, purchases: r.total_purchases, amount_spent: r.amount_spent })?
+                serde_json::to_string(&JsonTotals {
+                    user_id: &r.id,
+                    purchases: r.total_purchases,
+                    amount_spent: r.amount_spent
+                })?
             ),
             Ok(r) => println!("{}", sentence(&r)),
             Err(status) => {
@@ -139,10 +169,18 @@ async fn get(mut client: UserServiceClient<Channel>, ids: Vec<String>, json: boo
     Ok(())
 }
 
-async fn verify(client: UserServiceClient<Channel>, ledger_path: PathBuf, concurrency: usize) -> anyhow::Result<()> {
+async fn verify(
+    client: UserServiceClient<Channel>,
+    ledger_path: PathBuf,
+    concurrency: usize,
+) -> anyhow::Result<()> {
     let ledger = Ledger::load(&ledger_path)?;
     let users = ledger.user_ids();
-    let results: Vec<(String, ExpectedTotals, Result<UserStatsResponse, tonic::Status>)> = stream::iter(users)
+    let results: Vec<(
+        String,
+        ExpectedTotals,
+        Result<UserStatsResponse, tonic::Status>,
+    )> = stream::iter(users)
         .map(|id| {
             let mut client = client.clone();
             let expected = ledger.expected(&id);
@@ -150,7 +188,9 @@ async fn verify(client: UserServiceClient<Channel>, ledger_path: PathBuf, concur
                 let mut answer = query(&mut client, &id).await;
                 for _ in 0..3 {
                     match &answer {
-                        Err(s) if s.code() == tonic::Code::Unavailable => answer = query(&mut client, &id).await,
+                        Err(s) if s.code() == tonic::Code::Unavailable => {
+                            answer = query(&mut client, &id).await
+                        }
                         _ => break,
                     }
                 }
@@ -163,7 +203,9 @@ async fn verify(client: UserServiceClient<Channel>, ledger_path: PathBuf, concur
     let (mut mismatches, mut errors) = (0, 0);
     for (id, expected, answer) in &results {
         match answer {
-            Ok(r) if r.total_purchases == expected.purchases && r.amount_spent == expected.amount_spent => {}
+            Ok(r)
+                if r.total_purchases == expected.purchases
+                    && r.amount_spent == expected.amount_spent => {}
             Ok(r) => {
                 mismatches += 1;
                 println!(
@@ -190,7 +232,8 @@ async fn verify(client: UserServiceClient<Channel>, ledger_path: PathBuf, concur
 }
 
 fn seconds(what: &str, value: f64) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(value).map_err(|_| anyhow::anyhow!("{what} must be a number of seconds >= 0, not {value}"))
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| anyhow::anyhow!("{what} must be a number of seconds >= 0, not {value}"))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -238,9 +281,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         None => interactive(connect(&args.addr).await?).await,
         Some(Command::Get { ids, json }) => get(connect(&args.addr).await?, ids, json).await,
-        Some(Command::Verify { ledger, concurrency }) => verify(connect(&args.addr).await?, ledger, concurrency).await,
-        Some(Command::Bench { ids_file, users, concurrency, connections, duration_secs, warmup_secs, json }) => {
-            bench(&args.addr, ids_file, users, concurrency, connections, duration_secs, warmup_secs, json).await
+        Some(Command::Verify {
+            ledger,
+            concurrency,
+        }) => verify(connect(&args.addr).await?, ledger, concurrency).await,
+        Some(Command::Bench {
+            ids_file,
+            users,
+            concurrency,
+            connections,
+            duration_secs,
+            warmup_secs,
+            json,
+        }) => {
+            bench(
+                &args.addr,
+                ids_file,
+                users,
+                concurrency,
+                connections,
+                duration_secs,
+                warmup_secs,
+                json,
+            )
+            .await
         }
     }
 }

@@ -134,7 +134,10 @@ impl AllocationTable {
 
     pub fn claims_of(&self, node: &str) -> BTreeSet<u32> {
         let claims = self.claims.lock().expect("allocation table lock poisoned");
-        claims.get(node).map(|c| c.shards.clone()).unwrap_or_default()
+        claims
+            .get(node)
+            .map(|c| c.shards.clone())
+            .unwrap_or_default()
     }
 
     /// Every known node and the shards the table routes to it.
@@ -148,7 +151,10 @@ impl AllocationTable {
         }
         members.entry(self.local_node.to_string()).or_default();
         for entry in self.owners.iter() {
-            members.entry(entry.value().to_string()).or_default().insert(*entry.key());
+            members
+                .entry(entry.value().to_string())
+                .or_default()
+                .insert(*entry.key());
         }
         members
     }

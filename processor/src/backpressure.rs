@@ -61,7 +61,10 @@ mod tests {
     fn a_full_window_blocks_until_released() {
         let gate = Arc::new(InFlightGate::new(10));
         assert!(gate.acquire(10, Duration::from_millis(10)));
-        assert!(!gate.acquire(1, Duration::from_millis(20)), "window is full");
+        assert!(
+            !gate.acquire(1, Duration::from_millis(20)),
+            "window is full"
+        );
         let g = gate.clone();
         let releaser = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));

@@ -16,8 +16,8 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::cluster::wire::StoredEntity;
-use crate::kafka_admin::list_offsets;
 use crate::entity::{EntityState, Totals};
+use crate::kafka_admin::list_offsets;
 
 /// Header on every changelog record: the input topic its state's offsets refer to.
 pub const HEADER_INPUT_TOPIC: &str = "input.topic";
@@ -31,7 +31,11 @@ pub enum ChangelogError {
         "changelog topic {changelog} holds state written for input topic {written_for}, not {topic}: its offsets \
          would make entities skip events. Use another --changelog-topic (the default is <group>-<topic>-state)"
     )]
-    ForeignTopic { changelog: String, written_for: String, topic: String },
+    ForeignTopic {
+        changelog: String,
+        written_for: String,
+        topic: String,
+    },
     #[error(
         "changelog topic {changelog} has records without an {HEADER_INPUT_TOPIC} header (not written by this \
          processor): use another --changelog-topic"
@@ -55,20 +59,34 @@ pub fn encode_state(state: &EntityState) -> Vec<u8> {
 pub fn decode_state(value: &[u8]) -> Result<EntityState, prost::DecodeError> {
     let stored = StoredEntity::decode(value)?;
     Ok(EntityState {
-        totals: Totals { purchases: stored.purchases, amount_spent: stored.amount_spent },
+        totals: Totals {
+            purchases: stored.purchases,
+            amount_spent: stored.amount_spent,
+        },
         last_offset: stored.last_offset,
     })
 }
 
 /// The headers every changelog record of a node consuming `input_topic` carries.
 pub fn record_headers(input_topic: &str) -> OwnedHeaders {
-    OwnedHeaders::new().insert(Header { key: HEADER_INPUT_TOPIC, value: Some(input_topic) })
+    OwnedHeaders::new().insert(Header {
+        key: HEADER_INPUT_TOPIC,
+        value: Some(input_topic),
+    })
 }
 
 /// Fails unless `changelog` is empty or its first record was written for `input_topic`.
 /// Blocking: a few broker round trips, plus one fetch when the changelog has records.
-pub fn check_written_for(bootstrap: &str, changelog: &str, input_topic: &str, partitions: u32) -> Result<(), ChangelogError> {
-    let unreadable = |e: KafkaError| ChangelogError::Unreadable { changelog: changelog.into(), reason: e.to_string() };
+pub fn check_written_for(
+    bootstrap: &str,
+    changelog: &str,
+    input_topic: &str,
+    partitions: u32,
+) -> Result<(), ChangelogError> {
+    let unreadable = |e: KafkaError| ChangelogError::Unreadable {
+        changelog: changelog.into(),
+        reason: e.to_string(),
+    };
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("{changelog}-check"))
@@ -80,8 +98,25 @@ pub fn check_written_for(bootstrap: &str, changelog: &str, input_topic: &str, pa
     let deadline = Instant::now() + CHECK_TIMEOUT;
     // A topic created moments ago has no partition leaders yet: retry until the deadline.
     let (starts, ends) = loop {
-        let listed = list_offsets(&consumer, changelog, 0..partitions, Offset::Beginning, CHECK_TIMEOUT)
-            .and_then(|starts| Ok((starts, list_offsets(&consumer, changelog, 0..partitions, Offset::End, CHECK_TIMEOUT)?)));
+        let listed = list_offsets(
+            &consumer,
+            changelog,
+            0..partitions,
+            Offset::Beginning,
+            CHECK_TIMEOUT,
+        )
+        .and_then(|starts| {
+            Ok((
+                starts,
+                list_offsets(
+                    &consumer,
+                    changelog,
+                    0..partitions,
+                    Offset::End,
+                    CHECK_TIMEOUT,
+                )?,
+            ))
+        });
         match listed {
             Ok(offsets) => break offsets,
             Err(e) if Instant::now() >= deadline => return Err(unreadable(e)),
@@ -91,7 +126,9 @@ pub fn check_written_for(bootstrap: &str, changelog: &str, input_topic: &str, pa
     let mut with_records = TopicPartitionList::new();
     for (partition, start) in &starts {
         if ends.get(partition).is_some_and(|end| end > start) {
-            with_records.add_partition_offset(changelog, *partition as i32, Offset::Offset(*start)).map_err(unreadable)?;
+            with_records
+                .add_partition_offset(changelog, *partition as i32, Offset::Offset(*start))
+                .map_err(unreadable)?;
         }
     }
     if with_records.count() == 0 {
@@ -108,10 +145,14 @@ pub fn check_written_for(bootstrap: &str, changelog: &str, input_topic: &str, pa
                     .map(|v| String::from_utf8_lossy(v).into_owned());
                 return match written_for {
                     Some(t) if t == input_topic => Ok(()),
-                    Some(written_for) => {
-                        Err(ChangelogError::ForeignTopic { changelog: changelog.into(), written_for, topic: input_topic.into() })
-                    }
-                    None => Err(ChangelogError::Unlabelled { changelog: changelog.into() }),
+                    Some(written_for) => Err(ChangelogError::ForeignTopic {
+                        changelog: changelog.into(),
+                        written_for,
+                        topic: input_topic.into(),
+                    }),
+                    None => Err(ChangelogError::Unlabelled {
+                        changelog: changelog.into(),
+                    }),
                 };
             }
             Some(Err(e)) => return Err(unreadable(e)),
@@ -120,7 +161,10 @@ pub fn check_written_for(bootstrap: &str, changelog: &str, input_topic: &str, pa
     }
     Err(ChangelogError::Unreadable {
         changelog: changelog.into(),
-        reason: format!("it has records but none arrived within {} s", CHECK_TIMEOUT.as_secs()),
+        reason: format!(
+            "it has records but none arrived within {} s",
+            CHECK_TIMEOUT.as_secs()
+        ),
     })
 }
 
@@ -130,7 +174,13 @@ mod tests {
 
     #[test]
     fn a_state_survives_its_encoding() {
-        let state = EntityState { totals: Totals { purchases: 3, amount_spent: 4_250 }, last_offset: 77 };
+        let state = EntityState {
+            totals: Totals {
+                purchases: 3,
+                amount_spent: 4_250,
+            },
+            last_offset: 77,
+        };
         assert_eq!(decode_state(&encode_state(&state)).unwrap(), state);
         assert!(decode_state(b"\xff\xff garbage").is_err());
     }
@@ -138,7 +188,10 @@ mod tests {
     #[test]
     fn records_are_labelled_with_their_input_topic() {
         let headers = record_headers("user-events");
-        let header = headers.iter().find(|h| h.key == HEADER_INPUT_TOPIC).expect("header");
+        let header = headers
+            .iter()
+            .find(|h| h.key == HEADER_INPUT_TOPIC)
+            .expect("header");
         assert_eq!(header.value, Some(&b"user-events"[..]));
     }
 }

@@ -21,7 +21,11 @@ pub struct Args {
     pub ports: Vec<u16>,
 
     /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
     pub bootstrap_servers: String,
 
     /// Input topic; its partition count is the shard count.
@@ -131,7 +135,11 @@ impl Ports {
                 if remoting == 0 || management == 0 || grpc == 0 {
                     return Err("ports must be non-zero".into());
                 }
-                Ok(Self { remoting, management, grpc })
+                Ok(Self {
+                    remoting,
+                    management,
+                    grpc,
+                })
             }
             _ => Err(format!(
                 "expected 1 or 3 ports (remoting management grpc), got {}",
@@ -185,13 +193,17 @@ impl NodeConfig {
         }
         Ok(Self {
             ports,
-            changelog_topic: args.changelog_topic.unwrap_or_else(|| format!("{}-{}-state", args.group, args.topic)),
+            changelog_topic: args
+                .changelog_topic
+                .unwrap_or_else(|| format!("{}-{}-state", args.group, args.topic)),
             transaction_timeout: Duration::from_millis(args.transaction_timeout_ms),
             passivate_after: Duration::from_millis(args.passivate_after_ms),
             max_live_entities: args.max_live_entities,
             statistics_interval: Duration::from_millis(args.statistics_interval_ms),
             kafka_debug: args.kafka_debug.filter(|d| !d.is_empty()),
-            dlq_topic: args.dlq_topic.unwrap_or_else(|| format!("{}-dlq", args.topic)),
+            dlq_topic: args
+                .dlq_topic
+                .unwrap_or_else(|| format!("{}-dlq", args.topic)),
             host: args.host,
             bootstrap_servers: args.bootstrap_servers,
             topic: args.topic,
@@ -231,7 +243,11 @@ mod tests {
     fn one_number_gives_the_reference_ports() {
         assert_eq!(
             Ports::from_args(&[2]).unwrap(),
-            Ports { remoting: 2552, management: 8552, grpc: 8082 }
+            Ports {
+                remoting: 2552,
+                management: 8552,
+                grpc: 8082
+            }
         );
     }
 
@@ -239,7 +255,11 @@ mod tests {
     fn three_ports_are_taken_as_given() {
         assert_eq!(
             Ports::from_args(&[2551, 8551, 8081]).unwrap(),
-            Ports { remoting: 2551, management: 8551, grpc: 8081 }
+            Ports {
+                remoting: 2551,
+                management: 8551,
+                grpc: 8081
+            }
         );
     }
 

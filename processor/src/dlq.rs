@@ -19,14 +19,22 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    pub fn new(bootstrap: &str, topic: &str, runtime: tokio::runtime::Handle) -> Result<Self, rdkafka::error::KafkaError> {
+    pub fn new(
+        bootstrap: &str,
+        topic: &str,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
         let producer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("partitioner", "murmur2_random")
             .create()?;
-        Ok(Self { producer, topic: topic.into(), runtime })
+        Ok(Self {
+            producer,
+            topic: topic.into(),
+            runtime,
+        })
     }
 
     /// Copies `record` to the dead-letter topic, retrying until the broker acknowledges it.
@@ -38,18 +46,33 @@ impl DeadLetters {
         let mut attempt = 0u32;
         loop {
             let headers = OwnedHeaders::new()
-                .insert(Header { key: HEADER_REASON, value: Some(reason) })
-                .insert(Header { key: HEADER_TOPIC, value: Some(record.topic()) })
-                .insert(Header { key: HEADER_PARTITION, value: Some(partition.as_str()) })
-                .insert(Header { key: HEADER_OFFSET, value: Some(offset.as_str()) });
-            let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
+                .insert(Header {
+                    key: HEADER_REASON,
+                    value: Some(reason),
+                })
+                .insert(Header {
+                    key: HEADER_TOPIC,
+                    value: Some(record.topic()),
+                })
+                .insert(Header {
+                    key: HEADER_PARTITION,
+                    value: Some(partition.as_str()),
+                })
+                .insert(Header {
+                    key: HEADER_OFFSET,
+                    value: Some(offset.as_str()),
+                });
+            let mut out: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.topic).headers(headers);
             if let Some(key) = record.key() {
                 out = out.key(key);
             }
             if let Some(value) = record.payload() {
                 out = out.payload(value);
             }
-            let delivery = self.runtime.block_on(self.producer.send(out, Duration::from_secs(10)));
+            let delivery = self
+                .runtime
+                .block_on(self.producer.send(out, Duration::from_secs(10)));
             match delivery {
                 Ok(_) => {
                     tracing::warn!(
@@ -62,7 +85,11 @@ impl DeadLetters {
                 }
                 Err((e, _)) => {
                     attempt += 1;
-                    tracing::error!("cannot dead-letter record {}/{} (attempt {attempt}): {e}", record.partition(), record.offset());
+                    tracing::error!(
+                        "cannot dead-letter record {}/{} (attempt {attempt}): {e}",
+                        record.partition(),
+                        record.offset()
+                    );
                     std::thread::sleep(Duration::from_millis(500));
                 }
             }

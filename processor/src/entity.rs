@@ -38,7 +38,10 @@ pub struct EntityState {
 
 impl Default for EntityState {
     fn default() -> Self {
-        Self { totals: Totals::default(), last_offset: -1 }
+        Self {
+            totals: Totals::default(),
+            last_offset: -1,
+        }
     }
 }
 
@@ -83,11 +86,24 @@ impl Actor for UserEntity {
     type State = Entity;
     type Arguments = EntityArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: EntityArgs) -> Result<Self::State, ActorProcessingErr> {
-        Ok(Entity { user_id: args.user_id, shard: args.shard, state: args.state })
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: EntityArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(Entity {
+            user_id: args.user_id,
+            shard: args.shard,
+            state: args.state,
+        })
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, entity: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        entity: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             EntityMsg::Apply(events) => {
                 let mut offsets = Vec::with_capacity(events.len());
@@ -126,7 +142,12 @@ mod tests {
     use super::*;
 
     fn purchase(q: i64, p: i64) -> Purchase {
-        Purchase { user_id: UserId::from("7"), product: "mug".into(), quantity: q, price: p }
+        Purchase {
+            user_id: UserId::from("7"),
+            product: "mug".into(),
+            quantity: q,
+            price: p,
+        }
     }
 
     #[test]
@@ -136,7 +157,13 @@ mod tests {
         assert!(s.apply(12, &purchase(1, 5)));
         assert!(!s.apply(12, &purchase(1, 5)), "same offset again");
         assert!(!s.apply(10, &purchase(2, 100)), "older offset");
-        assert_eq!(s.totals, Totals { purchases: 2, amount_spent: 205 });
+        assert_eq!(
+            s.totals,
+            Totals {
+                purchases: 2,
+                amount_spent: 205
+            }
+        );
         assert_eq!(s.last_offset, 12);
     }
 }

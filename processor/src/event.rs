@@ -49,11 +49,18 @@ pub enum MalformedRecord {
 pub const MAX_USER_ID_BYTES: usize = 256;
 
 /// Decodes and validates one record. The key is the user id (the partition key).
-pub fn decode_record(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Purchase, MalformedRecord> {
-    let key = key.filter(|k| !k.is_empty()).ok_or(MalformedRecord::MissingKey)?;
+pub fn decode_record(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) -> Result<Purchase, MalformedRecord> {
+    let key = key
+        .filter(|k| !k.is_empty())
+        .ok_or(MalformedRecord::MissingKey)?;
     let key = std::str::from_utf8(key).map_err(|_| MalformedRecord::KeyNotUtf8)?;
     if key.len() > MAX_USER_ID_BYTES {
-        return Err(MalformedRecord::KeyTooLong { max: MAX_USER_ID_BYTES });
+        return Err(MalformedRecord::KeyTooLong {
+            max: MAX_USER_ID_BYTES,
+        });
     }
     let value = value.ok_or(MalformedRecord::MissingValue)?;
     let purchase =
@@ -107,10 +114,22 @@ mod tests {
 
     #[test]
     fn each_defect_has_its_reason() {
-        assert_eq!(decode_record(None, Some(&encode("7", 1, 1))).unwrap_err(), MalformedRecord::MissingKey);
-        assert_eq!(decode_record(Some(b""), Some(&encode("7", 1, 1))).unwrap_err(), MalformedRecord::MissingKey);
-        assert_eq!(decode_record(Some(&[0xff, 0xfe]), Some(b"")).unwrap_err(), MalformedRecord::KeyNotUtf8);
-        assert_eq!(decode_record(Some(b"7"), None).unwrap_err(), MalformedRecord::MissingValue);
+        assert_eq!(
+            decode_record(None, Some(&encode("7", 1, 1))).unwrap_err(),
+            MalformedRecord::MissingKey
+        );
+        assert_eq!(
+            decode_record(Some(b""), Some(&encode("7", 1, 1))).unwrap_err(),
+            MalformedRecord::MissingKey
+        );
+        assert_eq!(
+            decode_record(Some(&[0xff, 0xfe]), Some(b"")).unwrap_err(),
+            MalformedRecord::KeyNotUtf8
+        );
+        assert_eq!(
+            decode_record(Some(b"7"), None).unwrap_err(),
+            MalformedRecord::MissingValue
+        );
         assert!(matches!(
             decode_record(Some(b"7"), Some(b"\xff\xff\xff garbage")).unwrap_err(),
             MalformedRecord::Undecodable(_)

@@ -20,16 +20,21 @@ pub struct UserStatsService {
 
 #[tonic::async_trait]
 impl UserService for UserStatsService {
-    async fn user_stats(&self, request: Request<UserStatsRequest>) -> Result<Response<UserStatsResponse>, Status> {
+    async fn user_stats(
+        &self,
+        request: Request<UserStatsRequest>,
+    ) -> Result<Response<UserStatsResponse>, Status> {
         let started = Instant::now();
         let id = request.into_inner().id;
         if let Err(status) = validate_user_id(&id) {
-            self.metrics.observe_grpc("none", "invalid_argument", started.elapsed());
+            self.metrics
+                .observe_grpc("none", "invalid_argument", started.elapsed());
             return Err(status);
         }
         match self.router.totals(&id).await {
             Ok((totals, route)) => {
-                self.metrics.observe_grpc(route.label(), "ok", started.elapsed());
+                self.metrics
+                    .observe_grpc(route.label(), "ok", started.elapsed());
                 Ok(Response::new(UserStatsResponse {
                     id,
                     total_purchases: totals.purchases,
@@ -37,7 +42,8 @@ impl UserService for UserStatsService {
                 }))
             }
             Err(e @ RouteError::Unavailable { .. }) => {
-                self.metrics.observe_grpc("none", "unavailable", started.elapsed());
+                self.metrics
+                    .observe_grpc("none", "unavailable", started.elapsed());
                 Err(Status::unavailable(e.to_string()))
             }
         }
@@ -65,7 +71,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<UserServiceServer<UserStatsService>>().await;
+    health_reporter
+        .set_serving::<UserServiceServer<UserStatsService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -85,9 +93,15 @@ mod tests {
 
     #[test]
     fn empty_and_overlong_ids_are_invalid_arguments() {
-        assert_eq!(validate_user_id("").unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            validate_user_id("").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
         let long = "7".repeat(MAX_USER_ID_BYTES + 1);
-        assert_eq!(validate_user_id(&long).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            validate_user_id(&long).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
         assert!(validate_user_id(&"7".repeat(MAX_USER_ID_BYTES)).is_ok());
     }
 }

@@ -46,7 +46,14 @@ impl Handoff {
         restorer: Arc<Restorer>,
         drain_timeout: Duration,
     ) -> Self {
-        Self { runtime, local, announcer, env, restorer, drain_timeout }
+        Self {
+            runtime,
+            local,
+            announcer,
+            env,
+            restorer,
+            drain_timeout,
+        }
     }
 
     pub fn local(&self) -> &LocalShards {
@@ -63,10 +70,18 @@ impl Handoff {
             if self.local.get(partition).is_some() {
                 continue;
             }
-            let args = ShardArgs { shard: partition, env: self.env.clone() };
+            let args = ShardArgs {
+                shard: partition,
+                env: self.env.clone(),
+            };
             match self.runtime.block_on(Actor::spawn(None, ShardActor, args)) {
                 Ok((actor, _)) => {
-                    self.local.insert(partition, LocalShard { actor: actor.clone() });
+                    self.local.insert(
+                        partition,
+                        LocalShard {
+                            actor: actor.clone(),
+                        },
+                    );
                     restoring.push((partition, actor));
                     tracing::info!("partition {partition} assigned to this node");
                 }
@@ -75,27 +90,51 @@ impl Handoff {
         }
         NodeStats::add(&self.env.stats.partitions_assigned, partitions.len() as u64);
         self.claim();
-        tracing::info!("shards {:?} now hosted here ({} in total); restoring their state", partitions, self.local.ids().len());
+        tracing::info!(
+            "shards {:?} now hosted here ({} in total); restoring their state",
+            partitions,
+            self.local.ids().len()
+        );
         self.restorer.restore(restoring);
     }
 
     /// Waits until the shards of `partitions` have applied everything dispatched to them.
     pub fn drain(&self, partitions: &[u32]) {
         let started = Instant::now();
-        let shards: Vec<(u32, LocalShard)> =
-            partitions.iter().filter_map(|p| self.local.get(*p).map(|s| (*p, s))).collect();
+        let shards: Vec<(u32, LocalShard)> = partitions
+            .iter()
+            .filter_map(|p| self.local.get(*p).map(|s| (*p, s)))
+            .collect();
         let timeout = self.drain_timeout;
-        let outcomes = self.runtime.block_on(futures::future::join_all(shards.iter().map(|(p, shard)| async move {
-            (*p, matches!(shard.actor.call(ShardMsg::Drain, Some(timeout)).await, Ok(CallResult::Success(()))))
-        })));
-        let incomplete: Vec<u32> = outcomes.into_iter().filter(|(_, done)| !done).map(|(p, _)| p).collect();
+        let outcomes = self
+            .runtime
+            .block_on(futures::future::join_all(shards.iter().map(
+                |(p, shard)| async move {
+                    (
+                        *p,
+                        matches!(
+                            shard.actor.call(ShardMsg::Drain, Some(timeout)).await,
+                            Ok(CallResult::Success(()))
+                        ),
+                    )
+                },
+            )));
+        let incomplete: Vec<u32> = outcomes
+            .into_iter()
+            .filter(|(_, done)| !done)
+            .map(|(p, _)| p)
+            .collect();
         if !incomplete.is_empty() {
             tracing::warn!(
                 "shards {incomplete:?} did not finish their in-flight events within {timeout:?}; \
                  only what they acknowledged is committed, the next owner re-reads the rest"
             );
         }
-        tracing::info!("drained shards {:?} in {} ms", partitions, started.elapsed().as_millis());
+        tracing::info!(
+            "drained shards {:?} in {} ms",
+            partitions,
+            started.elapsed().as_millis()
+        );
     }
 
     /// Stops the shards of `partitions` and withdraws the claim. Call after their checkpoint
@@ -111,7 +150,11 @@ impl Handoff {
         }
         NodeStats::add(&self.env.stats.partitions_revoked, partitions.len() as u64);
         self.claim();
-        tracing::info!("shards {:?} handed off ({} remain here)", partitions, self.local.ids().len());
+        tracing::info!(
+            "shards {:?} handed off ({} remain here)",
+            partitions,
+            self.local.ids().len()
+        );
     }
 
     fn claim(&self) {

@@ -104,7 +104,13 @@ pub fn router(m: Arc<Management>) -> Router {
 
 async fn shards(State(m): State<Arc<Management>>, Path(type_name): Path<String>) -> Response {
     if type_name != m.group {
-        return (StatusCode::NOT_FOUND, format!("no sharded type '{type_name}'; this cluster hosts '{}'", m.group))
+        return (
+            StatusCode::NOT_FOUND,
+            format!(
+                "no sharded type '{type_name}'; this cluster hosts '{}'",
+                m.group
+            ),
+        )
             .into_response();
     }
     let regions = entity_counts(&m.local)
@@ -123,9 +129,17 @@ async fn shards(State(m): State<Arc<Management>>, Path(type_name): Path<String>)
 /// Entity counts of every local shard. A shard being handed off may not answer; it is still
 /// listed, with zeros.
 async fn entity_counts(local: &LocalShards) -> Vec<(u32, EntityCounts)> {
-    let shards: Vec<_> = local.ids().into_iter().filter_map(|id| local.get(id).map(|s| (id, s))).collect();
+    let shards: Vec<_> = local
+        .ids()
+        .into_iter()
+        .filter_map(|id| local.get(id).map(|s| (id, s)))
+        .collect();
     futures::future::join_all(shards.into_iter().map(|(id, handle)| async move {
-        match handle.actor.call(ShardMsg::EntityCounts, Some(Duration::from_secs(2))).await {
+        match handle
+            .actor
+            .call(ShardMsg::EntityCounts, Some(Duration::from_secs(2)))
+            .await
+        {
             Ok(CallResult::Success(counts)) => (id, counts),
             _ => (id, EntityCounts::default()),
         }
@@ -155,7 +169,14 @@ async fn metrics(State(m): State<Arc<Management>>) -> Response {
         in_flight: m.gate.in_flight(),
         lags: &lags,
     });
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn members(State(m): State<Arc<Management>>) -> Response {
@@ -173,12 +194,20 @@ async fn members(State(m): State<Arc<Management>>) -> Response {
             node,
         })
         .collect();
-    Json(Members { this_node: m.node.clone(), members }).into_response()
+    Json(Members {
+        this_node: m.node.clone(),
+        members,
+    })
+    .into_response()
 }
 
 async fn kafka_stats(State(m): State<Arc<Management>>) -> Response {
     let body = m.kafka_stats.lock().expect("stats lock poisoned").clone();
-    ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 async fn stats(State(m): State<Arc<Management>>) -> Response {

@@ -27,10 +27,16 @@ pub fn partition_count(bootstrap: &str, topic: &str) -> Result<Option<u32>, Admi
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
-        .map_err(|e| AdminError::Unreachable { bootstrap: bootstrap.into(), reason: e.to_string() })?;
+        .map_err(|e| AdminError::Unreachable {
+            bootstrap: bootstrap.into(),
+            reason: e.to_string(),
+        })?;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| AdminError::Unreachable { bootstrap: bootstrap.into(), reason: e.to_string() })?;
+        .map_err(|e| AdminError::Unreachable {
+            bootstrap: bootstrap.into(),
+            reason: e.to_string(),
+        })?;
     Ok(metadata
         .topics()
         .iter()
@@ -47,7 +53,10 @@ pub fn wait_for_topic(bootstrap: &str, topic: &str, wait: Duration) -> Result<u3
             return Ok(n);
         }
         if started.elapsed() >= wait {
-            return Err(AdminError::NoSuchTopic { topic: topic.into(), waited_s: wait.as_secs() });
+            return Err(AdminError::NoSuchTopic {
+                topic: topic.into(),
+                waited_s: wait.as_secs(),
+            });
         }
         if Instant::now() >= next_log {
             tracing::info!("waiting for topic {topic} to be created (e.g. by the producer)");
@@ -58,28 +67,47 @@ pub fn wait_for_topic(bootstrap: &str, topic: &str, wait: Duration) -> Result<u3
 }
 
 /// Creates `topic` with `partitions` partitions unless it exists; returns its partition count.
-pub async fn ensure_topic(bootstrap: &str, topic: &str, partitions: u32, config: &[(&str, &str)]) -> Result<u32, AdminError> {
+pub async fn ensure_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: u32,
+    config: &[(&str, &str)],
+) -> Result<u32, AdminError> {
     if let Some(n) = partition_count(bootstrap, topic)? {
         return Ok(n);
     }
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
-        .map_err(|e| AdminError::Unreachable { bootstrap: bootstrap.into(), reason: e.to_string() })?;
+        .map_err(|e| AdminError::Unreachable {
+            bootstrap: bootstrap.into(),
+            reason: e.to_string(),
+        })?;
     let mut new_topic = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
     for (k, v) in config {
         new_topic = new_topic.set(k, v);
     }
     let results = admin
-        .create_topics(&[new_topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
+        .create_topics(
+            &[new_topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
         .await
-        .map_err(|e| AdminError::Create { topic: topic.into(), reason: e.to_string() })?;
+        .map_err(|e| AdminError::Create {
+            topic: topic.into(),
+            reason: e.to_string(),
+        })?;
     for result in results {
         match result {
             Ok(_) => tracing::info!("created topic {topic} with {partitions} partitions"),
             // Another process created it first: fine.
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) => return Err(AdminError::Create { topic: topic.into(), reason: code.to_string() }),
+            Err((_, code)) => {
+                return Err(AdminError::Create {
+                    topic: topic.into(),
+                    reason: code.to_string(),
+                })
+            }
         }
     }
     // Metadata lags creation: briefly on a fresh broker, for seconds on one just started with
@@ -91,7 +119,10 @@ pub async fn ensure_topic(bootstrap: &str, topic: &str, partitions: u32, config:
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(AdminError::NoSuchTopic { topic: topic.into(), waited_s: METADATA_WAIT.as_secs() })
+    Err(AdminError::NoSuchTopic {
+        topic: topic.into(),
+        waited_s: METADATA_WAIT.as_secs(),
+    })
 }
 
 /// Every one of `partitions`' first (`Offset::Beginning`) or end (`Offset::End`) offset, in one
@@ -108,14 +139,21 @@ pub fn list_offsets(
     for p in partitions {
         tpl.add_partition_offset(topic, p as i32, which)?;
     }
-    Ok(offsets_by_partition(&client.offsets_for_times(tpl, timeout)?))
+    Ok(offsets_by_partition(
+        &client.offsets_for_times(tpl, timeout)?,
+    ))
 }
 
 /// The valid (non-negative) offsets in `tpl`, by partition.
 pub fn offsets_by_partition(tpl: &TopicPartitionList) -> std::collections::BTreeMap<u32, i64> {
     tpl.elements()
         .iter()
-        .filter_map(|e| Some((e.partition() as u32, e.offset().to_raw().filter(|o| *o >= 0)?)))
+        .filter_map(|e| {
+            Some((
+                e.partition() as u32,
+                e.offset().to_raw().filter(|o| *o >= 0)?,
+            ))
+        })
         .collect()
 }
 
@@ -143,13 +181,20 @@ pub fn committed_offsets(
     for p in partitions {
         tpl.add_partition(topic, p as i32);
     }
-    Ok(offsets_by_partition(&client.committed_offsets(tpl, timeout)?))
+    Ok(offsets_by_partition(
+        &client.committed_offsets(tpl, timeout)?,
+    ))
 }
 
 /// Turns on librdkafka's debug `contexts` (e.g. `fetch`), if any, for a client built from `config`.
-pub fn with_debug<'a>(config: &'a mut ClientConfig, contexts: Option<&str>) -> &'a mut ClientConfig {
+pub fn with_debug<'a>(
+    config: &'a mut ClientConfig,
+    contexts: Option<&str>,
+) -> &'a mut ClientConfig {
     if let Some(contexts) = contexts {
-        config.set("debug", contexts).set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
+        config
+            .set("debug", contexts)
+            .set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
     }
     config
 }

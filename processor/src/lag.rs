@@ -25,7 +25,10 @@ pub struct LagProbe {
 
 impl LagProbe {
     pub fn new(client: Arc<BaseConsumer>, topic: &str) -> Self {
-        Self { client, topic: topic.into() }
+        Self {
+            client,
+            topic: topic.into(),
+        }
     }
 
     /// Lag of each of `partitions` (blocking: a few broker round trips).
@@ -33,12 +36,34 @@ impl LagProbe {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
-        let ends = list_offsets(&self.client, &self.topic, partitions.iter().copied(), Offset::End, TIMEOUT)?;
-        let starts = list_offsets(&self.client, &self.topic, partitions.iter().copied(), Offset::Beginning, TIMEOUT)?;
-        let committed = committed_offsets(&self.client, &self.topic, partitions.iter().copied(), TIMEOUT)?;
+        let ends = list_offsets(
+            &self.client,
+            &self.topic,
+            partitions.iter().copied(),
+            Offset::End,
+            TIMEOUT,
+        )?;
+        let starts = list_offsets(
+            &self.client,
+            &self.topic,
+            partitions.iter().copied(),
+            Offset::Beginning,
+            TIMEOUT,
+        )?;
+        let committed = committed_offsets(
+            &self.client,
+            &self.topic,
+            partitions.iter().copied(),
+            TIMEOUT,
+        )?;
         Ok(partitions
             .iter()
-            .filter_map(|p| Some((*p, lag(*ends.get(p)?, committed.get(p).copied(), *starts.get(p)?))))
+            .filter_map(|p| {
+                Some((
+                    *p,
+                    lag(*ends.get(p)?, committed.get(p).copied(), *starts.get(p)?),
+                ))
+            })
             .collect())
     }
 }

@@ -7,13 +7,15 @@ fn main() -> std::process::ExitCode {
         Err(message) => {
             use clap::CommandFactory;
             let mut cmd = Args::command();
-            cmd.error(clap::error::ErrorKind::ValueValidation, message).exit();
+            cmd.error(clap::error::ErrorKind::ValueValidation, message)
+                .exit();
         }
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ractor_cluster=warn,ractor=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,ractor_cluster=warn,ractor=warn")
+            }),
         )
         .with_target(false)
         .init();

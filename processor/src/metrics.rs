@@ -7,12 +7,12 @@
 
 use std::time::Duration;
 
+use crate::stats::NodeStats;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use crate::stats::NodeStats;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RebalanceLabels {
@@ -96,43 +96,96 @@ impl Metrics {
             in_flight_events: Gauge::default(),
             consumer_lag: Family::default(),
         };
-        registry.register("rebalance_callback_seconds", "Time a rebalance callback held the group, by kind", this.rebalance_seconds.clone());
-        registry.register("handoff_step_seconds", "Steps of handing a shard off, by step", this.handoff_step_seconds.clone());
-        registry.register("restore_seconds", "Per shard, from assignment until restored from the changelog and live", this.restore_seconds.clone());
-        registry.register("grpc_request_seconds", "UserStats request latency, by route and outcome", this.grpc_seconds.clone());
-        registry.register("remote_query_batch_size", "Queries sent to a peer in one message", this.remote_query_batch.clone());
-        registry.register("shards_owned", "Shards (partitions) hosted by this node", this.shards_owned.clone());
-        registry.register("live_entities", "Live entity actors", this.live_entities.clone());
-        registry.register("passivated_entities", "Users with state here whose actor is passivated", this.passivated_entities.clone());
-        registry.register("in_flight_events", "Events dispatched to shards and not yet applied", this.in_flight_events.clone());
-        registry.register("consumer_lag", "Events in the partition after this node's committed offset", this.consumer_lag.clone());
-        Self { registry: root, ..this }
+        registry.register(
+            "rebalance_callback_seconds",
+            "Time a rebalance callback held the group, by kind",
+            this.rebalance_seconds.clone(),
+        );
+        registry.register(
+            "handoff_step_seconds",
+            "Steps of handing a shard off, by step",
+            this.handoff_step_seconds.clone(),
+        );
+        registry.register(
+            "restore_seconds",
+            "Per shard, from assignment until restored from the changelog and live",
+            this.restore_seconds.clone(),
+        );
+        registry.register(
+            "grpc_request_seconds",
+            "UserStats request latency, by route and outcome",
+            this.grpc_seconds.clone(),
+        );
+        registry.register(
+            "remote_query_batch_size",
+            "Queries sent to a peer in one message",
+            this.remote_query_batch.clone(),
+        );
+        registry.register(
+            "shards_owned",
+            "Shards (partitions) hosted by this node",
+            this.shards_owned.clone(),
+        );
+        registry.register(
+            "live_entities",
+            "Live entity actors",
+            this.live_entities.clone(),
+        );
+        registry.register(
+            "passivated_entities",
+            "Users with state here whose actor is passivated",
+            this.passivated_entities.clone(),
+        );
+        registry.register(
+            "in_flight_events",
+            "Events dispatched to shards and not yet applied",
+            this.in_flight_events.clone(),
+        );
+        registry.register(
+            "consumer_lag",
+            "Events in the partition after this node's committed offset",
+            this.consumer_lag.clone(),
+        );
+        Self {
+            registry: root,
+            ..this
+        }
     }
 
     pub fn observe_rebalance(&self, kind: &'static str, took: Duration) {
-        self.rebalance_seconds.get_or_create(&RebalanceLabels { kind }).observe(took.as_secs_f64());
+        self.rebalance_seconds
+            .get_or_create(&RebalanceLabels { kind })
+            .observe(took.as_secs_f64());
     }
 
     pub fn observe_handoff_step(&self, step: &'static str, took: Duration) {
-        self.handoff_step_seconds.get_or_create(&HandoffLabels { step }).observe(took.as_secs_f64());
+        self.handoff_step_seconds
+            .get_or_create(&HandoffLabels { step })
+            .observe(took.as_secs_f64());
     }
 
     pub fn observe_grpc(&self, route: &'static str, outcome: &'static str, took: Duration) {
-        self.grpc_seconds.get_or_create(&GrpcLabels { route, outcome }).observe(took.as_secs_f64());
+        self.grpc_seconds
+            .get_or_create(&GrpcLabels { route, outcome })
+            .observe(took.as_secs_f64());
     }
 
     /// The Prometheus text exposition, with the scrape-time gauges refreshed.
     pub fn render(&self, inputs: &ScrapeInputs<'_>) -> String {
         self.shards_owned.set(inputs.shards.len() as i64);
         self.live_entities.set(inputs.live_entities as i64);
-        self.passivated_entities.set(inputs.stored_entities.saturating_sub(inputs.live_entities) as i64);
+        self.passivated_entities
+            .set(inputs.stored_entities.saturating_sub(inputs.live_entities) as i64);
         self.in_flight_events.set(inputs.in_flight as i64);
         self.consumer_lag.clear();
         for &(partition, lag) in inputs.lags {
-            self.consumer_lag.get_or_create(&PartitionLabels { partition }).set(lag);
+            self.consumer_lag
+                .get_or_create(&PartitionLabels { partition })
+                .set(lag);
         }
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }
@@ -154,10 +207,19 @@ mod tests {
             in_flight: 0,
             lags: &[(1, 5), (2, 0)],
         });
-        assert!(text.contains("processor_events_processed_local_total 7"), "{text}");
+        assert!(
+            text.contains("processor_events_processed_local_total 7"),
+            "{text}"
+        );
         assert!(text.contains("processor_shards_owned 2"), "{text}");
-        assert!(text.contains(r#"processor_consumer_lag{partition="1"} 5"#), "{text}");
+        assert!(
+            text.contains(r#"processor_consumer_lag{partition="1"} 5"#),
+            "{text}"
+        );
         assert!(text.contains("processor_passivated_entities 7"), "{text}");
-        assert!(text.contains(r#"processor_grpc_request_seconds_count{route="remote",outcome="ok"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"processor_grpc_request_seconds_count{route="remote",outcome="ok"} 1"#),
+            "{text}"
+        );
     }
 }

@@ -18,13 +18,13 @@ use crate::cluster::gateway::{Gateway, GatewayArgs};
 use crate::cluster::membership::{Membership, MembershipError};
 use crate::consumer::checkpoint::Checkpointer;
 use crate::consumer::{self, ConsumerError, ConsumerExit, ConsumerParts, ConsumerSettings};
-use crate::restore::Restorer;
 use crate::dlq::DeadLetters;
 use crate::handoff::Handoff;
 use crate::http::Management;
 use crate::kafka_admin::{self, AdminError};
 use crate::lag::LagProbe;
 use crate::metrics::Metrics;
+use crate::restore::Restorer;
 use crate::routing::Router;
 use crate::shard::{LocalShards, ShardEnv};
 use crate::stats::NodeStats;
@@ -36,7 +36,12 @@ const DLQ_PARTITIONS: u32 = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("{what} port {port} on {host} is not available: {source}")]
-    PortInUse { what: &'static str, host: String, port: u16, source: std::io::Error },
+    PortInUse {
+        what: &'static str,
+        host: String,
+        port: u16,
+        source: std::io::Error,
+    },
     #[error("invalid address {0}")]
     BadAddress(String),
     #[error(transparent)]
@@ -52,7 +57,11 @@ pub enum NodeError {
     #[error("cannot start the gateway actor: {0}")]
     Gateway(String),
     #[error("changelog topic {topic} has {found} partitions but the input topic has {expected}: they must match")]
-    ChangelogMismatch { topic: String, found: u32, expected: u32 },
+    ChangelogMismatch {
+        topic: String,
+        found: u32,
+        expected: u32,
+    },
     #[error(transparent)]
     Changelog(#[from] ChangelogError),
     #[error("this node was fenced (its partitions were reassigned while it was unresponsive); restart it")]
@@ -60,14 +69,21 @@ pub enum NodeError {
 }
 
 fn socket(host: &str, port: u16) -> Result<SocketAddr, NodeError> {
-    format!("{host}:{port}").parse().map_err(|_| NodeError::BadAddress(format!("{host}:{port}")))
+    format!("{host}:{port}")
+        .parse()
+        .map_err(|_| NodeError::BadAddress(format!("{host}:{port}")))
 }
 
 /// Fails early with a clear message instead of a half-started node.
 fn check_port_free(what: &'static str, host: &str, port: u16) -> Result<(), NodeError> {
     TcpListener::bind(socket(host, port)?)
         .map(drop)
-        .map_err(|source| NodeError::PortInUse { what, host: host.into(), port, source })
+        .map_err(|source| NodeError::PortInUse {
+            what,
+            host: host.into(),
+            port,
+            source,
+        })
 }
 
 pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
@@ -77,15 +93,27 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     check_port_free("gRPC", &host, config.ports.grpc)?;
 
     let (bootstrap, topic) = (config.bootstrap_servers.clone(), config.topic.clone());
-    let partitions = tokio::task::spawn_blocking(move || kafka_admin::wait_for_topic(&bootstrap, &topic, TOPIC_WAIT))
-        .await
-        .expect("topic wait panicked")?;
-    kafka_admin::ensure_topic(&config.bootstrap_servers, &config.dlq_topic, DLQ_PARTITIONS, &[]).await?;
+    let partitions = tokio::task::spawn_blocking(move || {
+        kafka_admin::wait_for_topic(&bootstrap, &topic, TOPIC_WAIT)
+    })
+    .await
+    .expect("topic wait panicked")?;
+    kafka_admin::ensure_topic(
+        &config.bootstrap_servers,
+        &config.dlq_topic,
+        DLQ_PARTITIONS,
+        &[],
+    )
+    .await?;
     let changelog_partitions = kafka_admin::ensure_topic(
         &config.bootstrap_servers,
         &config.changelog_topic,
         partitions,
-        &[("cleanup.policy", "compact"), ("min.cleanable.dirty.ratio", "0.1"), ("segment.ms", "600000")],
+        &[
+            ("cleanup.policy", "compact"),
+            ("min.cleanable.dirty.ratio", "0.1"),
+            ("segment.ms", "600000"),
+        ],
     )
     .await?;
     if changelog_partitions != partitions {
@@ -95,12 +123,21 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             expected: partitions,
         });
     }
-    let (bootstrap, changelog_topic, topic) = (config.bootstrap_servers.clone(), config.changelog_topic.clone(), config.topic.clone());
-    tokio::task::spawn_blocking(move || changelog::check_written_for(&bootstrap, &changelog_topic, &topic, partitions))
-        .await
-        .expect("changelog check panicked")?;
+    let (bootstrap, changelog_topic, topic) = (
+        config.bootstrap_servers.clone(),
+        config.changelog_topic.clone(),
+        config.topic.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        changelog::check_written_for(&bootstrap, &changelog_topic, &topic, partitions)
+    })
+    .await
+    .expect("changelog check panicked")?;
     let node_id = config.node_id();
-    tracing::info!("node {node_id}: topic {} has {partitions} partitions = {partitions} shards", config.topic);
+    tracing::info!(
+        "node {node_id}: topic {} has {partitions} partitions = {partitions} shards",
+        config.topic
+    );
 
     let table = Arc::new(AllocationTable::new(node_id.clone()));
     let local = Arc::new(LocalShards::default());
@@ -122,7 +159,11 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     let (gateway, _) = Actor::spawn(
         None,
         Gateway,
-        GatewayArgs { node: Arc::from(node_id.as_str()), table: table.clone(), router: router.clone() },
+        GatewayArgs {
+            node: Arc::from(node_id.as_str()),
+            table: table.clone(),
+            router: router.clone(),
+        },
     )
     .await
     .map_err(|e| NodeError::Gateway(e.to_string()))?;
@@ -145,11 +186,17 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     };
 
     let grpc_addr = socket(&host, config.ports.grpc)?;
-    let grpc = tokio::spawn(crate::grpc::serve(grpc_addr, router.clone(), metrics.clone(), shutdown(shutdown_rx.clone())));
+    let grpc = tokio::spawn(crate::grpc::serve(
+        grpc_addr,
+        router.clone(),
+        metrics.clone(),
+        shutdown(shutdown_rx.clone()),
+    ));
 
     // One client reads the group's committed offsets, for the lag at /metrics and the restorer.
     let group_offsets = Arc::new(
-        kafka_admin::group_offsets_client(&config.bootstrap_servers, &config.group).map_err(NodeError::GroupOffsets)?,
+        kafka_admin::group_offsets_client(&config.bootstrap_servers, &config.group)
+            .map_err(NodeError::GroupOffsets)?,
     );
     let kafka_stats = Arc::new(std::sync::Mutex::new(String::new()));
     let management = Arc::new(Management {
@@ -167,9 +214,16 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     });
     let http_listener = tokio::net::TcpListener::bind(socket(&host, config.ports.management)?)
         .await
-        .map_err(|source| NodeError::PortInUse { what: "management", host: host.clone(), port: config.ports.management, source })?;
+        .map_err(|source| NodeError::PortInUse {
+            what: "management",
+            host: host.clone(),
+            port: config.ports.management,
+            source,
+        })?;
     let http = tokio::spawn(
-        axum::serve(http_listener, crate::http::router(management)).with_graceful_shutdown(shutdown(shutdown_rx.clone())).into_future(),
+        axum::serve(http_listener, crate::http::router(management))
+            .with_graceful_shutdown(shutdown(shutdown_rx.clone()))
+            .into_future(),
     );
 
     let env = Arc::new(ShardEnv {
@@ -197,16 +251,33 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         config.drain_timeout,
     ));
     // One transactional id per node: a restarted node fences its previous run.
-    let (bootstrap, transactional_id) = (config.bootstrap_servers.clone(), format!("{}-{node_id}", config.group));
-    let (changelog, input, txn_timeout) = (config.changelog_topic.clone(), config.topic.clone(), config.transaction_timeout);
+    let (bootstrap, transactional_id) = (
+        config.bootstrap_servers.clone(),
+        format!("{}-{node_id}", config.group),
+    );
+    let (changelog, input, txn_timeout) = (
+        config.changelog_topic.clone(),
+        config.topic.clone(),
+        config.transaction_timeout,
+    );
     let checkpointer = tokio::task::spawn_blocking(move || {
-        Checkpointer::new(&bootstrap, &transactional_id, txn_timeout, &changelog, &input)
+        Checkpointer::new(
+            &bootstrap,
+            &transactional_id,
+            txn_timeout,
+            &changelog,
+            &input,
+        )
     })
     .await
     .expect("checkpointer start panicked")
     .map_err(ConsumerError::from)?;
-    let dead_letters = DeadLetters::new(&config.bootstrap_servers, &config.dlq_topic, tokio::runtime::Handle::current())
-        .map_err(NodeError::DeadLetters)?;
+    let dead_letters = DeadLetters::new(
+        &config.bootstrap_servers,
+        &config.dlq_topic,
+        tokio::runtime::Handle::current(),
+    )
+    .map_err(NodeError::DeadLetters)?;
     let mut consumer = consumer::start(
         ConsumerSettings {
             bootstrap_servers: config.bootstrap_servers.clone(),
@@ -240,7 +311,9 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     wait_for_stop_signal(&consumer).await;
     tracing::info!("shutting down: handing off every shard");
     consumer.stop();
-    let exit = tokio::task::spawn_blocking(move || consumer.join()).await.unwrap_or(ConsumerExit::Stopped);
+    let exit = tokio::task::spawn_blocking(move || consumer.join())
+        .await
+        .unwrap_or(ConsumerExit::Stopped);
     let _ = shutdown_tx.send(true);
     let _ = grpc.await;
     let _ = http.await;

@@ -70,7 +70,9 @@ impl Restorer {
                     match this.run(&mut shards, assigned_at) {
                         Ok(()) => return,
                         Err(e) => {
-                            shards.retain(|(_, shard)| shard.get_status() != ractor::ActorStatus::Stopped);
+                            shards.retain(|(_, shard)| {
+                                shard.get_status() != ractor::ActorStatus::Stopped
+                            });
                             if shards.is_empty() {
                                 return;
                             }
@@ -85,7 +87,11 @@ impl Restorer {
 
     /// Restores `shards`, removing each from the list once it has its state (so a retry after
     /// an error only does the rest).
-    fn run(&self, shards: &mut Vec<(u32, ActorRef<ShardMsg>)>, assigned_at: Instant) -> Result<(), KafkaError> {
+    fn run(
+        &self,
+        shards: &mut Vec<(u32, ActorRef<ShardMsg>)>,
+        assigned_at: Instant,
+    ) -> Result<(), KafkaError> {
         let started = Instant::now();
         // Reading to the high watermark covers a previous owner's open transaction only once its
         // records are in the changelog. A frozen owner's checkpoint can have its offsets accepted
@@ -98,19 +104,25 @@ impl Restorer {
         // record such a transaction will ever commit is in the changelog. This runs before the
         // restore consumer is created: created first, its first fetch came about a second late
         // (measured: docs/BENCHMARKS.md).
-        committed_offsets(&self.group_offsets, &self.input_topic, shards.iter().map(|(p, _)| *p), STABLE_OFFSETS_TIMEOUT)?;
-        let consumer: BaseConsumer = with_debug(&mut ClientConfig::new(), self.kafka_debug.as_deref())
-            .set("bootstrap.servers", &self.bootstrap_servers)
-            // Assign-only (never joins or commits), but librdkafka needs a group id to report positions.
-            .set("group.id", format!("{}-restore", self.changelog_topic))
-            .set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false")
-            // The end is known: do not let the broker hold an empty fetch for the default 500 ms
-            // (two such waits were most of a small restore's time).
-            .set("fetch.wait.max.ms", "10")
-            .set("fetch.max.bytes", "52428800")
-            .set("max.partition.fetch.bytes", "10485760")
-            .create()?;
+        committed_offsets(
+            &self.group_offsets,
+            &self.input_topic,
+            shards.iter().map(|(p, _)| *p),
+            STABLE_OFFSETS_TIMEOUT,
+        )?;
+        let consumer: BaseConsumer =
+            with_debug(&mut ClientConfig::new(), self.kafka_debug.as_deref())
+                .set("bootstrap.servers", &self.bootstrap_servers)
+                // Assign-only (never joins or commits), but librdkafka needs a group id to report positions.
+                .set("group.id", format!("{}-restore", self.changelog_topic))
+                .set("isolation.level", "read_committed")
+                .set("enable.auto.commit", "false")
+                // The end is known: do not let the broker hold an empty fetch for the default 500 ms
+                // (two such waits were most of a small restore's time).
+                .set("fetch.wait.max.ms", "10")
+                .set("fetch.max.bytes", "52428800")
+                .set("max.partition.fetch.bytes", "10485760")
+                .create()?;
         // The end to read to is the partition's high watermark, asked with read_uncommitted: a
         // read_committed client is told the *last stable offset*, which stops short of an open
         // transaction. Reading (read_committed) up to the high watermark therefore waits until
@@ -125,17 +137,33 @@ impl Restorer {
         // One ListOffsets request each for all partitions: asking per partition cost a broker
         // round trip each, a noticeable part of restoring 128 shards.
         let partitions = || shards.iter().map(|(p, _)| *p);
-        let lows = list_offsets(&watermarks, &self.changelog_topic, partitions(), Offset::Beginning, WATERMARK_TIMEOUT)?;
-        let highs = list_offsets(&watermarks, &self.changelog_topic, partitions(), Offset::End, WATERMARK_TIMEOUT)?;
+        let lows = list_offsets(
+            &watermarks,
+            &self.changelog_topic,
+            partitions(),
+            Offset::Beginning,
+            WATERMARK_TIMEOUT,
+        )?;
+        let highs = list_offsets(
+            &watermarks,
+            &self.changelog_topic,
+            partitions(),
+            Offset::End,
+            WATERMARK_TIMEOUT,
+        )?;
         let mut pending: BTreeMap<u32, PartitionRestore> = BTreeMap::new();
         let mut tpl = TopicPartitionList::new();
         for (partition, shard) in shards.clone() {
             let (Some(&low), Some(&high)) = (lows.get(&partition), highs.get(&partition)) else {
-                return Err(KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable));
+                return Err(KafkaError::MetadataFetch(
+                    rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable,
+                ));
             };
             if high <= low {
                 let _ = shard.cast(ShardMsg::Restored(UserMap::default()));
-                self.metrics.restore_seconds.observe(assigned_at.elapsed().as_secs_f64());
+                self.metrics
+                    .restore_seconds
+                    .observe(assigned_at.elapsed().as_secs_f64());
                 shards.retain(|(p, _)| *p != partition);
                 continue;
             }
@@ -144,14 +172,28 @@ impl Restorer {
             tpl.add_partition_offset(&self.changelog_topic, partition as i32, Offset::Offset(low))?;
             // A compacted changelog holds about one record per user: sizing the map up front
             // saves rehashing it as it grows (visible in the profile).
-            let expected = usize::try_from(high - low).unwrap_or(0).min(MAX_PRESIZED_USERS);
+            let expected = usize::try_from(high - low)
+                .unwrap_or(0)
+                .min(MAX_PRESIZED_USERS);
             let states = UserMap::with_capacity_and_hasher(expected, Default::default());
-            pending.insert(partition, PartitionRestore { shard, states, end: high, records: 0 });
+            pending.insert(
+                partition,
+                PartitionRestore {
+                    shard,
+                    states,
+                    end: high,
+                    records: 0,
+                },
+            );
         }
         if pending.is_empty() {
             return Ok(());
         }
-        tracing::info!("restoring {} shards from {}", pending.len(), self.changelog_topic);
+        tracing::info!(
+            "restoring {} shards from {}",
+            pending.len(),
+            self.changelog_topic
+        );
         consumer.assign(&tpl)?;
         let mut last_report = Instant::now();
         let mut last_position_check = Instant::now();
@@ -182,21 +224,29 @@ impl Restorer {
             // at start (transaction markers included, so a partition ending in a marker is only
             // seen complete by its position; later writes are this node's own). Positions are
             // asked when idle and every few ms, not per record: asking costs more than a record.
-            if polled.is_none() || (look_at_clock && last_position_check.elapsed() >= POSITION_CHECK_EVERY) {
+            if polled.is_none()
+                || (look_at_clock && last_position_check.elapsed() >= POSITION_CHECK_EVERY)
+            {
                 last_position_check = Instant::now();
                 let positions = consumer.position()?;
-                complete.extend(pending.iter().filter(|(p, r)| {
-                    positions
-                        .find_partition(&self.changelog_topic, **p as i32)
-                        .and_then(|e| e.offset().to_raw())
-                        .is_some_and(|pos| pos >= r.end)
-                })
-                .map(|(p, _)| *p));
+                complete.extend(
+                    pending
+                        .iter()
+                        .filter(|(p, r)| {
+                            positions
+                                .find_partition(&self.changelog_topic, **p as i32)
+                                .and_then(|e| e.offset().to_raw())
+                                .is_some_and(|pos| pos >= r.end)
+                        })
+                        .map(|(p, _)| *p),
+                );
                 complete.sort_unstable();
                 complete.dedup();
             }
             for partition in complete {
-                let Some(mut restore) = pending.remove(&partition) else { continue };
+                let Some(mut restore) = pending.remove(&partition) else {
+                    continue;
+                };
                 // Many updates per user (an uncompacted tail) made the map larger than needed.
                 if restore.states.capacity() > 2 * restore.states.len() + 1024 {
                     restore.states.shrink_to_fit();
@@ -208,10 +258,15 @@ impl Restorer {
                     started.elapsed().as_millis()
                 );
                 let _ = restore.shard.cast(ShardMsg::Restored(restore.states));
-                self.metrics.restore_seconds.observe(assigned_at.elapsed().as_secs_f64());
+                self.metrics
+                    .restore_seconds
+                    .observe(assigned_at.elapsed().as_secs_f64());
                 shards.retain(|(p, _)| *p != partition);
             }
-            if look_at_clock && !pending.is_empty() && last_report.elapsed() > Duration::from_secs(5) {
+            if look_at_clock
+                && !pending.is_empty()
+                && last_report.elapsed() > Duration::from_secs(5)
+            {
                 last_report = Instant::now();
                 tracing::warn!(
                     "still restoring shards {:?}: waiting for their changelog end (an open transaction of a \
@@ -238,7 +293,9 @@ fn apply_record(states: &mut UserMap<EntityState>, key: Option<&[u8]>, value: Op
         Ok(state) => {
             states.insert(UserId::from(user), state);
         }
-        Err(e) => tracing::error!("changelog record for user {user} does not decode ({e}): skipped"),
+        Err(e) => {
+            tracing::error!("changelog record for user {user} does not decode ({e}): skipped")
+        }
     }
 }
 
@@ -251,8 +308,20 @@ mod tests {
     #[test]
     fn records_fold_to_the_latest_state_and_tombstones_delete() {
         let mut states = UserMap::default();
-        let s1 = EntityState { totals: Totals { purchases: 1, amount_spent: 10 }, last_offset: 4 };
-        let s2 = EntityState { totals: Totals { purchases: 2, amount_spent: 30 }, last_offset: 9 };
+        let s1 = EntityState {
+            totals: Totals {
+                purchases: 1,
+                amount_spent: 10,
+            },
+            last_offset: 4,
+        };
+        let s2 = EntityState {
+            totals: Totals {
+                purchases: 2,
+                amount_spent: 30,
+            },
+            last_offset: 9,
+        };
         apply_record(&mut states, Some(b"7"), Some(&encode_state(&s1)));
         apply_record(&mut states, Some(b"8"), Some(&encode_state(&s1)));
         apply_record(&mut states, Some(b"7"), Some(&encode_state(&s2)));

@@ -73,7 +73,14 @@ impl Router {
         call_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { partitions, table, local, owner_wait, call_timeout, batcher: QueryBatcher::new(call_timeout, metrics) }
+        Self {
+            partitions,
+            table,
+            local,
+            owner_wait,
+            call_timeout,
+            batcher: QueryBatcher::new(call_timeout, metrics),
+        }
     }
 
     pub fn shard_of(&self, user_id: &str) -> u32 {
@@ -87,13 +94,23 @@ impl Router {
             shard,
             || self.local_totals(shard, user_id),
             |gw| async move {
-                let query = TotalsQuery { user_id: user_id.to_owned(), shard };
+                let query = TotalsQuery {
+                    user_id: user_id.to_owned(),
+                    shard,
+                };
                 match self.batcher.ask(&gw, query).await {
-                    Ok(TotalsAnswer { result: Some(totals_answer::Result::Totals(t)) }) => {
-                        Attempt::Done(Totals { purchases: t.purchases, amount_spent: t.amount_spent })
-                    }
-                    Ok(TotalsAnswer { result: Some(totals_answer::Result::NotOwner(_)) }) => Attempt::NotOwner,
-                    Ok(TotalsAnswer { result: Some(totals_answer::Result::Error(e)) }) => Attempt::Failed(e),
+                    Ok(TotalsAnswer {
+                        result: Some(totals_answer::Result::Totals(t)),
+                    }) => Attempt::Done(Totals {
+                        purchases: t.purchases,
+                        amount_spent: t.amount_spent,
+                    }),
+                    Ok(TotalsAnswer {
+                        result: Some(totals_answer::Result::NotOwner(_)),
+                    }) => Attempt::NotOwner,
+                    Ok(TotalsAnswer {
+                        result: Some(totals_answer::Result::Error(e)),
+                    }) => Attempt::Failed(e),
                     Ok(TotalsAnswer { result: None }) => Attempt::Failed("empty answer".into()),
                     Err(e) => Attempt::Failed(e),
                 }
@@ -108,13 +125,24 @@ impl Router {
             return Attempt::NotOwner;
         };
         let user_id = UserId::from(user_id);
-        let answer = local.actor.call(|reply| ShardMsg::Query { user_id, reply }, Some(self.call_timeout)).await;
+        let answer = local
+            .actor
+            .call(
+                |reply| ShardMsg::Query { user_id, reply },
+                Some(self.call_timeout),
+            )
+            .await;
         local_outcome(answer)
     }
 
     /// Runs `local` or `remote` against the shard's current owner until one answers, waiting
     /// for the table to change while there is no owner, up to `owner_wait`.
-    async fn with_owner<T, L, LF, R, RF>(&self, shard: u32, local: L, remote: R) -> Result<(T, Route), RouteError>
+    async fn with_owner<T, L, LF, R, RF>(
+        &self,
+        shard: u32,
+        local: L,
+        remote: R,
+    ) -> Result<(T, Route), RouteError>
     where
         L: Fn() -> LF,
         LF: Future<Output = Attempt<T>>,
@@ -131,7 +159,10 @@ impl Router {
                 Some(Owner::Local) => (local().await, Route::Local),
                 Some(Owner::Remote(node)) => match gateway::of_node(&node) {
                     Some(gw) => (remote(gw).await, Route::Remote),
-                    None => (Attempt::Failed(format!("no gateway known for node {node}")), Route::Remote),
+                    None => (
+                        Attempt::Failed(format!("no gateway known for node {node}")),
+                        Route::Remote,
+                    ),
                 },
                 None => (Attempt::NotOwner, Route::Local),
             };
@@ -155,7 +186,9 @@ impl Router {
     }
 }
 
-pub(crate) fn call_outcome<T>(result: Result<CallResult<T>, MessagingErr<GatewayMsg>>) -> Result<T, String> {
+pub(crate) fn call_outcome<T>(
+    result: Result<CallResult<T>, MessagingErr<GatewayMsg>>,
+) -> Result<T, String> {
     match result {
         Ok(CallResult::Success(value)) => Ok(value),
         Ok(CallResult::Timeout) => Err("remote call timed out".into()),

@@ -79,15 +79,25 @@ pub enum ShardMsg {
     /// A batch read from the partition, in offset order.
     Consumed(Vec<ConsumedRecord>),
     /// An entity applied these offsets (`replays` of them were already in its state).
-    Applied { user_id: UserId, offsets: Vec<i64>, replays: u64, state: EntityState },
+    Applied {
+        user_id: UserId,
+        offsets: Vec<i64>,
+        replays: u64,
+        state: EntityState,
+    },
     /// A user's totals; zeros (and no entity created) for a user never seen.
-    Query { user_id: UserId, reply: RpcReplyPort<Totals> },
+    Query {
+        user_id: UserId,
+        reply: RpcReplyPort<Totals>,
+    },
     EntityCounts(RpcReplyPort<EntityCounts>),
     /// Answer once every dispatched event is acknowledged.
     Drain(RpcReplyPort<()>),
     Checkpoint(RpcReplyPort<Checkpoint>),
     /// The checkpoint with this sequence number was committed.
-    Checkpointed { seq: u64 },
+    Checkpointed {
+        seq: u64,
+    },
     /// Passivate idle entities.
     Tick,
 }
@@ -203,20 +213,38 @@ impl ShardState {
     }
 
     /// The user's entity actor, activated (from its stored state, if any) when not live.
-    async fn activate(&mut self, myself: &ActorRef<ShardMsg>, user_id: &UserId) -> Result<ActorRef<EntityMsg>, ActorProcessingErr> {
+    async fn activate(
+        &mut self,
+        myself: &ActorRef<ShardMsg>,
+        user_id: &UserId,
+    ) -> Result<ActorRef<EntityMsg>, ActorProcessingErr> {
         if let Some(live) = self.live.get_mut(user_id) {
             live.last_active = Instant::now();
             return Ok(live.actor.clone());
         }
         let state = self.known.get(user_id).copied().unwrap_or_default();
-        let args = EntityArgs { user_id: user_id.clone(), shard: myself.clone(), state };
+        let args = EntityArgs {
+            user_id: user_id.clone(),
+            shard: myself.clone(),
+            state,
+        };
         let (actor, _) = Actor::spawn_linked(None, UserEntity, args, myself.get_cell()).await?;
-        self.live.insert(user_id.clone(), LiveEntity { actor: actor.clone(), last_active: Instant::now(), in_flight: 0 });
+        self.live.insert(
+            user_id.clone(),
+            LiveEntity {
+                actor: actor.clone(),
+                last_active: Instant::now(),
+                in_flight: 0,
+            },
+        );
         let live_now = self.env.live_entities.fetch_add(1, Ordering::Relaxed) + 1;
         if live_now > self.env.max_live_entities {
             // The cap is soft: only idle entities other than this one can make room.
             let activated = user_id.clone();
-            self.passivate(|user, _| *user != activated, live_now - self.env.max_live_entities);
+            self.passivate(
+                |user, _| *user != activated,
+                live_now - self.env.max_live_entities,
+            );
         }
         Ok(actor)
     }
@@ -248,7 +276,11 @@ impl ShardState {
         }
     }
 
-    async fn dispatch(&mut self, myself: &ActorRef<ShardMsg>, batch: Vec<ConsumedRecord>) -> Result<(), ActorProcessingErr> {
+    async fn dispatch(
+        &mut self,
+        myself: &ActorRef<ShardMsg>,
+        batch: Vec<ConsumedRecord>,
+    ) -> Result<(), ActorProcessingErr> {
         let mut by_user: UserMap<Vec<(i64, Purchase)>> = UserMap::default();
         let mut settled = 0usize;
         for record in batch {
@@ -258,11 +290,20 @@ impl ShardState {
                 settled += 1;
                 continue;
             };
-            let shard = proto::partitioner::partition_for_key(purchase.user_id.as_bytes(), self.env.partitions);
+            let shard = proto::partitioner::partition_for_key(
+                purchase.user_id.as_bytes(),
+                self.env.partitions,
+            );
             if shard == self.shard {
                 self.pending.push_back((record.offset, false));
-                tracing::debug!("Forwarding message for entity {} to shard {shard}", purchase.user_id);
-                by_user.entry(purchase.user_id.clone()).or_default().push((record.offset, purchase));
+                tracing::debug!(
+                    "Forwarding message for entity {} to shard {shard}",
+                    purchase.user_id
+                );
+                by_user
+                    .entry(purchase.user_id.clone())
+                    .or_default()
+                    .push((record.offset, purchase));
             } else {
                 // Settled once the checkpoint that commits past it also writes it to its shard.
                 self.pending.push_back((record.offset, true));
@@ -270,9 +311,15 @@ impl ShardState {
                 NodeStats::add(&self.env.stats.events_forwarded_out, 1);
                 tracing::debug!(
                     "event {}/{} is for user {} of shard {shard}: re-routing it to that partition",
-                    self.shard, record.offset, purchase.user_id
+                    self.shard,
+                    record.offset,
+                    purchase.user_id
                 );
-                let reroute = Reroute { source_offset: record.offset, target_partition: shard, purchase };
+                let reroute = Reroute {
+                    source_offset: record.offset,
+                    target_partition: shard,
+                    purchase,
+                };
                 self.outbox.push((self.checkpoint_seq + 1, reroute));
             }
         }
@@ -290,7 +337,12 @@ impl ShardState {
         Ok(())
     }
 
-    async fn query(&mut self, myself: &ActorRef<ShardMsg>, user_id: UserId, reply: RpcReplyPort<Totals>) -> Result<(), ActorProcessingErr> {
+    async fn query(
+        &mut self,
+        myself: &ActorRef<ShardMsg>,
+        user_id: UserId,
+        reply: RpcReplyPort<Totals>,
+    ) -> Result<(), ActorProcessingErr> {
         if !self.live.contains_key(&user_id) && !self.known.contains_key(&user_id) {
             let _ = reply.send(Totals::default());
             return Ok(());
@@ -306,7 +358,11 @@ impl ShardState {
             partition: self.shard,
             seq: self.checkpoint_seq,
             commit_offset: self.committable,
-            states: self.dirty.keys().filter_map(|u| self.known.get(u).map(|s| (u.clone(), *s))).collect(),
+            states: self
+                .dirty
+                .keys()
+                .filter_map(|u| self.known.get(u).map(|s| (u.clone(), *s)))
+                .collect(),
             reroutes: self.outbox.iter().map(|(_, r)| r.clone()).collect(),
         }
     }
@@ -322,8 +378,13 @@ impl Actor for ShardActor {
     type State = ShardState;
     type Arguments = ShardArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: ShardArgs) -> Result<Self::State, ActorProcessingErr> {
-        let tick = (args.env.passivate_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ShardArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let tick = (args.env.passivate_after / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
         myself.send_interval(tick, || ShardMsg::Tick);
         Ok(ShardState {
             shard: args.shard,
@@ -353,22 +414,40 @@ impl Actor for ShardActor {
             let id = cell.get_id();
             let before = state.live.len();
             state.live.retain(|_, e| e.actor.get_id() != id);
-            state.env.live_entities.fetch_sub(before - state.live.len(), Ordering::Relaxed);
+            state
+                .env
+                .live_entities
+                .fetch_sub(before - state.live.len(), Ordering::Relaxed);
         }
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         // Entities are linked children and stop with the shard.
-        state.env.live_entities.fetch_sub(state.live.len(), Ordering::Relaxed);
+        state
+            .env
+            .live_entities
+            .fetch_sub(state.live.len(), Ordering::Relaxed);
         // Whatever is still pending will be re-read by the partition's next owner.
         let unacknowledged = state.pending.iter().filter(|(_, done)| !done).count();
-        let buffered: usize = state.restoring.as_ref().map_or(0, |w| w.batches.iter().map(Vec::len).sum());
+        let buffered: usize = state
+            .restoring
+            .as_ref()
+            .map_or(0, |w| w.batches.iter().map(Vec::len).sum());
         state.env.gate.release(unacknowledged + buffered);
         Ok(())
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         // A returned error would stop the shard and strand its partition; log it instead. The
         // events it concerns stay unacknowledged, so they are never committed as done.
         if let Err(e) = state.handle(&myself, msg).await {
@@ -379,7 +458,11 @@ impl Actor for ShardActor {
 }
 
 impl ShardState {
-    async fn handle(&mut self, myself: &ActorRef<ShardMsg>, msg: ShardMsg) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &mut self,
+        myself: &ActorRef<ShardMsg>,
+        msg: ShardMsg,
+    ) -> Result<(), ActorProcessingErr> {
         let state = self;
         let myself = myself.clone();
         match msg {
@@ -400,8 +483,16 @@ impl ShardState {
                 Some(waiting) => waiting.batches.push(batch),
                 None => state.dispatch(&myself, batch).await?,
             },
-            ShardMsg::Applied { user_id, offsets, replays, state: entity_state } => {
-                NodeStats::add(&state.env.stats.events_processed_local, offsets.len() as u64 - replays);
+            ShardMsg::Applied {
+                user_id,
+                offsets,
+                replays,
+                state: entity_state,
+            } => {
+                NodeStats::add(
+                    &state.env.stats.events_processed_local,
+                    offsets.len() as u64 - replays,
+                );
                 NodeStats::add(&state.env.stats.events_skipped_replayed, replays);
                 let now_idle = state.live.get_mut(&user_id).is_some_and(|live| {
                     live.in_flight = live.in_flight.saturating_sub(offsets.len());
@@ -413,7 +504,9 @@ impl ShardState {
                 // shard's own entities are all in flight (their acknowledgements queue behind
                 // its batches) while the idle ones belong to other shards; the live count then
                 // overshot the cap by the whole backlog (measured: docs/BENCHMARKS.md).
-                if now_idle && state.env.live_entities.load(Ordering::Relaxed) > state.env.max_live_entities {
+                if now_idle
+                    && state.env.live_entities.load(Ordering::Relaxed) > state.env.max_live_entities
+                {
                     state.passivate_entity(&user_id);
                 }
                 let seq = state.checkpoint_seq + 1;
@@ -449,7 +542,11 @@ impl ShardState {
                 state.passivate(|_, e| e.last_active.elapsed() >= idle_for, usize::MAX);
                 // A burst can exceed the cap (entities with events in flight are never
                 // evicted); bring it back down once they are idle.
-                let excess = state.env.live_entities.load(Ordering::Relaxed).saturating_sub(state.env.max_live_entities);
+                let excess = state
+                    .env
+                    .live_entities
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(state.env.max_live_entities);
                 if excess > 0 {
                     state.passivate(|_, _| true, excess);
                 }

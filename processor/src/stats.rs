@@ -59,18 +59,66 @@ impl NodeStats {
     /// Every counter with its metric name (without the `_total` Prometheus adds) and help.
     fn named(&self) -> [(&'static str, &'static str, &Counter); 12] {
         [
-            ("events_consumed", "Valid events read from Kafka by this node", &self.events_consumed),
-            ("events_processed_local", "Events applied by an entity on the node that consumed them", &self.events_processed_local),
-            ("events_forwarded_out", "Mis-keyed events re-routed to their key's partition", &self.events_forwarded_out),
-            ("events_forwarded_in", "Re-routed events consumed here", &self.events_forwarded_in),
-            ("events_skipped_replayed", "Redelivered events already applied (not counted again)", &self.events_skipped_replayed),
-            ("entities_restored", "Entity states read from the changelog", &self.entities_restored),
-            ("entities_passivated", "Entity actors stopped for idleness or the live-actor cap", &self.entities_passivated),
-            ("checkpoints_committed", "Checkpoint transactions committed", &self.checkpoints_committed),
-            ("checkpoints_aborted", "Checkpoint transactions aborted", &self.checkpoints_aborted),
-            ("events_dead_lettered", "Malformed records copied to the dead-letter topic", &self.dead_lettered),
-            ("partitions_assigned", "Partitions assigned to this node", &self.partitions_assigned),
-            ("partitions_revoked", "Partitions revoked from this node", &self.partitions_revoked),
+            (
+                "events_consumed",
+                "Valid events read from Kafka by this node",
+                &self.events_consumed,
+            ),
+            (
+                "events_processed_local",
+                "Events applied by an entity on the node that consumed them",
+                &self.events_processed_local,
+            ),
+            (
+                "events_forwarded_out",
+                "Mis-keyed events re-routed to their key's partition",
+                &self.events_forwarded_out,
+            ),
+            (
+                "events_forwarded_in",
+                "Re-routed events consumed here",
+                &self.events_forwarded_in,
+            ),
+            (
+                "events_skipped_replayed",
+                "Redelivered events already applied (not counted again)",
+                &self.events_skipped_replayed,
+            ),
+            (
+                "entities_restored",
+                "Entity states read from the changelog",
+                &self.entities_restored,
+            ),
+            (
+                "entities_passivated",
+                "Entity actors stopped for idleness or the live-actor cap",
+                &self.entities_passivated,
+            ),
+            (
+                "checkpoints_committed",
+                "Checkpoint transactions committed",
+                &self.checkpoints_committed,
+            ),
+            (
+                "checkpoints_aborted",
+                "Checkpoint transactions aborted",
+                &self.checkpoints_aborted,
+            ),
+            (
+                "events_dead_lettered",
+                "Malformed records copied to the dead-letter topic",
+                &self.dead_lettered,
+            ),
+            (
+                "partitions_assigned",
+                "Partitions assigned to this node",
+                &self.partitions_assigned,
+            ),
+            (
+                "partitions_revoked",
+                "Partitions revoked from this node",
+                &self.partitions_revoked,
+            ),
         ]
     }
 

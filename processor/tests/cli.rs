@@ -6,15 +6,30 @@ use std::process::Command;
 
 fn run(bin: &str, args: &[&str]) -> (i32, String) {
     let out = Command::new(support::bin(bin)).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 #[test]
 fn processor_rejects_wrong_port_arguments_with_usage() {
-    for args in [&[][..], &["2551", "8551"][..], &["2551", "2551", "8081"][..], &["nope"][..], &["1", "--bogus"][..]] {
+    for args in [
+        &[][..],
+        &["2551", "8551"][..],
+        &["2551", "2551", "8081"][..],
+        &["nope"][..],
+        &["1", "--bogus"][..],
+    ] {
         let (code, stderr) = run("processor", args);
-        assert_eq!(code, 2, "processor {args:?} should exit 2, stderr: {stderr}");
-        assert!(stderr.contains("Usage:"), "processor {args:?} prints usage: {stderr}");
+        assert_eq!(
+            code, 2,
+            "processor {args:?} should exit 2, stderr: {stderr}"
+        );
+        assert!(
+            stderr.contains("Usage:"),
+            "processor {args:?} prints usage: {stderr}"
+        );
     }
 }
 
@@ -30,6 +45,9 @@ fn producer_and_client_reject_bad_arguments_with_usage() {
     ] {
         let (code, stderr) = run(bin, args);
         assert_eq!(code, 2, "{bin} {args:?} should exit 2, stderr: {stderr}");
-        assert!(stderr.contains("Usage:"), "{bin} {args:?} prints usage: {stderr}");
+        assert!(
+            stderr.contains("Usage:"),
+            "{bin} {args:?} prints usage: {stderr}"
+        );
     }
 }

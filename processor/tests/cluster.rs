@@ -17,37 +17,55 @@ const SETTLE: Duration = Duration::from_secs(60);
 
 /// Waits until the nodes' shard sets are disjoint, cover `partitions`, every node has some, and
 /// each equals the partitions the broker assigned to that node's client.id.
-async fn wait_for_stable_split(spec: &ClusterSpec, nodes: &[&Node], partitions: u32) -> Vec<BTreeSet<u32>> {
-    eventually(SETTLE, "shards to equal the broker's assignment and cover every partition", || async {
-        let mut sets = Vec::new();
-        for node in nodes {
-            sets.push(node.shards().await);
-        }
-        let union: BTreeSet<u32> = sets.iter().flatten().copied().collect();
-        let total: usize = sets.iter().map(|s| s.len()).sum();
-        if union.len() != partitions as usize || total != partitions as usize || sets.iter().any(|s| s.is_empty()) {
-            return None;
-        }
-        let assignment = group_assignment(&spec.group, &spec.topic);
-        for (node, set) in nodes.iter().zip(&sets) {
-            if assignment.get(&node.id) != Some(set) {
+async fn wait_for_stable_split(
+    spec: &ClusterSpec,
+    nodes: &[&Node],
+    partitions: u32,
+) -> Vec<BTreeSet<u32>> {
+    eventually(
+        SETTLE,
+        "shards to equal the broker's assignment and cover every partition",
+        || async {
+            let mut sets = Vec::new();
+            for node in nodes {
+                sets.push(node.shards().await);
+            }
+            let union: BTreeSet<u32> = sets.iter().flatten().copied().collect();
+            let total: usize = sets.iter().map(|s| s.len()).sum();
+            if union.len() != partitions as usize
+                || total != partitions as usize
+                || sets.iter().any(|s| s.is_empty())
+            {
                 return None;
             }
-        }
-        // Every node's table must route every shard to its owner.
-        for node in nodes {
-            let members = node.get_json("/cluster/members").await?;
-            for (owner, set) in nodes.iter().zip(&sets) {
-                let listed = members["members"].as_array()?.iter().find(|m| m["node"] == owner.id.as_str())?;
-                let shards: BTreeSet<u32> =
-                    listed["shards"].as_array()?.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect();
-                if &shards != set {
+            let assignment = group_assignment(&spec.group, &spec.topic);
+            for (node, set) in nodes.iter().zip(&sets) {
+                if assignment.get(&node.id) != Some(set) {
                     return None;
                 }
             }
-        }
-        Some(sets)
-    })
+            // Every node's table must route every shard to its owner.
+            for node in nodes {
+                let members = node.get_json("/cluster/members").await?;
+                for (owner, set) in nodes.iter().zip(&sets) {
+                    let listed = members["members"]
+                        .as_array()?
+                        .iter()
+                        .find(|m| m["node"] == owner.id.as_str())?;
+                    let shards: BTreeSet<u32> = listed["shards"]
+                        .as_array()?
+                        .iter()
+                        .filter_map(|v| v.as_u64())
+                        .map(|v| v as u32)
+                        .collect();
+                    if &shards != set {
+                        return None;
+                    }
+                }
+            }
+            Some(sets)
+        },
+    )
     .await
 }
 
@@ -70,7 +88,10 @@ async fn producer_records_land_on_the_partitions_the_processor_computes() {
         );
         partitions_seen.insert(*partition);
     }
-    assert!(partitions_seen.len() > 100, "1000 users should spread over most of 128 partitions");
+    assert!(
+        partitions_seen.len() > 100,
+        "1000 users should spread over most of 128 partitions"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -86,31 +107,63 @@ async fn two_nodes_split_the_partitions_and_count_every_event_locally() {
     let ledger = spec.produce(20_000, 200, "ledger.json");
     wait_for_ledger(&spec, &[1, 2], &ledger, Duration::from_secs(120)).await;
 
-    let local = node1.counter("events_processed_local").await + node2.counter("events_processed_local").await;
-    assert_eq!(local, 20_000, "every event is processed exactly where it was consumed");
+    let local = node1.counter("events_processed_local").await
+        + node2.counter("events_processed_local").await;
+    assert_eq!(
+        local, 20_000,
+        "every event is processed exactly where it was consumed"
+    );
     for node in [&node1, &node2] {
-        assert_eq!(node.counter("events_forwarded_out").await, 0, "node {} forwarded events", node.index);
-        assert!(node.counter("events_processed_local").await > 0, "node {} processed nothing", node.index);
+        assert_eq!(
+            node.counter("events_forwarded_out").await,
+            0,
+            "node {} forwarded events",
+            node.index
+        );
+        assert!(
+            node.counter("events_processed_local").await > 0,
+            "node {} processed nothing",
+            node.index
+        );
     }
     // The management view lists this node's shards with their entities.
-    let regions = node1.get_json(&format!("/cluster/shards/{}", spec.group)).await;
+    let regions = node1
+        .get_json(&format!("/cluster/shards/{}", spec.group))
+        .await;
     let regions = regions.unwrap()["regions"].as_array().unwrap().clone();
     assert_eq!(regions.len(), sets[0].len());
-    let entities: u64 = regions.iter().map(|r| r["numEntities"].as_u64().unwrap()).sum();
+    let entities: u64 = regions
+        .iter()
+        .map(|r| r["numEntities"].as_u64().unwrap())
+        .sum();
     assert!(entities > 0 && entities <= 200);
 
     // Events written to a partition other than their key's (another producer's partitioner)
     // are forwarded to the shard owner, applied there once, and counted as non-local.
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
     let mut expected = Ledger::new(&spec.topic, 0);
     for n in 0..300 {
         let user = format!("misrouted-{}", n % 30);
         let right = partition_for_key(user.as_bytes(), 128);
         let wrong = ((right + 1 + n % 100) % 128) as i32;
-        let event = proto::events::UserPurchase { user_id: user.clone(), product: "mug".into(), quantity: 1, price: 10 + n as i64 };
+        let event = proto::events::UserPurchase {
+            user_id: user.clone(),
+            product: "mug".into(),
+            quantity: 1,
+            price: 10 + n as i64,
+        };
         let value = prost::Message::encode_to_vec(&event);
         producer
-            .send(FutureRecord::to(&spec.topic).key(user.as_bytes()).payload(&value).partition(wrong), Duration::from_secs(10))
+            .send(
+                FutureRecord::to(&spec.topic)
+                    .key(user.as_bytes())
+                    .payload(&value)
+                    .partition(wrong),
+                Duration::from_secs(10),
+            )
             .await
             .unwrap();
         expected.record(&user, 1, 10 + n as i64);
@@ -121,18 +174,33 @@ async fn two_nodes_split_the_partitions_and_count_every_event_locally() {
         for i in [1, 2] {
             let url = spec.grpc_url(i);
             let user = user.clone();
-            eventually(Duration::from_secs(60), "forwarded events to be applied", || {
-                let url = url.clone();
-                let user = user.clone();
-                async move { (totals_via(&url, &user) == Some((want.purchases, want.amount_spent))).then_some(()) }
-            })
+            eventually(
+                Duration::from_secs(60),
+                "forwarded events to be applied",
+                || {
+                    let url = url.clone();
+                    let user = user.clone();
+                    async move {
+                        (totals_via(&url, &user) == Some((want.purchases, want.amount_spent)))
+                            .then_some(())
+                    }
+                },
+            )
             .await;
         }
     }
-    let forwarded_out = node1.counter("events_forwarded_out").await + node2.counter("events_forwarded_out").await;
-    let forwarded_in = node1.counter("events_forwarded_in").await + node2.counter("events_forwarded_in").await;
-    assert_eq!(forwarded_out, 300, "every misrouted event is counted as non-local once");
-    assert_eq!(forwarded_in, 300, "every misrouted event is applied by its shard's owner once");
+    let forwarded_out =
+        node1.counter("events_forwarded_out").await + node2.counter("events_forwarded_out").await;
+    let forwarded_in =
+        node1.counter("events_forwarded_in").await + node2.counter("events_forwarded_in").await;
+    assert_eq!(
+        forwarded_out, 300,
+        "every misrouted event is counted as non-local once"
+    );
+    assert_eq!(
+        forwarded_in, 300,
+        "every misrouted event is applied by its shard's owner once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -145,21 +213,39 @@ async fn a_third_node_takes_only_the_moved_partitions_and_answers_for_them() {
     let before = wait_for_stable_split(&spec, &[&node1, &node2], 128).await;
     let before_move = spec.produce(4_000, 300, "before-move.json");
     wait_for_ledger(&spec, &[1, 2], &before_move, Duration::from_secs(120)).await;
-    let revoked_before = [node1.counter("partitions_revoked").await, node2.counter("partitions_revoked").await];
+    let revoked_before = [
+        node1.counter("partitions_revoked").await,
+        node2.counter("partitions_revoked").await,
+    ];
 
     let node3 = spec.start_node(3);
     let after = wait_for_stable_split(&spec, &[&node1, &node2, &node3], 128).await;
     for i in 0..2 {
         assert!(after[i].is_subset(&before[i]), "node {} gained partitions it did not have: cooperative rebalancing moves only what node 3 gets", i + 1);
     }
-    let moved: BTreeSet<u32> = before[0].difference(&after[0]).chain(before[1].difference(&after[1])).copied().collect();
-    assert_eq!(moved, after[2], "node 3 holds exactly the partitions the others gave up");
+    let moved: BTreeSet<u32> = before[0]
+        .difference(&after[0])
+        .chain(before[1].difference(&after[1]))
+        .copied()
+        .collect();
+    assert_eq!(
+        moved, after[2],
+        "node 3 holds exactly the partitions the others gave up"
+    );
     let nodes = [&node1, &node2];
     for i in 0..2 {
         let revoked = nodes[i].counter("partitions_revoked").await - revoked_before[i];
-        assert_eq!(revoked as usize, before[i].len() - after[i].len(), "node {} revoked more than it gave up", i + 1);
+        assert_eq!(
+            revoked as usize,
+            before[i].len() - after[i].len(),
+            "node {} revoked more than it gave up",
+            i + 1
+        );
     }
-    let regions = node3.get_json(&format!("/cluster/shards/{}", spec.group)).await.unwrap();
+    let regions = node3
+        .get_json(&format!("/cluster/shards/{}", spec.group))
+        .await
+        .unwrap();
     let listed: BTreeSet<u32> = regions["regions"]
         .as_array()
         .unwrap()
@@ -169,7 +255,10 @@ async fn a_third_node_takes_only_the_moved_partitions_and_answers_for_them() {
     assert_eq!(listed, after[2]);
     let log = node3.log();
     let any = after[2].iter().next().unwrap();
-    assert!(log.contains(&format!("partition {any} assigned to this node")), "node 3 logs its assignments");
+    assert!(
+        log.contains(&format!("partition {any} assigned to this node")),
+        "node 3 logs its assignments"
+    );
 
     // Events after the move are processed by the new owner, on top of the state it restored,
     // and every node routes queries for moved users to it.
@@ -186,14 +275,21 @@ async fn a_third_node_takes_only_the_moved_partitions_and_answers_for_them() {
         .collect();
     assert!(!moved_users.is_empty());
     assert!(node3.counter("events_processed_local").await > 0);
-    assert!(node3.counter("entities_restored").await > 0, "node 3 restored the moved users' state");
+    assert!(
+        node3.counter("entities_restored").await > 0,
+        "node 3 restored the moved users' state"
+    );
     for node in [&node1, &node2, &node3] {
         assert_eq!(node.counter("events_forwarded_out").await, 0);
     }
     let started = Instant::now();
     for user in moved_users.iter().take(20) {
         let want = ledger.expected(user);
-        assert_eq!(totals_via(&spec.grpc_url(1), user), Some((want.purchases, want.amount_spent)), "user {user} via node 1");
+        assert_eq!(
+            totals_via(&spec.grpc_url(1), user),
+            Some((want.purchases, want.amount_spent)),
+            "user {user} via node 1"
+        );
     }
     assert!(started.elapsed() < Duration::from_secs(30));
 }
@@ -207,21 +303,38 @@ async fn malformed_records_go_to_the_dead_letter_topic_and_valid_ones_are_all_co
     wait_for_split(&[&node], 8).await;
 
     let first = spec.produce(1_000, 50, "first.json");
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
     let valid_value = |user: &str, quantity: i64| {
-        prost::Message::encode_to_vec(&proto::events::UserPurchase { user_id: user.into(), product: "x".into(), quantity, price: 5 })
+        prost::Message::encode_to_vec(&proto::events::UserPurchase {
+            user_id: user.into(),
+            product: "x".into(),
+            quantity,
+            price: 5,
+        })
     };
     let bad: Vec<(Option<&str>, Vec<u8>, &str)> = vec![
         (None, valid_value("3", 1), "no key"),
-        (Some("3"), b"\xff\xff\xff not a protobuf".to_vec(), "not a UserPurchase"),
+        (
+            Some("3"),
+            b"\xff\xff\xff not a protobuf".to_vec(),
+            "not a UserPurchase",
+        ),
         (Some("3"), valid_value("3", -4), "negative"),
     ];
     for (key, value, _) in &bad {
-        let mut record = FutureRecord::<str, [u8]>::to(&spec.topic).payload(value).partition(partition_for_key(b"3", 8) as i32);
+        let mut record = FutureRecord::<str, [u8]>::to(&spec.topic)
+            .payload(value)
+            .partition(partition_for_key(b"3", 8) as i32);
         if let Some(k) = key {
             record = record.key(k);
         }
-        producer.send(record, Duration::from_secs(10)).await.unwrap();
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
     }
     let second = spec.produce(1_000, 50, "second.json");
     let mut expected = Ledger::load(&first).unwrap();
@@ -233,19 +346,29 @@ async fn malformed_records_go_to_the_dead_letter_topic_and_valid_ones_are_all_co
     assert_eq!(node.counter("events_processed_local").await, 2_000);
 
     let dead = read_topic(&format!("{}-dlq", spec.topic));
-    assert_eq!(dead.len(), 3, "exactly the three malformed records are dead-lettered");
+    assert_eq!(
+        dead.len(),
+        3,
+        "exactly the three malformed records are dead-lettered"
+    );
     let reasons: Vec<String> = dead
         .iter()
         .map(|(_, _, _, headers)| {
             let h: BTreeMap<_, _> = headers.iter().cloned().collect();
             assert_eq!(h.get("dlq.source.topic"), Some(&spec.topic));
-            assert_eq!(h.get("dlq.source.partition"), Some(&partition_for_key(b"3", 8).to_string()));
+            assert_eq!(
+                h.get("dlq.source.partition"),
+                Some(&partition_for_key(b"3", 8).to_string())
+            );
             assert!(h.get("dlq.source.offset").unwrap().parse::<i64>().is_ok());
             h.get("dlq.reason").cloned().unwrap()
         })
         .collect();
     for (_, _, expected_reason) in &bad {
-        assert!(reasons.iter().any(|r| r.contains(expected_reason)), "no dead letter with reason '{expected_reason}' in {reasons:?}");
+        assert!(
+            reasons.iter().any(|r| r.contains(expected_reason)),
+            "no dead letter with reason '{expected_reason}' in {reasons:?}"
+        );
     }
 }
 
@@ -279,10 +402,14 @@ async fn queries_validate_input_and_wait_a_bounded_time_for_a_shard_without_owne
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
     let node = spec.start_node(1);
-    let owned = eventually(SETTLE, "the node to own some but not all partitions", || async {
-        let s = node.shards().await;
-        (!s.is_empty() && s.len() < 8).then_some(s)
-    })
+    let owned = eventually(
+        SETTLE,
+        "the node to own some but not all partitions",
+        || async {
+            let s = node.shards().await;
+            (!s.is_empty() && s.len() < 8).then_some(s)
+        },
+    )
     .await;
 
     let mut client = eventually(Duration::from_secs(10), "gRPC port", || {
@@ -291,33 +418,80 @@ async fn queries_validate_input_and_wait_a_bounded_time_for_a_shard_without_owne
     })
     .await;
     // Standard gRPC health checking reports the user service as serving.
-    let channel = tonic::transport::Channel::from_shared(spec.grpc_url(1)).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(spec.grpc_url(1))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let health = tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest { service: "userservice.UserService".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "userservice.UserService".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(health.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     for bad in [String::new(), "x".repeat(257)] {
-        let status = client.user_stats(UserStatsRequest { id: bad }).await.unwrap_err();
+        let status = client
+            .user_stats(UserStatsRequest { id: bad })
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
     }
-    let orphan = (0..1000).map(|u| u.to_string()).find(|u| !owned.contains(&partition_for_key(u.as_bytes(), 8))).unwrap();
+    let orphan = (0..1000)
+        .map(|u| u.to_string())
+        .find(|u| !owned.contains(&partition_for_key(u.as_bytes(), 8)))
+        .unwrap();
     let shard = partition_for_key(orphan.as_bytes(), 8);
     let started = Instant::now();
-    let status = client.user_stats(UserStatsRequest { id: orphan.clone() }).await.unwrap_err();
+    let status = client
+        .user_stats(UserStatsRequest { id: orphan.clone() })
+        .await
+        .unwrap_err();
     let waited = started.elapsed();
     assert_eq!(status.code(), tonic::Code::Unavailable);
-    assert!(status.message().contains(&format!("shard {shard}")), "message names the shard: {}", status.message());
-    assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5), "waited {waited:?}");
+    assert!(
+        status.message().contains(&format!("shard {shard}")),
+        "message names the shard: {}",
+        status.message()
+    );
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5),
+        "waited {waited:?}"
+    );
 
     // Once the squatter leaves, Kafka gives its partitions to the node and the query answers.
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     squatter.join().unwrap();
     wait_for_split(&[&node], 8).await;
-    let answer = client.user_stats(UserStatsRequest { id: orphan.clone() }).await.unwrap().into_inner();
-    assert_eq!((answer.id.as_str(), answer.total_purchases, answer.amount_spent), (orphan.as_str(), 0, 0));
-    let regions = node.get_json(&format!("/cluster/shards/{}", spec.group)).await.unwrap();
-    let entities: u64 = regions["regions"].as_array().unwrap().iter().map(|r| r["numEntities"].as_u64().unwrap()).sum();
-    assert_eq!(entities, 0, "a query for a user without purchases creates no entity");
+    let answer = client
+        .user_stats(UserStatsRequest { id: orphan.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            answer.id.as_str(),
+            answer.total_purchases,
+            answer.amount_spent
+        ),
+        (orphan.as_str(), 0, 0)
+    );
+    let regions = node
+        .get_json(&format!("/cluster/shards/{}", spec.group))
+        .await
+        .unwrap();
+    let entities: u64 = regions["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["numEntities"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        entities, 0,
+        "a query for a user without purchases creates no entity"
+    );
 }

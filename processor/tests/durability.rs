@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use proto::ledger::Ledger;
-use std::panic::AssertUnwindSafe;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::panic::AssertUnwindSafe;
 use support::*;
 
 fn merge(spec: &ClusterSpec, ledgers: &[&std::path::Path], name: &str) -> std::path::PathBuf {
@@ -46,7 +46,13 @@ async fn produce_sentinels(spec: &ClusterSpec, users: u32, count: u32) -> Ledger
             quantity,
             price,
         });
-        producer.send(FutureRecord::to(&spec.topic).key(&user).payload(&value), Duration::from_secs(10)).await.unwrap();
+        producer
+            .send(
+                FutureRecord::to(&spec.topic).key(&user).payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
         ledger.record(&user, quantity, price);
     }
     ledger
@@ -70,17 +76,30 @@ impl QueryProbe {
         let wrong = Arc::new(Mutex::new(Vec::new()));
         let answered = Arc::new(AtomicU64::new(0));
         let unavailable = Arc::new(AtomicU64::new(0));
-        let (s, w, a, u) = (stop.clone(), wrong.clone(), answered.clone(), unavailable.clone());
+        let (s, w, a, u) = (
+            stop.clone(),
+            wrong.clone(),
+            answered.clone(),
+            unavailable.clone(),
+        );
         let task = tokio::spawn(async move {
-            let users: Vec<(String, i64, i64)> =
-                sentinels.totals.iter().map(|(u, t)| (u.clone(), t.purchases, t.amount_spent)).collect();
+            let users: Vec<(String, i64, i64)> = sentinels
+                .totals
+                .iter()
+                .map(|(u, t)| (u.clone(), t.purchases, t.amount_spent))
+                .collect();
             let mut n = 0usize;
             while !s.load(Ordering::SeqCst) {
                 for url in &urls {
-                    let Ok(mut client) = UserServiceClient::connect(url.clone()).await else { continue };
+                    let Ok(mut client) = UserServiceClient::connect(url.clone()).await else {
+                        continue;
+                    };
                     let (user, purchases, amount) = &users[n % users.len()];
                     n += 1;
-                    match client.user_stats(UserStatsRequest { id: user.clone() }).await {
+                    match client
+                        .user_stats(UserStatsRequest { id: user.clone() })
+                        .await
+                    {
                         Ok(r) => {
                             let r = r.into_inner();
                             a.fetch_add(1, Ordering::Relaxed);
@@ -100,14 +119,24 @@ impl QueryProbe {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
-        Self { stop, wrong, answered, unavailable, task }
+        Self {
+            stop,
+            wrong,
+            answered,
+            unavailable,
+            task,
+        }
     }
 
     async fn finish(self) -> (Vec<String>, u64, u64) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.task.await;
         let wrong = self.wrong.lock().unwrap().clone();
-        (wrong, self.answered.load(Ordering::Relaxed), self.unavailable.load(Ordering::Relaxed))
+        (
+            wrong,
+            self.answered.load(Ordering::Relaxed),
+            self.unavailable.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -126,7 +155,10 @@ async fn chaos_crash_graceful_stop_and_join_count_every_event_exactly_once() {
     let sentinel_path = log_dir(&spec.name).join("sentinels.json");
     sentinels.save(&sentinel_path).unwrap();
     wait_for_ledger(&spec, &[1], &sentinel_path, Duration::from_secs(60)).await;
-    let probe = QueryProbe::start(vec![spec.grpc_url(1), spec.grpc_url(2), spec.grpc_url(4)], sentinels.clone());
+    let probe = QueryProbe::start(
+        vec![spec.grpc_url(1), spec.grpc_url(2), spec.grpc_url(4)],
+        sentinels.clone(),
+    );
 
     // 100 000 events at a steady 2 500/s (40 s) while nodes crash, stop and join.
     let producer = spec.produce_in_background(100_000, 2_000, 2_500, "events.json");
@@ -143,8 +175,15 @@ async fn chaos_crash_graceful_stop_and_join_count_every_event_exactly_once() {
     let expected = merge(&spec, &[&sentinel_path, &events], "expected.json");
     wait_for_ledger(&spec, &[1, 2, 4], &expected, Duration::from_secs(180)).await;
     let (wrong, answered, unavailable) = probe.finish().await;
-    assert!(wrong.is_empty(), "queries returned wrong totals during rebalances:\n{}", wrong.join("\n"));
-    assert!(answered > 100, "the probe got too few answers ({answered}, {unavailable} unavailable)");
+    assert!(
+        wrong.is_empty(),
+        "queries returned wrong totals during rebalances:\n{}",
+        wrong.join("\n")
+    );
+    assert!(
+        answered > 100,
+        "the probe got too few answers ({answered}, {unavailable} unavailable)"
+    );
     assert!(node1.is_running() && node2.is_running());
     let replayed = node1.counter("events_skipped_replayed").await
         + node2.counter("events_skipped_replayed").await
@@ -169,7 +208,11 @@ async fn a_fresh_node_restores_every_total_after_the_whole_cluster_stopped() {
     let node3 = spec.start_node(3);
     wait_for_split(&[&node3], 32).await;
     wait_for_ledger(&spec, &[3], &ledger, Duration::from_secs(60)).await;
-    assert_eq!(node3.counter("events_processed_local").await, 0, "nothing was re-applied: all came from the changelog");
+    assert_eq!(
+        node3.counter("events_processed_local").await,
+        0,
+        "nothing was re-applied: all came from the changelog"
+    );
     assert!(node3.counter("entities_restored").await >= 300);
 }
 
@@ -193,21 +236,35 @@ async fn a_group_moved_to_another_topic_starts_clean_and_a_foreign_changelog_is_
     wait_for_split(&[&node], 8).await;
     let second_ledger = second.produce(300, 40, "second.json");
     wait_for_ledger(&second, &[1], &second_ledger, Duration::from_secs(60)).await;
-    assert_eq!(node.counter("entities_restored").await, 0, "nothing restored from the first topic's changelog");
+    assert_eq!(
+        node.counter("entities_restored").await,
+        0,
+        "nothing restored from the first topic's changelog"
+    );
     assert!(node.stop().success());
 
     // Pointing it at the first topic's changelog explicitly is refused at start.
     let mut foreign = second.clone();
-    foreign.extra_args = vec!["--changelog-topic".into(), format!("{}-{}-state", first.group, first.topic)];
+    foreign.extra_args = vec![
+        "--changelog-topic".into(),
+        format!("{}-{}-state", first.group, first.topic),
+    ];
     let mut node = foreign.start_node(1);
-    eventually(Duration::from_secs(60), "the node to refuse the foreign changelog and exit", || {
-        let running = node.is_running();
-        async move { (!running).then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the node to refuse the foreign changelog and exit",
+        || {
+            let running = node.is_running();
+            async move { (!running).then_some(()) }
+        },
+    )
     .await;
     let log = node.log();
     assert!(
-        log.contains(&format!("written for input topic {}, not {}", first.topic, second.topic)),
+        log.contains(&format!(
+            "written for input topic {}, not {}",
+            first.topic, second.topic
+        )),
         "the node says why it refused: {log}"
     );
 }
@@ -231,17 +288,31 @@ async fn a_frozen_node_that_resumes_neither_double_applies_nor_overwrites_newer_
     let events = producer.wait();
     // The zombie either rejoined (and restored) or stopped itself when fenced; both are fine,
     // as long as no event is lost or counted twice.
-    let outcome = AssertUnwindSafe(wait_for_ledger(&spec, &[1], &events, Duration::from_secs(120))).catch_unwind().await;
+    let outcome = AssertUnwindSafe(wait_for_ledger(
+        &spec,
+        &[1],
+        &events,
+        Duration::from_secs(120),
+    ))
+    .catch_unwind()
+    .await;
     if let Err(failure) = outcome {
         // Counters tell a partition that was never fetched from events dropped or skipped.
         let records = read_topic(&spec.topic).len();
         for node in [&node1, &node2] {
-            eprintln!("zombie diagnostics: topic has {records} records; node {}: {:?}", node.index, node.stats().await);
+            eprintln!(
+                "zombie diagnostics: topic has {records} records; node {}: {:?}",
+                node.index,
+                node.stats().await
+            );
         }
         // librdkafka's own view of node 1's partitions that are behind.
         if let Some(kafka) = node1.get_json("/cluster/kafka-stats").await {
             if let Some(parts) = kafka["topics"][&spec.topic]["partitions"].as_object() {
-                for (p, st) in parts.iter().filter(|(p, st)| *p != "-1" && st["consumer_lag"].as_i64().unwrap_or(0) != 0) {
+                for (p, st) in parts
+                    .iter()
+                    .filter(|(p, st)| *p != "-1" && st["consumer_lag"].as_i64().unwrap_or(0) != 0)
+                {
                     eprintln!(
                         "zombie diagnostics: node 1 partition {p}: fetch_state={} fetchq_cnt={} app_offset={} next_offset={} committed={} hi={} ls={} lag={}",
                         st["fetch_state"], st["fetchq_cnt"], st["app_offset"], st["next_offset"], st["committed_offset"],
@@ -263,7 +334,12 @@ async fn a_frozen_node_that_resumes_neither_double_applies_nor_overwrites_newer_
 async fn idle_entities_passivate_and_come_back_with_their_totals() {
     require_broker();
     let mut spec = ClusterSpec::new("passivation", 28_000);
-    spec.extra_args = vec!["--passivate-after-ms".into(), "1000".into(), "--max-live-entities".into(), "50".into()];
+    spec.extra_args = vec![
+        "--passivate-after-ms".into(),
+        "1000".into(),
+        "--max-live-entities".into(),
+        "50".into(),
+    ];
     spec.create_topic(8);
     let node = spec.start_node(1);
     wait_for_split(&[&node], 8).await;
@@ -271,16 +347,35 @@ async fn idle_entities_passivate_and_come_back_with_their_totals() {
     wait_for_ledger(&spec, &[1], &ledger, Duration::from_secs(60)).await;
 
     let counts = || async {
-        let regions = node.get_json(&format!("/cluster/shards/{}", spec.group)).await.unwrap();
+        let regions = node
+            .get_json(&format!("/cluster/shards/{}", spec.group))
+            .await
+            .unwrap();
         let regions = regions["regions"].as_array().unwrap().clone();
-        let live: u64 = regions.iter().map(|r| r["numEntities"].as_u64().unwrap()).sum();
-        let stored: u64 = regions.iter().map(|r| r["numStoredEntities"].as_u64().unwrap()).sum();
+        let live: u64 = regions
+            .iter()
+            .map(|r| r["numEntities"].as_u64().unwrap())
+            .sum();
+        let stored: u64 = regions
+            .iter()
+            .map(|r| r["numStoredEntities"].as_u64().unwrap())
+            .sum();
         (live, stored)
     };
     assert_eq!(counts().await.1, 200);
     // The cap is soft while events are in flight and restored within a passivation tick.
-    eventually(Duration::from_secs(3), "the live-actor cap to hold", || async { (counts().await.0 <= 50).then_some(()) }).await;
-    eventually(Duration::from_secs(20), "idle entities to passivate", || async { (counts().await.0 == 0).then_some(()) }).await;
+    eventually(
+        Duration::from_secs(3),
+        "the live-actor cap to hold",
+        || async { (counts().await.0 <= 50).then_some(()) },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "idle entities to passivate",
+        || async { (counts().await.0 == 0).then_some(()) },
+    )
+    .await;
     assert!(node.counter("entities_passivated").await >= 200);
 
     // Queries and new events bring entities back with their totals.
@@ -291,7 +386,12 @@ async fn idle_entities_passivate_and_come_back_with_their_totals() {
     assert_eq!(counts().await.1, 200);
     // The cap is soft during a burst (entities with events in flight are not evicted) and
     // restored within a passivation tick once they are idle.
-    eventually(Duration::from_secs(3), "the live-actor cap to hold again", || async { (counts().await.0 <= 50).then_some(()) }).await;
+    eventually(
+        Duration::from_secs(3),
+        "the live-actor cap to hold again",
+        || async { (counts().await.0 <= 50).then_some(()) },
+    )
+    .await;
 }
 
 /// Rebalance churn: a plain consumer keeps joining and leaving the group, taking partitions
@@ -330,7 +430,14 @@ async fn rebalance_churn_during_checkpoints_loses_nothing() {
     let events = producer.wait();
     churn.join().unwrap();
     wait_for_split(&[&node], 16).await;
-    let outcome = AssertUnwindSafe(wait_for_ledger(&spec, &[1], &events, Duration::from_secs(90))).catch_unwind().await;
+    let outcome = AssertUnwindSafe(wait_for_ledger(
+        &spec,
+        &[1],
+        &events,
+        Duration::from_secs(90),
+    ))
+    .catch_unwind()
+    .await;
     let stats = node.stats().await;
     eprintln!("churn diagnostics: {stats:?}");
     if let Err(failure) = outcome {

@@ -41,7 +41,10 @@ const COUNTERS: [&str; 5] = [
 ];
 
 async fn scrape(node: &Node) -> Samples {
-    eventually(Duration::from_secs(10), "a /metrics answer", || node.metrics()).await
+    eventually(Duration::from_secs(10), "a /metrics answer", || {
+        node.metrics()
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -57,26 +60,63 @@ async fn metrics_move_with_what_was_produced() {
 
     // Placement: the gauges and histograms of both rebalances.
     let (m1, m2) = (scrape(&node1).await, scrape(&node2).await);
-    assert_eq!(sample(&m1, "processor_shards_owned") + sample(&m2, "processor_shards_owned"), partitions as f64);
+    assert_eq!(
+        sample(&m1, "processor_shards_owned") + sample(&m2, "processor_shards_owned"),
+        partitions as f64
+    );
     assert_eq!(sample(&m1, "processor_shards_owned"), split[0].len() as f64);
-    assert!(sum_of(&m1, "processor_rebalance_callback_seconds_count", r#"kind="assigned""#) >= 1.0);
     assert!(
-        sum_of(&m1, "processor_rebalance_callback_seconds_count", r#"kind="revoked""#) >= 1.0,
+        sum_of(
+            &m1,
+            "processor_rebalance_callback_seconds_count",
+            r#"kind="assigned""#
+        ) >= 1.0
+    );
+    assert!(
+        sum_of(
+            &m1,
+            "processor_rebalance_callback_seconds_count",
+            r#"kind="revoked""#
+        ) >= 1.0,
         "node 1 handed partitions to node 2"
     );
-    assert!(sum_of(&m1, "processor_handoff_step_seconds_count", r#"step="drain""#) >= 1.0);
-    assert!(sum_of(&m1, "processor_handoff_step_seconds_count", r#"step="checkpoint""#) >= 1.0);
+    assert!(
+        sum_of(
+            &m1,
+            "processor_handoff_step_seconds_count",
+            r#"step="drain""#
+        ) >= 1.0
+    );
+    assert!(
+        sum_of(
+            &m1,
+            "processor_handoff_step_seconds_count",
+            r#"step="checkpoint""#
+        ) >= 1.0
+    );
     for (m, owned) in [(&m1, &split[0]), (&m2, &split[1])] {
-        assert!(sample(m, "processor_restore_seconds_count") >= owned.len() as f64, "every shard assigned was restored");
+        assert!(
+            sample(m, "processor_restore_seconds_count") >= owned.len() as f64,
+            "every shard assigned was restored"
+        );
     }
 
     // A steady stream, with malformed records in the middle, scraped as it is processed.
     let mut background = spec.produce_in_background(20_000, 500, 4_000, "ledger.json");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
     for value in [b"\xff\xff not a protobuf".as_slice(), b"\x0a".as_slice()] {
-        let record = FutureRecord::<str, [u8]>::to(&spec.topic).key("7").payload(value).partition(partition_for_key(b"7", partitions) as i32);
-        producer.send(record, Duration::from_secs(10)).await.unwrap();
+        let record = FutureRecord::<str, [u8]>::to(&spec.topic)
+            .key("7")
+            .payload(value)
+            .partition(partition_for_key(b"7", partitions) as i32);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
     }
     let mut previous = [scrape(&node1).await, scrape(&node2).await];
     let mut saw_partial = false;
@@ -86,19 +126,33 @@ async fn metrics_move_with_what_was_produced() {
         let now = [scrape(&node1).await, scrape(&node2).await];
         for (before, after) in previous.iter().zip(&now) {
             for counter in COUNTERS {
-                assert!(sample(after, counter) >= sample(before, counter), "{counter} went down: {before:?} -> {after:?}");
+                assert!(
+                    sample(after, counter) >= sample(before, counter),
+                    "{counter} went down: {before:?} -> {after:?}"
+                );
             }
         }
-        let processed: f64 = now.iter().map(|m| sample(m, "processor_events_processed_local_total")).sum();
+        let processed: f64 = now
+            .iter()
+            .map(|m| sample(m, "processor_events_processed_local_total"))
+            .sum();
         saw_partial |= processed > 0.0 && processed < 20_000.0;
-        saw_lag |= now.iter().any(|m| sum_of(m, "processor_consumer_lag", "") > 0.0);
+        saw_lag |= now
+            .iter()
+            .any(|m| sum_of(m, "processor_consumer_lag", "") > 0.0);
         previous = now;
         if background.finished() {
             break background.wait();
         }
     };
-    assert!(saw_partial, "a scrape during the run saw processing under way");
-    assert!(saw_lag, "a scrape during the run saw events not yet committed as consumer lag");
+    assert!(
+        saw_partial,
+        "a scrape during the run saw processing under way"
+    );
+    assert!(
+        saw_lag,
+        "a scrape during the run saw events not yet committed as consumer lag"
+    );
 
     let ledger = Ledger::load(&ledger_path).unwrap();
     wait_for_ledger(&spec, &[1, 2], &ledger_path, Duration::from_secs(120)).await;
@@ -106,46 +160,91 @@ async fn metrics_move_with_what_was_produced() {
     // At the end: every produced event processed once, where it was consumed; the two malformed
     // records dead-lettered; no lag left once the last checkpoint is committed.
     let nodes = [&node1, &node2];
-    let settled = eventually(Duration::from_secs(30), "zero consumer lag on every partition", || async {
-        let mut all = Vec::new();
-        for node in nodes {
-            let m = node.metrics().await?;
-            let lag_series = sum_of(&m, "processor_consumer_lag", "partition");
-            let partitions_with_lag = m.keys().filter(|k| k.starts_with("processor_consumer_lag{")).count();
-            if lag_series != 0.0 || partitions_with_lag as f64 != sample(&m, "processor_shards_owned") {
-                return None;
+    let settled = eventually(
+        Duration::from_secs(30),
+        "zero consumer lag on every partition",
+        || async {
+            let mut all = Vec::new();
+            for node in nodes {
+                let m = node.metrics().await?;
+                let lag_series = sum_of(&m, "processor_consumer_lag", "partition");
+                let partitions_with_lag = m
+                    .keys()
+                    .filter(|k| k.starts_with("processor_consumer_lag{"))
+                    .count();
+                if lag_series != 0.0
+                    || partitions_with_lag as f64 != sample(&m, "processor_shards_owned")
+                {
+                    return None;
+                }
+                all.push(m);
             }
-            all.push(m);
-        }
-        Some(all)
-    })
+            Some(all)
+        },
+    )
     .await;
     let total = |name: &str| settled.iter().map(|m| sample(m, name)).sum::<f64>();
-    assert_eq!(total("processor_events_processed_local_total"), ledger.acknowledged_events as f64);
-    assert_eq!(total("processor_events_consumed_total"), ledger.acknowledged_events as f64);
+    assert_eq!(
+        total("processor_events_processed_local_total"),
+        ledger.acknowledged_events as f64
+    );
+    assert_eq!(
+        total("processor_events_consumed_total"),
+        ledger.acknowledged_events as f64
+    );
     assert_eq!(total("processor_events_forwarded_out_total"), 0.0);
     assert_eq!(total("processor_events_skipped_replayed_total"), 0.0);
     assert_eq!(total("processor_events_dead_lettered_total"), 2.0);
     assert_eq!(total("processor_in_flight_events"), 0.0);
     let with_state = ledger.totals.len() as f64;
-    assert_eq!(total("processor_live_entities") + total("processor_passivated_entities"), with_state);
+    assert_eq!(
+        total("processor_live_entities") + total("processor_passivated_entities"),
+        with_state
+    );
 
     // Queries: `client verify` asked every user through both nodes, so each node answered
     // locally and through the other; a bad request is counted as such.
     let users = ledger.user_ids().len() as f64;
     for m in &settled {
-        let local = sum_of(m, "processor_grpc_request_seconds_count", r#"route="local",outcome="ok""#);
-        let remote = sum_of(m, "processor_grpc_request_seconds_count", r#"route="remote",outcome="ok""#);
-        assert!(local > 0.0 && remote > 0.0, "local {local}, remote {remote}");
-        assert!(local + remote >= users, "every user was asked through each node ({local} + {remote} < {users})");
+        let local = sum_of(
+            m,
+            "processor_grpc_request_seconds_count",
+            r#"route="local",outcome="ok""#,
+        );
+        let remote = sum_of(
+            m,
+            "processor_grpc_request_seconds_count",
+            r#"route="remote",outcome="ok""#,
+        );
+        assert!(
+            local > 0.0 && remote > 0.0,
+            "local {local}, remote {remote}"
+        );
+        assert!(
+            local + remote >= users,
+            "every user was asked through each node ({local} + {remote} < {users})"
+        );
         // Every remote answer came through a (possibly batched) message to the peer.
         let batched = sample(m, "processor_remote_query_batch_size_sum");
         let messages = sample(m, "processor_remote_query_batch_size_count");
-        assert!(batched >= remote && messages >= 1.0 && messages <= batched, "batches: {messages} messages, {batched} queries, {remote} remote answers");
+        assert!(
+            batched >= remote && messages >= 1.0 && messages <= batched,
+            "batches: {messages} messages, {batched} queries, {remote} remote answers"
+        );
     }
     let mut client = UserServiceClient::connect(spec.grpc_url(1)).await.unwrap();
-    let status = client.user_stats(UserStatsRequest { id: String::new() }).await.unwrap_err();
+    let status = client
+        .user_stats(UserStatsRequest { id: String::new() })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     let after = scrape(&node1).await;
-    assert_eq!(sum_of(&after, "processor_grpc_request_seconds_count", r#"outcome="invalid_argument""#), 1.0);
+    assert_eq!(
+        sum_of(
+            &after,
+            "processor_grpc_request_seconds_count",
+            r#"outcome="invalid_argument""#
+        ),
+        1.0
+    );
 }

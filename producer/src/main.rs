@@ -20,14 +20,28 @@ use rand::Rng;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-const PRODUCTS: &[&str] = &["cat t-shirt", "dog mug", "rust hoodie", "kafka poster", "actor socks", "shard cap"];
+const PRODUCTS: &[&str] = &[
+    "cat t-shirt",
+    "dog mug",
+    "rust hoodie",
+    "kafka poster",
+    "actor socks",
+    "shard cap",
+];
 /// Sends awaiting acknowledgement at once when producing as fast as possible.
 const MAX_OUTSTANDING: usize = 20_000;
 
 #[derive(Debug, Parser)]
-#[command(name = "producer", about = "Produces random purchase events keyed by user id")]
+#[command(
+    name = "producer",
+    about = "Produces random purchase events keyed by user id"
+)]
 struct Args {
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
     bootstrap_servers: String,
     #[arg(long, env = "KAFKA_TOPIC", default_value = "user-events")]
     topic: String,
@@ -74,14 +88,30 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     if !(args.rate.is_finite() && args.rate >= 0.0) {
         use clap::CommandFactory;
-        Args::command().error(clap::error::ErrorKind::ValueValidation, "--rate must be a number >= 0").exit();
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ValueValidation,
+                "--rate must be a number >= 0",
+            )
+            .exit();
     }
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new("warn")).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .init();
 
-    let partitions = processor::kafka_admin::ensure_topic(&args.bootstrap_servers, &args.topic, args.partitions, &[])
-        .await
-        .context("preparing the topic")?;
-    eprintln!("producing to {} ({partitions} partitions) at {}", args.topic, rate_label(args.rate));
+    let partitions = processor::kafka_admin::ensure_topic(
+        &args.bootstrap_servers,
+        &args.topic,
+        args.partitions,
+        &[],
+    )
+    .await
+    .context("preparing the topic")?;
+    eprintln!(
+        "producing to {} ({partitions} partitions) at {}",
+        args.topic,
+        rate_label(args.rate)
+    );
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &args.bootstrap_servers)
@@ -123,14 +153,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let due = started + Duration::from_secs_f64(sent as f64 / args.rate);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 // Acknowledgements are collected while waiting for the next send.
-                let _ = tokio::time::timeout(wait, drain_one(&mut outstanding, &ledger, progress.as_ref())).await;
+                let _ = tokio::time::timeout(
+                    wait,
+                    drain_one(&mut outstanding, &ledger, progress.as_ref()),
+                )
+                .await;
                 continue;
             }
         }
         while outstanding.len() >= MAX_OUTSTANDING {
             drain_one(&mut outstanding, &ledger, progress.as_ref()).await;
         }
-        let user = if args.users_in_turn { sent % args.users } else { rng.random_range(0..args.users) };
+        let user = if args.users_in_turn {
+            sent % args.users
+        } else {
+            rng.random_range(0..args.users)
+        };
         let event = purchase(&mut rng, user);
         if verbose {
             println!("Sending message to user {}", event.user_id);
@@ -139,7 +177,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let topic = args.topic.clone();
         outstanding.push(async move {
             let value = event.encode_to_vec();
-            let record = FutureRecord::to(&topic).key(event.user_id.as_bytes()).payload(&value);
+            let record = FutureRecord::to(&topic)
+                .key(event.user_id.as_bytes())
+                .payload(&value);
             let acked = producer.send(record, Duration::from_secs(0)).await;
             (event, acked.map(|_| ()).map_err(|(e, _)| e))
         });
@@ -148,12 +188,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     while !outstanding.is_empty() {
         drain_one(&mut outstanding, &ledger, progress.as_ref()).await;
     }
-    producer.flush(Duration::from_secs(30)).context("flushing the producer")?;
+    producer
+        .flush(Duration::from_secs(30))
+        .context("flushing the producer")?;
     if let Some(bar) = &progress {
         bar.finish();
     }
 
-    let ledger = Arc::try_unwrap(ledger).expect("all sends finished").into_inner().expect("ledger lock");
+    let ledger = Arc::try_unwrap(ledger)
+        .expect("all sends finished")
+        .into_inner()
+        .expect("ledger lock");
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!(
         "acknowledged {} of {sent} events in {elapsed:.1} s ({:.0}/s); {} failed",
@@ -166,17 +211,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("ledger written to {}", path.display());
     }
     if ledger.failed_events > 0 {
-        anyhow::bail!("{} events were not acknowledged by the broker", ledger.failed_events);
+        anyhow::bail!(
+            "{} events were not acknowledged by the broker",
+            ledger.failed_events
+        );
     }
     Ok(())
 }
 
 fn rate_label(rate: f64) -> String {
-    if rate == 0.0 { "full speed".into() } else { format!("{rate} events/s") }
+    if rate == 0.0 {
+        "full speed".into()
+    } else {
+        format!("{rate} events/s")
+    }
 }
 
-async fn drain_one<F>(outstanding: &mut FuturesUnordered<F>, ledger: &Mutex<Ledger>, progress: Option<&ProgressBar>)
-where
+async fn drain_one<F>(
+    outstanding: &mut FuturesUnordered<F>,
+    ledger: &Mutex<Ledger>,
+    progress: Option<&ProgressBar>,
+) where
     F: std::future::Future<Output = (UserPurchase, Result<(), rdkafka::error::KafkaError>)>,
 {
     let Some((event, acked)) = outstanding.next().await else {

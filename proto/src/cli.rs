@@ -17,7 +17,10 @@ pub fn parse_or_exit<T: clap::Parser>() -> T {
 }
 
 /// The exit of a binary: success, or `program: error` (with its causes) on stderr and code 1.
-pub fn exit_code<E: std::fmt::Display>(program: &str, result: Result<(), E>) -> std::process::ExitCode {
+pub fn exit_code<E: std::fmt::Display>(
+    program: &str,
+    result: Result<(), E>,
+) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -125,8 +125,20 @@ mod tests {
         b.record("1", 1, 1);
         b.record("2", 3, 10);
         a.merge(&b);
-        assert_eq!(a.expected("1"), ExpectedTotals { purchases: 3, amount_spent: 206 });
-        assert_eq!(a.expected("2"), ExpectedTotals { purchases: 1, amount_spent: 30 });
+        assert_eq!(
+            a.expected("1"),
+            ExpectedTotals {
+                purchases: 3,
+                amount_spent: 206
+            }
+        );
+        assert_eq!(
+            a.expected("2"),
+            ExpectedTotals {
+                purchases: 1,
+                amount_spent: 30
+            }
+        );
         assert_eq!(a.expected("0"), ExpectedTotals::default());
         assert_eq!(a.acknowledged_events, 4);
         assert_eq!(a.user_ids(), vec!["0", "1", "2"]);

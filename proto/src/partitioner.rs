@@ -70,7 +70,10 @@ mod tests {
             ("foobar", -790_332_482),
             ("a-little-bit-long-string", -985_981_536),
             ("a-little-bit-longer-string", -1_486_304_829),
-            ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
             ("abc", 479_470_107),
         ];
         for (key, expected) in cases {
@@ -86,7 +89,11 @@ mod tests {
             ("", 0x106e_08d9),
         ];
         for (key, expected) in cases {
-            assert_eq!(murmur2(key.as_bytes()) as u32, *expected, "murmur2({key:?})");
+            assert_eq!(
+                murmur2(key.as_bytes()) as u32,
+                *expected,
+                "murmur2({key:?})"
+            );
         }
     }
 
@@ -99,7 +106,11 @@ mod tests {
         let mut unique = hashes.clone();
         unique.sort();
         unique.dedup();
-        assert_eq!(unique.len(), hashes.len(), "prefix hashes collide: {hashes:?}");
+        assert_eq!(
+            unique.len(),
+            hashes.len(),
+            "prefix hashes collide: {hashes:?}"
+        );
     }
 
     #[test]

@@ -18,11 +18,16 @@ const SECONDS: &str = "10";
 /// Waits until the two nodes' shard sets are disjoint, cover all 128 partitions and are both
 /// non-empty; returns node 1's.
 pub async fn stable_split(nodes: &[NodeProcess; 2]) -> anyhow::Result<BTreeSet<u32>> {
-    wait_until(Duration::from_secs(120), "a stable split of the partitions between the two nodes", || async {
-        let a: BTreeSet<u32> = nodes[0].shards().await.into_iter().collect();
-        let b: BTreeSet<u32> = nodes[1].shards().await.into_iter().collect();
-        (!a.is_empty() && !b.is_empty() && a.is_disjoint(&b) && a.len() + b.len() == 128).then_some(a)
-    })
+    wait_until(
+        Duration::from_secs(120),
+        "a stable split of the partitions between the two nodes",
+        || async {
+            let a: BTreeSet<u32> = nodes[0].shards().await.into_iter().collect();
+            let b: BTreeSet<u32> = nodes[1].shards().await.into_iter().collect();
+            (!a.is_empty() && !b.is_empty() && a.is_disjoint(&b) && a.len() + b.len() == 128)
+                .then_some(a)
+        },
+    )
     .await
 }
 
@@ -30,8 +35,9 @@ pub async fn run(setup: &Setup, nodes: &[NodeProcess; 2], users: u64) -> anyhow:
     let on_node1 = stable_split(nodes).await?;
     // A settled table on both nodes before measuring.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (local, remote): (Vec<String>, Vec<String>) =
-        (0..users).map(|u| u.to_string()).partition(|id| on_node1.contains(&partition_for_key(id.as_bytes(), 128)));
+    let (local, remote): (Vec<String>, Vec<String>) = (0..users)
+        .map(|u| u.to_string())
+        .partition(|id| on_node1.contains(&partition_for_key(id.as_bytes(), 128)));
     let mut table = Table::new(
         &format!("Queries through node 1 (closed loop, {SECONDS} s each after 2 s warm-up; {} local users, {} remote)", local.len(), remote.len()),
         &["concurrency", "users", "queries/s", "p50", "p99", "p99.9", "errors", "remote ÷ local", "target", ""],
@@ -42,11 +48,22 @@ pub async fn run(setup: &Setup, nodes: &[NodeProcess; 2], users: u64) -> anyhow:
             eprintln!("queries: {name} users at concurrency {concurrency}");
             let file = setup.log_dir.join(format!("{name}-ids.txt"));
             std::fs::write(&file, ids.join("\n"))?;
-            reports.push(client_bench(setup, &nodes[0].grpc_url(), &file, concurrency)?);
+            reports.push(client_bench(
+                setup,
+                &nodes[0].grpc_url(),
+                &file,
+                concurrency,
+            )?);
         }
         let (l, r) = (&reports[0], &reports[1]);
         let us = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-        let fmt_us = |v: f64| if v >= 1000.0 { format!("{:.2} ms", v / 1000.0) } else { format!("{v:.0} µs") };
+        let fmt_us = |v: f64| {
+            if v >= 1000.0 {
+                format!("{:.2} ms", v / 1000.0)
+            } else {
+                format!("{v:.0} µs")
+            }
+        };
         for (name, report) in [("local", l), ("remote", r)] {
             let remote_row = name == "remote";
             let p99_ratio = us(r, "p99_us") / us(l, "p99_us");
@@ -59,9 +76,21 @@ pub async fn run(setup: &Setup, nodes: &[NodeProcess; 2], users: u64) -> anyhow:
                 fmt_us(us(report, "p99_us")),
                 fmt_us(us(report, "p999_us")),
                 format!("{}", us(report, "errors")),
-                if remote_row { format!("p99 × {p99_ratio:.2}, qps × {qps_ratio:.2}") } else { "".into() },
-                if remote_row { "p99 ≤ 2×, qps ≥ 0.5×".into() } else { "".into() },
-                if remote_row { verdict(p99_ratio <= 2.0 && qps_ratio >= 0.5) } else { "".into() },
+                if remote_row {
+                    format!("p99 × {p99_ratio:.2}, qps × {qps_ratio:.2}")
+                } else {
+                    "".into()
+                },
+                if remote_row {
+                    "p99 ≤ 2×, qps ≥ 0.5×".into()
+                } else {
+                    "".into()
+                },
+                if remote_row {
+                    verdict(p99_ratio <= 2.0 && qps_ratio >= 0.5)
+                } else {
+                    "".into()
+                },
             ]);
         }
     }
@@ -69,11 +98,34 @@ pub async fn run(setup: &Setup, nodes: &[NodeProcess; 2], users: u64) -> anyhow:
     Ok(table)
 }
 
-fn client_bench(setup: &Setup, addr: &str, ids: &std::path::Path, concurrency: u32) -> anyhow::Result<Value> {
+fn client_bench(
+    setup: &Setup,
+    addr: &str,
+    ids: &std::path::Path,
+    concurrency: u32,
+) -> anyhow::Result<Value> {
     let out = Command::new(setup.bin("client"))
-        .args(["--addr", addr, "bench", "--ids-file", ids.to_str().context("path")?])
-        .args(["--concurrency", &concurrency.to_string(), "--duration-secs", SECONDS, "--warmup-secs", "2", "--json"])
+        .args([
+            "--addr",
+            addr,
+            "bench",
+            "--ids-file",
+            ids.to_str().context("path")?,
+        ])
+        .args([
+            "--concurrency",
+            &concurrency.to_string(),
+            "--duration-secs",
+            SECONDS,
+            "--warmup-secs",
+            "2",
+            "--json",
+        ])
         .output()?;
-    anyhow::ensure!(out.status.success(), "client bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "client bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(serde_json::from_slice(&out.stdout)?)
 }

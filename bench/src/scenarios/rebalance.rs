@@ -43,27 +43,43 @@ struct Pause {
 
 fn pause(progress: &Mutex<Progress>, from: Instant, to: Instant) -> Pause {
     let progress = progress.lock().expect("progress");
-    Pause { gap: progress.longest_gap(from, to), wait: progress.longest_wait(from, to) }
+    Pause {
+        gap: progress.longest_gap(from, to),
+        wait: progress.longest_wait(from, to),
+    }
 }
 
-pub async fn run(setup: &Setup, topic: &str, mut nodes: [NodeProcess; 2], users: u64) -> anyhow::Result<Table> {
+pub async fn run(
+    setup: &Setup,
+    topic: &str,
+    mut nodes: [NodeProcess; 2],
+    users: u64,
+) -> anyhow::Result<Table> {
     let group = nodes[0].group.clone();
     let mut producer = produce_in_background(setup, topic, INPUT_RATE * 600, users, INPUT_RATE)?;
     let progress = Arc::new(Mutex::new(Progress::default()));
     let _ends = EndPoller::start(&setup.bootstrap, topic, 128, progress.clone(), POLL)?;
-    let poller = tokio::spawn(poll_progress((1..=3).map(|i| NodeAddr::new(i, &group)).collect(), progress.clone()));
+    let poller = tokio::spawn(poll_progress(
+        (1..=3).map(|i| NodeAddr::new(i, &group)).collect(),
+        progress.clone(),
+    ));
     let one_user_per_partition = sample_users(users);
     let result = async {
         tokio::time::sleep(STEADY).await;
         let steady_to = Instant::now();
-        let steady = pause(&progress, steady_to - STEADY + Duration::from_secs(2), steady_to);
+        let steady = pause(
+            &progress,
+            steady_to - STEADY + Duration::from_secs(2),
+            steady_to,
+        );
 
         eprintln!("rebalance: node 3 joins");
         let t0 = Instant::now();
         let mut node3 = NodeProcess::start(setup, 3, topic, &group, &[])?;
         let assigned = node3.wait_assigned(Duration::from_secs(60)).await?;
         let moved = node3.shards().await;
-        let answered = answering(&node3.grpc_url(), users_of(&one_user_per_partition, &moved)).await?;
+        let answered =
+            answering(&node3.grpc_url(), users_of(&one_user_per_partition, &moved)).await?;
         tokio::time::sleep(SETTLE).await;
         let window = pause(&progress, t0, Instant::now());
         let join = Event {
@@ -79,7 +95,11 @@ pub async fn run(setup: &Setup, topic: &str, mut nodes: [NodeProcess; 2], users:
         let moving = node3.shards().await;
         let t0 = Instant::now();
         node3.stop()?;
-        let answered = answering(&nodes[0].grpc_url(), users_of(&one_user_per_partition, &moving)).await?;
+        let answered = answering(
+            &nodes[0].grpc_url(),
+            users_of(&one_user_per_partition, &moving),
+        )
+        .await?;
         tokio::time::sleep(SETTLE).await;
         let window = pause(&progress, t0, Instant::now());
         let leave = Event {
@@ -95,7 +115,11 @@ pub async fn run(setup: &Setup, topic: &str, mut nodes: [NodeProcess; 2], users:
         let moving = nodes[1].shards().await;
         let t0 = Instant::now();
         nodes[1].kill();
-        let answered = answering(&nodes[0].grpc_url(), users_of(&one_user_per_partition, &moving)).await?;
+        let answered = answering(
+            &nodes[0].grpc_url(),
+            users_of(&one_user_per_partition, &moving),
+        )
+        .await?;
         tokio::time::sleep(SETTLE).await;
         let window = pause(&progress, t0, Instant::now());
         let kill = Event {
@@ -117,7 +141,11 @@ pub async fn run(setup: &Setup, topic: &str, mut nodes: [NodeProcess; 2], users:
     let _ = producer.wait();
     let (steady, join, leave, kill, (bare_steady, bare_join, bare_leave)) = result?;
     let with_partition = |(seconds, partition): (f64, Option<u32>)| {
-        format!("{} (partition {})", ms(seconds), partition.map(|p| p.to_string()).unwrap_or("-".into()))
+        format!(
+            "{} (partition {})",
+            ms(seconds),
+            partition.map(|p| p.to_string()).unwrap_or("-".into())
+        )
     };
 
     let mut table = Table::new(
@@ -149,11 +177,24 @@ pub async fn run(setup: &Setup, topic: &str, mut nodes: [NodeProcess; 2], users:
         with_partition(steady.gap),
         ms(bare_steady.gap.0),
     ]);
-    for (event, bare) in [(&join, Some(bare_join)), (&leave, Some(bare_leave)), (&kill, None)] {
+    for (event, bare) in [
+        (&join, Some(bare_join)),
+        (&leave, Some(bare_leave)),
+        (&kill, None),
+    ] {
         let beyond = bare.as_ref().map(|b| event.wait.0 - b.wait.0);
         let (target, met) = match beyond {
-            Some(beyond) => ("≤ 1 s beyond the bare group".to_string(), verdict(beyond <= 1.0)),
-            None => (format!("reported; includes the {:.0} s session timeout", SESSION_TIMEOUT_MS as f64 / 1000.0), "".into()),
+            Some(beyond) => (
+                "≤ 1 s beyond the bare group".to_string(),
+                verdict(beyond <= 1.0),
+            ),
+            None => (
+                format!(
+                    "reported; includes the {:.0} s session timeout",
+                    SESSION_TIMEOUT_MS as f64 / 1000.0
+                ),
+                "".into(),
+            ),
         };
         table.row(vec![
             event.name.into(),
@@ -169,7 +210,8 @@ pub async fn run(setup: &Setup, topic: &str, mut nodes: [NodeProcess; 2], users:
             bare.as_ref().map(|b| ms(b.gap.0)).unwrap_or_default(),
         ]);
     }
-    let answer_after_restore = join.to_answering - join.to_assignment.unwrap_or(0.0) - join.restore.unwrap_or(0.0);
+    let answer_after_restore =
+        join.to_answering - join.to_assignment.unwrap_or(0.0) - join.restore.unwrap_or(0.0);
     table.note(format!(
         "Node 3 answered its users {} after its assignment beyond its longest shard restore (target ≤ 1 s: {}). \
          Waits: the longest time a record, from when the partition's end offset showed it, waited until it was \
@@ -206,24 +248,33 @@ fn sample_users(users: u64) -> BTreeMap<u32, String> {
     let mut sample = BTreeMap::new();
     for u in 0..users {
         let id = u.to_string();
-        sample.entry(partition_for_key(id.as_bytes(), 128)).or_insert(id);
+        sample
+            .entry(partition_for_key(id.as_bytes(), 128))
+            .or_insert(id);
     }
     sample
 }
 
 fn users_of(sample: &BTreeMap<u32, String>, partitions: &[u32]) -> Vec<String> {
-    partitions.iter().filter_map(|p| sample.get(p).cloned()).collect()
+    partitions
+        .iter()
+        .filter_map(|p| sample.get(p).cloned())
+        .collect()
 }
 
 /// When every one of `users` has been answered through `addr` (each retried until it is).
 async fn answering(addr: &str, users: Vec<String>) -> anyhow::Result<Instant> {
-    let channel = tonic::transport::Channel::from_shared(addr.to_string())?.connect_timeout(Duration::from_secs(2));
+    let channel = tonic::transport::Channel::from_shared(addr.to_string())?
+        .connect_timeout(Duration::from_secs(2));
     let deadline = Instant::now() + Duration::from_secs(120);
     let asks = users.into_iter().map(|id| {
         let channel = channel.clone();
         async move {
             loop {
-                anyhow::ensure!(Instant::now() < deadline, "user {id} was not answered within 120 s");
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "user {id} was not answered within 120 s"
+                );
                 if let Ok(ch) = channel.connect().await {
                     let mut client = UserServiceClient::new(ch);
                     let ask = client.user_stats(UserStatsRequest { id: id.clone() });
@@ -251,7 +302,10 @@ async fn bare_group_gaps(setup: &Setup, topic: &str) -> anyhow::Result<(Pause, P
     // measure the steady state only once every partition is being consumed.
     let joined = Instant::now() + Duration::from_secs(60);
     while group.progress.lock().expect("progress").partitions_moving() < 128 {
-        anyhow::ensure!(Instant::now() < joined, "the bare group did not consume every partition within 60 s");
+        anyhow::ensure!(
+            Instant::now() < joined,
+            "the bare group did not consume every partition within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(STEADY).await;

@@ -36,20 +36,38 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
     committed_to_end(&setup.bootstrap, &group, topic, &ends).await?;
     let (rss_a_early, rss_a) = settling_rss(&node_a).await?;
     let metrics_a = node_a.metrics().await.unwrap_or_default();
-    let live_a = metrics_a.get("processor_live_entities").copied().unwrap_or(0.0);
-    let stored_a = live_a + metrics_a.get("processor_passivated_entities").copied().unwrap_or(0.0);
-    anyhow::ensure!(stored_a as u64 == users, "node A holds {stored_a} users' state, not {users}");
+    let live_a = metrics_a
+        .get("processor_live_entities")
+        .copied()
+        .unwrap_or(0.0);
+    let stored_a = live_a
+        + metrics_a
+            .get("processor_passivated_entities")
+            .copied()
+            .unwrap_or(0.0);
+    anyhow::ensure!(
+        stored_a as u64 == users,
+        "node A holds {stored_a} users' state, not {users}"
+    );
     node_a.stop()?;
 
     eprintln!("state: node B restores {users} users from {changelog}");
     let mut node_b = NodeProcess::start(setup, 2, topic, &group, &changelog_args)?;
     let assigned = node_b.wait_assigned(Duration::from_secs(60)).await?;
-    let restored_at = wait_until(Duration::from_secs(600), "node B to restore every user", || async {
-        let restored = node_b.counter("entities_restored").await;
-        let metrics = node_b.metrics().await?;
-        let shards_done = metrics.get("processor_restore_seconds_count").copied().unwrap_or(0.0) >= 128.0;
-        (restored >= users && shards_done).then(Instant::now)
-    })
+    let restored_at = wait_until(
+        Duration::from_secs(600),
+        "node B to restore every user",
+        || async {
+            let restored = node_b.counter("entities_restored").await;
+            let metrics = node_b.metrics().await?;
+            let shards_done = metrics
+                .get("processor_restore_seconds_count")
+                .copied()
+                .unwrap_or(0.0)
+                >= 128.0;
+            (restored >= users && shards_done).then(Instant::now)
+        },
+    )
     .await?;
     let restore_time = (restored_at - assigned).as_secs_f64();
     let restore_rate = users as f64 / restore_time;
@@ -57,13 +75,26 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
 
     eprintln!("state: bare read of the changelog (baseline)");
     let changelog_ends = end_offsets(&setup.bootstrap, &changelog, 128)?;
-    let (bootstrap, cl, e) = (setup.bootstrap.clone(), changelog.clone(), changelog_ends.clone());
-    let (records, bare_time) = tokio::task::spawn_blocking(move || bare_drain(&bootstrap, &cl, &e, StartFrom::KnownOffsets)).await??;
+    let (bootstrap, cl, e) = (
+        setup.bootstrap.clone(),
+        changelog.clone(),
+        changelog_ends.clone(),
+    );
+    let (records, bare_time) = tokio::task::spawn_blocking(move || {
+        bare_drain(&bootstrap, &cl, &e, StartFrom::KnownOffsets)
+    })
+    .await??;
     let bare_rate = records as f64 / bare_time.as_secs_f64();
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_b = node_b.rss_bytes()?;
-    let live_b = node_b.metrics().await.unwrap_or_default().get("processor_live_entities").copied().unwrap_or(0.0);
+    let live_b = node_b
+        .metrics()
+        .await
+        .unwrap_or_default()
+        .get("processor_live_entities")
+        .copied()
+        .unwrap_or(0.0);
 
     eprintln!("state: {LIVE_ACTORS} users' actors made live");
     produce(setup, topic, LIVE_ACTORS, LIVE_ACTORS, 0, true)?;
@@ -71,14 +102,27 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
     committed_to_end(&setup.bootstrap, &group, topic, &ends).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_live = node_b.rss_bytes()?;
-    let live_after = node_b.metrics().await.unwrap_or_default().get("processor_live_entities").copied().unwrap_or(0.0);
+    let live_after = node_b
+        .metrics()
+        .await
+        .unwrap_or_default()
+        .get("processor_live_entities")
+        .copied()
+        .unwrap_or(0.0);
     node_b.stop()?;
 
     let mut restore = Table::new(
         &format!("Restore: {users} users' state from the changelog ({records} records in 128 partitions)"),
         &["read", "time", "per second", "× bare read", "target", ""],
     );
-    restore.row(vec!["bare read_committed read of the changelog (baseline)".into(), format!("{:.2} s", bare_time.as_secs_f64()), format!("{} records", rate(bare_rate)), "1.00".into(), "baseline".into(), "".into()]);
+    restore.row(vec![
+        "bare read_committed read of the changelog (baseline)".into(),
+        format!("{:.2} s", bare_time.as_secs_f64()),
+        format!("{} records", rate(bare_rate)),
+        "1.00".into(),
+        "baseline".into(),
+        "".into(),
+    ]);
     restore.row(vec![
         format!("node B: assignment to every shard live (longest shard {longest_shard:.2} s)"),
         format!("{restore_time:.2} s"),
@@ -90,13 +134,36 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
 
     let per_user = rss_b.saturating_sub(idle_rss) as f64 / users as f64;
     let per_actor = rss_live.saturating_sub(rss_b) as f64 / (live_after - live_b).max(1.0);
-    let mut memory = Table::new(&format!("Memory (resident set, VmRSS) with {users} users"), &["node", "live actors", "RSS", "per user / actor", "target", ""]);
-    memory.row(vec!["node A idle, before any event (baseline)".into(), "0".into(), mib(idle_rss), "".into(), "".into(), "".into()]);
+    let mut memory = Table::new(
+        &format!("Memory (resident set, VmRSS) with {users} users"),
+        &[
+            "node",
+            "live actors",
+            "RSS",
+            "per user / actor",
+            "target",
+            "",
+        ],
+    );
     memory.row(vec![
-        format!("node A after processing {users} users (default live-actor cap; {} 2 s after the end)", mib(rss_a_early)),
+        "node A idle, before any event (baseline)".into(),
+        "0".into(),
+        mib(idle_rss),
+        "".into(),
+        "".into(),
+        "".into(),
+    ]);
+    memory.row(vec![
+        format!(
+            "node A after processing {users} users (default live-actor cap; {} 2 s after the end)",
+            mib(rss_a_early)
+        ),
         format!("{live_a:.0}"),
         mib(rss_a),
-        format!("{:.0} B/user (incl. actors)", rss_a.saturating_sub(idle_rss) as f64 / users as f64),
+        format!(
+            "{:.0} B/user (incl. actors)",
+            rss_a.saturating_sub(idle_rss) as f64 / users as f64
+        ),
         "≤ 1 GiB".into(),
         verdict(rss_a <= GIB),
     ]);

@@ -28,7 +28,11 @@ struct Spread {
 fn spread(values: impl IntoIterator<Item = f64>) -> Spread {
     let mut v: Vec<f64> = values.into_iter().collect();
     v.sort_by(f64::total_cmp);
-    Spread { median: v[v.len() / 2], min: v[0], max: v[v.len() - 1] }
+    Spread {
+        median: v[v.len() / 2],
+        min: v[0],
+        max: v[v.len() - 1],
+    }
 }
 
 fn show(s: &Spread) -> String {
@@ -36,12 +40,21 @@ fn show(s: &Spread) -> String {
 }
 
 /// Runs the scenario; returns its table and the two nodes of the last run, still running.
-pub async fn run(setup: &Setup, topic: &str, events: u64, users: u64, repeat: usize) -> anyhow::Result<(Table, [NodeProcess; 2])> {
+pub async fn run(
+    setup: &Setup,
+    topic: &str,
+    events: u64,
+    users: u64,
+    repeat: usize,
+) -> anyhow::Result<(Table, [NodeProcess; 2])> {
     eprintln!("throughput: producing {events} events for {users} users into {topic}");
     let produced_in = produce(setup, topic, events, users, 0, false)?;
     let ends = end_offsets(&setup.bootstrap, topic, 128)?;
     let total: i64 = ends.values().sum();
-    anyhow::ensure!(total as u64 == events, "the topic holds {total} records, not {events}");
+    anyhow::ensure!(
+        total as u64 == events,
+        "the topic holds {total} records, not {events}"
+    );
 
     let mut bare = Vec::new();
     let mut bare_known = Vec::new();
@@ -55,11 +68,20 @@ pub async fn run(setup: &Setup, topic: &str, events: u64, users: u64, repeat: us
                 node.stop()?;
             }
         }
-        for (from, rates) in [(StartFrom::Beginning, &mut bare), (StartFrom::KnownOffsets, &mut bare_known)] {
-            eprintln!("throughput round {round}/{repeat}: bare consumer drain from {from:?} (baseline)");
+        for (from, rates) in [
+            (StartFrom::Beginning, &mut bare),
+            (StartFrom::KnownOffsets, &mut bare_known),
+        ] {
+            eprintln!(
+                "throughput round {round}/{repeat}: bare consumer drain from {from:?} (baseline)"
+            );
             let (bootstrap, t, e) = (setup.bootstrap.clone(), topic.to_string(), ends.clone());
-            let (records, bare_time) = tokio::task::spawn_blocking(move || bare_drain(&bootstrap, &t, &e, from)).await??;
-            anyhow::ensure!(records == events, "the bare consumer read {records} records, not {events}");
+            let (records, bare_time) =
+                tokio::task::spawn_blocking(move || bare_drain(&bootstrap, &t, &e, from)).await??;
+            anyhow::ensure!(
+                records == events,
+                "the bare consumer read {records} records, not {events}"
+            );
             rates.push(events as f64 / bare_time.as_secs_f64());
         }
 
@@ -74,9 +96,14 @@ pub async fn run(setup: &Setup, topic: &str, events: u64, users: u64, repeat: us
         last_nodes = Some(nodes);
     }
     let nodes = last_nodes.ok_or_else(|| anyhow::anyhow!("--repeat must be at least 1"))?;
-    let [n1, n2] = <[NodeProcess; 2]>::try_from(nodes).map_err(|_| anyhow::anyhow!("the two-node run started two nodes"))?;
+    let [n1, n2] = <[NodeProcess; 2]>::try_from(nodes)
+        .map_err(|_| anyhow::anyhow!("the two-node run started two nodes"))?;
 
-    let (bare, one_rate, two_rate) = (spread(bare), spread(one.iter().map(|d| d.rate)), spread(two.iter().map(|d| d.rate)));
+    let (bare, one_rate, two_rate) = (
+        spread(bare),
+        spread(one.iter().map(|d| d.rate)),
+        spread(two.iter().map(|d| d.rate)),
+    );
     let bare_known = spread(bare_known);
     let mut table = Table::new(
         &format!("Processing throughput: {events} events, {users} users, 128 partitions (median of {repeat} runs, range)"),
@@ -116,7 +143,11 @@ pub async fn run(setup: &Setup, topic: &str, events: u64, users: u64, repeat: us
     ]);
     let per_node = |i: usize| rate(spread(two.iter().map(|d| d.per_node[i])).median);
     table.row(vec![
-        format!("(c) two nodes (per node: {} and {} events/s)", per_node(0), per_node(1)),
+        format!(
+            "(c) two nodes (per node: {} and {} events/s)",
+            per_node(0),
+            per_node(1)
+        ),
         show(&two_rate),
         format!("{:.2}", two_rate.median / bare.median),
         rate(spread(two.iter().map(|d| d.from_start)).median),
@@ -135,12 +166,25 @@ pub async fn run(setup: &Setup, topic: &str, events: u64, users: u64, repeat: us
     Ok((table, [n1, n2]))
 }
 
-fn start_nodes(setup: &Setup, topic: &str, group: &str, count: u16) -> anyhow::Result<Vec<NodeProcess>> {
-    (1..=count).map(|i| NodeProcess::start(setup, i, topic, group, &[])).collect()
+fn start_nodes(
+    setup: &Setup,
+    topic: &str,
+    group: &str,
+    count: u16,
+) -> anyhow::Result<Vec<NodeProcess>> {
+    (1..=count)
+        .map(|i| NodeProcess::start(setup, i, topic, group, &[]))
+        .collect()
 }
 
 /// Times `nodes` (just started) draining the topic to the committed end.
-async fn drain(setup: &Setup, topic: &str, nodes: &[NodeProcess], ends: &BTreeMap<u32, i64>, events: u64) -> anyhow::Result<Drain> {
+async fn drain(
+    setup: &Setup,
+    topic: &str,
+    nodes: &[NodeProcess],
+    ends: &BTreeMap<u32, i64>,
+    events: u64,
+) -> anyhow::Result<Drain> {
     let spawned = Instant::now();
     let assigned = first_assigned(nodes).await?;
     let done = committed_to_end(&setup.bootstrap, &nodes[0].group, topic, ends).await?;
@@ -149,7 +193,11 @@ async fn drain(setup: &Setup, topic: &str, nodes: &[NodeProcess], ends: &BTreeMa
     for node in nodes {
         per_node.push(node.counter("events_processed_local").await as f64 / seconds);
     }
-    Ok(Drain { rate: events as f64 / seconds, from_start: events as f64 / (done - spawned).as_secs_f64(), per_node })
+    Ok(Drain {
+        rate: events as f64 / seconds,
+        from_start: events as f64 / (done - spawned).as_secs_f64(),
+        per_node,
+    })
 }
 
 async fn first_assigned(nodes: &[NodeProcess]) -> anyhow::Result<Instant> {
@@ -161,7 +209,10 @@ async fn first_assigned(nodes: &[NodeProcess]) -> anyhow::Result<Instant> {
                 return Ok(Instant::now());
             }
         }
-        anyhow::ensure!(Instant::now() < deadline, "no node was assigned partitions within 60 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no node was assigned partitions within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

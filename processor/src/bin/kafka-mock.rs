@@ -10,7 +10,10 @@ use clap::Parser;
 use rdkafka::mocking::MockCluster;
 
 #[derive(Parser)]
-#[command(name = "kafka-mock", about = "librdkafka's mock Kafka cluster, for demos where Java is missing")]
+#[command(
+    name = "kafka-mock",
+    about = "librdkafka's mock Kafka cluster, for demos where Java is missing"
+)]
 struct Args {
     #[arg(long, default_value = "user-events")]
     topic: String,
@@ -24,7 +27,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cluster = MockCluster::new(1)?;
     cluster.create_topic(&args.topic, args.partitions, 1)?;
-    let dlq = args.dlq_topic.unwrap_or_else(|| format!("{}-dlq", args.topic));
+    let dlq = args
+        .dlq_topic
+        .unwrap_or_else(|| format!("{}-dlq", args.topic));
     cluster.create_topic(&dlq, 4, 1)?;
     println!("bootstrap={}", cluster.bootstrap_servers());
     loop {

@@ -29,14 +29,20 @@ impl Announcer {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
-        Self { table, incarnation, seq: AtomicU64::new(0), kick: Notify::new() }
+        Self {
+            table,
+            incarnation,
+            seq: AtomicU64::new(0),
+            kick: Notify::new(),
+        }
     }
 
     /// Records the shards this node now owns and announces them.
     pub fn claim_local(&self, shards: BTreeSet<u32>) {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let node = self.table.local_node().clone();
-        self.table.apply_claim(&node, (self.incarnation, seq), shards);
+        self.table
+            .apply_claim(&node, (self.incarnation, seq), shards);
         self.kick.notify_one();
     }
 

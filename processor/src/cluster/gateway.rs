@@ -13,7 +13,8 @@ use ractor_cluster::RactorClusterMessage;
 
 use crate::allocation::AllocationTable;
 use crate::cluster::wire::{
-    totals_answer, NotOwner, OwnershipAnnouncement, Totals as WireTotals, TotalsAnswer, TotalsBatch, TotalsBatchAnswer, TotalsQuery,
+    totals_answer, NotOwner, OwnershipAnnouncement, Totals as WireTotals, TotalsAnswer,
+    TotalsBatch, TotalsBatchAnswer, TotalsQuery,
 };
 use crate::entity::Totals;
 use crate::event::MAX_USER_ID_BYTES;
@@ -87,14 +88,20 @@ impl Actor for Gateway {
                     return Ok(());
                 }
                 let shards: BTreeSet<u32> = a.shards.iter().copied().collect();
-                if state.table.apply_claim(&a.node, (a.incarnation, a.seq), shards) {
+                if state
+                    .table
+                    .apply_claim(&a.node, (a.incarnation, a.seq), shards)
+                {
                     tracing::info!("node {} now owns {} shards", a.node, a.shards.len());
                 }
             }
             GatewayMsg::TotalsBatch(batch, reply) => {
                 let router = state.router.clone();
                 tokio::spawn(async move {
-                    let answers = futures::future::join_all(batch.queries.into_iter().map(|q| answer_query(&router, q))).await;
+                    let answers = futures::future::join_all(
+                        batch.queries.into_iter().map(|q| answer_query(&router, q)),
+                    )
+                    .await;
                     let _ = reply.send(TotalsBatchAnswer { answers });
                 });
             }
@@ -104,18 +111,25 @@ impl Actor for Gateway {
 }
 
 fn wire(t: Totals) -> WireTotals {
-    WireTotals { purchases: t.purchases, amount_spent: t.amount_spent }
+    WireTotals {
+        purchases: t.purchases,
+        amount_spent: t.amount_spent,
+    }
 }
 
 async fn answer_query(router: &Router, query: TotalsQuery) -> TotalsAnswer {
     use totals_answer::Result as R;
     if query.user_id.is_empty() || query.user_id.len() > MAX_USER_ID_BYTES {
-        return TotalsAnswer { result: Some(R::Error("invalid user id".into())) };
+        return TotalsAnswer {
+            result: Some(R::Error("invalid user id".into())),
+        };
     }
     let result = match router.local_totals(query.shard, &query.user_id).await {
         Attempt::Done(t) => R::Totals(wire(t)),
         Attempt::NotOwner => R::NotOwner(NotOwner {}),
         Attempt::Failed(e) => R::Error(e),
     };
-    TotalsAnswer { result: Some(result) }
+    TotalsAnswer {
+        result: Some(result),
+    }
 }

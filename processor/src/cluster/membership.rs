@@ -40,13 +40,24 @@ impl Membership {
         announcer: Arc<Announcer>,
     ) -> Result<Self, MembershipError> {
         let own_addr = format!("{host}:{port}");
-        let mut server = NodeServer::new(port, cookie, node_name, host.clone(), None, Some(NodeConnectionMode::Transitive));
+        let mut server = NodeServer::new(
+            port,
+            cookie,
+            node_name,
+            host.clone(),
+            None,
+            Some(NodeConnectionMode::Transitive),
+        );
         if let Ok(ip) = host.parse() {
             server = server.with_listen_addr(ip);
         }
-        let (server, _) = Actor::spawn(None, server, ())
-            .await
-            .map_err(|e| MembershipError::Start { port, reason: e.to_string() })?;
+        let (server, _) =
+            Actor::spawn(None, server, ())
+                .await
+                .map_err(|e| MembershipError::Start {
+                    port,
+                    reason: e.to_string(),
+                })?;
         server
             .cast(NodeServerMessage::SubscribeToEvents {
                 id: "membership".into(),
@@ -56,7 +67,10 @@ impl Membership {
                     announcer,
                 }),
             })
-            .map_err(|e| MembershipError::Start { port, reason: e.to_string() })?;
+            .map_err(|e| MembershipError::Start {
+                port,
+                reason: e.to_string(),
+            })?;
         let seeds: Vec<String> = seeds.into_iter().filter(|s| *s != own_addr).collect();
         tokio::spawn(dial_seeds(server.clone(), seeds));
         Ok(Self { server })
@@ -97,14 +111,21 @@ async fn dial_seeds(server: ActorRef<NodeServerMessage>, seeds: Vec<String>) {
                 reported_down.remove(seed);
                 continue;
             }
-            match tokio::time::timeout(Duration::from_secs(2), ractor_cluster::client_connect(&server, seed.as_str())).await {
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                ractor_cluster::client_connect(&server, seed.as_str()),
+            )
+            .await
+            {
                 Ok(Ok(())) => {
                     tracing::info!("connected to seed node {seed}");
                     reported_down.remove(seed);
                 }
                 Ok(Err(e)) => {
                     if reported_down.insert(seed.clone()) {
-                        tracing::info!("seed node {seed} not reachable yet ({e}); will keep trying");
+                        tracing::info!(
+                            "seed node {seed} not reachable yet ({e}); will keep trying"
+                        );
                     }
                 }
                 Err(_) => {
@@ -131,7 +152,11 @@ impl NodeEventSubscription for SessionEvents {
 
     fn node_session_ready(&self, ses: NodeServerSessionInformation) {
         if let Some(name) = ses.peer_name {
-            tracing::info!("node {} joined the cluster (at {})", name.name, name.connection_string);
+            tracing::info!(
+                "node {} joined the cluster (at {})",
+                name.name,
+                name.connection_string
+            );
         }
         self.announcer.kick();
     }

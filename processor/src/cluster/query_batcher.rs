@@ -58,25 +58,43 @@ pub struct QueryBatcher {
 
 impl QueryBatcher {
     pub fn new(call_timeout: Duration, metrics: Arc<Metrics>) -> Self {
-        Self { peers: DashMap::new(), call_timeout, metrics }
+        Self {
+            peers: DashMap::new(),
+            call_timeout,
+            metrics,
+        }
     }
 
     /// Asks `gateway` (a peer's) for one user's totals.
-    pub async fn ask(&self, gateway: &ActorRef<GatewayMsg>, query: TotalsQuery) -> Result<TotalsAnswer, String> {
+    pub async fn ask(
+        &self,
+        gateway: &ActorRef<GatewayMsg>,
+        query: TotalsQuery,
+    ) -> Result<TotalsAnswer, String> {
         let peer = self
             .peers
             .entry(gateway.get_id())
             .or_insert_with(|| {
                 let (queue, waiting) = mpsc::unbounded_channel();
-                tokio::spawn(send_batches(gateway.clone(), waiting, self.call_timeout, self.metrics.clone()));
-                Peer { queue, outstanding: Arc::new(AtomicUsize::new(0)) }
+                tokio::spawn(send_batches(
+                    gateway.clone(),
+                    waiting,
+                    self.call_timeout,
+                    self.metrics.clone(),
+                ));
+                Peer {
+                    queue,
+                    outstanding: Arc::new(AtomicUsize::new(0)),
+                }
             })
             .clone();
         let (_outstanding, alone) = Outstanding::register(&peer.outstanding);
         if alone {
             self.metrics.remote_query_batch.observe(1.0);
             let mut answers = ask_gateway(gateway, vec![query], self.call_timeout).await?;
-            return answers.pop().ok_or_else(|| "the peer answered no query".into());
+            return answers
+                .pop()
+                .ok_or_else(|| "the peer answered no query".into());
         }
         let (reply, answer) = oneshot::channel();
         if peer.queue.send((query, reply)).is_err() {
@@ -84,7 +102,9 @@ impl QueryBatcher {
             self.peers.remove(&gateway.get_id());
             return Err("the peer's gateway is gone".into());
         }
-        answer.await.unwrap_or_else(|_| Err("the query was dropped".into()))
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the query was dropped".into()))
     }
 }
 
@@ -116,7 +136,9 @@ async fn send_batches(
                         let _ = reply.send(Ok(answer));
                     }
                 }
-                Err(error) => replies.into_iter().for_each(|r| drop(r.send(Err(error.clone())))),
+                Err(error) => replies
+                    .into_iter()
+                    .for_each(|r| drop(r.send(Err(error.clone())))),
             }
         });
         if gateway.get_status() == ActorStatus::Stopped {
@@ -126,12 +148,24 @@ async fn send_batches(
 }
 
 /// One `TotalsBatch` call: the answers in the queries' order, or why there are none.
-async fn ask_gateway(gateway: &ActorRef<GatewayMsg>, queries: Vec<TotalsQuery>, timeout: Duration) -> Result<Vec<TotalsAnswer>, String> {
+async fn ask_gateway(
+    gateway: &ActorRef<GatewayMsg>,
+    queries: Vec<TotalsQuery>,
+    timeout: Duration,
+) -> Result<Vec<TotalsAnswer>, String> {
     let asked = queries.len();
-    let answer = gateway.call(|reply| GatewayMsg::TotalsBatch(TotalsBatch { queries }, reply), Some(timeout)).await;
+    let answer = gateway
+        .call(
+            |reply| GatewayMsg::TotalsBatch(TotalsBatch { queries }, reply),
+            Some(timeout),
+        )
+        .await;
     let TotalsBatchAnswer { answers } = call_outcome(answer)?;
     if answers.len() != asked {
-        return Err(format!("the peer answered {} of {asked} queries", answers.len()));
+        return Err(format!(
+            "the peer answered {} of {asked} queries",
+            answers.len()
+        ));
     }
     Ok(answers)
 }

@@ -26,7 +26,13 @@ macro_rules! bytes_convertable_via_prost {
     )*};
 }
 
-bytes_convertable_via_prost!(OwnershipAnnouncement, TotalsQuery, TotalsAnswer, TotalsBatch, TotalsBatchAnswer);
+bytes_convertable_via_prost!(
+    OwnershipAnnouncement,
+    TotalsQuery,
+    TotalsAnswer,
+    TotalsBatch,
+    TotalsBatchAnswer
+);
 
 #[cfg(test)]
 mod tests {
@@ -35,7 +41,10 @@ mod tests {
 
     #[test]
     fn messages_round_trip_and_garbage_decodes_to_empty() {
-        let q = TotalsQuery { user_id: "7".into(), shard: 45 };
+        let q = TotalsQuery {
+            user_id: "7".into(),
+            shard: 45,
+        };
         assert_eq!(TotalsQuery::from_bytes(q.clone().into_bytes()), q);
         let garbage = TotalsAnswer::from_bytes(vec![0xff, 0xff, 0xff]);
         assert!(garbage.result.is_none());

@@ -65,14 +65,19 @@ impl Checkpointer {
         let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("transactional.id", transactional_id)
-            .set("transaction.timeout.ms", transaction_timeout.as_millis().to_string())
+            .set(
+                "transaction.timeout.ms",
+                transaction_timeout.as_millis().to_string(),
+            )
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
             .set("compression.type", "lz4")
             .create()
             .map_err(CheckpointError::Create)?;
-        producer.init_transactions(TXN_TIMEOUT).map_err(CheckpointError::Create)?;
+        producer
+            .init_transactions(TXN_TIMEOUT)
+            .map_err(CheckpointError::Create)?;
         Ok(Self {
             producer,
             changelog_topic: changelog_topic.into(),
@@ -90,30 +95,45 @@ impl Checkpointer {
         group: &ConsumerGroupMetadata,
         shards: &[(u32, LocalShard)],
     ) -> Result<bool, CheckpointError> {
-        let checkpoints: Vec<(LocalShard, Checkpoint)> = runtime.block_on(futures::future::join_all(shards.iter().map(
-            |(_, shard)| async move {
-                let cp = shard.actor.call(ShardMsg::Checkpoint, Some(Duration::from_secs(10))).await;
-                match cp {
-                    Ok(ractor::rpc::CallResult::Success(cp)) => Some((shard.clone(), cp)),
-                    _ => None,
-                }
-            },
-        )))
-        .into_iter()
-        .flatten()
-        .collect();
-        let moved = |cp: &Checkpoint| cp.commit_offset.is_some_and(|o| self.committed.get(&cp.partition) != Some(&o));
-        if checkpoints.iter().all(|(_, cp)| cp.is_empty() && !moved(cp)) {
+        let checkpoints: Vec<(LocalShard, Checkpoint)> = runtime
+            .block_on(futures::future::join_all(shards.iter().map(
+                |(_, shard)| async move {
+                    let cp = shard
+                        .actor
+                        .call(ShardMsg::Checkpoint, Some(Duration::from_secs(10)))
+                        .await;
+                    match cp {
+                        Ok(ractor::rpc::CallResult::Success(cp)) => Some((shard.clone(), cp)),
+                        _ => None,
+                    }
+                },
+            )))
+            .into_iter()
+            .flatten()
+            .collect();
+        let moved = |cp: &Checkpoint| {
+            cp.commit_offset
+                .is_some_and(|o| self.committed.get(&cp.partition) != Some(&o))
+        };
+        if checkpoints
+            .iter()
+            .all(|(_, cp)| cp.is_empty() && !moved(cp))
+        {
             return Ok(false);
         }
-        self.producer.begin_transaction().map_err(|e| self.classify(e))?;
+        self.producer
+            .begin_transaction()
+            .map_err(|e| self.classify(e))?;
         let mut offsets = TopicPartitionList::new();
         for (_, cp) in &checkpoints {
             if let Err(e) = self.write(cp, &mut offsets) {
                 return Err(self.abort(e));
             }
         }
-        if let Err(e) = self.producer.send_offsets_to_transaction(&offsets, group, TXN_TIMEOUT) {
+        if let Err(e) = self
+            .producer
+            .send_offsets_to_transaction(&offsets, group, TXN_TIMEOUT)
+        {
             return Err(self.abort(e));
         }
         if let Err(e) = self.producer.commit_transaction(TXN_TIMEOUT) {
@@ -154,7 +174,10 @@ impl Checkpointer {
                 price: reroute.purchase.price,
             });
             let origin = format!("{}/{}", cp.partition, reroute.source_offset);
-            let headers = OwnedHeaders::new().insert(Header { key: HEADER_REROUTED_FROM, value: Some(origin.as_str()) });
+            let headers = OwnedHeaders::new().insert(Header {
+                key: HEADER_REROUTED_FROM,
+                value: Some(origin.as_str()),
+            });
             self.send(
                 BaseRecord::to(&self.input_topic)
                     .partition(reroute.target_partition as i32)
@@ -164,7 +187,11 @@ impl Checkpointer {
             )?;
         }
         if let Some(offset) = cp.commit_offset {
-            offsets.add_partition_offset(&self.input_topic, cp.partition as i32, Offset::Offset(offset))?;
+            offsets.add_partition_offset(
+                &self.input_topic,
+                cp.partition as i32,
+                Offset::Offset(offset),
+            )?;
         }
         Ok(())
     }

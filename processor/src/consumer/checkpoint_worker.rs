@@ -20,7 +20,11 @@ use crate::stats::NodeStats;
 type Outcome = Result<bool, CheckpointError>;
 
 enum Request {
-    Checkpoint { shards: Vec<(u32, LocalShard)>, group: ConsumerGroupMetadata, done: Sender<Outcome> },
+    Checkpoint {
+        shards: Vec<(u32, LocalShard)>,
+        group: ConsumerGroupMetadata,
+        done: Sender<Outcome>,
+    },
     /// The partitions were handed off: their committed offsets no longer matter here.
     Forget(Vec<u32>),
 }
@@ -33,14 +37,23 @@ pub struct CheckpointWorker {
 impl CheckpointWorker {
     /// Starts the thread. It counts outcomes in `stats` and sets `fenced` when this node may
     /// no longer commit.
-    pub fn start(mut checkpointer: Checkpointer, runtime: tokio::runtime::Handle, stats: Arc<NodeStats>, fenced: Arc<AtomicBool>) -> Self {
+    pub fn start(
+        mut checkpointer: Checkpointer,
+        runtime: tokio::runtime::Handle,
+        stats: Arc<NodeStats>,
+        fenced: Arc<AtomicBool>,
+    ) -> Self {
         let (requests, inbox) = mpsc::channel::<Request>();
         std::thread::Builder::new()
             .name("checkpoint".into())
             .spawn(move || {
                 for request in inbox {
                     match request {
-                        Request::Checkpoint { shards, group, done } => {
+                        Request::Checkpoint {
+                            shards,
+                            group,
+                            done,
+                        } => {
                             let outcome = checkpointer.run(&runtime, &group, &shards);
                             record(&outcome, &stats, &fenced);
                             let _ = done.send(outcome);
@@ -50,7 +63,10 @@ impl CheckpointWorker {
                 }
             })
             .expect("cannot spawn the checkpoint thread");
-        Self { requests, in_flight: None }
+        Self {
+            requests,
+            in_flight: None,
+        }
     }
 
     /// Starts a checkpoint of `shards` unless one is still running (then this round is skipped:
@@ -73,7 +89,11 @@ impl CheckpointWorker {
     }
 
     /// Runs a checkpoint of `shards` after the one in flight, and waits for it.
-    pub fn run_now(&mut self, shards: Vec<(u32, LocalShard)>, group: ConsumerGroupMetadata) -> Outcome {
+    pub fn run_now(
+        &mut self,
+        shards: Vec<(u32, LocalShard)>,
+        group: ConsumerGroupMetadata,
+    ) -> Outcome {
         self.wait_in_flight();
         let Some(done) = self.send(shards, group) else {
             return Err(CheckpointError::WorkerGone);
@@ -86,9 +106,20 @@ impl CheckpointWorker {
         let _ = self.requests.send(Request::Forget(partitions.to_vec()));
     }
 
-    fn send(&self, shards: Vec<(u32, LocalShard)>, group: ConsumerGroupMetadata) -> Option<Receiver<Outcome>> {
+    fn send(
+        &self,
+        shards: Vec<(u32, LocalShard)>,
+        group: ConsumerGroupMetadata,
+    ) -> Option<Receiver<Outcome>> {
         let (done, outcome) = mpsc::channel();
-        self.requests.send(Request::Checkpoint { shards, group, done }).ok().map(|_| outcome)
+        self.requests
+            .send(Request::Checkpoint {
+                shards,
+                group,
+                done,
+            })
+            .ok()
+            .map(|_| outcome)
     }
 }
 

@@ -48,33 +48,51 @@ impl NodeContext {
 
     fn shards(&self, partitions: Option<&[u32]>) -> Vec<(u32, LocalShard)> {
         let local = self.handoff.local();
-        let ids = partitions.map(<[u32]>::to_vec).unwrap_or_else(|| local.ids());
-        ids.into_iter().filter_map(|p| local.get(p).map(|s| (p, s))).collect()
+        let ids = partitions
+            .map(<[u32]>::to_vec)
+            .unwrap_or_else(|| local.ids());
+        ids.into_iter()
+            .filter_map(|p| local.get(p).map(|s| (p, s)))
+            .collect()
     }
 
     /// Starts the periodic checkpoint of every local shard (on the checkpoint thread).
     pub fn checkpoint_in_background(&self, consumer: &BaseConsumer<Self>) {
         let shards = self.shards(None);
         if let (false, Some(group)) = (shards.is_empty(), consumer.group_metadata()) {
-            self.checkpoints.lock().expect("checkpoint lock poisoned").start_periodic(shards, group);
+            self.checkpoints
+                .lock()
+                .expect("checkpoint lock poisoned")
+                .start_periodic(shards, group);
         }
     }
 
     /// Commits one checkpoint transaction for `partitions` and waits for it (after the one in
     /// flight).
-    fn checkpoint_now(&self, consumer: &BaseConsumer<Self>, partitions: &[u32]) -> Result<(), CheckpointError> {
+    fn checkpoint_now(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        partitions: &[u32],
+    ) -> Result<(), CheckpointError> {
         let shards = self.shards(Some(partitions));
         if shards.is_empty() {
             return Ok(());
         }
-        let group = consumer.group_metadata().ok_or(CheckpointError::NotInGroup)?;
-        self.checkpoints.lock().expect("checkpoint lock poisoned").run_now(shards, group).map(|_| ())
+        let group = consumer
+            .group_metadata()
+            .ok_or(CheckpointError::NotInGroup)?;
+        self.checkpoints
+            .lock()
+            .expect("checkpoint lock poisoned")
+            .run_now(shards, group)
+            .map(|_| ())
     }
 }
 
 impl ClientContext for NodeContext {
     fn stats_raw(&self, statistics: &[u8]) {
-        *self.kafka_stats.lock().expect("stats lock poisoned") = String::from_utf8_lossy(statistics).into_owned();
+        *self.kafka_stats.lock().expect("stats lock poisoned") =
+            String::from_utf8_lossy(statistics).into_owned();
     }
 }
 
@@ -92,14 +110,22 @@ impl ConsumerContext for NodeContext {
         tracing::info!(
             "partitions {:?} {} this node; handing off their shards",
             partitions,
-            if lost { "were lost by" } else { "are being revoked from" }
+            if lost {
+                "were lost by"
+            } else {
+                "are being revoked from"
+            }
         );
         // Everything read from these partitions goes to their shards before the drain. A lost
         // partition is drained too (its results are discarded), so no batch is dropped unseen
         // with its in-flight permits when the shard stops.
-        self.dispatcher.lock().expect("dispatcher lock poisoned").flush(&partitions);
+        self.dispatcher
+            .lock()
+            .expect("dispatcher lock poisoned")
+            .flush(&partitions);
         self.handoff.drain(&partitions);
-        self.metrics.observe_handoff_step("drain", started.elapsed());
+        self.metrics
+            .observe_handoff_step("drain", started.elapsed());
         let checkpoint_started = Instant::now();
         if lost {
             tracing::warn!(
@@ -115,7 +141,8 @@ impl ConsumerContext for NodeContext {
                 }
                 attempt += 1;
             }
-            self.metrics.observe_handoff_step("checkpoint", checkpoint_started.elapsed());
+            self.metrics
+                .observe_handoff_step("checkpoint", checkpoint_started.elapsed());
         }
         let mut checkpoints = self.checkpoints.lock().expect("checkpoint lock poisoned");
         // A lost partition's checkpoint may be in flight (it will fail): let it end first.
@@ -123,7 +150,8 @@ impl ConsumerContext for NodeContext {
         checkpoints.forget(&partitions);
         drop(checkpoints);
         self.handoff.release(&partitions);
-        self.metrics.observe_rebalance(if lost { "lost" } else { "revoked" }, started.elapsed());
+        self.metrics
+            .observe_rebalance(if lost { "lost" } else { "revoked" }, started.elapsed());
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -134,7 +162,8 @@ impl ConsumerContext for NodeContext {
                 // issue #2190) and skip events. Events that arrive early wait in the shard.
                 let started = Instant::now();
                 self.handoff.take_over(&self.partitions_of(tpl));
-                self.metrics.observe_rebalance("assigned", started.elapsed());
+                self.metrics
+                    .observe_rebalance("assigned", started.elapsed());
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::error!("rebalance error: {e}"),

@@ -27,12 +27,26 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(local: Arc<LocalShards>, gate: Arc<InFlightGate>, stopping: Arc<AtomicBool>) -> Self {
-        Self { batches: HashMap::new(), buffered: 0, oldest: None, local, gate, stopping }
+    pub fn new(
+        local: Arc<LocalShards>,
+        gate: Arc<InFlightGate>,
+        stopping: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            batches: HashMap::new(),
+            buffered: 0,
+            oldest: None,
+            local,
+            gate,
+            stopping,
+        }
     }
 
     pub fn push(&mut self, partition: u32, record: ConsumedRecord) {
-        self.batches.entry(partition).or_insert_with(|| Vec::with_capacity(BATCH_CAPACITY)).push(record);
+        self.batches
+            .entry(partition)
+            .or_insert_with(|| Vec::with_capacity(BATCH_CAPACITY))
+            .push(record);
         self.buffered += 1;
         self.oldest.get_or_insert_with(Instant::now);
     }
@@ -67,7 +81,10 @@ impl Dispatcher {
                 None => {
                     // Not committed, so whoever owns the partition next reads these again.
                     self.gate.release(batch.len());
-                    tracing::warn!("no shard for partition {partition}; {} records will be re-read", batch.len());
+                    tracing::warn!(
+                        "no shard for partition {partition}; {} records will be re-read",
+                        batch.len()
+                    );
                 }
             }
         }

@@ -40,7 +40,10 @@ pub enum ConsumerError {
     #[error("cannot create the Kafka consumer: {0}")]
     Create(rdkafka::error::KafkaError),
     #[error("cannot subscribe to {topic}: {source}")]
-    Subscribe { topic: String, source: rdkafka::error::KafkaError },
+    Subscribe {
+        topic: String,
+        source: rdkafka::error::KafkaError,
+    },
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
 }
@@ -106,47 +109,92 @@ impl ConsumerHandle {
     }
 }
 
-pub fn start(settings: ConsumerSettings, parts: ConsumerParts) -> Result<ConsumerHandle, ConsumerError> {
+pub fn start(
+    settings: ConsumerSettings,
+    parts: ConsumerParts,
+) -> Result<ConsumerHandle, ConsumerError> {
     let stopping = Arc::new(AtomicBool::new(false));
     let fenced = Arc::new(AtomicBool::new(false));
-    let ConsumerParts { handoff, local, gate, stats, metrics, dead_letters, checkpointer, kafka_stats, runtime } = parts;
+    let ConsumerParts {
+        handoff,
+        local,
+        gate,
+        stats,
+        metrics,
+        dead_letters,
+        checkpointer,
+        kafka_stats,
+        runtime,
+    } = parts;
     let context = NodeContext {
         topic: settings.topic.clone(),
         handoff,
         dispatcher: Mutex::new(Dispatcher::new(local.clone(), gate, stopping.clone())),
-        checkpoints: Mutex::new(CheckpointWorker::start(checkpointer, runtime.clone(), stats.clone(), fenced.clone())),
+        checkpoints: Mutex::new(CheckpointWorker::start(
+            checkpointer,
+            runtime.clone(),
+            stats.clone(),
+            fenced.clone(),
+        )),
         metrics,
         fenced,
         kafka_stats,
     };
     let session_ms = settings.session_timeout.as_millis().max(1_000);
-    let consumer: BaseConsumer<NodeContext> = crate::kafka_admin::with_debug(&mut ClientConfig::new(), settings.debug.as_deref())
-        .set("bootstrap.servers", &settings.bootstrap_servers)
-        .set("group.id", &settings.group)
-        .set("client.id", &settings.client_id)
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        .set("isolation.level", "read_committed")
-        .set("session.timeout.ms", session_ms.to_string())
-        .set("heartbeat.interval.ms", (session_ms / 4).max(250).to_string())
-        .set("statistics.interval.ms", settings.statistics_interval.as_millis().to_string())
-        .create_with_context(context)
-        .map_err(ConsumerError::Create)?;
+    let consumer: BaseConsumer<NodeContext> =
+        crate::kafka_admin::with_debug(&mut ClientConfig::new(), settings.debug.as_deref())
+            .set("bootstrap.servers", &settings.bootstrap_servers)
+            .set("group.id", &settings.group)
+            .set("client.id", &settings.client_id)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("isolation.level", "read_committed")
+            .set("session.timeout.ms", session_ms.to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (session_ms / 4).max(250).to_string(),
+            )
+            .set(
+                "statistics.interval.ms",
+                settings.statistics_interval.as_millis().to_string(),
+            )
+            .create_with_context(context)
+            .map_err(ConsumerError::Create)?;
     consumer
         .subscribe(&[&settings.topic])
-        .map_err(|source| ConsumerError::Subscribe { topic: settings.topic.clone(), source })?;
+        .map_err(|source| ConsumerError::Subscribe {
+            topic: settings.topic.clone(),
+            source,
+        })?;
     tracing::info!(
         "consuming {} ({} partitions) in group {} as {}",
-        settings.topic, settings.partitions, settings.group, settings.client_id
+        settings.topic,
+        settings.partitions,
+        settings.group,
+        settings.client_id
     );
     let loop_stopping = stopping.clone();
     let thread = std::thread::Builder::new()
         .name("kafka-consumer".into())
-        .spawn(move || poll_loop(consumer, settings, LoopParts { local, stats, dead_letters }, loop_stopping))
+        .spawn(move || {
+            poll_loop(
+                consumer,
+                settings,
+                LoopParts {
+                    local,
+                    stats,
+                    dead_letters,
+                },
+                loop_stopping,
+            )
+        })
         .expect("cannot spawn the consumer thread");
-    Ok(ConsumerHandle { stopping, thread: Some(thread) })
+    Ok(ConsumerHandle {
+        stopping,
+        thread: Some(thread),
+    })
 }
 
 struct LoopParts {
@@ -155,7 +203,12 @@ struct LoopParts {
     dead_letters: DeadLetters,
 }
 
-fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, parts: LoopParts, stopping: Arc<AtomicBool>) -> ConsumerExit {
+fn poll_loop(
+    consumer: BaseConsumer<NodeContext>,
+    settings: ConsumerSettings,
+    parts: LoopParts,
+    stopping: Arc<AtomicBool>,
+) -> ConsumerExit {
     let context = consumer.context();
     let mut last_commit = Instant::now();
     let mut last_partition_check = Instant::now();
@@ -171,7 +224,10 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
                 // interval, so the committed offsets (and a crash's replay) trail by milliseconds
                 // when the input pauses. Spaced by half the interval at least, so light traffic
                 // does not turn every record into a transaction.
-                if uncommitted && dispatcher.all_acknowledged() && last_commit.elapsed() >= settings.commit_interval / 2 {
+                if uncommitted
+                    && dispatcher.all_acknowledged()
+                    && last_commit.elapsed() >= settings.commit_interval / 2
+                {
                     drop(dispatcher);
                     context.checkpoint_in_background(&consumer);
                     last_commit = Instant::now();
@@ -185,15 +241,26 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
                 let record = match decode_record(message.key(), message.payload()) {
                     Ok(purchase) => {
                         NodeStats::add(&parts.stats.events_consumed, 1);
-                        if message.headers().is_some_and(|h| h.iter().any(|h| h.key == HEADER_REROUTED_FROM)) {
+                        if message
+                            .headers()
+                            .is_some_and(|h| h.iter().any(|h| h.key == HEADER_REROUTED_FROM))
+                        {
                             NodeStats::add(&parts.stats.events_forwarded_in, 1);
                         }
-                        ConsumedRecord { offset, purchase: Some(purchase) }
+                        ConsumedRecord {
+                            offset,
+                            purchase: Some(purchase),
+                        }
                     }
                     Err(reason) => {
-                        parts.dead_letters.send_blocking(&message, &reason.to_string());
+                        parts
+                            .dead_letters
+                            .send_blocking(&message, &reason.to_string());
                         NodeStats::add(&parts.stats.dead_lettered, 1);
-                        ConsumedRecord { offset, purchase: None }
+                        ConsumedRecord {
+                            offset,
+                            purchase: None,
+                        }
                     }
                 };
                 let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
@@ -220,12 +287,20 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
         return ConsumerExit::Fenced;
     }
     tracing::info!("consumer stopping: leaving the group (drains and checkpoints every shard)");
-    context.dispatcher.lock().expect("dispatcher lock poisoned").flush_all();
+    context
+        .dispatcher
+        .lock()
+        .expect("dispatcher lock poisoned")
+        .flush_all();
     // Unsubscribing revokes every partition through the rebalance callback (drain + commit).
     consumer.unsubscribe();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline
-        && (!parts.local.ids().is_empty() || consumer.assignment().map(|a| a.count() > 0).unwrap_or(false))
+        && (!parts.local.ids().is_empty()
+            || consumer
+                .assignment()
+                .map(|a| a.count() > 0)
+                .unwrap_or(false))
     {
         let _ = consumer.poll(Duration::from_millis(50));
     }
@@ -234,13 +309,21 @@ fn poll_loop(consumer: BaseConsumer<NodeContext>, settings: ConsumerSettings, pa
     ConsumerExit::Stopped
 }
 
-
 /// Adding partitions to the topic changes every key's partition: say so loudly.
-fn check_partition_count(consumer: &BaseConsumer<NodeContext>, settings: &ConsumerSettings, alarmed: &mut bool) {
-    let Ok(metadata) = consumer.fetch_metadata(Some(&settings.topic), Duration::from_secs(5)) else {
+fn check_partition_count(
+    consumer: &BaseConsumer<NodeContext>,
+    settings: &ConsumerSettings,
+    alarmed: &mut bool,
+) {
+    let Ok(metadata) = consumer.fetch_metadata(Some(&settings.topic), Duration::from_secs(5))
+    else {
         return;
     };
-    let Some(topic) = metadata.topics().iter().find(|t| t.name() == settings.topic) else {
+    let Some(topic) = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == settings.topic)
+    else {
         return;
     };
     let now = topic.partitions().len() as u32;

@@ -21,7 +21,10 @@ pub fn bootstrap() -> String {
 
 /// Fails loudly when no broker is reachable: these tests need the real one.
 pub fn require_broker() {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
     if let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
         panic!(
             "no Kafka broker at {} ({e}). Start the real broker with `scripts/kafka start` \
@@ -35,7 +38,11 @@ pub fn require_broker() {
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() % 100_000_000;
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        % 100_000_000;
     format!("{prefix}-{t}-{}-{n}", std::process::id())
 }
 
@@ -52,7 +59,9 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub fn log_dir(test: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("logs").join(test);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("logs")
+        .join(test);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -100,19 +109,45 @@ impl ClusterSpec {
 
     pub fn start_node(&self, i: u16) -> Node {
         let log_path = log_dir(&self.name).join(format!("node{i}.log"));
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
-        let seeds: Vec<String> = self.seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let seeds: Vec<String> = self
+            .seeds
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
         let child = Command::new(bin("processor"))
             .args([self.remoting(i), self.management(i), self.grpc(i)].map(|p| p.to_string()))
-            .args(["--bootstrap-servers", &bootstrap(), "--topic", &self.topic, "--group", &self.group])
-            .args(["--seed-nodes", &seeds.join(","), "--session-timeout-ms", "6000"])
+            .args([
+                "--bootstrap-servers",
+                &bootstrap(),
+                "--topic",
+                &self.topic,
+                "--group",
+                &self.group,
+            ])
+            .args([
+                "--seed-nodes",
+                &seeds.join(","),
+                "--session-timeout-ms",
+                "6000",
+            ])
             .args(&self.extra_args)
             .env("RUST_LOG", "info,ractor_cluster=warn,ractor=warn")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("cannot start processor");
-        Node { index: i, child: Some(child), management: self.management(i), log_path, id: self.node_id(i) }
+        Node {
+            index: i,
+            child: Some(child),
+            management: self.management(i),
+            log_path,
+            id: self.node_id(i),
+        }
     }
 
     /// Creates the topic through the producer (its normal path) without producing.
@@ -122,7 +157,11 @@ impl ClusterSpec {
             .args(["--partitions", &partitions.to_string(), "--count", "0"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "producer could not create the topic: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "producer could not create the topic: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Runs the producer to completion at full speed and returns the ledger path.
@@ -130,12 +169,23 @@ impl ClusterSpec {
         let ledger = log_dir(&self.name).join(ledger_name);
         let out = Command::new(bin("producer"))
             .args(["--bootstrap-servers", &bootstrap(), "--topic", &self.topic])
-            .args(["--count", &count.to_string(), "--users", &users.to_string(), "--rate", "0"])
+            .args([
+                "--count",
+                &count.to_string(),
+                "--users",
+                &users.to_string(),
+                "--rate",
+                "0",
+            ])
             .args(["--ledger", ledger.to_str().unwrap()])
             .stdout(Stdio::null())
             .output()
             .unwrap();
-        assert!(out.status.success(), "producer failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "producer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         ledger
     }
 }
@@ -159,12 +209,27 @@ impl BackgroundProducer {
 }
 
 impl ClusterSpec {
-    pub fn produce_in_background(&self, count: u64, users: u64, rate: u32, ledger_name: &str) -> BackgroundProducer {
+    pub fn produce_in_background(
+        &self,
+        count: u64,
+        users: u64,
+        rate: u32,
+        ledger_name: &str,
+    ) -> BackgroundProducer {
         let ledger = log_dir(&self.name).join(ledger_name);
-        let log = std::fs::File::create(log_dir(&self.name).join(format!("{ledger_name}.producer.log"))).unwrap();
+        let log =
+            std::fs::File::create(log_dir(&self.name).join(format!("{ledger_name}.producer.log")))
+                .unwrap();
         let child = Command::new(bin("producer"))
             .args(["--bootstrap-servers", &bootstrap(), "--topic", &self.topic])
-            .args(["--count", &count.to_string(), "--users", &users.to_string(), "--rate", &rate.to_string()])
+            .args([
+                "--count",
+                &count.to_string(),
+                "--users",
+                &users.to_string(),
+                "--rate",
+                &rate.to_string(),
+            ])
             .args(["--ledger", ledger.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(log)
@@ -185,7 +250,12 @@ pub struct Node {
 impl Node {
     pub async fn get_json(&self, path: &str) -> Option<Value> {
         let url = format!("http://127.0.0.1:{}{path}", self.management);
-        let response = reqwest::Client::new().get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
+        let response = reqwest::Client::new()
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
         response.json().await.ok()
     }
 
@@ -196,20 +266,35 @@ impl Node {
     pub async fn shards(&self) -> BTreeSet<u32> {
         self.stats()
             .await
-            .and_then(|s| s["shards"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect()))
+            .and_then(|s| {
+                s["shards"].as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64())
+                        .map(|v| v as u32)
+                        .collect()
+                })
+            })
             .unwrap_or_default()
     }
 
     /// `GET /metrics`, parsed: `name{labels}` -> value (labels as the node printed them).
     pub async fn metrics(&self) -> Option<BTreeMap<String, f64>> {
         let url = format!("http://127.0.0.1:{}/metrics", self.management);
-        let response = reqwest::Client::new().get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
+        let response = reqwest::Client::new()
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
         if !response.status().is_success() {
             return None;
         }
         let text = response.text().await.ok()?;
         let mut samples = BTreeMap::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let (series, value) = line.rsplit_once(' ')?;
             samples.insert(series.to_string(), value.parse().ok()?);
         }
@@ -217,7 +302,10 @@ impl Node {
     }
 
     pub async fn counter(&self, name: &str) -> u64 {
-        self.stats().await.and_then(|s| s[name].as_u64()).unwrap_or(0)
+        self.stats()
+            .await
+            .and_then(|s| s[name].as_u64())
+            .unwrap_or(0)
     }
 
     pub fn log(&self) -> String {
@@ -241,15 +329,28 @@ impl Node {
 
     /// Every thread's stack of the running node (via gdb, when installed), for diagnosing a stall.
     pub fn thread_dump(&self) -> String {
-        let Some(child) = self.child.as_ref() else { return "node not running".into() };
-        match Command::new("gdb").args(["-p", &child.id().to_string(), "-batch", "-ex", "thread apply all bt 12"]).output() {
+        let Some(child) = self.child.as_ref() else {
+            return "node not running".into();
+        };
+        match Command::new("gdb")
+            .args([
+                "-p",
+                &child.id().to_string(),
+                "-batch",
+                "-ex",
+                "thread apply all bt 12",
+            ])
+            .output()
+        {
             Ok(out) => String::from_utf8_lossy(&out.stdout).to_string(),
             Err(e) => format!("no gdb: {e}"),
         }
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     /// SIGTERM, then wait for a clean exit.
@@ -261,7 +362,11 @@ impl Node {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "node {} did not stop within 60 s", self.index);
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not stop within 60 s",
+                self.index
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -277,7 +382,9 @@ impl Drop for Node {
 }
 
 fn unsafe_kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status();
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
@@ -291,7 +398,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -299,16 +409,29 @@ where
 /// `client verify` through one node; returns (success, output).
 pub fn verify(grpc_url: &str, ledger: &Path) -> (bool, String) {
     let out = Command::new(bin("client"))
-        .args(["--addr", grpc_url, "verify", "--ledger", ledger.to_str().unwrap()])
+        .args([
+            "--addr",
+            grpc_url,
+            "verify",
+            "--ledger",
+            ledger.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
 /// `client get ID --json` through one node: (purchases, amount_spent).
 pub fn totals_via(grpc_url: &str, user: &str) -> Option<(i64, i64)> {
-    let out = Command::new(bin("client")).args(["--addr", grpc_url, "get", user, "--json"]).output().unwrap();
+    let out = Command::new(bin("client"))
+        .args(["--addr", grpc_url, "get", user, "--json"])
+        .output()
+        .unwrap();
     if !out.status.success() {
         return None;
     }
@@ -318,12 +441,20 @@ pub fn totals_via(grpc_url: &str, user: &str) -> Option<(i64, i64)> {
 
 /// The broker's view of a consumer group: client.id -> assigned partitions of `topic`.
 pub fn group_assignment(group: &str, topic: &str) -> BTreeMap<String, BTreeSet<u32>> {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
-    let list = consumer.fetch_group_list(Some(group), Duration::from_secs(10)).unwrap();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let list = consumer
+        .fetch_group_list(Some(group), Duration::from_secs(10))
+        .unwrap();
     let mut by_client = BTreeMap::new();
     for g in list.groups() {
         for member in g.members() {
-            let partitions = member.assignment().map(|a| decode_assignment(a, topic)).unwrap_or_default();
+            let partitions = member
+                .assignment()
+                .map(|a| decode_assignment(a, topic))
+                .unwrap_or_default();
             by_client.insert(member.client_id().to_string(), partitions);
         }
     }
@@ -359,8 +490,13 @@ fn decode_assignment(bytes: &[u8], topic: &str) -> BTreeSet<u32> {
 }
 
 pub fn partition_count(topic: &str) -> u32 {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
     metadata.topics()[0].partitions().len() as u32
 }
 
@@ -375,14 +511,19 @@ pub fn read_topic(topic: &str) -> Vec<ReadRecord> {
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
     let partitions = metadata.topics()[0].partitions().len() as i32;
     let mut tpl = TopicPartitionList::new();
     let mut remaining = 0i64;
     for p in 0..partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
         remaining += high - low;
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let mut records = Vec::new();
@@ -393,29 +534,49 @@ pub fn read_topic(topic: &str) -> Vec<ReadRecord> {
                 .headers()
                 .map(|h| {
                     h.iter()
-                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).to_string()))
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).to_string(),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
-            records.push((m.partition() as u32, m.offset(), m.key().map(|k| k.to_vec()), headers));
+            records.push((
+                m.partition() as u32,
+                m.offset(),
+                m.key().map(|k| k.to_vec()),
+                headers,
+            ));
         }
     }
-    assert_eq!(records.len() as i64, remaining, "could not read all of topic {topic}");
+    assert_eq!(
+        records.len() as i64,
+        remaining,
+        "could not read all of topic {topic}"
+    );
     records
 }
 
 /// Waits until every node owns some partitions and together they own each of `partitions` once.
 pub async fn wait_for_split(nodes: &[&Node], partitions: u32) -> Vec<BTreeSet<u32>> {
-    eventually(Duration::from_secs(60), &format!("{} nodes to split {partitions} partitions", nodes.len()), || async {
-        let mut sets = Vec::new();
-        for node in nodes {
-            sets.push(node.shards().await);
-        }
-        let total: usize = sets.iter().map(BTreeSet::len).sum();
-        let union: BTreeSet<u32> = sets.iter().flatten().copied().collect();
-        let split = total == partitions as usize && union.len() == total && sets.iter().all(|s| !s.is_empty());
-        split.then_some(sets)
-    })
+    eventually(
+        Duration::from_secs(60),
+        &format!("{} nodes to split {partitions} partitions", nodes.len()),
+        || async {
+            let mut sets = Vec::new();
+            for node in nodes {
+                sets.push(node.shards().await);
+            }
+            let total: usize = sets.iter().map(BTreeSet::len).sum();
+            let union: BTreeSet<u32> = sets.iter().flatten().copied().collect();
+            let split = total == partitions as usize
+                && union.len() == total
+                && sets.iter().all(|s| !s.is_empty());
+            split.then_some(sets)
+        },
+    )
     .await
 }
 
@@ -444,14 +605,28 @@ pub async fn wait_for_ledger(spec: &ClusterSpec, nodes: &[u16], ledger: &Path, w
 fn describe_mismatches(spec: &ClusterSpec, report: &str) -> String {
     let partitions = partition_count(&spec.topic);
     let mut by_partition: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
-    for line in report.lines().filter(|l| l.starts_with("MISMATCH") || l.starts_with("ERROR")) {
-        let user = line.split_whitespace().nth(2).unwrap_or("").trim_end_matches(':');
+    for line in report
+        .lines()
+        .filter(|l| l.starts_with("MISMATCH") || l.starts_with("ERROR"))
+    {
+        let user = line
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or("")
+            .trim_end_matches(':');
         let p = proto::partitioner::partition_for_key(user.as_bytes(), partitions);
         by_partition.entry(p).or_default().push(line);
     }
-    let mut out = format!("{}\nwrong users by partition:", report.lines().last().unwrap_or(""));
+    let mut out = format!(
+        "{}\nwrong users by partition:",
+        report.lines().last().unwrap_or("")
+    );
     for (p, lines) in by_partition {
-        out.push_str(&format!("\n  partition {p}: {} users, e.g. {}", lines.len(), lines[0]));
+        out.push_str(&format!(
+            "\n  partition {p}: {} users, e.g. {}",
+            lines.len(),
+            lines[0]
+        ));
     }
     out
 }
