@@ -105,6 +105,11 @@ pub struct Args {
     #[arg(long, env = "MAX_LIVE_ENTITIES", default_value_t = 50_000)]
     pub max_live_entities: usize,
 
+    /// Replicas of the topics the node creates (changelog, dead letters); default: the input
+    /// topic's replication factor.
+    #[arg(long, env = "KAFKA_REPLICATION_FACTOR", value_parser = clap::value_parser!(i32).range(1..=32))]
+    pub replication_factor: Option<i32>,
+
     /// How long a revoked shard may take to finish its in-flight events before hand-off.
     #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
@@ -172,6 +177,7 @@ pub struct NodeConfig {
     pub max_live_entities: usize,
     pub statistics_interval: Duration,
     pub kafka_debug: Option<String>,
+    pub replication_factor: Option<i32>,
 }
 
 impl NodeConfig {
@@ -201,6 +207,7 @@ impl NodeConfig {
             max_live_entities: args.max_live_entities,
             statistics_interval: Duration::from_millis(args.statistics_interval_ms),
             kafka_debug: args.kafka_debug.filter(|d| !d.is_empty()),
+            replication_factor: args.replication_factor,
             dlq_topic: args
                 .dlq_topic
                 .unwrap_or_else(|| format!("{}-dlq", args.topic)),

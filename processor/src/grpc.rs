@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::event::MAX_USER_ID_BYTES;
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::routing::{RouteError, Router};
 
 pub struct UserStatsService {
@@ -63,17 +64,45 @@ pub fn validate_user_id(id: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// Serves until `shutdown` resolves.
+/// How often gRPC health is brought in line with readiness.
+const HEALTH_FOLLOWS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Serves until `shutdown` resolves. gRPC health (the server as a whole, "", and the user
+/// service) is SERVING exactly when the node is ready.
 pub async fn serve(
     addr: SocketAddr,
     router: Arc<Router>,
     metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<UserServiceServer<UserStatsService>>()
-        .await;
+    tokio::spawn(async move {
+        use tonic_health::ServingStatus;
+        let mut serving = None;
+        loop {
+            let now = readiness.ready();
+            if serving != Some(now) {
+                serving = Some(now);
+                let status = if now {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                health_reporter.set_service_status("", status).await;
+                if now {
+                    health_reporter
+                        .set_serving::<UserServiceServer<UserStatsService>>()
+                        .await;
+                } else {
+                    health_reporter
+                        .set_not_serving::<UserServiceServer<UserStatsService>>()
+                        .await;
+                }
+            }
+            tokio::time::sleep(HEALTH_FOLLOWS_EVERY).await;
+        }
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -8,6 +8,8 @@
 //! - `GET /cluster/stats`: this node's counters.
 //! - `GET /cluster/kafka-stats`: librdkafka's consumer statistics (with `--statistics-interval-ms`).
 //! - `GET /metrics`: Prometheus metrics (see `metrics`).
+//! - `GET /alive`, `GET /ready`: liveness and readiness (see `readiness`), 200 or 503 with a
+//!   JSON body saying why.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,7 @@ use crate::backpressure::InFlightGate;
 use crate::cluster::membership::Membership;
 use crate::lag::LagProbe;
 use crate::metrics::{Metrics, ScrapeInputs};
+use crate::readiness::Readiness;
 use crate::shard::{EntityCounts, LocalShards, ShardMsg};
 use crate::stats::{NodeStats, StatsSnapshot};
 
@@ -41,6 +44,7 @@ pub struct Management {
     pub gate: Arc<InFlightGate>,
     pub metrics: Arc<Metrics>,
     pub lag: LagProbe,
+    pub readiness: Arc<Readiness>,
 }
 
 #[derive(Serialize)]
@@ -99,7 +103,22 @@ pub fn router(m: Arc<Management>) -> Router {
         .route("/cluster/kafka-stats", get(kafka_stats))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
+        .route(
+            "/alive",
+            get(|| async { Json(serde_json::json!({ "alive": true })) }),
+        )
+        .route("/ready", get(ready))
         .with_state(m)
+}
+
+async fn ready(State(m): State<Arc<Management>>) -> Response {
+    let report = m.readiness.report();
+    let status = if report.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(report)).into_response()
 }
 
 async fn shards(State(m): State<Arc<Management>>, Path(type_name): Path<String>) -> Response {

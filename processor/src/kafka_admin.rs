@@ -8,9 +8,11 @@ const METADATA_WAIT: Duration = Duration::from_secs(30);
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka_health::QuietContext;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -66,11 +68,38 @@ pub fn wait_for_topic(bootstrap: &str, topic: &str, wait: Duration) -> Result<u3
     }
 }
 
-/// Creates `topic` with `partitions` partitions unless it exists; returns its partition count.
+/// The replication factor of `topic` (its first partition's replica count).
+pub fn replication_factor(bootstrap: &str, topic: &str) -> Result<i32, AdminError> {
+    let unreachable = |e: rdkafka::error::KafkaError| AdminError::Unreachable {
+        bootstrap: bootstrap.into(),
+        reason: e.to_string(),
+    };
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(unreachable)?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(unreachable)?;
+    metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .and_then(|t| t.partitions().first())
+        .map(|p| p.replicas().len() as i32)
+        .ok_or_else(|| AdminError::NoSuchTopic {
+            topic: topic.into(),
+            waited_s: 0,
+        })
+}
+
+/// Creates `topic` with `partitions` partitions and `replication` replicas (-1: the broker's
+/// `default.replication.factor`) unless it exists; returns its partition count.
 pub async fn ensure_topic(
     bootstrap: &str,
     topic: &str,
     partitions: u32,
+    replication: i32,
     config: &[(&str, &str)],
 ) -> Result<u32, AdminError> {
     if let Some(n) = partition_count(bootstrap, topic)? {
@@ -83,7 +112,11 @@ pub async fn ensure_topic(
             bootstrap: bootstrap.into(),
             reason: e.to_string(),
         })?;
-    let mut new_topic = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+    let mut new_topic = NewTopic::new(
+        topic,
+        partitions as i32,
+        TopicReplication::Fixed(replication),
+    );
     for (k, v) in config {
         new_topic = new_topic.set(k, v);
     }
@@ -128,8 +161,8 @@ pub async fn ensure_topic(
 /// Every one of `partitions`' first (`Offset::Beginning`) or end (`Offset::End`) offset, in one
 /// ListOffsets request. The end is the high watermark for a read_uncommitted `client`, the last
 /// stable offset for a read_committed one. Partitions the broker gave no offset for are absent.
-pub fn list_offsets(
-    client: &BaseConsumer,
+pub fn list_offsets<C: ConsumerContext>(
+    client: &BaseConsumer<C>,
     topic: &str,
     partitions: impl IntoIterator<Item = u32>,
     which: Offset,
@@ -160,19 +193,23 @@ pub fn offsets_by_partition(tpl: &TopicPartitionList) -> std::collections::BTree
 /// A client of `group` that never joins it, for reading the group's committed offsets (the lag
 /// probe, the restorer). read_committed: it asks for *stable* offsets, i.e. the broker answers
 /// only once no transaction has offsets pending for the partitions asked.
-pub fn group_offsets_client(bootstrap: &str, group: &str) -> KafkaResult<BaseConsumer> {
+pub fn group_offsets_client(
+    bootstrap: &str,
+    group: &str,
+    context: QuietContext,
+) -> KafkaResult<BaseConsumer<QuietContext>> {
     ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
-        .create()
+        .create_with_context(context)
 }
 
 /// The group's committed offset of each of `partitions` (absent when none), through a
 /// [`group_offsets_client`]; waits (up to `timeout`) while a transaction has offsets pending.
-pub fn committed_offsets(
-    client: &BaseConsumer,
+pub fn committed_offsets<C: ConsumerContext>(
+    client: &BaseConsumer<C>,
     topic: &str,
     partitions: impl IntoIterator<Item = u32>,
     timeout: Duration,

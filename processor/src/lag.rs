@@ -14,17 +14,18 @@ use rdkafka::error::KafkaResult;
 use rdkafka::Offset;
 
 use crate::kafka_admin::{committed_offsets, list_offsets};
+use crate::kafka_health::QuietContext;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct LagProbe {
     /// The node's [`crate::kafka_admin::group_offsets_client`] (shared with the restorer).
-    client: Arc<BaseConsumer>,
+    client: Arc<BaseConsumer<QuietContext>>,
     topic: String,
 }
 
 impl LagProbe {
-    pub fn new(client: Arc<BaseConsumer>, topic: &str) -> Self {
+    pub fn new(client: Arc<BaseConsumer<QuietContext>>, topic: &str) -> Self {
         Self {
             client,
             topic: topic.into(),

@@ -13,6 +13,8 @@
 //! - [`allocation`]: the shard -> node table every node keeps; [`cluster`] keeps it current
 //!   (membership, announcements, the per-node gateway actor, wire types).
 //! - [`routing`]: reaching a shard locally or on its owner, with bounded waits.
+//! - [`kafka_health`]: Kafka reachability (one log line per outage, not per retry) and what a
+//!   node cannot recover from; [`readiness`]: `/alive`, `/ready` and gRPC health.
 //! - [`grpc`], [`http`]: the front ends; [`stats`] and [`metrics`] what they report. [`event`], [`dlq`]: input validation and dead letters.
 
 pub mod allocation;
@@ -28,10 +30,12 @@ pub mod grpc;
 pub mod handoff;
 pub mod http;
 pub mod kafka_admin;
+pub mod kafka_health;
 pub mod lag;
 pub mod memory;
 pub mod metrics;
 pub mod node;
+pub mod readiness;
 pub mod restore;
 pub mod routing;
 pub mod shard;

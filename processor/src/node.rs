@@ -16,14 +16,15 @@ use crate::cli::NodeConfig;
 use crate::cluster::announce::Announcer;
 use crate::cluster::gateway::{Gateway, GatewayArgs};
 use crate::cluster::membership::{Membership, MembershipError};
-use crate::consumer::checkpoint::Checkpointer;
+use crate::consumer::checkpoint::{Checkpointer, CheckpointerConfig};
 use crate::consumer::{self, ConsumerError, ConsumerExit, ConsumerParts, ConsumerSettings};
-use crate::dlq::DeadLetters;
 use crate::handoff::Handoff;
 use crate::http::Management;
 use crate::kafka_admin::{self, AdminError};
+use crate::kafka_health::{KafkaHealth, QuietContext, Unrecoverable};
 use crate::lag::LagProbe;
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::restore::Restorer;
 use crate::routing::Router;
 use crate::shard::{LocalShards, ShardEnv};
@@ -50,8 +51,6 @@ pub enum NodeError {
     Membership(#[from] MembershipError),
     #[error(transparent)]
     Consumer(#[from] ConsumerError),
-    #[error("cannot create the dead-letter producer: {0}")]
-    DeadLetters(rdkafka::error::KafkaError),
     #[error("cannot create the client reading the group's committed offsets: {0}")]
     GroupOffsets(rdkafka::error::KafkaError),
     #[error("cannot start the gateway actor: {0}")]
@@ -64,8 +63,20 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Changelog(#[from] ChangelogError),
-    #[error("this node was fenced (its partitions were reassigned while it was unresponsive); restart it")]
-    Fenced,
+    #[error(transparent)]
+    Unrecoverable(#[from] Unrecoverable),
+    #[error("the consumer thread panicked")]
+    ConsumerPanicked,
+}
+
+impl NodeError {
+    /// The process exit code: one per cause a restart cannot fix (README), 1 for the rest.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Unrecoverable(cause) => cause.exit_code(),
+            _ => 1,
+        }
+    }
 }
 
 fn socket(host: &str, port: u16) -> Result<SocketAddr, NodeError> {
@@ -98,10 +109,16 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     })
     .await
     .expect("topic wait panicked")?;
+    // The node's own topics are as durable as the input unless told otherwise.
+    let replication = match config.replication_factor {
+        Some(n) => n,
+        None => kafka_admin::replication_factor(&config.bootstrap_servers, &config.topic)?,
+    };
     kafka_admin::ensure_topic(
         &config.bootstrap_servers,
         &config.dlq_topic,
         DLQ_PARTITIONS,
+        replication,
         &[],
     )
     .await?;
@@ -109,6 +126,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         &config.bootstrap_servers,
         &config.changelog_topic,
         partitions,
+        replication,
         &[
             ("cleanup.policy", "compact"),
             ("min.cleanable.dirty.ratio", "0.1"),
@@ -139,6 +157,10 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         config.topic
     );
 
+    let health = KafkaHealth::new(&config.bootstrap_servers);
+    tokio::spawn(health.clone().monitor());
+    let quiet = QuietContext::new(health.clone());
+    let readiness = Readiness::new(health.clone(), &config.group);
     let table = Arc::new(AllocationTable::new(node_id.clone()));
     let local = Arc::new(LocalShards::default());
     let stats = Arc::new(NodeStats::default());
@@ -176,6 +198,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             config.seed_nodes.clone(),
             table.clone(),
             announcer.clone(),
+            readiness.clone(),
         )
         .await?,
     );
@@ -190,12 +213,13 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         grpc_addr,
         router.clone(),
         metrics.clone(),
+        readiness.clone(),
         shutdown(shutdown_rx.clone()),
     ));
 
     // One client reads the group's committed offsets, for the lag at /metrics and the restorer.
     let group_offsets = Arc::new(
-        kafka_admin::group_offsets_client(&config.bootstrap_servers, &config.group)
+        kafka_admin::group_offsets_client(&config.bootstrap_servers, &config.group, quiet.clone())
             .map_err(NodeError::GroupOffsets)?,
     );
     let kafka_stats = Arc::new(std::sync::Mutex::new(String::new()));
@@ -211,6 +235,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         gate: gate.clone(),
         metrics: metrics.clone(),
         lag: LagProbe::new(group_offsets.clone(), &config.topic),
+        readiness: readiness.clone(),
     });
     let http_listener = tokio::net::TcpListener::bind(socket(&host, config.ports.management)?)
         .await
@@ -233,6 +258,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         live_entities: AtomicUsize::new(0),
         max_live_entities: config.max_live_entities,
         passivate_after: config.passivate_after,
+        readiness: readiness.clone(),
     });
     let restorer = Arc::new(Restorer {
         bootstrap_servers: config.bootstrap_servers.clone(),
@@ -241,6 +267,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         input_topic: config.topic.clone(),
         metrics: metrics.clone(),
         kafka_debug: config.kafka_debug.clone(),
+        context: quiet.clone(),
     });
     let handoff = Arc::new(Handoff::new(
         tokio::runtime::Handle::current(),
@@ -251,33 +278,30 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         config.drain_timeout,
     ));
     // One transactional id per node: a restarted node fences its previous run.
-    let (bootstrap, transactional_id) = (
-        config.bootstrap_servers.clone(),
-        format!("{}-{node_id}", config.group),
-    );
-    let (changelog, input, txn_timeout) = (
-        config.changelog_topic.clone(),
-        config.topic.clone(),
-        config.transaction_timeout,
-    );
-    let checkpointer = tokio::task::spawn_blocking(move || {
-        Checkpointer::new(
-            &bootstrap,
-            &transactional_id,
-            txn_timeout,
-            &changelog,
-            &input,
-        )
-    })
-    .await
-    .expect("checkpointer start panicked")
-    .map_err(ConsumerError::from)?;
-    let dead_letters = DeadLetters::new(
-        &config.bootstrap_servers,
-        &config.dlq_topic,
-        tokio::runtime::Handle::current(),
-    )
-    .map_err(NodeError::DeadLetters)?;
+    let checkpointer_config = CheckpointerConfig {
+        bootstrap: config.bootstrap_servers.clone(),
+        transactional_id: format!("{}-{node_id}", config.group),
+        transaction_timeout: config.transaction_timeout,
+        changelog_topic: config.changelog_topic.clone(),
+        input_topic: config.topic.clone(),
+        dlq_topic: config.dlq_topic.clone(),
+        context: quiet.clone(),
+    };
+    let starting = checkpointer_config.clone();
+    let checkpointer = tokio::task::spawn_blocking(move || Checkpointer::new(&starting))
+        .await
+        .expect("checkpointer start panicked")
+        .map_err(ConsumerError::from)?;
+
+    // Only an admitted node takes partitions: a node the others refuse would hold shards no
+    // other node's front end can reach.
+    if !wait_for_admission(&readiness).await {
+        tracing::info!("stopped before being admitted to the cluster");
+        let _ = shutdown_tx.send(true);
+        let _ = grpc.await;
+        let _ = http.await;
+        return Ok(());
+    }
     let mut consumer = consumer::start(
         ConsumerSettings {
             bootstrap_servers: config.bootstrap_servers.clone(),
@@ -296,8 +320,10 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
             gate,
             stats,
             metrics,
-            dead_letters,
             checkpointer,
+            checkpointer_config,
+            health: health.clone(),
+            readiness: readiness.clone(),
             kafka_stats: kafka_stats.clone(),
             runtime: tokio::runtime::Handle::current(),
         },
@@ -309,21 +335,51 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     );
 
     wait_for_stop_signal(&consumer).await;
+    readiness.set_stopping();
     tracing::info!("shutting down: handing off every shard");
     consumer.stop();
     let exit = tokio::task::spawn_blocking(move || consumer.join())
         .await
-        .unwrap_or(ConsumerExit::Stopped);
+        .unwrap_or(ConsumerExit::Panicked);
     let _ = shutdown_tx.send(true);
     let _ = grpc.await;
     let _ = http.await;
     gateway.stop(None);
     membership.server.stop(None);
-    if exit == ConsumerExit::Fenced {
-        return Err(NodeError::Fenced);
+    match exit {
+        ConsumerExit::Stopped => {
+            tracing::info!("node {node_id} stopped");
+            Ok(())
+        }
+        ConsumerExit::Unrecoverable(cause) => Err(cause.into()),
+        ConsumerExit::Panicked => Err(NodeError::ConsumerPanicked),
     }
-    tracing::info!("node {node_id} stopped");
-    Ok(())
+}
+
+/// Waits until the node is admitted to the cluster; `false` if asked to stop first.
+async fn wait_for_admission(readiness: &Readiness) -> bool {
+    let mut said = false;
+    #[cfg(unix)]
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("cannot install the SIGTERM handler");
+    while !readiness.admitted() {
+        if !said {
+            said = true;
+            tracing::info!(
+                "waiting to be admitted to the cluster before joining the consumer group"
+            );
+        }
+        #[cfg(unix)]
+        let term = sigterm.recv();
+        #[cfg(not(unix))]
+        let term = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return false,
+            _ = term => return false,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    true
 }
 
 async fn wait_for_stop_signal(consumer: &consumer::ConsumerHandle) {

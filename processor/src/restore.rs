@@ -21,6 +21,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use crate::changelog::decode_state;
 use crate::entity::{EntityState, UserId, UserMap};
 use crate::kafka_admin::{committed_offsets, list_offsets, with_debug};
+use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
 use crate::shard::ShardMsg;
 
@@ -39,11 +40,13 @@ pub struct Restorer {
     pub changelog_topic: String,
     /// The node's [`crate::kafka_admin::group_offsets_client`] and the group's input topic: the
     /// restore waits for their committed offsets to be stable (see `run`).
-    pub group_offsets: Arc<BaseConsumer>,
+    pub group_offsets: Arc<BaseConsumer<QuietContext>>,
     pub input_topic: String,
     pub metrics: Arc<Metrics>,
     /// librdkafka debug contexts for the restore consumer (`--kafka-debug`).
     pub kafka_debug: Option<String>,
+    /// The node's Kafka client context (errors feed its health, not the log).
+    pub context: QuietContext,
 }
 
 struct PartitionRestore {
@@ -66,6 +69,7 @@ impl Restorer {
             .name("changelog-restore".into())
             .spawn(move || {
                 let mut shards = shards;
+                let mut failures = 0u32;
                 loop {
                     match this.run(&mut shards, assigned_at) {
                         Ok(()) => return,
@@ -76,7 +80,13 @@ impl Restorer {
                             if shards.is_empty() {
                                 return;
                             }
-                            tracing::warn!("changelog restore failed ({e}); retrying");
+                            // Every attempt fails alike while Kafka is away: say it now and then.
+                            failures += 1;
+                            if failures == 1 || failures % 20 == 0 {
+                                tracing::warn!(
+                                    "changelog restore failed ({e}); retrying (attempt {failures})"
+                                );
+                            }
                             std::thread::sleep(Duration::from_millis(500));
                         }
                     }
@@ -110,7 +120,7 @@ impl Restorer {
             shards.iter().map(|(p, _)| *p),
             STABLE_OFFSETS_TIMEOUT,
         )?;
-        let consumer: BaseConsumer =
+        let consumer: BaseConsumer<QuietContext> =
             with_debug(&mut ClientConfig::new(), self.kafka_debug.as_deref())
                 .set("bootstrap.servers", &self.bootstrap_servers)
                 // Assign-only (never joins or commits), but librdkafka needs a group id to report positions.
@@ -122,7 +132,7 @@ impl Restorer {
                 .set("fetch.wait.max.ms", "10")
                 .set("fetch.max.bytes", "52428800")
                 .set("max.partition.fetch.bytes", "10485760")
-                .create()?;
+                .create_with_context(self.context.clone())?;
         // The end to read to is the partition's high watermark, asked with read_uncommitted: a
         // read_committed client is told the *last stable offset*, which stops short of an open
         // transaction. Reading (read_committed) up to the high watermark therefore waits until
@@ -130,10 +140,10 @@ impl Restorer {
         // frozen node's checkpoint that it commits after resuming (its offsets were accepted
         // before it froze) is missing from the restored state, while this node's consumer,
         // which waits for stable offsets, resumes after it: those events would be lost.
-        let watermarks: BaseConsumer = ClientConfig::new()
+        let watermarks: BaseConsumer<QuietContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap_servers)
             .set("isolation.level", "read_uncommitted")
-            .create()?;
+            .create_with_context(self.context.clone())?;
         // One ListOffsets request each for all partitions: asking per partition cost a broker
         // round trip each, a noticeable part of restoring 128 shards.
         let partitions = || shards.iter().map(|(p, _)| *p);
@@ -218,7 +228,7 @@ impl Restorer {
                     }
                 }
                 None => {}
-                Some(Err(e)) => tracing::warn!("changelog read error: {e}"),
+                Some(Err(e)) => self.context.health.client_error(e, "changelog read"),
             }
             // A partition is complete once the read position reached the high watermark it had
             // at start (transaction markers included, so a partition ending in a marker is only

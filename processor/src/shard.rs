@@ -22,15 +22,23 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 
 use crate::backpressure::InFlightGate;
+use crate::dlq::DeadLetter;
 use crate::entity::{EntityArgs, EntityMsg, EntityState, Totals, UserEntity, UserId, UserMap};
 use crate::event::Purchase;
+use crate::readiness::Readiness;
 use crate::stats::NodeStats;
 
-/// One record read from this shard's partition: a purchase, or `None` for a record that was
-/// dead-lettered (it only has to be committed past, in order).
+/// One record read from this shard's partition.
 pub struct ConsumedRecord {
     pub offset: i64,
-    pub purchase: Option<Purchase>,
+    pub content: RecordContent,
+}
+
+pub enum RecordContent {
+    Event(Purchase),
+    /// Malformed: nothing to apply; it goes to the dead-letter topic with the checkpoint that
+    /// commits past it.
+    DeadLetter(Box<DeadLetter>),
 }
 
 /// An event read from this partition whose key belongs to another shard: it is written to its
@@ -43,6 +51,13 @@ pub struct Reroute {
     pub purchase: Purchase,
 }
 
+/// A record a checkpoint writes besides states and offsets, in the same transaction.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    Reroute(Reroute),
+    DeadLetter(Box<DeadLetter>),
+}
+
 /// What a shard contributes to one checkpoint transaction.
 #[derive(Debug, Default)]
 pub struct Checkpoint {
@@ -52,12 +67,12 @@ pub struct Checkpoint {
     /// Next offset to commit; `None` if nothing was acknowledged yet.
     pub commit_offset: Option<i64>,
     pub states: Vec<(UserId, EntityState)>,
-    pub reroutes: Vec<Reroute>,
+    pub outgoing: Vec<Outgoing>,
 }
 
 impl Checkpoint {
     pub fn is_empty(&self) -> bool {
-        self.states.is_empty() && self.reroutes.is_empty()
+        self.states.is_empty() && self.outgoing.is_empty()
     }
 }
 
@@ -141,6 +156,8 @@ pub struct ShardEnv {
     pub max_live_entities: usize,
     /// An entity with nothing in flight for this long is passivated.
     pub passivate_after: Duration,
+    /// Counts the shards still restoring (a node is not ready while any is).
+    pub readiness: Arc<Readiness>,
 }
 
 pub struct ShardActor;
@@ -180,7 +197,7 @@ pub struct ShardState {
     /// that may include them and stay until a checkpoint at or after it is confirmed.
     checkpoint_seq: u64,
     dirty: UserMap<u64>,
-    outbox: Vec<(u64, Reroute)>,
+    outbox: Vec<(u64, Outgoing)>,
 }
 
 impl ShardState {
@@ -284,11 +301,16 @@ impl ShardState {
         let mut by_user: UserMap<Vec<(i64, Purchase)>> = UserMap::default();
         let mut settled = 0usize;
         for record in batch {
-            let Some(purchase) = record.purchase else {
-                // Dead-lettered: nothing to apply, only to commit past.
-                self.pending.push_back((record.offset, true));
-                settled += 1;
-                continue;
+            let purchase = match record.content {
+                RecordContent::Event(purchase) => purchase,
+                RecordContent::DeadLetter(letter) => {
+                    // Settled once the checkpoint that commits past it also writes the letter.
+                    self.pending.push_back((record.offset, true));
+                    settled += 1;
+                    self.outbox
+                        .push((self.checkpoint_seq + 1, Outgoing::DeadLetter(letter)));
+                    continue;
+                }
             };
             let shard = proto::partitioner::partition_for_key(
                 purchase.user_id.as_bytes(),
@@ -320,7 +342,8 @@ impl ShardState {
                     target_partition: shard,
                     purchase,
                 };
-                self.outbox.push((self.checkpoint_seq + 1, reroute));
+                self.outbox
+                    .push((self.checkpoint_seq + 1, Outgoing::Reroute(reroute)));
             }
         }
         for (user_id, events) in by_user {
@@ -363,7 +386,7 @@ impl ShardState {
                 .keys()
                 .filter_map(|u| self.known.get(u).map(|s| (u.clone(), *s)))
                 .collect(),
-            reroutes: self.outbox.iter().map(|(_, r)| r.clone()).collect(),
+            outgoing: self.outbox.iter().map(|(_, r)| r.clone()).collect(),
         }
     }
 
@@ -386,6 +409,7 @@ impl Actor for ShardActor {
         let tick = (args.env.passivate_after / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
         myself.send_interval(tick, || ShardMsg::Tick);
+        args.env.readiness.shard_restoring();
         Ok(ShardState {
             shard: args.shard,
             env: args.env,
@@ -439,6 +463,9 @@ impl Actor for ShardActor {
             .as_ref()
             .map_or(0, |w| w.batches.iter().map(Vec::len).sum());
         state.env.gate.release(unacknowledged + buffered);
+        if state.restoring.is_some() {
+            state.env.readiness.shard_restored();
+        }
         Ok(())
     }
 
@@ -470,6 +497,7 @@ impl ShardState {
                 let Some(WaitingForRestore { batches, queries }) = state.restoring.take() else {
                     return Ok(());
                 };
+                state.env.readiness.shard_restored();
                 NodeStats::add(&state.env.stats.entities_restored, known.len() as u64);
                 state.known = known;
                 for batch in batches {

@@ -57,6 +57,9 @@ struct Args {
     /// Partitions of the topic if it has to be created.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     partitions: u32,
+    /// Replicas of the topic if it has to be created (-1: the broker's default.replication.factor).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..=32))]
+    replication_factor: i32,
     /// Write the expected per-user totals of every acknowledged event here at the end (JSON).
     #[arg(long)]
     ledger: Option<PathBuf>,
@@ -103,6 +106,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &args.bootstrap_servers,
         &args.topic,
         args.partitions,
+        args.replication_factor,
         &[],
     )
     .await

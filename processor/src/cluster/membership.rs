@@ -1,22 +1,31 @@
-//! Joining the cluster and staying joined.
+//! Joining the cluster and staying joined, and admission: whether this node may take work.
 //!
 //! ractor_cluster connects and authenticates nodes but neither notices a node that went away
 //! in every case nor reconnects. So: a loop dials every seed node that has no session (startup
 //! order does not matter, and a returning seed is reconnected), transitive mode makes nodes learn
 //! of each other through the seeds, and session events update the allocation table.
+//!
+//! A node is *admitted* (and only then joins the consumer group: see `node`) once a session
+//! with another node is authenticated and ready, or, when it is itself a seed, once a round of
+//! dialling found no other seed answering at all (it starts the cluster). A seed that answers
+//! but refuses the handshake (a different cookie) keeps the node out: its shards would be
+//! unreachable from every other node's front end.
 
-use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorRef};
+use ractor::{Actor, ActorId, ActorRef};
 use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
 use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 
 use crate::allocation::AllocationTable;
 use crate::cluster::announce::Announcer;
+use crate::readiness::Readiness;
 
 const SEED_RETRY_EVERY: Duration = Duration::from_secs(2);
+/// A peer failing the handshake with this node is mentioned at most this often.
+const INCOMING_REFUSAL_SAY_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MembershipError {
@@ -38,8 +47,16 @@ impl Membership {
         seeds: Vec<String>,
         table: Arc<AllocationTable>,
         announcer: Arc<Announcer>,
+        readiness: Arc<Readiness>,
     ) -> Result<Self, MembershipError> {
         let own_addr = format!("{host}:{port}");
+        let is_seed = seeds.contains(&own_addr);
+        let seeds: Vec<String> = seeds.into_iter().filter(|s| *s != own_addr).collect();
+        let admission = Arc::new(Admission {
+            readiness,
+            sessions: Mutex::default(),
+            refused_by: Mutex::default(),
+        });
         let mut server = NodeServer::new(
             port,
             cookie,
@@ -65,14 +82,19 @@ impl Membership {
                     server: server.clone(),
                     table,
                     announcer,
+                    admission: admission.clone(),
+                    seeds: seeds.clone(),
+                    last_incoming_refusal: Mutex::new(None),
                 }),
             })
             .map_err(|e| MembershipError::Start {
                 port,
                 reason: e.to_string(),
             })?;
-        let seeds: Vec<String> = seeds.into_iter().filter(|s| *s != own_addr).collect();
-        tokio::spawn(dial_seeds(server.clone(), seeds));
+        if seeds.is_empty() {
+            admission.readiness.admit("it is the only seed node");
+        }
+        tokio::spawn(dial_seeds(server.clone(), seeds, is_seed, admission));
         Ok(Self { server })
     }
 
@@ -97,9 +119,25 @@ async fn connected(server: &ActorRef<NodeServerMessage>) -> Vec<NodeServerSessio
     }
 }
 
-async fn dial_seeds(server: ActorRef<NodeServerMessage>, seeds: Vec<String>) {
+/// What admission needs to know about sessions.
+struct Admission {
+    readiness: Arc<Readiness>,
+    /// Open sessions: whether each has authenticated.
+    sessions: Mutex<HashMap<ActorId, bool>>,
+    /// Seeds that answered but refused this node's handshake.
+    refused_by: Mutex<HashSet<String>>,
+}
+
+async fn dial_seeds(
+    server: ActorRef<NodeServerMessage>,
+    seeds: Vec<String>,
+    is_seed: bool,
+    admission: Arc<Admission>,
+) {
     let mut reported_down: HashSet<String> = HashSet::new();
     loop {
+        // Whether any other seed answered this round (TCP accepted), authenticated or not.
+        let mut answered = false;
         let sessions = connected(&server).await;
         let reachable: HashSet<String> = sessions
             .iter()
@@ -109,6 +147,7 @@ async fn dial_seeds(server: ActorRef<NodeServerMessage>, seeds: Vec<String>) {
         for seed in &seeds {
             if reachable.contains(seed) {
                 reported_down.remove(seed);
+                answered = true;
                 continue;
             }
             match tokio::time::timeout(
@@ -117,9 +156,10 @@ async fn dial_seeds(server: ActorRef<NodeServerMessage>, seeds: Vec<String>) {
             )
             .await
             {
+                // Only a transport: "connected" is said once the handshake succeeds.
                 Ok(Ok(())) => {
-                    tracing::info!("connected to seed node {seed}");
                     reported_down.remove(seed);
+                    answered = true;
                 }
                 Ok(Err(e)) => {
                     if reported_down.insert(seed.clone()) {
@@ -135,6 +175,33 @@ async fn dial_seeds(server: ActorRef<NodeServerMessage>, seeds: Vec<String>) {
                 }
             }
         }
+        if !admission.readiness.admitted() {
+            let refused = admission
+                .refused_by
+                .lock()
+                .expect("admission lock poisoned")
+                .clone();
+            if is_seed && !answered && refused.is_empty() {
+                admission
+                    .readiness
+                    .admit("no other seed node answers: this node starts the cluster");
+            } else if !refused.is_empty() {
+                let mut refused: Vec<String> = refused.into_iter().collect();
+                refused.sort();
+                admission.readiness.not_admitted_because(&format!(
+                    "refused by {} (is --cookie the same on every node?)",
+                    refused.join(", ")
+                ));
+            } else if !answered {
+                admission
+                    .readiness
+                    .not_admitted_because(&format!("no seed node answers ({})", seeds.join(", ")));
+            } else {
+                admission
+                    .readiness
+                    .not_admitted_because("handshake with a seed node in progress");
+            }
+        }
         tokio::time::sleep(SEED_RETRY_EVERY).await;
     }
 }
@@ -143,25 +210,118 @@ struct SessionEvents {
     server: ActorRef<NodeServerMessage>,
     table: Arc<AllocationTable>,
     announcer: Arc<Announcer>,
+    admission: Arc<Admission>,
+    seeds: Vec<String>,
+    last_incoming_refusal: Mutex<Option<Instant>>,
+}
+
+impl SessionEvents {
+    /// A session ended before its handshake completed: a refused cookie, unless another session
+    /// to the same peer won (two nodes dialling each other keep one session).
+    fn handshake_failed(&self, ses: NodeServerSessionInformation) {
+        if ses.is_server {
+            let mut last = self
+                .last_incoming_refusal
+                .lock()
+                .expect("membership lock poisoned");
+            if last.is_none_or(|t| t.elapsed() >= INCOMING_REFUSAL_SAY_EVERY) {
+                *last = Some(Instant::now());
+                tracing::warn!(
+                    "a node at {} failed the handshake with this node (a different --cookie?); it is not admitted",
+                    ses.peer_addr
+                );
+            }
+            return;
+        }
+        let (server, admission, seed) = (
+            self.server.clone(),
+            self.admission.clone(),
+            ses.peer_addr.clone(),
+        );
+        if !self.seeds.contains(&seed) {
+            return;
+        }
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let other_session = connected(&server).await.iter().any(|s| {
+                s.peer_name
+                    .as_ref()
+                    .is_some_and(|n| n.connection_string == seed)
+            });
+            if other_session {
+                return;
+            }
+            if admission
+                .refused_by
+                .lock()
+                .expect("admission lock poisoned")
+                .insert(seed.clone())
+            {
+                tracing::error!(
+                    "{seed} refused this node: is --cookie the same on every node? Not joining the consumer group \
+                     until a seed node admits this node; retrying"
+                );
+            }
+        });
+    }
 }
 
 impl NodeEventSubscription for SessionEvents {
-    fn node_session_opened(&self, _ses: NodeServerSessionInformation) {}
+    fn node_session_opened(&self, ses: NodeServerSessionInformation) {
+        self.admission
+            .sessions
+            .lock()
+            .expect("admission lock poisoned")
+            .insert(ses.actor.get_id(), false);
+    }
 
-    fn node_session_authenticated(&self, _ses: NodeServerSessionInformation) {}
+    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        self.admission
+            .sessions
+            .lock()
+            .expect("admission lock poisoned")
+            .insert(ses.actor.get_id(), true);
+    }
 
     fn node_session_ready(&self, ses: NodeServerSessionInformation) {
-        if let Some(name) = ses.peer_name {
+        self.admission
+            .sessions
+            .lock()
+            .expect("admission lock poisoned")
+            .insert(ses.actor.get_id(), true);
+        if let Some(name) = &ses.peer_name {
+            if !ses.is_server && self.seeds.contains(&ses.peer_addr) {
+                tracing::info!("connected to seed node {}", ses.peer_addr);
+                self.admission
+                    .refused_by
+                    .lock()
+                    .expect("admission lock poisoned")
+                    .remove(&ses.peer_addr);
+            }
             tracing::info!(
                 "node {} joined the cluster (at {})",
                 name.name,
                 name.connection_string
             );
+            self.admission
+                .readiness
+                .admit(&format!("session with {}", name.connection_string));
         }
         self.announcer.kick();
     }
 
     fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        let authenticated = self
+            .admission
+            .sessions
+            .lock()
+            .expect("admission lock poisoned")
+            .remove(&ses.actor.get_id())
+            .unwrap_or(false);
+        if !authenticated {
+            self.handshake_failed(ses);
+            return;
+        }
         let Some(name) = ses.peer_name.map(|n| n.name) else {
             return;
         };

@@ -8,6 +8,11 @@
 //! offset their state records. The offsets are sent with the consumer's group metadata, so a
 //! node whose group generation is stale (a zombie that was frozen past its session timeout)
 //! cannot commit: its transaction fails and nothing it wrote becomes visible.
+//!
+//! Errors come in two kinds. An abortable one ([`CheckpointError::Aborted`]) is aborted and its
+//! content stays dirty in the shards, so the next checkpoint retries it. After a fatal one, or
+//! when even the abort fails (the transaction's state is then unknown), the producer is of no
+//! further use ([`CheckpointError::Fatal`]): the consumer recovers (see `consumer::recovery`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,12 +21,13 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::changelog::{encode_state, record_headers};
-use crate::shard::{Checkpoint, LocalShard, ShardMsg};
+use crate::kafka_health::QuietContext;
+use crate::shard::{Checkpoint, LocalShard, Outgoing, ShardMsg};
 
 /// Header on a re-routed event: where it was first read.
 pub const HEADER_REROUTED_FROM: &str = "rerouted.from";
@@ -39,52 +45,75 @@ pub enum CheckpointError {
     NotInGroup,
     #[error("the checkpoint thread has stopped")]
     WorkerGone,
-    /// This node may no longer write (fenced by a newer instance or a newer group generation).
-    #[error("checkpoint failed fatally (fenced?): {0}")]
+    /// The producer is of no further use (fenced by another instance, or its transaction state
+    /// is unknown after a failed abort): it must be re-created.
+    #[error("checkpoint producer failed fatally: {0}")]
     Fatal(KafkaError),
 }
 
+/// Everything needed to (re-)create a node's transactional producer.
+#[derive(Clone)]
+pub struct CheckpointerConfig {
+    pub bootstrap: String,
+    /// Stable per node: a restarted node (or a re-created producer) fences the previous one.
+    pub transactional_id: String,
+    pub transaction_timeout: Duration,
+    pub changelog_topic: String,
+    pub input_topic: String,
+    pub dlq_topic: String,
+    pub context: QuietContext,
+}
+
 pub struct Checkpointer {
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: ThreadedProducer<QuietContext>,
     changelog_topic: String,
     input_topic: String,
+    dlq_topic: String,
     /// Every changelog record says which input topic its offsets belong to.
     changelog_headers: OwnedHeaders,
     committed: HashMap<u32, i64>,
 }
 
 impl Checkpointer {
-    /// `transactional_id` must be stable per node: a restarted node fences its previous run.
-    pub fn new(
-        bootstrap: &str,
-        transactional_id: &str,
-        transaction_timeout: Duration,
-        changelog_topic: &str,
-        input_topic: &str,
-    ) -> Result<Self, CheckpointError> {
-        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("transactional.id", transactional_id)
+    /// Creates the producer and initialises its transactions, which fences any earlier
+    /// producer with the same transactional id (aborting its open transaction).
+    pub fn new(config: &CheckpointerConfig) -> Result<Self, CheckpointError> {
+        let this = Self::create(config)?;
+        this.init(TXN_TIMEOUT)?;
+        Ok(this)
+    }
+
+    /// Creates the producer without contacting the broker; [`Checkpointer::init`] must follow.
+    pub fn create(config: &CheckpointerConfig) -> Result<Self, CheckpointError> {
+        let producer: ThreadedProducer<QuietContext> = ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap)
+            .set("transactional.id", &config.transactional_id)
             .set(
                 "transaction.timeout.ms",
-                transaction_timeout.as_millis().to_string(),
+                config.transaction_timeout.as_millis().to_string(),
             )
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
             .set("compression.type", "lz4")
-            .create()
-            .map_err(CheckpointError::Create)?;
-        producer
-            .init_transactions(TXN_TIMEOUT)
+            .set("partitioner", "murmur2_random")
+            .create_with_context(config.context.clone())
             .map_err(CheckpointError::Create)?;
         Ok(Self {
             producer,
-            changelog_topic: changelog_topic.into(),
-            input_topic: input_topic.into(),
-            changelog_headers: record_headers(input_topic),
+            changelog_topic: config.changelog_topic.clone(),
+            input_topic: config.input_topic.clone(),
+            dlq_topic: config.dlq_topic.clone(),
+            changelog_headers: record_headers(&config.input_topic),
             committed: HashMap::new(),
         })
+    }
+
+    /// `init_transactions`: may be retried after a timeout (the broker is away).
+    pub fn init(&self, timeout: Duration) -> Result<(), CheckpointError> {
+        self.producer
+            .init_transactions(timeout)
+            .map_err(CheckpointError::Create)
     }
 
     /// Collects a checkpoint from each shard and commits them in one transaction. Returns
@@ -166,7 +195,21 @@ impl Checkpointer {
                     .headers(self.changelog_headers.clone()),
             )?;
         }
-        for reroute in &cp.reroutes {
+        for outgoing in &cp.outgoing {
+            let reroute = match outgoing {
+                Outgoing::Reroute(reroute) => reroute,
+                Outgoing::DeadLetter(letter) => {
+                    let mut record = BaseRecord::to(&self.dlq_topic).headers(letter.headers());
+                    if let Some(key) = &letter.key {
+                        record = record.key(key.as_slice());
+                    }
+                    if let Some(value) = &letter.value {
+                        record = record.payload(value);
+                    }
+                    self.send(record)?;
+                    continue;
+                }
+            };
             let value = prost::Message::encode_to_vec(&proto::events::UserPurchase {
                 user_id: reroute.purchase.user_id.to_string(),
                 product: reroute.purchase.product.to_string(),
@@ -214,7 +257,9 @@ impl Checkpointer {
         let error = self.classify(e);
         if let CheckpointError::Aborted(_) = error {
             if let Err(abort_error) = self.producer.abort_transaction(TXN_TIMEOUT) {
-                return self.classify(abort_error);
+                // The transaction's state is unknown (e.g. the broker is away): only a new
+                // producer, whose init_transactions aborts it, gets a clean state again.
+                return CheckpointError::Fatal(abort_error);
             }
         }
         error

@@ -27,6 +27,8 @@ enum Request {
     },
     /// The partitions were handed off: their committed offsets no longer matter here.
     Forget(Vec<u32>),
+    /// A new producer replaces one that failed fatally.
+    Replace(Box<Checkpointer>),
 }
 
 pub struct CheckpointWorker {
@@ -35,13 +37,13 @@ pub struct CheckpointWorker {
 }
 
 impl CheckpointWorker {
-    /// Starts the thread. It counts outcomes in `stats` and sets `fenced` when this node may
-    /// no longer commit.
+    /// Starts the thread. It counts outcomes in `stats` and sets `producer_failed` when the
+    /// producer can no longer commit (the consumer then recovers and [`Self::replace`]s it).
     pub fn start(
         mut checkpointer: Checkpointer,
         runtime: tokio::runtime::Handle,
         stats: Arc<NodeStats>,
-        fenced: Arc<AtomicBool>,
+        producer_failed: Arc<AtomicBool>,
     ) -> Self {
         let (requests, inbox) = mpsc::channel::<Request>();
         std::thread::Builder::new()
@@ -55,10 +57,11 @@ impl CheckpointWorker {
                             done,
                         } => {
                             let outcome = checkpointer.run(&runtime, &group, &shards);
-                            record(&outcome, &stats, &fenced);
+                            record(&outcome, &stats, &producer_failed);
                             let _ = done.send(outcome);
                         }
                         Request::Forget(partitions) => checkpointer.forget(&partitions),
+                        Request::Replace(fresh) => checkpointer = *fresh,
                     }
                 }
             })
@@ -106,6 +109,11 @@ impl CheckpointWorker {
         let _ = self.requests.send(Request::Forget(partitions.to_vec()));
     }
 
+    /// Hands the thread a new producer (queued after any checkpoint).
+    pub fn replace(&mut self, checkpointer: Checkpointer) {
+        let _ = self.requests.send(Request::Replace(Box::new(checkpointer)));
+    }
+
     fn send(
         &self,
         shards: Vec<(u32, LocalShard)>,
@@ -123,13 +131,15 @@ impl CheckpointWorker {
     }
 }
 
-fn record(outcome: &Outcome, stats: &NodeStats, fenced: &AtomicBool) {
+fn record(outcome: &Outcome, stats: &NodeStats, producer_failed: &AtomicBool) {
     match outcome {
         Ok(true) => NodeStats::add(&stats.checkpoints_committed, 1),
         Ok(false) => {}
         Err(CheckpointError::Fatal(e)) => {
-            tracing::error!("this node was fenced and can no longer commit ({e}); stopping it");
-            fenced.store(true, Ordering::SeqCst);
+            NodeStats::add(&stats.checkpoints_aborted, 1);
+            if !producer_failed.swap(true, Ordering::SeqCst) {
+                tracing::error!("the checkpoint producer failed ({e}); this node recovers: drops its shards uncommitted, re-creates the producer, restores");
+            }
         }
         Err(e) => {
             NodeStats::add(&stats.checkpoints_aborted, 1);

@@ -8,14 +8,18 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, TopicPartitionList};
 
 use super::checkpoint::CheckpointError;
 use super::checkpoint_worker::CheckpointWorker;
 use super::dispatch::Dispatcher;
 use crate::handoff::Handoff;
+use crate::kafka_health::KafkaHealth;
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::shard::LocalShard;
 
 /// Checkpoint attempts for revoked partitions before giving them up uncommitted.
@@ -27,15 +31,17 @@ pub struct NodeContext {
     pub dispatcher: Mutex<Dispatcher>,
     pub checkpoints: Mutex<CheckpointWorker>,
     pub metrics: Arc<Metrics>,
-    /// Set when this node can no longer write (fenced); the node then exits.
-    pub fenced: Arc<AtomicBool>,
+    /// Set when the checkpoint producer failed for good; the poll loop then recovers.
+    pub producer_failed: Arc<AtomicBool>,
+    pub health: Arc<KafkaHealth>,
+    pub readiness: Arc<Readiness>,
     /// librdkafka's latest statistics JSON (per-partition fetch state and offsets), when
     /// `statistics.interval.ms` is enabled; served at `/cluster/kafka-stats` for diagnosis.
     pub kafka_stats: Arc<Mutex<String>>,
 }
 
 impl NodeContext {
-    fn partitions_of(&self, tpl: &TopicPartitionList) -> Vec<u32> {
+    pub fn partitions_of(&self, tpl: &TopicPartitionList) -> Vec<u32> {
         let mut partitions: Vec<u32> = tpl
             .elements()
             .iter()
@@ -46,7 +52,7 @@ impl NodeContext {
         partitions
     }
 
-    fn shards(&self, partitions: Option<&[u32]>) -> Vec<(u32, LocalShard)> {
+    pub fn shards(&self, partitions: Option<&[u32]>) -> Vec<(u32, LocalShard)> {
         let local = self.handoff.local();
         let ids = partitions
             .map(<[u32]>::to_vec)
@@ -59,6 +65,12 @@ impl NodeContext {
     /// Starts the periodic checkpoint of every local shard (on the checkpoint thread).
     pub fn checkpoint_in_background(&self, consumer: &BaseConsumer<Self>) {
         let shards = self.shards(None);
+        if self
+            .producer_failed
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
         if let (false, Some(group)) = (shards.is_empty(), consumer.group_metadata()) {
             self.checkpoints
                 .lock()
@@ -94,6 +106,14 @@ impl ClientContext for NodeContext {
         *self.kafka_stats.lock().expect("stats lock poisoned") =
             String::from_utf8_lossy(statistics).into_owned();
     }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.health.client_log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.health.client_error(&error, reason);
+    }
 }
 
 impl ConsumerContext for NodeContext {
@@ -107,6 +127,10 @@ impl ConsumerContext for NodeContext {
         }
         let started = Instant::now();
         let lost = consumer.assignment_lost();
+        if lost {
+            // Kafka will rejoin the group and assign anew; until then this node is no member.
+            self.readiness.set_in_group(false);
+        }
         tracing::info!(
             "partitions {:?} {} this node; handing off their shards",
             partitions,
@@ -157,6 +181,7 @@ impl ConsumerContext for NodeContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                self.readiness.set_in_group(true);
                 // The partitions are deliberately not paused while their shards restore: pausing
                 // inside the assign callback can lose the assigned start offset (librdkafka
                 // issue #2190) and skip events. Events that arrive early wait in the shard.

@@ -93,6 +93,14 @@ impl Dispatcher {
         }
     }
 
+    /// Drops every buffered batch undispatched (their shards are being dropped; the consumer's
+    /// positions are set back to the committed offsets, so they are read again).
+    pub fn discard_all(&mut self) {
+        self.batches.clear();
+        self.buffered = 0;
+        self.oldest = None;
+    }
+
     /// Whether every event dispatched so far has been acknowledged by its entity.
     pub fn all_acknowledged(&self) -> bool {
         self.buffered == 0 && self.gate.in_flight() == 0

@@ -5,11 +5,14 @@
 //! loop decodes records, dead-letters malformed ones, batches the rest to their shards, and
 //! commits checkpoint transactions. Rebalance
 //! callbacks run inside `poll` on this thread and may block, which is why it is not a tokio task.
+//! A failed checkpoint producer is recovered from here too (`recovery`); the loop ends only on
+//! a stop request or for what a restart cannot fix ([`Unrecoverable`]).
 
 pub mod checkpoint;
 mod checkpoint_worker;
 mod context;
 mod dispatch;
+mod recovery;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,18 +25,22 @@ use rdkafka::message::Headers;
 use rdkafka::Message;
 
 use crate::backpressure::InFlightGate;
-use crate::dlq::DeadLetters;
+use crate::dlq::DeadLetter;
 use crate::event::decode_record;
 use crate::handoff::Handoff;
+use crate::kafka_health::{KafkaHealth, Unrecoverable};
 use crate::metrics::Metrics;
-use crate::shard::{ConsumedRecord, LocalShards};
+use crate::readiness::Readiness;
+use crate::shard::{ConsumedRecord, LocalShards, RecordContent};
 use crate::stats::NodeStats;
-use checkpoint::{Checkpointer, HEADER_REROUTED_FROM};
+use checkpoint::{Checkpointer, CheckpointerConfig, HEADER_REROUTED_FROM};
 use checkpoint_worker::CheckpointWorker;
 use context::NodeContext;
 use dispatch::Dispatcher;
 
-const PARTITION_COUNT_CHECK_EVERY: Duration = Duration::from_secs(30);
+const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(10);
+/// A topic seen missing is looked at again after this long before the node gives up on it.
+const TOPIC_MISSING_CONFIRM_AFTER: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -69,8 +76,11 @@ pub struct ConsumerParts {
     pub gate: Arc<InFlightGate>,
     pub stats: Arc<NodeStats>,
     pub metrics: Arc<Metrics>,
-    pub dead_letters: DeadLetters,
     pub checkpointer: Checkpointer,
+    /// How to make a new producer when the current one fails.
+    pub checkpointer_config: CheckpointerConfig,
+    pub health: Arc<KafkaHealth>,
+    pub readiness: Arc<Readiness>,
     /// Where librdkafka's statistics are kept (see `NodeContext::kafka_stats`).
     pub kafka_stats: Arc<Mutex<String>>,
     pub runtime: tokio::runtime::Handle,
@@ -82,11 +92,13 @@ pub struct ConsumerHandle {
 }
 
 /// Why the consumer thread ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsumerExit {
     Stopped,
-    /// Another instance or a newer group generation fenced this node's transactions.
-    Fenced,
+    /// Something a restart cannot fix (the shards were handed off first where possible).
+    Unrecoverable(Unrecoverable),
+    /// The thread panicked.
+    Panicked,
 }
 
 impl ConsumerHandle {
@@ -103,7 +115,7 @@ impl ConsumerHandle {
     pub fn join(&mut self) -> ConsumerExit {
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(exit)) => exit,
-            Some(Err(_)) => ConsumerExit::Fenced,
+            Some(Err(_)) => ConsumerExit::Panicked,
             None => ConsumerExit::Stopped,
         }
     }
@@ -114,15 +126,17 @@ pub fn start(
     parts: ConsumerParts,
 ) -> Result<ConsumerHandle, ConsumerError> {
     let stopping = Arc::new(AtomicBool::new(false));
-    let fenced = Arc::new(AtomicBool::new(false));
+    let producer_failed = Arc::new(AtomicBool::new(false));
     let ConsumerParts {
         handoff,
         local,
         gate,
         stats,
         metrics,
-        dead_letters,
         checkpointer,
+        checkpointer_config,
+        health,
+        readiness,
         kafka_stats,
         runtime,
     } = parts;
@@ -134,10 +148,12 @@ pub fn start(
             checkpointer,
             runtime.clone(),
             stats.clone(),
-            fenced.clone(),
+            producer_failed.clone(),
         )),
         metrics,
-        fenced,
+        producer_failed,
+        health,
+        readiness,
         kafka_stats,
     };
     let session_ms = settings.session_timeout.as_millis().max(1_000);
@@ -185,7 +201,7 @@ pub fn start(
                 LoopParts {
                     local,
                     stats,
-                    dead_letters,
+                    checkpointer_config,
                 },
                 loop_stopping,
             )
@@ -200,7 +216,7 @@ pub fn start(
 struct LoopParts {
     local: Arc<LocalShards>,
     stats: Arc<NodeStats>,
-    dead_letters: DeadLetters,
+    checkpointer_config: CheckpointerConfig,
 }
 
 fn poll_loop(
@@ -211,11 +227,21 @@ fn poll_loop(
 ) -> ConsumerExit {
     let context = consumer.context();
     let mut last_commit = Instant::now();
-    let mut last_partition_check = Instant::now();
-    let mut partition_count_alarm = false;
+    let mut last_topic_check = Instant::now();
     // Records dispatched since the last checkpoint started: a caught-up node commits them at once.
     let mut uncommitted = false;
-    while !stopping.load(Ordering::SeqCst) && !context.fenced.load(Ordering::SeqCst) {
+    let mut unrecoverable = None;
+    while !stopping.load(Ordering::SeqCst) {
+        if let Some(cause) = context.health.unrecoverable() {
+            unrecoverable = Some(cause);
+            break;
+        }
+        if context.producer_failed.load(Ordering::SeqCst) {
+            recovery::recover(&consumer, &parts.checkpointer_config, &stopping);
+            uncommitted = false;
+            last_commit = Instant::now();
+            continue;
+        }
         match consumer.poll(Duration::from_millis(50)) {
             None => {
                 let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
@@ -234,11 +260,20 @@ fn poll_loop(
                     uncommitted = false;
                 }
             }
-            Some(Err(e)) => tracing::warn!("consumer error: {e}"),
+            Some(Err(e)) => {
+                if e.rdkafka_error_code()
+                    == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)
+                {
+                    check_topic(&consumer, &settings);
+                    last_topic_check = Instant::now();
+                } else {
+                    context.health.client_error(&e, "consumer");
+                }
+            }
             Some(Ok(message)) => {
                 let partition = message.partition() as u32;
                 let offset = message.offset();
-                let record = match decode_record(message.key(), message.payload()) {
+                let content = match decode_record(message.key(), message.payload()) {
                     Ok(purchase) => {
                         NodeStats::add(&parts.stats.events_consumed, 1);
                         if message
@@ -247,22 +282,18 @@ fn poll_loop(
                         {
                             NodeStats::add(&parts.stats.events_forwarded_in, 1);
                         }
-                        ConsumedRecord {
-                            offset,
-                            purchase: Some(purchase),
-                        }
+                        RecordContent::Event(purchase)
                     }
                     Err(reason) => {
-                        parts
-                            .dead_letters
-                            .send_blocking(&message, &reason.to_string());
+                        tracing::warn!("record {partition}/{offset} is malformed ({reason}): dead-lettered with the next checkpoint");
                         NodeStats::add(&parts.stats.dead_lettered, 1);
-                        ConsumedRecord {
-                            offset,
-                            purchase: None,
-                        }
+                        RecordContent::DeadLetter(Box::new(DeadLetter::of(
+                            &message,
+                            reason.to_string(),
+                        )))
                     }
                 };
+                let record = ConsumedRecord { offset, content };
                 let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
                 dispatcher.push(partition, record);
                 uncommitted = true;
@@ -276,15 +307,10 @@ fn poll_loop(
             last_commit = Instant::now();
             uncommitted = false;
         }
-        if last_partition_check.elapsed() >= PARTITION_COUNT_CHECK_EVERY {
-            last_partition_check = Instant::now();
-            check_partition_count(&consumer, &settings, &mut partition_count_alarm);
+        if last_topic_check.elapsed() >= TOPIC_CHECK_EVERY {
+            last_topic_check = Instant::now();
+            check_topic(&consumer, &settings);
         }
-    }
-    if context.fenced.load(Ordering::SeqCst) {
-        // Nothing this node holds may be committed any more; its partitions are (being) reassigned.
-        drop(consumer);
-        return ConsumerExit::Fenced;
     }
     tracing::info!("consumer stopping: leaving the group (drains and checkpoints every shard)");
     context
@@ -306,33 +332,56 @@ fn poll_loop(
     }
     drop(consumer);
     tracing::info!("consumer closed");
-    ConsumerExit::Stopped
+    match unrecoverable {
+        Some(cause) => ConsumerExit::Unrecoverable(cause),
+        None => ConsumerExit::Stopped,
+    }
 }
 
-/// Adding partitions to the topic changes every key's partition: say so loudly.
-fn check_partition_count(
-    consumer: &BaseConsumer<NodeContext>,
-    settings: &ConsumerSettings,
-    alarmed: &mut bool,
-) {
-    let Ok(metadata) = consumer.fetch_metadata(Some(&settings.topic), Duration::from_secs(5))
-    else {
+/// The input topic must keep existing with the partition count the node started with: a
+/// deleted topic or a changed count is [`Unrecoverable`] (every key would hash elsewhere).
+/// An unreachable broker is not an answer (the outage is the health monitor's).
+fn check_topic(consumer: &BaseConsumer<NodeContext>, settings: &ConsumerSettings) {
+    let Some(count) = topic_partitions(consumer, &settings.topic) else {
         return;
     };
-    let Some(topic) = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == settings.topic)
-    else {
-        return;
+    let health = &consumer.context().health;
+    match count {
+        0 => {
+            // Seen missing: look again before giving up on it (metadata may lag a broker restart).
+            std::thread::sleep(TOPIC_MISSING_CONFIRM_AFTER);
+            if topic_partitions(consumer, &settings.topic) == Some(0) {
+                health.set_unrecoverable(Unrecoverable::TopicDeleted(settings.topic.clone()));
+            }
+        }
+        now if now != settings.partitions => {
+            health.set_unrecoverable(Unrecoverable::PartitionsChanged {
+                topic: settings.topic.clone(),
+                was: settings.partitions,
+                now,
+            })
+        }
+        _ => {}
+    }
+}
+
+/// The topic's partition count (0 when the broker says it does not exist); `None` when the
+/// broker did not answer.
+fn topic_partitions(consumer: &BaseConsumer<NodeContext>, topic: &str) -> Option<u32> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .ok()?;
+    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Some(0);
     };
-    let now = topic.partitions().len() as u32;
-    if now != settings.partitions && !*alarmed {
-        *alarmed = true;
-        tracing::error!(
-            "topic {} now has {now} partitions, but this node started with {}: keys now hash to different partitions \
-             than the shards they were processed in. Restart every node to realign.",
-            settings.topic, settings.partitions
-        );
+    match found.error() {
+        Some(e)
+            if rdkafka::types::RDKafkaErrorCode::from(e)
+                == rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition =>
+        {
+            Some(0)
+        }
+        Some(_) => None,
+        None => Some(found.partitions().len() as u32),
     }
 }

@@ -1,0 +1,383 @@
+//! Whether Kafka can be reached, said once per outage instead of once per client per broker per
+//! retry, and what a node cannot recover from by itself.
+//!
+//! Every Kafka client the node creates (consumer, checkpoint producer, restorer, offset and
+//! admin clients) uses a [`QuietContext`] sharing one [`KafkaHealth`]. librdkafka reports a lost
+//! broker from every client and every retry (about 200 identical `AllBrokersDown` lines within a
+//! millisecond were measured on a node): connection errors only mark the broker unreachable, and
+//! [`KafkaHealth::monitor`] probes the cluster once a second and logs an outage three ways only:
+//! when it starts, as a reminder every [`REMINDER_EVERY`] while it lasts, and when it ends. Other
+//! librdkafka warnings are rate-limited per kind.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::ProducerContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+/// How often an ongoing outage is mentioned again.
+pub const REMINDER_EVERY: Duration = Duration::from_secs(10);
+/// How often the monitor asks the cluster for metadata.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The same librdkafka warning is logged at most once in this window.
+const SAME_WARNING_EVERY: Duration = Duration::from_secs(30);
+
+/// Problems a restart cannot fix: the node exits with a distinct code and says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unrecoverable {
+    #[error("Kafka refused this node's credentials or permissions ({0}): fix the client's credentials or the ACLs")]
+    NotAuthorized(String),
+    #[error("input topic {0} was deleted: recreate it (with the same partition count) and restart the nodes")]
+    TopicDeleted(String),
+    #[error(
+        "input topic {topic} now has {now} partitions, but this node started with {was}: keys now hash to other \
+         partitions than the shards their state is in; restart every node to realign"
+    )]
+    PartitionsChanged { topic: String, was: u32, now: u32 },
+}
+
+impl Unrecoverable {
+    /// The process exit code for this cause (documented in the README).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::NotAuthorized(_) => 3,
+            Self::TopicDeleted(_) => 4,
+            Self::PartitionsChanged { .. } => 5,
+        }
+    }
+}
+
+/// Whether a librdkafka error means the broker cannot be reached (as opposed to refused us).
+pub fn is_connectivity(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        AllBrokersDown
+            | BrokerTransportFailure
+            | Resolve
+            | OperationTimedOut
+            | RequestTimedOut
+            | NetworkException
+            | CoordinatorNotAvailable
+            | NotCoordinator
+            | CoordinatorLoadInProgress
+            | LeaderNotAvailable
+            | NotLeaderForPartition
+            | BrokerNotAvailable
+            | MessageTimedOut
+            | TimedOutQueue
+    )
+}
+
+/// Whether a librdkafka error means this node's credentials or permissions are refused.
+pub fn is_authorization(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        Authentication
+            | SaslAuthenticationFailed
+            | TopicAuthorizationFailed
+            | GroupAuthorizationFailed
+            | ClusterAuthorizationFailed
+            | TransactionalIdAuthorizationFailed
+    )
+}
+
+fn code_of(error: &KafkaError) -> Option<RDKafkaErrorCode> {
+    error.rdkafka_error_code()
+}
+
+/// The node's view of the Kafka cluster's reachability, shared by every client.
+pub struct KafkaHealth {
+    bootstrap: String,
+    reachable: AtomicBool,
+    state: Mutex<OutageState>,
+    /// Set when a client reported an error a restart cannot fix.
+    unrecoverable: Mutex<Option<Unrecoverable>>,
+    warnings: Mutex<HashMap<String, Instant>>,
+}
+
+#[derive(Default)]
+struct OutageState {
+    since: Option<Instant>,
+    last_reminder: Option<Instant>,
+    reason: String,
+}
+
+impl KafkaHealth {
+    pub fn new(bootstrap: &str) -> Arc<Self> {
+        Arc::new(Self {
+            bootstrap: bootstrap.into(),
+            reachable: AtomicBool::new(true),
+            state: Mutex::new(OutageState::default()),
+            unrecoverable: Mutex::new(None),
+            warnings: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::SeqCst)
+    }
+
+    /// How long the current outage has lasted, if there is one.
+    pub fn outage(&self) -> Option<Duration> {
+        self.state
+            .lock()
+            .expect("health lock poisoned")
+            .since
+            .map(|s| s.elapsed())
+    }
+
+    pub fn unrecoverable(&self) -> Option<Unrecoverable> {
+        self.unrecoverable
+            .lock()
+            .expect("health lock poisoned")
+            .clone()
+    }
+
+    /// Records a cause the node must exit for (the first one wins).
+    pub fn set_unrecoverable(&self, cause: Unrecoverable) {
+        let mut slot = self.unrecoverable.lock().expect("health lock poisoned");
+        if slot.is_none() {
+            tracing::error!("{cause}");
+            *slot = Some(cause);
+        }
+    }
+
+    /// A client could not reach the cluster: starts an outage (logged once) if none is ongoing.
+    pub fn report_unreachable(&self, reason: &str) {
+        let mut state = self.state.lock().expect("health lock poisoned");
+        if state.since.is_none() {
+            state.since = Some(Instant::now());
+            state.last_reminder = Some(Instant::now());
+            state.reason = reason.to_string();
+            self.reachable.store(false, Ordering::SeqCst);
+            tracing::error!(
+                "Kafka at {} is unreachable ({reason}); this node keeps running, answers for the shards it holds \
+                 and retries (next reminder in {} s)",
+                self.bootstrap,
+                REMINDER_EVERY.as_secs()
+            );
+        }
+    }
+
+    /// The cluster answered.
+    pub fn report_reachable(&self) {
+        let mut state = self.state.lock().expect("health lock poisoned");
+        if let Some(since) = state.since.take() {
+            self.reachable.store(true, Ordering::SeqCst);
+            tracing::info!(
+                "Kafka at {} is reachable again after {:.1} s",
+                self.bootstrap,
+                since.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    fn remind(&self) {
+        let mut state = self.state.lock().expect("health lock poisoned");
+        let (Some(since), Some(last)) = (state.since, state.last_reminder) else {
+            return;
+        };
+        if last.elapsed() >= REMINDER_EVERY {
+            state.last_reminder = Some(Instant::now());
+            tracing::warn!(
+                "Kafka still unreachable after {} s ({})",
+                since.elapsed().as_secs(),
+                state.reason
+            );
+        }
+    }
+
+    /// Logs `message` unless the same `kind` was logged within [`SAME_WARNING_EVERY`].
+    fn warn_limited(&self, kind: &str, message: &str) {
+        let mut seen = self.warnings.lock().expect("health lock poisoned");
+        let now = Instant::now();
+        if seen
+            .get(kind)
+            .is_some_and(|t| now.duration_since(*t) < SAME_WARNING_EVERY)
+        {
+            tracing::debug!("librdkafka: {message}");
+            return;
+        }
+        seen.insert(kind.to_string(), now);
+        tracing::warn!(
+            "librdkafka: {message} (the same kind of message is shown at most every {} s)",
+            SAME_WARNING_EVERY.as_secs()
+        );
+    }
+
+    /// Handles one client error: connectivity feeds the outage, authorization is fatal, the
+    /// rest is logged (rate-limited).
+    pub fn client_error(&self, error: &KafkaError, reason: &str) {
+        match code_of(error) {
+            Some(code) if is_connectivity(code) => {
+                tracing::debug!("librdkafka: {error}: {reason}");
+                self.report_unreachable(&format!("{code}"));
+            }
+            Some(code) if is_authorization(code) => {
+                self.set_unrecoverable(Unrecoverable::NotAuthorized(format!("{error}: {reason}")));
+            }
+            Some(code) => self.warn_limited(&format!("{code:?}"), &format!("{error}: {reason}")),
+            None => self.warn_limited(reason, &format!("{error}: {reason}")),
+        }
+    }
+
+    /// Handles one librdkafka log line (warnings and errors rate-limited per facility; while
+    /// the cluster is unreachable the connection failures are the outage's, already said).
+    pub fn client_log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning => {
+                if !self.reachable()
+                    || message.contains("Connection refused")
+                    || message.contains("Disconnected")
+                {
+                    tracing::debug!("librdkafka: {facility} {message}");
+                } else {
+                    self.warn_limited(facility, &format!("{facility} {message}"));
+                }
+            }
+            _ => tracing::debug!(target: "librdkafka", "{facility} {message}"),
+        }
+    }
+
+    /// Probes the cluster every second (metadata request) and keeps the outage state current.
+    pub async fn monitor(self: Arc<Self>) {
+        let probe: BaseConsumer<QuietContext> = match ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create_with_context(QuietContext::new(self.clone()))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("cannot create the Kafka reachability probe: {e}");
+                return;
+            }
+        };
+        let probe = Arc::new(probe);
+        loop {
+            let client = probe.clone();
+            let answer = tokio::task::spawn_blocking(move || {
+                client.fetch_metadata(None, PROBE_TIMEOUT).map(|_| ())
+            })
+            .await;
+            match answer {
+                Ok(Ok(())) => self.report_reachable(),
+                Ok(Err(e)) => {
+                    self.report_unreachable(&e.to_string());
+                    self.remind();
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    }
+}
+
+/// The client context of every Kafka client of the node: errors and logs go to [`KafkaHealth`].
+#[derive(Clone)]
+pub struct QuietContext {
+    pub health: Arc<KafkaHealth>,
+}
+
+impl QuietContext {
+    pub fn new(health: Arc<KafkaHealth>) -> Self {
+        Self { health }
+    }
+}
+
+impl ClientContext for QuietContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.health.client_log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.health.client_error(&error, reason);
+    }
+}
+
+impl ConsumerContext for QuietContext {}
+
+impl ProducerContext for QuietContext {
+    type DeliveryOpaque = ();
+    // Delivery failures of checkpoint records surface as the transaction's error.
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connectivity_and_authorization_errors_are_told_apart() {
+        assert!(is_connectivity(RDKafkaErrorCode::AllBrokersDown));
+        assert!(is_connectivity(RDKafkaErrorCode::BrokerTransportFailure));
+        assert!(!is_connectivity(RDKafkaErrorCode::SaslAuthenticationFailed));
+        assert!(is_authorization(RDKafkaErrorCode::SaslAuthenticationFailed));
+        assert!(is_authorization(RDKafkaErrorCode::TopicAuthorizationFailed));
+        assert!(!is_authorization(RDKafkaErrorCode::AllBrokersDown));
+    }
+
+    #[test]
+    fn an_outage_starts_once_and_ends_once() {
+        let health = KafkaHealth::new("127.0.0.1:1");
+        assert!(health.reachable());
+        health.client_error(
+            &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "down",
+        );
+        let started = health.outage().expect("an outage started");
+        health.client_error(
+            &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "down again",
+        );
+        assert!(!health.reachable());
+        assert!(
+            health.outage().unwrap() >= started,
+            "the second report does not restart the outage"
+        );
+        health.report_reachable();
+        assert!(health.reachable());
+        assert!(health.outage().is_none());
+    }
+
+    #[test]
+    fn an_authorization_error_is_unrecoverable_with_its_own_exit_code() {
+        let health = KafkaHealth::new("127.0.0.1:1");
+        health.client_error(
+            &KafkaError::Global(RDKafkaErrorCode::SaslAuthenticationFailed),
+            "bad password",
+        );
+        let cause = health.unrecoverable().expect("recorded");
+        assert_eq!(cause.exit_code(), 3);
+        assert!(health.reachable(), "refused is not unreachable");
+        let codes = [
+            cause.exit_code(),
+            Unrecoverable::TopicDeleted("t".into()).exit_code(),
+            Unrecoverable::PartitionsChanged {
+                topic: "t".into(),
+                was: 1,
+                now: 2,
+            }
+            .exit_code(),
+        ];
+        assert_eq!(
+            codes
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            3,
+            "one code per cause"
+        );
+    }
+}
