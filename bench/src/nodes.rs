@@ -91,7 +91,7 @@ impl NodeProcess {
             .env(
                 "RUST_LOG",
                 std::env::var("BENCH_NODE_LOG")
-                    .unwrap_or_else(|_| "info,ractor_cluster=warn,ractor=warn".into()),
+                    .unwrap_or_else(|_| "info,ractor_cluster=error,ractor=warn".into()),
             )
             .stdout(file.try_clone()?)
             .stderr(file)

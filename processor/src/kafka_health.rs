@@ -4,8 +4,9 @@
 //! Every Kafka client the node creates (consumer, checkpoint producer, restorer, offset and
 //! admin clients) uses a [`QuietContext`] sharing one [`KafkaHealth`]. librdkafka reports a lost
 //! broker from every client and every retry (about 200 identical `AllBrokersDown` lines within a
-//! millisecond were measured on a node): connection errors only mark the broker unreachable, and
-//! [`KafkaHealth::monitor`] probes the cluster once a second and logs an outage three ways only:
+//! millisecond were measured on a node), and also when a client is closed, so a client's
+//! connection errors are only debug lines: [`KafkaHealth::monitor`] is the one judge. It probes
+//! the cluster once a second and logs an outage three ways only:
 //! when it starts, as a reminder every [`REMINDER_EVERY`] while it lasts, and when it ends. Other
 //! librdkafka warnings are rate-limited per kind.
 
@@ -151,7 +152,7 @@ impl KafkaHealth {
         }
     }
 
-    /// A client could not reach the cluster: starts an outage (logged once) if none is ongoing.
+    /// The cluster did not answer: starts an outage (logged once) if none is ongoing.
     pub fn report_unreachable(&self, reason: &str) {
         let mut state = self.state.lock().expect("health lock poisoned");
         if state.since.is_none() {
@@ -214,14 +215,11 @@ impl KafkaHealth {
         );
     }
 
-    /// Handles one client error: connectivity feeds the outage, authorization is fatal, the
-    /// rest is logged (rate-limited).
+    /// Handles one client error: connectivity is the monitor's to judge (a closing client
+    /// reports all brokers down too), authorization is fatal, the rest is logged (rate-limited).
     pub fn client_error(&self, error: &KafkaError, reason: &str) {
         match code_of(error) {
-            Some(code) if is_connectivity(code) => {
-                tracing::debug!("librdkafka: {error}: {reason}");
-                self.report_unreachable(&format!("{code}"));
-            }
+            Some(code) if is_connectivity(code) => tracing::debug!("librdkafka: {error}: {reason}"),
             Some(code) if is_authorization(code) => {
                 self.set_unrecoverable(Unrecoverable::NotAuthorized(format!("{error}: {reason}")));
             }
@@ -331,16 +329,17 @@ mod tests {
     #[test]
     fn an_outage_starts_once_and_ends_once() {
         let health = KafkaHealth::new("127.0.0.1:1");
-        assert!(health.reachable());
         health.client_error(
             &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
-            "down",
+            "a client closed",
         );
+        assert!(
+            health.reachable(),
+            "a client's connection error is no outage by itself"
+        );
+        health.report_unreachable("probe failed");
         let started = health.outage().expect("an outage started");
-        health.client_error(
-            &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
-            "down again",
-        );
+        health.report_unreachable("probe failed again");
         assert!(!health.reachable());
         assert!(
             health.outage().unwrap() >= started,

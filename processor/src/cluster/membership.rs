@@ -10,6 +10,10 @@
 //! dialling found no other seed answering at all (it starts the cluster). A seed that answers
 //! but refuses the handshake (a different cookie) keeps the node out: its shards would be
 //! unreachable from every other node's front end.
+//!
+//! ractor_cluster's own session warnings are filtered out by default (`ractor_cluster=error`):
+//! a refused node retries every few seconds and each attempt ended in two warnings per node;
+//! the lines below say once what happened.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

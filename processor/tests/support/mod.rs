@@ -77,6 +77,8 @@ pub struct ClusterSpec {
     pub port_base: u16,
     pub seeds: Vec<u16>,
     pub extra_args: Vec<String>,
+    /// The brokers this cluster uses (the shared test broker unless a test starts its own).
+    pub bootstrap: String,
 }
 
 impl ClusterSpec {
@@ -88,7 +90,14 @@ impl ClusterSpec {
             port_base,
             seeds: vec![port_base + 1, port_base + 2],
             extra_args: Vec::new(),
+            bootstrap: bootstrap(),
         }
+    }
+
+    /// The same cluster on the brokers of `broker`.
+    pub fn on(mut self, broker: &Broker) -> Self {
+        self.bootstrap = broker.bootstrap();
+        self
     }
 
     pub fn remoting(&self, i: u16) -> u16 {
@@ -108,6 +117,11 @@ impl ClusterSpec {
     }
 
     pub fn start_node(&self, i: u16) -> Node {
+        self.start_node_with(i, &[])
+    }
+
+    /// Starts node `i` with `args` after the cluster's own (a later option wins).
+    pub fn start_node_with(&self, i: u16, args: &[&str]) -> Node {
         let log_path = log_dir(&self.name).join(format!("node{i}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -123,7 +137,7 @@ impl ClusterSpec {
             .args([self.remoting(i), self.management(i), self.grpc(i)].map(|p| p.to_string()))
             .args([
                 "--bootstrap-servers",
-                &bootstrap(),
+                &self.bootstrap,
                 "--topic",
                 &self.topic,
                 "--group",
@@ -136,7 +150,8 @@ impl ClusterSpec {
                 "6000",
             ])
             .args(&self.extra_args)
-            .env("RUST_LOG", "info,ractor_cluster=warn,ractor=warn")
+            .args(args)
+            .env("RUST_LOG", "info,ractor_cluster=error,ractor=warn")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -153,7 +168,12 @@ impl ClusterSpec {
     /// Creates the topic through the producer (its normal path) without producing.
     pub fn create_topic(&self, partitions: u32) {
         let out = Command::new(bin("producer"))
-            .args(["--bootstrap-servers", &bootstrap(), "--topic", &self.topic])
+            .args([
+                "--bootstrap-servers",
+                &self.bootstrap,
+                "--topic",
+                &self.topic,
+            ])
             .args(["--partitions", &partitions.to_string(), "--count", "0"])
             .output()
             .unwrap();
@@ -168,7 +188,12 @@ impl ClusterSpec {
     pub fn produce(&self, count: u64, users: u64, ledger_name: &str) -> PathBuf {
         let ledger = log_dir(&self.name).join(ledger_name);
         let out = Command::new(bin("producer"))
-            .args(["--bootstrap-servers", &bootstrap(), "--topic", &self.topic])
+            .args([
+                "--bootstrap-servers",
+                &self.bootstrap,
+                "--topic",
+                &self.topic,
+            ])
             .args([
                 "--count",
                 &count.to_string(),
@@ -221,7 +246,12 @@ impl ClusterSpec {
             std::fs::File::create(log_dir(&self.name).join(format!("{ledger_name}.producer.log")))
                 .unwrap();
         let child = Command::new(bin("producer"))
-            .args(["--bootstrap-servers", &bootstrap(), "--topic", &self.topic])
+            .args([
+                "--bootstrap-servers",
+                &self.bootstrap,
+                "--topic",
+                &self.topic,
+            ])
             .args([
                 "--count",
                 &count.to_string(),
@@ -441,8 +471,16 @@ pub fn totals_via(grpc_url: &str, user: &str) -> Option<(i64, i64)> {
 
 /// The broker's view of a consumer group: client.id -> assigned partitions of `topic`.
 pub fn group_assignment(group: &str, topic: &str) -> BTreeMap<String, BTreeSet<u32>> {
+    group_assignment_at(&bootstrap(), group, topic)
+}
+
+pub fn group_assignment_at(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+) -> BTreeMap<String, BTreeSet<u32>> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+        .set("bootstrap.servers", bootstrap)
         .create()
         .unwrap();
     let list = consumer
@@ -490,8 +528,12 @@ fn decode_assignment(bytes: &[u8], topic: &str) -> BTreeSet<u32> {
 }
 
 pub fn partition_count(topic: &str) -> u32 {
+    partition_count_at(&bootstrap(), topic)
+}
+
+pub fn partition_count_at(bootstrap: &str, topic: &str) -> u32 {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+        .set("bootstrap.servers", bootstrap)
         .create()
         .unwrap();
     let metadata = consumer
@@ -623,7 +665,7 @@ pub async fn wait_for_ledger(spec: &ClusterSpec, nodes: &[u16], ledger: &Path, w
 }
 
 fn describe_mismatches(spec: &ClusterSpec, report: &str) -> String {
-    let partitions = partition_count(&spec.topic);
+    let partitions = partition_count_at(&spec.bootstrap, &spec.topic);
     let mut by_partition: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
     for line in report
         .lines()
@@ -649,4 +691,145 @@ fn describe_mismatches(spec: &ClusterSpec, report: &str) -> String {
         ));
     }
     out
+}
+
+/// Brokers of a test's own (fault tests stop and kill them), started by `scripts/kafka` on
+/// `port` (broker N on port + 10*(N-1)) with a fresh data dir, wiped when dropped.
+pub struct Broker {
+    port: u16,
+    brokers: u8,
+    data_dir: PathBuf,
+}
+
+impl Broker {
+    pub fn start(port: u16, brokers: u8) -> Self {
+        let data_dir = PathBuf::from(format!("/tmp/kafka-sharding-fault-tests-{port}"));
+        let broker = Self {
+            port,
+            brokers,
+            data_dir,
+        };
+        broker.script(&["wipe"]);
+        broker.script(&["start"]);
+        broker
+    }
+
+    pub fn bootstrap(&self) -> String {
+        (0..self.brokers)
+            .map(|i| format!("127.0.0.1:{}", self.port + 10 * i as u16))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SIGTERM to every broker, waiting until they are gone.
+    pub fn stop(&self) {
+        self.script(&["stop"]);
+    }
+
+    /// Starts every broker again on the same data.
+    pub fn restart(&self) {
+        self.script(&["start"]);
+    }
+
+    /// SIGKILL to broker `n` (1-based, its node.id).
+    pub fn kill_broker(&self, n: u8) {
+        self.script(&["kill-broker", &n.to_string()]);
+    }
+
+    pub fn start_broker(&self, n: u8) {
+        self.script(&["start-broker", &n.to_string()]);
+    }
+
+    fn script(&self, args: &[&str]) {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka");
+        let out = Command::new(script)
+            .args(args)
+            .env("KAFKA_PORT", self.port.to_string())
+            .env("KAFKA_BROKERS", self.brokers.to_string())
+            .env("KAFKA_DATA_DIR", &self.data_dir)
+            .output()
+            .expect("cannot run scripts/kafka");
+        assert!(
+            out.status.success() || args == ["wipe"],
+            "scripts/kafka {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.script(&["wipe"]);
+    }
+}
+
+/// The broker (node.id) that coordinates `group`: the leader of its `__consumer_offsets`
+/// partition, `abs(javaHashCode(group)) % partitions` as Kafka's GroupCoordinator computes it.
+pub fn group_coordinator(bootstrap: &str, group: &str) -> i32 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some("__consumer_offsets"), Duration::from_secs(10))
+        .unwrap();
+    let partitions = metadata.topics()[0].partitions();
+    assert!(
+        !partitions.is_empty(),
+        "__consumer_offsets has no partitions yet"
+    );
+    let hash = group
+        .encode_utf16()
+        .fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(c as i32));
+    let abs = if hash == i32::MIN { 0 } else { hash.abs() };
+    let index = abs % partitions.len() as i32;
+    partitions
+        .iter()
+        .find(|p| p.id() == index)
+        .unwrap()
+        .leader()
+}
+
+/// WARN and ERROR lines of a node's log from byte `from` on.
+pub fn warnings_since(log: &str, from: usize) -> Vec<String> {
+    log.get(from..)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `GET path` on a node's management port: (status, JSON body).
+pub async fn get_status(management: u16, path: &str) -> Option<(u16, Value)> {
+    let url = format!("http://127.0.0.1:{management}{path}");
+    let response = reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.ok()?))
+}
+
+/// The gRPC health status of the whole server ("") through `grpc_url`.
+pub async fn grpc_health(grpc_url: &str) -> Option<i32> {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let channel = tonic::transport::Endpoint::from_shared(grpc_url.to_string())
+        .ok()?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .ok()?;
+    let mut client = HealthClient::new(channel);
+    let response = client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    Some(response.into_inner().status)
 }

@@ -1,0 +1,264 @@
+//! Self-healing under real faults, every node a separate process: a broker outage past the
+//! session timeout, a killed group coordinator in a 3-broker cluster, a fenced transactional
+//! producer, and a node with the wrong cookie. Every node stays alive and every total ends
+//! equal to the producers' ledger.
+//!
+//! The outage and coordinator tests stop and kill brokers, so they start brokers of their own
+//! (`support::Broker`); the others use the shared test broker.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, Producer};
+use support::*;
+
+/// grpc.health.v1 ServingStatus values.
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+/// Readiness through both front ends: (HTTP status of /ready, gRPC health) of each node.
+async fn readiness(spec: &ClusterSpec, nodes: &[&Node]) -> Vec<(u16, Option<i32>)> {
+    let mut out = Vec::new();
+    for node in nodes {
+        let status = get_status(node.management, "/ready")
+            .await
+            .map(|(s, _)| s)
+            .unwrap_or(0);
+        out.push((status, grpc_health(&spec.grpc_url(node.index)).await));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_outage_beyond_the_session_timeout_is_survived_with_exact_totals() {
+    let broker = Broker::start(19_500, 1);
+    let spec = ClusterSpec::new("broker-outage", 31_000).on(&broker);
+    spec.create_topic(32);
+    let mut node1 = spec.start_node(1);
+    let mut node2 = spec.start_node(2);
+    wait_for_split(&[&node1, &node2], 32).await;
+    eventually(Duration::from_secs(30), "both nodes ready", || async {
+        let states = readiness(&spec, &[&node1, &node2]).await;
+        states
+            .iter()
+            .all(|s| *s == (200, Some(SERVING)))
+            .then_some(())
+    })
+    .await;
+
+    // About 50 s of input at a steady rate; the broker is away for 30 s of it.
+    let producer = spec.produce_in_background(10_000, 300, 200, "outage.json");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let log_marks = [node1.log().len(), node2.log().len()];
+    broker.stop();
+    let stopped_at = Instant::now();
+
+    // Beyond the 6 s session timeout: both nodes are alive and say they are not ready.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(
+        node1.is_running() && node2.is_running(),
+        "a node exited during the outage"
+    );
+    let during = readiness(&spec, &[&node1, &node2]).await;
+    assert_eq!(
+        during,
+        vec![(503, Some(NOT_SERVING)); 2],
+        "not ready while Kafka is away"
+    );
+    let (_, body) = get_status(node1.management, "/ready").await.unwrap();
+    assert!(
+        body["reasons"].to_string().contains("Kafka unreachable"),
+        "/ready says why: {body}"
+    );
+    let alive = get_status(node1.management, "/alive").await.unwrap();
+    assert_eq!(alive.0, 200, "alive while Kafka is away");
+
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(stopped_at.elapsed())).await;
+    broker.restart();
+    let ledger = producer.wait();
+    wait_for_ledger(&spec, &[1, 2], &ledger, Duration::from_secs(120)).await;
+    assert!(
+        node1.is_running() && node2.is_running(),
+        "a node exited after the outage"
+    );
+    eventually(
+        Duration::from_secs(60),
+        "both nodes ready again",
+        || async {
+            let states = readiness(&spec, &[&node1, &node2]).await;
+            states
+                .iter()
+                .all(|s| *s == (200, Some(SERVING)))
+                .then_some(())
+        },
+    )
+    .await;
+
+    for (node, mark) in [(&node1, log_marks[0]), (&node2, log_marks[1])] {
+        let log = node.log();
+        let lines = warnings_since(&log, mark);
+        assert!(
+            lines.len() <= 30,
+            "node {} logged {} warnings and errors about the outage:\n{}",
+            node.index,
+            lines.len(),
+            lines.join("\n")
+        );
+        assert!(
+            log[mark..].contains("is unreachable"),
+            "node {} said the outage started",
+            node.index
+        );
+        assert!(
+            log[mark..].contains("is reachable again"),
+            "node {} said the outage ended",
+            node.index
+        );
+    }
+    assert!(node1.stop().success() && node2.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_group_coordinator_of_three_brokers_keeps_every_node_alive_and_totals_exact() {
+    let brokers = Broker::start(19_600, 3);
+    let spec = ClusterSpec::new("coordinator-kill", 32_000).on(&brokers);
+    spec.create_topic(32);
+    let mut node1 = spec.start_node(1);
+    let mut node2 = spec.start_node(2);
+    wait_for_split(&[&node1, &node2], 32).await;
+    // The node's own topics follow the input's replication factor (3 by the brokers' default).
+    let changelog = format!("{}-{}-state", spec.group, spec.topic);
+    assert_eq!(
+        replicas(&spec.bootstrap, &changelog),
+        3,
+        "changelog replication factor"
+    );
+
+    let producer = spec.produce_in_background(8_000, 300, 250, "coordinator.json");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let coordinator = group_coordinator(&spec.bootstrap, &spec.group);
+    brokers.kill_broker(coordinator as u8);
+    let ledger = producer.wait();
+    wait_for_ledger(&spec, &[1, 2], &ledger, Duration::from_secs(120)).await;
+    assert!(
+        node1.is_running() && node2.is_running(),
+        "a node exited after the coordinator was killed"
+    );
+    let now = group_coordinator(&spec.bootstrap, &spec.group);
+    assert_ne!(now, coordinator, "another broker coordinates the group");
+    assert!(node1.stop().success() && node2.stop().success());
+}
+
+fn replicas(bootstrap: &str, topic: &str) -> usize {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    metadata.topics()[0].partitions()[0].replicas().len()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_producer_is_fenced_recovers_without_exiting_and_counts_exactly_once() {
+    require_broker();
+    let spec = ClusterSpec::new("fenced", 33_000);
+    spec.create_topic(32);
+    let mut node1 = spec.start_node(1);
+    let mut node2 = spec.start_node(2);
+    wait_for_split(&[&node1, &node2], 32).await;
+
+    let producer = spec.produce_in_background(6_000, 300, 300, "fenced.json");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // A twin with node 1's transactional id (a misconfigured copy) fences node 1's producer.
+    let transactional_id = format!("{}-{}", spec.group, spec.node_id(1));
+    for _ in 0..2 {
+        let recoveries = node1.log().matches("recovered in").count();
+        let twin: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &spec.bootstrap)
+            .set("transactional.id", &transactional_id)
+            .create()
+            .unwrap();
+        twin.init_transactions(Duration::from_secs(30)).unwrap();
+        drop(twin);
+        eventually(
+            Duration::from_secs(60),
+            "node 1 to recover from the fence",
+            || async { (node1.log().matches("recovered in").count() > recoveries).then_some(()) },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let ledger = producer.wait();
+    wait_for_ledger(&spec, &[1, 2], &ledger, Duration::from_secs(90)).await;
+    assert!(node1.is_running(), "the fenced node exited");
+    let log = node1.log();
+    assert!(
+        log.contains("the checkpoint producer failed"),
+        "node 1 said why it recovers"
+    );
+    assert!(
+        log.matches("recovered in").count() >= 2,
+        "node 1 recovered from both fences"
+    );
+    assert!(node1.stop().success() && node2.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_with_the_wrong_cookie_is_refused_and_takes_no_partitions() {
+    require_broker();
+    let spec = ClusterSpec::new("wrong-cookie", 34_000);
+    spec.create_topic(128);
+    let mut node1 = spec.start_node(1);
+    let mut node2 = spec.start_node(2);
+    wait_for_split(&[&node1, &node2], 128).await;
+    let mut intruder = spec.start_node_with(3, &["--cookie", "not-the-cluster-cookie"]);
+
+    eventually(
+        Duration::from_secs(30),
+        "the refused node to name the cookie",
+        || async {
+            intruder
+                .log()
+                .contains("refused this node: is --cookie the same on every node?")
+                .then_some(())
+        },
+    )
+    .await;
+    // Long enough for a node that joined the group to have been given partitions.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(intruder.is_running(), "the refused node keeps retrying");
+    let (status, body) = get_status(intruder.management, "/ready")
+        .await
+        .expect("the refused node serves /ready");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["reasons"].to_string().contains("not admitted"),
+        "{body}"
+    );
+    assert_eq!(grpc_health(&spec.grpc_url(3)).await, Some(NOT_SERVING));
+    assert!(
+        !intruder.log().contains("connected to seed node"),
+        "no session was authenticated"
+    );
+    let assignment = group_assignment(&spec.group, &spec.topic);
+    assert!(
+        !assignment.contains_key(&spec.node_id(3)),
+        "the refused node is not in the group: {assignment:?}"
+    );
+    let owned: usize = assignment.values().map(|p| p.len()).sum();
+    assert_eq!(
+        owned, 128,
+        "the admitted nodes own every partition: {assignment:?}"
+    );
+    assert!(intruder.shards().await.is_empty());
+
+    let ledger = spec.produce(2_000, 500, "cookie.json");
+    wait_for_ledger(&spec, &[1, 2], &ledger, Duration::from_secs(60)).await;
+    intruder.stop();
+    assert!(node1.stop().success() && node2.stop().success());
+}
