@@ -532,6 +532,16 @@ pub fn partition_count(topic: &str) -> u32 {
 }
 
 pub fn partition_count_at(bootstrap: &str, topic: &str) -> u32 {
+    topic_partitions(bootstrap, topic).len() as u32
+}
+
+/// The replica count of `topic`'s first partition.
+pub fn replication_factor_at(bootstrap: &str, topic: &str) -> usize {
+    topic_partitions(bootstrap, topic)[0].1
+}
+
+/// `topic`'s partitions, each with its replica count.
+fn topic_partitions(bootstrap: &str, topic: &str) -> Vec<(i32, usize)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
@@ -539,7 +549,11 @@ pub fn partition_count_at(bootstrap: &str, topic: &str) -> u32 {
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();
-    metadata.topics()[0].partitions().len() as u32
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| (p.id(), p.replicas().len()))
+        .collect()
 }
 
 /// One record read back: (partition, offset, key, headers).
