@@ -31,6 +31,22 @@ async fn readiness(spec: &ClusterSpec, nodes: &[&Node]) -> Vec<(u16, Option<i32>
     out
 }
 
+/// Waits until every node of `nodes` is ready through both front ends.
+async fn until_ready(spec: &ClusterSpec, nodes: &[&Node], within: Duration) {
+    eventually(
+        within,
+        "every node ready (/ready 200, gRPC SERVING)",
+        || async {
+            let states = readiness(spec, nodes).await;
+            states
+                .iter()
+                .all(|s| *s == (200, Some(SERVING)))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// Creates the topic with `partitions` and starts nodes 1 and 2 until they split it.
 async fn two_nodes(spec: &ClusterSpec, partitions: u32) -> (Node, Node) {
     spec.create_topic(partitions);
@@ -45,14 +61,7 @@ async fn a_broker_outage_beyond_the_session_timeout_is_survived_with_exact_total
     let broker = Broker::start(19_500, 1);
     let spec = ClusterSpec::new("broker-outage", 31_000).on(&broker);
     let (mut node1, mut node2) = two_nodes(&spec, 32).await;
-    eventually(Duration::from_secs(30), "both nodes ready", || async {
-        let states = readiness(&spec, &[&node1, &node2]).await;
-        states
-            .iter()
-            .all(|s| *s == (200, Some(SERVING)))
-            .then_some(())
-    })
-    .await;
+    until_ready(&spec, &[&node1, &node2], Duration::from_secs(30)).await;
 
     // About 50 s of input at a steady rate; the broker is away for 30 s of it.
     let producer = spec.produce_in_background(10_000, 300, 200, "outage.json");
@@ -89,18 +98,7 @@ async fn a_broker_outage_beyond_the_session_timeout_is_survived_with_exact_total
         node1.is_running() && node2.is_running(),
         "a node exited after the outage"
     );
-    eventually(
-        Duration::from_secs(60),
-        "both nodes ready again",
-        || async {
-            let states = readiness(&spec, &[&node1, &node2]).await;
-            states
-                .iter()
-                .all(|s| *s == (200, Some(SERVING)))
-                .then_some(())
-        },
-    )
-    .await;
+    until_ready(&spec, &[&node1, &node2], Duration::from_secs(60)).await;
 
     for (node, mark) in [(&node1, log_marks[0]), (&node2, log_marks[1])] {
         let log = node.log();
