@@ -11,7 +11,6 @@
 //! librdkafka warnings are rate-limited per kind.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -91,14 +90,9 @@ pub fn is_authorization(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-fn code_of(error: &KafkaError) -> Option<RDKafkaErrorCode> {
-    error.rdkafka_error_code()
-}
-
 /// The node's view of the Kafka cluster's reachability, shared by every client.
 pub struct KafkaHealth {
     bootstrap: String,
-    reachable: AtomicBool,
     state: Mutex<OutageState>,
     /// Set when a client reported an error a restart cannot fix.
     unrecoverable: Mutex<Option<Unrecoverable>>,
@@ -116,7 +110,6 @@ impl KafkaHealth {
     pub fn new(bootstrap: &str) -> Arc<Self> {
         Arc::new(Self {
             bootstrap: bootstrap.into(),
-            reachable: AtomicBool::new(true),
             state: Mutex::new(OutageState::default()),
             unrecoverable: Mutex::new(None),
             warnings: Mutex::new(HashMap::new()),
@@ -124,7 +117,7 @@ impl KafkaHealth {
     }
 
     pub fn reachable(&self) -> bool {
-        self.reachable.load(Ordering::SeqCst)
+        self.outage().is_none()
     }
 
     /// How long the current outage has lasted, if there is one.
@@ -159,7 +152,6 @@ impl KafkaHealth {
             state.since = Some(Instant::now());
             state.last_reminder = Some(Instant::now());
             state.reason = reason.to_string();
-            self.reachable.store(false, Ordering::SeqCst);
             tracing::error!(
                 "Kafka at {} is unreachable ({reason}); this node keeps running, answers for the shards it holds \
                  and retries (next reminder in {} s)",
@@ -173,7 +165,6 @@ impl KafkaHealth {
     pub fn report_reachable(&self) {
         let mut state = self.state.lock().expect("health lock poisoned");
         if let Some(since) = state.since.take() {
-            self.reachable.store(true, Ordering::SeqCst);
             tracing::info!(
                 "Kafka at {} is reachable again after {:.1} s",
                 self.bootstrap,
@@ -218,7 +209,7 @@ impl KafkaHealth {
     /// Handles one client error: connectivity is the monitor's to judge (a closing client
     /// reports all brokers down too), authorization is fatal, the rest is logged (rate-limited).
     pub fn client_error(&self, error: &KafkaError, reason: &str) {
-        match code_of(error) {
+        match error.rdkafka_error_code() {
             Some(code) if is_connectivity(code) => tracing::debug!("librdkafka: {error}: {reason}"),
             Some(code) if is_authorization(code) => {
                 self.set_unrecoverable(Unrecoverable::NotAuthorized(format!("{error}: {reason}")));
@@ -250,8 +241,12 @@ impl KafkaHealth {
         }
     }
 
-    /// Probes the cluster every second (metadata request) and keeps the outage state current.
-    pub async fn monitor(self: Arc<Self>) {
+    /// Probes the cluster every second with a metadata request for the input `topic`, which
+    /// answers two questions at once: is Kafka reachable (keeping the outage state current), and
+    /// does the topic still have the `partitions` the node started with (else [`Unrecoverable`]).
+    /// Asking for one topic keeps the probe small on a broker with thousands of partitions, and
+    /// running it here keeps it off the consumer's poll loop.
+    pub async fn monitor(self: Arc<Self>, topic: String, partitions: u32) {
         let probe: BaseConsumer<QuietContext> = match ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .create_with_context(QuietContext::new(self.clone()))
@@ -263,14 +258,23 @@ impl KafkaHealth {
             }
         };
         let probe = Arc::new(probe);
+        let mut missing_before = false;
         loop {
-            let client = probe.clone();
+            let (client, asked) = (probe.clone(), topic.clone());
             let answer = tokio::task::spawn_blocking(move || {
-                client.fetch_metadata(None, PROBE_TIMEOUT).map(|_| ())
+                client
+                    .fetch_metadata(Some(&asked), PROBE_TIMEOUT)
+                    .map(|m| topic_partitions(&m, &asked))
             })
             .await;
             match answer {
-                Ok(Ok(())) => self.report_reachable(),
+                Ok(Ok(found)) => {
+                    self.report_reachable();
+                    if let Some(cause) = judge_topic(&topic, partitions, found, &mut missing_before)
+                    {
+                        self.set_unrecoverable(cause);
+                    }
+                }
                 Ok(Err(e)) => {
                     self.report_unreachable(&e.to_string());
                     self.remind();
@@ -279,6 +283,39 @@ impl KafkaHealth {
             }
             tokio::time::sleep(PROBE_EVERY).await;
         }
+    }
+}
+
+/// The topic's partition count in `metadata`, 0 when the broker says it does not exist.
+fn topic_partitions(metadata: &rdkafka::metadata::Metadata, topic: &str) -> u32 {
+    metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len() as u32)
+}
+
+/// What one probe's answer means for the input topic: deleted only when seen missing twice in a
+/// row (metadata may briefly lag a broker restart), changed when its count differs.
+fn judge_topic(
+    topic: &str,
+    started_with: u32,
+    found: u32,
+    missing_before: &mut bool,
+) -> Option<Unrecoverable> {
+    let missing = found == 0;
+    let confirmed = missing && *missing_before;
+    *missing_before = missing;
+    if confirmed {
+        Some(Unrecoverable::TopicDeleted(topic.to_string()))
+    } else if !missing && found != started_with {
+        Some(Unrecoverable::PartitionsChanged {
+            topic: topic.to_string(),
+            was: started_with,
+            now: found,
+        })
+    } else {
+        None
     }
 }
 
@@ -348,6 +385,35 @@ mod tests {
         health.report_reachable();
         assert!(health.reachable());
         assert!(health.outage().is_none());
+    }
+
+    #[test]
+    fn a_topic_is_deleted_when_missing_twice_and_changed_when_its_count_differs() {
+        let mut missing_before = false;
+        assert_eq!(judge_topic("t", 8, 8, &mut missing_before), None);
+        assert_eq!(
+            judge_topic("t", 8, 0, &mut missing_before),
+            None,
+            "once is not enough"
+        );
+        assert_eq!(
+            judge_topic("t", 8, 8, &mut missing_before),
+            None,
+            "it came back"
+        );
+        assert_eq!(judge_topic("t", 8, 0, &mut missing_before), None);
+        assert_eq!(
+            judge_topic("t", 8, 0, &mut missing_before),
+            Some(Unrecoverable::TopicDeleted("t".into()))
+        );
+        assert_eq!(
+            judge_topic("t", 8, 12, &mut false),
+            Some(Unrecoverable::PartitionsChanged {
+                topic: "t".into(),
+                was: 8,
+                now: 12
+            })
+        );
     }
 
     #[test]

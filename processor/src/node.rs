@@ -15,7 +15,7 @@ use crate::changelog::{self, ChangelogError};
 use crate::cli::NodeConfig;
 use crate::cluster::announce::Announcer;
 use crate::cluster::gateway::{Gateway, GatewayArgs};
-use crate::cluster::membership::{Membership, MembershipError};
+use crate::cluster::membership::{Membership, MembershipConfig, MembershipError};
 use crate::consumer::checkpoint::{Checkpointer, CheckpointerConfig};
 use crate::consumer::{self, ConsumerError, ConsumerExit, ConsumerParts, ConsumerSettings};
 use crate::handoff::Handoff;
@@ -158,7 +158,7 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     );
 
     let health = KafkaHealth::new(&config.bootstrap_servers);
-    tokio::spawn(health.clone().monitor());
+    tokio::spawn(health.clone().monitor(config.topic.clone(), partitions));
     let quiet = QuietContext::new(health.clone());
     let readiness = Readiness::new(health.clone(), &config.group);
     let table = Arc::new(AllocationTable::new(node_id.clone()));
@@ -191,11 +191,13 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     .map_err(|e| NodeError::Gateway(e.to_string()))?;
     let membership = Arc::new(
         Membership::start(
-            config.node_name(),
-            host.clone(),
-            config.ports.remoting,
-            config.cookie.clone(),
-            config.seed_nodes.clone(),
+            MembershipConfig {
+                node_name: config.node_name(),
+                host: host.clone(),
+                port: config.ports.remoting,
+                cookie: config.cookie.clone(),
+                seeds: config.seed_nodes.clone(),
+            },
             table.clone(),
             announcer.clone(),
             readiness.clone(),
@@ -277,70 +279,78 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
         restorer,
         config.drain_timeout,
     ));
-    // One transactional id per node: a restarted node fences its previous run.
-    let checkpointer_config = CheckpointerConfig {
-        bootstrap: config.bootstrap_servers.clone(),
-        transactional_id: format!("{}-{node_id}", config.group),
-        transaction_timeout: config.transaction_timeout,
-        changelog_topic: config.changelog_topic.clone(),
-        input_topic: config.topic.clone(),
-        dlq_topic: config.dlq_topic.clone(),
-        context: quiet.clone(),
-    };
-    let starting = checkpointer_config.clone();
-    let checkpointer = tokio::task::spawn_blocking(move || Checkpointer::new(&starting))
-        .await
-        .expect("checkpointer start panicked")
-        .map_err(ConsumerError::from)?;
-
-    // Only an admitted node takes partitions: a node the others refuse would hold shards no
-    // other node's front end can reach.
-    if !wait_for_admission(&readiness).await {
-        tracing::info!("stopped before being admitted to the cluster");
-        let _ = shutdown_tx.send(true);
-        let _ = grpc.await;
-        let _ = http.await;
-        return Ok(());
-    }
-    let mut consumer = consumer::start(
-        ConsumerSettings {
-            bootstrap_servers: config.bootstrap_servers.clone(),
-            topic: config.topic.clone(),
-            group: config.group.clone(),
-            client_id: node_id.clone(),
-            session_timeout: config.session_timeout,
-            commit_interval: config.commit_interval,
-            partitions,
-            statistics_interval: config.statistics_interval,
-            debug: config.kafka_debug.clone(),
-        },
-        ConsumerParts {
-            handoff,
-            local: local.clone(),
-            gate,
-            stats,
-            metrics,
-            checkpointer,
-            checkpointer_config,
-            health: health.clone(),
-            readiness: readiness.clone(),
-            kafka_stats: kafka_stats.clone(),
-            runtime: tokio::runtime::Handle::current(),
-        },
-    )?;
     tracing::info!(
         "node {node_id} up: remoting {}, management http://{host}:{}, gRPC {grpc_addr}",
         config.ports.remoting,
         config.ports.management
     );
-
-    wait_for_stop_signal(&consumer).await;
-    readiness.set_stopping();
-    tracing::info!("shutting down: handing off every shard");
-    consumer.stop();
-    let exit = tokio::task::spawn_blocking(move || consumer.join())
-        .await
-        .unwrap_or(ConsumerExit::Panicked);
+    // Only an admitted node takes partitions (a node the others refuse would hold shards no
+    // other node's front end can reach), and only it creates its transactional producer, whose
+    // initialisation fences its id.
+    let mut waiting_said = false;
+    let admitted = stop_signal_or(Duration::from_millis(100), || {
+        if !waiting_said && !readiness.admitted() {
+            waiting_said = true;
+            tracing::info!(
+                "waiting to be admitted to the cluster before joining the consumer group"
+            );
+        }
+        readiness.admitted()
+    })
+    .await;
+    let exit = if admitted {
+        // One transactional id per node: a restarted node fences its previous run.
+        let checkpointer_config = CheckpointerConfig {
+            bootstrap: config.bootstrap_servers.clone(),
+            transactional_id: format!("{}-{node_id}", config.group),
+            transaction_timeout: config.transaction_timeout,
+            changelog_topic: config.changelog_topic.clone(),
+            input_topic: config.topic.clone(),
+            dlq_topic: config.dlq_topic.clone(),
+            context: quiet.clone(),
+        };
+        let starting = checkpointer_config.clone();
+        let checkpointer = tokio::task::spawn_blocking(move || Checkpointer::new(&starting))
+            .await
+            .expect("checkpointer start panicked")
+            .map_err(ConsumerError::from)?;
+        let mut consumer = consumer::start(
+            ConsumerSettings {
+                bootstrap_servers: config.bootstrap_servers.clone(),
+                topic: config.topic.clone(),
+                group: config.group.clone(),
+                client_id: node_id.clone(),
+                session_timeout: config.session_timeout,
+                commit_interval: config.commit_interval,
+                partitions,
+                statistics_interval: config.statistics_interval,
+                debug: config.kafka_debug.clone(),
+            },
+            ConsumerParts {
+                handoff,
+                local: local.clone(),
+                gate,
+                stats,
+                metrics,
+                checkpointer,
+                checkpointer_config,
+                health: health.clone(),
+                readiness: readiness.clone(),
+                kafka_stats: kafka_stats.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            },
+        )?;
+        stop_signal_or(Duration::from_millis(200), || consumer.is_finished()).await;
+        readiness.set_stopping();
+        tracing::info!("shutting down: handing off every shard");
+        consumer.stop();
+        tokio::task::spawn_blocking(move || consumer.join())
+            .await
+            .unwrap_or(ConsumerExit::Panicked)
+    } else {
+        tracing::info!("stopped before being admitted to the cluster");
+        ConsumerExit::Stopped
+    };
     let _ = shutdown_tx.send(true);
     let _ = grpc.await;
     let _ = http.await;
@@ -356,18 +366,15 @@ pub async fn run(config: NodeConfig) -> Result<(), NodeError> {
     }
 }
 
-/// Waits until the node is admitted to the cluster; `false` if asked to stop first.
-async fn wait_for_admission(readiness: &Readiness) -> bool {
-    let mut said = false;
+/// Waits for Ctrl-C or SIGTERM, or until `done` (checked every `every`) holds; returns
+/// whether `done` came first.
+async fn stop_signal_or(every: Duration, mut done: impl FnMut() -> bool) -> bool {
     #[cfg(unix)]
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("cannot install the SIGTERM handler");
-    while !readiness.admitted() {
-        if !said {
-            said = true;
-            tracing::info!(
-                "waiting to be admitted to the cluster before joining the consumer group"
-            );
+    loop {
+        if done() {
+            return true;
         }
         #[cfg(unix)]
         let term = sigterm.recv();
@@ -376,29 +383,7 @@ async fn wait_for_admission(readiness: &Readiness) -> bool {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return false,
             _ = term => return false,
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-    }
-    true
-}
-
-async fn wait_for_stop_signal(consumer: &consumer::ConsumerHandle) {
-    #[cfg(unix)]
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("cannot install the SIGTERM handler");
-    loop {
-        #[cfg(unix)]
-        let term = sigterm.recv();
-        #[cfg(not(unix))]
-        let term = std::future::pending::<Option<()>>();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => return,
-            _ = term => return,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                if consumer.is_finished() {
-                    return;
-                }
-            }
+            _ = tokio::time::sleep(every) => {}
         }
     }
 }

@@ -82,7 +82,7 @@ impl Restorer {
                             }
                             // Every attempt fails alike while Kafka is away: say it now and then.
                             failures += 1;
-                            if failures == 1 || failures % 20 == 0 {
+                            if failures == 1 || failures.is_multiple_of(20) {
                                 tracing::warn!(
                                     "changelog restore failed ({e}); retrying (attempt {failures})"
                                 );

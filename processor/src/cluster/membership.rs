@@ -41,18 +41,31 @@ pub struct Membership {
     pub server: ActorRef<NodeServerMessage>,
 }
 
+/// Who this node is in the actor cluster and whom it dials.
+pub struct MembershipConfig {
+    pub node_name: String,
+    pub host: String,
+    pub port: u16,
+    pub cookie: String,
+    /// host:port of the seed nodes' remoting ports (this node's own address may be among them).
+    pub seeds: Vec<String>,
+}
+
 impl Membership {
     /// Starts the node server, subscribes to session events and starts dialling the seeds.
     pub async fn start(
-        node_name: String,
-        host: String,
-        port: u16,
-        cookie: String,
-        seeds: Vec<String>,
+        config: MembershipConfig,
         table: Arc<AllocationTable>,
         announcer: Arc<Announcer>,
         readiness: Arc<Readiness>,
     ) -> Result<Self, MembershipError> {
+        let MembershipConfig {
+            node_name,
+            host,
+            port,
+            cookie,
+            seeds,
+        } = config;
         let own_addr = format!("{host}:{port}");
         let is_seed = seeds.contains(&own_addr);
         let seeds: Vec<String> = seeds.into_iter().filter(|s| *s != own_addr).collect();
@@ -130,6 +143,16 @@ struct Admission {
     sessions: Mutex<HashMap<ActorId, bool>>,
     /// Seeds that answered but refused this node's handshake.
     refused_by: Mutex<HashSet<String>>,
+}
+
+impl Admission {
+    /// Records an open session and whether its handshake completed.
+    fn session(&self, ses: &NodeServerSessionInformation, authenticated: bool) {
+        self.sessions
+            .lock()
+            .expect("admission lock poisoned")
+            .insert(ses.actor.get_id(), authenticated);
+    }
 }
 
 async fn dial_seeds(
@@ -272,27 +295,15 @@ impl SessionEvents {
 
 impl NodeEventSubscription for SessionEvents {
     fn node_session_opened(&self, ses: NodeServerSessionInformation) {
-        self.admission
-            .sessions
-            .lock()
-            .expect("admission lock poisoned")
-            .insert(ses.actor.get_id(), false);
+        self.admission.session(&ses, false);
     }
 
+    // A session is only ever ready after it authenticated.
     fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
-        self.admission
-            .sessions
-            .lock()
-            .expect("admission lock poisoned")
-            .insert(ses.actor.get_id(), true);
+        self.admission.session(&ses, true);
     }
 
     fn node_session_ready(&self, ses: NodeServerSessionInformation) {
-        self.admission
-            .sessions
-            .lock()
-            .expect("admission lock poisoned")
-            .insert(ses.actor.get_id(), true);
         if let Some(name) = &ses.peer_name {
             if !ses.is_server && self.seeds.contains(&ses.peer_addr) {
                 tracing::info!("connected to seed node {}", ses.peer_addr);

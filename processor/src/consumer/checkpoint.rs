@@ -26,8 +26,9 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::changelog::{encode_state, record_headers};
+use crate::dlq::DeadLetter;
 use crate::kafka_health::QuietContext;
-use crate::shard::{Checkpoint, LocalShard, Outgoing, ShardMsg};
+use crate::shard::{Checkpoint, LocalShard, Outgoing, Reroute, ShardMsg};
 
 /// Header on a re-routed event: where it was first read.
 pub const HEADER_REROUTED_FROM: &str = "rerouted.from";
@@ -109,11 +110,15 @@ impl Checkpointer {
         })
     }
 
-    /// `init_transactions`: may be retried after a timeout (the broker is away).
+    /// `init_transactions`. A [`CheckpointError::Fatal`] leaves the producer unusable; any other
+    /// error (a timeout while the broker is away) may be retried on the same producer.
     pub fn init(&self, timeout: Duration) -> Result<(), CheckpointError> {
         self.producer
             .init_transactions(timeout)
-            .map_err(CheckpointError::Create)
+            .map_err(|e| match self.classify(e) {
+                CheckpointError::Aborted(e) => CheckpointError::Create(e),
+                fatal => fatal,
+            })
     }
 
     /// Collects a checkpoint from each shard and commits them in one transaction. Returns
@@ -196,38 +201,10 @@ impl Checkpointer {
             )?;
         }
         for outgoing in &cp.outgoing {
-            let reroute = match outgoing {
-                Outgoing::Reroute(reroute) => reroute,
-                Outgoing::DeadLetter(letter) => {
-                    let mut record = BaseRecord::to(&self.dlq_topic).headers(letter.headers());
-                    if let Some(key) = &letter.key {
-                        record = record.key(key.as_slice());
-                    }
-                    if let Some(value) = &letter.value {
-                        record = record.payload(value);
-                    }
-                    self.send(record)?;
-                    continue;
-                }
-            };
-            let value = prost::Message::encode_to_vec(&proto::events::UserPurchase {
-                user_id: reroute.purchase.user_id.to_string(),
-                product: reroute.purchase.product.to_string(),
-                quantity: reroute.purchase.quantity,
-                price: reroute.purchase.price,
-            });
-            let origin = format!("{}/{}", cp.partition, reroute.source_offset);
-            let headers = OwnedHeaders::new().insert(Header {
-                key: HEADER_REROUTED_FROM,
-                value: Some(origin.as_str()),
-            });
-            self.send(
-                BaseRecord::to(&self.input_topic)
-                    .partition(reroute.target_partition as i32)
-                    .key(reroute.purchase.user_id.as_bytes())
-                    .payload(&value)
-                    .headers(headers),
-            )?;
+            match outgoing {
+                Outgoing::Reroute(reroute) => self.send_reroute(cp.partition, reroute)?,
+                Outgoing::DeadLetter(letter) => self.send_dead_letter(letter)?,
+            }
         }
         if let Some(offset) = cp.commit_offset {
             offsets.add_partition_offset(
@@ -237,6 +214,40 @@ impl Checkpointer {
             )?;
         }
         Ok(())
+    }
+
+    /// A mis-keyed event read from `partition`, to its key's partition.
+    fn send_reroute(&self, partition: u32, reroute: &Reroute) -> Result<(), KafkaError> {
+        let value = prost::Message::encode_to_vec(&proto::events::UserPurchase {
+            user_id: reroute.purchase.user_id.to_string(),
+            product: reroute.purchase.product.to_string(),
+            quantity: reroute.purchase.quantity,
+            price: reroute.purchase.price,
+        });
+        let origin = format!("{partition}/{}", reroute.source_offset);
+        let headers = OwnedHeaders::new().insert(Header {
+            key: HEADER_REROUTED_FROM,
+            value: Some(origin.as_str()),
+        });
+        self.send(
+            BaseRecord::to(&self.input_topic)
+                .partition(reroute.target_partition as i32)
+                .key(reroute.purchase.user_id.as_bytes())
+                .payload(&value)
+                .headers(headers),
+        )
+    }
+
+    /// A malformed record, as it was read, to the dead-letter topic.
+    fn send_dead_letter(&self, letter: &DeadLetter) -> Result<(), KafkaError> {
+        let mut record = BaseRecord::to(&self.dlq_topic).headers(letter.headers());
+        if let Some(key) = &letter.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(value) = &letter.value {
+            record = record.payload(value);
+        }
+        self.send(record)
     }
 
     /// Sends one record, waiting while the producer queue is full.

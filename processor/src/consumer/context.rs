@@ -52,7 +52,7 @@ impl NodeContext {
         partitions
     }
 
-    pub fn shards(&self, partitions: Option<&[u32]>) -> Vec<(u32, LocalShard)> {
+    fn shards(&self, partitions: Option<&[u32]>) -> Vec<(u32, LocalShard)> {
         let local = self.handoff.local();
         let ids = partitions
             .map(<[u32]>::to_vec)
@@ -64,13 +64,13 @@ impl NodeContext {
 
     /// Starts the periodic checkpoint of every local shard (on the checkpoint thread).
     pub fn checkpoint_in_background(&self, consumer: &BaseConsumer<Self>) {
-        let shards = self.shards(None);
         if self
             .producer_failed
             .load(std::sync::atomic::Ordering::SeqCst)
         {
             return;
         }
+        let shards = self.shards(None);
         if let (false, Some(group)) = (shards.is_empty(), consumer.group_metadata()) {
             self.checkpoints
                 .lock()
@@ -98,6 +98,19 @@ impl NodeContext {
             .expect("checkpoint lock poisoned")
             .run_now(shards, group)
             .map(|_| ())
+    }
+}
+
+impl NodeContext {
+    /// The last step of giving up `partitions`, after their final checkpoint or without one
+    /// (lost, or dropped by a recovery): a checkpoint still in flight may include them (if they
+    /// were lost it will fail), so it ends first; then their shards stop and the claim shrinks.
+    pub fn let_go(&self, partitions: &[u32]) {
+        let mut checkpoints = self.checkpoints.lock().expect("checkpoint lock poisoned");
+        checkpoints.wait_in_flight();
+        checkpoints.forget(partitions);
+        drop(checkpoints);
+        self.handoff.release(partitions);
     }
 }
 
@@ -168,12 +181,7 @@ impl ConsumerContext for NodeContext {
             self.metrics
                 .observe_handoff_step("checkpoint", checkpoint_started.elapsed());
         }
-        let mut checkpoints = self.checkpoints.lock().expect("checkpoint lock poisoned");
-        // A lost partition's checkpoint may be in flight (it will fail): let it end first.
-        checkpoints.wait_in_flight();
-        checkpoints.forget(&partitions);
-        drop(checkpoints);
-        self.handoff.release(&partitions);
+        self.let_go(&partitions);
         self.metrics
             .observe_rebalance(if lost { "lost" } else { "revoked" }, started.elapsed());
     }

@@ -38,10 +38,6 @@ use checkpoint_worker::CheckpointWorker;
 use context::NodeContext;
 use dispatch::Dispatcher;
 
-const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(10);
-/// A topic seen missing is looked at again after this long before the node gives up on it.
-const TOPIC_MISSING_CONFIRM_AFTER: Duration = Duration::from_secs(2);
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
     #[error("cannot create the Kafka consumer: {0}")]
@@ -227,7 +223,6 @@ fn poll_loop(
 ) -> ConsumerExit {
     let context = consumer.context();
     let mut last_commit = Instant::now();
-    let mut last_topic_check = Instant::now();
     // Records dispatched since the last checkpoint started: a caught-up node commits them at once.
     let mut uncommitted = false;
     let mut unrecoverable = None;
@@ -260,16 +255,8 @@ fn poll_loop(
                     uncommitted = false;
                 }
             }
-            Some(Err(e)) => {
-                if e.rdkafka_error_code()
-                    == Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)
-                {
-                    check_topic(&consumer, &settings);
-                    last_topic_check = Instant::now();
-                } else {
-                    context.health.client_error(&e, "consumer");
-                }
-            }
+            // A deleted topic or a changed partition count is found by the health monitor.
+            Some(Err(e)) => context.health.client_error(&e, "consumer"),
             Some(Ok(message)) => {
                 let partition = message.partition() as u32;
                 let offset = message.offset();
@@ -307,10 +294,6 @@ fn poll_loop(
             last_commit = Instant::now();
             uncommitted = false;
         }
-        if last_topic_check.elapsed() >= TOPIC_CHECK_EVERY {
-            last_topic_check = Instant::now();
-            check_topic(&consumer, &settings);
-        }
     }
     tracing::info!("consumer stopping: leaving the group (drains and checkpoints every shard)");
     context
@@ -335,53 +318,5 @@ fn poll_loop(
     match unrecoverable {
         Some(cause) => ConsumerExit::Unrecoverable(cause),
         None => ConsumerExit::Stopped,
-    }
-}
-
-/// The input topic must keep existing with the partition count the node started with: a
-/// deleted topic or a changed count is [`Unrecoverable`] (every key would hash elsewhere).
-/// An unreachable broker is not an answer (the outage is the health monitor's).
-fn check_topic(consumer: &BaseConsumer<NodeContext>, settings: &ConsumerSettings) {
-    let Some(count) = topic_partitions(consumer, &settings.topic) else {
-        return;
-    };
-    let health = &consumer.context().health;
-    match count {
-        0 => {
-            // Seen missing: look again before giving up on it (metadata may lag a broker restart).
-            std::thread::sleep(TOPIC_MISSING_CONFIRM_AFTER);
-            if topic_partitions(consumer, &settings.topic) == Some(0) {
-                health.set_unrecoverable(Unrecoverable::TopicDeleted(settings.topic.clone()));
-            }
-        }
-        now if now != settings.partitions => {
-            health.set_unrecoverable(Unrecoverable::PartitionsChanged {
-                topic: settings.topic.clone(),
-                was: settings.partitions,
-                now,
-            })
-        }
-        _ => {}
-    }
-}
-
-/// The topic's partition count (0 when the broker says it does not exist); `None` when the
-/// broker did not answer.
-fn topic_partitions(consumer: &BaseConsumer<NodeContext>, topic: &str) -> Option<u32> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(5))
-        .ok()?;
-    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
-        return Some(0);
-    };
-    match found.error() {
-        Some(e)
-            if rdkafka::types::RDKafkaErrorCode::from(e)
-                == rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition =>
-        {
-            Some(0)
-        }
-        Some(_) => None,
-        None => Some(found.partitions().len() as u32),
     }
 }

@@ -52,15 +52,7 @@ pub fn recover(
         .lock()
         .expect("dispatcher lock poisoned")
         .discard_all();
-    {
-        let mut checkpoints = context
-            .checkpoints
-            .lock()
-            .expect("checkpoint lock poisoned");
-        checkpoints.wait_in_flight();
-        checkpoints.forget(&dropped);
-    }
-    context.handoff.release(&dropped);
+    context.let_go(&dropped);
 
     let Some(checkpointer) = new_producer(config, stopping) else {
         return;
@@ -80,36 +72,51 @@ pub fn recover(
             .map(|a| context.partitions_of(&a))
             .unwrap_or_default(),
     };
+    let mut taken = 0;
     if !assigned.is_empty() {
         let Some(rewound) = rewind_to_committed(consumer, &assigned, stopping) else {
             return;
         };
         context.handoff.take_over(&rewound);
+        taken = rewound.len();
     }
     context.readiness.set_recovering(false);
     tracing::info!(
-        "recovered in {:.1} s: new checkpoint producer, {} assigned partitions restoring from their last checkpoint",
+        "recovered in {:.1} s: new checkpoint producer, {taken} assigned partitions restoring from their last checkpoint",
         started.elapsed().as_secs_f64(),
-        assigned.len()
     );
 }
 
 /// A new, initialised producer with the node's transactional id; `None` if stopping first.
+/// `init_transactions` is retried on the same instance while it only times out (the broker is
+/// away); an instance whose init failed fatally is replaced.
 fn new_producer(config: &CheckpointerConfig, stopping: &AtomicBool) -> Option<Checkpointer> {
     let mut last_said = Instant::now();
     let mut attempts = 0u32;
+    let mut current: Option<Checkpointer> = None;
     while !stopping.load(Ordering::SeqCst) {
         attempts += 1;
-        let outcome = Checkpointer::create(config).and_then(|c| c.init(INIT_TIMEOUT).map(|()| c));
+        let outcome = match current.take() {
+            Some(checkpointer) => Ok(checkpointer),
+            None => Checkpointer::create(config),
+        }
+        .and_then(|c| match c.init(INIT_TIMEOUT) {
+            Ok(()) => Ok(c),
+            Err(e @ CheckpointError::Fatal(_)) => Err(e),
+            Err(e) => {
+                current = Some(c);
+                Err(e)
+            }
+        });
         match outcome {
             Ok(checkpointer) => return Some(checkpointer),
-            Err(e @ (CheckpointError::Create(_) | CheckpointError::Fatal(_))) => {
-                if last_said.elapsed() >= SAY_EVERY {
-                    last_said = Instant::now();
-                    tracing::warn!("still re-creating the checkpoint producer ({attempts} attempts; last: {e})");
-                }
+            Err(e) if last_said.elapsed() >= SAY_EVERY => {
+                last_said = Instant::now();
+                tracing::warn!(
+                    "still re-creating the checkpoint producer ({attempts} attempts; last: {e})"
+                );
             }
-            Err(e) => tracing::warn!("re-creating the checkpoint producer: {e}"),
+            Err(_) => {}
         }
         std::thread::sleep(RETRY_EVERY);
     }

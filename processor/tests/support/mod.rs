@@ -187,22 +187,8 @@ impl ClusterSpec {
     /// Runs the producer to completion at full speed and returns the ledger path.
     pub fn produce(&self, count: u64, users: u64, ledger_name: &str) -> PathBuf {
         let ledger = log_dir(&self.name).join(ledger_name);
-        let out = Command::new(bin("producer"))
-            .args([
-                "--bootstrap-servers",
-                &self.bootstrap,
-                "--topic",
-                &self.topic,
-            ])
-            .args([
-                "--count",
-                &count.to_string(),
-                "--users",
-                &users.to_string(),
-                "--rate",
-                "0",
-            ])
-            .args(["--ledger", ledger.to_str().unwrap()])
+        let out = self
+            .producer(count, users, 0, &ledger)
             .stdout(Stdio::null())
             .output()
             .unwrap();
@@ -212,6 +198,27 @@ impl ClusterSpec {
             String::from_utf8_lossy(&out.stderr)
         );
         ledger
+    }
+
+    /// The producer binary for this cluster's topic: `count` events for `users` users at `rate`
+    /// per second (0: full speed), their totals written to `ledger`.
+    fn producer(&self, count: u64, users: u64, rate: u32, ledger: &Path) -> Command {
+        let mut command = Command::new(bin("producer"));
+        command
+            .args([
+                "--bootstrap-servers",
+                &self.bootstrap,
+                "--topic",
+                &self.topic,
+            ])
+            .args(["--count", &count.to_string(), "--users", &users.to_string()])
+            .args([
+                "--rate",
+                &rate.to_string(),
+                "--ledger",
+                ledger.to_str().unwrap(),
+            ]);
+        command
     }
 }
 
@@ -245,22 +252,8 @@ impl ClusterSpec {
         let log =
             std::fs::File::create(log_dir(&self.name).join(format!("{ledger_name}.producer.log")))
                 .unwrap();
-        let child = Command::new(bin("producer"))
-            .args([
-                "--bootstrap-servers",
-                &self.bootstrap,
-                "--topic",
-                &self.topic,
-            ])
-            .args([
-                "--count",
-                &count.to_string(),
-                "--users",
-                &users.to_string(),
-                "--rate",
-                &rate.to_string(),
-            ])
-            .args(["--ledger", ledger.to_str().unwrap()])
+        let child = self
+            .producer(count, users, rate, &ledger)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -279,14 +272,9 @@ pub struct Node {
 
 impl Node {
     pub async fn get_json(&self, path: &str) -> Option<Value> {
-        let url = format!("http://127.0.0.1:{}{path}", self.management);
-        let response = reqwest::Client::new()
-            .get(url)
-            .timeout(Duration::from_secs(5))
-            .send()
+        get_status(self.management, path)
             .await
-            .ok()?;
-        response.json().await.ok()
+            .map(|(_, body)| body)
     }
 
     pub async fn stats(&self) -> Option<Value> {
