@@ -246,3 +246,49 @@ async fn a_node_with_the_wrong_cookie_is_refused_and_takes_no_partitions() {
     intruder.stop();
     assert!(node1.stop().success() && node2.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_partition_count_and_a_deleted_topic_end_the_node_with_their_exit_codes() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    use rdkafka::client::DefaultClientContext;
+    require_broker();
+    let spec = ClusterSpec::new("topic-faults", 35_000);
+    spec.create_topic(8);
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &spec.bootstrap)
+        .create()
+        .unwrap();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+
+    let mut node = spec.start_node(1);
+    wait_for_split(&[&node], 8).await;
+    let grown = admin
+        .create_partitions(&[NewPartitions::new(&spec.topic, 12)], &options)
+        .await
+        .unwrap();
+    assert!(grown[0].is_ok(), "{grown:?}");
+    assert_eq!(
+        node.exit_code_within(Duration::from_secs(30)),
+        Some(5),
+        "partition count changed: exit 5"
+    );
+    assert!(node
+        .log()
+        .contains("now has 12 partitions, but this node started with 8"));
+
+    // Another topic: the first one's changelog keeps 8 partitions, which a restart refuses.
+    let spec = ClusterSpec::new("topic-deleted", 35_500);
+    spec.create_topic(8);
+    let mut node = spec.start_node(1);
+    wait_for_split(&[&node], 8).await;
+    let deleted = admin.delete_topics(&[&spec.topic], &options).await.unwrap();
+    assert!(deleted[0].is_ok(), "{deleted:?}");
+    assert_eq!(
+        node.exit_code_within(Duration::from_secs(30)),
+        Some(4),
+        "topic deleted: exit 4"
+    );
+    assert!(node
+        .log()
+        .contains(&format!("input topic {} was deleted", spec.topic)));
+}

@@ -365,6 +365,20 @@ impl Node {
         }
     }
 
+    /// Waits (up to `within`) for the node to exit by itself; its exit code.
+    pub fn exit_code_within(&mut self, within: Duration) -> Option<i32> {
+        let child = self.child.as_mut().expect("node already stopped");
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("node {} did not exit within {within:?}", self.index);
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
