@@ -3,10 +3,8 @@
 //! `processor <remoting-port> <management-port> <grpc-port>` as in the reference, or
 //! `processor N` for ports 2550+N, 8550+N, 8080+N. Every option has an environment fallback.
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use kafka_sharding::{EntityType, NodeArgs, NodeConfig};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -15,18 +13,8 @@ use clap::Parser;
     after_help = "Examples:\n  processor 2551 8551 8081\n  processor 2        # ports 2552 8552 8082"
 )]
 pub struct Args {
-    /// Either three ports (remoting, management, gRPC) or one node number N
-    /// (ports 2550+N, 8550+N, 8080+N).
-    #[arg(value_name = "PORTS", num_args = 1..=3, required = true)]
-    pub ports: Vec<u16>,
-
-    /// Kafka bootstrap servers.
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    pub bootstrap_servers: String,
+    #[command(flatten)]
+    pub node: NodeArgs,
 
     /// Input topic; its partition count is the shard count.
     #[arg(long, env = "KAFKA_TOPIC", default_value = "user-events")]
@@ -40,205 +28,44 @@ pub struct Args {
     #[arg(long, env = "KAFKA_DLQ_TOPIC")]
     pub dlq_topic: Option<String>,
 
-    /// Cluster seed nodes (host:port of their remoting ports), comma separated.
-    #[arg(
-        long,
-        env = "SEED_NODES",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:2551,127.0.0.1:2552"
-    )]
-    pub seed_nodes: Vec<String>,
-
-    /// Shared secret nodes authenticate each other with.
-    #[arg(long, env = "CLUSTER_COOKIE", default_value = "user-processing-cookie")]
-    pub cookie: String,
-
-    /// Host this node's ports bind to and peers reach it at.
-    #[arg(long, env = "NODE_HOST", default_value = "127.0.0.1")]
-    pub host: String,
-
-    /// Kafka consumer session timeout: how long a silent node keeps its partitions.
-    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
-    pub session_timeout_ms: u64,
-
-    /// How long a query waits for a shard that has no known owner (rebalance) before UNAVAILABLE.
-    #[arg(long, env = "QUERY_WAIT_MS", default_value_t = 5_000)]
-    pub query_wait_ms: u64,
-
-    /// Timeout of one call to another node.
-    #[arg(long, env = "REMOTE_CALL_TIMEOUT_MS", default_value_t = 2_000)]
-    pub remote_call_timeout_ms: u64,
-
-    /// Events dispatched to entities but not yet acknowledged, across all shards (backpressure).
-    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 20_000)]
-    pub max_in_flight: usize,
-
-    /// How often a checkpoint transaction commits changed states and consumed offsets.
-    #[arg(long, env = "COMMIT_INTERVAL_MS", default_value_t = 500)]
-    pub commit_interval_ms: u64,
-
     /// Compacted topic holding every entity's latest state (default: `<group>-<topic>-state`; the
     /// states' offsets are offsets of the input topic, so a changelog serves one topic only).
     #[arg(long, env = "KAFKA_CHANGELOG_TOPIC")]
     pub changelog_topic: Option<String>,
-
-    /// Transaction timeout: how long an open transaction of a crashed node can block the
-    /// restore of its partitions.
-    #[arg(long, env = "KAFKA_TRANSACTION_TIMEOUT_MS", default_value_t = 10_000)]
-    pub transaction_timeout_ms: u64,
-
-    /// An entity actor idle this long is passivated (stopped; its state is kept).
-    #[arg(long, env = "PASSIVATE_AFTER_MS", default_value_t = 120_000)]
-    pub passivate_after_ms: u64,
-
-    /// How often librdkafka's consumer statistics are refreshed for `/cluster/kafka-stats` (0 = off;
-    /// producing them delays fetches on a busy node, so they are for diagnosis).
-    #[arg(long, env = "KAFKA_STATISTICS_INTERVAL_MS", default_value_t = 0)]
-    pub statistics_interval_ms: u64,
-
-    /// librdkafka debug contexts for the node's consumer and restorer (e.g. `fetch`, `cgrp`), logged at debug
-    /// level under `librdkafka` (set `RUST_LOG=info,librdkafka=debug`). Verbose: for diagnosis.
-    #[arg(long, env = "KAFKA_DEBUG")]
-    pub kafka_debug: Option<String>,
-
-    /// Cap on live entity actors on this node; the least recently used idle ones are passivated.
-    #[arg(long, env = "MAX_LIVE_ENTITIES", default_value_t = 50_000)]
-    pub max_live_entities: usize,
-
-    /// Replicas of the topics the node creates (changelog, dead letters); default: the input
-    /// topic's replication factor.
-    #[arg(long, env = "KAFKA_REPLICATION_FACTOR", value_parser = clap::value_parser!(i32).range(1..=32))]
-    pub replication_factor: Option<i32>,
-
-    /// How long a revoked shard may take to finish its in-flight events before hand-off.
-    #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
-    pub drain_timeout_ms: u64,
 }
 
-/// The three ports of a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ports {
-    pub remoting: u16,
-    pub management: u16,
-    pub grpc: u16,
-}
+/// The sample's default cookie (the runtime's is generic).
+const COOKIE: &str = "user-processing-cookie";
 
-impl Ports {
-    /// Resolves `[N]` or `[remoting, management, grpc]`; anything else is a usage error.
-    pub fn from_args(ports: &[u16]) -> Result<Self, String> {
-        match *ports {
-            [n] if (1..=999).contains(&n) => Ok(Self {
-                remoting: 2550 + n,
-                management: 8550 + n,
-                grpc: 8080 + n,
-            }),
-            [n] => Err(format!("node number {n} is out of range 1..=999")),
-            [remoting, management, grpc] => {
-                if remoting == management || remoting == grpc || management == grpc {
-                    return Err("the three ports must differ".into());
-                }
-                if remoting == 0 || management == 0 || grpc == 0 {
-                    return Err("ports must be non-zero".into());
-                }
-                Ok(Self {
-                    remoting,
-                    management,
-                    grpc,
-                })
-            }
-            _ => Err(format!(
-                "expected 1 or 3 ports (remoting management grpc), got {}",
-                ports.len()
-            )),
-        }
+impl Args {
+    /// The command line, with the sample's defaults.
+    pub fn command_with_defaults() -> clap::Command {
+        Self::command().mut_arg("cookie", |a| a.default_value(COOKIE))
     }
-}
 
-/// Everything a node needs, validated.
-#[derive(Debug, Clone)]
-pub struct NodeConfig {
-    pub ports: Ports,
-    pub host: String,
-    pub bootstrap_servers: String,
-    pub topic: String,
-    pub group: String,
-    pub dlq_topic: String,
-    pub seed_nodes: Vec<String>,
-    pub cookie: String,
-    pub session_timeout: Duration,
-    pub query_wait: Duration,
-    pub remote_call_timeout: Duration,
-    pub max_in_flight: usize,
-    pub commit_interval: Duration,
-    pub drain_timeout: Duration,
-    pub changelog_topic: String,
-    pub transaction_timeout: Duration,
-    pub passivate_after: Duration,
-    pub max_live_entities: usize,
-    pub statistics_interval: Duration,
-    pub kafka_debug: Option<String>,
-    pub replication_factor: Option<i32>,
-}
+    /// Parses `argv` (for tests).
+    pub fn try_parse_from_args<I, T>(argv: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Self::from_arg_matches(&Self::command_with_defaults().try_get_matches_from(argv)?)
+    }
 
-impl NodeConfig {
-    pub fn from_args(args: Args) -> Result<Self, String> {
-        let ports = Ports::from_args(&args.ports)?;
-        for seed in &args.seed_nodes {
-            if seed.parse::<SocketAddr>().is_err() && !seed.contains(':') {
-                return Err(format!("seed node '{seed}' is not host:port"));
-            }
-        }
-        if args.topic.is_empty() || args.group.is_empty() {
+    /// The node's configuration and the purchase entity type's topics; the error is a usage
+    /// message.
+    pub fn into_config(self) -> Result<(NodeConfig, EntityType), String> {
+        if self.topic.is_empty() || self.group.is_empty() {
             return Err("--topic and --group must not be empty".into());
         }
-        if args.max_in_flight == 0 {
-            return Err("--max-in-flight must be at least 1".into());
+        let mut purchases = EntityType::new(self.group, self.topic);
+        if let Some(dlq) = self.dlq_topic {
+            purchases = purchases.dlq_topic(dlq);
         }
-        if args.max_live_entities == 0 {
-            return Err("--max-live-entities must be at least 1".into());
+        if let Some(changelog) = self.changelog_topic {
+            purchases = purchases.changelog_topic(changelog);
         }
-        Ok(Self {
-            ports,
-            changelog_topic: args
-                .changelog_topic
-                .unwrap_or_else(|| format!("{}-{}-state", args.group, args.topic)),
-            transaction_timeout: Duration::from_millis(args.transaction_timeout_ms),
-            passivate_after: Duration::from_millis(args.passivate_after_ms),
-            max_live_entities: args.max_live_entities,
-            statistics_interval: Duration::from_millis(args.statistics_interval_ms),
-            kafka_debug: args.kafka_debug.filter(|d| !d.is_empty()),
-            replication_factor: args.replication_factor,
-            dlq_topic: args
-                .dlq_topic
-                .unwrap_or_else(|| format!("{}-dlq", args.topic)),
-            host: args.host,
-            bootstrap_servers: args.bootstrap_servers,
-            topic: args.topic,
-            group: args.group,
-            seed_nodes: args.seed_nodes,
-            cookie: args.cookie,
-            session_timeout: Duration::from_millis(args.session_timeout_ms),
-            query_wait: Duration::from_millis(args.query_wait_ms),
-            remote_call_timeout: Duration::from_millis(args.remote_call_timeout_ms),
-            max_in_flight: args.max_in_flight,
-            commit_interval: Duration::from_millis(args.commit_interval_ms),
-            drain_timeout: Duration::from_millis(args.drain_timeout_ms),
-        })
-    }
-
-    /// The ractor_cluster node name (the full name peers see is `<name>@<host>`).
-    pub fn node_name(&self) -> String {
-        format!("processor-{}", self.ports.remoting)
-    }
-
-    /// This node's identity in the shard table, in announcements and as Kafka `client.id`.
-    pub fn node_id(&self) -> String {
-        format!("{}@{}", self.node_name(), self.host)
-    }
-
-    /// The `host:port` peers dial to reach this node.
-    pub fn remoting_addr(&self) -> String {
-        format!("{}:{}", self.host, self.ports.remoting)
+        Ok((NodeConfig::from_args("processor", self.node)?, purchases))
     }
 }
 
@@ -247,42 +74,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_number_gives_the_reference_ports() {
-        assert_eq!(
-            Ports::from_args(&[2]).unwrap(),
-            Ports {
-                remoting: 2552,
-                management: 8552,
-                grpc: 8082
-            }
-        );
-    }
-
-    #[test]
-    fn three_ports_are_taken_as_given() {
-        assert_eq!(
-            Ports::from_args(&[2551, 8551, 8081]).unwrap(),
-            Ports {
-                remoting: 2551,
-                management: 8551,
-                grpc: 8081
-            }
-        );
-    }
-
-    #[test]
-    fn two_ports_or_clashing_ports_are_rejected() {
-        assert!(Ports::from_args(&[2551, 8551]).is_err());
-        assert!(Ports::from_args(&[2551, 2551, 8081]).is_err());
-        assert!(Ports::from_args(&[0]).is_err());
-    }
-
-    #[test]
     fn dlq_and_changelog_topics_default_from_the_input_topic() {
-        let args = Args::parse_from(["processor", "1", "--topic", "t1"]);
-        let cfg = NodeConfig::from_args(args).unwrap();
-        assert_eq!(cfg.dlq_topic, "t1-dlq");
-        assert_eq!(cfg.changelog_topic, "user-processing-t1-state");
-        assert_eq!(cfg.node_id(), "processor-2551@127.0.0.1");
+        let args = Args::try_parse_from_args(["processor", "1", "--topic", "t1"]).unwrap();
+        let (config, purchases) = args.into_config().unwrap();
+        assert_eq!(purchases.dlq(), "t1-dlq");
+        assert_eq!(purchases.changelog(), "user-processing-t1-state");
+        assert_eq!(config.node_id(), "processor-2551@127.0.0.1");
+        assert_eq!(config.cookie, COOKIE);
+    }
+
+    #[test]
+    fn ports_follow_the_reference() {
+        let args = Args::try_parse_from_args(["processor", "2551", "8551", "8081"]).unwrap();
+        let (config, _) = args.into_config().unwrap();
+        assert_eq!(
+            (
+                config.ports.remoting,
+                config.ports.management,
+                config.ports.grpc
+            ),
+            (2551, 8551, 8081)
+        );
+        let two = Args::try_parse_from_args(["processor", "2551", "8551"]).unwrap();
+        assert!(two.into_config().is_err());
     }
 }

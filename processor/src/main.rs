@@ -1,13 +1,17 @@
-use processor::cli::{Args, NodeConfig};
+use kafka_sharding::Node;
+use processor::cli::Args;
+use processor::purchases::Purchases;
+use processor::service::UserStatsService;
 
 fn main() -> std::process::ExitCode {
-    let args: Args = proto::cli::parse_or_exit();
-    let config = match NodeConfig::from_args(args) {
-        Ok(config) => config,
+    let command = Args::command_with_defaults();
+    let args: Args = proto::cli::parse_command_or_exit(command.clone());
+    let (config, purchases) = match args.into_config() {
+        Ok(parts) => parts,
         Err(message) => {
-            use clap::CommandFactory;
-            let mut cmd = Args::command();
-            cmd.error(clap::error::ErrorKind::ValueValidation, message)
+            let mut command = command;
+            command
+                .error(clap::error::ErrorKind::ValueValidation, message)
                 .exit();
         }
     };
@@ -25,7 +29,11 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime");
-    match runtime.block_on(processor::node::run(config)) {
+    let mut node = Node::new(config);
+    let users = node.host::<Purchases>(purchases);
+    node.grpc_service(UserStatsService::server(users))
+        .grpc_reflection(proto::FILE_DESCRIPTOR_SET);
+    match runtime.block_on(node.run()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

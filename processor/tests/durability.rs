@@ -273,6 +273,51 @@ async fn a_group_moved_to_another_topic_starts_clean_and_a_foreign_changelog_is_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_changelog_in_the_format_before_the_runtime_is_refused_with_a_clear_error() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    require_broker();
+    let spec = ClusterSpec::new("old-changelog", 32_000);
+    spec.create_topic(8);
+    // A changelog as the processor wrote it before the runtime's envelope: labelled with its
+    // input topic, no format header, the value a bare protobuf of the totals.
+    let mut old = spec.clone();
+    old.topic = unique("old-format-state");
+    old.create_topic(8);
+    let producer: FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to(&old.topic)
+                .key("7")
+                .payload(&[0x08, 0x02, 0x10, 0x64, 0x18, 0x05][..])
+                .partition(0)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "input.topic",
+                    value: Some(spec.topic.as_str()),
+                })),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let mut refusing = spec.clone();
+    refusing.extra_args = vec!["--changelog-topic".into(), old.topic.clone()];
+    let mut node = refusing.start_node(1);
+    let code = node.exit_code_within(Duration::from_secs(60));
+    assert_eq!(code, Some(1), "a start-up failure");
+    let log = node.log();
+    assert!(
+        log.contains(&format!(
+            "changelog topic {} was written in an older format",
+            old.topic
+        )),
+        "the node says why it refused: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_node_that_resumes_neither_double_applies_nor_overwrites_newer_state() {
     require_broker();
     let mut spec = ClusterSpec::new("zombie", 27_000);

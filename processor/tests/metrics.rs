@@ -6,8 +6,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use kafka_sharding::partitioner::partition_for_key;
 use proto::ledger::Ledger;
-use proto::partitioner::partition_for_key;
 use proto::service::user_service_client::UserServiceClient;
 use proto::service::UserStatsRequest;
 use rdkafka::config::ClientConfig;

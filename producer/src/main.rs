@@ -102,7 +102,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
         .init();
 
-    let partitions = processor::kafka_admin::ensure_topic(
+    let partitions = kafka_sharding::admin::ensure_topic(
         &args.bootstrap_servers,
         &args.topic,
         args.partitions,

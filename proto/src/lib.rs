@@ -1,13 +1,11 @@
 //! The contract shared by the producer, the processor and the client.
 //!
 //! - [`events`], [`service`]: generated protobuf types (Kafka record value, gRPC front end).
-//! - [`partitioner`]: the one key -> partition (= shard) function, byte-for-byte Kafka's Java one.
 //! - [`cli`]: the shared command-line convention (usage + exit 2 on bad arguments).
 //! - [`ledger`]: the expected-totals file a producer run writes and `client verify` checks.
 
 pub mod cli;
 pub mod ledger;
-pub mod partitioner;
 
 /// The Kafka record value on the input topic.
 pub mod events {

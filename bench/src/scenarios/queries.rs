@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
-use proto::partitioner::partition_for_key;
+use kafka_sharding::partitioner::partition_for_key;
 use serde_json::Value;
 
 use crate::nodes::{wait_until, NodeProcess, Setup};

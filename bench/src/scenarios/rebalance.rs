@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use proto::partitioner::partition_for_key;
+use kafka_sharding::partitioner::partition_for_key;
 use proto::service::user_service_client::UserServiceClient;
 use proto::service::UserStatsRequest;
 

@@ -319,11 +319,16 @@ impl Node {
         Some(samples)
     }
 
+    /// A counter of `/cluster/stats`. An unreachable node or a missing counter fails the test
+    /// (a zero would let an assertion about a dead node pass).
     pub async fn counter(&self, name: &str) -> u64 {
-        self.stats()
+        let stats = self
+            .stats()
             .await
-            .and_then(|s| s[name].as_u64())
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("node {} did not answer /cluster/stats", self.id));
+        stats[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("node {} has no counter {name}: {stats}", self.id))
     }
 
     pub fn log(&self) -> String {
@@ -692,7 +697,7 @@ fn describe_mismatches(spec: &ClusterSpec, report: &str) -> String {
             .nth(2)
             .unwrap_or("")
             .trim_end_matches(':');
-        let p = proto::partitioner::partition_for_key(user.as_bytes(), partitions);
+        let p = kafka_sharding::partitioner::partition_for_key(user.as_bytes(), partitions);
         by_partition.entry(p).or_default().push(line);
     }
     let mut out = format!(

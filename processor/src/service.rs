@@ -1,0 +1,70 @@
+//! The sample's gRPC front end: any node answers for any user (the runtime routes the query to
+//! the node hosting the user's shard).
+
+use kafka_sharding::{AskError, Entities, MAX_ID_BYTES};
+use proto::service::user_service_server::{UserService, UserServiceServer};
+use proto::service::{UserStatsRequest, UserStatsResponse};
+use tonic::{Request, Response, Status};
+
+use crate::purchases::Purchases;
+
+pub struct UserStatsService {
+    users: Entities<Purchases>,
+}
+
+impl UserStatsService {
+    /// The tonic server to mount on the node.
+    pub fn server(users: Entities<Purchases>) -> UserServiceServer<Self> {
+        UserServiceServer::new(Self { users })
+    }
+}
+
+#[tonic::async_trait]
+impl UserService for UserStatsService {
+    async fn user_stats(
+        &self,
+        request: Request<UserStatsRequest>,
+    ) -> Result<Response<UserStatsResponse>, Status> {
+        let id = request.into_inner().id;
+        match self.users.ask(&id, ()).await {
+            Ok((totals, _route)) => Ok(Response::new(UserStatsResponse {
+                id,
+                total_purchases: totals.purchases,
+                amount_spent: totals.amount_spent,
+            })),
+            Err(e) => Err(status(&e)),
+        }
+    }
+}
+
+fn status(error: &AskError) -> Status {
+    match error {
+        AskError::InvalidId(0) => Status::invalid_argument("user id must not be empty"),
+        AskError::InvalidId(len) => Status::invalid_argument(format!(
+            "user id is {len} bytes; at most {MAX_ID_BYTES} are allowed"
+        )),
+        AskError::Unavailable { .. } => Status::unavailable(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_ids_are_invalid_arguments_and_no_owner_is_unavailable() {
+        assert_eq!(
+            status(&AskError::InvalidId(0)).code(),
+            tonic::Code::InvalidArgument
+        );
+        let long = status(&AskError::InvalidId(MAX_ID_BYTES + 1));
+        assert_eq!(long.code(), tonic::Code::InvalidArgument);
+        assert!(long.message().contains("at most 256"), "{}", long.message());
+        let unavailable = AskError::Unavailable {
+            shard: 3,
+            waited_ms: 5_000,
+            last_error: None,
+        };
+        assert_eq!(status(&unavailable).code(), tonic::Code::Unavailable);
+    }
+}

@@ -1,0 +1,230 @@
+//! The changelog's record format (the runtime's envelope around the application's state
+//! codec), and the start-up check that a changelog belongs to this input topic and format.
+//!
+//! One record per changed entity: key = entity id, value = the envelope
+//! `[last_offset: 8 bytes big-endian][state bytes of the entity's codec]`, headers
+//! `input.topic` = the topic those offsets are offsets of, and `changelog.format`. A state's
+//! `last_offset` only means something for that topic: restored into a node consuming another
+//! topic, it would make entities skip that topic's events as replays. The node therefore
+//! refuses, at start, a changelog written for another topic or in another format.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::entity::{Codec, DecodeError, Entity, Stored};
+use crate::kafka_admin::list_offsets;
+
+/// Header on every changelog record: the input topic its state's offsets refer to.
+pub const HEADER_INPUT_TOPIC: &str = "input.topic";
+/// Header on every changelog record: the envelope's format.
+pub const HEADER_FORMAT: &str = "changelog.format";
+/// The envelope written by this version.
+pub const FORMAT: &str = "kafka-sharding/1";
+
+/// How long the start-up check waits for the changelog's offsets and its first record.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChangelogError {
+    #[error(
+        "changelog topic {changelog} holds state written for input topic {written_for}, not {topic}: its offsets \
+         would make entities skip events. Use another --changelog-topic (the default is <group>-<topic>-state)"
+    )]
+    ForeignTopic {
+        changelog: String,
+        written_for: String,
+        topic: String,
+    },
+    #[error(
+        "changelog topic {changelog} has records without an {HEADER_INPUT_TOPIC} header (not written by this \
+         processor): use another --changelog-topic"
+    )]
+    Unlabelled { changelog: String },
+    #[error(
+        "changelog topic {changelog} was written in an older format ({found}; this version writes {FORMAT}): \
+         use another --changelog-topic, or delete the topic to rebuild the state from the input topic"
+    )]
+    OldFormat { changelog: String, found: String },
+    #[error("cannot read changelog topic {changelog}: {reason}")]
+    Unreadable { changelog: String, reason: String },
+}
+
+/// The changelog value for a state: the envelope around the entity's state codec.
+pub(crate) fn encode<E: Entity>(stored: &Stored<E::State>) -> Vec<u8> {
+    let state = <E::Codec as Codec<E::State>>::encode(&stored.state);
+    let mut value = Vec::with_capacity(8 + state.len());
+    value.extend_from_slice(&stored.last_offset.to_be_bytes());
+    value.extend_from_slice(&state);
+    value
+}
+
+/// The state in a changelog value.
+pub(crate) fn decode<E: Entity>(value: &[u8]) -> Result<Stored<E::State>, DecodeError> {
+    let (offset, state) = value
+        .split_first_chunk::<8>()
+        .ok_or_else(|| DecodeError(format!("{} bytes: shorter than the envelope", value.len())))?;
+    Ok(Stored {
+        last_offset: i64::from_be_bytes(*offset),
+        state: <E::Codec as Codec<E::State>>::decode(state)?,
+    })
+}
+
+/// The headers every changelog record of a node consuming `input_topic` carries.
+pub(crate) fn record_headers(input_topic: &str) -> OwnedHeaders {
+    OwnedHeaders::new()
+        .insert(Header {
+            key: HEADER_INPUT_TOPIC,
+            value: Some(input_topic),
+        })
+        .insert(Header {
+            key: HEADER_FORMAT,
+            value: Some(FORMAT),
+        })
+}
+
+/// Fails unless `changelog` is empty or its first record was written for `input_topic` in
+/// this version's format.
+/// Blocking: a few broker round trips, plus one fetch when the changelog has records.
+pub(crate) fn check_written_for(
+    bootstrap: &str,
+    changelog: &str,
+    input_topic: &str,
+    partitions: u32,
+) -> Result<(), ChangelogError> {
+    let unreadable = |e: KafkaError| ChangelogError::Unreadable {
+        changelog: changelog.into(),
+        reason: e.to_string(),
+    };
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("{changelog}-check"))
+        .set("enable.auto.commit", "false")
+        // Any record tells whose it is, committed or not: do not wait for open transactions.
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .map_err(unreadable)?;
+    let deadline = Instant::now() + CHECK_TIMEOUT;
+    // A topic created moments ago has no partition leaders yet: retry until the deadline.
+    let (starts, ends) = loop {
+        let listed = list_offsets(
+            &consumer,
+            changelog,
+            0..partitions,
+            Offset::Beginning,
+            CHECK_TIMEOUT,
+        )
+        .and_then(|starts| {
+            Ok((
+                starts,
+                list_offsets(
+                    &consumer,
+                    changelog,
+                    0..partitions,
+                    Offset::End,
+                    CHECK_TIMEOUT,
+                )?,
+            ))
+        });
+        match listed {
+            Ok(offsets) => break offsets,
+            Err(e) if Instant::now() >= deadline => return Err(unreadable(e)),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    let mut with_records = TopicPartitionList::new();
+    for (partition, start) in &starts {
+        if ends.get(partition).is_some_and(|end| end > start) {
+            with_records
+                .add_partition_offset(changelog, *partition as i32, Offset::Offset(*start))
+                .map_err(unreadable)?;
+        }
+    }
+    if with_records.count() == 0 {
+        return Ok(());
+    }
+    consumer.assign(&with_records).map_err(unreadable)?;
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(record)) => {
+                let header = |name: &str| {
+                    record
+                        .headers()
+                        .and_then(|h| h.iter().find(|h| h.key == name))
+                        .and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                };
+                let written_for = header(HEADER_INPUT_TOPIC);
+                let format = header(HEADER_FORMAT);
+                return match written_for {
+                    Some(_) if format.as_deref() != Some(FORMAT) => {
+                        Err(ChangelogError::OldFormat {
+                            changelog: changelog.into(),
+                            found: format.unwrap_or_else(|| {
+                                "no format header: before the runtime's envelope".into()
+                            }),
+                        })
+                    }
+                    Some(t) if t == input_topic => Ok(()),
+                    Some(written_for) => Err(ChangelogError::ForeignTopic {
+                        changelog: changelog.into(),
+                        written_for,
+                        topic: input_topic.into(),
+                    }),
+                    None => Err(ChangelogError::Unlabelled {
+                        changelog: changelog.into(),
+                    }),
+                };
+            }
+            Some(Err(e)) => return Err(unreadable(e)),
+            None => {}
+        }
+    }
+    Err(ChangelogError::Unreadable {
+        changelog: changelog.into(),
+        reason: format!(
+            "it has records but none arrived within {} s",
+            CHECK_TIMEOUT.as_secs()
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::entity::tests::{Sum, SumState};
+
+    #[test]
+    fn a_state_survives_its_envelope() {
+        let stored = Stored {
+            state: SumState {
+                count: 3,
+                sum: 4_250,
+            },
+            last_offset: 77,
+        };
+        assert_eq!(decode::<Sum>(&encode::<Sum>(&stored)).unwrap(), stored);
+        assert!(
+            decode::<Sum>(b"\x01\x02").is_err(),
+            "shorter than the envelope"
+        );
+        assert!(decode::<Sum>(b"\0\0\0\0\0\0\0\x01\xff\xff garbage").is_err());
+    }
+
+    #[test]
+    fn records_are_labelled_with_their_input_topic() {
+        let headers = record_headers("events");
+        let header = headers
+            .iter()
+            .find(|h| h.key == HEADER_INPUT_TOPIC)
+            .expect("header");
+        assert_eq!(header.value, Some(&b"events"[..]));
+        let format = headers.iter().find(|h| h.key == HEADER_FORMAT).unwrap();
+        assert_eq!(format.value, Some(FORMAT.as_bytes()));
+    }
+}

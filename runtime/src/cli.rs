@@ -1,0 +1,258 @@
+//! A node's command line and configuration.
+//!
+//! `<binary> <remoting-port> <management-port> <grpc-port>`, or `<binary> N` for ports 2550+N,
+//! 8550+N, 8080+N. Every option has an environment fallback.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The command-line options of a node, for an application to flatten into its own CLI
+/// (`#[command(flatten)]`); every option has an environment fallback.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// Either three ports (remoting, management, gRPC) or one node number N
+    /// (ports 2550+N, 8550+N, 8080+N).
+    #[arg(value_name = "PORTS", num_args = 1..=3, required = true)]
+    pub ports: Vec<u16>,
+
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub bootstrap_servers: String,
+
+    /// Cluster seed nodes (host:port of their remoting ports), comma separated.
+    #[arg(
+        long,
+        env = "SEED_NODES",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:2551,127.0.0.1:2552"
+    )]
+    pub seed_nodes: Vec<String>,
+
+    /// Shared secret nodes authenticate each other with.
+    #[arg(long, env = "CLUSTER_COOKIE", default_value = "kafka-sharding-cookie")]
+    pub cookie: String,
+
+    /// Host this node's ports bind to and peers reach it at.
+    #[arg(long, env = "NODE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Kafka consumer session timeout: how long a silent node keeps its partitions.
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u64,
+
+    /// How long a query waits for a shard that has no known owner (rebalance) before UNAVAILABLE.
+    #[arg(long, env = "QUERY_WAIT_MS", default_value_t = 5_000)]
+    pub query_wait_ms: u64,
+
+    /// Timeout of one call to another node.
+    #[arg(long, env = "REMOTE_CALL_TIMEOUT_MS", default_value_t = 2_000)]
+    pub remote_call_timeout_ms: u64,
+
+    /// Events dispatched to entities but not yet acknowledged, across all shards (backpressure).
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 20_000)]
+    pub max_in_flight: usize,
+
+    /// How often a checkpoint transaction commits changed states and consumed offsets.
+    #[arg(long, env = "COMMIT_INTERVAL_MS", default_value_t = 500)]
+    pub commit_interval_ms: u64,
+
+    /// Transaction timeout: how long an open transaction of a crashed node can block the
+    /// restore of its partitions.
+    #[arg(long, env = "KAFKA_TRANSACTION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub transaction_timeout_ms: u64,
+
+    /// An entity actor idle this long is passivated (stopped; its state is kept).
+    #[arg(long, env = "PASSIVATE_AFTER_MS", default_value_t = 120_000)]
+    pub passivate_after_ms: u64,
+
+    /// How often librdkafka's consumer statistics are refreshed for `/cluster/kafka-stats` (0 = off;
+    /// producing them delays fetches on a busy node, so they are for diagnosis).
+    #[arg(long, env = "KAFKA_STATISTICS_INTERVAL_MS", default_value_t = 0)]
+    pub statistics_interval_ms: u64,
+
+    /// librdkafka debug contexts for the node's consumer and restorer (e.g. `fetch`, `cgrp`), logged at debug
+    /// level under `librdkafka` (set `RUST_LOG=info,librdkafka=debug`). Verbose: for diagnosis.
+    #[arg(long, env = "KAFKA_DEBUG")]
+    pub kafka_debug: Option<String>,
+
+    /// Cap on live entity actors on this node; the least recently used idle ones are passivated.
+    #[arg(long, env = "MAX_LIVE_ENTITIES", default_value_t = 50_000)]
+    pub max_live_entities: usize,
+
+    /// Replicas of the topics the node creates (changelog, dead letters); default: the input
+    /// topic's replication factor.
+    #[arg(long, env = "KAFKA_REPLICATION_FACTOR", value_parser = clap::value_parser!(i32).range(1..=32))]
+    pub replication_factor: Option<i32>,
+
+    /// How long a revoked shard may take to finish its in-flight events before hand-off.
+    #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+}
+
+/// The three ports of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    /// ractor_cluster sessions between nodes.
+    pub remoting: u16,
+    /// Management HTTP.
+    pub management: u16,
+    /// gRPC front end.
+    pub grpc: u16,
+}
+
+impl Ports {
+    /// Resolves `[N]` or `[remoting, management, grpc]`; anything else is a usage error.
+    pub fn from_args(ports: &[u16]) -> Result<Self, String> {
+        match *ports {
+            [n] if (1..=999).contains(&n) => Ok(Self {
+                remoting: 2550 + n,
+                management: 8550 + n,
+                grpc: 8080 + n,
+            }),
+            [n] => Err(format!("node number {n} is out of range 1..=999")),
+            [remoting, management, grpc] => {
+                if remoting == management || remoting == grpc || management == grpc {
+                    return Err("the three ports must differ".into());
+                }
+                if remoting == 0 || management == 0 || grpc == 0 {
+                    return Err("ports must be non-zero".into());
+                }
+                Ok(Self {
+                    remoting,
+                    management,
+                    grpc,
+                })
+            }
+            _ => Err(format!(
+                "expected 1 or 3 ports (remoting management grpc), got {}",
+                ports.len()
+            )),
+        }
+    }
+}
+
+/// Everything a node needs, validated (see [`NodeArgs`] for what each option means).
+#[derive(Debug, Clone)]
+#[allow(missing_docs)]
+pub struct NodeConfig {
+    /// The application's name: node names are `<name>-<remoting port>`, metric names start
+    /// with `<name>_`.
+    pub name: String,
+    pub ports: Ports,
+    pub host: String,
+    pub bootstrap_servers: String,
+    pub seed_nodes: Vec<String>,
+    pub cookie: String,
+    pub session_timeout: Duration,
+    pub query_wait: Duration,
+    pub remote_call_timeout: Duration,
+    pub max_in_flight: usize,
+    pub commit_interval: Duration,
+    pub drain_timeout: Duration,
+    pub transaction_timeout: Duration,
+    pub passivate_after: Duration,
+    pub max_live_entities: usize,
+    pub statistics_interval: Duration,
+    pub kafka_debug: Option<String>,
+    pub replication_factor: Option<i32>,
+}
+
+impl NodeConfig {
+    /// Validates `args` for the application called `name`; the error is a usage message.
+    pub fn from_args(name: &str, args: NodeArgs) -> Result<Self, String> {
+        let ports = Ports::from_args(&args.ports)?;
+        for seed in &args.seed_nodes {
+            if seed.parse::<SocketAddr>().is_err() && !seed.contains(':') {
+                return Err(format!("seed node '{seed}' is not host:port"));
+            }
+        }
+        if args.max_in_flight == 0 {
+            return Err("--max-in-flight must be at least 1".into());
+        }
+        if args.max_live_entities == 0 {
+            return Err("--max-live-entities must be at least 1".into());
+        }
+        Ok(Self {
+            name: name.to_string(),
+            ports,
+            transaction_timeout: Duration::from_millis(args.transaction_timeout_ms),
+            passivate_after: Duration::from_millis(args.passivate_after_ms),
+            max_live_entities: args.max_live_entities,
+            statistics_interval: Duration::from_millis(args.statistics_interval_ms),
+            kafka_debug: args.kafka_debug.filter(|d| !d.is_empty()),
+            replication_factor: args.replication_factor,
+            host: args.host,
+            bootstrap_servers: args.bootstrap_servers,
+            seed_nodes: args.seed_nodes,
+            cookie: args.cookie,
+            session_timeout: Duration::from_millis(args.session_timeout_ms),
+            query_wait: Duration::from_millis(args.query_wait_ms),
+            remote_call_timeout: Duration::from_millis(args.remote_call_timeout_ms),
+            max_in_flight: args.max_in_flight,
+            commit_interval: Duration::from_millis(args.commit_interval_ms),
+            drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+        })
+    }
+
+    /// The ractor_cluster node name (the full name peers see is `<name>@<host>`).
+    pub fn node_name(&self) -> String {
+        format!("{}-{}", self.name, self.ports.remoting)
+    }
+
+    /// This node's identity in the shard table, in announcements and as Kafka `client.id`.
+    pub fn node_id(&self) -> String {
+        format!("{}@{}", self.node_name(), self.host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_number_gives_the_reference_ports() {
+        assert_eq!(
+            Ports::from_args(&[2]).unwrap(),
+            Ports {
+                remoting: 2552,
+                management: 8552,
+                grpc: 8082
+            }
+        );
+    }
+
+    #[test]
+    fn three_ports_are_taken_as_given() {
+        assert_eq!(
+            Ports::from_args(&[2551, 8551, 8081]).unwrap(),
+            Ports {
+                remoting: 2551,
+                management: 8551,
+                grpc: 8081
+            }
+        );
+    }
+
+    #[test]
+    fn two_ports_or_clashing_ports_are_rejected() {
+        assert!(Ports::from_args(&[2551, 8551]).is_err());
+        assert!(Ports::from_args(&[2551, 2551, 8081]).is_err());
+        assert!(Ports::from_args(&[0]).is_err());
+    }
+
+    #[test]
+    fn node_names_follow_the_application_and_the_remoting_port() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            node: NodeArgs,
+        }
+        let args = <Cli as clap::Parser>::parse_from(["app", "1"]).node;
+        let cfg = NodeConfig::from_args("app", args).unwrap();
+        assert_eq!(cfg.node_id(), "app-2551@127.0.0.1");
+    }
+}

@@ -1,0 +1,285 @@
+//! Checkpoints: one Kafka transaction that writes the changed entity states to the changelog,
+//! re-routes mis-keyed events to their key's partition, and commits the consumed offsets.
+//!
+//! This is what makes every event count exactly once. The transaction is atomic: after a crash
+//! the next owner restores (read_committed) exactly the states whose offsets were committed,
+//! and re-reads from there; states may be slightly ahead of the offsets (an entity applied
+//! events past the contiguous acknowledged prefix), and entities skip events at or below the
+//! offset their state records. The offsets are sent with the consumer's group metadata, so a
+//! node whose group generation is stale (a zombie that was frozen past its session timeout)
+//! cannot commit: its transaction fails and nothing it wrote becomes visible.
+//!
+//! Errors come in two kinds. An abortable one ([`CheckpointError::Aborted`]) is aborted and its
+//! content stays dirty in the shards, so the next checkpoint retries it. After a fatal one, or
+//! when even the abort fails (the transaction's state is then unknown), the producer is of no
+//! further use ([`CheckpointError::Fatal`]): the consumer recovers (see `consumer::recovery`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::changelog::{self, record_headers};
+use crate::dlq::DeadLetter;
+use crate::entity::Entity;
+use crate::kafka_health::QuietContext;
+use crate::shard::{Checkpoint, LocalShard, Outgoing, Reroute, ShardMsg};
+
+/// Header on a re-routed event: where it was first read.
+pub const HEADER_REROUTED_FROM: &str = "rerouted.from";
+
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot create the transactional producer: {0}")]
+    Create(KafkaError),
+    /// The transaction was aborted; its content is retried by the next checkpoint.
+    #[error("checkpoint aborted: {0}")]
+    Aborted(KafkaError),
+    #[error("the consumer has no group membership to commit offsets for")]
+    NotInGroup,
+    #[error("the checkpoint thread has stopped")]
+    WorkerGone,
+    /// The producer is of no further use (fenced by another instance, or its transaction state
+    /// is unknown after a failed abort): it must be re-created.
+    #[error("checkpoint producer failed fatally: {0}")]
+    Fatal(KafkaError),
+}
+
+/// Everything needed to (re-)create a node's transactional producer.
+#[derive(Clone)]
+pub(crate) struct CheckpointerConfig {
+    pub bootstrap: String,
+    /// Stable per node: a restarted node (or a re-created producer) fences the previous one.
+    pub transactional_id: String,
+    pub transaction_timeout: Duration,
+    pub changelog_topic: String,
+    pub input_topic: String,
+    pub dlq_topic: String,
+    pub context: QuietContext,
+}
+
+pub(crate) struct Checkpointer {
+    producer: ThreadedProducer<QuietContext>,
+    changelog_topic: String,
+    input_topic: String,
+    dlq_topic: String,
+    /// Every changelog record says which input topic its offsets belong to.
+    changelog_headers: OwnedHeaders,
+    committed: HashMap<u32, i64>,
+}
+
+impl Checkpointer {
+    /// Creates the producer and initialises its transactions, which fences any earlier
+    /// producer with the same transactional id (aborting its open transaction).
+    pub fn new(config: &CheckpointerConfig) -> Result<Self, CheckpointError> {
+        let this = Self::create(config)?;
+        this.init(TXN_TIMEOUT)?;
+        Ok(this)
+    }
+
+    /// Creates the producer without contacting the broker; [`Checkpointer::init`] must follow.
+    pub fn create(config: &CheckpointerConfig) -> Result<Self, CheckpointError> {
+        let producer: ThreadedProducer<QuietContext> = ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap)
+            .set("transactional.id", &config.transactional_id)
+            .set(
+                "transaction.timeout.ms",
+                config.transaction_timeout.as_millis().to_string(),
+            )
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("compression.type", "lz4")
+            .set("partitioner", "murmur2_random")
+            .create_with_context(config.context.clone())
+            .map_err(CheckpointError::Create)?;
+        Ok(Self {
+            producer,
+            changelog_topic: config.changelog_topic.clone(),
+            input_topic: config.input_topic.clone(),
+            dlq_topic: config.dlq_topic.clone(),
+            changelog_headers: record_headers(&config.input_topic),
+            committed: HashMap::new(),
+        })
+    }
+
+    /// `init_transactions`. A [`CheckpointError::Fatal`] leaves the producer unusable; any other
+    /// error (a timeout while the broker is away) may be retried on the same producer.
+    pub fn init(&self, timeout: Duration) -> Result<(), CheckpointError> {
+        self.producer
+            .init_transactions(timeout)
+            .map_err(|e| match self.classify(e) {
+                CheckpointError::Aborted(e) => CheckpointError::Create(e),
+                fatal => fatal,
+            })
+    }
+
+    /// Collects a checkpoint from each shard and commits them in one transaction. Returns
+    /// whether there was anything to commit.
+    pub fn run<E: Entity>(
+        &mut self,
+        runtime: &tokio::runtime::Handle,
+        group: &ConsumerGroupMetadata,
+        shards: &[(u32, LocalShard<E>)],
+    ) -> Result<bool, CheckpointError> {
+        let checkpoints: Vec<(LocalShard<E>, Checkpoint<E::State>)> = runtime
+            .block_on(futures::future::join_all(shards.iter().map(
+                |(_, shard)| async move {
+                    let cp = shard
+                        .actor
+                        .call(ShardMsg::Checkpoint, Some(Duration::from_secs(10)))
+                        .await;
+                    match cp {
+                        Ok(ractor::rpc::CallResult::Success(cp)) => Some((shard.clone(), cp)),
+                        _ => None,
+                    }
+                },
+            )))
+            .into_iter()
+            .flatten()
+            .collect();
+        let moved = |cp: &Checkpoint<E::State>| {
+            cp.commit_offset
+                .is_some_and(|o| self.committed.get(&cp.partition) != Some(&o))
+        };
+        if checkpoints
+            .iter()
+            .all(|(_, cp)| cp.is_empty() && !moved(cp))
+        {
+            return Ok(false);
+        }
+        self.producer
+            .begin_transaction()
+            .map_err(|e| self.classify(e))?;
+        let mut offsets = TopicPartitionList::new();
+        for (_, cp) in &checkpoints {
+            if let Err(e) = self.write::<E>(cp, &mut offsets) {
+                return Err(self.abort(e));
+            }
+        }
+        if let Err(e) = self
+            .producer
+            .send_offsets_to_transaction(&offsets, group, TXN_TIMEOUT)
+        {
+            return Err(self.abort(e));
+        }
+        if let Err(e) = self.producer.commit_transaction(TXN_TIMEOUT) {
+            return Err(self.abort(e));
+        }
+        for (shard, cp) in checkpoints {
+            if let Some(offset) = cp.commit_offset {
+                self.committed.insert(cp.partition, offset);
+            }
+            let _ = shard.actor.cast(ShardMsg::Checkpointed { seq: cp.seq });
+        }
+        Ok(true)
+    }
+
+    /// Forgets what was committed for partitions no longer owned.
+    pub fn forget(&mut self, partitions: &[u32]) {
+        for p in partitions {
+            self.committed.remove(p);
+        }
+    }
+
+    fn write<E: Entity>(
+        &self,
+        cp: &Checkpoint<E::State>,
+        offsets: &mut TopicPartitionList,
+    ) -> Result<(), KafkaError> {
+        for (id, stored) in &cp.states {
+            let value = changelog::encode::<E>(stored);
+            self.send(
+                BaseRecord::to(&self.changelog_topic)
+                    .partition(cp.partition as i32)
+                    .key(id.as_bytes())
+                    .payload(&value)
+                    .headers(self.changelog_headers.clone()),
+            )?;
+        }
+        for outgoing in &cp.outgoing {
+            match outgoing {
+                Outgoing::Reroute(reroute) => self.send_reroute(cp.partition, reroute)?,
+                Outgoing::DeadLetter(letter) => self.send_dead_letter(letter)?,
+            }
+        }
+        if let Some(offset) = cp.commit_offset {
+            offsets.add_partition_offset(
+                &self.input_topic,
+                cp.partition as i32,
+                Offset::Offset(offset),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A mis-keyed record read from `partition`, as it was read, to its key's partition.
+    fn send_reroute(&self, partition: u32, reroute: &Reroute) -> Result<(), KafkaError> {
+        let origin = format!("{partition}/{}", reroute.source_offset);
+        let headers = OwnedHeaders::new().insert(Header {
+            key: HEADER_REROUTED_FROM,
+            value: Some(origin.as_str()),
+        });
+        let mut record = BaseRecord::to(&self.input_topic)
+            .partition(reroute.target_partition as i32)
+            .key(reroute.key.as_slice())
+            .headers(headers);
+        if let Some(value) = &reroute.value {
+            record = record.payload(value);
+        }
+        self.send(record)
+    }
+
+    /// A malformed record, as it was read, to the dead-letter topic.
+    fn send_dead_letter(&self, letter: &DeadLetter) -> Result<(), KafkaError> {
+        let mut record = BaseRecord::to(&self.dlq_topic).headers(letter.headers());
+        if let Some(key) = &letter.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(value) = &letter.value {
+            record = record.payload(value);
+        }
+        self.send(record)
+    }
+
+    /// Sends one record, waiting while the producer queue is full.
+    fn send(&self, mut record: BaseRecord<'_, [u8], Vec<u8>>) -> Result<(), KafkaError> {
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    fn abort(&self, e: KafkaError) -> CheckpointError {
+        let error = self.classify(e);
+        if let CheckpointError::Aborted(_) = error {
+            if let Err(abort_error) = self.producer.abort_transaction(TXN_TIMEOUT) {
+                // The transaction's state is unknown (e.g. the broker is away): only a new
+                // producer, whose init_transactions aborts it, gets a clean state again.
+                return CheckpointError::Fatal(abort_error);
+            }
+        }
+        error
+    }
+
+    fn classify(&self, e: KafkaError) -> CheckpointError {
+        match &e {
+            KafkaError::Transaction(t) if t.is_fatal() => CheckpointError::Fatal(e),
+            _ => CheckpointError::Aborted(e),
+        }
+    }
+}

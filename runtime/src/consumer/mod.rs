@@ -1,0 +1,400 @@
+//! The node's Kafka consumer, on its own OS thread.
+//!
+//! One consumer per node in the shared group, cooperative-sticky assignment, `client.id` = the
+//! node id (so the broker's group description shows which node holds which partition). The poll
+//! loop decodes records, dead-letters malformed ones, batches the rest to their shards, and
+//! commits checkpoint transactions. Rebalance
+//! callbacks run inside `poll` on this thread and may block, which is why it is not a tokio task.
+//! A failed checkpoint producer is recovered from here too (`recovery`); the loop ends only on
+//! a stop request or for what a restart cannot fix ([`Unrecoverable`]).
+
+pub(crate) mod checkpoint;
+mod checkpoint_worker;
+mod context;
+mod dispatch;
+mod recovery;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::Message;
+
+use crate::backpressure::InFlightGate;
+use crate::dlq::DeadLetter;
+use crate::entity::{Entity, EntityId, MAX_ID_BYTES};
+use crate::handoff::Handoff;
+use crate::kafka_health::{KafkaHealth, Unrecoverable};
+use crate::metrics::Metrics;
+use crate::partitioner::partition_for_key;
+use crate::readiness::Readiness;
+use crate::shard::{ConsumedRecord, LocalShards, RecordContent, Reroute};
+use crate::stats::NodeStats;
+use checkpoint::{Checkpointer, CheckpointerConfig, HEADER_REROUTED_FROM};
+use checkpoint_worker::CheckpointWorker;
+use context::NodeContext;
+use dispatch::Dispatcher;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("cannot create the Kafka consumer: {0}")]
+    Create(rdkafka::error::KafkaError),
+    #[error("cannot subscribe to {topic}: {source}")]
+    Subscribe {
+        topic: String,
+        source: rdkafka::error::KafkaError,
+    },
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+}
+
+pub(crate) struct ConsumerSettings {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    pub group: String,
+    pub client_id: String,
+    pub session_timeout: Duration,
+    pub commit_interval: Duration,
+    pub partitions: u32,
+    /// How often librdkafka reports statistics (0 = never).
+    pub statistics_interval: Duration,
+    /// librdkafka debug contexts, if any.
+    pub debug: Option<String>,
+}
+
+/// Shared pieces the consumer drives.
+pub(crate) struct ConsumerParts<E: Entity> {
+    pub handoff: Arc<Handoff<E>>,
+    pub local: Arc<LocalShards<E>>,
+    pub gate: Arc<InFlightGate>,
+    pub stats: Arc<NodeStats>,
+    pub metrics: Arc<Metrics>,
+    pub checkpointer: Checkpointer,
+    /// How to make a new producer when the current one fails.
+    pub checkpointer_config: CheckpointerConfig,
+    pub health: Arc<KafkaHealth>,
+    pub readiness: Arc<Readiness>,
+    /// Where librdkafka's statistics are kept (see `NodeContext::kafka_stats`).
+    pub kafka_stats: Arc<Mutex<String>>,
+    pub runtime: tokio::runtime::Handle,
+}
+
+pub(crate) struct ConsumerHandle {
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<ConsumerExit>>,
+}
+
+/// Why the consumer thread ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ConsumerExit {
+    Stopped,
+    /// Something a restart cannot fix (the shards were handed off first where possible).
+    Unrecoverable(Unrecoverable),
+    /// The thread panicked.
+    Panicked,
+}
+
+impl ConsumerHandle {
+    /// Asks the loop to stop; the consumer then leaves the group, which revokes (drains and
+    /// commits) every partition it holds.
+    pub fn stop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    pub fn join(&mut self) -> ConsumerExit {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(exit)) => exit,
+            Some(Err(_)) => ConsumerExit::Panicked,
+            None => ConsumerExit::Stopped,
+        }
+    }
+}
+
+pub(crate) fn start<E: Entity>(
+    settings: ConsumerSettings,
+    parts: ConsumerParts<E>,
+) -> Result<ConsumerHandle, ConsumerError> {
+    let stopping = Arc::new(AtomicBool::new(false));
+    let producer_failed = Arc::new(AtomicBool::new(false));
+    let ConsumerParts {
+        handoff,
+        local,
+        gate,
+        stats,
+        metrics,
+        checkpointer,
+        checkpointer_config,
+        health,
+        readiness,
+        kafka_stats,
+        runtime,
+    } = parts;
+    let context = NodeContext {
+        topic: settings.topic.clone(),
+        handoff,
+        dispatcher: Mutex::new(Dispatcher::new(local.clone(), gate, stopping.clone())),
+        checkpoints: Mutex::new(CheckpointWorker::start(
+            checkpointer,
+            runtime.clone(),
+            stats.clone(),
+            producer_failed.clone(),
+        )),
+        metrics,
+        producer_failed,
+        health,
+        readiness,
+        kafka_stats,
+    };
+    let session_ms = settings.session_timeout.as_millis().max(1_000);
+    let consumer: BaseConsumer<NodeContext<E>> =
+        crate::kafka_admin::with_debug(&mut ClientConfig::new(), settings.debug.as_deref())
+            .set("bootstrap.servers", &settings.bootstrap_servers)
+            .set("group.id", &settings.group)
+            .set("client.id", &settings.client_id)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("isolation.level", "read_committed")
+            .set("session.timeout.ms", session_ms.to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (session_ms / 4).max(250).to_string(),
+            )
+            .set(
+                "statistics.interval.ms",
+                settings.statistics_interval.as_millis().to_string(),
+            )
+            .create_with_context(context)
+            .map_err(ConsumerError::Create)?;
+    consumer
+        .subscribe(&[&settings.topic])
+        .map_err(|source| ConsumerError::Subscribe {
+            topic: settings.topic.clone(),
+            source,
+        })?;
+    tracing::info!(
+        "consuming {} ({} partitions) in group {} as {}",
+        settings.topic,
+        settings.partitions,
+        settings.group,
+        settings.client_id
+    );
+    let loop_stopping = stopping.clone();
+    let thread = std::thread::Builder::new()
+        .name("kafka-consumer".into())
+        .spawn(move || {
+            poll_loop(
+                consumer,
+                settings,
+                LoopParts {
+                    local,
+                    stats,
+                    checkpointer_config,
+                },
+                loop_stopping,
+            )
+        })
+        .expect("cannot spawn the consumer thread");
+    Ok(ConsumerHandle {
+        stopping,
+        thread: Some(thread),
+    })
+}
+
+struct LoopParts<E: Entity> {
+    local: Arc<LocalShards<E>>,
+    stats: Arc<NodeStats>,
+    checkpointer_config: CheckpointerConfig,
+}
+
+fn poll_loop<E: Entity>(
+    consumer: BaseConsumer<NodeContext<E>>,
+    settings: ConsumerSettings,
+    parts: LoopParts<E>,
+    stopping: Arc<AtomicBool>,
+) -> ConsumerExit {
+    let context = consumer.context();
+    let mut last_commit = Instant::now();
+    // Records dispatched since the last checkpoint started: a caught-up node commits them at once.
+    let mut uncommitted = false;
+    let mut unrecoverable = None;
+    while !stopping.load(Ordering::SeqCst) {
+        if let Some(cause) = context.health.unrecoverable() {
+            unrecoverable = Some(cause);
+            break;
+        }
+        if context.producer_failed.load(Ordering::SeqCst) {
+            recovery::recover(&consumer, &parts.checkpointer_config, &stopping);
+            uncommitted = false;
+            last_commit = Instant::now();
+            continue;
+        }
+        match consumer.poll(Duration::from_millis(50)) {
+            None => {
+                let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
+                dispatcher.flush_all();
+                // Caught up and every event acknowledged: commit now instead of at the next
+                // interval, so the committed offsets (and a crash's replay) trail by milliseconds
+                // when the input pauses. Spaced by half the interval at least, so light traffic
+                // does not turn every record into a transaction.
+                if uncommitted
+                    && dispatcher.all_acknowledged()
+                    && last_commit.elapsed() >= settings.commit_interval / 2
+                {
+                    drop(dispatcher);
+                    context.checkpoint_in_background(&consumer);
+                    last_commit = Instant::now();
+                    uncommitted = false;
+                }
+            }
+            // A deleted topic or a changed partition count is found by the health monitor.
+            Some(Err(e)) => context.health.client_error(&e, "consumer"),
+            Some(Ok(message)) => {
+                let partition = message.partition() as u32;
+                let offset = message.offset();
+                let content = match classify::<E>(
+                    message.key(),
+                    message.payload(),
+                    partition,
+                    settings.partitions,
+                ) {
+                    Classified::Event(id, event) => {
+                        NodeStats::add(&parts.stats.events_consumed, 1);
+                        if message
+                            .headers()
+                            .is_some_and(|h| h.iter().any(|h| h.key == HEADER_REROUTED_FROM))
+                        {
+                            NodeStats::add(&parts.stats.events_forwarded_in, 1);
+                        }
+                        RecordContent::Event(id, event)
+                    }
+                    Classified::ForShard(target_partition) => {
+                        RecordContent::Reroute(Box::new(Reroute {
+                            source_offset: offset,
+                            target_partition,
+                            key: message.key().map(<[u8]>::to_vec).unwrap_or_default(),
+                            value: message.payload().map(<[u8]>::to_vec),
+                        }))
+                    }
+                    Classified::Rejected(reason) => {
+                        tracing::warn!("record {partition}/{offset} is malformed ({reason}): dead-lettered with the next checkpoint");
+                        NodeStats::add(&parts.stats.dead_lettered, 1);
+                        RecordContent::DeadLetter(Box::new(DeadLetter::of(&message, reason)))
+                    }
+                };
+                let record = ConsumedRecord { offset, content };
+                let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
+                dispatcher.push(partition, record);
+                uncommitted = true;
+                if dispatcher.should_flush() {
+                    dispatcher.flush_all();
+                }
+            }
+        }
+        if last_commit.elapsed() >= settings.commit_interval {
+            context.checkpoint_in_background(&consumer);
+            last_commit = Instant::now();
+            uncommitted = false;
+        }
+    }
+    tracing::info!("consumer stopping: leaving the group (drains and checkpoints every shard)");
+    context
+        .dispatcher
+        .lock()
+        .expect("dispatcher lock poisoned")
+        .flush_all();
+    // Unsubscribing revokes every partition through the rebalance callback (drain + commit).
+    consumer.unsubscribe();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline
+        && (!parts.local.ids().is_empty()
+            || consumer
+                .assignment()
+                .map(|a| a.count() > 0)
+                .unwrap_or(false))
+    {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+    drop(consumer);
+    tracing::info!("consumer closed");
+    match unrecoverable {
+        Some(cause) => ConsumerExit::Unrecoverable(cause),
+        None => ConsumerExit::Stopped,
+    }
+}
+
+/// What a consumed record is, decided on the consumer thread.
+#[derive(Debug, PartialEq)]
+enum Classified<Ev> {
+    Event(EntityId, Ev),
+    /// Its key belongs to this other partition (its producer used another partitioner).
+    ForShard(u32),
+    /// Malformed, with the reason for the dead-letter topic.
+    Rejected(String),
+}
+
+/// The runtime's checks on a record's key (an entity id: present, UTF-8, bounded, on its own
+/// partition), then the application's decoding of its value.
+fn classify<E: Entity>(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    partition: u32,
+    partitions: u32,
+) -> Classified<E::Event> {
+    let Some(key) = key.filter(|k| !k.is_empty()) else {
+        return Classified::Rejected("record has no key (the key must be the entity id)".into());
+    };
+    let Ok(id) = std::str::from_utf8(key) else {
+        return Classified::Rejected("record key is not UTF-8".into());
+    };
+    if id.len() > MAX_ID_BYTES {
+        return Classified::Rejected(format!("record key is longer than {MAX_ID_BYTES} bytes"));
+    }
+    let shard = partition_for_key(key, partitions);
+    if shard != partition {
+        return Classified::ForShard(shard);
+    }
+    match E::decode(id, value) {
+        Ok(event) => Classified::Event(EntityId::from(id), event),
+        Err(rejection) => Classified::Rejected(rejection.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entity::tests::Sum;
+
+    #[test]
+    fn keys_are_checked_by_the_runtime_and_values_by_the_entity() {
+        let p = partition_for_key(b"7", 8);
+        assert_eq!(
+            classify::<Sum>(Some(b"7"), Some(b"12"), p, 8),
+            Classified::Event("7".into(), 12)
+        );
+        let rejected = |c: Classified<i64>| match c {
+            Classified::Rejected(reason) => reason,
+            other => panic!("not rejected: {other:?}"),
+        };
+        assert!(rejected(classify::<Sum>(None, Some(b"1"), p, 8)).contains("no key"));
+        assert!(rejected(classify::<Sum>(Some(b""), Some(b"1"), p, 8)).contains("no key"));
+        assert!(rejected(classify::<Sum>(Some(&[0xff, 0xfe]), None, p, 8)).contains("UTF-8"));
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        assert!(rejected(classify::<Sum>(Some(long.as_bytes()), None, 0, 1)).contains("longer"));
+        assert!(rejected(classify::<Sum>(Some(b"7"), Some(b"x"), p, 8)).contains("invalid digit"));
+        assert_eq!(
+            classify::<Sum>(Some(b"7"), Some(b"garbage"), (p + 1) % 8, 8),
+            Classified::ForShard(p),
+            "re-routed as read, not decoded"
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! Topic metadata and creation (shared with the producer binary).
+
+use std::time::{Duration, Instant};
+
+/// How long a created topic may take to appear in the metadata.
+const METADATA_WAIT: Duration = Duration::from_secs(30);
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka_health::QuietContext;
+
+/// A topic could not be found or created (each variant's message says which and why).
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
+pub enum AdminError {
+    #[error("cannot reach Kafka at {bootstrap}: {reason}")]
+    Unreachable { bootstrap: String, reason: String },
+    #[error("topic {topic} does not exist (after waiting {waited_s} s)")]
+    NoSuchTopic { topic: String, waited_s: u64 },
+    #[error("cannot create topic {topic}: {reason}")]
+    Create { topic: String, reason: String },
+}
+
+/// Number of partitions of `topic`, or `None` if the topic does not exist.
+pub fn partition_count(bootstrap: &str, topic: &str) -> Result<Option<u32>, AdminError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| AdminError::Unreachable {
+            bootstrap: bootstrap.into(),
+            reason: e.to_string(),
+        })?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| AdminError::Unreachable {
+            bootstrap: bootstrap.into(),
+            reason: e.to_string(),
+        })?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len() as u32))
+}
+
+/// Waits until `topic` exists, logging while it waits, and returns its partition count.
+pub fn wait_for_topic(bootstrap: &str, topic: &str, wait: Duration) -> Result<u32, AdminError> {
+    let started = Instant::now();
+    let mut next_log = Instant::now();
+    loop {
+        if let Some(n) = partition_count(bootstrap, topic)? {
+            return Ok(n);
+        }
+        if started.elapsed() >= wait {
+            return Err(AdminError::NoSuchTopic {
+                topic: topic.into(),
+                waited_s: wait.as_secs(),
+            });
+        }
+        if Instant::now() >= next_log {
+            tracing::info!("waiting for topic {topic} to be created (e.g. by the producer)");
+            next_log = Instant::now() + Duration::from_secs(10);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The replication factor of `topic` (its first partition's replica count).
+pub fn replication_factor(bootstrap: &str, topic: &str) -> Result<i32, AdminError> {
+    let unreachable = |e: rdkafka::error::KafkaError| AdminError::Unreachable {
+        bootstrap: bootstrap.into(),
+        reason: e.to_string(),
+    };
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(unreachable)?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(unreachable)?;
+    metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .and_then(|t| t.partitions().first())
+        .map(|p| p.replicas().len() as i32)
+        .ok_or_else(|| AdminError::NoSuchTopic {
+            topic: topic.into(),
+            waited_s: 0,
+        })
+}
+
+/// Creates `topic` with `partitions` partitions and `replication` replicas (-1: the broker's
+/// `default.replication.factor`) unless it exists; returns its partition count.
+pub async fn ensure_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: u32,
+    replication: i32,
+    config: &[(&str, &str)],
+) -> Result<u32, AdminError> {
+    if let Some(n) = partition_count(bootstrap, topic)? {
+        return Ok(n);
+    }
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| AdminError::Unreachable {
+            bootstrap: bootstrap.into(),
+            reason: e.to_string(),
+        })?;
+    let mut new_topic = NewTopic::new(
+        topic,
+        partitions as i32,
+        TopicReplication::Fixed(replication),
+    );
+    for (k, v) in config {
+        new_topic = new_topic.set(k, v);
+    }
+    let results = admin
+        .create_topics(
+            &[new_topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .map_err(|e| AdminError::Create {
+            topic: topic.into(),
+            reason: e.to_string(),
+        })?;
+    for result in results {
+        match result {
+            Ok(_) => tracing::info!("created topic {topic} with {partitions} partitions"),
+            // Another process created it first: fine.
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => {
+                return Err(AdminError::Create {
+                    topic: topic.into(),
+                    reason: code.to_string(),
+                })
+            }
+        }
+    }
+    // Metadata lags creation: briefly on a fresh broker, for seconds on one just started with
+    // thousands of partitions to load.
+    let deadline = Instant::now() + METADATA_WAIT;
+    while Instant::now() < deadline {
+        if let Some(n) = partition_count(bootstrap, topic)? {
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(AdminError::NoSuchTopic {
+        topic: topic.into(),
+        waited_s: METADATA_WAIT.as_secs(),
+    })
+}
+
+/// Every one of `partitions`' first (`Offset::Beginning`) or end (`Offset::End`) offset, in one
+/// ListOffsets request. The end is the high watermark for a read_uncommitted `client`, the last
+/// stable offset for a read_committed one. Partitions the broker gave no offset for are absent.
+pub fn list_offsets<C: ConsumerContext>(
+    client: &BaseConsumer<C>,
+    topic: &str,
+    partitions: impl IntoIterator<Item = u32>,
+    which: Offset,
+    timeout: Duration,
+) -> KafkaResult<std::collections::BTreeMap<u32, i64>> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition_offset(topic, p as i32, which)?;
+    }
+    Ok(offsets_by_partition(
+        &client.offsets_for_times(tpl, timeout)?,
+    ))
+}
+
+/// The valid (non-negative) offsets in `tpl`, by partition.
+pub fn offsets_by_partition(tpl: &TopicPartitionList) -> std::collections::BTreeMap<u32, i64> {
+    tpl.elements()
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e.partition() as u32,
+                e.offset().to_raw().filter(|o| *o >= 0)?,
+            ))
+        })
+        .collect()
+}
+
+/// A client of `group` that never joins it, for reading the group's committed offsets (the lag
+/// probe, the restorer). read_committed: it asks for *stable* offsets, i.e. the broker answers
+/// only once no transaction has offsets pending for the partitions asked.
+pub fn group_offsets_client(
+    bootstrap: &str,
+    group: &str,
+    context: QuietContext,
+) -> KafkaResult<BaseConsumer<QuietContext>> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create_with_context(context)
+}
+
+/// The group's committed offset of each of `partitions` (absent when none), through a
+/// [`group_offsets_client`]; waits (up to `timeout`) while a transaction has offsets pending.
+pub fn committed_offsets<C: ConsumerContext>(
+    client: &BaseConsumer<C>,
+    topic: &str,
+    partitions: impl IntoIterator<Item = u32>,
+    timeout: Duration,
+) -> KafkaResult<std::collections::BTreeMap<u32, i64>> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(topic, p as i32);
+    }
+    Ok(offsets_by_partition(
+        &client.committed_offsets(tpl, timeout)?,
+    ))
+}
+
+/// Turns on librdkafka's debug `contexts` (e.g. `fetch`), if any, for a client built from `config`.
+pub fn with_debug<'a>(
+    config: &'a mut ClientConfig,
+    contexts: Option<&str>,
+) -> &'a mut ClientConfig {
+    if let Some(contexts) = contexts {
+        config
+            .set("debug", contexts)
+            .set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
+    }
+    config
+}

@@ -1,0 +1,127 @@
+//! An actor-sharding cluster runtime aligned with Kafka.
+//!
+//! Every node of a cluster consumes an entity type's input topic in one consumer group. Shard id
+//! == Kafka partition, so each entity lives on the node that consumes its key's partition and
+//! processing never crosses the network; any node answers queries for any entity by routing to
+//! the node that hosts it, during and after rebalances. Entity state is durable and every event
+//! counts exactly once: changed states, consumed offsets, re-routed records and dead letters
+//! commit in one Kafka transaction per checkpoint, and a new owner restores exactly what was
+//! committed. Nodes survive broker outages and fencing, and take no partitions until admitted
+//! to the cluster.
+//!
+//! An application writes an [`Entity`] (a deterministic state machine: decode a record, apply
+//! an event, answer a query), hosts it on a [`Node`] and asks it through [`Entities`]:
+//!
+//! ```
+//! use kafka_sharding::{Codec, DecodeError, Entity, EntityType, Node, NodeArgs, NodeConfig, Rejection};
+//!
+//! /// Per key: how many events, and the sum of their values (numbers as text).
+//! struct Counter;
+//!
+//! #[derive(Debug, Default, Clone, PartialEq)]
+//! struct Count { events: i64, sum: i64 }
+//!
+//! impl Entity for Counter {
+//!     type Event = i64;
+//!     type State = Count;
+//!     type Query = ();
+//!     type Reply = Count;
+//!     type Codec = Text;
+//!
+//!     fn decode(_id: &str, value: Option<&[u8]>) -> Result<i64, Rejection> {
+//!         Ok(std::str::from_utf8(value.unwrap_or_default())?.trim().parse()?)
+//!     }
+//!     fn apply(count: &mut Count, value: &i64) {
+//!         count.events += 1;
+//!         count.sum += value;
+//!     }
+//!     fn query(count: &Count, _: &()) -> Count {
+//!         count.clone()
+//!     }
+//! }
+//!
+//! /// The changelog and network format: "events sum".
+//! struct Text;
+//! impl Codec<Count> for Text {
+//!     fn encode(c: &Count) -> Vec<u8> { format!("{} {}", c.events, c.sum).into_bytes() }
+//!     fn decode(bytes: &[u8]) -> Result<Count, DecodeError> {
+//!         let text = String::from_utf8_lossy(bytes);
+//!         match text.split_once(' ').map(|(e, s)| (e.parse(), s.parse())) {
+//!             Some((Ok(events), Ok(sum))) => Ok(Count { events, sum }),
+//!             _ => Err(DecodeError(format!("not a count: {text}"))),
+//!         }
+//!     }
+//! }
+//! impl Codec<()> for Text {
+//!     fn encode(_: &()) -> Vec<u8> { Vec::new() }
+//!     fn decode(_: &[u8]) -> Result<(), DecodeError> { Ok(()) }
+//! }
+//!
+//! /// A node hosting the counters (its CLI flattens `NodeArgs`); a gRPC service mounted with
+//! /// `node.grpc_service(..)` would hold `counters` and ask it.
+//! async fn serve(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
+//!     let mut node = Node::new(NodeConfig::from_args("counter", args)?);
+//!     let counters = node.host::<Counter>(EntityType::new("counters", "counter-events"));
+//!     tokio::spawn(async move { counters.ask("key-7", ()).await.map(|(count, _)| count.sum) });
+//!     Ok(node.run().await?)
+//! }
+//!
+//! let mut count = Count::default();
+//! Counter::apply(&mut count, &Counter::decode("key-7", Some(b"5")).unwrap());
+//! assert_eq!(<Text as Codec<Count>>::decode(&Text::encode(&count)), Ok(count));
+//! assert!(Counter::decode("key-7", Some(b"five")).is_err());
+//! ```
+//!
+//! Internals (`docs/ARCHITECTURE.md` maps them): the consumer thread and its rebalance
+//! callbacks drive the hand-off protocol; shard actors own their entities' actors; a checkpoint
+//! thread commits the transactions; the restorer reads changelogs; the gateway (the only
+//! remotable actor) answers peers; the management HTTP server serves `/alive`, `/ready`,
+//! `/metrics` and `/cluster/*`.
+
+#![warn(missing_docs)]
+
+mod allocation;
+mod backpressure;
+mod changelog;
+mod cli;
+mod cluster;
+mod consumer;
+mod dlq;
+mod entity;
+mod grpc;
+mod handoff;
+mod http;
+mod kafka_admin;
+mod kafka_health;
+mod lag;
+mod memory;
+mod metrics;
+mod node;
+pub mod partitioner;
+mod readiness;
+mod restore;
+mod routing;
+mod shard;
+mod stats;
+
+pub use cli::{NodeArgs, NodeConfig, Ports};
+pub use entity::{Codec, DecodeError, Entity, EntityId, Prost, Rejection, MAX_ID_BYTES};
+pub use node::{Entities, EntityType, Node, NodeError};
+pub use routing::{AskError, CallError, Route};
+
+/// Kafka topic administration an application's producer may need.
+pub mod admin {
+    pub use crate::kafka_admin::{ensure_topic, AdminError};
+}
+
+/// Header names on the records the runtime writes.
+pub mod headers {
+    pub use crate::changelog::{
+        HEADER_FORMAT as CHANGELOG_FORMAT, HEADER_INPUT_TOPIC as CHANGELOG_INPUT_TOPIC,
+    };
+    pub use crate::consumer::checkpoint::HEADER_REROUTED_FROM as REROUTED_FROM;
+    pub use crate::dlq::{
+        HEADER_OFFSET as DLQ_OFFSET, HEADER_PARTITION as DLQ_PARTITION,
+        HEADER_REASON as DLQ_REASON, HEADER_TOPIC as DLQ_TOPIC,
+    };
+}

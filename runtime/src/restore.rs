@@ -1,0 +1,343 @@
+//! Restoring shards from the changelog when their partitions are assigned here.
+//!
+//! One consumer per assignment reads every newly assigned changelog partition at once
+//! (read_committed, from the beginning to the end), and hands each shard its states as soon as
+//! *its* partition is complete, so a large shard does not hold up small ones. The changelog is
+//! compacted: it holds about one record per entity. A partition with an open transaction of a
+//! failed or frozen node is only read to its end once that transaction is resolved: committed
+//! (a frozen node that resumes can still commit it) or aborted (after the producers'
+//! `transaction.timeout.ms`), which is logged while waiting.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::ActorRef;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::changelog;
+use crate::entity::{Entity, EntityId, EntityMap, Stored};
+use crate::kafka_admin::{committed_offsets, list_offsets, with_debug};
+use crate::kafka_health::QuietContext;
+use crate::metrics::Metrics;
+use crate::shard::ShardMsg;
+
+/// How often the read positions are checked while records keep coming.
+const POSITION_CHECK_EVERY: Duration = Duration::from_millis(20);
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for a previous owner's pending offsets (bounded by its transaction timeout).
+const STABLE_OFFSETS_TIMEOUT: Duration = Duration::from_secs(60);
+/// Records between two looks at the clock (reading it per record showed in the profile).
+const CLOCK_EVERY_RECORDS: u32 = 64;
+/// Upper bound on a partition's map sized up front from its record count.
+const MAX_PRESIZED_ENTITIES: usize = 1 << 20;
+
+pub(crate) struct Restorer<E> {
+    pub bootstrap_servers: String,
+    pub changelog_topic: String,
+    /// The node's [`crate::kafka_admin::group_offsets_client`] and the group's input topic: the
+    /// restore waits for their committed offsets to be stable (see `run`).
+    pub group_offsets: Arc<BaseConsumer<QuietContext>>,
+    pub input_topic: String,
+    pub metrics: Arc<Metrics>,
+    /// librdkafka debug contexts for the restore consumer (`--kafka-debug`).
+    pub kafka_debug: Option<String>,
+    /// The node's Kafka client context (errors feed its health, not the log).
+    pub context: QuietContext,
+    pub entity: std::marker::PhantomData<fn() -> E>,
+}
+
+struct PartitionRestore<E: Entity> {
+    shard: ActorRef<ShardMsg<E>>,
+    states: EntityMap<Stored<E::State>>,
+    end: i64,
+    records: u64,
+}
+
+impl<E: Entity> Restorer<E> {
+    /// Starts restoring `shards` on a background thread, retrying until every shard is restored
+    /// or stopped (a shard that was handed off meanwhile needs no restore).
+    pub fn restore(self: &Arc<Self>, shards: Vec<(u32, ActorRef<ShardMsg<E>>)>) {
+        if shards.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        let assigned_at = Instant::now();
+        std::thread::Builder::new()
+            .name("changelog-restore".into())
+            .spawn(move || {
+                let mut shards = shards;
+                let mut failures = 0u32;
+                loop {
+                    match this.run(&mut shards, assigned_at) {
+                        Ok(()) => return,
+                        Err(e) => {
+                            shards.retain(|(_, shard)| {
+                                shard.get_status() != ractor::ActorStatus::Stopped
+                            });
+                            if shards.is_empty() {
+                                return;
+                            }
+                            // Every attempt fails alike while Kafka is away: say it now and then.
+                            failures += 1;
+                            if failures == 1 || failures.is_multiple_of(20) {
+                                tracing::warn!(
+                                    "changelog restore failed ({e}); retrying (attempt {failures})"
+                                );
+                            }
+                            std::thread::sleep(Duration::from_millis(500));
+                        }
+                    }
+                }
+            })
+            .expect("cannot spawn the restore thread");
+    }
+
+    /// Restores `shards`, removing each from the list once it has its state (so a retry after
+    /// an error only does the rest).
+    fn run(
+        &self,
+        shards: &mut Vec<(u32, ActorRef<ShardMsg<E>>)>,
+        assigned_at: Instant,
+    ) -> Result<(), KafkaError> {
+        let started = Instant::now();
+        // Reading to the high watermark covers a previous owner's open transaction only once its
+        // records are in the changelog. A frozen owner's checkpoint can have its offsets accepted
+        // (TxnOffsetCommit) before its changelog records are appended, and commit both after it
+        // resumes: this node's consumer then starts after those offsets while a restore that
+        // sampled the high watermark before the append missed the states (events lost; seen in
+        // the zombie test). So first wait until the group's committed offsets for these
+        // partitions are stable (a read_committed OffsetFetch requires stable offsets: the
+        // broker answers only once no transaction has offsets pending for them); by then every
+        // record such a transaction will ever commit is in the changelog. This runs before the
+        // restore consumer is created: created first, its first fetch came about a second late
+        // (measured: docs/BENCHMARKS.md).
+        committed_offsets(
+            &self.group_offsets,
+            &self.input_topic,
+            shards.iter().map(|(p, _)| *p),
+            STABLE_OFFSETS_TIMEOUT,
+        )?;
+        let consumer: BaseConsumer<QuietContext> =
+            with_debug(&mut ClientConfig::new(), self.kafka_debug.as_deref())
+                .set("bootstrap.servers", &self.bootstrap_servers)
+                // Assign-only (never joins or commits), but librdkafka needs a group id to report positions.
+                .set("group.id", format!("{}-restore", self.changelog_topic))
+                .set("isolation.level", "read_committed")
+                .set("enable.auto.commit", "false")
+                // The end is known: do not let the broker hold an empty fetch for the default 500 ms
+                // (two such waits were most of a small restore's time).
+                .set("fetch.wait.max.ms", "10")
+                .set("fetch.max.bytes", "52428800")
+                .set("max.partition.fetch.bytes", "10485760")
+                .create_with_context(self.context.clone())?;
+        // The end to read to is the partition's high watermark, asked with read_uncommitted: a
+        // read_committed client is told the *last stable offset*, which stops short of an open
+        // transaction. Reading (read_committed) up to the high watermark therefore waits until
+        // every transaction already in the partition is committed or aborted. Without that, a
+        // frozen node's checkpoint that it commits after resuming (its offsets were accepted
+        // before it froze) is missing from the restored state, while this node's consumer,
+        // which waits for stable offsets, resumes after it: those events would be lost.
+        let watermarks: BaseConsumer<QuietContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("isolation.level", "read_uncommitted")
+            .create_with_context(self.context.clone())?;
+        // One ListOffsets request each for all partitions: asking per partition cost a broker
+        // round trip each, a noticeable part of restoring 128 shards.
+        let partitions = || shards.iter().map(|(p, _)| *p);
+        let lows = list_offsets(
+            &watermarks,
+            &self.changelog_topic,
+            partitions(),
+            Offset::Beginning,
+            WATERMARK_TIMEOUT,
+        )?;
+        let highs = list_offsets(
+            &watermarks,
+            &self.changelog_topic,
+            partitions(),
+            Offset::End,
+            WATERMARK_TIMEOUT,
+        )?;
+        let mut pending: BTreeMap<u32, PartitionRestore<E>> = BTreeMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for (partition, shard) in shards.clone() {
+            let (Some(&low), Some(&high)) = (lows.get(&partition), highs.get(&partition)) else {
+                return Err(KafkaError::MetadataFetch(
+                    rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable,
+                ));
+            };
+            if high <= low {
+                let _ = shard.cast(ShardMsg::Restored(EntityMap::default()));
+                self.metrics
+                    .restore_seconds
+                    .observe(assigned_at.elapsed().as_secs_f64());
+                shards.retain(|(p, _)| *p != partition);
+                continue;
+            }
+            // From the known first offset: `Offset::Beginning` would make librdkafka look it up
+            // again, one request per partition, before the first fetch.
+            tpl.add_partition_offset(&self.changelog_topic, partition as i32, Offset::Offset(low))?;
+            // A compacted changelog holds about one record per entity: sizing the map up front
+            // saves rehashing it as it grows (visible in the profile).
+            let expected = usize::try_from(high - low)
+                .unwrap_or(0)
+                .min(MAX_PRESIZED_ENTITIES);
+            let states = EntityMap::with_capacity_and_hasher(expected, Default::default());
+            pending.insert(
+                partition,
+                PartitionRestore {
+                    shard,
+                    states,
+                    end: high,
+                    records: 0,
+                },
+            );
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            "restoring {} shards from {}",
+            pending.len(),
+            self.changelog_topic
+        );
+        consumer.assign(&tpl)?;
+        let mut last_report = Instant::now();
+        let mut last_position_check = Instant::now();
+        let mut records_since_clock = 0u32;
+        while !pending.is_empty() {
+            let mut complete = Vec::new();
+            let polled = consumer.poll(Duration::from_millis(100));
+            records_since_clock += 1;
+            let look_at_clock = polled.is_none() || records_since_clock >= CLOCK_EVERY_RECORDS;
+            if look_at_clock {
+                records_since_clock = 0;
+            }
+            match &polled {
+                Some(Ok(record)) => {
+                    let partition = record.partition() as u32;
+                    if let Some(restore) = pending.get_mut(&partition) {
+                        restore.records += 1;
+                        apply_record::<E>(&mut restore.states, record.key(), record.payload());
+                        if record.offset() + 1 >= restore.end {
+                            complete.push(partition);
+                        }
+                    }
+                }
+                None => {}
+                Some(Err(e)) => self.context.health.client_error(e, "changelog read"),
+            }
+            // A partition is complete once the read position reached the high watermark it had
+            // at start (transaction markers included, so a partition ending in a marker is only
+            // seen complete by its position; later writes are this node's own). Positions are
+            // asked when idle and every few ms, not per record: asking costs more than a record.
+            if polled.is_none()
+                || (look_at_clock && last_position_check.elapsed() >= POSITION_CHECK_EVERY)
+            {
+                last_position_check = Instant::now();
+                let positions = consumer.position()?;
+                complete.extend(
+                    pending
+                        .iter()
+                        .filter(|(p, r)| {
+                            positions
+                                .find_partition(&self.changelog_topic, **p as i32)
+                                .and_then(|e| e.offset().to_raw())
+                                .is_some_and(|pos| pos >= r.end)
+                        })
+                        .map(|(p, _)| *p),
+                );
+                complete.sort_unstable();
+                complete.dedup();
+            }
+            for partition in complete {
+                let Some(mut restore) = pending.remove(&partition) else {
+                    continue;
+                };
+                // Many updates per entity (an uncompacted tail) made the map larger than needed.
+                if restore.states.capacity() > 2 * restore.states.len() + 1024 {
+                    restore.states.shrink_to_fit();
+                }
+                tracing::info!(
+                    "shard {partition} restored: {} entities from {} changelog records in {} ms",
+                    restore.states.len(),
+                    restore.records,
+                    started.elapsed().as_millis()
+                );
+                let _ = restore.shard.cast(ShardMsg::Restored(restore.states));
+                self.metrics
+                    .restore_seconds
+                    .observe(assigned_at.elapsed().as_secs_f64());
+                shards.retain(|(p, _)| *p != partition);
+            }
+            if look_at_clock
+                && !pending.is_empty()
+                && last_report.elapsed() > Duration::from_secs(5)
+            {
+                last_report = Instant::now();
+                tracing::warn!(
+                    "still restoring shards {:?}: waiting for their changelog end (an open transaction of a \
+                     failed node is aborted after the transaction timeout)",
+                    pending.keys().collect::<Vec<_>>()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Folds one changelog record into the partition's states (a tombstone deletes).
+fn apply_record<E: Entity>(
+    states: &mut EntityMap<Stored<E::State>>,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) {
+    let Some(id) = key.and_then(|k| std::str::from_utf8(k).ok()) else {
+        tracing::error!("changelog record without a UTF-8 key: skipped");
+        return;
+    };
+    let Some(value) = value else {
+        states.remove(id);
+        return;
+    };
+    match changelog::decode::<E>(value) {
+        Ok(stored) => {
+            states.insert(EntityId::from(id), stored);
+        }
+        Err(e) => {
+            tracing::error!("changelog record for entity {id} does not decode ({e}): skipped")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entity::tests::{Sum, SumState};
+
+    #[test]
+    fn records_fold_to_the_latest_state_and_tombstones_delete() {
+        let mut states = EntityMap::default();
+        let s1 = Stored {
+            state: SumState { count: 1, sum: 10 },
+            last_offset: 4,
+        };
+        let s2 = Stored {
+            state: SumState { count: 2, sum: 30 },
+            last_offset: 9,
+        };
+        let value = |s: &Stored<SumState>| changelog::encode::<Sum>(s);
+        apply_record::<Sum>(&mut states, Some(b"7"), Some(&value(&s1)));
+        apply_record::<Sum>(&mut states, Some(b"8"), Some(&value(&s1)));
+        apply_record::<Sum>(&mut states, Some(b"7"), Some(&value(&s2)));
+        apply_record::<Sum>(&mut states, Some(b"8"), None);
+        apply_record::<Sum>(&mut states, None, Some(&value(&s1)));
+        apply_record::<Sum>(&mut states, Some(b"9"), Some(b"\xff\xff"));
+        assert_eq!(states.len(), 1);
+        assert_eq!(states["7"], s2);
+    }
+}

@@ -1,0 +1,292 @@
+//! Reaching an entity wherever its shard lives: locally through the shard actor, remotely with
+//! one ractor_cluster hop to the owner's gateway (the query and reply as bytes of the entity
+//! type's codec). (Records whose key belongs elsewhere travel through Kafka instead: see
+//! `shard::Reroute`.)
+//!
+//! Every call has a timeout. While a shard has no known owner, or the node asked says it is not
+//! (or no longer) the owner, the caller waits for the allocation table to change, up to a bound.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use ractor::rpc::CallResult;
+use ractor::{ActorRef, MessagingErr};
+
+use crate::allocation::{AllocationTable, Owner};
+use crate::cluster::gateway::{self, GatewayMsg};
+use crate::cluster::query_batcher::QueryBatcher;
+use crate::cluster::wire::{entity_answer, EntityAnswer, EntityQuery, NotOwner};
+use crate::entity::{Codec, DecodeError, Entity, EntityId, MAX_ID_BYTES};
+use crate::metrics::Metrics;
+use crate::partitioner::partition_for_key;
+use crate::shard::{LocalShards, ShardMsg};
+
+/// Why a query was not answered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AskError {
+    /// The id is empty or longer than [`MAX_ID_BYTES`].
+    #[error("entity id must be 1 to {MAX_ID_BYTES} bytes, got {0}")]
+    InvalidId(usize),
+    /// No node answered for the entity's shard within the bound (a rebalance may be in
+    /// progress, or its owner is unreachable).
+    #[error("shard {shard} has no reachable owner after waiting {waited_ms} ms (a rebalance may be in progress){}", last_error.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default())]
+    Unavailable {
+        /// The entity's shard.
+        shard: u32,
+        /// How long the query waited.
+        waited_ms: u64,
+        /// The last failed attempt, if any.
+        last_error: Option<CallError>,
+    },
+}
+
+/// Why one attempt at the presumed owner failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The owner did not answer within the call timeout.
+    #[error("remote call timed out")]
+    Timeout,
+    /// The owner dropped the call (it is stopping).
+    #[error("remote node dropped the call")]
+    Dropped,
+    /// No session to the owner.
+    #[error("remote node unreachable: {0}")]
+    Unreachable(String),
+    /// The table names an owner whose gateway is not known here (yet).
+    #[error("no gateway known for node {0}")]
+    NoGateway(String),
+    /// The local shard did not answer within the call timeout.
+    #[error("local shard timed out")]
+    LocalTimeout,
+    /// The owner answered with an error.
+    #[error("the owner answered: {0}")]
+    Remote(String),
+    /// The owner's answer did not decode (different versions of the entity's codec?).
+    #[error("undecodable answer: {0}")]
+    Undecodable(#[from] DecodeError),
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// From a shard on the node asked.
+    Local,
+    /// From the shard's owner, one hop away.
+    Remote,
+}
+
+impl Route {
+    /// `local` or `remote`, as in metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Local => "local",
+            Route::Remote => "remote",
+        }
+    }
+}
+
+/// What one attempt at the presumed owner gave.
+pub(crate) enum Attempt<T> {
+    Done(T),
+    /// The node does not hold the shard (yet, or any more): wait for the table to move.
+    NotOwner,
+    /// The call failed (timeout, peer gone, error answer): try again until the deadline.
+    Failed(CallError),
+}
+
+/// Routes the queries of one entity type.
+pub(crate) struct Router<E: Entity> {
+    /// The type's name between nodes.
+    pub entity_type: Arc<str>,
+    pub partitions: u32,
+    pub table: Arc<AllocationTable>,
+    pub local: Arc<LocalShards<E>>,
+    /// How long a query waits for its shard to have a reachable owner.
+    pub owner_wait: Duration,
+    /// Timeout of one call to a shard or a peer.
+    pub call_timeout: Duration,
+    pub batcher: Arc<QueryBatcher>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// How a node's gateway answers peers' queries for one entity type, whatever the type.
+pub(crate) trait Endpoint: Send + Sync {
+    fn table(&self) -> &Arc<AllocationTable>;
+    /// Answers a peer's query from a shard hosted here.
+    fn answer(&self, query: EntityQuery) -> BoxFuture<'_, EntityAnswer>;
+}
+
+impl<E: Entity> Router<E> {
+    /// Answers `query` for entity `id` from whichever node hosts its shard; timed by route
+    /// and outcome.
+    pub async fn ask(&self, id: &str, query: E::Query) -> Result<(E::Reply, Route), AskError> {
+        let started = Instant::now();
+        let answer = self.ask_owner(id, query).await;
+        let (route, outcome) = match &answer {
+            Ok((_, route)) => (route.label(), "ok"),
+            Err(AskError::InvalidId(_)) => ("none", "invalid_argument"),
+            Err(AskError::Unavailable { .. }) => ("none", "unavailable"),
+        };
+        self.metrics
+            .observe_query(route, outcome, started.elapsed());
+        answer
+    }
+
+    async fn ask_owner(&self, id: &str, query: E::Query) -> Result<(E::Reply, Route), AskError> {
+        if id.is_empty() || id.len() > MAX_ID_BYTES {
+            return Err(AskError::InvalidId(id.len()));
+        }
+        let shard = partition_for_key(id.as_bytes(), self.partitions);
+        // Encoded once, only if a remote attempt needs it.
+        let encoded = std::sync::OnceLock::new();
+        self.with_owner(
+            shard,
+            || self.local_ask(shard, id, query.clone()),
+            |gw| {
+                let bytes = encoded
+                    .get_or_init(|| <E::Codec as Codec<E::Query>>::encode(&query))
+                    .clone();
+                async move {
+                    let asked = EntityQuery {
+                        entity_type: self.entity_type.to_string(),
+                        id: id.to_owned(),
+                        shard,
+                        query: bytes,
+                    };
+                    match self.batcher.ask(&gw, asked).await.map(|a| a.result) {
+                        Ok(Some(entity_answer::Result::Reply(bytes))) => {
+                            match <E::Codec as Codec<E::Reply>>::decode(&bytes) {
+                                Ok(reply) => Attempt::Done(reply),
+                                Err(e) => Attempt::Failed(e.into()),
+                            }
+                        }
+                        Ok(Some(entity_answer::Result::NotOwner(_))) => Attempt::NotOwner,
+                        Ok(Some(entity_answer::Result::Error(e))) => {
+                            Attempt::Failed(CallError::Remote(e))
+                        }
+                        Ok(None) => Attempt::Failed(CallError::Remote("empty answer".into())),
+                        Err(e) => Attempt::Failed(e),
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// A query to a shard hosted here; `NotOwner` if this node does not host it.
+    async fn local_ask(&self, shard: u32, id: &str, query: E::Query) -> Attempt<E::Reply> {
+        let Some(local) = self.local.get(shard) else {
+            return Attempt::NotOwner;
+        };
+        let id = EntityId::from(id);
+        let answer = local
+            .actor
+            .call(
+                |reply| ShardMsg::Query { id, query, reply },
+                Some(self.call_timeout),
+            )
+            .await;
+        local_outcome(answer)
+    }
+
+    /// Runs `local` or `remote` against the shard's current owner until one answers, waiting
+    /// for the table to change while there is no owner, up to `owner_wait`.
+    async fn with_owner<T, L, LF, R, RF>(
+        &self,
+        shard: u32,
+        local: L,
+        remote: R,
+    ) -> Result<(T, Route), AskError>
+    where
+        L: Fn() -> LF,
+        LF: Future<Output = Attempt<T>>,
+        R: Fn(ActorRef<GatewayMsg>) -> RF,
+        RF: Future<Output = Attempt<T>>,
+    {
+        let started = Instant::now();
+        let deadline = started + self.owner_wait;
+        let mut changes = self.table.subscribe();
+        let mut last_error = None;
+        loop {
+            changes.mark_unchanged();
+            let (attempt, route) = match self.table.owner(shard) {
+                Some(Owner::Local) => (local().await, Route::Local),
+                Some(Owner::Remote(node)) => match gateway::of_node(&node) {
+                    Some(gw) => (remote(gw).await, Route::Remote),
+                    None => (
+                        Attempt::Failed(CallError::NoGateway(node.to_string())),
+                        Route::Remote,
+                    ),
+                },
+                None => (Attempt::NotOwner, Route::Local),
+            };
+            match attempt {
+                Attempt::Done(value) => return Ok((value, route)),
+                Attempt::NotOwner => {}
+                Attempt::Failed(e) => last_error = Some(e),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(AskError::Unavailable {
+                    shard,
+                    waited_ms: started.elapsed().as_millis() as u64,
+                    last_error,
+                });
+            }
+            // Retry on a table change, or after a short pause (a failed call may recover).
+            let pause = (deadline - now).min(Duration::from_millis(100));
+            let _ = tokio::time::timeout(pause, changes.changed()).await;
+        }
+    }
+}
+
+impl<E: Entity> Endpoint for Router<E> {
+    fn table(&self) -> &Arc<AllocationTable> {
+        &self.table
+    }
+
+    fn answer(&self, query: EntityQuery) -> BoxFuture<'_, EntityAnswer> {
+        use entity_answer::Result as R;
+        Box::pin(async move {
+            let result = if query.id.is_empty() || query.id.len() > MAX_ID_BYTES {
+                R::Error(AskError::InvalidId(query.id.len()).to_string())
+            } else {
+                match <E::Codec as Codec<E::Query>>::decode(&query.query) {
+                    Err(e) => R::Error(format!("undecodable query: {e}")),
+                    Ok(q) => match self.local_ask(query.shard, &query.id, q).await {
+                        Attempt::Done(reply) => {
+                            R::Reply(<E::Codec as Codec<E::Reply>>::encode(&reply))
+                        }
+                        Attempt::NotOwner => R::NotOwner(NotOwner {}),
+                        Attempt::Failed(e) => R::Error(e.to_string()),
+                    },
+                }
+            };
+            EntityAnswer {
+                result: Some(result),
+            }
+        })
+    }
+}
+
+pub(crate) fn call_outcome<T>(
+    result: Result<CallResult<T>, MessagingErr<GatewayMsg>>,
+) -> Result<T, CallError> {
+    match result {
+        Ok(CallResult::Success(value)) => Ok(value),
+        Ok(CallResult::Timeout) => Err(CallError::Timeout),
+        Ok(CallResult::SenderError) => Err(CallError::Dropped),
+        Err(e) => Err(CallError::Unreachable(e.to_string())),
+    }
+}
+
+fn local_outcome<T, M>(result: Result<CallResult<T>, MessagingErr<M>>) -> Attempt<T> {
+    match result {
+        Ok(CallResult::Success(value)) => Attempt::Done(value),
+        Ok(CallResult::Timeout) => Attempt::Failed(CallError::LocalTimeout),
+        // The shard stopped (handed off) while the call was in flight.
+        Ok(CallResult::SenderError) | Err(_) => Attempt::NotOwner,
+    }
+}

@@ -1,0 +1,92 @@
+//! What a shard still owes the changelog and other topics, until a checkpoint commits it.
+//!
+//! Checkpoints are numbered. A changed state, a re-routed event or a dead letter is tagged with
+//! the first checkpoint that may include it, and forgotten only once a checkpoint at or after
+//! that one is confirmed committed: an aborted checkpoint leaves everything for the next one.
+
+use crate::entity::{EntityId, EntityMap};
+
+#[derive(Debug)]
+pub(crate) struct Outbox<R> {
+    /// Checkpoints handed out so far.
+    seq: u64,
+    dirty: EntityMap<u64>,
+    records: Vec<(u64, R)>,
+}
+
+impl<R> Default for Outbox<R> {
+    fn default() -> Self {
+        Self {
+            seq: 0,
+            dirty: EntityMap::default(),
+            records: Vec::new(),
+        }
+    }
+}
+
+impl<R: Clone> Outbox<R> {
+    /// The entity's state changed: the next checkpoint writes it.
+    pub fn changed(&mut self, id: &EntityId) {
+        self.dirty.insert(id.clone(), self.seq + 1);
+    }
+
+    /// A record the next checkpoint writes besides states.
+    pub fn push(&mut self, record: R) {
+        self.records.push((self.seq + 1, record));
+    }
+
+    /// Starts a checkpoint: its number, the entities whose state it writes and its records.
+    pub fn checkpoint(&mut self) -> (u64, Vec<EntityId>, Vec<R>) {
+        self.seq += 1;
+        (
+            self.seq,
+            self.dirty.keys().cloned().collect(),
+            self.records.iter().map(|(_, r)| r.clone()).collect(),
+        )
+    }
+
+    /// Checkpoint `seq` committed: forget what it (or an earlier one) wrote.
+    pub fn committed(&mut self, seq: u64) {
+        self.dirty.retain(|_, first| *first > seq);
+        self.records.retain(|(first, _)| *first > seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_stay_until_a_checkpoint_that_includes_them_commits() {
+        let mut outbox = Outbox::<&str>::default();
+        outbox.changed(&"a".into());
+        outbox.push("letter");
+        let (first, ids, records) = outbox.checkpoint();
+        assert_eq!((ids.len(), records), (1, vec!["letter"]));
+        // Changed again while checkpoint 1 is in flight: checkpoint 2 must write it too.
+        outbox.changed(&"a".into());
+        outbox.changed(&"b".into());
+        let (second, ids, _) = outbox.checkpoint();
+        assert_eq!(ids.len(), 2);
+        outbox.committed(first);
+        let (_, ids, records) = outbox.checkpoint();
+        assert_eq!(ids.len(), 2, "the newer changes stay");
+        assert!(records.is_empty(), "the letter was committed");
+        outbox.committed(second);
+        let (_, ids, records) = outbox.checkpoint();
+        assert!(ids.is_empty() && records.is_empty());
+    }
+
+    #[test]
+    fn an_aborted_checkpoint_leaves_everything_for_the_next() {
+        let mut outbox = Outbox::<u8>::default();
+        outbox.changed(&"a".into());
+        outbox.push(1);
+        let _aborted = outbox.checkpoint();
+        let (seq, ids, records) = outbox.checkpoint();
+        assert_eq!((ids.len(), records.len()), (1, 1));
+        outbox.committed(seq);
+        let (_, ids, records) = outbox.checkpoint();
+        assert!(ids.is_empty() && records.is_empty());
+    }
+}
