@@ -105,9 +105,10 @@ mod shard;
 mod stats;
 
 pub use cli::{NodeArgs, NodeConfig, Ports};
+pub use cluster::endpoint::CallError;
 pub use entity::{Codec, DecodeError, Entity, EntityId, Prost, Rejection, MAX_ID_BYTES};
 pub use node::{Entities, EntityType, Node, NodeError};
-pub use routing::{AskError, CallError, Route};
+pub use routing::{AskError, Route};
 
 /// Kafka topic administration an application's producer may need.
 pub mod admin {

@@ -17,6 +17,7 @@ use crate::backpressure::InFlightGate;
 use crate::changelog::{self, ChangelogError};
 use crate::cli::NodeConfig;
 use crate::cluster::announce::Announcer;
+use crate::cluster::endpoint::Endpoint;
 use crate::cluster::gateway::{Gateway, GatewayArgs};
 use crate::cluster::membership::{Membership, MembershipConfig, MembershipError};
 use crate::cluster::query_batcher::QueryBatcher;
@@ -32,7 +33,7 @@ use crate::lag::LagProbe;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::restore::Restorer;
-use crate::routing::{AskError, Endpoint, Route, Router};
+use crate::routing::{AskError, Route, Router};
 use crate::shard::{LocalShards, ShardEnv};
 use crate::stats::NodeStats;
 

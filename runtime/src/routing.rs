@@ -15,10 +15,11 @@ use ractor::rpc::CallResult;
 use ractor::{ActorRef, MessagingErr};
 
 use crate::allocation::{AllocationTable, Owner};
+use crate::cluster::endpoint::{CallError, Endpoint};
 use crate::cluster::gateway::{self, GatewayMsg};
 use crate::cluster::query_batcher::QueryBatcher;
 use crate::cluster::wire::{entity_answer, EntityAnswer, EntityQuery, NotOwner};
-use crate::entity::{Codec, DecodeError, Entity, EntityId, MAX_ID_BYTES};
+use crate::entity::{Codec, Entity, EntityId, MAX_ID_BYTES};
 use crate::metrics::Metrics;
 use crate::partitioner::partition_for_key;
 use crate::shard::{LocalShards, ShardMsg};
@@ -40,32 +41,6 @@ pub enum AskError {
         /// The last failed attempt, if any.
         last_error: Option<CallError>,
     },
-}
-
-/// Why one attempt at the presumed owner failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CallError {
-    /// The owner did not answer within the call timeout.
-    #[error("remote call timed out")]
-    Timeout,
-    /// The owner dropped the call (it is stopping).
-    #[error("remote node dropped the call")]
-    Dropped,
-    /// No session to the owner.
-    #[error("remote node unreachable: {0}")]
-    Unreachable(String),
-    /// The table names an owner whose gateway is not known here (yet).
-    #[error("no gateway known for node {0}")]
-    NoGateway(String),
-    /// The local shard did not answer within the call timeout.
-    #[error("local shard timed out")]
-    LocalTimeout,
-    /// The owner answered with an error.
-    #[error("the owner answered: {0}")]
-    Remote(String),
-    /// The owner's answer did not decode (different versions of the entity's codec?).
-    #[error("undecodable answer: {0}")]
-    Undecodable(#[from] DecodeError),
 }
 
 /// Where an answer came from.
@@ -109,13 +84,6 @@ pub(crate) struct Router<E: Entity> {
     pub call_timeout: Duration,
     pub batcher: Arc<QueryBatcher>,
     pub metrics: Arc<Metrics>,
-}
-
-/// How a node's gateway answers peers' queries for one entity type, whatever the type.
-pub(crate) trait Endpoint: Send + Sync {
-    fn table(&self) -> &Arc<AllocationTable>;
-    /// Answers a peer's query from a shard hosted here.
-    fn answer(&self, query: EntityQuery) -> BoxFuture<'_, EntityAnswer>;
 }
 
 impl<E: Entity> Router<E> {
@@ -268,17 +236,6 @@ impl<E: Entity> Endpoint for Router<E> {
                 result: Some(result),
             }
         })
-    }
-}
-
-pub(crate) fn call_outcome<T>(
-    result: Result<CallResult<T>, MessagingErr<GatewayMsg>>,
-) -> Result<T, CallError> {
-    match result {
-        Ok(CallResult::Success(value)) => Ok(value),
-        Ok(CallResult::Timeout) => Err(CallError::Timeout),
-        Ok(CallResult::SenderError) => Err(CallError::Dropped),
-        Err(e) => Err(CallError::Unreachable(e.to_string())),
     }
 }
 

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use ractor::{pg, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
 
+use crate::cluster::endpoint::Endpoint;
 use crate::cluster::wire::{
     entity_answer, EntityAnswer, EntityQuery, OwnershipAnnouncement, QueryBatch, QueryBatchAnswer,
 };
-use crate::routing::Endpoint;
 
 /// The pg group every node's gateway joins.
 pub(crate) const ALL_GATEWAYS: &str = "kafka-sharding/gateways";

@@ -2,6 +2,7 @@
 //! actor), ownership announcements, query batching to peers, and the wire format between nodes.
 
 pub mod announce;
+pub mod endpoint;
 pub mod gateway;
 pub mod membership;
 pub mod query_batcher;

@@ -16,10 +16,10 @@ use dashmap::DashMap;
 use ractor::{ActorId, ActorRef, ActorStatus};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cluster::endpoint::{call_outcome, CallError};
 use crate::cluster::gateway::GatewayMsg;
 use crate::cluster::wire::{EntityAnswer, EntityQuery, QueryBatch, QueryBatchAnswer};
 use crate::metrics::Metrics;
-use crate::routing::{call_outcome, CallError};
 
 /// Queries per message at most.
 pub(crate) const MAX_BATCH: usize = 256;

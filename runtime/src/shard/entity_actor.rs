@@ -10,7 +10,7 @@ use std::marker::PhantomData;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use super::ShardMsg;
+use super::messages::ShardMsg;
 use crate::entity::{Entity, EntityId, Stored};
 
 pub(crate) enum EntityMsg<E: Entity> {

@@ -13,6 +13,7 @@
 
 mod acks;
 mod entity_actor;
+mod messages;
 mod outbox;
 mod passivation;
 
@@ -25,7 +26,6 @@ use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::backpressure::InFlightGate;
-use crate::dlq::DeadLetter;
 use crate::entity::{Entity, EntityId, EntityMap, Stored};
 use crate::readiness::Readiness;
 use crate::stats::NodeStats;
@@ -33,99 +33,9 @@ use acks::Acks;
 use entity_actor::{EntityActor, EntityArgs, EntityMsg};
 use outbox::Outbox;
 
-/// One record read from this shard's partition.
-pub(crate) struct ConsumedRecord<Ev> {
-    pub offset: i64,
-    pub content: RecordContent<Ev>,
-}
-
-pub(crate) enum RecordContent<Ev> {
-    Event(EntityId, Ev),
-    /// Its key belongs to another shard: written to the key's partition with the checkpoint
-    /// that commits past it.
-    Reroute(Box<Reroute>),
-    /// Malformed: nothing to apply; it goes to the dead-letter topic with the checkpoint that
-    /// commits past it.
-    DeadLetter(Box<DeadLetter>),
-}
-
-/// A record read from this partition whose key belongs to another shard (its producer used
-/// another partitioner): written, as it was read, to its key's partition inside the checkpoint
-/// transaction that commits past it, so the owner consumes it exactly once.
-#[derive(Debug, Clone)]
-pub(crate) struct Reroute {
-    pub source_offset: i64,
-    pub target_partition: u32,
-    pub key: Vec<u8>,
-    pub value: Option<Vec<u8>>,
-}
-
-/// A record a checkpoint writes besides states and offsets, in the same transaction.
-#[derive(Debug, Clone)]
-pub(crate) enum Outgoing {
-    Reroute(Box<Reroute>),
-    DeadLetter(Box<DeadLetter>),
-}
-
-/// What a shard contributes to one checkpoint transaction.
-pub(crate) struct Checkpoint<S> {
-    pub partition: u32,
-    /// Sequence number to confirm with [`ShardMsg::Checkpointed`] once committed.
-    pub seq: u64,
-    /// Next offset to commit; `None` if nothing was acknowledged yet.
-    pub commit_offset: Option<i64>,
-    pub states: Vec<(EntityId, Stored<S>)>,
-    pub outgoing: Vec<Outgoing>,
-}
-
-impl<S> Checkpoint<S> {
-    pub fn is_empty(&self) -> bool {
-        self.states.is_empty() && self.outgoing.is_empty()
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct EntityCounts {
-    /// Live entity actors.
-    pub live: usize,
-    /// Entities with state in this shard (live or passivated).
-    pub known: usize,
-    /// Next offset after the events applied so far without a gap (what the next checkpoint
-    /// commits); `None` before the first event. Its movement is the shard's progress.
-    pub processed_offset: Option<i64>,
-}
-
-pub(crate) enum ShardMsg<E: Entity> {
-    /// The partition's changelog, read to its end: the shard may start.
-    Restored(EntityMap<Stored<E::State>>),
-    /// A batch read from the partition, in offset order.
-    Consumed(Vec<ConsumedRecord<E::Event>>),
-    /// An entity applied these offsets (`replays` of them were already in its state).
-    Applied {
-        id: EntityId,
-        offsets: Vec<i64>,
-        replays: u64,
-        stored: Stored<E::State>,
-    },
-    /// A query; an entity never seen is answered from the default state (no actor created).
-    Query {
-        id: EntityId,
-        query: E::Query,
-        reply: RpcReplyPort<E::Reply>,
-    },
-    EntityCounts(RpcReplyPort<EntityCounts>),
-    /// Answer once every dispatched event is acknowledged.
-    Drain(RpcReplyPort<()>),
-    Checkpoint(RpcReplyPort<Checkpoint<E::State>>),
-    /// The checkpoint with this sequence number was committed.
-    Checkpointed {
-        seq: u64,
-    },
-    /// Passivate idle entities.
-    Tick,
-}
-
-impl<E: Entity> ractor::Message for ShardMsg<E> {}
+pub(crate) use messages::{
+    Checkpoint, ConsumedRecord, EntityCounts, Outgoing, RecordContent, Reroute, ShardMsg,
+};
 
 /// What the node keeps about one local shard.
 pub(crate) struct LocalShard<E: Entity> {

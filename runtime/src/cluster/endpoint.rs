@@ -1,0 +1,58 @@
+//! How the cluster layer meets the entity types without knowing them: a node's gateway answers
+//! peers through each type's [`Endpoint`] (queries and replies as codec bytes), and a call to a
+//! peer fails with a [`CallError`]. Routing implements the one and reports the other.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use ractor::rpc::CallResult;
+use ractor::MessagingErr;
+
+use crate::allocation::AllocationTable;
+use crate::cluster::wire::{EntityAnswer, EntityQuery};
+use crate::entity::DecodeError;
+
+/// Why one attempt at the presumed owner failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The owner did not answer within the call timeout.
+    #[error("remote call timed out")]
+    Timeout,
+    /// The owner dropped the call (it is stopping).
+    #[error("remote node dropped the call")]
+    Dropped,
+    /// No session to the owner.
+    #[error("remote node unreachable: {0}")]
+    Unreachable(String),
+    /// The table names an owner whose gateway is not known here (yet).
+    #[error("no gateway known for node {0}")]
+    NoGateway(String),
+    /// The local shard did not answer within the call timeout.
+    #[error("local shard timed out")]
+    LocalTimeout,
+    /// The owner answered with an error.
+    #[error("the owner answered: {0}")]
+    Remote(String),
+    /// The owner's answer did not decode (different versions of the entity's codec?).
+    #[error("undecodable answer: {0}")]
+    Undecodable(#[from] DecodeError),
+}
+
+/// How a node's gateway answers peers' queries for one entity type, whatever the type.
+pub(crate) trait Endpoint: Send + Sync {
+    fn table(&self) -> &Arc<AllocationTable>;
+    /// Answers a peer's query from a shard hosted here.
+    fn answer(&self, query: EntityQuery) -> BoxFuture<'_, EntityAnswer>;
+}
+
+/// The outcome of a call to a peer's actor.
+pub(crate) fn call_outcome<T, M>(
+    result: Result<CallResult<T>, MessagingErr<M>>,
+) -> Result<T, CallError> {
+    match result {
+        Ok(CallResult::Success(value)) => Ok(value),
+        Ok(CallResult::Timeout) => Err(CallError::Timeout),
+        Ok(CallResult::SenderError) => Err(CallError::Dropped),
+        Err(e) => Err(CallError::Unreachable(e.to_string())),
+    }
+}
