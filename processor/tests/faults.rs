@@ -156,7 +156,7 @@ async fn killing_the_group_coordinator_of_three_brokers_keeps_every_node_alive_a
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_whose_producer_is_fenced_recovers_without_exiting_and_counts_exactly_once() {
     require_broker();
-    let spec = ClusterSpec::new("fenced", 33_000);
+    let spec = ClusterSpec::new("fenced", 12_000);
     let (mut node1, mut node2) = two_nodes(&spec, 32).await;
 
     let producer = spec.produce_in_background(6_000, 300, 300, "fenced.json");
@@ -198,7 +198,7 @@ async fn a_node_whose_producer_is_fenced_recovers_without_exiting_and_counts_exa
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_with_the_wrong_cookie_is_refused_and_takes_no_partitions() {
     require_broker();
-    let spec = ClusterSpec::new("wrong-cookie", 34_000);
+    let spec = ClusterSpec::new("wrong-cookie", 13_000);
     let (mut node1, mut node2) = two_nodes(&spec, 128).await;
     let mut intruder = spec.start_node_with(3, &["--cookie", "not-the-cluster-cookie"]);
 
@@ -252,7 +252,7 @@ async fn a_changed_partition_count_and_a_deleted_topic_end_the_node_with_their_e
     use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
     use rdkafka::client::DefaultClientContext;
     require_broker();
-    let spec = ClusterSpec::new("topic-faults", 35_000);
+    let spec = ClusterSpec::new("topic-faults", 14_000);
     spec.create_topic(8);
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &spec.bootstrap)
@@ -277,7 +277,7 @@ async fn a_changed_partition_count_and_a_deleted_topic_end_the_node_with_their_e
         .contains("now has 12 partitions, but this node started with 8"));
 
     // Another topic: the first one's changelog keeps 8 partitions, which a restart refuses.
-    let spec = ClusterSpec::new("topic-deleted", 35_500);
+    let spec = ClusterSpec::new("topic-deleted", 14_500);
     spec.create_topic(8);
     let mut node = spec.start_node(1);
     wait_for_split(&[&node], 8).await;
