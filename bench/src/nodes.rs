@@ -109,7 +109,10 @@ impl NodeProcess {
         let deadline = Instant::now() + within;
         loop {
             self.ensure_running()?;
-            if self.counter("partitions_assigned").await > 0 && !self.shards().await.is_empty() {
+            // Not answering yet counts as not assigned yet; the deadline bounds the wait.
+            if self.counter("partitions_assigned").await.unwrap_or(0) > 0
+                && !self.shards().await.is_empty()
+            {
                 return Ok(Instant::now());
             }
             anyhow::ensure!(
@@ -218,11 +221,10 @@ impl NodeAddr {
         serde_json::from_str(&self.get("/cluster/stats").await?).ok()
     }
 
-    pub async fn counter(&self, name: &str) -> u64 {
-        self.stats()
-            .await
-            .and_then(|s| s[name].as_u64())
-            .unwrap_or(0)
+    /// A counter of `/cluster/stats`; `None` when the node does not answer (never a zero that
+    /// would pass for a measurement).
+    pub async fn counter(&self, name: &str) -> Option<u64> {
+        self.stats().await.and_then(|s| s[name].as_u64())
     }
 
     pub async fn shards(&self) -> Vec<u32> {

@@ -43,7 +43,9 @@ fn status(error: &AskError) -> Status {
         AskError::InvalidId(len) => Status::invalid_argument(format!(
             "user id is {len} bytes; at most {MAX_ID_BYTES} are allowed"
         )),
-        AskError::Unavailable { .. } => Status::unavailable(error.to_string()),
+        AskError::Unavailable { .. } | AskError::NotRunning => {
+            Status::unavailable(error.to_string())
+        }
     }
 }
 
@@ -66,5 +68,9 @@ mod tests {
             last_error: None,
         };
         assert_eq!(status(&unavailable).code(), tonic::Code::Unavailable);
+        assert_eq!(
+            status(&AskError::NotRunning).code(),
+            tonic::Code::Unavailable
+        );
     }
 }

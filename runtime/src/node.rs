@@ -92,7 +92,7 @@ impl EntityType {
 }
 
 /// Asks the entities of one type, wherever they are hosted; cheap to clone. Usable once the
-/// node runs (before, every ask is [`AskError::Unavailable`]).
+/// node runs (before, every ask is [`AskError::NotRunning`]).
 pub struct Entities<E: Entity> {
     router: Arc<OnceLock<Arc<Router<E>>>>,
 }
@@ -111,11 +111,7 @@ impl<E: Entity> Entities<E> {
     pub async fn ask(&self, id: &str, query: E::Query) -> Result<(E::Reply, Route), AskError> {
         match self.router.get() {
             Some(router) => router.ask(id, query).await,
-            None => Err(AskError::Unavailable {
-                shard: 0,
-                waited_ms: 0,
-                last_error: None,
-            }),
+            None => Err(AskError::NotRunning),
         }
     }
 }

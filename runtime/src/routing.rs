@@ -30,6 +30,9 @@ pub enum AskError {
     /// The id is empty or longer than [`MAX_ID_BYTES`].
     #[error("entity id must be 1 to {MAX_ID_BYTES} bytes, got {0}")]
     InvalidId(usize),
+    /// The node is not running yet ([`crate::Node::run`] starts the routing).
+    #[error("the node is not running yet")]
+    NotRunning,
     /// No node answered for the entity's shard within the bound (a rebalance may be in
     /// progress, or its owner is unreachable).
     #[error("shard {shard} has no reachable owner after waiting {waited_ms} ms (a rebalance may be in progress){}", last_error.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default())]
@@ -95,7 +98,7 @@ impl<E: Entity> Router<E> {
         let (route, outcome) = match &answer {
             Ok((_, route)) => (route.label(), "ok"),
             Err(AskError::InvalidId(_)) => ("none", "invalid_argument"),
-            Err(AskError::Unavailable { .. }) => ("none", "unavailable"),
+            Err(AskError::Unavailable { .. } | AskError::NotRunning) => ("none", "unavailable"),
         };
         self.metrics
             .observe_query(route, outcome, started.elapsed());

@@ -27,7 +27,8 @@ pub struct NodeStats {
     /// Checkpoint transactions committed / aborted.
     pub checkpoints_committed: Counter,
     pub checkpoints_aborted: Counter,
-    /// Records copied to the dead-letter topic.
+    /// Malformed records found; each is written to the dead-letter topic by the checkpoint that
+    /// commits past it.
     pub dead_lettered: Counter,
     /// Partitions assigned to / revoked from this node since start.
     pub partitions_assigned: Counter,
@@ -106,7 +107,7 @@ impl NodeStats {
             ),
             (
                 "events_dead_lettered",
-                "Malformed records copied to the dead-letter topic",
+                "Malformed records found (written to the dead-letter topic with the next checkpoint)",
                 &self.dead_lettered,
             ),
             (

@@ -58,7 +58,7 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
         Duration::from_secs(600),
         "node B to restore every user",
         || async {
-            let restored = node_b.counter("entities_restored").await;
+            let restored = node_b.counter("entities_restored").await?;
             let metrics = node_b.metrics().await?;
             let shards_done = metrics
                 .get("processor_restore_seconds_count")

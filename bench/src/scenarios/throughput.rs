@@ -191,7 +191,11 @@ async fn drain(
     let seconds = (done - assigned).as_secs_f64();
     let mut per_node = Vec::new();
     for node in nodes {
-        per_node.push(node.counter("events_processed_local").await as f64 / seconds);
+        let processed = node
+            .counter("events_processed_local")
+            .await
+            .ok_or_else(|| anyhow::anyhow!("node {} did not report its counters", node.index))?;
+        per_node.push(processed as f64 / seconds);
     }
     Ok(Drain {
         rate: events as f64 / seconds,
@@ -205,7 +209,7 @@ async fn first_assigned(nodes: &[NodeProcess]) -> anyhow::Result<Instant> {
     loop {
         for node in nodes {
             node.ensure_running()?;
-            if node.counter("partitions_assigned").await > 0 {
+            if node.counter("partitions_assigned").await.unwrap_or(0) > 0 {
                 return Ok(Instant::now());
             }
         }

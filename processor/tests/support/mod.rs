@@ -19,12 +19,17 @@ pub fn bootstrap() -> String {
     std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// A client for metadata and group descriptions (it never joins a group).
+fn metadata_client(bootstrap: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap()
+}
+
 /// Fails loudly when no broker is reachable: these tests need the real one.
 pub fn require_broker() {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
+    let consumer = metadata_client(&bootstrap());
     if let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
         panic!(
             "no Kafka broker at {} ({e}). Start the real broker with `scripts/kafka start` \
@@ -492,10 +497,7 @@ pub fn group_assignment_at(
     group: &str,
     topic: &str,
 ) -> BTreeMap<String, BTreeSet<u32>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
+    let consumer = metadata_client(bootstrap);
     let list = consumer
         .fetch_group_list(Some(group), Duration::from_secs(10))
         .unwrap();
@@ -555,10 +557,7 @@ pub fn replication_factor_at(bootstrap: &str, topic: &str) -> usize {
 
 /// `topic`'s partitions, each with its replica count.
 fn topic_partitions(bootstrap: &str, topic: &str) -> Vec<(i32, usize)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
+    let consumer = metadata_client(bootstrap);
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();
@@ -794,10 +793,7 @@ impl Drop for Broker {
 /// The broker (node.id) that coordinates `group`: the leader of its `__consumer_offsets`
 /// partition, `abs(javaHashCode(group)) % partitions` as Kafka's GroupCoordinator computes it.
 pub fn group_coordinator(bootstrap: &str, group: &str) -> i32 {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
+    let consumer = metadata_client(bootstrap);
     let metadata = consumer
         .fetch_metadata(Some("__consumer_offsets"), Duration::from_secs(10))
         .unwrap();
