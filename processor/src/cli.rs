@@ -32,6 +32,23 @@ pub struct Args {
     /// states' offsets are offsets of the input topic, so a changelog serves one topic only).
     #[arg(long, env = "KAFKA_CHANGELOG_TOPIC")]
     pub changelog_topic: Option<String>,
+
+    /// Also host device telemetry (the second application), consuming readings from this topic
+    /// (its dead-letter topic is `<topic>-dlq`, its changelog `<telemetry-group>-<topic>-state`).
+    #[arg(long, env = "TELEMETRY_TOPIC")]
+    pub telemetry_topic: Option<String>,
+
+    /// Consumer group of the device telemetry type (with --telemetry-topic).
+    #[arg(long, env = "TELEMETRY_GROUP", default_value = "device-telemetry")]
+    pub telemetry_group: String,
+}
+
+/// What a processor node hosts.
+#[derive(Debug, Clone)]
+pub struct Hosting {
+    pub purchases: EntityType,
+    /// With `--telemetry-topic`.
+    pub telemetry: Option<EntityType>,
 }
 
 /// The sample's default cookie (the runtime's is generic).
@@ -52,12 +69,24 @@ impl Args {
         Self::from_arg_matches(&Self::command_with_defaults().try_get_matches_from(argv)?)
     }
 
-    /// The node's configuration and the purchase entity type's topics; the error is a usage
-    /// message.
-    pub fn into_config(self) -> Result<(NodeConfig, EntityType), String> {
+    /// The node's configuration and the entity types' topics; the error is a usage message.
+    pub fn into_config(self) -> Result<(NodeConfig, Hosting), String> {
         if self.topic.is_empty() || self.group.is_empty() {
             return Err("--topic and --group must not be empty".into());
         }
+        let telemetry = match self.telemetry_topic {
+            Some(topic) if topic.is_empty() || self.telemetry_group.is_empty() => {
+                return Err("--telemetry-topic and --telemetry-group must not be empty".into())
+            }
+            Some(topic) if topic == self.topic || self.telemetry_group == self.group => {
+                return Err(
+                    "device telemetry needs its own topic and group (--telemetry-topic, --telemetry-group)"
+                        .into(),
+                )
+            }
+            Some(topic) => Some(EntityType::new(self.telemetry_group, topic)),
+            None => None,
+        };
         let mut purchases = EntityType::new(self.group, self.topic);
         if let Some(dlq) = self.dlq_topic {
             purchases = purchases.dlq_topic(dlq);
@@ -65,7 +94,13 @@ impl Args {
         if let Some(changelog) = self.changelog_topic {
             purchases = purchases.changelog_topic(changelog);
         }
-        Ok((NodeConfig::from_args("processor", self.node)?, purchases))
+        Ok((
+            NodeConfig::from_args("processor", self.node)?,
+            Hosting {
+                purchases,
+                telemetry,
+            },
+        ))
     }
 }
 
@@ -76,9 +111,10 @@ mod tests {
     #[test]
     fn dlq_and_changelog_topics_default_from_the_input_topic() {
         let args = Args::try_parse_from_args(["processor", "1", "--topic", "t1"]).unwrap();
-        let (config, purchases) = args.into_config().unwrap();
-        assert_eq!(purchases.dlq(), "t1-dlq");
-        assert_eq!(purchases.changelog(), "user-processing-t1-state");
+        let (config, hosting) = args.into_config().unwrap();
+        assert_eq!(hosting.purchases.dlq(), "t1-dlq");
+        assert_eq!(hosting.purchases.changelog(), "user-processing-t1-state");
+        assert!(hosting.telemetry.is_none());
         assert_eq!(config.node_id(), "processor-2551@127.0.0.1");
         assert_eq!(config.cookie, COOKIE);
     }
@@ -97,5 +133,24 @@ mod tests {
         );
         let two = Args::try_parse_from_args(["processor", "2551", "8551"]).unwrap();
         assert!(two.into_config().is_err());
+    }
+
+    #[test]
+    fn telemetry_is_hosted_on_its_own_topic_and_group() {
+        let args =
+            Args::try_parse_from_args(["processor", "1", "--telemetry-topic", "readings"]).unwrap();
+        let telemetry = args.into_config().unwrap().1.telemetry.unwrap();
+        assert_eq!(
+            (telemetry.group(), telemetry.dlq(), telemetry.changelog()),
+            (
+                "device-telemetry",
+                "readings-dlq",
+                "device-telemetry-readings-state"
+            )
+        );
+        let same =
+            Args::try_parse_from_args(["processor", "1", "--telemetry-topic", "user-events"])
+                .unwrap();
+        assert!(same.into_config().is_err());
     }
 }

@@ -2,11 +2,13 @@ use kafka_sharding::Node;
 use processor::cli::Args;
 use processor::purchases::Purchases;
 use processor::service::UserStatsService;
+use telemetry::service::DeviceTelemetryService;
+use telemetry::Devices;
 
 fn main() -> std::process::ExitCode {
     let command = Args::command_with_defaults();
     let args: Args = proto::cli::parse_command_or_exit(command.clone());
-    let (config, purchases) = match args.into_config() {
+    let (config, hosting) = match args.into_config() {
         Ok(parts) => parts,
         Err(message) => {
             let mut command = command;
@@ -30,9 +32,14 @@ fn main() -> std::process::ExitCode {
         .build()
         .expect("cannot start the tokio runtime");
     let mut node = Node::new(config);
-    let users = node.host::<Purchases>(purchases);
+    let users = node.host::<Purchases>(hosting.purchases);
     node.grpc_service(UserStatsService::server(users))
         .grpc_reflection(proto::FILE_DESCRIPTOR_SET);
+    if let Some(telemetry) = hosting.telemetry {
+        let devices = node.host::<Devices>(telemetry);
+        node.grpc_service(DeviceTelemetryService::server(devices))
+            .grpc_reflection(telemetry::FILE_DESCRIPTOR_SET);
+    }
     match runtime.block_on(node.run()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

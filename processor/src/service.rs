@@ -1,7 +1,7 @@
 //! The sample's gRPC front end: any node answers for any user (the runtime routes the query to
 //! the node hosting the user's shard).
 
-use kafka_sharding::{AskError, Entities, MAX_ID_BYTES};
+use kafka_sharding::{AskError, Entities};
 use proto::service::user_service_server::{UserService, UserServiceServer};
 use proto::service::{UserStatsRequest, UserStatsResponse};
 use tonic::{Request, Response, Status};
@@ -38,20 +38,13 @@ impl UserService for UserStatsService {
 }
 
 fn status(error: &AskError) -> Status {
-    match error {
-        AskError::InvalidId(0) => Status::invalid_argument("user id must not be empty"),
-        AskError::InvalidId(len) => Status::invalid_argument(format!(
-            "user id is {len} bytes; at most {MAX_ID_BYTES} are allowed"
-        )),
-        AskError::Unavailable { .. } | AskError::NotRunning => {
-            Status::unavailable(error.to_string())
-        }
-    }
+    error.to_status("user id")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kafka_sharding::MAX_ID_BYTES;
 
     #[test]
     fn invalid_ids_are_invalid_arguments_and_no_owner_is_unavailable() {

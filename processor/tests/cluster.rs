@@ -428,23 +428,31 @@ async fn queries_validate_input_and_wait_a_bounded_time_for_a_shard_without_owne
         async move { UserServiceClient::connect(url).await.ok() }
     })
     .await;
-    // Standard gRPC health checking reports the user service as serving.
+    // Standard gRPC health checking reports the user service as serving once the node is
+    // ready (its shards appear before they finish restoring, and health follows readiness
+    // within a poll): bounded, it must get there.
     let channel = tonic::transport::Channel::from_shared(spec.grpc_url(1))
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let health = tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "userservice.UserService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        health.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    let health = tonic_health::pb::health_client::HealthClient::new(channel);
+    eventually(SETTLE, "gRPC health to report SERVING", || {
+        let mut health = health.clone();
+        async move {
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "userservice.UserService".into(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .status;
+            (status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                .then_some(())
+        }
+    })
+    .await;
     for bad in [String::new(), "x".repeat(257)] {
         let status = client
             .user_stats(UserStatsRequest { id: bad })

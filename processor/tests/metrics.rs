@@ -16,8 +16,9 @@ use support::*;
 
 type Samples = BTreeMap<String, f64>;
 
-fn sample(samples: &Samples, series: &str) -> f64 {
-    samples.get(series).copied().unwrap_or(0.0)
+/// A metric summed over its series (every entity type's, when labelled by type).
+fn sample(samples: &Samples, name: &str) -> f64 {
+    sum_of(samples, name, "")
 }
 
 /// Sum of every series of a metric family whose labels contain `label` (all series if empty).

@@ -4,9 +4,11 @@
 //!   `{"regions":[{"shardId":"45","numEntities":1,"numStoredEntities":3,"processedOffset":17}, ...]}`
 //!   (`type` is the group name; `numStoredEntities` includes passivated entities;
 //!   `processedOffset` is where the next checkpoint commits to).
-//! - `GET /cluster/members`: every known node and the shards the table routes to it.
-//! - `GET /cluster/stats`: this node's counters.
-//! - `GET /cluster/kafka-stats`: librdkafka's consumer statistics (with `--statistics-interval-ms`).
+//! - `GET /cluster/members`: every known node and the shards the tables route to it (the first
+//!   type's as `shards`, every type's under `entityTypes`).
+//! - `GET /cluster/stats`: this node's counters, summed and per entity type (`entityTypes`).
+//! - `GET /cluster/kafka-stats[/{type}]`: librdkafka's statistics of the (first) type's consumer
+//!   (with `--statistics-interval-ms`).
 //! - `GET /metrics`: Prometheus metrics (see `metrics`).
 //! - `GET /alive`, `GET /ready`: liveness and readiness (see `readiness`), 200 or 503 with a
 //!   JSON body saying why.
@@ -24,25 +26,55 @@ use crate::allocation::AllocationTable;
 use crate::backpressure::InFlightGate;
 use crate::cluster::membership::Membership;
 use crate::lag::LagProbe;
-use crate::metrics::{Metrics, ScrapeInputs};
+use crate::metrics::{Metrics, MetricsRegistry, ScrapeInputs};
 use crate::readiness::Readiness;
 use crate::shard::HostedShards;
 use crate::stats::{NodeStats, StatsSnapshot};
 
 pub(crate) struct Management {
-    /// librdkafka's latest consumer statistics (JSON; empty unless enabled).
-    pub kafka_stats: Arc<std::sync::Mutex<String>>,
-    pub group: String,
     pub node: String,
+    /// The hosted entity types, in the order the application hosted them; the first answers
+    /// the type-less views (`shards` at `/cluster/members`, `/cluster/kafka-stats`).
+    pub types: Vec<TypeView>,
+    pub membership: Arc<Membership>,
+    pub gate: Arc<InFlightGate>,
+    pub metrics: Arc<MetricsRegistry>,
+    pub readiness: Arc<Readiness>,
+}
+
+/// What management shows of one hosted entity type.
+pub(crate) struct TypeView {
+    pub group: String,
     pub partitions: u32,
     pub local: Arc<dyn HostedShards>,
     pub table: Arc<AllocationTable>,
-    pub membership: Arc<Membership>,
     pub stats: Arc<NodeStats>,
-    pub gate: Arc<InFlightGate>,
     pub metrics: Arc<Metrics>,
     pub lag: LagProbe,
-    pub readiness: Arc<Readiness>,
+    /// librdkafka's latest statistics of this type's consumer (JSON; empty unless enabled).
+    pub kafka_stats: Arc<std::sync::Mutex<String>>,
+}
+
+impl Management {
+    fn view(&self, type_name: &str) -> Result<&TypeView, (StatusCode, String)> {
+        self.types
+            .iter()
+            .find(|t| t.group == type_name)
+            .ok_or_else(|| {
+                let hosted: Vec<&str> = self.types.iter().map(|t| t.group.as_str()).collect();
+                (
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "no sharded type '{type_name}'; this node hosts {}",
+                        hosted.join(", ")
+                    ),
+                )
+            })
+    }
+
+    fn first(&self) -> &TypeView {
+        &self.types[0]
+    }
 }
 
 #[derive(Serialize)]
@@ -69,9 +101,12 @@ struct Regions {
 struct Member {
     node: String,
     connected: bool,
+    /// Shards of the first hosted type (see `entityTypes` for every type's).
     #[serde(rename = "shardCount")]
     shard_count: usize,
     shards: Vec<u32>,
+    #[serde(rename = "entityTypes")]
+    entity_types: std::collections::BTreeMap<String, Vec<u32>>,
 }
 
 #[derive(Serialize)]
@@ -81,14 +116,27 @@ struct Members {
     members: Vec<Member>,
 }
 
+/// `GET /cluster/stats`: the node's totals over its types, and each type's own.
 #[derive(Serialize)]
 struct Stats {
     node: String,
+    /// Partitions and shards of the first hosted type.
     partitions: u32,
     shards: Vec<u32>,
     in_flight: usize,
     /// Actors alive in this process (ractor's registry): shards, entities, cluster plumbing.
     actors: usize,
+    /// Summed over the hosted types.
+    #[serde(flatten)]
+    counters: StatsSnapshot,
+    #[serde(rename = "entityTypes")]
+    entity_types: std::collections::BTreeMap<String, TypeStats>,
+}
+
+#[derive(Serialize)]
+struct TypeStats {
+    partitions: u32,
+    shards: Vec<u32>,
     #[serde(flatten)]
     counters: StatsSnapshot,
 }
@@ -99,6 +147,7 @@ pub(crate) fn router(m: Arc<Management>) -> Router {
         .route("/cluster/members", get(members))
         .route("/cluster/stats", get(stats))
         .route("/cluster/kafka-stats", get(kafka_stats))
+        .route("/cluster/kafka-stats/{type_name}", get(kafka_stats_of))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))
         .route(
@@ -120,17 +169,11 @@ async fn ready(State(m): State<Arc<Management>>) -> Response {
 }
 
 async fn shards(State(m): State<Arc<Management>>, Path(type_name): Path<String>) -> Response {
-    if type_name != m.group {
-        return (
-            StatusCode::NOT_FOUND,
-            format!(
-                "no sharded type '{type_name}'; this cluster hosts '{}'",
-                m.group
-            ),
-        )
-            .into_response();
-    }
-    let regions = m
+    let view = match m.view(&type_name) {
+        Ok(view) => view,
+        Err(not_hosted) => return not_hosted.into_response(),
+    };
+    let regions = view
         .local
         .entity_counts()
         .await
@@ -146,27 +189,37 @@ async fn shards(State(m): State<Arc<Management>>, Path(type_name): Path<String>)
 }
 
 async fn metrics(State(m): State<Arc<Management>>) -> Response {
-    let counts = m.local.entity_counts().await;
-    let shards: Vec<u32> = counts.iter().map(|(id, _)| *id).collect();
-    let lags = {
-        let (m, shards) = (m.clone(), shards.clone());
-        tokio::task::spawn_blocking(move || m.lag.lags(&shards)).await
-    };
-    let lags = match lags {
-        Ok(Ok(lags)) => lags,
-        Ok(Err(e)) => {
-            tracing::warn!("consumer lag not available for /metrics: {e}");
-            Vec::new()
-        }
-        Err(_) => Vec::new(),
-    };
-    let body = m.metrics.render(&ScrapeInputs {
-        shards: &shards,
-        live_entities: counts.iter().map(|(_, c)| c.live).sum(),
-        stored_entities: counts.iter().map(|(_, c)| c.known).sum(),
-        in_flight: m.gate.in_flight(),
-        lags: &lags,
-    });
+    for view in &m.types {
+        let counts = view.local.entity_counts().await;
+        let shards: Vec<u32> = counts.iter().map(|(id, _)| *id).collect();
+        let lags = {
+            let (m, shards, group) = (m.clone(), shards.clone(), view.group.clone());
+            tokio::task::spawn_blocking(move || {
+                m.view(&group)
+                    .map(|view| view.lag.lags(&shards))
+                    .unwrap_or(Ok(Vec::new()))
+            })
+            .await
+        };
+        let lags = match lags {
+            Ok(Ok(lags)) => lags,
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "consumer lag of {} not available for /metrics: {e}",
+                    view.group
+                );
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        };
+        view.metrics.refresh(&ScrapeInputs {
+            shards: &shards,
+            live_entities: counts.iter().map(|(_, c)| c.live).sum(),
+            stored_entities: counts.iter().map(|(_, c)| c.known).sum(),
+            lags: &lags,
+        });
+    }
+    let body = m.metrics.render(m.gate.in_flight());
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -179,17 +232,33 @@ async fn metrics(State(m): State<Arc<Management>>) -> Response {
 
 async fn members(State(m): State<Arc<Management>>) -> Response {
     let peers = m.membership.peers().await;
-    let mut by_node = m.table.members();
-    for peer in &peers {
+    let mut by_node: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, Vec<u32>>,
+    > = Default::default();
+    for peer in peers.iter().chain(std::iter::once(&m.node)) {
         by_node.entry(peer.clone()).or_default();
     }
+    for view in &m.types {
+        for (node, shards) in view.table.members() {
+            by_node
+                .entry(node)
+                .or_default()
+                .insert(view.group.clone(), shards.into_iter().collect());
+        }
+    }
+    let first = &m.first().group;
     let members = by_node
         .into_iter()
-        .map(|(node, shards)| Member {
-            connected: node == m.node || peers.contains(&node),
-            shard_count: shards.len(),
-            shards: shards.into_iter().collect(),
-            node,
+        .map(|(node, entity_types)| {
+            let shards = entity_types.get(first).cloned().unwrap_or_default();
+            Member {
+                connected: node == m.node || peers.contains(&node),
+                shard_count: shards.len(),
+                shards,
+                entity_types,
+                node,
+            }
         })
         .collect();
     Json(Members {
@@ -199,8 +268,12 @@ async fn members(State(m): State<Arc<Management>>) -> Response {
     .into_response()
 }
 
-async fn kafka_stats(State(m): State<Arc<Management>>) -> Response {
-    let body = m.kafka_stats.lock().expect("stats lock poisoned").clone();
+fn kafka_stats_body(view: &TypeView) -> Response {
+    let body = view
+        .kafka_stats
+        .lock()
+        .expect("stats lock poisoned")
+        .clone();
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,
@@ -208,14 +281,44 @@ async fn kafka_stats(State(m): State<Arc<Management>>) -> Response {
         .into_response()
 }
 
+async fn kafka_stats(State(m): State<Arc<Management>>) -> Response {
+    kafka_stats_body(m.first())
+}
+
+async fn kafka_stats_of(
+    State(m): State<Arc<Management>>,
+    Path(type_name): Path<String>,
+) -> Response {
+    match m.view(&type_name) {
+        Ok(view) => kafka_stats_body(view),
+        Err(not_hosted) => not_hosted.into_response(),
+    }
+}
+
 async fn stats(State(m): State<Arc<Management>>) -> Response {
+    let mut counters = StatsSnapshot::default();
+    let mut entity_types = std::collections::BTreeMap::new();
+    for view in &m.types {
+        let snapshot = view.stats.snapshot();
+        counters += snapshot;
+        entity_types.insert(
+            view.group.clone(),
+            TypeStats {
+                partitions: view.partitions,
+                shards: view.local.ids(),
+                counters: snapshot,
+            },
+        );
+    }
+    let first = m.first();
     Json(Stats {
         node: m.node.clone(),
-        partitions: m.partitions,
-        shards: m.local.ids(),
+        partitions: first.partitions,
+        shards: first.local.ids(),
         in_flight: m.gate.in_flight(),
         actors: ractor::registry::pid_registry::get_all_pids().len(),
-        counters: m.stats.snapshot(),
+        counters,
+        entity_types,
     })
     .into_response()
 }

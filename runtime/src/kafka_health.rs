@@ -241,12 +241,13 @@ impl KafkaHealth {
         }
     }
 
-    /// Probes the cluster every second with a metadata request for the input `topic`, which
-    /// answers two questions at once: is Kafka reachable (keeping the outage state current), and
-    /// does the topic still have the `partitions` the node started with (else [`Unrecoverable`]).
-    /// Asking for one topic keeps the probe small on a broker with thousands of partitions, and
-    /// running it here keeps it off the consumer's poll loop.
-    pub async fn monitor(self: Arc<Self>, topic: String, partitions: u32) {
+    /// Probes the cluster every second with a metadata request per input topic (`(topic,
+    /// partitions)`, one per hosted entity type), which answers two questions at once: is Kafka
+    /// reachable (keeping the outage state current), and does each topic still have the
+    /// partitions the node started with (else [`Unrecoverable`]). Asking for the node's topics
+    /// only keeps the probe small on a broker with thousands of partitions, and running it here
+    /// keeps it off the consumers' poll loops.
+    pub async fn monitor(self: Arc<Self>, topics: Vec<(String, u32)>) {
         let probe: BaseConsumer<QuietContext> = match ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .create_with_context(QuietContext::new(self.clone()))
@@ -258,28 +259,32 @@ impl KafkaHealth {
             }
         };
         let probe = Arc::new(probe);
-        let mut missing_before = false;
+        let mut missing_before = vec![false; topics.len()];
         loop {
-            let (client, asked) = (probe.clone(), topic.clone());
-            let answer = tokio::task::spawn_blocking(move || {
-                client
-                    .fetch_metadata(Some(&asked), PROBE_TIMEOUT)
-                    .map(|m| topic_partitions(&m, &asked))
-            })
-            .await;
-            match answer {
-                Ok(Ok(found)) => {
-                    self.report_reachable();
-                    if let Some(cause) = judge_topic(&topic, partitions, found, &mut missing_before)
-                    {
-                        self.set_unrecoverable(cause);
+            for ((topic, partitions), missing_before) in topics.iter().zip(&mut missing_before) {
+                let (client, asked) = (probe.clone(), topic.clone());
+                let answer = tokio::task::spawn_blocking(move || {
+                    client
+                        .fetch_metadata(Some(&asked), PROBE_TIMEOUT)
+                        .map(|m| topic_partitions(&m, &asked))
+                })
+                .await;
+                match answer {
+                    Ok(Ok(found)) => {
+                        self.report_reachable();
+                        if let Some(cause) = judge_topic(topic, *partitions, found, missing_before)
+                        {
+                            self.set_unrecoverable(cause);
+                        }
                     }
+                    Ok(Err(e)) => {
+                        self.report_unreachable(&e.to_string());
+                        self.remind();
+                        // One unanswered probe says it all; the next round asks again.
+                        break;
+                    }
+                    Err(_) => {}
                 }
-                Ok(Err(e)) => {
-                    self.report_unreachable(&e.to_string());
-                    self.remind();
-                }
-                Err(_) => {}
             }
             tokio::time::sleep(PROBE_EVERY).await;
         }

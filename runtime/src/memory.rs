@@ -17,11 +17,11 @@ const CHECK_EVERY: Duration = Duration::from_secs(2);
 const PASSIVATIONS_WORTH_A_TRIM: u64 = 10_000;
 
 /// Runs until the process ends.
-pub async fn trim_after_passivation(stats: Arc<NodeStats>) {
+pub async fn trim_after_passivation(stats: Vec<Arc<NodeStats>>) {
     let mut trimmed_at = 0;
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
-        let passivated = stats.entities_passivated.get();
+        let passivated: u64 = stats.iter().map(|s| s.entities_passivated.get()).sum();
         if passivated - trimmed_at >= PASSIVATIONS_WORTH_A_TRIM {
             trimmed_at = passivated;
             let _ = tokio::task::spawn_blocking(release_free_memory).await;

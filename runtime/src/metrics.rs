@@ -1,42 +1,54 @@
 //! Prometheus metrics, served at `GET /metrics` on the management port.
 //!
 //! Counters live in [`NodeStats`] (shared with `/cluster/stats`); this module adds the
-//! histograms (rebalance callbacks, hand-off steps, shard restores, gRPC requests) and the gauges
-//! that are read when scraped (shards owned, live / passivated entities, consumer lag per
-//! partition). All names start with the application's name (`<name>_`).
+//! histograms (rebalance callbacks, hand-off steps, shard restores, entity queries) and the
+//! gauges that are read when scraped (shards owned, live / passivated entities, consumer lag per
+//! partition). All names start with the application's name (`<name>_`); every series of an
+//! entity type's work carries its `entity_type` label (the type's group), so one family holds
+//! every hosted type and a dashboard sums or splits them. The in-flight gauge is node-wide.
 
 use std::time::Duration;
 
 use crate::stats::NodeStats;
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct RebalanceLabels {
+struct TypeLabels {
+    entity_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RebalanceLabels {
+    entity_type: &'static str,
     /// `assigned`, `revoked` (graceful hand-off) or `lost` (session timeout).
-    pub kind: &'static str,
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct HandoffLabels {
+struct HandoffLabels {
+    entity_type: &'static str,
     /// `drain` (wait for dispatched events) or `checkpoint` (the final transaction).
-    pub step: &'static str,
+    step: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct GrpcLabels {
+struct QueryLabels {
+    entity_type: &'static str,
     /// `local` or `remote` (answered by the owner node), `none` when not answered.
-    pub route: &'static str,
+    route: &'static str,
     /// `ok`, `invalid_argument` or `unavailable`.
-    pub outcome: &'static str,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PartitionLabels {
+    entity_type: &'static str,
     partition: u32,
 }
 
@@ -52,50 +64,80 @@ fn request_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
 }
 
-pub(crate) struct Metrics {
+/// Queries per message to a peer: 1 to 256.
+fn batch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 9))
+}
+
+/// The node's registry and every metric family; [`MetricsRegistry::entity_type`] hands out one
+/// type's handles.
+pub(crate) struct MetricsRegistry {
     registry: Registry,
-    /// Time a rebalance callback held the group (revoke: the whole hand-off).
-    pub rebalance_seconds: HistogramFamily<RebalanceLabels>,
-    pub handoff_step_seconds: HistogramFamily<HandoffLabels>,
+    counters: Vec<Family<TypeLabels, Counter>>,
+    rebalance_seconds: HistogramFamily<RebalanceLabels>,
+    handoff_step_seconds: HistogramFamily<HandoffLabels>,
+    restore_seconds: HistogramFamily<TypeLabels>,
+    query_seconds: HistogramFamily<QueryLabels>,
+    remote_query_batch: HistogramFamily<TypeLabels>,
+    shards_owned: Family<TypeLabels, Gauge>,
+    live_entities: Family<TypeLabels, Gauge>,
+    passivated_entities: Family<TypeLabels, Gauge>,
+    consumer_lag: Family<PartitionLabels, Gauge>,
+    in_flight_events: Gauge,
+}
+
+/// One entity type's metrics (its counters are in its [`NodeStats`]).
+pub(crate) struct Metrics {
+    entity_type: &'static str,
+    rebalance_seconds: HistogramFamily<RebalanceLabels>,
+    handoff_step_seconds: HistogramFamily<HandoffLabels>,
+    query_seconds: HistogramFamily<QueryLabels>,
     /// Per shard: from its assignment until its state was restored and it went live.
     pub restore_seconds: Histogram,
-    pub grpc_seconds: HistogramFamily<GrpcLabels>,
     /// Queries per message to a peer (see `cluster::query_batcher`).
     pub remote_query_batch: Histogram,
     shards_owned: Gauge,
     live_entities: Gauge,
     passivated_entities: Gauge,
-    in_flight_events: Gauge,
     consumer_lag: Family<PartitionLabels, Gauge>,
+    /// The partitions whose lag the last scrape set.
+    lag_partitions: std::sync::Mutex<Vec<u32>>,
 }
 
-/// What only the scraper can see: read when `/metrics` is requested.
+/// What only the scraper can see of one entity type: read when `/metrics` is requested.
 pub(crate) struct ScrapeInputs<'a> {
     pub shards: &'a [u32],
     pub live_entities: usize,
     pub stored_entities: usize,
-    pub in_flight: usize,
     /// Consumer lag per owned partition (see `lag`).
     pub lags: &'a [(u32, i64)],
 }
 
-impl Metrics {
-    pub fn new(prefix: &str, stats: &NodeStats) -> Self {
+impl MetricsRegistry {
+    pub fn new(prefix: &str) -> Self {
         let mut root = Registry::default();
         let registry = root.sub_registry_with_prefix(prefix);
-        stats.register(registry);
+        let counters = NodeStats::NAMES
+            .iter()
+            .map(|(name, help)| {
+                let family = Family::<TypeLabels, Counter>::default();
+                registry.register(*name, *help, family.clone());
+                family
+            })
+            .collect();
         let this = Self {
             registry: Registry::default(),
+            counters,
             rebalance_seconds: Family::new_with_constructor(slow_histogram),
             handoff_step_seconds: Family::new_with_constructor(slow_histogram),
-            restore_seconds: slow_histogram(),
-            grpc_seconds: Family::new_with_constructor(request_histogram),
-            remote_query_batch: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
-            shards_owned: Gauge::default(),
-            live_entities: Gauge::default(),
-            passivated_entities: Gauge::default(),
-            in_flight_events: Gauge::default(),
+            restore_seconds: Family::new_with_constructor(slow_histogram),
+            query_seconds: Family::new_with_constructor(request_histogram),
+            remote_query_batch: Family::new_with_constructor(batch_histogram),
+            shards_owned: Family::default(),
+            live_entities: Family::default(),
+            passivated_entities: Family::default(),
             consumer_lag: Family::default(),
+            in_flight_events: Gauge::default(),
         };
         registry.register(
             "rebalance_callback_seconds",
@@ -115,7 +157,7 @@ impl Metrics {
         registry.register(
             "grpc_request_seconds",
             "Entity queries (the applications' gRPC requests): latency by route and outcome",
-            this.grpc_seconds.clone(),
+            this.query_seconds.clone(),
         );
         registry.register(
             "remote_query_batch_size",
@@ -138,14 +180,14 @@ impl Metrics {
             this.passivated_entities.clone(),
         );
         registry.register(
-            "in_flight_events",
-            "Events dispatched to shards and not yet applied",
-            this.in_flight_events.clone(),
-        );
-        registry.register(
             "consumer_lag",
             "Events in the partition after this node's committed offset",
             this.consumer_lag.clone(),
+        );
+        registry.register(
+            "in_flight_events",
+            "Events dispatched to shards and not yet applied (every entity type)",
+            this.in_flight_events.clone(),
         );
         Self {
             registry: root,
@@ -153,41 +195,100 @@ impl Metrics {
         }
     }
 
+    /// The counters and metrics of the entity type consumed by `group`.
+    pub fn entity_type(&self, group: &str) -> (NodeStats, Metrics) {
+        // Label values must be `'static` to stay cheap on every observation; a node hosts a
+        // handful of types for its whole life, so their names are kept for it.
+        let entity_type: &'static str = Box::leak(group.to_string().into_boxed_str());
+        let labels = TypeLabels { entity_type };
+        let stats = NodeStats::from_counters(
+            self.counters
+                .iter()
+                .map(|family| family.get_or_create(&labels).clone()),
+        );
+        let metrics = Metrics {
+            entity_type,
+            rebalance_seconds: self.rebalance_seconds.clone(),
+            handoff_step_seconds: self.handoff_step_seconds.clone(),
+            query_seconds: self.query_seconds.clone(),
+            restore_seconds: self.restore_seconds.get_or_create(&labels).clone(),
+            remote_query_batch: self.remote_query_batch.get_or_create(&labels).clone(),
+            shards_owned: self.shards_owned.get_or_create(&labels).clone(),
+            live_entities: self.live_entities.get_or_create(&labels).clone(),
+            passivated_entities: self.passivated_entities.get_or_create(&labels).clone(),
+            consumer_lag: self.consumer_lag.clone(),
+            lag_partitions: std::sync::Mutex::new(Vec::new()),
+        };
+        (stats, metrics)
+    }
+
+    /// The Prometheus text exposition, after each type's scrape-time gauges were refreshed
+    /// ([`Metrics::refresh`]).
+    pub fn render(&self, in_flight: usize) -> String {
+        self.in_flight_events.set(in_flight as i64);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Metrics {
     pub fn observe_rebalance(&self, kind: &'static str, took: Duration) {
         self.rebalance_seconds
-            .get_or_create(&RebalanceLabels { kind })
+            .get_or_create(&RebalanceLabels {
+                entity_type: self.entity_type,
+                kind,
+            })
             .observe(took.as_secs_f64());
     }
 
     pub fn observe_handoff_step(&self, step: &'static str, took: Duration) {
         self.handoff_step_seconds
-            .get_or_create(&HandoffLabels { step })
+            .get_or_create(&HandoffLabels {
+                entity_type: self.entity_type,
+                step,
+            })
             .observe(took.as_secs_f64());
     }
 
     pub fn observe_query(&self, route: &'static str, outcome: &'static str, took: Duration) {
-        self.grpc_seconds
-            .get_or_create(&GrpcLabels { route, outcome })
+        self.query_seconds
+            .get_or_create(&QueryLabels {
+                entity_type: self.entity_type,
+                route,
+                outcome,
+            })
             .observe(took.as_secs_f64());
     }
 
-    /// The Prometheus text exposition, with the scrape-time gauges refreshed.
-    pub fn render(&self, inputs: &ScrapeInputs<'_>) -> String {
+    /// Sets the gauges only a scrape can read.
+    pub fn refresh(&self, inputs: &ScrapeInputs<'_>) {
         self.shards_owned.set(inputs.shards.len() as i64);
         self.live_entities.set(inputs.live_entities as i64);
         self.passivated_entities
             .set(inputs.stored_entities.saturating_sub(inputs.live_entities) as i64);
-        self.in_flight_events.set(inputs.in_flight as i64);
-        self.consumer_lag.clear();
+        // The lag family holds every type's series: drop only this type's partitions it no
+        // longer reports (those handed off since the last scrape).
+        let mut reported = self.lag_partitions.lock().expect("lag lock poisoned");
+        for gone in reported
+            .iter()
+            .filter(|p| !inputs.lags.iter().any(|(q, _)| q == *p))
+        {
+            self.consumer_lag.remove(&PartitionLabels {
+                entity_type: self.entity_type,
+                partition: *gone,
+            });
+        }
+        *reported = inputs.lags.iter().map(|(p, _)| *p).collect();
         for &(partition, lag) in inputs.lags {
             self.consumer_lag
-                .get_or_create(&PartitionLabels { partition })
+                .get_or_create(&PartitionLabels {
+                    entity_type: self.entity_type,
+                    partition,
+                })
                 .set(lag);
         }
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
     }
 }
 
@@ -196,31 +297,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn render_exposes_counters_histograms_and_gauges() {
-        let stats = NodeStats::default();
-        let metrics = Metrics::new("processor", &stats);
-        NodeStats::add(&stats.events_processed_local, 7);
-        metrics.observe_query("remote", "ok", Duration::from_millis(2));
-        let text = metrics.render(&ScrapeInputs {
+    fn every_series_carries_its_entity_type_and_handed_off_lags_disappear() {
+        let registry = MetricsRegistry::new("processor");
+        let (users, user_metrics) = registry.entity_type("users");
+        let (devices, device_metrics) = registry.entity_type("devices");
+        NodeStats::add(&users.events_processed_local, 7);
+        NodeStats::add(&devices.events_processed_local, 2);
+        user_metrics.observe_query("remote", "ok", Duration::from_millis(2));
+        user_metrics.refresh(&ScrapeInputs {
             shards: &[1, 2],
             live_entities: 3,
             stored_entities: 10,
-            in_flight: 0,
             lags: &[(1, 5), (2, 0)],
         });
-        assert!(
-            text.contains("processor_events_processed_local_total 7"),
-            "{text}"
+        device_metrics.refresh(&ScrapeInputs {
+            shards: &[1],
+            live_entities: 0,
+            stored_entities: 0,
+            lags: &[(1, 9)],
+        });
+        let text = registry.render(4);
+        for line in [
+            r#"processor_events_processed_local_total{entity_type="users"} 7"#,
+            r#"processor_events_processed_local_total{entity_type="devices"} 2"#,
+            r#"processor_shards_owned{entity_type="users"} 2"#,
+            r#"processor_consumer_lag{entity_type="users",partition="1"} 5"#,
+            r#"processor_consumer_lag{entity_type="devices",partition="1"} 9"#,
+            r#"processor_passivated_entities{entity_type="users"} 7"#,
+            r#"processor_grpc_request_seconds_count{entity_type="users",route="remote",outcome="ok"} 1"#,
+            "processor_in_flight_events 4",
+        ] {
+            assert!(text.contains(line), "no {line} in {text}");
+        }
+        assert_eq!(
+            text.matches("# TYPE processor_shards_owned ").count(),
+            1,
+            "one family for every type"
         );
-        assert!(text.contains("processor_shards_owned 2"), "{text}");
-        assert!(
-            text.contains(r#"processor_consumer_lag{partition="1"} 5"#),
-            "{text}"
-        );
-        assert!(text.contains("processor_passivated_entities 7"), "{text}");
-        assert!(
-            text.contains(r#"processor_grpc_request_seconds_count{route="remote",outcome="ok"} 1"#),
-            "{text}"
-        );
+        // Partition 1 of users handed off: its series goes, the other type's stays.
+        user_metrics.refresh(&ScrapeInputs {
+            shards: &[2],
+            live_entities: 0,
+            stored_entities: 0,
+            lags: &[(2, 0)],
+        });
+        let text = registry.render(0);
+        assert!(!text.contains(r#"processor_consumer_lag{entity_type="users",partition="1"}"#));
+        assert!(text.contains(r#"processor_consumer_lag{entity_type="devices",partition="1"} 9"#));
     }
 }

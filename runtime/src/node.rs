@@ -1,6 +1,7 @@
 //! A node: what an application builds ([`Node`], [`EntityType`], [`Entities`]) and the wiring
 //! that runs it until Ctrl-C / SIGTERM.
 
+use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::marker::PhantomData;
 use std::net::{SocketAddr, TcpListener};
@@ -22,15 +23,17 @@ use crate::cluster::gateway::{Gateway, GatewayArgs};
 use crate::cluster::membership::{Membership, MembershipConfig, MembershipError};
 use crate::cluster::query_batcher::QueryBatcher;
 use crate::consumer::checkpoint::{Checkpointer, CheckpointerConfig};
-use crate::consumer::{self, ConsumerError, ConsumerExit, ConsumerParts, ConsumerSettings};
+use crate::consumer::{
+    self, ConsumerError, ConsumerExit, ConsumerHandle, ConsumerParts, ConsumerSettings,
+};
 use crate::entity::Entity;
 use crate::grpc::GrpcServices;
 use crate::handoff::Handoff;
-use crate::http::Management;
+use crate::http::{Management, TypeView};
 use crate::kafka_admin::{self, AdminError};
 use crate::kafka_health::{KafkaHealth, QuietContext, Unrecoverable};
 use crate::lag::LagProbe;
-use crate::metrics::Metrics;
+use crate::metrics::MetricsRegistry;
 use crate::readiness::Readiness;
 use crate::restore::Restorer;
 use crate::routing::{AskError, Route, Router};
@@ -171,31 +174,46 @@ impl Node {
         self
     }
 
-    /// Runs the node until Ctrl-C or SIGTERM (then hands every shard off and returns), or until
-    /// something a restart cannot fix ([`NodeError::exit_code`]).
+    /// Runs the node until Ctrl-C or SIGTERM (then hands every shard of every type off and
+    /// returns), or until something a restart cannot fix ([`NodeError::exit_code`]).
     pub async fn run(self) -> Result<(), NodeError> {
         let Self {
             config,
-            mut hosted,
+            hosted,
             grpc,
         } = self;
-        match hosted.len() {
-            1 => hosted.remove(0).run(config, grpc).await,
-            0 => Err(NodeError::Hosting("the node hosts no entity type".into())),
-            n => Err(NodeError::Hosting(format!(
-                "the node was given {n} entity types; this version hosts one per node"
-            ))),
+        if hosted.is_empty() {
+            return Err(NodeError::Hosting("the node hosts no entity type".into()));
         }
+        for (i, h) in hosted.iter().enumerate() {
+            let spec = h.spec();
+            if let Some(other) = hosted[..i].iter().map(|o| o.spec()).find(|o| {
+                o.group == spec.group
+                    || o.topic == spec.topic
+                    || o.changelog_topic == spec.changelog_topic
+            }) {
+                return Err(NodeError::Hosting(format!(
+                    "two entity types share a group, input or changelog topic ({} on {}, {} on {}): \
+                     each type needs its own",
+                    other.group, other.topic, spec.group, spec.topic
+                )));
+            }
+        }
+        run(config, hosted, grpc).await
     }
 }
 
 /// An entity type to host, whatever its Rust type.
 trait Hosted: Send {
-    fn run(
+    fn spec(&self) -> &EntityType;
+
+    /// Builds the type's shards, routing and hand-off; its consumer starts when the returned
+    /// [`HostedParts::consumer`] is awaited (only once the node is admitted).
+    fn start(
         self: Box<Self>,
-        config: NodeConfig,
-        grpc: GrpcServices,
-    ) -> BoxFuture<'static, Result<(), NodeError>>;
+        node: &NodeShared,
+        partitions: u32,
+    ) -> BoxFuture<'static, Result<HostedParts, NodeError>>;
 }
 
 struct HostedType<E: Entity> {
@@ -205,12 +223,21 @@ struct HostedType<E: Entity> {
 }
 
 impl<E: Entity> Hosted for HostedType<E> {
-    fn run(
+    fn spec(&self) -> &EntityType {
+        &self.spec
+    }
+
+    fn start(
         self: Box<Self>,
-        config: NodeConfig,
-        grpc: GrpcServices,
-    ) -> BoxFuture<'static, Result<(), NodeError>> {
-        Box::pin(run::<E>(config, self.spec, self.router, grpc))
+        node: &NodeShared,
+        partitions: u32,
+    ) -> BoxFuture<'static, Result<HostedParts, NodeError>> {
+        Box::pin(start_type::<E>(
+            node.clone(),
+            self.spec,
+            self.router,
+            partitions,
+        ))
     }
 }
 
@@ -287,17 +314,32 @@ fn check_port_free(what: &'static str, host: &str, port: u16) -> Result<(), Node
         })
 }
 
-async fn run<E: Entity>(
-    config: NodeConfig,
-    spec: EntityType,
-    handle: Arc<OnceLock<Arc<Router<E>>>>,
-    grpc_services: GrpcServices,
-) -> Result<(), NodeError> {
-    let host = config.host.clone();
-    check_port_free("remoting", &host, config.ports.remoting)?;
-    check_port_free("management", &host, config.ports.management)?;
-    check_port_free("gRPC", &host, config.ports.grpc)?;
+/// What every hosted type of the node shares.
+#[derive(Clone)]
+struct NodeShared {
+    config: Arc<NodeConfig>,
+    node_id: String,
+    health: Arc<KafkaHealth>,
+    quiet: QuietContext,
+    readiness: Arc<Readiness>,
+    metrics: Arc<MetricsRegistry>,
+    gate: Arc<InFlightGate>,
+    /// Live entity actors over every type: the cap (`--max-live-entities`) is the node's.
+    live_entities: Arc<AtomicUsize>,
+}
 
+/// One started entity type: what the node's front ends need of it, and its consumer to start.
+struct HostedParts {
+    group: String,
+    endpoint: Arc<dyn Endpoint>,
+    announcer: Arc<Announcer>,
+    view: TypeView,
+    stats: Arc<NodeStats>,
+    consumer: BoxFuture<'static, Result<ConsumerHandle, NodeError>>,
+}
+
+/// Checks (and creates) an entity type's topics; returns its partition count.
+async fn prepare_topics(config: &NodeConfig, spec: &EntityType) -> Result<u32, NodeError> {
     let (bootstrap, topic) = (config.bootstrap_servers.clone(), spec.topic.clone());
     let partitions = tokio::task::spawn_blocking(move || {
         kafka_admin::wait_for_topic(&bootstrap, &topic, TOPIC_WAIT)
@@ -346,22 +388,28 @@ async fn run<E: Entity>(
     })
     .await
     .expect("changelog check panicked")?;
-    let node_id = config.node_id();
     tracing::info!(
-        "node {node_id}: topic {} has {partitions} partitions = {partitions} shards of {}",
+        "node {}: topic {} has {partitions} partitions = {partitions} shards of {}",
+        config.node_id(),
         spec.topic,
         spec.group
     );
+    Ok(partitions)
+}
 
-    let health = KafkaHealth::new(&config.bootstrap_servers);
-    tokio::spawn(health.clone().monitor(spec.topic.clone(), partitions));
-    let quiet = QuietContext::new(health.clone());
-    let readiness = Readiness::new(health.clone(), &spec.group);
-    let table = Arc::new(AllocationTable::new(node_id.clone()));
+/// Builds one entity type's part of the node (everything generic over `E` lives here).
+async fn start_type<E: Entity>(
+    node: NodeShared,
+    spec: EntityType,
+    handle: Arc<OnceLock<Arc<Router<E>>>>,
+    partitions: u32,
+) -> Result<HostedParts, NodeError> {
+    let config = node.config.clone();
+    let readiness = node.readiness.group(&spec.group);
+    let table = Arc::new(AllocationTable::new(node.node_id.clone()));
     let local = Arc::new(LocalShards::<E>::default());
-    let stats = Arc::new(NodeStats::default());
-    let metrics = Arc::new(Metrics::new(&config.name, &stats));
-    let gate = Arc::new(InFlightGate::new(config.max_in_flight));
+    let (stats, metrics) = node.metrics.entity_type(&spec.group);
+    let (stats, metrics) = (Arc::new(stats), Arc::new(metrics));
     let batcher = Arc::new(QueryBatcher::new(
         config.remote_call_timeout,
         metrics.clone(),
@@ -377,12 +425,161 @@ async fn run<E: Entity>(
         metrics: metrics.clone(),
     });
     let _ = handle.set(router.clone());
-    let endpoints: std::collections::HashMap<String, Arc<dyn Endpoint>> =
-        [(spec.group.clone(), router.clone() as Arc<dyn Endpoint>)].into();
-    tokio::spawn(crate::memory::trim_after_passivation(stats.clone()));
     let announcer = Arc::new(Announcer::new(&spec.group, table.clone()));
     tokio::spawn(announcer.clone().run());
 
+    // One client reads the group's committed offsets, for the lag at /metrics and the restorer.
+    let group_offsets = Arc::new(
+        kafka_admin::group_offsets_client(
+            &config.bootstrap_servers,
+            &spec.group,
+            node.quiet.clone(),
+        )
+        .map_err(NodeError::GroupOffsets)?,
+    );
+    let kafka_stats = Arc::new(std::sync::Mutex::new(String::new()));
+    let view = TypeView {
+        group: spec.group.clone(),
+        partitions,
+        local: local.clone(),
+        table,
+        stats: stats.clone(),
+        metrics: metrics.clone(),
+        lag: LagProbe::new(group_offsets.clone(), &spec.topic),
+        kafka_stats: kafka_stats.clone(),
+    };
+    let env = Arc::new(ShardEnv {
+        gate: node.gate.clone(),
+        stats: stats.clone(),
+        live_entities: node.live_entities.clone(),
+        max_live_entities: config.max_live_entities,
+        passivate_after: config.passivate_after,
+        readiness: readiness.clone(),
+    });
+    let restorer = Arc::new(Restorer {
+        bootstrap_servers: config.bootstrap_servers.clone(),
+        changelog_topic: spec.changelog_topic.clone(),
+        group_offsets,
+        input_topic: spec.topic.clone(),
+        metrics: metrics.clone(),
+        kafka_debug: config.kafka_debug.clone(),
+        context: node.quiet.clone(),
+        entity: PhantomData,
+    });
+    let handoff = Arc::new(Handoff::new(
+        tokio::runtime::Handle::current(),
+        local.clone(),
+        announcer.clone(),
+        env,
+        restorer,
+        config.drain_timeout,
+    ));
+    let consumer = {
+        let (node, spec, stats) = (node.clone(), spec.clone(), stats.clone());
+        Box::pin(async move {
+            // One transactional id per node and type: a restarted node fences its previous run.
+            let checkpointer_config = CheckpointerConfig {
+                bootstrap: config.bootstrap_servers.clone(),
+                transactional_id: format!("{}-{}", spec.group, node.node_id),
+                transaction_timeout: config.transaction_timeout,
+                changelog_topic: spec.changelog_topic.clone(),
+                input_topic: spec.topic.clone(),
+                dlq_topic: spec.dlq_topic.clone(),
+                context: node.quiet.clone(),
+            };
+            let starting = checkpointer_config.clone();
+            let checkpointer = tokio::task::spawn_blocking(move || Checkpointer::new(&starting))
+                .await
+                .expect("checkpointer start panicked")
+                .map_err(ConsumerError::from)?;
+            let consumer = consumer::start(
+                ConsumerSettings {
+                    bootstrap_servers: config.bootstrap_servers.clone(),
+                    topic: spec.topic.clone(),
+                    group: spec.group.clone(),
+                    client_id: node.node_id.clone(),
+                    session_timeout: config.session_timeout,
+                    commit_interval: config.commit_interval,
+                    partitions,
+                    statistics_interval: config.statistics_interval,
+                    debug: config.kafka_debug.clone(),
+                },
+                ConsumerParts {
+                    handoff,
+                    local,
+                    gate: node.gate.clone(),
+                    stats,
+                    metrics,
+                    checkpointer,
+                    checkpointer_config,
+                    health: node.health.clone(),
+                    readiness,
+                    kafka_stats,
+                    runtime: tokio::runtime::Handle::current(),
+                },
+            )?;
+            Ok(consumer)
+        }) as BoxFuture<'static, Result<ConsumerHandle, NodeError>>
+    };
+    Ok(HostedParts {
+        group: spec.group.clone(),
+        endpoint: router,
+        announcer,
+        view,
+        stats,
+        consumer,
+    })
+}
+
+async fn run(
+    config: NodeConfig,
+    hosted: Vec<Box<dyn Hosted>>,
+    grpc_services: GrpcServices,
+) -> Result<(), NodeError> {
+    let host = config.host.clone();
+    check_port_free("remoting", &host, config.ports.remoting)?;
+    check_port_free("management", &host, config.ports.management)?;
+    check_port_free("gRPC", &host, config.ports.grpc)?;
+
+    let mut partitions = Vec::with_capacity(hosted.len());
+    for h in &hosted {
+        partitions.push(prepare_topics(&config, h.spec()).await?);
+    }
+    let node_id = config.node_id();
+    let health = KafkaHealth::new(&config.bootstrap_servers);
+    tokio::spawn(
+        health.clone().monitor(
+            hosted
+                .iter()
+                .zip(&partitions)
+                .map(|(h, n)| (h.spec().topic.clone(), *n))
+                .collect(),
+        ),
+    );
+    let groups: Vec<String> = hosted.iter().map(|h| h.spec().group.clone()).collect();
+    let shared = NodeShared {
+        node_id: node_id.clone(),
+        quiet: QuietContext::new(health.clone()),
+        readiness: Readiness::new(health.clone(), groups.iter().map(String::as_str)),
+        metrics: Arc::new(MetricsRegistry::new(&config.name)),
+        gate: Arc::new(InFlightGate::new(config.max_in_flight)),
+        live_entities: Arc::new(AtomicUsize::new(0)),
+        health,
+        config: Arc::new(config),
+    };
+    let (config, readiness) = (shared.config.clone(), shared.readiness.clone());
+
+    let mut started = Vec::with_capacity(hosted.len());
+    for (h, n) in hosted.into_iter().zip(partitions) {
+        started.push(h.start(&shared, n).await?);
+    }
+    tokio::spawn(crate::memory::trim_after_passivation(
+        started.iter().map(|t| t.stats.clone()).collect(),
+    ));
+    let endpoints: HashMap<String, Arc<dyn Endpoint>> = started
+        .iter()
+        .map(|t| (t.group.clone(), t.endpoint.clone()))
+        .collect();
     let (gateway, _) = Actor::spawn(
         None,
         Gateway,
@@ -402,7 +599,7 @@ async fn run<E: Entity>(
                 cookie: config.cookie.clone(),
                 seeds: config.seed_nodes.clone(),
             },
-            vec![announcer.clone()],
+            started.iter().map(|t| t.announcer.clone()).collect(),
             readiness.clone(),
         )
         .await?,
@@ -421,24 +618,18 @@ async fn run<E: Entity>(
         shutdown(shutdown_rx.clone()),
     ));
 
-    // One client reads the group's committed offsets, for the lag at /metrics and the restorer.
-    let group_offsets = Arc::new(
-        kafka_admin::group_offsets_client(&config.bootstrap_servers, &spec.group, quiet.clone())
-            .map_err(NodeError::GroupOffsets)?,
-    );
-    let kafka_stats = Arc::new(std::sync::Mutex::new(String::new()));
+    let mut consumers = Vec::with_capacity(started.len());
+    let mut views = Vec::with_capacity(started.len());
+    for t in started {
+        views.push(t.view);
+        consumers.push((t.group, t.consumer));
+    }
     let management = Arc::new(Management {
-        kafka_stats: kafka_stats.clone(),
-        group: spec.group.clone(),
         node: node_id.clone(),
-        partitions,
-        local: local.clone(),
-        table: table.clone(),
+        types: views,
         membership: membership.clone(),
-        stats: stats.clone(),
-        gate: gate.clone(),
-        metrics: metrics.clone(),
-        lag: LagProbe::new(group_offsets.clone(), &spec.topic),
+        gate: shared.gate.clone(),
+        metrics: shared.metrics.clone(),
         readiness: readiness.clone(),
     });
     let http_listener = tokio::net::TcpListener::bind(socket(&host, config.ports.management)?)
@@ -454,41 +645,15 @@ async fn run<E: Entity>(
             .with_graceful_shutdown(shutdown(shutdown_rx.clone()))
             .into_future(),
     );
-
-    let env = Arc::new(ShardEnv {
-        gate: gate.clone(),
-        stats: stats.clone(),
-        live_entities: Arc::new(AtomicUsize::new(0)),
-        max_live_entities: config.max_live_entities,
-        passivate_after: config.passivate_after,
-        readiness: readiness.clone(),
-    });
-    let restorer = Arc::new(Restorer {
-        bootstrap_servers: config.bootstrap_servers.clone(),
-        changelog_topic: spec.changelog_topic.clone(),
-        group_offsets,
-        input_topic: spec.topic.clone(),
-        metrics: metrics.clone(),
-        kafka_debug: config.kafka_debug.clone(),
-        context: quiet.clone(),
-        entity: PhantomData,
-    });
-    let handoff = Arc::new(Handoff::new(
-        tokio::runtime::Handle::current(),
-        local.clone(),
-        announcer.clone(),
-        env,
-        restorer,
-        config.drain_timeout,
-    ));
     tracing::info!(
-        "node {node_id} up: remoting {}, management http://{host}:{}, gRPC {grpc_addr}",
+        "node {node_id} up: remoting {}, management http://{host}:{}, gRPC {grpc_addr}, hosting {}",
         config.ports.remoting,
-        config.ports.management
+        config.ports.management,
+        groups.join(", ")
     );
     // Only an admitted node takes partitions (a node the others refuse would hold shards no
-    // other node's front end can reach), and only it creates its transactional producer, whose
-    // initialisation fences its id.
+    // other node's front end can reach), and only it creates its transactional producers, whose
+    // initialisation fences their ids.
     let mut waiting_said = false;
     let admitted = stop_signal_or(Duration::from_millis(100), || {
         if !waiting_said && !readiness.admitted() {
@@ -501,64 +666,56 @@ async fn run<E: Entity>(
     })
     .await;
     let exit = if admitted {
-        // One transactional id per node: a restarted node fences its previous run.
-        let checkpointer_config = CheckpointerConfig {
-            bootstrap: config.bootstrap_servers.clone(),
-            transactional_id: format!("{}-{node_id}", spec.group),
-            transaction_timeout: config.transaction_timeout,
-            changelog_topic: spec.changelog_topic.clone(),
-            input_topic: spec.topic.clone(),
-            dlq_topic: spec.dlq_topic.clone(),
-            context: quiet.clone(),
-        };
-        let starting = checkpointer_config.clone();
-        let checkpointer = tokio::task::spawn_blocking(move || Checkpointer::new(&starting))
-            .await
-            .expect("checkpointer start panicked")
-            .map_err(ConsumerError::from)?;
-        let mut consumer = consumer::start(
-            ConsumerSettings {
-                bootstrap_servers: config.bootstrap_servers.clone(),
-                topic: spec.topic.clone(),
-                group: spec.group.clone(),
-                client_id: node_id.clone(),
-                session_timeout: config.session_timeout,
-                commit_interval: config.commit_interval,
-                partitions,
-                statistics_interval: config.statistics_interval,
-                debug: config.kafka_debug.clone(),
-            },
-            ConsumerParts {
-                handoff,
-                local: local.clone(),
-                gate,
-                stats,
-                metrics,
-                checkpointer,
-                checkpointer_config,
-                health: health.clone(),
-                readiness: readiness.clone(),
-                kafka_stats: kafka_stats.clone(),
-                runtime: tokio::runtime::Handle::current(),
-            },
-        )?;
-        stop_signal_or(Duration::from_millis(200), || consumer.is_finished()).await;
+        let mut running = Vec::with_capacity(consumers.len());
+        let mut failed = None;
+        for (group, start) in consumers {
+            match start.await {
+                Ok(handle) => running.push(handle),
+                Err(e) => {
+                    tracing::error!("the consumer of {group} did not start: {e}");
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if failed.is_none() {
+            // Any type's consumer ending (for what a restart cannot fix) ends the node.
+            stop_signal_or(Duration::from_millis(200), || {
+                running.iter().any(ConsumerHandle::is_finished)
+            })
+            .await;
+        }
         readiness.set_stopping();
         tracing::info!("shutting down: handing off every shard");
-        consumer.stop();
-        tokio::task::spawn_blocking(move || consumer.join())
-            .await
-            .unwrap_or(ConsumerExit::Panicked)
+        // Every type hands off at once: each consumer leaves its group on its own thread.
+        for consumer in &mut running {
+            consumer.stop();
+        }
+        let mut exits = Vec::with_capacity(running.len());
+        for mut consumer in running {
+            exits.push(
+                tokio::task::spawn_blocking(move || consumer.join())
+                    .await
+                    .unwrap_or(ConsumerExit::Panicked),
+            );
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(exits
+                .into_iter()
+                .find(|e| *e != ConsumerExit::Stopped)
+                .unwrap_or(ConsumerExit::Stopped)),
+        }
     } else {
         tracing::info!("stopped before being admitted to the cluster");
-        ConsumerExit::Stopped
+        Ok(ConsumerExit::Stopped)
     };
     let _ = shutdown_tx.send(true);
     let _ = grpc.await;
     let _ = http.await;
     gateway.stop(None);
     membership.server.stop(None);
-    match exit {
+    match exit? {
         ConsumerExit::Stopped => {
             tracing::info!("node {node_id} stopped");
             Ok(())

@@ -2,9 +2,9 @@
 //!
 //! Alive: the process serves; it never depends on Kafka or peers (restarting a node because
 //! its broker is away would only add a rebalance). Ready: this node should get traffic now:
-//! admitted to the actor cluster, a member of the consumer group, every shard it owns
-//! restored, Kafka reachable, not recovering its producer and not shutting down. gRPC health
-//! (`grpc.health.v1`) follows readiness.
+//! admitted to the actor cluster, Kafka reachable, not shutting down, and for every entity type
+//! it hosts: a member of that type's consumer group, every shard it owns restored, not
+//! recovering its producer. gRPC health (`grpc.health.v1`) follows readiness.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,15 +13,21 @@ use serde::Serialize;
 
 use crate::kafka_health::KafkaHealth;
 
+/// The node's readiness: what is node-wide here, each hosted type's part in a [`GroupReadiness`].
 pub struct Readiness {
     kafka: Arc<KafkaHealth>,
-    group: String,
     admitted: AtomicBool,
     /// Why the node is not admitted yet (shown at `/ready`).
     admission: Mutex<String>,
+    stopping: AtomicBool,
+    groups: Vec<Arc<GroupReadiness>>,
+}
+
+/// One entity type's part of readiness, set by its consumer and shards.
+pub struct GroupReadiness {
+    group: String,
     in_group: AtomicBool,
     recovering: AtomicBool,
-    stopping: AtomicBool,
     restoring_shards: AtomicUsize,
 }
 
@@ -34,17 +40,37 @@ pub struct ReadyReport {
 }
 
 impl Readiness {
-    pub fn new(kafka: Arc<KafkaHealth>, group: &str) -> Arc<Self> {
+    /// Readiness of a node hosting the entity types consumed by `groups`.
+    pub fn new<'a>(
+        kafka: Arc<KafkaHealth>,
+        groups: impl IntoIterator<Item = &'a str>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             kafka,
-            group: group.into(),
             admitted: AtomicBool::new(false),
             admission: Mutex::new("no seed node answered yet".into()),
-            in_group: AtomicBool::new(false),
-            recovering: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
-            restoring_shards: AtomicUsize::new(0),
+            groups: groups
+                .into_iter()
+                .map(|group| {
+                    Arc::new(GroupReadiness {
+                        group: group.into(),
+                        in_group: AtomicBool::new(false),
+                        recovering: AtomicBool::new(false),
+                        restoring_shards: AtomicUsize::new(0),
+                    })
+                })
+                .collect(),
         })
+    }
+
+    /// The part of the type consumed by `group` (one of those given to [`Readiness::new`]).
+    pub fn group(&self, group: &str) -> Arc<GroupReadiness> {
+        self.groups
+            .iter()
+            .find(|g| g.group == group)
+            .cloned()
+            .expect("readiness is created with every hosted group")
     }
 
     pub fn admitted(&self) -> bool {
@@ -54,9 +80,10 @@ impl Readiness {
     /// Admission is for the node's lifetime: a peer leaving later does not un-admit it.
     pub fn admit(&self, how: &str) {
         if !self.admitted.swap(true, Ordering::SeqCst) {
+            let groups: Vec<&str> = self.groups.iter().map(|g| g.group.as_str()).collect();
             tracing::info!(
                 "admitted to the cluster ({how}); joining consumer group {}",
-                self.group
+                groups.join(", ")
             );
         }
     }
@@ -65,24 +92,8 @@ impl Readiness {
         *self.admission.lock().expect("readiness lock poisoned") = why.to_string();
     }
 
-    pub fn set_in_group(&self, member: bool) {
-        self.in_group.store(member, Ordering::SeqCst);
-    }
-
-    pub fn set_recovering(&self, recovering: bool) {
-        self.recovering.store(recovering, Ordering::SeqCst);
-    }
-
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-    }
-
-    pub fn shard_restoring(&self) {
-        self.restoring_shards.fetch_add(1, Ordering::SeqCst);
-    }
-
-    pub fn shard_restored(&self) {
-        self.restoring_shards.fetch_sub(1, Ordering::SeqCst);
     }
 
     pub fn report(&self) -> ReadyReport {
@@ -99,20 +110,8 @@ impl Readiness {
         if let Some(outage) = self.kafka.outage() {
             reasons.push(format!("Kafka unreachable for {} s", outage.as_secs()));
         }
-        if self.recovering.load(Ordering::SeqCst) {
-            reasons.push(
-                "recovering: re-creating its checkpoint producer and restoring its shards"
-                    .to_string(),
-            );
-        } else if self.admitted() && !self.in_group.load(Ordering::SeqCst) {
-            reasons.push(format!(
-                "not a member of consumer group {} (yet)",
-                self.group
-            ));
-        }
-        let restoring = self.restoring_shards.load(Ordering::SeqCst);
-        if restoring > 0 {
-            reasons.push(format!("restoring {restoring} shards from the changelog"));
+        for group in &self.groups {
+            group.reasons(self.admitted(), &mut reasons);
         }
         ReadyReport {
             ready: reasons.is_empty(),
@@ -125,26 +124,80 @@ impl Readiness {
     }
 }
 
+impl GroupReadiness {
+    pub fn set_in_group(&self, member: bool) {
+        self.in_group.store(member, Ordering::SeqCst);
+    }
+
+    pub fn set_recovering(&self, recovering: bool) {
+        self.recovering.store(recovering, Ordering::SeqCst);
+    }
+
+    pub fn shard_restoring(&self) {
+        self.restoring_shards.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn shard_restored(&self) {
+        self.restoring_shards.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn reasons(&self, admitted: bool, reasons: &mut Vec<String>) {
+        if self.recovering.load(Ordering::SeqCst) {
+            reasons.push(format!(
+                "recovering: re-creating the checkpoint producer of {} and restoring its shards",
+                self.group
+            ));
+        } else if admitted && !self.in_group.load(Ordering::SeqCst) {
+            reasons.push(format!(
+                "not a member of consumer group {} (yet)",
+                self.group
+            ));
+        }
+        let restoring = self.restoring_shards.load(Ordering::SeqCst);
+        if restoring > 0 {
+            reasons.push(format!(
+                "restoring {restoring} shards of {} from the changelog",
+                self.group
+            ));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn ready_only_when_admitted_in_the_group_restored_and_kafka_reachable() {
+    fn ready_only_when_admitted_in_every_group_restored_and_kafka_reachable() {
         let kafka = KafkaHealth::new("127.0.0.1:1");
-        let r = Readiness::new(kafka.clone(), "g");
+        let r = Readiness::new(kafka.clone(), ["g", "h"]);
+        let (g, h) = (r.group("g"), r.group("h"));
         assert!(!r.ready());
         assert!(r.report().reasons[0].contains("not admitted"));
         r.admit("test");
         assert_eq!(
             r.report().reasons,
-            ["not a member of consumer group g (yet)"]
+            [
+                "not a member of consumer group g (yet)",
+                "not a member of consumer group h (yet)"
+            ]
         );
-        r.set_in_group(true);
-        r.shard_restoring();
-        assert!(!r.ready());
-        r.shard_restored();
+        g.set_in_group(true);
+        assert_eq!(
+            r.report().reasons,
+            ["not a member of consumer group h (yet)"]
+        );
+        h.set_in_group(true);
+        h.shard_restoring();
+        assert_eq!(
+            r.report().reasons,
+            ["restoring 1 shards of h from the changelog"]
+        );
+        h.shard_restored();
         assert!(r.ready());
+        g.set_recovering(true);
+        assert!(!r.ready());
+        g.set_recovering(false);
         kafka.report_unreachable("down");
         assert!(r.report().reasons[0].starts_with("Kafka unreachable"));
         kafka.report_reachable();

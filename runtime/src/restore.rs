@@ -66,9 +66,12 @@ impl<E: Entity> Restorer<E> {
         }
         let this = self.clone();
         let assigned_at = Instant::now();
+        // Called from the consumer's rebalance callback: its span names the entity type.
+        let span = tracing::Span::current();
         std::thread::Builder::new()
             .name("changelog-restore".into())
             .spawn(move || {
+                let _in_type = span.enter();
                 let mut shards = shards;
                 let mut failures = 0u32;
                 loop {

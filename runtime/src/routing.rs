@@ -46,6 +46,24 @@ pub enum AskError {
     },
 }
 
+impl AskError {
+    /// The gRPC status a front end answers with: `INVALID_ARGUMENT` for a bad id (`what` names
+    /// it: "user id"), `UNAVAILABLE` for the rest.
+    pub fn to_status(&self, what: &str) -> tonic::Status {
+        match self {
+            Self::InvalidId(0) => {
+                tonic::Status::invalid_argument(format!("{what} must not be empty"))
+            }
+            Self::InvalidId(len) => tonic::Status::invalid_argument(format!(
+                "{what} is {len} bytes; at most {MAX_ID_BYTES} are allowed"
+            )),
+            Self::Unavailable { .. } | Self::NotRunning => {
+                tonic::Status::unavailable(self.to_string())
+            }
+        }
+    }
+}
+
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {

@@ -1,10 +1,9 @@
-//! Node-wide counters, shown at `GET /cluster/stats` (JSON) and `GET /metrics` (Prometheus).
+//! An entity type's counters on this node, shown at `GET /cluster/stats` (JSON) and `GET /metrics` (Prometheus).
 //!
-//! Each counter is a Prometheus counter (an atomic behind an `Arc`), so both views read the same
-//! numbers; [`NodeStats::register`] hands them to the metrics registry.
+//! Each counter is a series of a Prometheus counter family (an atomic behind an `Arc`), so both
+//! views read the same numbers; one `NodeStats` per hosted entity type.
 
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 #[derive(Debug, Default)]
@@ -57,75 +56,59 @@ impl NodeStats {
         counter.inc_by(n);
     }
 
-    /// Every counter with its metric name (without the `_total` Prometheus adds) and help.
-    fn named(&self) -> [(&'static str, &'static str, &Counter); 12] {
-        [
-            (
-                "events_consumed",
-                "Valid events read from Kafka by this node",
-                &self.events_consumed,
-            ),
-            (
-                "events_processed_local",
-                "Events applied by an entity on the node that consumed them",
-                &self.events_processed_local,
-            ),
-            (
-                "events_forwarded_out",
-                "Mis-keyed events re-routed to their key's partition",
-                &self.events_forwarded_out,
-            ),
-            (
-                "events_forwarded_in",
-                "Re-routed events consumed here",
-                &self.events_forwarded_in,
-            ),
-            (
-                "events_skipped_replayed",
-                "Redelivered events already applied (not counted again)",
-                &self.events_skipped_replayed,
-            ),
-            (
-                "entities_restored",
-                "Entity states read from the changelog",
-                &self.entities_restored,
-            ),
-            (
-                "entities_passivated",
-                "Entity actors stopped for idleness or the live-actor cap",
-                &self.entities_passivated,
-            ),
-            (
-                "checkpoints_committed",
-                "Checkpoint transactions committed",
-                &self.checkpoints_committed,
-            ),
-            (
-                "checkpoints_aborted",
-                "Checkpoint transactions aborted",
-                &self.checkpoints_aborted,
-            ),
-            (
-                "events_dead_lettered",
-                "Malformed records found (written to the dead-letter topic with the next checkpoint)",
-                &self.dead_lettered,
-            ),
-            (
-                "partitions_assigned",
-                "Partitions assigned to this node",
-                &self.partitions_assigned,
-            ),
-            (
-                "partitions_revoked",
-                "Partitions revoked from this node",
-                &self.partitions_revoked,
-            ),
-        ]
-    }
+    /// Every counter's metric name (without the `_total` Prometheus adds) and help, in the
+    /// order of [`NodeStats::from_counters`].
+    pub const NAMES: [(&'static str, &'static str); 12] = [
+        (
+            "events_consumed",
+            "Valid events read from Kafka by this node",
+        ),
+        (
+            "events_processed_local",
+            "Events applied by an entity on the node that consumed them",
+        ),
+        (
+            "events_forwarded_out",
+            "Mis-keyed events re-routed to their key's partition",
+        ),
+        ("events_forwarded_in", "Re-routed events consumed here"),
+        (
+            "events_skipped_replayed",
+            "Redelivered events already applied (not counted again)",
+        ),
+        ("entities_restored", "Entity states read from the changelog"),
+        (
+            "entities_passivated",
+            "Entity actors stopped for idleness or the live-actor cap",
+        ),
+        ("checkpoints_committed", "Checkpoint transactions committed"),
+        ("checkpoints_aborted", "Checkpoint transactions aborted"),
+        (
+            "events_dead_lettered",
+            "Malformed records found (written to the dead-letter topic with the next checkpoint)",
+        ),
+        ("partitions_assigned", "Partitions assigned to this node"),
+        ("partitions_revoked", "Partitions revoked from this node"),
+    ];
 
-    pub fn register(&self, registry: &mut Registry) {
-        for (name, help, counter) in self.named() {
-            registry.register(name, help, counter.clone());
+    /// Stats counting into `counters` (the metric families' series), in [`NodeStats::NAMES`]'
+    /// order.
+    pub fn from_counters(counters: impl IntoIterator<Item = Counter>) -> Self {
+        let mut c = counters.into_iter();
+        let mut next = || c.next().expect("one counter per name");
+        Self {
+            events_consumed: next(),
+            events_processed_local: next(),
+            events_forwarded_out: next(),
+            events_forwarded_in: next(),
+            events_skipped_replayed: next(),
+            entities_restored: next(),
+            entities_passivated: next(),
+            checkpoints_committed: next(),
+            checkpoints_aborted: next(),
+            dead_lettered: next(),
+            partitions_assigned: next(),
+            partitions_revoked: next(),
         }
     }
 
@@ -144,5 +127,23 @@ impl NodeStats {
             partitions_assigned: self.partitions_assigned.get(),
             partitions_revoked: self.partitions_revoked.get(),
         }
+    }
+}
+
+impl std::ops::AddAssign for StatsSnapshot {
+    /// Node-wide totals over the hosted types.
+    fn add_assign(&mut self, other: Self) {
+        self.events_consumed += other.events_consumed;
+        self.events_processed_local += other.events_processed_local;
+        self.events_forwarded_out += other.events_forwarded_out;
+        self.events_forwarded_in += other.events_forwarded_in;
+        self.events_skipped_replayed += other.events_skipped_replayed;
+        self.entities_restored += other.entities_restored;
+        self.entities_passivated += other.entities_passivated;
+        self.checkpoints_committed += other.checkpoints_committed;
+        self.checkpoints_aborted += other.checkpoints_aborted;
+        self.dead_lettered += other.dead_lettered;
+        self.partitions_assigned += other.partitions_assigned;
+        self.partitions_revoked += other.partitions_revoked;
     }
 }

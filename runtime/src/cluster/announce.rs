@@ -26,6 +26,11 @@ pub(crate) struct Announcer {
 }
 
 impl Announcer {
+    /// The type whose shards this announcer claims (its consumer group).
+    pub fn entity_type(&self) -> &str {
+        &self.entity_type
+    }
+
     pub fn new(entity_type: &str, table: Arc<AllocationTable>) -> Self {
         let incarnation = SystemTime::now()
             .duration_since(UNIX_EPOCH)

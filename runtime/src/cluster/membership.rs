@@ -352,12 +352,16 @@ impl NodeEventSubscription for SessionEvents {
             if still_connected {
                 return;
             }
-            let shards: usize = announcers
+            let shards: Vec<String> = announcers
                 .iter()
-                .map(|a| a.table().remove_node(&name).len())
-                .sum();
+                .map(|a| {
+                    let gone = a.table().remove_node(&name).len();
+                    format!("{gone} of {}", a.entity_type())
+                })
+                .collect();
             tracing::warn!(
-                "node {name} left the cluster; its {shards} shards have no owner until Kafka reassigns them"
+                "node {name} left the cluster; its shards ({}) have no owner until Kafka reassigns them",
+                shards.join(", ")
             );
         });
     }

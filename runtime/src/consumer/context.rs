@@ -20,7 +20,7 @@ use crate::entity::Entity;
 use crate::handoff::Handoff;
 use crate::kafka_health::KafkaHealth;
 use crate::metrics::Metrics;
-use crate::readiness::Readiness;
+use crate::readiness::GroupReadiness;
 use crate::shard::LocalShard;
 
 /// Checkpoint attempts for revoked partitions before giving them up uncommitted.
@@ -35,7 +35,7 @@ pub(crate) struct NodeContext<E: Entity> {
     /// Set when the checkpoint producer failed for good; the poll loop then recovers.
     pub producer_failed: Arc<AtomicBool>,
     pub health: Arc<KafkaHealth>,
-    pub readiness: Arc<Readiness>,
+    pub readiness: Arc<GroupReadiness>,
     /// librdkafka's latest statistics JSON (per-partition fetch state and offsets), when
     /// `statistics.interval.ms` is enabled; served at `/cluster/kafka-stats` for diagnosis.
     pub kafka_stats: Arc<Mutex<String>>,

@@ -31,7 +31,7 @@ use crate::handoff::Handoff;
 use crate::kafka_health::{KafkaHealth, Unrecoverable};
 use crate::metrics::Metrics;
 use crate::partitioner::partition_for_key;
-use crate::readiness::Readiness;
+use crate::readiness::GroupReadiness;
 use crate::shard::{ConsumedRecord, LocalShards, RecordContent, Reroute};
 use crate::stats::NodeStats;
 use checkpoint::{Checkpointer, CheckpointerConfig, HEADER_REROUTED_FROM};
@@ -77,7 +77,7 @@ pub(crate) struct ConsumerParts<E: Entity> {
     /// How to make a new producer when the current one fails.
     pub checkpointer_config: CheckpointerConfig,
     pub health: Arc<KafkaHealth>,
-    pub readiness: Arc<Readiness>,
+    pub readiness: Arc<GroupReadiness>,
     /// Where librdkafka's statistics are kept (see `NodeContext::kafka_stats`).
     pub kafka_stats: Arc<Mutex<String>>,
     pub runtime: tokio::runtime::Handle,
@@ -189,9 +189,13 @@ pub(crate) fn start<E: Entity>(
         settings.client_id
     );
     let loop_stopping = stopping.clone();
+    // Every line the loop and its rebalance callbacks log names the entity type (a node may
+    // host several: "partition 3 assigned to this node" must say of which).
+    let span = tracing::info_span!("shards", of = %settings.group);
     let thread = std::thread::Builder::new()
         .name("kafka-consumer".into())
         .spawn(move || {
+            let _in_type = span.enter();
             poll_loop(
                 consumer,
                 settings,

@@ -27,7 +27,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::backpressure::InFlightGate;
 use crate::entity::{Entity, EntityId, EntityMap, Stored};
-use crate::readiness::Readiness;
+use crate::readiness::GroupReadiness;
 use crate::stats::NodeStats;
 use acks::Acks;
 use entity_actor::{EntityActor, EntityArgs, EntityMsg};
@@ -125,7 +125,7 @@ pub(crate) struct ShardEnv {
     /// An entity with nothing in flight for this long is passivated.
     pub passivate_after: Duration,
     /// Counts the shards still restoring (a node is not ready while any is).
-    pub readiness: Arc<Readiness>,
+    pub readiness: Arc<GroupReadiness>,
 }
 
 pub(crate) struct ShardActor<E>(PhantomData<fn() -> E>);
