@@ -116,7 +116,7 @@ struct Members {
     members: Vec<Member>,
 }
 
-/// `GET /cluster/stats`: the node's totals over its types, and each type's own.
+/// `GET /cluster/stats`: the node's counters summed over its types, and each type's own.
 #[derive(Serialize)]
 struct Stats {
     node: String,

@@ -131,7 +131,7 @@ impl NodeStats {
 }
 
 impl std::ops::AddAssign for StatsSnapshot {
-    /// Node-wide totals over the hosted types.
+    /// Node-wide sums over the hosted types.
     fn add_assign(&mut self, other: Self) {
         self.events_consumed += other.events_consumed;
         self.events_processed_local += other.events_processed_local;
