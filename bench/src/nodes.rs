@@ -260,16 +260,23 @@ impl NodeAddr {
         )
     }
 
-    /// `/metrics` as `series -> value`.
+    /// `/metrics` as `metric name -> value`, each metric summed over its series (its
+    /// `entity_type` and other labels).
     pub async fn metrics(&self) -> Option<BTreeMap<String, f64>> {
         let text = self.get("/metrics").await?;
-        Some(
-            text.lines()
-                .filter(|l| !l.starts_with('#'))
-                .filter_map(|l| l.rsplit_once(' '))
-                .filter_map(|(series, v)| Some((series.to_string(), v.parse().ok()?)))
-                .collect(),
-        )
+        let mut sums = BTreeMap::new();
+        for (series, value) in text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+        {
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let name = series.split('{').next().unwrap_or(series);
+            *sums.entry(name.to_string()).or_insert(0.0) += value;
+        }
+        Some(sums)
     }
 }
 

@@ -1,6 +1,7 @@
 //! An actor-sharding cluster runtime aligned with Kafka.
 //!
-//! Every node of a cluster consumes an entity type's input topic in one consumer group. Shard id
+//! Every node of a cluster consumes each entity type's input topic in that type's consumer group
+//! (a node hosts one type or several, side by side: [`Node::host`] once per type). Shard id
 //! == Kafka partition, so each entity lives on the node that consumes its key's partition and
 //! processing never crosses the network; any node answers queries for any entity by routing to
 //! the node that hosts it, during and after rebalances. Entity state is durable and every event

@@ -119,8 +119,8 @@ impl<E: Entity> Entities<E> {
     }
 }
 
-/// A node of the cluster, hosting an entity type and the application's gRPC services (see the
-/// crate documentation for a complete application).
+/// A node of the cluster, hosting one or more entity types and the applications' gRPC services
+/// (see the crate documentation for a complete application).
 pub struct Node {
     config: NodeConfig,
     hosted: Vec<Box<dyn Hosted>>,
@@ -137,7 +137,9 @@ impl Node {
         }
     }
 
-    /// Hosts the entity type `E`, consuming `spec`'s topic; returns the handle to query it.
+    /// Hosts the entity type `E`, consuming `spec`'s topic in `spec`'s group; returns the handle
+    /// to query it. Call it once per type: each type needs its own group, input and changelog
+    /// topic ([`Node::run`] refuses a shared one).
     pub fn host<E: Entity>(&mut self, spec: EntityType) -> Entities<E> {
         let router = Arc::new(OnceLock::new());
         self.hosted.push(Box::new(HostedType::<E> {
