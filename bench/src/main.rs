@@ -25,6 +25,7 @@ enum Scenario {
 
 #[derive(Debug, Parser)]
 #[command(
+    version,
     name = "bench",
     about = "Benchmarks the cluster against a real Kafka broker; prints markdown"
 )]

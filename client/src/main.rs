@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 #[derive(Debug, Parser)]
 #[command(
     name = "client",
+    version,
     about = "Queries users' running totals from any processor node"
 )]
 struct Args {

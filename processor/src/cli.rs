@@ -9,6 +9,7 @@ use kafka_sharding::{EntityType, NodeArgs, NodeConfig};
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "processor",
+    version,
     about = "A cluster node: consumes its Kafka partitions, hosts the matching user entities, answers gRPC for any user",
     after_help = "Examples:\n  processor 2551 8551 8081\n  processor 2        # ports 2552 8552 8082"
 )]

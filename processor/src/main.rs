@@ -17,16 +17,7 @@ fn main() -> std::process::ExitCode {
                 .exit();
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,ractor_cluster=error,ractor=warn")
-            }),
-        )
-        .with_target(false)
-        // Colours only for a person at a terminal; log files and collectors get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    kafka_sharding::logging::init(config.log_format, "info,ractor_cluster=error,ractor=warn");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

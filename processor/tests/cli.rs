@@ -51,3 +51,52 @@ fn producer_and_client_reject_bad_arguments_with_usage() {
         );
     }
 }
+
+#[test]
+fn every_binary_prints_its_version() {
+    for bin in ["processor", "producer", "client"] {
+        let out = Command::new(support::bin(bin))
+            .arg("--version")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{bin} --version failed: {out:?}");
+        assert_eq!(
+            stdout.trim(),
+            format!("{bin} {}", env!("CARGO_PKG_VERSION")),
+            "{bin} --version"
+        );
+    }
+}
+
+#[test]
+fn kafka_properties_the_runtime_owns_or_cannot_read_are_usage_errors_without_secrets() {
+    for (args, says) in [
+        (
+            &["1", "-X", "enable.auto.commit=true"][..],
+            "enable.auto.commit",
+        ),
+        (
+            &["1", "-X", "consumer.isolation.level=read_uncommitted"][..],
+            "isolation.level",
+        ),
+        (
+            &["1", "--kafka-config", "/nonexistent/client.properties"][..],
+            "cannot read",
+        ),
+        (&["1", "-X", "no-equals-sign"][..], "key=value"),
+    ] {
+        let (code, stderr) = run("processor", args);
+        assert_eq!(code, 2, "processor {args:?}: {stderr}");
+        assert!(stderr.contains(says), "processor {args:?}: {stderr}");
+    }
+    let (code, stderr) = run(
+        "producer",
+        &["-X", "partitioner=random", "-X", "sasl.password=p4ss"],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("partitioner") && !stderr.contains("p4ss"),
+        "{stderr}"
+    );
+}

@@ -207,9 +207,15 @@ async fn two_nodes_host_purchases_and_device_telemetry_each_exact_through_a_kill
         telemetry.group.clone(),
     ];
     spec.create_topic(PURCHASE_PARTITIONS);
-    kafka_sharding::admin::ensure_topic(&bootstrap(), &telemetry.topic, READING_PARTITIONS, 1, &[])
-        .await
-        .unwrap();
+    kafka_sharding::admin::ensure_topic(
+        &kafka_sharding::KafkaConnection::new(bootstrap()),
+        &telemetry.topic,
+        READING_PARTITIONS,
+        1,
+        &[],
+    )
+    .await
+    .unwrap();
     let types = [
         (
             spec.group.as_str(),

@@ -31,9 +31,13 @@ const PRODUCTS: &[&str] = &[
 /// Sends awaiting acknowledgement at once when producing as fast as possible.
 const MAX_OUTSTANDING: usize = 20_000;
 
+use kafka_sharding::logging::LogFormat;
+use kafka_sharding::{ClientKind, KafkaClientArgs, KafkaConnection};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "producer",
+    version,
     about = "Produces random purchase events keyed by user id"
 )]
 struct Args {
@@ -71,6 +75,11 @@ struct Args {
     /// and the rate is at most 50/s.
     #[arg(long)]
     verbose: bool,
+    #[command(flatten)]
+    kafka_client: KafkaClientArgs,
+    /// How log lines are written (`RUST_LOG` sets what is logged; default: warnings).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 fn purchase(rng: &mut impl Rng, user: u64) -> UserPurchase {
@@ -98,12 +107,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
             .exit();
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-        .init();
+    let properties = match args.kafka_client.properties() {
+        Ok(properties) => properties,
+        Err(message) => {
+            use clap::CommandFactory;
+            Args::command()
+                .error(clap::error::ErrorKind::ValueValidation, message)
+                .exit();
+        }
+    };
+    kafka_sharding::logging::init(args.log_format, "warn");
+    let kafka = KafkaConnection::new(&args.bootstrap_servers).with_properties(properties);
 
     let partitions = kafka_sharding::admin::ensure_topic(
-        &args.bootstrap_servers,
+        &kafka,
         &args.topic,
         args.partitions,
         args.replication_factor,
@@ -117,16 +134,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rate_label(args.rate)
     );
 
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &args.bootstrap_servers)
+    // Defaults a -X may change, then the operator's properties, then what the ledger needs.
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("linger.ms", if args.rate == 0.0 { "5" } else { "0" })
+        .set("message.timeout.ms", "60000");
+    kafka.properties.apply(ClientKind::Producer, &mut config);
+    let producer: FutureProducer = config
         // Java-compatible partitioning: the processor computes shards with the same murmur2.
         .set("partitioner", "murmur2_random")
         .set("acks", "all")
         .set("enable.idempotence", "true")
-        .set("linger.ms", if args.rate == 0.0 { "5" } else { "0" })
-        .set("message.timeout.ms", "60000")
         .create()
-        .context("creating the Kafka producer")?;
+        .map_err(|e| anyhow::anyhow!("creating the Kafka producer: {}", kafka.describe(&e)))?;
 
     let stop = Arc::new(AtomicBool::new(false));
     {

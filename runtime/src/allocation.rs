@@ -140,6 +140,15 @@ impl AllocationTable {
             .unwrap_or_default()
     }
 
+    /// When each node that claimed shards started (the incarnation of its latest claim).
+    pub fn incarnations(&self) -> BTreeMap<String, u64> {
+        let claims = self.claims.lock().expect("allocation table lock poisoned");
+        claims
+            .iter()
+            .map(|(node, claim)| (node.to_string(), claim.version.0))
+            .collect()
+    }
+
     /// Every known node and the shards the table routes to it.
     pub fn members(&self) -> BTreeMap<String, BTreeSet<u32>> {
         let mut members: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();

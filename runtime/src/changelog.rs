@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use crate::kafka_config::{ClientKind, KafkaConnection};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -91,17 +91,17 @@ pub(crate) fn record_headers(input_topic: &str) -> OwnedHeaders {
 /// this version's format.
 /// Blocking: a few broker round trips, plus one fetch when the changelog has records.
 pub(crate) fn check_written_for(
-    bootstrap: &str,
+    kafka: &KafkaConnection,
     changelog: &str,
     input_topic: &str,
     partitions: u32,
 ) -> Result<(), ChangelogError> {
     let unreadable = |e: KafkaError| ChangelogError::Unreadable {
         changelog: changelog.into(),
-        reason: e.to_string(),
+        reason: kafka.describe(&e),
     };
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let consumer: BaseConsumer = kafka
+        .client(ClientKind::Consumer)
         .set("group.id", format!("{changelog}-check"))
         .set("enable.auto.commit", "false")
         // Any record tells whose it is, committed or not: do not wait for open transactions.

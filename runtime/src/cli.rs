@@ -6,6 +6,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::kafka_config::{KafkaConnection, KafkaProperties, KafkaProperty};
+use crate::logging::LogFormat;
+
 /// The command-line options of a node, for an application to flatten into its own CLI
 /// (`#[command(flatten)]`); every option has an environment fallback.
 #[derive(Debug, Clone, clap::Args)]
@@ -91,6 +94,43 @@ pub struct NodeArgs {
     /// How long a revoked shard may take to finish its in-flight events before hand-off.
     #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+
+    /// `-X` and `--kafka-config`: the operator's Kafka client properties.
+    #[command(flatten)]
+    pub kafka_client: KafkaClientArgs,
+
+    /// How log lines are written (`RUST_LOG` sets what is logged).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Kafka client properties from the operator (see `kafka_config`), for any binary to flatten.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KafkaClientArgs {
+    /// A Kafka client property, `KEY=VALUE` (repeatable), for every client; prefix the key with
+    /// `consumer.`, `producer.` or `admin.` for one kind. Also `KAFKA_CLIENT_<KEY>` variables
+    /// (`KAFKA_CLIENT_SASL_USERNAME`). Keys the runtime owns are refused; secrets are never shown.
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    pub kafka_property: Vec<KafkaProperty>,
+
+    /// A Java properties file of Kafka client properties (`-X` and the environment win over it).
+    #[arg(long, env = "KAFKA_CONFIG_FILE", value_name = "FILE")]
+    pub kafka_config: Option<std::path::PathBuf>,
+}
+
+impl KafkaClientArgs {
+    /// The properties from the file, the process environment and the flags; the error is a
+    /// usage message (it names the key and source, never a secret value).
+    pub fn properties(&self) -> Result<KafkaProperties, String> {
+        KafkaProperties::from_sources(
+            self.kafka_config.as_deref(),
+            // vars() would panic on a variable that is not UTF-8, anyone's.
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+            &self.kafka_property,
+        )
+        .map_err(|e| e.to_string())
+    }
 }
 
 /// The three ports of a node.
@@ -145,6 +185,8 @@ pub struct NodeConfig {
     pub ports: Ports,
     pub host: String,
     pub bootstrap_servers: String,
+    /// The operator's Kafka client properties.
+    pub kafka_properties: KafkaProperties,
     pub seed_nodes: Vec<String>,
     pub cookie: String,
     pub session_timeout: Duration,
@@ -159,6 +201,7 @@ pub struct NodeConfig {
     pub statistics_interval: Duration,
     pub kafka_debug: Option<String>,
     pub replication_factor: Option<i32>,
+    pub log_format: LogFormat,
 }
 
 impl NodeConfig {
@@ -176,7 +219,9 @@ impl NodeConfig {
         if args.max_live_entities == 0 {
             return Err("--max-live-entities must be at least 1".into());
         }
+        let kafka_properties = args.kafka_client.properties()?;
         Ok(Self {
+            kafka_properties,
             name: name.to_string(),
             ports,
             transaction_timeout: Duration::from_millis(args.transaction_timeout_ms),
@@ -185,6 +230,7 @@ impl NodeConfig {
             statistics_interval: Duration::from_millis(args.statistics_interval_ms),
             kafka_debug: args.kafka_debug.filter(|d| !d.is_empty()),
             replication_factor: args.replication_factor,
+            log_format: args.log_format,
             host: args.host,
             bootstrap_servers: args.bootstrap_servers,
             seed_nodes: args.seed_nodes,
@@ -196,6 +242,11 @@ impl NodeConfig {
             commit_interval: Duration::from_millis(args.commit_interval_ms),
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),
         })
+    }
+
+    /// How the node's Kafka clients reach Kafka.
+    pub fn kafka(&self) -> KafkaConnection {
+        KafkaConnection::new(&self.bootstrap_servers).with_properties(self.kafka_properties.clone())
     }
 
     /// The ractor_cluster node name (the full name peers see is `<name>@<host>`).

@@ -97,9 +97,30 @@ struct Regions {
     regions: Vec<Region>,
 }
 
+/// `GET /cluster/members`, in Akka Management's shape (`selfNode`, `members` with `node`,
+/// `nodeUid`, `status`, `roles`; `unreachable`, `leader`, `oldest`) with this runtime's fields
+/// beside: a member's roles are the entity types it hosts, its shards are listed per type.
+#[derive(Serialize)]
+struct Members {
+    #[serde(rename = "selfNode")]
+    self_node: String,
+    members: Vec<Member>,
+    unreachable: Vec<Unreachable>,
+    /// The first member that is up, in node order (as Akka orders addresses).
+    leader: Option<String>,
+    /// The member that is up and started first.
+    oldest: Option<String>,
+}
+
 #[derive(Serialize)]
 struct Member {
     node: String,
+    /// This run of the node (its start time in ns): a restarted node has a new one.
+    #[serde(rename = "nodeUid")]
+    node_uid: String,
+    /// `Up`, or `Leaving` while this node hands its shards off to stop.
+    status: &'static str,
+    roles: Vec<String>,
     connected: bool,
     /// Shards of the first hosted type (see `entityTypes` for every type's).
     #[serde(rename = "shardCount")]
@@ -109,11 +130,12 @@ struct Member {
     entity_types: std::collections::BTreeMap<String, Vec<u32>>,
 }
 
+/// A node the tables still route to while no session to it is open.
 #[derive(Serialize)]
-struct Members {
-    #[serde(rename = "self")]
-    this_node: String,
-    members: Vec<Member>,
+struct Unreachable {
+    node: String,
+    #[serde(rename = "observedBy")]
+    observed_by: Vec<String>,
 }
 
 /// `GET /cluster/stats`: the node's counters summed over its types, and each type's own.
@@ -223,7 +245,8 @@ async fn metrics(State(m): State<Arc<Management>>) -> Response {
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            // prometheus_client writes the OpenMetrics text format (`# EOF` included).
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         body,
     )
@@ -231,11 +254,10 @@ async fn metrics(State(m): State<Arc<Management>>) -> Response {
 }
 
 async fn members(State(m): State<Arc<Management>>) -> Response {
+    use std::collections::BTreeMap;
     let peers = m.membership.peers().await;
-    let mut by_node: std::collections::BTreeMap<
-        String,
-        std::collections::BTreeMap<String, Vec<u32>>,
-    > = Default::default();
+    let mut by_node: BTreeMap<String, BTreeMap<String, Vec<u32>>> = BTreeMap::new();
+    let mut started: BTreeMap<String, u64> = BTreeMap::new();
     for peer in peers.iter().chain(std::iter::once(&m.node)) {
         by_node.entry(peer.clone()).or_default();
     }
@@ -246,14 +268,23 @@ async fn members(State(m): State<Arc<Management>>) -> Response {
                 .or_default()
                 .insert(view.group.clone(), shards.into_iter().collect());
         }
+        for (node, incarnation) in view.table.incarnations() {
+            let earliest = started.entry(node).or_insert(incarnation);
+            *earliest = (*earliest).min(incarnation);
+        }
     }
     let first = &m.first().group;
-    let members = by_node
+    let up = |node: &str| node == m.node || peers.iter().any(|p| p == node);
+    let members: Vec<Member> = by_node
         .into_iter()
         .map(|(node, entity_types)| {
             let shards = entity_types.get(first).cloned().unwrap_or_default();
+            let leaving = node == m.node && m.readiness.stopping();
             Member {
-                connected: node == m.node || peers.contains(&node),
+                node_uid: started.get(&node).map(u64::to_string).unwrap_or_default(),
+                status: if leaving { "Leaving" } else { "Up" },
+                roles: entity_types.keys().cloned().collect(),
+                connected: up(&node),
                 shard_count: shards.len(),
                 shards,
                 entity_types,
@@ -261,9 +292,26 @@ async fn members(State(m): State<Arc<Management>>) -> Response {
             }
         })
         .collect();
+    let unreachable = members
+        .iter()
+        .filter(|member| !member.connected)
+        .map(|member| Unreachable {
+            node: member.node.clone(),
+            observed_by: vec![m.node.clone()],
+        })
+        .collect();
+    let up_members = || members.iter().filter(|member| member.connected);
+    let leader = up_members().map(|member| member.node.clone()).min();
+    let oldest = up_members()
+        .filter_map(|member| Some((started.get(&member.node)?, &member.node)))
+        .min()
+        .map(|(_, node)| node.clone());
     Json(Members {
-        this_node: m.node.clone(),
+        self_node: m.node.clone(),
         members,
+        unreachable,
+        leader,
+        oldest,
     })
     .into_response()
 }

@@ -12,6 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::kafka_config::{ClientKind, KafkaConnection};
 use crate::kafka_health::QuietContext;
 
 /// A topic could not be found or created (each variant's message says which and why).
@@ -27,20 +28,18 @@ pub enum AdminError {
 }
 
 /// Number of partitions of `topic`, or `None` if the topic does not exist.
-pub fn partition_count(bootstrap: &str, topic: &str) -> Result<Option<u32>, AdminError> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+pub fn partition_count(kafka: &KafkaConnection, topic: &str) -> Result<Option<u32>, AdminError> {
+    let unreachable = |e: rdkafka::error::KafkaError| AdminError::Unreachable {
+        bootstrap: kafka.bootstrap.clone(),
+        reason: kafka.describe(&e),
+    };
+    let consumer: BaseConsumer = kafka
+        .client(ClientKind::Consumer)
         .create()
-        .map_err(|e| AdminError::Unreachable {
-            bootstrap: bootstrap.into(),
-            reason: e.to_string(),
-        })?;
+        .map_err(unreachable)?;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| AdminError::Unreachable {
-            bootstrap: bootstrap.into(),
-            reason: e.to_string(),
-        })?;
+        .map_err(unreachable)?;
     Ok(metadata
         .topics()
         .iter()
@@ -49,11 +48,15 @@ pub fn partition_count(bootstrap: &str, topic: &str) -> Result<Option<u32>, Admi
 }
 
 /// Waits until `topic` exists, logging while it waits, and returns its partition count.
-pub fn wait_for_topic(bootstrap: &str, topic: &str, wait: Duration) -> Result<u32, AdminError> {
+pub fn wait_for_topic(
+    kafka: &KafkaConnection,
+    topic: &str,
+    wait: Duration,
+) -> Result<u32, AdminError> {
     let started = Instant::now();
     let mut next_log = Instant::now();
     loop {
-        if let Some(n) = partition_count(bootstrap, topic)? {
+        if let Some(n) = partition_count(kafka, topic)? {
             return Ok(n);
         }
         if started.elapsed() >= wait {
@@ -71,13 +74,13 @@ pub fn wait_for_topic(bootstrap: &str, topic: &str, wait: Duration) -> Result<u3
 }
 
 /// The replication factor of `topic` (its first partition's replica count).
-pub fn replication_factor(bootstrap: &str, topic: &str) -> Result<i32, AdminError> {
+pub fn replication_factor(kafka: &KafkaConnection, topic: &str) -> Result<i32, AdminError> {
     let unreachable = |e: rdkafka::error::KafkaError| AdminError::Unreachable {
-        bootstrap: bootstrap.into(),
-        reason: e.to_string(),
+        bootstrap: kafka.bootstrap.clone(),
+        reason: kafka.describe(&e),
     };
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let consumer: BaseConsumer = kafka
+        .client(ClientKind::Consumer)
         .create()
         .map_err(unreachable)?;
     let metadata = consumer
@@ -98,21 +101,21 @@ pub fn replication_factor(bootstrap: &str, topic: &str) -> Result<i32, AdminErro
 /// Creates `topic` with `partitions` partitions and `replication` replicas (-1: the broker's
 /// `default.replication.factor`) unless it exists; returns its partition count.
 pub async fn ensure_topic(
-    bootstrap: &str,
+    kafka: &KafkaConnection,
     topic: &str,
     partitions: u32,
     replication: i32,
     config: &[(&str, &str)],
 ) -> Result<u32, AdminError> {
-    if let Some(n) = partition_count(bootstrap, topic)? {
+    if let Some(n) = partition_count(kafka, topic)? {
         return Ok(n);
     }
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let admin: AdminClient<DefaultClientContext> = kafka
+        .client(ClientKind::Admin)
         .create()
         .map_err(|e| AdminError::Unreachable {
-            bootstrap: bootstrap.into(),
-            reason: e.to_string(),
+            bootstrap: kafka.bootstrap.clone(),
+            reason: kafka.describe(&e),
         })?;
     let mut new_topic = NewTopic::new(
         topic,
@@ -149,7 +152,7 @@ pub async fn ensure_topic(
     // thousands of partitions to load.
     let deadline = Instant::now() + METADATA_WAIT;
     while Instant::now() < deadline {
-        if let Some(n) = partition_count(bootstrap, topic)? {
+        if let Some(n) = partition_count(kafka, topic)? {
             return Ok(n);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -196,12 +199,12 @@ pub fn offsets_by_partition(tpl: &TopicPartitionList) -> std::collections::BTree
 /// probe, the restorer). read_committed: it asks for *stable* offsets, i.e. the broker answers
 /// only once no transaction has offsets pending for the partitions asked.
 pub fn group_offsets_client(
-    bootstrap: &str,
+    kafka: &KafkaConnection,
     group: &str,
     context: QuietContext,
 ) -> KafkaResult<BaseConsumer<QuietContext>> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    kafka
+        .client(ClientKind::Consumer)
         .set("group.id", group)
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")

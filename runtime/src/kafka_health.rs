@@ -14,8 +14,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::kafka_config::{ClientKind, KafkaConnection};
 use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::ProducerContext;
@@ -92,6 +93,7 @@ pub fn is_authorization(code: RDKafkaErrorCode) -> bool {
 
 /// The node's view of the Kafka cluster's reachability, shared by every client.
 pub struct KafkaHealth {
+    kafka: KafkaConnection,
     bootstrap: String,
     state: Mutex<OutageState>,
     /// Set when a client reported an error a restart cannot fix.
@@ -107,9 +109,10 @@ struct OutageState {
 }
 
 impl KafkaHealth {
-    pub fn new(bootstrap: &str) -> Arc<Self> {
+    pub fn new(kafka: &KafkaConnection) -> Arc<Self> {
         Arc::new(Self {
-            bootstrap: bootstrap.into(),
+            kafka: kafka.clone(),
+            bootstrap: kafka.bootstrap.clone(),
             state: Mutex::new(OutageState::default()),
             unrecoverable: Mutex::new(None),
             warnings: Mutex::new(HashMap::new()),
@@ -248,8 +251,9 @@ impl KafkaHealth {
     /// only keeps the probe small on a broker with thousands of partitions, and running it here
     /// keeps it off the consumers' poll loops.
     pub async fn monitor(self: Arc<Self>, topics: Vec<(String, u32)>) {
-        let probe: BaseConsumer<QuietContext> = match ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
+        let probe: BaseConsumer<QuietContext> = match self
+            .kafka
+            .client(ClientKind::Consumer)
             .create_with_context(QuietContext::new(self.clone()))
         {
             Ok(c) => c,
@@ -370,7 +374,7 @@ mod tests {
 
     #[test]
     fn an_outage_starts_once_and_ends_once() {
-        let health = KafkaHealth::new("127.0.0.1:1");
+        let health = KafkaHealth::new(&crate::kafka_config::KafkaConnection::new("127.0.0.1:1"));
         health.client_error(
             &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
             "a client closed",
@@ -423,7 +427,7 @@ mod tests {
 
     #[test]
     fn an_authorization_error_is_unrecoverable_with_its_own_exit_code() {
-        let health = KafkaHealth::new("127.0.0.1:1");
+        let health = KafkaHealth::new(&crate::kafka_config::KafkaConnection::new("127.0.0.1:1"));
         health.client_error(
             &KafkaError::Global(RDKafkaErrorCode::SaslAuthenticationFailed),
             "bad password",

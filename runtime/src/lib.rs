@@ -93,8 +93,10 @@ mod grpc;
 mod handoff;
 mod http;
 mod kafka_admin;
+mod kafka_config;
 mod kafka_health;
 mod lag;
+pub mod logging;
 mod memory;
 mod metrics;
 mod node;
@@ -105,9 +107,12 @@ mod routing;
 mod shard;
 mod stats;
 
-pub use cli::{NodeArgs, NodeConfig, Ports};
+pub use cli::{KafkaClientArgs, NodeArgs, NodeConfig, Ports};
 pub use cluster::endpoint::CallError;
 pub use entity::{Codec, DecodeError, Entity, EntityId, Prost, Rejection, MAX_ID_BYTES};
+pub use kafka_config::{
+    ClientKind, KafkaConfigError, KafkaConnection, KafkaProperties, KafkaProperty,
+};
 pub use node::{Entities, EntityType, Node, NodeError};
 pub use routing::{AskError, Route};
 

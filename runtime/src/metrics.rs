@@ -46,9 +46,13 @@ struct QueryLabels {
     outcome: &'static str,
 }
 
+/// Consumer lag is labelled as Kafka's own tools name it (group, topic, partition); the group
+/// is also the `entity_type` every series carries.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PartitionLabels {
     entity_type: &'static str,
+    group: &'static str,
+    topic: &'static str,
     partition: u32,
 }
 
@@ -89,6 +93,7 @@ pub(crate) struct MetricsRegistry {
 /// One entity type's metrics (its counters are in its [`NodeStats`]).
 pub(crate) struct Metrics {
     entity_type: &'static str,
+    topic: &'static str,
     rebalance_seconds: HistogramFamily<RebalanceLabels>,
     handoff_step_seconds: HistogramFamily<HandoffLabels>,
     query_seconds: HistogramFamily<QueryLabels>,
@@ -195,11 +200,12 @@ impl MetricsRegistry {
         }
     }
 
-    /// The counters and metrics of the entity type consumed by `group`.
-    pub fn entity_type(&self, group: &str) -> (NodeStats, Metrics) {
+    /// The counters and metrics of the entity type consumed by `group` from `topic`.
+    pub fn entity_type(&self, group: &str, topic: &str) -> (NodeStats, Metrics) {
         // Label values must be `'static` to stay cheap on every observation; a node hosts a
         // handful of types for its whole life, so their names are kept for it.
         let entity_type: &'static str = Box::leak(group.to_string().into_boxed_str());
+        let topic: &'static str = Box::leak(topic.to_string().into_boxed_str());
         let labels = TypeLabels { entity_type };
         let stats = NodeStats::from_counters(
             self.counters
@@ -208,6 +214,7 @@ impl MetricsRegistry {
         );
         let metrics = Metrics {
             entity_type,
+            topic,
             rebalance_seconds: self.rebalance_seconds.clone(),
             handoff_step_seconds: self.handoff_step_seconds.clone(),
             query_seconds: self.query_seconds.clone(),
@@ -262,6 +269,15 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    fn lag_labels(&self, partition: u32) -> PartitionLabels {
+        PartitionLabels {
+            entity_type: self.entity_type,
+            group: self.entity_type,
+            topic: self.topic,
+            partition,
+        }
+    }
+
     /// Sets the gauges only a scrape can read.
     pub fn refresh(&self, inputs: &ScrapeInputs<'_>) {
         self.shards_owned.set(inputs.shards.len() as i64);
@@ -275,18 +291,12 @@ impl Metrics {
             .iter()
             .filter(|p| !inputs.lags.iter().any(|(q, _)| q == *p))
         {
-            self.consumer_lag.remove(&PartitionLabels {
-                entity_type: self.entity_type,
-                partition: *gone,
-            });
+            self.consumer_lag.remove(&self.lag_labels(*gone));
         }
         *reported = inputs.lags.iter().map(|(p, _)| *p).collect();
         for &(partition, lag) in inputs.lags {
             self.consumer_lag
-                .get_or_create(&PartitionLabels {
-                    entity_type: self.entity_type,
-                    partition,
-                })
+                .get_or_create(&self.lag_labels(partition))
                 .set(lag);
         }
     }
@@ -299,8 +309,8 @@ mod tests {
     #[test]
     fn every_series_carries_its_entity_type_and_handed_off_lags_disappear() {
         let registry = MetricsRegistry::new("processor");
-        let (users, user_metrics) = registry.entity_type("users");
-        let (devices, device_metrics) = registry.entity_type("devices");
+        let (users, user_metrics) = registry.entity_type("users", "user-events");
+        let (devices, device_metrics) = registry.entity_type("devices", "readings");
         NodeStats::add(&users.events_processed_local, 7);
         NodeStats::add(&devices.events_processed_local, 2);
         user_metrics.observe_query("remote", "ok", Duration::from_millis(2));
@@ -321,8 +331,8 @@ mod tests {
             r#"processor_events_processed_local_total{entity_type="users"} 7"#,
             r#"processor_events_processed_local_total{entity_type="devices"} 2"#,
             r#"processor_shards_owned{entity_type="users"} 2"#,
-            r#"processor_consumer_lag{entity_type="users",partition="1"} 5"#,
-            r#"processor_consumer_lag{entity_type="devices",partition="1"} 9"#,
+            r#"processor_consumer_lag{entity_type="users",group="users",topic="user-events",partition="1"} 5"#,
+            r#"processor_consumer_lag{entity_type="devices",group="devices",topic="readings",partition="1"} 9"#,
             r#"processor_passivated_entities{entity_type="users"} 7"#,
             r#"processor_grpc_request_seconds_count{entity_type="users",route="remote",outcome="ok"} 1"#,
             "processor_in_flight_events 4",
@@ -342,7 +352,10 @@ mod tests {
             lags: &[(2, 0)],
         });
         let text = registry.render(0);
-        assert!(!text.contains(r#"processor_consumer_lag{entity_type="users",partition="1"}"#));
-        assert!(text.contains(r#"processor_consumer_lag{entity_type="devices",partition="1"} 9"#));
+        assert!(!text
+            .contains(r#"entity_type="users",group="users",topic="user-events",partition="1""#));
+        assert!(text.contains(
+            r#"processor_consumer_lag{entity_type="devices",group="devices",topic="readings",partition="1"} 9"#
+        ));
     }
 }

@@ -342,27 +342,21 @@ struct HostedParts {
 
 /// Checks (and creates) an entity type's topics; returns its partition count.
 async fn prepare_topics(config: &NodeConfig, spec: &EntityType) -> Result<u32, NodeError> {
-    let (bootstrap, topic) = (config.bootstrap_servers.clone(), spec.topic.clone());
+    let kafka = config.kafka();
+    let (waiting, topic) = (kafka.clone(), spec.topic.clone());
     let partitions = tokio::task::spawn_blocking(move || {
-        kafka_admin::wait_for_topic(&bootstrap, &topic, TOPIC_WAIT)
+        kafka_admin::wait_for_topic(&waiting, &topic, TOPIC_WAIT)
     })
     .await
     .expect("topic wait panicked")?;
     // The node's own topics are as durable as the input unless told otherwise.
     let replication = match config.replication_factor {
         Some(n) => n,
-        None => kafka_admin::replication_factor(&config.bootstrap_servers, &spec.topic)?,
+        None => kafka_admin::replication_factor(&kafka, &spec.topic)?,
     };
-    kafka_admin::ensure_topic(
-        &config.bootstrap_servers,
-        &spec.dlq_topic,
-        DLQ_PARTITIONS,
-        replication,
-        &[],
-    )
-    .await?;
+    kafka_admin::ensure_topic(&kafka, &spec.dlq_topic, DLQ_PARTITIONS, replication, &[]).await?;
     let changelog_partitions = kafka_admin::ensure_topic(
-        &config.bootstrap_servers,
+        &kafka,
         &spec.changelog_topic,
         partitions,
         replication,
@@ -380,13 +374,9 @@ async fn prepare_topics(config: &NodeConfig, spec: &EntityType) -> Result<u32, N
             expected: partitions,
         });
     }
-    let (bootstrap, changelog_topic, topic) = (
-        config.bootstrap_servers.clone(),
-        spec.changelog_topic.clone(),
-        spec.topic.clone(),
-    );
+    let (changelog_topic, topic) = (spec.changelog_topic.clone(), spec.topic.clone());
     tokio::task::spawn_blocking(move || {
-        changelog::check_written_for(&bootstrap, &changelog_topic, &topic, partitions)
+        changelog::check_written_for(&kafka, &changelog_topic, &topic, partitions)
     })
     .await
     .expect("changelog check panicked")?;
@@ -410,7 +400,7 @@ async fn start_type<E: Entity>(
     let readiness = node.readiness.group(&spec.group);
     let table = Arc::new(AllocationTable::new(node.node_id.clone()));
     let local = Arc::new(LocalShards::<E>::default());
-    let (stats, metrics) = node.metrics.entity_type(&spec.group);
+    let (stats, metrics) = node.metrics.entity_type(&spec.group, &spec.topic);
     let (stats, metrics) = (Arc::new(stats), Arc::new(metrics));
     let batcher = Arc::new(QueryBatcher::new(
         config.remote_call_timeout,
@@ -432,12 +422,8 @@ async fn start_type<E: Entity>(
 
     // One client reads the group's committed offsets, for the lag at /metrics and the restorer.
     let group_offsets = Arc::new(
-        kafka_admin::group_offsets_client(
-            &config.bootstrap_servers,
-            &spec.group,
-            node.quiet.clone(),
-        )
-        .map_err(NodeError::GroupOffsets)?,
+        kafka_admin::group_offsets_client(&config.kafka(), &spec.group, node.quiet.clone())
+            .map_err(NodeError::GroupOffsets)?,
     );
     let kafka_stats = Arc::new(std::sync::Mutex::new(String::new()));
     let view = TypeView {
@@ -459,7 +445,7 @@ async fn start_type<E: Entity>(
         readiness: readiness.clone(),
     });
     let restorer = Arc::new(Restorer {
-        bootstrap_servers: config.bootstrap_servers.clone(),
+        kafka: config.kafka(),
         changelog_topic: spec.changelog_topic.clone(),
         group_offsets,
         input_topic: spec.topic.clone(),
@@ -481,7 +467,7 @@ async fn start_type<E: Entity>(
         Box::pin(async move {
             // One transactional id per node and type: a restarted node fences its previous run.
             let checkpointer_config = CheckpointerConfig {
-                bootstrap: config.bootstrap_servers.clone(),
+                kafka: config.kafka(),
                 transactional_id: format!("{}-{}", spec.group, node.node_id),
                 transaction_timeout: config.transaction_timeout,
                 changelog_topic: spec.changelog_topic.clone(),
@@ -496,7 +482,7 @@ async fn start_type<E: Entity>(
                 .map_err(ConsumerError::from)?;
             let consumer = consumer::start(
                 ConsumerSettings {
-                    bootstrap_servers: config.bootstrap_servers.clone(),
+                    kafka: config.kafka(),
                     topic: spec.topic.clone(),
                     group: spec.group.clone(),
                     client_id: node.node_id.clone(),
@@ -548,7 +534,7 @@ async fn run(
         partitions.push(prepare_topics(&config, h.spec()).await?);
     }
     let node_id = config.node_id();
-    let health = KafkaHealth::new(&config.bootstrap_servers);
+    let health = KafkaHealth::new(&config.kafka());
     tokio::spawn(
         health.clone().monitor(
             hosted

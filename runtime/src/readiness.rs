@@ -92,6 +92,11 @@ impl Readiness {
         *self.admission.lock().expect("readiness lock poisoned") = why.to_string();
     }
 
+    /// Whether the node is handing off its shards to stop.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::SeqCst);
     }
@@ -169,7 +174,7 @@ mod tests {
 
     #[test]
     fn ready_only_when_admitted_in_every_group_restored_and_kafka_reachable() {
-        let kafka = KafkaHealth::new("127.0.0.1:1");
+        let kafka = KafkaHealth::new(&crate::kafka_config::KafkaConnection::new("127.0.0.1:1"));
         let r = Readiness::new(kafka.clone(), ["g", "h"]);
         let (g, h) = (r.group("g"), r.group("h"));
         assert!(!r.ready());

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::kafka_config::{ClientKind, KafkaConnection};
 use ractor::ActorRef;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -36,7 +36,7 @@ const CLOCK_EVERY_RECORDS: u32 = 64;
 const MAX_PRESIZED_ENTITIES: usize = 1 << 20;
 
 pub(crate) struct Restorer<E> {
-    pub bootstrap_servers: String,
+    pub kafka: KafkaConnection,
     pub changelog_topic: String,
     /// The node's [`crate::kafka_admin::group_offsets_client`] and the group's input topic: the
     /// restore waits for their committed offsets to be stable (see `run`).
@@ -124,19 +124,20 @@ impl<E: Entity> Restorer<E> {
             shards.iter().map(|(p, _)| *p),
             STABLE_OFFSETS_TIMEOUT,
         )?;
-        let consumer: BaseConsumer<QuietContext> =
-            with_debug(&mut ClientConfig::new(), self.kafka_debug.as_deref())
-                .set("bootstrap.servers", &self.bootstrap_servers)
-                // Assign-only (never joins or commits), but librdkafka needs a group id to report positions.
-                .set("group.id", format!("{}-restore", self.changelog_topic))
-                .set("isolation.level", "read_committed")
-                .set("enable.auto.commit", "false")
-                // The end is known: do not let the broker hold an empty fetch for the default 500 ms
-                // (two such waits were most of a small restore's time).
-                .set("fetch.wait.max.ms", "10")
-                .set("fetch.max.bytes", "52428800")
-                .set("max.partition.fetch.bytes", "10485760")
-                .create_with_context(self.context.clone())?;
+        let consumer: BaseConsumer<QuietContext> = with_debug(
+            &mut self.kafka.client(ClientKind::Consumer),
+            self.kafka_debug.as_deref(),
+        )
+        // Assign-only (never joins or commits), but librdkafka needs a group id to report positions.
+        .set("group.id", format!("{}-restore", self.changelog_topic))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        // The end is known: do not let the broker hold an empty fetch for the default 500 ms
+        // (two such waits were most of a small restore's time).
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.max.bytes", "52428800")
+        .set("max.partition.fetch.bytes", "10485760")
+        .create_with_context(self.context.clone())?;
         // The end to read to is the partition's high watermark, asked with read_uncommitted: a
         // read_committed client is told the *last stable offset*, which stops short of an open
         // transaction. Reading (read_committed) up to the high watermark therefore waits until
@@ -144,8 +145,9 @@ impl<E: Entity> Restorer<E> {
         // frozen node's checkpoint that it commits after resuming (its offsets were accepted
         // before it froze) is missing from the restored state, while this node's consumer,
         // which waits for stable offsets, resumes after it: those events would be lost.
-        let watermarks: BaseConsumer<QuietContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap_servers)
+        let watermarks: BaseConsumer<QuietContext> = self
+            .kafka
+            .client(ClientKind::Consumer)
             .set("isolation.level", "read_uncommitted")
             .create_with_context(self.context.clone())?;
         // One ListOffsets request each for all partitions: asking per partition cost a broker

@@ -11,6 +11,7 @@ use rdkafka::mocking::MockCluster;
 
 #[derive(Parser)]
 #[command(
+    version,
     name = "kafka-mock",
     about = "librdkafka's mock Kafka cluster, for demos where Java is missing"
 )]

@@ -81,7 +81,11 @@ pub struct ClusterSpec {
     /// each test its own block of 1000 ports.
     pub port_base: u16,
     pub seeds: Vec<u16>,
+    /// The host the seeds are given with (`127.0.0.1`; `localhost` tests DNS names).
+    pub seed_host: String,
     pub extra_args: Vec<String>,
+    /// Environment of every node, after the default `RUST_LOG` (a later one wins).
+    pub extra_env: Vec<(String, String)>,
     /// The brokers this cluster uses (the shared test broker unless a test starts its own).
     pub bootstrap: String,
 }
@@ -100,7 +104,9 @@ impl ClusterSpec {
             group: unique(&format!("{name}-group")),
             port_base,
             seeds: vec![port_base + 1, port_base + 2],
+            seed_host: "127.0.0.1".into(),
             extra_args: Vec::new(),
+            extra_env: Vec::new(),
             bootstrap: bootstrap(),
         }
     }
@@ -142,7 +148,7 @@ impl ClusterSpec {
         let seeds: Vec<String> = self
             .seeds
             .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
+            .map(|p| format!("{}:{p}", self.seed_host))
             .collect();
         let child = Command::new(bin("processor"))
             .args([self.remoting(i), self.management(i), self.grpc(i)].map(|p| p.to_string()))
@@ -163,6 +169,7 @@ impl ClusterSpec {
             .args(&self.extra_args)
             .args(args)
             .env("RUST_LOG", "info,ractor_cluster=error,ractor=warn")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -64,7 +64,10 @@ impl Membership {
             cookie,
             seeds,
         } = config;
-        let own_addr = format!("{host}:{port}");
+        // Seeds may be DNS names (`localhost:2551`, a Kubernetes headless service): compared
+        // as the addresses they resolve to, since sessions report peers by address.
+        let own_addr = resolved(&format!("{host}:{port}"));
+        let seeds: Vec<String> = seeds.iter().map(|s| resolved(s)).collect();
         let is_seed = seeds.contains(&own_addr);
         let seeds: Vec<String> = seeds.into_iter().filter(|s| *s != own_addr).collect();
         let admission = Arc::new(Admission {
@@ -149,6 +152,23 @@ impl Admission {
             .lock()
             .expect("admission lock poisoned")
             .insert(ses.actor.get_id(), authenticated);
+    }
+}
+
+/// `host:port` as the first address it resolves to (IPv4 first, as nodes bind), or as given
+/// when it does not resolve now (dialling resolves it again).
+fn resolved(addr: &str) -> String {
+    use std::net::ToSocketAddrs;
+    match addr.to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            addrs
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(addrs.first())
+                .map_or_else(|| addr.to_string(), ToString::to_string)
+        }
+        Err(_) => addr.to_string(),
     }
 }
 

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
+use crate::kafka_config::{ClientKind, KafkaConnection};
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -56,7 +56,7 @@ pub enum CheckpointError {
 /// Everything needed to (re-)create a node's transactional producer.
 #[derive(Clone)]
 pub(crate) struct CheckpointerConfig {
-    pub bootstrap: String,
+    pub kafka: KafkaConnection,
     /// Stable per node: a restarted node (or a re-created producer) fences the previous one.
     pub transactional_id: String,
     pub transaction_timeout: Duration,
@@ -87,8 +87,9 @@ impl Checkpointer {
 
     /// Creates the producer without contacting the broker; [`Checkpointer::init`] must follow.
     pub fn create(config: &CheckpointerConfig) -> Result<Self, CheckpointError> {
-        let producer: ThreadedProducer<QuietContext> = ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap)
+        let producer: ThreadedProducer<QuietContext> = config
+            .kafka
+            .client(ClientKind::Producer)
             .set("transactional.id", &config.transactional_id)
             .set(
                 "transaction.timeout.ms",

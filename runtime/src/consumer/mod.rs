@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use crate::kafka_config::{ClientKind, KafkaConnection};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::Message;
@@ -53,7 +53,7 @@ pub enum ConsumerError {
 }
 
 pub(crate) struct ConsumerSettings {
-    pub bootstrap_servers: String,
+    pub kafka: KafkaConnection,
     pub topic: String,
     pub group: String,
     pub client_id: String,
@@ -154,27 +154,28 @@ pub(crate) fn start<E: Entity>(
         kafka_stats,
     };
     let session_ms = settings.session_timeout.as_millis().max(1_000);
-    let consumer: BaseConsumer<NodeContext<E>> =
-        crate::kafka_admin::with_debug(&mut ClientConfig::new(), settings.debug.as_deref())
-            .set("bootstrap.servers", &settings.bootstrap_servers)
-            .set("group.id", &settings.group)
-            .set("client.id", &settings.client_id)
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false")
-            .set("isolation.level", "read_committed")
-            .set("session.timeout.ms", session_ms.to_string())
-            .set(
-                "heartbeat.interval.ms",
-                (session_ms / 4).max(250).to_string(),
-            )
-            .set(
-                "statistics.interval.ms",
-                settings.statistics_interval.as_millis().to_string(),
-            )
-            .create_with_context(context)
-            .map_err(ConsumerError::Create)?;
+    let consumer: BaseConsumer<NodeContext<E>> = crate::kafka_admin::with_debug(
+        &mut settings.kafka.client(ClientKind::Consumer),
+        settings.debug.as_deref(),
+    )
+    .set("group.id", &settings.group)
+    .set("client.id", &settings.client_id)
+    .set("partition.assignment.strategy", "cooperative-sticky")
+    .set("enable.auto.commit", "false")
+    .set("auto.offset.reset", "earliest")
+    .set("enable.partition.eof", "false")
+    .set("isolation.level", "read_committed")
+    .set("session.timeout.ms", session_ms.to_string())
+    .set(
+        "heartbeat.interval.ms",
+        (session_ms / 4).max(250).to_string(),
+    )
+    .set(
+        "statistics.interval.ms",
+        settings.statistics_interval.as_millis().to_string(),
+    )
+    .create_with_context(context)
+    .map_err(ConsumerError::Create)?;
     consumer
         .subscribe(&[&settings.topic])
         .map_err(|source| ConsumerError::Subscribe {
