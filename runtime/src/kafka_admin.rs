@@ -21,25 +21,72 @@ use crate::kafka_health::QuietContext;
 pub enum AdminError {
     #[error("cannot reach Kafka at {bootstrap}: {reason}")]
     Unreachable { bootstrap: String, reason: String },
+    #[error("Kafka at {bootstrap} refused this client's credentials or permissions: {reason}")]
+    NotAuthorized { bootstrap: String, reason: String },
     #[error("topic {topic} does not exist (after waiting {waited_s} s)")]
     NoSuchTopic { topic: String, waited_s: u64 },
     #[error("cannot create topic {topic}: {reason}")]
     Create { topic: String, reason: String },
 }
 
+/// Remembers the last error a client reported: librdkafka tells a refused login through the
+/// error callback, while the request that needed the connection only times out.
+#[derive(Default)]
+struct LastError(std::sync::Mutex<Option<rdkafka::error::KafkaError>>);
+
+impl rdkafka::ClientContext for LastError {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::debug!("librdkafka: {error}: {reason}");
+        *self.0.lock().expect("last error lock poisoned") = Some(error);
+    }
+}
+
+impl ConsumerContext for LastError {}
+
 /// Number of partitions of `topic`, or `None` if the topic does not exist.
 pub fn partition_count(kafka: &KafkaConnection, topic: &str) -> Result<Option<u32>, AdminError> {
-    let unreachable = |e: rdkafka::error::KafkaError| AdminError::Unreachable {
-        bootstrap: kafka.bootstrap.clone(),
-        reason: kafka.describe(&e),
-    };
-    let consumer: BaseConsumer = kafka
+    let consumer: BaseConsumer<LastError> = kafka
         .client(ClientKind::Consumer)
-        .create()
-        .map_err(unreachable)?;
+        .create_with_context(LastError::default())
+        .map_err(|e| AdminError::Unreachable {
+            bootstrap: kafka.bootstrap.clone(),
+            reason: kafka.describe(&e),
+        })?;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(unreachable)?;
+        .map_err(|e| {
+            // Error events reach the context only through poll (nothing is subscribed, so
+            // these polls return no records).
+            for _ in 0..3 {
+                let _ = consumer.poll(Duration::from_millis(50));
+            }
+            let last = consumer
+                .context()
+                .0
+                .lock()
+                .expect("last error lock poisoned")
+                .take();
+            match last {
+                Some(cause)
+                    if cause
+                        .rdkafka_error_code()
+                        .is_some_and(crate::kafka_health::is_authorization) =>
+                {
+                    AdminError::NotAuthorized {
+                        bootstrap: kafka.bootstrap.clone(),
+                        reason: kafka.describe(&cause),
+                    }
+                }
+                Some(cause) => AdminError::Unreachable {
+                    bootstrap: kafka.bootstrap.clone(),
+                    reason: format!("{} ({})", kafka.describe(&e), kafka.describe(&cause)),
+                },
+                None => AdminError::Unreachable {
+                    bootstrap: kafka.bootstrap.clone(),
+                    reason: kafka.describe(&e),
+                },
+            }
+        })?;
     Ok(metadata
         .topics()
         .iter()

@@ -293,6 +293,7 @@ impl NodeError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Unrecoverable(cause) => cause.exit_code(),
+            Self::Kafka(AdminError::NotAuthorized { .. }) => 3,
             _ => 1,
         }
     }

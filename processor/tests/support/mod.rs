@@ -86,6 +86,8 @@ pub struct ClusterSpec {
     pub extra_args: Vec<String>,
     /// Environment of every node, after the default `RUST_LOG` (a later one wins).
     pub extra_env: Vec<(String, String)>,
+    /// Options of every producer run after the cluster's own (`-X` for a secured broker).
+    pub producer_args: Vec<String>,
     /// The brokers this cluster uses (the shared test broker unless a test starts its own).
     pub bootstrap: String,
 }
@@ -107,6 +109,7 @@ impl ClusterSpec {
             seed_host: "127.0.0.1".into(),
             extra_args: Vec::new(),
             extra_env: Vec::new(),
+            producer_args: Vec::new(),
             bootstrap: bootstrap(),
         }
     }
@@ -193,6 +196,7 @@ impl ClusterSpec {
                 &self.topic,
             ])
             .args(["--partitions", &partitions.to_string(), "--count", "0"])
+            .args(&self.producer_args)
             .output()
             .unwrap();
         assert!(
@@ -235,7 +239,8 @@ impl ClusterSpec {
                 &rate.to_string(),
                 "--ledger",
                 ledger.to_str().unwrap(),
-            ]);
+            ])
+            .args(&self.producer_args);
         command
     }
 }
@@ -732,19 +737,45 @@ pub struct Broker {
     port: u16,
     brokers: u8,
     data_dir: PathBuf,
+    /// The SASL_SSL (SCRAM-SHA-512) client listener of broker 1, when asked for.
+    sasl_ssl_port: Option<u16>,
 }
 
 impl Broker {
     pub fn start(port: u16, brokers: u8) -> Self {
+        Self::start_with(port, brokers, None)
+    }
+
+    /// One broker that also listens with SASL_SSL (SCRAM-SHA-512, user `app` / `app-secret`,
+    /// a self-signed certificate: [`Broker::ca_file`]) on `sasl_ssl_port`.
+    pub fn start_secured(port: u16, sasl_ssl_port: u16) -> Self {
+        Self::start_with(port, 1, Some(sasl_ssl_port))
+    }
+
+    fn start_with(port: u16, brokers: u8, sasl_ssl_port: Option<u16>) -> Self {
         let data_dir = PathBuf::from(format!("/tmp/kafka-sharding-fault-tests-{port}"));
         let broker = Self {
             port,
             brokers,
             data_dir,
+            sasl_ssl_port,
         };
         broker.script(&["wipe"]);
         broker.script(&["start"]);
         broker
+    }
+
+    /// The SASL_SSL listener's address.
+    pub fn secured_bootstrap(&self) -> String {
+        format!(
+            "127.0.0.1:{}",
+            self.sasl_ssl_port.expect("not a secured broker")
+        )
+    }
+
+    /// The PEM certificate clients trust (`ssl.ca.location`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("ca.pem")
     }
 
     pub fn bootstrap(&self) -> String {
@@ -780,6 +811,12 @@ impl Broker {
             .env("KAFKA_PORT", self.port.to_string())
             .env("KAFKA_BROKERS", self.brokers.to_string())
             .env("KAFKA_DATA_DIR", &self.data_dir)
+            .env(
+                "KAFKA_SASL_SSL_PORT",
+                self.sasl_ssl_port
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+            )
             .output()
             .expect("cannot run scripts/kafka");
         assert!(
