@@ -95,8 +95,10 @@ impl Args {
         if let Some(changelog) = self.changelog_topic {
             purchases = purchases.changelog_topic(changelog);
         }
+        let config = NodeConfig::from_args("processor", self.node)?;
+        config.refuse_default_cookie(COOKIE)?;
         Ok((
-            NodeConfig::from_args("processor", self.node)?,
+            config,
             Hosting {
                 purchases,
                 telemetry,

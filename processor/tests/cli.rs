@@ -100,3 +100,13 @@ fn kafka_properties_the_runtime_owns_or_cannot_read_are_usage_errors_without_sec
         "{stderr}"
     );
 }
+
+#[test]
+fn binding_beyond_loopback_needs_a_cookie_of_ones_own_and_an_ip() {
+    let (code, stderr) = run("processor", &["1", "--bind-host", "0.0.0.0"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("default cookie"), "{stderr}");
+    let (code, stderr) = run("processor", &["1", "--bind-host", "somewhere"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("not an IP address"), "{stderr}");
+}

@@ -1,4 +1,5 @@
-//! What operators expect of a node, on a real broker: seeds given as DNS names, JSON log lines,
+//! What operators expect of a node, on a real broker: ports bound to every interface while the
+//! node is advertised as 127.0.0.1, seeds given as DNS names, JSON log lines,
 //! `/metrics` in OpenMetrics that a Prometheus parser reads, `/cluster/members` in Akka
 //! Management's shape.
 
@@ -13,7 +14,16 @@ async fn seeds_by_name_json_logs_openmetrics_and_akka_shaped_members() {
     require_broker();
     let mut spec = ClusterSpec::new("conventions", 17_000);
     spec.seed_host = "localhost".into();
-    spec.extra_args = vec!["--log-format".into(), "json".into()];
+    spec.extra_args = [
+        "--log-format",
+        "json",
+        "--bind-host",
+        "0.0.0.0",
+        "--cookie",
+        "conventions-cookie",
+    ]
+    .map(String::from)
+    .to_vec();
     spec.create_topic(8);
     // Node 1 first and alone for a while: it is the oldest member for certain.
     let node1 = spec.start_node(1);

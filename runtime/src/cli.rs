@@ -9,6 +9,9 @@ use std::time::Duration;
 use crate::kafka_config::{KafkaConnection, KafkaProperties, KafkaProperty};
 use crate::logging::LogFormat;
 
+/// The cookie a node has unless told otherwise (refused off loopback).
+pub const DEFAULT_COOKIE: &str = "kafka-sharding-cookie";
+
 /// The command-line options of a node, for an application to flatten into its own CLI
 /// (`#[command(flatten)]`); every option has an environment fallback.
 #[derive(Debug, Clone, clap::Args)]
@@ -36,12 +39,23 @@ pub struct NodeArgs {
     pub seed_nodes: Vec<String>,
 
     /// Shared secret nodes authenticate each other with.
-    #[arg(long, env = "CLUSTER_COOKIE", default_value = "kafka-sharding-cookie")]
+    #[arg(long, env = "CLUSTER_COOKIE", default_value = DEFAULT_COOKIE)]
     pub cookie: String,
 
-    /// Host this node's ports bind to and peers reach it at.
-    #[arg(long, env = "NODE_HOST", default_value = "127.0.0.1")]
+    /// Host peers and clients reach this node at (its advertised address, part of its node id);
+    /// its ports bind to it too unless --bind-host is given.
+    #[arg(
+        long,
+        visible_alias = "advertise-host",
+        env = "NODE_HOST",
+        default_value = "127.0.0.1"
+    )]
     pub host: String,
+
+    /// IP address the node's ports bind to (default: --host), e.g. 0.0.0.0 in a container
+    /// reached by a DNS name. Off loopback, a default cookie is refused.
+    #[arg(long, env = "NODE_BIND_HOST")]
+    pub bind_host: Option<String>,
 
     /// Kafka consumer session timeout: how long a silent node keeps its partitions.
     #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
@@ -133,6 +147,20 @@ impl KafkaClientArgs {
     }
 }
 
+/// The IP address `host` names (itself when it is one).
+fn resolve_host(host: &str) -> Result<std::net::IpAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = host.parse() {
+        return Ok(ip);
+    }
+    (host, 0)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .map(|addr| addr.ip())
+        .ok_or_else(|| format!("--host '{host}' does not resolve; give --bind-host"))
+}
+
 /// The three ports of a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ports {
@@ -184,6 +212,8 @@ pub struct NodeConfig {
     pub name: String,
     pub ports: Ports,
     pub host: String,
+    /// The address the ports bind to.
+    pub bind_host: std::net::IpAddr,
     pub bootstrap_servers: String,
     /// The operator's Kafka client properties.
     pub kafka_properties: KafkaProperties,
@@ -220,7 +250,13 @@ impl NodeConfig {
             return Err("--max-live-entities must be at least 1".into());
         }
         let kafka_properties = args.kafka_client.properties()?;
-        Ok(Self {
+        let bind_host = match &args.bind_host {
+            Some(ip) => ip
+                .parse()
+                .map_err(|_| format!("--bind-host '{ip}' is not an IP address"))?,
+            None => resolve_host(&args.host)?,
+        };
+        let config = Self {
             kafka_properties,
             name: name.to_string(),
             ports,
@@ -232,6 +268,7 @@ impl NodeConfig {
             replication_factor: args.replication_factor,
             log_format: args.log_format,
             host: args.host,
+            bind_host,
             bootstrap_servers: args.bootstrap_servers,
             seed_nodes: args.seed_nodes,
             cookie: args.cookie,
@@ -241,7 +278,22 @@ impl NodeConfig {
             max_in_flight: args.max_in_flight,
             commit_interval: Duration::from_millis(args.commit_interval_ms),
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),
-        })
+        };
+        config.refuse_default_cookie(DEFAULT_COOKIE)?;
+        Ok(config)
+    }
+
+    /// Refuses `default` as the cookie when the ports are reachable from other machines: anyone
+    /// who can read the source could join the cluster.
+    pub fn refuse_default_cookie(&self, default: &str) -> Result<(), String> {
+        if self.cookie == default && !self.bind_host.is_loopback() {
+            return Err(format!(
+                "the node binds to {} with the default cookie: give every node the same --cookie \
+                 (or CLUSTER_COOKIE) of your own",
+                self.bind_host
+            ));
+        }
+        Ok(())
     }
 
     /// How the node's Kafka clients reach Kafka.

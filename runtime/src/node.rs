@@ -526,9 +526,10 @@ async fn run(
     grpc_services: GrpcServices,
 ) -> Result<(), NodeError> {
     let host = config.host.clone();
-    check_port_free("remoting", &host, config.ports.remoting)?;
-    check_port_free("management", &host, config.ports.management)?;
-    check_port_free("gRPC", &host, config.ports.grpc)?;
+    let bind = config.bind_host.to_string();
+    check_port_free("remoting", &bind, config.ports.remoting)?;
+    check_port_free("management", &bind, config.ports.management)?;
+    check_port_free("gRPC", &bind, config.ports.grpc)?;
 
     let mut partitions = Vec::with_capacity(hosted.len());
     for h in &hosted {
@@ -584,6 +585,7 @@ async fn run(
             MembershipConfig {
                 node_name: config.node_name(),
                 host: host.clone(),
+                bind_host: config.bind_host,
                 port: config.ports.remoting,
                 cookie: config.cookie.clone(),
                 seeds: config.seed_nodes.clone(),
@@ -599,7 +601,7 @@ async fn run(
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let grpc_addr = socket(&host, config.ports.grpc)?;
+    let grpc_addr = socket(&bind, config.ports.grpc)?;
     let grpc = tokio::spawn(crate::grpc::serve(
         grpc_addr,
         grpc_services,
@@ -621,7 +623,7 @@ async fn run(
         metrics: shared.metrics.clone(),
         readiness: readiness.clone(),
     });
-    let http_listener = tokio::net::TcpListener::bind(socket(&host, config.ports.management)?)
+    let http_listener = tokio::net::TcpListener::bind(socket(&bind, config.ports.management)?)
         .await
         .map_err(|source| NodeError::PortInUse {
             what: "management",
@@ -635,7 +637,7 @@ async fn run(
             .into_future(),
     );
     tracing::info!(
-        "node {node_id} up: remoting {}, management http://{host}:{}, gRPC {grpc_addr}, hosting {}",
+        "node {node_id} up: remoting {bind}:{}, management http://{bind}:{}, gRPC {grpc_addr}, hosting {}",
         config.ports.remoting,
         config.ports.management,
         groups.join(", ")

@@ -44,6 +44,8 @@ pub struct Membership {
 pub struct MembershipConfig {
     pub node_name: String,
     pub host: String,
+    /// The address the remoting port binds to.
+    pub bind_host: std::net::IpAddr,
     pub port: u16,
     pub cookie: String,
     /// host:port of the seed nodes' remoting ports (this node's own address may be among them).
@@ -60,6 +62,7 @@ impl Membership {
         let MembershipConfig {
             node_name,
             host,
+            bind_host,
             port,
             cookie,
             seeds,
@@ -75,17 +78,15 @@ impl Membership {
             sessions: Mutex::default(),
             refused_by: Mutex::default(),
         });
-        let mut server = NodeServer::new(
+        let server = NodeServer::new(
             port,
             cookie,
             node_name,
             host.clone(),
             None,
             Some(NodeConnectionMode::Transitive),
-        );
-        if let Ok(ip) = host.parse() {
-            server = server.with_listen_addr(ip);
-        }
+        )
+        .with_listen_addr(bind_host);
         let (server, _) =
             Actor::spawn(None, server, ())
                 .await
