@@ -17,7 +17,6 @@ use prost::Message;
 use proto::events::UserPurchase;
 use proto::ledger::Ledger;
 use rand::Rng;
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 const PRODUCTS: &[&str] = &[
@@ -134,14 +133,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rate_label(args.rate)
     );
 
-    // Defaults a -X may change, then the operator's properties, then what the ledger needs.
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &kafka.bootstrap)
-        .set("linger.ms", if args.rate == 0.0 { "5" } else { "0" })
-        .set("message.timeout.ms", "60000");
-    kafka.properties.apply(ClientKind::Producer, &mut config);
-    let producer: FutureProducer = config
+    // Defaults a -X may change, then what the ledger needs.
+    let producer: FutureProducer = kafka
+        .client_with(
+            ClientKind::Producer,
+            &[
+                ("linger.ms", if args.rate == 0.0 { "5" } else { "0" }),
+                ("message.timeout.ms", "60000"),
+            ],
+        )
         // Java-compatible partitioning: the processor computes shards with the same murmur2.
         .set("partitioner", "murmur2_random")
         .set("acks", "all")

@@ -214,9 +214,8 @@ pub struct NodeConfig {
     pub host: String,
     /// The address the ports bind to.
     pub bind_host: std::net::IpAddr,
-    pub bootstrap_servers: String,
-    /// The operator's Kafka client properties.
-    pub kafka_properties: KafkaProperties,
+    /// How the node's Kafka clients reach Kafka: bootstrap servers and the operator's properties.
+    pub kafka: KafkaConnection,
     pub seed_nodes: Vec<String>,
     pub cookie: String,
     pub session_timeout: Duration,
@@ -257,7 +256,7 @@ impl NodeConfig {
             None => resolve_host(&args.host)?,
         };
         let config = Self {
-            kafka_properties,
+            kafka: KafkaConnection::new(args.bootstrap_servers).with_properties(kafka_properties),
             name: name.to_string(),
             ports,
             transaction_timeout: Duration::from_millis(args.transaction_timeout_ms),
@@ -269,7 +268,6 @@ impl NodeConfig {
             log_format: args.log_format,
             host: args.host,
             bind_host,
-            bootstrap_servers: args.bootstrap_servers,
             seed_nodes: args.seed_nodes,
             cookie: args.cookie,
             session_timeout: Duration::from_millis(args.session_timeout_ms),
@@ -284,7 +282,9 @@ impl NodeConfig {
     }
 
     /// Refuses `default` as the cookie when the ports are reachable from other machines: anyone
-    /// who can read the source could join the cluster.
+    /// who can read the source could join the cluster. [`NodeConfig::from_args`] checks the
+    /// runtime's [`DEFAULT_COOKIE`]; an application that gives `--cookie` another default checks
+    /// that one with this.
     pub fn refuse_default_cookie(&self, default: &str) -> Result<(), String> {
         if self.cookie == default && !self.bind_host.is_loopback() {
             return Err(format!(
@@ -294,11 +294,6 @@ impl NodeConfig {
             ));
         }
         Ok(())
-    }
-
-    /// How the node's Kafka clients reach Kafka.
-    pub fn kafka(&self) -> KafkaConnection {
-        KafkaConnection::new(&self.bootstrap_servers).with_properties(self.kafka_properties.clone())
     }
 
     /// The ractor_cluster node name (the full name peers see is `<name>@<host>`).

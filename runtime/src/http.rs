@@ -50,7 +50,7 @@ pub(crate) struct TypeView {
     pub table: Arc<AllocationTable>,
     pub stats: Arc<NodeStats>,
     pub metrics: Arc<Metrics>,
-    pub lag: LagProbe,
+    pub lag: Arc<LagProbe>,
     /// librdkafka's latest statistics of this type's consumer (JSON; empty unless enabled).
     pub kafka_stats: Arc<std::sync::Mutex<String>>,
 }
@@ -215,13 +215,8 @@ async fn metrics(State(m): State<Arc<Management>>) -> Response {
         let counts = view.local.entity_counts().await;
         let shards: Vec<u32> = counts.iter().map(|(id, _)| *id).collect();
         let lags = {
-            let (m, shards, group) = (m.clone(), shards.clone(), view.group.clone());
-            tokio::task::spawn_blocking(move || {
-                m.view(&group)
-                    .map(|view| view.lag.lags(&shards))
-                    .unwrap_or(Ok(Vec::new()))
-            })
-            .await
+            let (lag, shards) = (view.lag.clone(), shards.clone());
+            tokio::task::spawn_blocking(move || lag.lags(&shards)).await
         };
         let lags = match lags {
             Ok(Ok(lags)) => lags,
@@ -358,11 +353,11 @@ async fn stats(State(m): State<Arc<Management>>) -> Response {
             },
         );
     }
-    let first = m.first();
+    let first = &entity_types[&m.first().group];
     Json(Stats {
         node: m.node.clone(),
         partitions: first.partitions,
-        shards: first.local.ids(),
+        shards: first.shards.clone(),
         in_flight: m.gate.in_flight(),
         actors: ractor::registry::pid_registry::get_all_pids().len(),
         counters,

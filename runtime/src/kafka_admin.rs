@@ -34,6 +34,12 @@ pub enum AdminError {
 #[derive(Default)]
 struct LastError(std::sync::Mutex<Option<rdkafka::error::KafkaError>>);
 
+impl LastError {
+    fn take(&self) -> Option<rdkafka::error::KafkaError> {
+        self.0.lock().expect("last error lock poisoned").take()
+    }
+}
+
 impl rdkafka::ClientContext for LastError {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         tracing::debug!("librdkafka: {error}: {reason}");
@@ -43,8 +49,19 @@ impl rdkafka::ClientContext for LastError {
 
 impl ConsumerContext for LastError {}
 
-/// Number of partitions of `topic`, or `None` if the topic does not exist.
-pub fn partition_count(kafka: &KafkaConnection, topic: &str) -> Result<Option<u32>, AdminError> {
+/// How a topic is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicLayout {
+    pub partitions: u32,
+    /// Replicas of its first partition.
+    pub replication: i32,
+}
+
+/// The layout of `topic`, or `None` if the topic does not exist (one metadata request).
+pub fn topic_layout(
+    kafka: &KafkaConnection,
+    topic: &str,
+) -> Result<Option<TopicLayout>, AdminError> {
     let consumer: BaseConsumer<LastError> = kafka
         .client(ClientKind::Consumer)
         .create_with_context(LastError::default())
@@ -54,57 +71,63 @@ pub fn partition_count(kafka: &KafkaConnection, topic: &str) -> Result<Option<u3
         })?;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| {
-            // Error events reach the context only through poll (nothing is subscribed, so
-            // these polls return no records).
-            for _ in 0..3 {
-                let _ = consumer.poll(Duration::from_millis(50));
-            }
-            let last = consumer
-                .context()
-                .0
-                .lock()
-                .expect("last error lock poisoned")
-                .take();
-            match last {
-                Some(cause)
-                    if cause
-                        .rdkafka_error_code()
-                        .is_some_and(crate::kafka_health::is_authorization) =>
-                {
-                    AdminError::NotAuthorized {
-                        bootstrap: kafka.bootstrap.clone(),
-                        reason: kafka.describe(&cause),
-                    }
-                }
-                Some(cause) => AdminError::Unreachable {
-                    bootstrap: kafka.bootstrap.clone(),
-                    reason: format!("{} ({})", kafka.describe(&e), kafka.describe(&cause)),
-                },
-                None => AdminError::Unreachable {
-                    bootstrap: kafka.bootstrap.clone(),
-                    reason: kafka.describe(&e),
-                },
-            }
-        })?;
+        .map_err(|e| metadata_error(kafka, &consumer, &e))?;
     Ok(metadata
         .topics()
         .iter()
         .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-        .map(|t| t.partitions().len() as u32))
+        .map(|t| TopicLayout {
+            partitions: t.partitions().len() as u32,
+            replication: t.partitions()[0].replicas().len() as i32,
+        }))
 }
 
-/// Waits until `topic` exists, logging while it waits, and returns its partition count.
+/// Why a metadata request failed: a refused login if the client reported one, else the
+/// cluster was not reached.
+fn metadata_error(
+    kafka: &KafkaConnection,
+    consumer: &BaseConsumer<LastError>,
+    failed: &rdkafka::error::KafkaError,
+) -> AdminError {
+    // Error events reach the context only through poll (nothing is subscribed, so these polls
+    // return no records).
+    for _ in 0..3 {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+    let bootstrap = kafka.bootstrap.clone();
+    match consumer.context().take() {
+        Some(cause)
+            if cause
+                .rdkafka_error_code()
+                .is_some_and(crate::kafka_health::is_authorization) =>
+        {
+            AdminError::NotAuthorized {
+                bootstrap,
+                reason: kafka.describe(&cause),
+            }
+        }
+        Some(cause) => AdminError::Unreachable {
+            bootstrap,
+            reason: format!("{} ({})", kafka.describe(failed), kafka.describe(&cause)),
+        },
+        None => AdminError::Unreachable {
+            bootstrap,
+            reason: kafka.describe(failed),
+        },
+    }
+}
+
+/// Waits until `topic` exists, logging while it waits, and returns its layout.
 pub fn wait_for_topic(
     kafka: &KafkaConnection,
     topic: &str,
     wait: Duration,
-) -> Result<u32, AdminError> {
+) -> Result<TopicLayout, AdminError> {
     let started = Instant::now();
     let mut next_log = Instant::now();
     loop {
-        if let Some(n) = partition_count(kafka, topic)? {
-            return Ok(n);
+        if let Some(layout) = topic_layout(kafka, topic)? {
+            return Ok(layout);
         }
         if started.elapsed() >= wait {
             return Err(AdminError::NoSuchTopic {
@@ -120,31 +143,6 @@ pub fn wait_for_topic(
     }
 }
 
-/// The replication factor of `topic` (its first partition's replica count).
-pub fn replication_factor(kafka: &KafkaConnection, topic: &str) -> Result<i32, AdminError> {
-    let unreachable = |e: rdkafka::error::KafkaError| AdminError::Unreachable {
-        bootstrap: kafka.bootstrap.clone(),
-        reason: kafka.describe(&e),
-    };
-    let consumer: BaseConsumer = kafka
-        .client(ClientKind::Consumer)
-        .create()
-        .map_err(unreachable)?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(unreachable)?;
-    metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .and_then(|t| t.partitions().first())
-        .map(|p| p.replicas().len() as i32)
-        .ok_or_else(|| AdminError::NoSuchTopic {
-            topic: topic.into(),
-            waited_s: 0,
-        })
-}
-
 /// Creates `topic` with `partitions` partitions and `replication` replicas (-1: the broker's
 /// `default.replication.factor`) unless it exists; returns its partition count.
 pub async fn ensure_topic(
@@ -154,8 +152,8 @@ pub async fn ensure_topic(
     replication: i32,
     config: &[(&str, &str)],
 ) -> Result<u32, AdminError> {
-    if let Some(n) = partition_count(kafka, topic)? {
-        return Ok(n);
+    if let Some(layout) = topic_layout(kafka, topic)? {
+        return Ok(layout.partitions);
     }
     let admin: AdminClient<DefaultClientContext> = kafka
         .client(ClientKind::Admin)
@@ -199,8 +197,8 @@ pub async fn ensure_topic(
     // thousands of partitions to load.
     let deadline = Instant::now() + METADATA_WAIT;
     while Instant::now() < deadline {
-        if let Some(n) = partition_count(kafka, topic)? {
-            return Ok(n);
+        if let Some(layout) = topic_layout(kafka, topic)? {
+            return Ok(layout.partitions);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -62,8 +62,17 @@ impl KafkaConnection {
     /// A client configuration of `kind`: the bootstrap servers and the properties for it; the
     /// caller adds what the client needs (after, so a property cannot undo it).
     pub fn client(&self, kind: ClientKind) -> ClientConfig {
+        self.client_with(kind, &[])
+    }
+
+    /// [`KafkaConnection::client`] with tuning `defaults` that the operator's properties may
+    /// change (a batch size, a fetch wait); what the runtime owns the caller sets after.
+    pub fn client_with(&self, kind: ClientKind, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.bootstrap);
+        for (key, value) in defaults {
+            config.set(*key, *value);
+        }
         self.properties.apply(kind, &mut config);
         config
     }
@@ -103,6 +112,7 @@ const OWNED: &[(&str, &str)] = &[
         "each node and type fences its own (<group>-<node id>)",
     ),
     ("enable.idempotence", "exactly-once needs it on"),
+    ("acks", "exactly-once needs acks=all"),
     (
         "isolation.level",
         "restores and offsets must read committed data only",
@@ -261,11 +271,6 @@ impl KafkaProperties {
         }
         self.entries.push(property);
         Ok(())
-    }
-
-    /// Whether nothing was given.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// The properties for a client of `kind`, prefixes removed, later entries winning.

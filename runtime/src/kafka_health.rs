@@ -94,7 +94,6 @@ pub fn is_authorization(code: RDKafkaErrorCode) -> bool {
 /// The node's view of the Kafka cluster's reachability, shared by every client.
 pub struct KafkaHealth {
     kafka: KafkaConnection,
-    bootstrap: String,
     state: Mutex<OutageState>,
     /// Set when a client reported an error a restart cannot fix.
     unrecoverable: Mutex<Option<Unrecoverable>>,
@@ -112,7 +111,6 @@ impl KafkaHealth {
     pub fn new(kafka: &KafkaConnection) -> Arc<Self> {
         Arc::new(Self {
             kafka: kafka.clone(),
-            bootstrap: kafka.bootstrap.clone(),
             state: Mutex::new(OutageState::default()),
             unrecoverable: Mutex::new(None),
             warnings: Mutex::new(HashMap::new()),
@@ -158,7 +156,7 @@ impl KafkaHealth {
             tracing::error!(
                 "Kafka at {} is unreachable ({reason}); this node keeps running, answers for the shards it holds \
                  and retries (next reminder in {} s)",
-                self.bootstrap,
+                self.kafka.bootstrap,
                 REMINDER_EVERY.as_secs()
             );
         }
@@ -170,7 +168,7 @@ impl KafkaHealth {
         if let Some(since) = state.since.take() {
             tracing::info!(
                 "Kafka at {} is reachable again after {:.1} s",
-                self.bootstrap,
+                self.kafka.bootstrap,
                 since.elapsed().as_secs_f64()
             );
         }

@@ -107,7 +107,7 @@ mod routing;
 mod shard;
 mod stats;
 
-pub use cli::{KafkaClientArgs, NodeArgs, NodeConfig, Ports};
+pub use cli::{KafkaClientArgs, NodeArgs, NodeConfig, Ports, DEFAULT_COOKIE};
 pub use cluster::endpoint::CallError;
 pub use entity::{Codec, DecodeError, Entity, EntityId, Prost, Rejection, MAX_ID_BYTES};
 pub use kafka_config::{

@@ -343,21 +343,19 @@ struct HostedParts {
 
 /// Checks (and creates) an entity type's topics; returns its partition count.
 async fn prepare_topics(config: &NodeConfig, spec: &EntityType) -> Result<u32, NodeError> {
-    let kafka = config.kafka();
+    let kafka = &config.kafka;
     let (waiting, topic) = (kafka.clone(), spec.topic.clone());
-    let partitions = tokio::task::spawn_blocking(move || {
+    let input = tokio::task::spawn_blocking(move || {
         kafka_admin::wait_for_topic(&waiting, &topic, TOPIC_WAIT)
     })
     .await
     .expect("topic wait panicked")?;
+    let partitions = input.partitions;
     // The node's own topics are as durable as the input unless told otherwise.
-    let replication = match config.replication_factor {
-        Some(n) => n,
-        None => kafka_admin::replication_factor(&kafka, &spec.topic)?,
-    };
-    kafka_admin::ensure_topic(&kafka, &spec.dlq_topic, DLQ_PARTITIONS, replication, &[]).await?;
+    let replication = config.replication_factor.unwrap_or(input.replication);
+    kafka_admin::ensure_topic(kafka, &spec.dlq_topic, DLQ_PARTITIONS, replication, &[]).await?;
     let changelog_partitions = kafka_admin::ensure_topic(
-        &kafka,
+        kafka,
         &spec.changelog_topic,
         partitions,
         replication,
@@ -375,9 +373,13 @@ async fn prepare_topics(config: &NodeConfig, spec: &EntityType) -> Result<u32, N
             expected: partitions,
         });
     }
-    let (changelog_topic, topic) = (spec.changelog_topic.clone(), spec.topic.clone());
+    let (checking, changelog_topic, topic) = (
+        kafka.clone(),
+        spec.changelog_topic.clone(),
+        spec.topic.clone(),
+    );
     tokio::task::spawn_blocking(move || {
-        changelog::check_written_for(&kafka, &changelog_topic, &topic, partitions)
+        changelog::check_written_for(&checking, &changelog_topic, &topic, partitions)
     })
     .await
     .expect("changelog check panicked")?;
@@ -423,7 +425,7 @@ async fn start_type<E: Entity>(
 
     // One client reads the group's committed offsets, for the lag at /metrics and the restorer.
     let group_offsets = Arc::new(
-        kafka_admin::group_offsets_client(&config.kafka(), &spec.group, node.quiet.clone())
+        kafka_admin::group_offsets_client(&config.kafka, &spec.group, node.quiet.clone())
             .map_err(NodeError::GroupOffsets)?,
     );
     let kafka_stats = Arc::new(std::sync::Mutex::new(String::new()));
@@ -434,7 +436,7 @@ async fn start_type<E: Entity>(
         table,
         stats: stats.clone(),
         metrics: metrics.clone(),
-        lag: LagProbe::new(group_offsets.clone(), &spec.topic),
+        lag: Arc::new(LagProbe::new(group_offsets.clone(), &spec.topic)),
         kafka_stats: kafka_stats.clone(),
     };
     let env = Arc::new(ShardEnv {
@@ -446,7 +448,7 @@ async fn start_type<E: Entity>(
         readiness: readiness.clone(),
     });
     let restorer = Arc::new(Restorer {
-        kafka: config.kafka(),
+        kafka: config.kafka.clone(),
         changelog_topic: spec.changelog_topic.clone(),
         group_offsets,
         input_topic: spec.topic.clone(),
@@ -468,7 +470,7 @@ async fn start_type<E: Entity>(
         Box::pin(async move {
             // One transactional id per node and type: a restarted node fences its previous run.
             let checkpointer_config = CheckpointerConfig {
-                kafka: config.kafka(),
+                kafka: config.kafka.clone(),
                 transactional_id: format!("{}-{}", spec.group, node.node_id),
                 transaction_timeout: config.transaction_timeout,
                 changelog_topic: spec.changelog_topic.clone(),
@@ -483,7 +485,7 @@ async fn start_type<E: Entity>(
                 .map_err(ConsumerError::from)?;
             let consumer = consumer::start(
                 ConsumerSettings {
-                    kafka: config.kafka(),
+                    kafka: config.kafka.clone(),
                     topic: spec.topic.clone(),
                     group: spec.group.clone(),
                     client_id: node.node_id.clone(),
@@ -536,7 +538,7 @@ async fn run(
         partitions.push(prepare_topics(&config, h.spec()).await?);
     }
     let node_id = config.node_id();
-    let health = KafkaHealth::new(&config.kafka());
+    let health = KafkaHealth::new(&config.kafka);
     tokio::spawn(
         health.clone().monitor(
             hosted

@@ -133,7 +133,8 @@ impl<E: Entity> Restorer<E> {
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
         // The end is known: do not let the broker hold an empty fetch for the default 500 ms
-        // (two such waits were most of a small restore's time).
+        // (two such waits were most of a small restore's time). Set over the operator's
+        // `consumer.` properties, which are meant for the group consumer.
         .set("fetch.wait.max.ms", "10")
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "10485760")

@@ -89,7 +89,10 @@ impl Checkpointer {
     pub fn create(config: &CheckpointerConfig) -> Result<Self, CheckpointError> {
         let producer: ThreadedProducer<QuietContext> = config
             .kafka
-            .client(ClientKind::Producer)
+            .client_with(
+                ClientKind::Producer,
+                &[("linger.ms", "1"), ("compression.type", "lz4")],
+            )
             .set("transactional.id", &config.transactional_id)
             .set(
                 "transaction.timeout.ms",
@@ -97,8 +100,6 @@ impl Checkpointer {
             )
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "1")
-            .set("compression.type", "lz4")
             .set("partitioner", "murmur2_random")
             .create_with_context(config.context.clone())
             .map_err(CheckpointError::Create)?;

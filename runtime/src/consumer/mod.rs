@@ -154,8 +154,12 @@ pub(crate) fn start<E: Entity>(
         kafka_stats,
     };
     let session_ms = settings.session_timeout.as_millis().max(1_000);
+    let heartbeat_ms = (session_ms / 4).max(250).to_string();
     let consumer: BaseConsumer<NodeContext<E>> = crate::kafka_admin::with_debug(
-        &mut settings.kafka.client(ClientKind::Consumer),
+        &mut settings.kafka.client_with(
+            ClientKind::Consumer,
+            &[("heartbeat.interval.ms", heartbeat_ms.as_str())],
+        ),
         settings.debug.as_deref(),
     )
     .set("group.id", &settings.group)
@@ -166,10 +170,6 @@ pub(crate) fn start<E: Entity>(
     .set("enable.partition.eof", "false")
     .set("isolation.level", "read_committed")
     .set("session.timeout.ms", session_ms.to_string())
-    .set(
-        "heartbeat.interval.ms",
-        (session_ms / 4).max(250).to_string(),
-    )
     .set(
         "statistics.interval.ms",
         settings.statistics_interval.as_millis().to_string(),
