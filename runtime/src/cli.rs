@@ -4,8 +4,10 @@
 //! 8550+N, 8080+N. Every option has an environment fallback.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::cluster::tls::{NodeTls, NodeTlsFiles};
 use crate::kafka_config::{KafkaConnection, KafkaProperties, KafkaProperty};
 use crate::logging::LogFormat;
 
@@ -56,6 +58,21 @@ pub struct NodeArgs {
     /// reached by a DNS name. Off loopback, a default cookie is refused.
     #[arg(long, env = "NODE_BIND_HOST")]
     pub bind_host: Option<String>,
+
+    /// PEM certificate (chain) this node presents to its peers: with --tls-key and --tls-ca,
+    /// sessions between nodes run over mutually authenticated TLS. Every node of a cluster
+    /// needs it (its certificate naming the host peers dial), or none.
+    #[arg(long, env = "NODE_TLS_CERT", value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "NODE_TLS_KEY", value_name = "PEM", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM certificate of the CA that signs every node's certificate: peers whose certificate
+    /// it did not sign are refused.
+    #[arg(long, env = "NODE_TLS_CA", value_name = "PEM", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
 
     /// Kafka consumer session timeout: how long a silent node keeps its partitions.
     #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
@@ -218,6 +235,8 @@ pub struct NodeConfig {
     pub kafka: KafkaConnection,
     pub seed_nodes: Vec<String>,
     pub cookie: String,
+    /// TLS for sessions between nodes, loaded from --tls-cert/--tls-key/--tls-ca.
+    pub tls: Option<NodeTls>,
     pub session_timeout: Duration,
     pub query_wait: Duration,
     pub remote_call_timeout: Duration,
@@ -255,7 +274,15 @@ impl NodeConfig {
                 .map_err(|_| format!("--bind-host '{ip}' is not an IP address"))?,
             None => resolve_host(&args.host)?,
         };
+        let tls = match (args.tls_cert, args.tls_key, args.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                Some(NodeTls::load(NodeTlsFiles { cert, key, ca }).map_err(|e| e.to_string())?)
+            }
+            (None, None, None) => None,
+            _ => return Err("--tls-cert, --tls-key and --tls-ca go together".into()),
+        };
         let config = Self {
+            tls,
             kafka: KafkaConnection::new(args.bootstrap_servers).with_properties(kafka_properties),
             name: name.to_string(),
             ports,

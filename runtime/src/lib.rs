@@ -109,6 +109,7 @@ mod stats;
 
 pub use cli::{KafkaClientArgs, NodeArgs, NodeConfig, Ports, DEFAULT_COOKIE};
 pub use cluster::endpoint::CallError;
+pub use cluster::tls::{NodeTls, NodeTlsError, NodeTlsFiles};
 pub use entity::{Codec, DecodeError, Entity, EntityId, Prost, Rejection, MAX_ID_BYTES};
 pub use kafka_config::{
     ClientKind, KafkaConfigError, KafkaConnection, KafkaProperties, KafkaProperty,

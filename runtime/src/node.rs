@@ -591,6 +591,7 @@ async fn run(
                 port: config.ports.remoting,
                 cookie: config.cookie.clone(),
                 seeds: config.seed_nodes.clone(),
+                tls: config.tls.clone(),
             },
             started.iter().map(|t| t.announcer.clone()).collect(),
             readiness.clone(),

@@ -900,3 +900,56 @@ pub async fn grpc_health(grpc_url: &str) -> Option<i32> {
         .ok()?;
     Some(response.into_inner().status)
 }
+
+/// A certificate authority made at test time, and node certificates it signs (PEM files for
+/// `--tls-cert`, `--tls-key`, `--tls-ca`).
+pub struct NodeCa {
+    dir: PathBuf,
+    name: String,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl NodeCa {
+    /// A CA called `name`, its certificate written to `<dir>/<name>-ca.pem`.
+    pub fn new(dir: &Path, name: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} CA"));
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap())
+            .expect("a self-signed CA");
+        std::fs::write(dir.join(format!("{name}-ca.pem")), issuer.pem()).unwrap();
+        Self {
+            dir: dir.to_path_buf(),
+            name: name.into(),
+            issuer,
+        }
+    }
+
+    /// The node options for a certificate this CA signs for 127.0.0.1 and localhost.
+    pub fn node_args(&self, node: &str) -> Vec<String> {
+        use rcgen::{CertificateParams, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        let (cert_path, key_path, ca_path) = (
+            self.dir.join(format!("{}-{node}.pem", self.name)),
+            self.dir.join(format!("{}-{node}.key", self.name)),
+            self.dir.join(format!("{}-ca.pem", self.name)),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        [
+            ("--tls-cert", cert_path),
+            ("--tls-key", key_path),
+            ("--tls-ca", ca_path),
+        ]
+        .into_iter()
+        .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+        .collect()
+    }
+}

@@ -25,7 +25,9 @@ bytes_convertable_via_prost!(
     EntityQuery,
     EntityAnswer,
     QueryBatch,
-    QueryBatchAnswer
+    QueryBatchAnswer,
+    PeersRequest,
+    PeerAddresses
 );
 
 #[cfg(test)]

@@ -1,0 +1,136 @@
+//! TLS between nodes: nodes given a certificate signed by the cluster's CA form the cluster
+//! (non-seed nodes find each other through the seed, over TLS) and answer for every user
+//! through every node; a node whose certificate another CA signed, and a node without TLS,
+//! are refused and take no partitions.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_with_tls_form_the_cluster_and_a_node_without_the_cas_certificate_is_refused() {
+    require_broker();
+    let mut spec = ClusterSpec::new("node-tls", 20_000);
+    let dir = log_dir(&spec.name);
+    let ca = NodeCa::new(&dir, "cluster");
+    let stranger_ca = NodeCa::new(&dir, "stranger");
+    // One seed: nodes 2 and 3 only know node 1 and must find each other.
+    spec.seeds = vec![spec.remoting(1)];
+    spec.create_topic(24);
+    let with_tls = |i: u16| {
+        let args = ca.node_args(&format!("node{i}"));
+        spec.start_node_with(i, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let mut nodes = [with_tls(1), with_tls(2), with_tls(3)];
+    wait_for_split(&nodes.iter().collect::<Vec<_>>(), 24).await;
+
+    // The two non-seed nodes have a session with each other, not only with the seed.
+    eventually(
+        Duration::from_secs(30),
+        "node 2 to see nodes 1 and 3 connected",
+        || async {
+            let members = nodes[1].get_json("/cluster/members").await?;
+            let connected: Vec<String> = members["members"]
+                .as_array()?
+                .iter()
+                .filter(|m| m["connected"] == true)
+                .filter_map(|m| m["node"].as_str().map(String::from))
+                .collect();
+            (connected.len() == 3).then_some(())
+        },
+    )
+    .await;
+
+    let ledger = spec.produce(3_000, 300, "tls.json");
+    // Through every node: two thirds of the users are remote queries over the TLS sessions.
+    wait_for_ledger(&spec, &[1, 2, 3], &ledger, Duration::from_secs(60)).await;
+    for node in &nodes {
+        let metrics = node.metrics().await.expect("/metrics");
+        let remote: f64 = metrics
+            .iter()
+            .filter(|(series, _)| {
+                series.starts_with("processor_grpc_request_seconds_count{")
+                    && series.contains(r#"route="remote",outcome="ok""#)
+            })
+            .map(|(_, v)| v)
+            .sum();
+        assert!(
+            remote > 0.0,
+            "node {} answered through its peers",
+            node.index
+        );
+    }
+
+    let stranger_args = stranger_ca.node_args("node4");
+    let mut stranger = spec.start_node_with(
+        4,
+        &stranger_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut plain = spec.start_node(5);
+    eventually(
+        Duration::from_secs(30),
+        "the node of another CA to say the TLS handshake failed",
+        || async {
+            stranger
+                .log()
+                .contains("refused this node: the TLS handshake failed")
+                .then_some(())
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "the node without TLS to be refused",
+        || async {
+            plain
+                .log()
+                .contains("Is TLS between nodes (--tls-cert) off on every node?")
+                .then_some(())
+        },
+    )
+    .await;
+    // Long enough for a node that joined the group to have been given partitions.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for intruder in [&mut stranger, &mut plain] {
+        assert!(intruder.is_running(), "a refused node keeps retrying");
+        let (status, body) = get_status(intruder.management, "/ready")
+            .await
+            .expect("the refused node serves /ready");
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body["reasons"].to_string().contains("not admitted"),
+            "{body}"
+        );
+        assert!(
+            !intruder.log().contains("connected to seed node"),
+            "no session was authenticated"
+        );
+        assert!(intruder.shards().await.is_empty());
+    }
+    let assignment = group_assignment(&spec.group, &spec.topic);
+    for i in [4, 5] {
+        assert!(
+            !assignment.contains_key(&spec.node_id(i)),
+            "refused node {i} is not in the group: {assignment:?}"
+        );
+    }
+    let owned: usize = assignment.values().map(|p| p.len()).sum();
+    assert_eq!(
+        owned, 24,
+        "the cluster's nodes own every partition: {assignment:?}"
+    );
+    let members = nodes[0].get_json("/cluster/members").await.unwrap();
+    assert_eq!(
+        members["members"].as_array().unwrap().len(),
+        3,
+        "no refused node is a member: {members}"
+    );
+
+    stranger.stop();
+    plain.stop();
+    for node in &mut nodes {
+        assert!(node.stop().success());
+    }
+}
