@@ -514,3 +514,60 @@ async fn queries_validate_input_and_wait_a_bounded_time_for_a_shard_without_owne
         "a query for a user without purchases creates no entity"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_restart_with_static_membership_moves_no_partition_of_the_other_nodes() {
+    require_broker();
+    let mut spec = ClusterSpec::new("rolling", 15_000);
+    // Room for a graceful stop and a start within the session timeout.
+    spec.extra_args = vec!["--static-membership".into()];
+    spec.session_timeout_ms = 20_000;
+    spec.create_topic(24);
+    let mut nodes = vec![spec.start_node(1), spec.start_node(2), spec.start_node(3)];
+    let before = wait_for_stable_split(&spec, &nodes.iter().collect::<Vec<_>>(), 24).await;
+
+    let producer = spec.produce_in_background(12_000, 300, 400, "rolling.json");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..nodes.len() {
+        let marks: Vec<usize> = nodes.iter().map(|n| n.log().len()).collect();
+        assert!(nodes[i].stop().success(), "node {} stops cleanly", i + 1);
+        // A restart that takes a while (a pod rescheduled, an image pulled): a dynamic member
+        // would have left the group, and the others would have taken its partitions by now.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let started_at = Instant::now();
+        nodes[i] = spec.start_node(i as u16 + 1);
+        let back = eventually(
+            Duration::from_secs(30),
+            "the restarted node to own its partitions again",
+            || async { (nodes[i].shards().await == before[i]).then_some(started_at.elapsed()) },
+        )
+        .await;
+        println!(
+            "node {} restarted: its {} shards back {:.2} s after its start",
+            i + 1,
+            before[i].len(),
+            back.as_secs_f64()
+        );
+        for (j, node) in nodes.iter().enumerate().filter(|(j, _)| *j != i) {
+            let log = node.log();
+            let since = &log[marks[j]..];
+            assert!(
+                !since.contains("being revoked") && !since.contains("assigned to this node"),
+                "node {} was rebalanced while node {} restarted:\n{since}",
+                j + 1,
+                i + 1
+            );
+            assert_eq!(
+                node.shards().await,
+                before[j],
+                "node {} kept its shards",
+                j + 1
+            );
+        }
+    }
+    let ledger = producer.wait();
+    wait_for_ledger(&spec, &[1, 2, 3], &ledger, SETTLE).await;
+    for node in &mut nodes {
+        assert!(node.stop().success());
+    }
+}

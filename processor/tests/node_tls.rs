@@ -12,7 +12,7 @@ use support::*;
 #[tokio::test(flavor = "multi_thread")]
 async fn nodes_with_tls_form_the_cluster_and_a_node_without_the_cas_certificate_is_refused() {
     require_broker();
-    let mut spec = ClusterSpec::new("node-tls", 20_000);
+    let mut spec = ClusterSpec::new("node-tls", 19_000);
     let dir = log_dir(&spec.name);
     let ca = NodeCa::new(&dir, "cluster");
     let stranger_ca = NodeCa::new(&dir, "stranger");

@@ -74,6 +74,13 @@ pub struct NodeArgs {
     #[arg(long, env = "NODE_TLS_CA", value_name = "PEM", requires_all = ["tls_cert", "tls_key"])]
     pub tls_ca: Option<PathBuf>,
 
+    /// Join the consumer groups as a static member (KIP-345; group.instance.id is the node id):
+    /// a node restarted within the session timeout gets its own partitions back and no other
+    /// node's move. A stopped node then keeps its partitions until the session timeout, since
+    /// it does not leave the group.
+    #[arg(long, env = "KAFKA_STATIC_MEMBERSHIP")]
+    pub static_membership: bool,
+
     /// Kafka consumer session timeout: how long a silent node keeps its partitions.
     #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u64,
@@ -238,6 +245,7 @@ pub struct NodeConfig {
     /// TLS for sessions between nodes, loaded from --tls-cert/--tls-key/--tls-ca.
     pub tls: Option<NodeTls>,
     pub session_timeout: Duration,
+    pub static_membership: bool,
     pub query_wait: Duration,
     pub remote_call_timeout: Duration,
     pub max_in_flight: usize,
@@ -298,6 +306,7 @@ impl NodeConfig {
             seed_nodes: args.seed_nodes,
             cookie: args.cookie,
             session_timeout: Duration::from_millis(args.session_timeout_ms),
+            static_membership: args.static_membership,
             query_wait: Duration::from_millis(args.query_wait_ms),
             remote_call_timeout: Duration::from_millis(args.remote_call_timeout_ms),
             max_in_flight: args.max_in_flight,

@@ -97,7 +97,7 @@ const OWNED: &[(&str, &str)] = &[
     ),
     (
         "group.instance.id",
-        "static membership would keep a dead node's partitions",
+        "use --static-membership (the node id is the instance id)",
     ),
     (
         "group.protocol",

@@ -494,6 +494,7 @@ async fn start_type<E: Entity>(
                     partitions,
                     statistics_interval: config.statistics_interval,
                     debug: config.kafka_debug.clone(),
+                    static_membership: config.static_membership,
                 },
                 ConsumerParts {
                     handoff,

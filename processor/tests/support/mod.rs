@@ -84,6 +84,8 @@ pub struct ClusterSpec {
     /// The host the seeds are given with (`127.0.0.1`; `localhost` tests DNS names).
     pub seed_host: String,
     pub extra_args: Vec<String>,
+    /// Every node's Kafka session timeout.
+    pub session_timeout_ms: u32,
     /// Environment of every node, after the default `RUST_LOG` (a later one wins).
     pub extra_env: Vec<(String, String)>,
     /// Options of every producer run after the cluster's own (`-X` for a secured broker).
@@ -108,6 +110,7 @@ impl ClusterSpec {
             seeds: vec![port_base + 1, port_base + 2],
             seed_host: "127.0.0.1".into(),
             extra_args: Vec::new(),
+            session_timeout_ms: 6_000,
             extra_env: Vec::new(),
             producer_args: Vec::new(),
             bootstrap: bootstrap(),
@@ -140,7 +143,7 @@ impl ClusterSpec {
         self.start_node_with(i, &[])
     }
 
-    /// Starts node `i` with `args` after the cluster's own (a later option wins).
+    /// Starts node `i` with `args` after the cluster's own (an option may be given once).
     pub fn start_node_with(&self, i: u16, args: &[&str]) -> Node {
         let log_path = log_dir(&self.name).join(format!("node{i}.log"));
         let log = std::fs::OpenOptions::new()
@@ -167,7 +170,7 @@ impl ClusterSpec {
                 "--seed-nodes",
                 &seeds.join(","),
                 "--session-timeout-ms",
-                "6000",
+                &self.session_timeout_ms.to_string(),
             ])
             .args(&self.extra_args)
             .args(args)

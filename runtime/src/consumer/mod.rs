@@ -64,6 +64,8 @@ pub(crate) struct ConsumerSettings {
     pub statistics_interval: Duration,
     /// librdkafka debug contexts, if any.
     pub debug: Option<String>,
+    /// Join as a static member (KIP-345), the client id being the instance id.
+    pub static_membership: bool,
 }
 
 /// Shared pieces the consumer drives.
@@ -155,27 +157,29 @@ pub(crate) fn start<E: Entity>(
     };
     let session_ms = settings.session_timeout.as_millis().max(1_000);
     let heartbeat_ms = (session_ms / 4).max(250).to_string();
-    let consumer: BaseConsumer<NodeContext<E>> = crate::kafka_admin::with_debug(
-        &mut settings.kafka.client_with(
-            ClientKind::Consumer,
-            &[("heartbeat.interval.ms", heartbeat_ms.as_str())],
-        ),
-        settings.debug.as_deref(),
-    )
-    .set("group.id", &settings.group)
-    .set("client.id", &settings.client_id)
-    .set("partition.assignment.strategy", "cooperative-sticky")
-    .set("enable.auto.commit", "false")
-    .set("auto.offset.reset", "earliest")
-    .set("enable.partition.eof", "false")
-    .set("isolation.level", "read_committed")
-    .set("session.timeout.ms", session_ms.to_string())
-    .set(
-        "statistics.interval.ms",
-        settings.statistics_interval.as_millis().to_string(),
-    )
-    .create_with_context(context)
-    .map_err(ConsumerError::Create)?;
+    let mut config = settings.kafka.client_with(
+        ClientKind::Consumer,
+        &[("heartbeat.interval.ms", heartbeat_ms.as_str())],
+    );
+    if settings.static_membership {
+        config.set("group.instance.id", &settings.client_id);
+    }
+    let consumer: BaseConsumer<NodeContext<E>> =
+        crate::kafka_admin::with_debug(&mut config, settings.debug.as_deref())
+            .set("group.id", &settings.group)
+            .set("client.id", &settings.client_id)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("isolation.level", "read_committed")
+            .set("session.timeout.ms", session_ms.to_string())
+            .set(
+                "statistics.interval.ms",
+                settings.statistics_interval.as_millis().to_string(),
+            )
+            .create_with_context(context)
+            .map_err(ConsumerError::Create)?;
     consumer
         .subscribe(&[&settings.topic])
         .map_err(|source| ConsumerError::Subscribe {
@@ -183,11 +187,16 @@ pub(crate) fn start<E: Entity>(
             source,
         })?;
     tracing::info!(
-        "consuming {} ({} partitions) in group {} as {}",
+        "consuming {} ({} partitions) in group {} as {}{}",
         settings.topic,
         settings.partitions,
         settings.group,
-        settings.client_id
+        settings.client_id,
+        if settings.static_membership {
+            " (static member)"
+        } else {
+            ""
+        }
     );
     let loop_stopping = stopping.clone();
     // Every line the loop and its rebalance callbacks log names the entity type (a node may
@@ -311,23 +320,34 @@ fn poll_loop<E: Entity>(
             uncommitted = false;
         }
     }
-    tracing::info!("consumer stopping: leaving the group (drains and checkpoints every shard)");
     context
         .dispatcher
         .lock()
         .expect("dispatcher lock poisoned")
         .flush_all();
-    // Unsubscribing revokes every partition through the rebalance callback (drain + commit).
-    consumer.unsubscribe();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline
-        && (!parts.local.ids().is_empty()
-            || consumer
-                .assignment()
-                .map(|a| a.count() > 0)
-                .unwrap_or(false))
-    {
-        let _ = consumer.poll(Duration::from_millis(50));
+    if settings.static_membership {
+        // Unsubscribing would send LeaveGroup, and every other node would rebalance. Closing
+        // (the drop below) revokes every partition through the same callback (drain + commit)
+        // but, for a static member, keeps its place in the group for the session timeout: a
+        // node back by then gets its partitions back and nobody else's move.
+        tracing::info!(
+            "consumer stopping: keeping this static member's place in the group (drains and \
+             checkpoints every shard)"
+        );
+    } else {
+        tracing::info!("consumer stopping: leaving the group (drains and checkpoints every shard)");
+        // Unsubscribing revokes every partition through the rebalance callback (drain + commit).
+        consumer.unsubscribe();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline
+            && (!parts.local.ids().is_empty()
+                || consumer
+                    .assignment()
+                    .map(|a| a.count() > 0)
+                    .unwrap_or(false))
+        {
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
     }
     drop(consumer);
     tracing::info!("consumer closed");
