@@ -492,3 +492,70 @@ async fn rebalance_churn_during_checkpoints_loses_nothing() {
         std::panic::resume_unwind(failure);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_nodes_open_transaction_is_aborted_by_the_new_owner_instead_of_timing_out() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    require_broker();
+    let spec = ClusterSpec::new("dead-txn", 10_000);
+    spec.create_topic(8);
+    let node1 = spec.start_node(1);
+    let mut node2 = spec.start_node(2);
+    let split = wait_for_split(&[&node1, &node2], 8).await;
+    let ledger = spec.produce(2_000, 200, "dead-txn.json");
+    wait_for_ledger(&spec, &[1, 2], &ledger, Duration::from_secs(60)).await;
+
+    node2.kill();
+    // Node 2 as if it had died with a checkpoint open: its transactional id holds a record in
+    // the changelog partition of one of its shards, never committed, with a transaction timeout
+    // far beyond this test's patience. Restoring that shard reads to the partition's end, so
+    // it waits until the transaction is resolved.
+    let dead_node_txn: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &spec.bootstrap)
+        .set(
+            "transactional.id",
+            format!("{}-{}", spec.group, spec.node_id(2)),
+        )
+        .set("transaction.timeout.ms", "300000")
+        .create()
+        .unwrap();
+    dead_node_txn
+        .init_transactions(Duration::from_secs(30))
+        .unwrap();
+    dead_node_txn.begin_transaction().unwrap();
+    let changelog = format!("{}-{}-state", spec.group, spec.topic);
+    let shard = *split[1].first().unwrap() as i32;
+    dead_node_txn
+        .send(
+            BaseRecord::to(&changelog)
+                .partition(shard)
+                .key("left-open")
+                .payload("never committed"),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    dead_node_txn.flush(Duration::from_secs(10)).unwrap();
+    let killed = Instant::now();
+
+    // Node 1 is assigned node 2's partitions after the 6 s session timeout and fences node 2's
+    // transactional id: every user answers well before the 300 s transaction timeout.
+    wait_for_ledger(&spec, &[1], &ledger, Duration::from_secs(60)).await;
+    println!(
+        "every user answered through node 1 {:.1} s after node 2 was killed",
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(
+        node1.log().contains(&format!(
+            "node {} is no longer in the group: its open checkpoint transaction",
+            spec.node_id(2)
+        )),
+        "node 1 says whose transaction it fenced"
+    );
+    assert_eq!(node1.shards().await.len(), 8);
+    // The transaction is over: its producer was fenced.
+    let fenced = dead_node_txn.commit_transaction(Duration::from_secs(10));
+    assert!(
+        fenced.is_err(),
+        "the left-open transaction was ended: {fenced:?}"
+    );
+}

@@ -34,6 +34,9 @@ pub struct AllocationTable {
     local_node: Arc<str>,
     owners: DashMap<u32, Arc<str>>,
     claims: Mutex<HashMap<Arc<str>, Claim>>,
+    /// Nodes whose session ended and that have not claimed anything since: a shard assigned
+    /// here may have been theirs (their checkpoint transaction may still be open).
+    departed: Mutex<BTreeSet<Arc<str>>>,
     /// Bumped on every change; queries waiting for an owner watch it.
     changes: watch::Sender<u64>,
 }
@@ -44,6 +47,7 @@ impl AllocationTable {
             local_node: local_node.into(),
             owners: DashMap::new(),
             claims: Mutex::new(HashMap::new()),
+            departed: Mutex::new(BTreeSet::new()),
             changes: watch::channel(0).0,
         }
     }
@@ -72,6 +76,10 @@ impl AllocationTable {
     /// Returns whether it changed anything.
     pub fn apply_claim(&self, node: &str, version: (u64, u64), shards: BTreeSet<u32>) -> bool {
         let node: Arc<str> = Arc::from(node);
+        self.departed
+            .lock()
+            .expect("allocation table lock poisoned")
+            .remove(&node);
         let mut claims = self.claims.lock().expect("allocation table lock poisoned");
         let previous = match claims.get(&node) {
             Some(c) if c.version >= version => return false,
@@ -96,13 +104,17 @@ impl AllocationTable {
         true
     }
 
-    /// Forgets every claim of a node that left the cluster.
+    /// Forgets every claim of a node that left the cluster, and remembers that it left.
     pub fn remove_node(&self, node: &str) -> Vec<u32> {
+        let node: Arc<str> = Arc::from(node);
+        self.departed
+            .lock()
+            .expect("allocation table lock poisoned")
+            .insert(node.clone());
         let mut claims = self.claims.lock().expect("allocation table lock poisoned");
-        let Some(claim) = claims.remove(node) else {
+        let Some(claim) = claims.remove(&node) else {
             return Vec::new();
         };
-        let node: Arc<str> = Arc::from(node);
         for shard in &claim.shards {
             self.release_if_owned_by(&claims, *shard, &node);
         }
@@ -125,6 +137,25 @@ impl AllocationTable {
         {
             self.owners.insert(shard, other.clone());
         }
+    }
+
+    /// The nodes that may have owned `shards` before they were assigned here: their owners in
+    /// the table (asked before this node claims them) and every node that left the cluster
+    /// since it last claimed anything.
+    pub fn previous_owners(&self, shards: &[u32]) -> BTreeSet<String> {
+        let mut nodes: BTreeSet<String> = shards
+            .iter()
+            .filter_map(|s| match self.owner(*s) {
+                Some(Owner::Remote(node)) => Some(node.to_string()),
+                _ => None,
+            })
+            .collect();
+        let departed = self
+            .departed
+            .lock()
+            .expect("allocation table lock poisoned");
+        nodes.extend(departed.iter().map(|n| n.to_string()));
+        nodes
     }
 
     /// Shards this node claims.
@@ -185,6 +216,24 @@ mod tests {
         assert_eq!(t.owner(0), Some(Owner::Local));
         assert_eq!(t.owner(2), Some(Owner::Remote("b".into())));
         assert_eq!(t.owner(3), None);
+    }
+
+    #[test]
+    fn previous_owners_are_the_table_owners_and_the_departed_until_they_claim_again() {
+        let t = AllocationTable::new("a");
+        t.apply_claim("b", (1, 1), set(&[1]));
+        t.apply_claim("c", (1, 1), set(&[2]));
+        t.apply_claim("d", (1, 1), set(&[3]));
+        assert_eq!(t.remove_node("c"), vec![2]);
+        let previous = t.previous_owners(&[1, 2]);
+        assert_eq!(
+            previous,
+            ["b", "c"].map(String::from).into(),
+            "b owned 1; c left the cluster (it may have owned 2); d owned neither"
+        );
+        // Back with a new incarnation: its transactions are its own again.
+        t.apply_claim("c", (2, 0), BTreeSet::new());
+        assert_eq!(t.previous_owners(&[2]), BTreeSet::new());
     }
 
     #[test]

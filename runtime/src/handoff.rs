@@ -93,13 +93,15 @@ impl<E: Entity> Handoff<E> {
             }
         }
         NodeStats::add(&self.env.stats.partitions_assigned, partitions.len() as u64);
+        // Asked before this node's claim replaces them in the table.
+        let previous_owners = self.announcer.table().previous_owners(partitions);
         self.claim();
         tracing::info!(
             "shards {:?} now hosted here ({} in total); restoring their state",
             partitions,
             self.local.ids().len()
         );
-        self.restorer.restore(restoring);
+        self.restorer.restore(restoring, previous_owners);
     }
 
     /// Waits until the shards of `partitions` have applied everything dispatched to them.

@@ -89,6 +89,7 @@ mod cluster;
 mod consumer;
 mod dlq;
 mod entity;
+mod fencing;
 mod grpc;
 mod handoff;
 mod http;

@@ -27,6 +27,7 @@ use crate::consumer::{
     self, ConsumerError, ConsumerExit, ConsumerHandle, ConsumerParts, ConsumerSettings,
 };
 use crate::entity::Entity;
+use crate::fencing::transactional_id;
 use crate::grpc::GrpcServices;
 use crate::handoff::Handoff;
 use crate::http::{Management, TypeView};
@@ -448,6 +449,7 @@ async fn start_type<E: Entity>(
         readiness: readiness.clone(),
     });
     let restorer = Arc::new(Restorer {
+        group: spec.group.clone(),
         kafka: config.kafka.clone(),
         changelog_topic: spec.changelog_topic.clone(),
         group_offsets,
@@ -471,7 +473,7 @@ async fn start_type<E: Entity>(
             // One transactional id per node and type: a restarted node fences its previous run.
             let checkpointer_config = CheckpointerConfig {
                 kafka: config.kafka.clone(),
-                transactional_id: format!("{}-{}", spec.group, node.node_id),
+                transactional_id: transactional_id(&spec.group, &node.node_id),
                 transaction_timeout: config.transaction_timeout,
                 changelog_topic: spec.changelog_topic.clone(),
                 input_topic: spec.topic.clone(),

@@ -5,10 +5,12 @@
 //! *its* partition is complete, so a large shard does not hold up small ones. The changelog is
 //! compacted: it holds about one record per entity. A partition with an open transaction of a
 //! failed or frozen node is only read to its end once that transaction is resolved: committed
-//! (a frozen node that resumes can still commit it) or aborted (after the producers'
-//! `transaction.timeout.ms`), which is logged while waiting.
+//! (a frozen node that resumes can still commit it) or aborted. A previous owner that has left
+//! the consumer group has its transaction aborted at once (see [`Restorer::fence_departed`]);
+//! otherwise the abort comes after the producers' `transaction.timeout.ms`, which is logged
+//! while waiting.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +22,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::changelog;
 use crate::entity::{Entity, EntityId, EntityMap, Stored};
+use crate::fencing::{fence, transactional_id};
 use crate::kafka_admin::{committed_offsets, list_offsets, with_debug};
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
@@ -30,12 +33,16 @@ const POSITION_CHECK_EVERY: Duration = Duration::from_millis(20);
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for a previous owner's pending offsets (bounded by its transaction timeout).
 const STABLE_OFFSETS_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait for the group's description before fencing its departed members.
+const FENCE_DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Records between two looks at the clock (reading it per record showed in the profile).
 const CLOCK_EVERY_RECORDS: u32 = 64;
 /// Upper bound on a partition's map sized up front from its record count.
 const MAX_PRESIZED_ENTITIES: usize = 1 << 20;
 
 pub(crate) struct Restorer<E> {
+    /// The entity type's consumer group.
+    pub group: String,
     pub kafka: KafkaConnection,
     pub changelog_topic: String,
     /// The node's [`crate::kafka_admin::group_offsets_client`] and the group's input topic: the
@@ -60,7 +67,13 @@ struct PartitionRestore<E: Entity> {
 impl<E: Entity> Restorer<E> {
     /// Starts restoring `shards` on a background thread, retrying until every shard is restored
     /// or stopped (a shard that was handed off meanwhile needs no restore).
-    pub fn restore(self: &Arc<Self>, shards: Vec<(u32, ActorRef<ShardMsg<E>>)>) {
+    /// `previous_owners`: nodes that may have held these shards (see
+    /// [`crate::allocation::AllocationTable::previous_owners`]).
+    pub fn restore(
+        self: &Arc<Self>,
+        shards: Vec<(u32, ActorRef<ShardMsg<E>>)>,
+        previous_owners: BTreeSet<String>,
+    ) {
         if shards.is_empty() {
             return;
         }
@@ -72,6 +85,7 @@ impl<E: Entity> Restorer<E> {
             .name("changelog-restore".into())
             .spawn(move || {
                 let _in_type = span.enter();
+                this.fence_departed(&previous_owners);
                 let mut shards = shards;
                 let mut failures = 0u32;
                 loop {
@@ -97,6 +111,57 @@ impl<E: Entity> Restorer<E> {
                 }
             })
             .expect("cannot spawn the restore thread");
+    }
+
+    /// Aborts the open checkpoint transaction of every previous owner that is no longer a member
+    /// of the group, so the restore does not wait for its transaction timeout (a SIGKILLed
+    /// node's open checkpoint held a restore for 13–19 s with a 10 s timeout).
+    ///
+    /// Why this is safe: Kafka assigns a partition here only in a generation the previous owner
+    /// is not part of. A node out of the group can no longer commit offsets (the group metadata
+    /// sent with its offsets is of an older generation), and one whose offsets were accepted
+    /// before it froze would commit them only when it resumes: aborting that transaction is
+    /// what the restore needs anyway (nothing of it becomes visible; its events are re-read
+    /// from the committed offsets), and the fenced node's next checkpoint fails and it
+    /// recovers (`consumer::recovery`). A node still in the group (a static member restarting,
+    /// or a member whose revoke already committed) is left alone. If the group cannot be
+    /// described, nothing is fenced and the restore waits as before.
+    fn fence_departed(&self, previous_owners: &BTreeSet<String>) {
+        if previous_owners.is_empty() {
+            return;
+        }
+        let members: BTreeSet<String> = match self
+            .group_offsets
+            .fetch_group_list(Some(&self.group), FENCE_DESCRIBE_TIMEOUT)
+        {
+            Ok(list) => list
+                .groups()
+                .iter()
+                .flat_map(|g| g.members())
+                .map(|m| m.client_id().to_string())
+                .collect(),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot describe group {} ({e}): previous owners' open transactions are \
+                     left to time out",
+                    self.group
+                );
+                return;
+            }
+        };
+        for node in previous_owners.difference(&members) {
+            let id = transactional_id(&self.group, node);
+            match fence(&self.kafka, &id, self.context.clone()) {
+                Ok(()) => tracing::info!(
+                    "node {node} is no longer in the group: its open checkpoint transaction (if \
+                     any) is aborted and its transactional id {id} fenced"
+                ),
+                Err(e) => tracing::warn!(
+                    "cannot fence {id} of node {node}, which left the group ({e}); its open \
+                     transaction is left to time out"
+                ),
+            }
+        }
     }
 
     /// Restores `shards`, removing each from the list once it has its state (so a retry after
