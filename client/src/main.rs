@@ -18,7 +18,7 @@ use proto::ledger::{ExpectedTotals, Ledger};
 use proto::service::user_service_client::UserServiceClient;
 use proto::service::{UserStatsRequest, UserStatsResponse};
 use serde::Serialize;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,6 +35,10 @@ struct Args {
         global = true
     )]
     addr: String,
+    /// PEM certificate of the CA that signed the nodes' certificates, for nodes serving gRPC
+    /// over TLS (`processor --tls-serve`; give the address as https://).
+    #[arg(long, env = "PROCESSOR_TLS_CA", value_name = "PEM", global = true)]
+    tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -89,15 +93,41 @@ struct JsonTotals<'a> {
     amount_spent: i64,
 }
 
-async fn connect(addr: &str) -> anyhow::Result<UserServiceClient<Channel>> {
-    Ok(UserServiceClient::new(connect_channel(addr).await?))
+/// Where the node is and how to reach it.
+struct Target {
+    addr: String,
+    tls: Option<ClientTlsConfig>,
 }
 
-async fn connect_channel(addr: &str) -> anyhow::Result<Channel> {
-    let endpoint = Channel::from_shared(addr.to_owned())
+impl Target {
+    fn from_args(addr: String, tls_ca: Option<PathBuf>) -> anyhow::Result<Self> {
+        let tls = match tls_ca {
+            Some(path) => {
+                let pem = std::fs::read(&path)
+                    .with_context(|| format!("cannot read --tls-ca {}", path.display()))?;
+                Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            }
+            None => None,
+        };
+        Ok(Self { addr, tls })
+    }
+}
+
+async fn connect(target: &Target) -> anyhow::Result<UserServiceClient<Channel>> {
+    Ok(UserServiceClient::new(connect_channel(target).await?))
+}
+
+async fn connect_channel(target: &Target) -> anyhow::Result<Channel> {
+    let addr = &target.addr;
+    let mut endpoint = Channel::from_shared(addr.to_owned())
         .with_context(|| format!("invalid address {addr}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30));
+    if let Some(tls) = &target.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .with_context(|| format!("cannot use TLS for {addr}"))?;
+    }
     endpoint
         .connect()
         .await
@@ -239,7 +269,7 @@ fn seconds(what: &str, value: f64) -> anyhow::Result<Duration> {
 
 #[allow(clippy::too_many_arguments)]
 async fn bench(
-    addr: &str,
+    target: &Target,
     ids_file: Option<PathBuf>,
     users: Option<u64>,
     concurrency: u64,
@@ -263,7 +293,7 @@ async fn bench(
     anyhow::ensure!(!plan.duration.is_zero(), "--duration-secs must be > 0");
     let mut channels = Vec::new();
     for _ in 0..plan.connections.min(plan.concurrency) {
-        channels.push(connect_channel(addr).await?);
+        channels.push(connect_channel(target).await?);
     }
     let report = bench::run(channels, plan).await?;
     if json {
@@ -279,13 +309,14 @@ async fn bench(
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let target = Target::from_args(args.addr, args.tls_ca)?;
     match args.command {
-        None => interactive(connect(&args.addr).await?).await,
-        Some(Command::Get { ids, json }) => get(connect(&args.addr).await?, ids, json).await,
+        None => interactive(connect(&target).await?).await,
+        Some(Command::Get { ids, json }) => get(connect(&target).await?, ids, json).await,
         Some(Command::Verify {
             ledger,
             concurrency,
-        }) => verify(connect(&args.addr).await?, ledger, concurrency).await,
+        }) => verify(connect(&target).await?, ledger, concurrency).await,
         Some(Command::Bench {
             ids_file,
             users,
@@ -296,7 +327,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             json,
         }) => {
             bench(
-                &args.addr,
+                &target,
                 ids_file,
                 users,
                 concurrency,

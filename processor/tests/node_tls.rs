@@ -94,28 +94,9 @@ async fn nodes_with_tls_form_the_cluster_and_a_node_without_the_cas_certificate_
     // Long enough for a node that joined the group to have been given partitions.
     tokio::time::sleep(Duration::from_secs(8)).await;
     for intruder in [&mut stranger, &mut plain] {
-        assert!(intruder.is_running(), "a refused node keeps retrying");
-        let (status, body) = get_status(intruder.management, "/ready")
-            .await
-            .expect("the refused node serves /ready");
-        assert_eq!(status, 503, "{body}");
-        assert!(
-            body["reasons"].to_string().contains("not admitted"),
-            "{body}"
-        );
-        assert!(
-            !intruder.log().contains("connected to seed node"),
-            "no session was authenticated"
-        );
-        assert!(intruder.shards().await.is_empty());
+        assert_refused(&spec, intruder).await;
     }
     let assignment = group_assignment(&spec.group, &spec.topic);
-    for i in [4, 5] {
-        assert!(
-            !assignment.contains_key(&spec.node_id(i)),
-            "refused node {i} is not in the group: {assignment:?}"
-        );
-    }
     let owned: usize = assignment.values().map(|p| p.len()).sum();
     assert_eq!(
         owned, 24,
@@ -133,4 +114,69 @@ async fn nodes_with_tls_form_the_cluster_and_a_node_without_the_cas_certificate_
     for node in &mut nodes {
         assert!(node.stop().success());
     }
+}
+
+/// `curl` over HTTPS trusting `ca`: the HTTP status, or `None` if no TLS session came about.
+fn https_status(ca: &std::path::Path, url: &str) -> Option<u16> {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .arg("--cacert")
+        .arg(ca)
+        .arg(url)
+        .output()
+        .expect("curl is installed (.ci/run installs it)");
+    let code: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    (out.status.success() && code != 0).then_some(code)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_and_the_management_port_serve_tls_with_the_node_certificate() {
+    require_broker();
+    let mut spec = ClusterSpec::new("serve-tls", 8_000);
+    let ca = NodeCa::new(&log_dir(&spec.name), "cluster");
+    spec.seeds = vec![spec.remoting(1)];
+    spec.create_topic(4);
+    let mut args = ca.node_args("node1");
+    args.push("--tls-serve".into());
+    let mut node = spec.start_node_with(1, &args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let ready = format!("https://127.0.0.1:{}/ready", spec.management(1));
+    eventually(
+        Duration::from_secs(60),
+        "/ready over HTTPS to answer 200",
+        || async { (https_status(&ca.ca_file(), &ready) == Some(200)).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        get_status(spec.management(1), "/ready").await,
+        None,
+        "plain HTTP is not served"
+    );
+
+    let ledger = spec.produce(600, 60, "serve-tls.json");
+    let grpc = format!("https://127.0.0.1:{}", spec.grpc(1));
+    let ca_file = ca.ca_file();
+    let tls = ["--tls-ca", ca_file.to_str().unwrap()];
+    eventually(
+        Duration::from_secs(60),
+        "totals over gRPC with TLS to equal the ledger",
+        || async { verify_with(&grpc, &ledger, &tls).0.then_some(()) },
+    )
+    .await;
+    let (plain_ok, plain) = verify(&spec.grpc_url(1), &ledger);
+    assert!(!plain_ok, "plain gRPC is not served: {plain}");
+    let (untrusting_ok, untrusting) = verify(&grpc, &ledger);
+    assert!(
+        !untrusting_ok,
+        "a client that does not trust the CA cannot connect: {untrusting}"
+    );
+    assert!(node.stop().success());
 }

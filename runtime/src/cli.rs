@@ -81,6 +81,11 @@ pub struct NodeArgs {
     #[arg(long, env = "KAFKA_STATIC_MEMBERSHIP")]
     pub static_membership: bool,
 
+    /// Serve gRPC and the management port over TLS too, with --tls-cert and --tls-key (server
+    /// TLS: clients trust the CA of --tls-ca and need no certificate of their own).
+    #[arg(long, env = "NODE_TLS_SERVE", requires = "tls_cert")]
+    pub tls_serve: bool,
+
     /// Kafka consumer session timeout: how long a silent node keeps its partitions.
     #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u64,
@@ -244,6 +249,8 @@ pub struct NodeConfig {
     pub cookie: String,
     /// TLS for sessions between nodes, loaded from --tls-cert/--tls-key/--tls-ca.
     pub tls: Option<NodeTls>,
+    /// Whether gRPC and the management port use `tls` too.
+    pub tls_serve: bool,
     pub session_timeout: Duration,
     pub static_membership: bool,
     pub query_wait: Duration,
@@ -291,6 +298,7 @@ impl NodeConfig {
         };
         let config = Self {
             tls,
+            tls_serve: args.tls_serve,
             kafka: KafkaConnection::new(args.bootstrap_servers).with_properties(kafka_properties),
             name: name.to_string(),
             ports,

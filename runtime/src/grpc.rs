@@ -2,6 +2,7 @@
 //! reflection services. Health (the server as a whole, "", and every application service) is
 //! SERVING exactly when the node is ready.
 
+use crate::cluster::tls::NodeTls;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,7 @@ pub(crate) async fn serve(
     addr: SocketAddr,
     services: GrpcServices,
     readiness: Arc<Readiness>,
+    tls: Option<NodeTls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -61,7 +63,11 @@ pub(crate) async fn serve(
         .expect("the applications' descriptor sets are valid");
     let mut routes = services.routes;
     routes.add_service(health_service).add_service(reflection);
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls.grpc_config())?;
+    }
+    server
         .add_routes(routes.routes())
         .serve_with_shutdown(addr, shutdown)
         .await

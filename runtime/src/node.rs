@@ -612,6 +612,7 @@ async fn run(
         grpc_addr,
         grpc_services,
         readiness.clone(),
+        config.tls.clone().filter(|_| config.tls_serve),
         shutdown(shutdown_rx.clone()),
     ));
 
@@ -637,13 +638,36 @@ async fn run(
             port: config.ports.management,
             source,
         })?;
-    let http = tokio::spawn(
-        axum::serve(http_listener, crate::http::router(management))
+    let router = crate::http::router(management);
+    let http = match config.tls.as_ref().filter(|_| config.tls_serve) {
+        Some(tls) => tokio::spawn(
+            axum::serve(
+                tls.serve_https(http_listener)
+                    .map_err(|source| NodeError::PortInUse {
+                        what: "management",
+                        host: host.clone(),
+                        port: config.ports.management,
+                        source,
+                    })?,
+                router,
+            )
             .with_graceful_shutdown(shutdown(shutdown_rx.clone()))
             .into_future(),
+        ),
+        None => tokio::spawn(
+            axum::serve(http_listener, router)
+                .with_graceful_shutdown(shutdown(shutdown_rx.clone()))
+                .into_future(),
+        ),
+    };
+    let serves_tls = config.tls.is_some() && config.tls_serve;
+    let (remoting_tls, scheme, grpc_tls) = (
+        if config.tls.is_some() { " (TLS)" } else { "" },
+        if serves_tls { "https" } else { "http" },
+        if serves_tls { " (TLS)" } else { "" },
     );
     tracing::info!(
-        "node {node_id} up: remoting {bind}:{}, management http://{bind}:{}, gRPC {grpc_addr}, hosting {}",
+        "node {node_id} up: remoting {bind}:{}{remoting_tls}, management {scheme}://{bind}:{}, gRPC {grpc_addr}{grpc_tls}, hosting {}",
         config.ports.remoting,
         config.ports.management,
         groups.join(", ")

@@ -471,14 +471,15 @@ where
 
 /// `client verify` through one node; returns (success, output).
 pub fn verify(grpc_url: &str, ledger: &Path) -> (bool, String) {
+    verify_with(grpc_url, ledger, &[])
+}
+
+/// [`verify`] with more `client` options (e.g. `--tls-ca`).
+pub fn verify_with(grpc_url: &str, ledger: &Path, options: &[&str]) -> (bool, String) {
     let out = Command::new(bin("client"))
-        .args([
-            "--addr",
-            grpc_url,
-            "verify",
-            "--ledger",
-            ledger.to_str().unwrap(),
-        ])
+        .args(["--addr", grpc_url])
+        .args(options)
+        .args(["verify", "--ledger", ledger.to_str().unwrap()])
         .output()
         .unwrap();
     let text = format!(
@@ -885,6 +886,45 @@ pub async fn get_status(management: u16, path: &str) -> Option<(u16, Value)> {
 }
 
 /// The gRPC health status of the whole server ("") through `grpc_url`.
+/// grpc.health.v1 ServingStatus values.
+pub const SERVING: i32 = 1;
+pub const NOT_SERVING: i32 = 2;
+
+/// Asserts that `node`, refused by the cluster, stays out of it: still running (it retries),
+/// `/ready` 503 saying it is not admitted, gRPC health NOT_SERVING, no session authenticated,
+/// no shards, and absent from the group's assignment.
+pub async fn assert_refused(spec: &ClusterSpec, node: &mut Node) {
+    assert!(
+        node.is_running(),
+        "refused node {} keeps retrying",
+        node.index
+    );
+    let (status, body) = get_status(node.management, "/ready")
+        .await
+        .expect("the refused node serves /ready");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["reasons"].to_string().contains("not admitted"),
+        "{body}"
+    );
+    assert_eq!(
+        grpc_health(&spec.grpc_url(node.index)).await,
+        Some(NOT_SERVING)
+    );
+    assert!(
+        !node.log().contains("connected to seed node"),
+        "no session of refused node {} was authenticated",
+        node.index
+    );
+    assert!(node.shards().await.is_empty());
+    let assignment = group_assignment(&spec.group, &spec.topic);
+    assert!(
+        !assignment.contains_key(&node.id),
+        "refused node {} is not in the group: {assignment:?}",
+        node.index
+    );
+}
+
 pub async fn grpc_health(grpc_url: &str) -> Option<i32> {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
@@ -931,6 +971,11 @@ impl NodeCa {
         }
     }
 
+    /// The CA's certificate (what clients of a node serving TLS trust).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join(format!("{}-ca.pem", self.name))
+    }
+
     /// The node options for a certificate this CA signs for 127.0.0.1 and localhost.
     pub fn node_args(&self, node: &str) -> Vec<String> {
         use rcgen::{CertificateParams, KeyPair};
@@ -942,7 +987,7 @@ impl NodeCa {
         let (cert_path, key_path, ca_path) = (
             self.dir.join(format!("{}-{node}.pem", self.name)),
             self.dir.join(format!("{}-{node}.key", self.name)),
-            self.dir.join(format!("{}-ca.pem", self.name)),
+            self.ca_file(),
         );
         std::fs::write(&cert_path, cert.pem()).unwrap();
         std::fs::write(&key_path, key.serialize_pem()).unwrap();

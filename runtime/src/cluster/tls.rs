@@ -7,6 +7,10 @@
 //! (the seed's host as given, or the host a peer advertises). The cookie is still checked inside
 //! the TLS session. ractor_cluster's listener takes the acceptor; outgoing sessions are opened
 //! with its `connect_enc` (see `membership`).
+//!
+//! The same certificate may also serve gRPC and the management port (`--tls-serve`): server
+//! TLS only there, since their clients are applications and operators' tools, which trust the
+//! CA but have no node certificate.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -57,6 +61,11 @@ pub struct NodeTls {
     files: NodeTlsFiles,
     acceptor: TlsAcceptor,
     connector: TlsConnector,
+    /// Server TLS for HTTP clients (no client certificate asked), HTTP/2 and HTTP/1.1.
+    serving: TlsAcceptor,
+    /// The certificate chain and key as read, for tonic's own TLS configuration.
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
 }
 
 impl fmt::Debug for NodeTls {
@@ -105,16 +114,33 @@ impl NodeTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs.clone(), key.clone_key())
             .map_err(|e| config_error(&e))?;
+        let mut serving = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| config_error(&e))?
+            .with_no_client_auth()
+            .with_single_cert(certs.clone(), key.clone_key())
+            .map_err(|e| config_error(&e))?;
+        serving.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let client = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| config_error(&e))?
             .with_root_certificates(roots)
             .with_client_auth_cert(certs, key)
             .map_err(|e| config_error(&e))?;
+        let read = |path: &Path, what| {
+            std::fs::read(path).map_err(|e| NodeTlsError::Read {
+                what,
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
+        };
         Ok(Self {
+            cert_pem: read(&files.cert, "certificate")?,
+            key_pem: read(&files.key, "private key")?,
             files,
             acceptor: TlsAcceptor::from(Arc::new(server)),
             connector: TlsConnector::from(Arc::new(client)),
+            serving: TlsAcceptor::from(Arc::new(serving)),
         })
     }
 
@@ -129,6 +155,69 @@ impl NodeTls {
 
     pub(crate) fn connector(&self) -> TlsConnector {
         self.connector.clone()
+    }
+
+    /// tonic's server TLS with this node's certificate.
+    pub(crate) fn grpc_config(&self) -> tonic::transport::ServerTlsConfig {
+        tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+            &self.cert_pem,
+            &self.key_pem,
+        ))
+    }
+
+    /// `listener` with server TLS (this node's certificate) on every connection, for axum.
+    pub(crate) fn serve_https(
+        &self,
+        mut listener: tokio::net::TcpListener,
+    ) -> std::io::Result<HttpsListener> {
+        let local = listener.local_addr()?;
+        let (tx, accepted) = tokio::sync::mpsc::channel(64);
+        let acceptor = self.serving.clone();
+        // Handshakes run on their own tasks: a slow or silent client cannot hold up the others.
+        tokio::spawn(async move {
+            while !tx.is_closed() {
+                let (stream, addr) = axum::serve::Listener::accept(&mut listener).await;
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, addr)).await;
+                        }
+                        // Port scanners and plain-HTTP clients are not news.
+                        Ok(Err(e)) => tracing::debug!("TLS handshake with {addr} failed: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake with {addr} timed out"),
+                    }
+                });
+            }
+        });
+        Ok(HttpsListener { accepted, local })
+    }
+}
+
+/// Connections whose TLS handshake completed, for axum.
+pub(crate) struct HttpsListener {
+    accepted: tokio::sync::mpsc::Receiver<(TlsStream, std::net::SocketAddr)>,
+    local: std::net::SocketAddr,
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl axum::serve::Listener for HttpsListener {
+    type Io = TlsStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.accepted.recv().await {
+            Some(connection) => connection,
+            // The accepting task only ends once this listener is gone.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
     }
 }
 
