@@ -104,17 +104,20 @@ impl AllocationTable {
         true
     }
 
-    /// Forgets every claim of a node that left the cluster, and remembers that it left.
+    /// Forgets every claim of a node that left the cluster; one that still held shards is
+    /// remembered as departed (one that handed everything off committed as it did).
     pub fn remove_node(&self, node: &str) -> Vec<u32> {
         let node: Arc<str> = Arc::from(node);
-        self.departed
-            .lock()
-            .expect("allocation table lock poisoned")
-            .insert(node.clone());
         let mut claims = self.claims.lock().expect("allocation table lock poisoned");
         let Some(claim) = claims.remove(&node) else {
             return Vec::new();
         };
+        if !claim.shards.is_empty() {
+            self.departed
+                .lock()
+                .expect("allocation table lock poisoned")
+                .insert(node.clone());
+        }
         for shard in &claim.shards {
             self.release_if_owned_by(&claims, *shard, &node);
         }
@@ -156,6 +159,14 @@ impl AllocationTable {
             .expect("allocation table lock poisoned");
         nodes.extend(departed.iter().map(|n| n.to_string()));
         nodes
+    }
+
+    /// `node`'s transactions were ended (fenced): it is no longer a previous owner to fence.
+    pub fn forget_departed(&self, node: &str) {
+        self.departed
+            .lock()
+            .expect("allocation table lock poisoned")
+            .remove(node);
     }
 
     /// Shards this node claims.
@@ -234,6 +245,16 @@ mod tests {
         // Back with a new incarnation: its transactions are its own again.
         t.apply_claim("c", (2, 0), BTreeSet::new());
         assert_eq!(t.previous_owners(&[2]), BTreeSet::new());
+        // Fenced once, not again.
+        t.remove_node("d");
+        assert_eq!(t.previous_owners(&[]), ["d"].map(String::from).into());
+        t.forget_departed("d");
+        assert_eq!(t.previous_owners(&[]), BTreeSet::new());
+        // A node that handed everything off before it left has nothing open to end.
+        t.apply_claim("e", (1, 1), set(&[4]));
+        t.apply_claim("e", (1, 2), BTreeSet::new());
+        t.remove_node("e");
+        assert_eq!(t.previous_owners(&[4]), BTreeSet::new());
     }
 
     #[test]

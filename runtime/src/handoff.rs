@@ -101,7 +101,9 @@ impl<E: Entity> Handoff<E> {
             partitions,
             self.local.ids().len()
         );
-        self.restorer.restore(restoring, previous_owners);
+        self.restorer.restore(restoring);
+        self.restorer
+            .fence_departed(previous_owners, self.announcer.table().clone());
     }
 
     /// Waits until the shards of `partitions` have applied everything dispatched to them.

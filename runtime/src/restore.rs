@@ -6,7 +6,8 @@
 //! compacted: it holds about one record per entity. A partition with an open transaction of a
 //! failed or frozen node is only read to its end once that transaction is resolved: committed
 //! (a frozen node that resumes can still commit it) or aborted. A previous owner that has left
-//! the consumer group has its transaction aborted at once (see [`Restorer::fence_departed`]);
+//! the consumer group has its transaction aborted at once, beside the restore (see
+//! [`Restorer::fence_departed`]);
 //! otherwise the abort comes after the producers' `transaction.timeout.ms`, which is logged
 //! while waiting.
 
@@ -20,6 +21,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use crate::allocation::AllocationTable;
 use crate::changelog;
 use crate::entity::{Entity, EntityId, EntityMap, Stored};
 use crate::fencing::{fence, transactional_id};
@@ -67,13 +69,7 @@ struct PartitionRestore<E: Entity> {
 impl<E: Entity> Restorer<E> {
     /// Starts restoring `shards` on a background thread, retrying until every shard is restored
     /// or stopped (a shard that was handed off meanwhile needs no restore).
-    /// `previous_owners`: nodes that may have held these shards (see
-    /// [`crate::allocation::AllocationTable::previous_owners`]).
-    pub fn restore(
-        self: &Arc<Self>,
-        shards: Vec<(u32, ActorRef<ShardMsg<E>>)>,
-        previous_owners: BTreeSet<String>,
-    ) {
+    pub fn restore(self: &Arc<Self>, shards: Vec<(u32, ActorRef<ShardMsg<E>>)>) {
         if shards.is_empty() {
             return;
         }
@@ -85,7 +81,6 @@ impl<E: Entity> Restorer<E> {
             .name("changelog-restore".into())
             .spawn(move || {
                 let _in_type = span.enter();
-                this.fence_departed(&previous_owners);
                 let mut shards = shards;
                 let mut failures = 0u32;
                 loop {
@@ -126,10 +121,34 @@ impl<E: Entity> Restorer<E> {
     /// recovers (`consumer::recovery`). A node still in the group (a static member restarting,
     /// or a member whose revoke already committed) is left alone. If the group cannot be
     /// described, nothing is fenced and the restore waits as before.
-    fn fence_departed(&self, previous_owners: &BTreeSet<String>) {
+    ///
+    /// It runs beside the restore, which waits for whatever transaction is open and so goes on
+    /// as soon as the fence has ended it (and at once when none was open). Each fenced node is
+    /// forgotten as departed in `table`, so a later assignment does not fence it again.
+    pub fn fence_departed(
+        self: &Arc<Self>,
+        previous_owners: BTreeSet<String>,
+        table: Arc<AllocationTable>,
+    ) {
         if previous_owners.is_empty() {
             return;
         }
+        let this = self.clone();
+        let span = tracing::Span::current();
+        std::thread::Builder::new()
+            .name("fence-departed".into())
+            .spawn(move || {
+                let _in_type = span.enter();
+                for node in this.fence_not_in_group(&previous_owners) {
+                    table.forget_departed(&node);
+                }
+            })
+            .expect("cannot spawn the fencing thread");
+    }
+
+    /// Fences each of `previous_owners` the group does not list as a member; returns those
+    /// fenced.
+    fn fence_not_in_group(&self, previous_owners: &BTreeSet<String>) -> Vec<String> {
         let members: BTreeSet<String> = match self
             .group_offsets
             .fetch_group_list(Some(&self.group), FENCE_DESCRIBE_TIMEOUT)
@@ -146,22 +165,27 @@ impl<E: Entity> Restorer<E> {
                      left to time out",
                     self.group
                 );
-                return;
+                return Vec::new();
             }
         };
+        let mut fenced = Vec::new();
         for node in previous_owners.difference(&members) {
             let id = transactional_id(&self.group, node);
             match fence(&self.kafka, &id, self.context.clone()) {
-                Ok(()) => tracing::info!(
-                    "node {node} is no longer in the group: its open checkpoint transaction (if \
-                     any) is aborted and its transactional id {id} fenced"
-                ),
+                Ok(()) => {
+                    tracing::info!(
+                        "node {node} is no longer in the group: its open checkpoint transaction \
+                         (if any) is aborted and its transactional id {id} fenced"
+                    );
+                    fenced.push(node.clone());
+                }
                 Err(e) => tracing::warn!(
                     "cannot fence {id} of node {node}, which left the group ({e}); its open \
                      transaction is left to time out"
                 ),
             }
         }
+        fenced
     }
 
     /// Restores `shards`, removing each from the list once it has its state (so a retry after
