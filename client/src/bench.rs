@@ -19,6 +19,8 @@ pub struct BenchPlan {
     pub connections: usize,
     pub warmup: Duration,
     pub duration: Duration,
+    /// Sent with every query (see `--max-staleness-ms`).
+    pub max_staleness_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -53,6 +55,7 @@ pub async fn run(channels: Vec<Channel>, plan: BenchPlan) -> anyhow::Result<Benc
         !plan.ids.is_empty() && plan.concurrency > 0,
         "nothing to query"
     );
+    let max_staleness_ms = plan.max_staleness_ms;
     let ids = Arc::new(plan.ids);
     let next = Arc::new(AtomicUsize::new(0));
     let measure_from = Instant::now() + plan.warmup;
@@ -71,7 +74,12 @@ pub async fn run(channels: Vec<Channel>, plan: BenchPlan) -> anyhow::Result<Benc
                     if sent >= end {
                         break;
                     }
-                    let answer = client.user_stats(UserStatsRequest { id }).await;
+                    let answer = client
+                        .user_stats(UserStatsRequest {
+                            id,
+                            max_staleness_ms,
+                        })
+                        .await;
                     if sent < measure_from {
                         continue;
                     }

@@ -39,6 +39,10 @@ struct Args {
     /// over TLS (`processor --tls-serve`; give the address as https://).
     #[arg(long, env = "PROCESSOR_TLS_CA", value_name = "PEM", global = true)]
     tls_ca: Option<PathBuf>,
+    /// Allow answers from a standby replica at most this many milliseconds behind when no
+    /// owner answers (a failover); without it only the users' owners answer.
+    #[arg(long, env = "MAX_STALENESS_MS", global = true)]
+    max_staleness_ms: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -91,16 +95,25 @@ struct JsonTotals<'a> {
     user_id: &'a str,
     purchases: i64,
     amount_spent: i64,
+    /// `owner` or `standby`.
+    answered_by: &'a str,
+    lag_records: i64,
+    lag_ms: u64,
 }
 
 /// Where the node is and how to reach it.
 struct Target {
     addr: String,
     tls: Option<ClientTlsConfig>,
+    max_staleness_ms: Option<u64>,
 }
 
 impl Target {
-    fn from_args(addr: String, tls_ca: Option<PathBuf>) -> anyhow::Result<Self> {
+    fn from_args(
+        addr: String,
+        tls_ca: Option<PathBuf>,
+        max_staleness_ms: Option<u64>,
+    ) -> anyhow::Result<Self> {
         let tls = match tls_ca {
             Some(path) => {
                 let pem = std::fs::read(&path)
@@ -109,12 +122,38 @@ impl Target {
             }
             None => None,
         };
-        Ok(Self { addr, tls })
+        Ok(Self {
+            addr,
+            tls,
+            max_staleness_ms,
+        })
     }
 }
 
-async fn connect(target: &Target) -> anyhow::Result<UserServiceClient<Channel>> {
-    Ok(UserServiceClient::new(connect_channel(target).await?))
+/// The user service of one node, asked with the reads' staleness bound.
+#[derive(Clone)]
+struct Users {
+    client: UserServiceClient<Channel>,
+    max_staleness_ms: Option<u64>,
+}
+
+impl Users {
+    async fn stats(&mut self, id: &str) -> Result<UserStatsResponse, tonic::Status> {
+        self.client
+            .user_stats(UserStatsRequest {
+                id: id.to_owned(),
+                max_staleness_ms: self.max_staleness_ms,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+async fn connect(target: &Target) -> anyhow::Result<Users> {
+    Ok(Users {
+        client: UserServiceClient::new(connect_channel(target).await?),
+        max_staleness_ms: target.max_staleness_ms,
+    })
 }
 
 async fn connect_channel(target: &Target) -> anyhow::Result<Channel> {
@@ -134,24 +173,22 @@ async fn connect_channel(target: &Target) -> anyhow::Result<Channel> {
         .with_context(|| format!("cannot connect to {addr}"))
 }
 
-async fn query(
-    client: &mut UserServiceClient<Channel>,
-    id: &str,
-) -> Result<UserStatsResponse, tonic::Status> {
-    client
-        .user_stats(UserStatsRequest { id: id.to_owned() })
-        .await
-        .map(|r| r.into_inner())
-}
-
 fn sentence(r: &UserStatsResponse) -> String {
+    let from = if r.answered_by == "standby" {
+        format!(
+            " (from a standby replica: {} changelog records, {} ms behind at most)",
+            r.lag_records, r.lag_ms
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "User {} has made {} purchases for a total of {}p",
+        "User {} has made {} purchases for a total of {}p{from}",
         r.id, r.total_purchases, r.amount_spent
     )
 }
 
-async fn interactive(mut client: UserServiceClient<Channel>) -> anyhow::Result<()> {
+async fn interactive(mut client: Users) -> anyhow::Result<()> {
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -164,27 +201,26 @@ async fn interactive(mut client: UserServiceClient<Channel>) -> anyhow::Result<(
         if id == ":q" {
             return Ok(());
         }
-        match query(&mut client, &id).await {
+        match client.stats(&id).await {
             Ok(r) => println!("{}", sentence(&r)),
             Err(status) => println!("error: {:?}: {}", status.code(), status.message()),
         }
     }
 }
 
-async fn get(
-    mut client: UserServiceClient<Channel>,
-    ids: Vec<String>,
-    json: bool,
-) -> anyhow::Result<()> {
+async fn get(mut client: Users, ids: Vec<String>, json: bool) -> anyhow::Result<()> {
     let mut failed = 0;
     for id in &ids {
-        match query(&mut client, id).await {
+        match client.stats(id).await {
             Ok(r) if json => println!(
                 "{}",
                 serde_json::to_string(&JsonTotals {
                     user_id: &r.id,
                     purchases: r.total_purchases,
-                    amount_spent: r.amount_spent
+                    amount_spent: r.amount_spent,
+                    answered_by: &r.answered_by,
+                    lag_records: r.lag_records,
+                    lag_ms: r.lag_ms,
                 })?
             ),
             Ok(r) => println!("{}", sentence(&r)),
@@ -200,11 +236,7 @@ async fn get(
     Ok(())
 }
 
-async fn verify(
-    client: UserServiceClient<Channel>,
-    ledger_path: PathBuf,
-    concurrency: usize,
-) -> anyhow::Result<()> {
+async fn verify(client: Users, ledger_path: PathBuf, concurrency: usize) -> anyhow::Result<()> {
     let ledger = Ledger::load(&ledger_path)?;
     let users = ledger.user_ids();
     let results: Vec<(
@@ -216,11 +248,11 @@ async fn verify(
             let mut client = client.clone();
             let expected = ledger.expected(&id);
             async move {
-                let mut answer = query(&mut client, &id).await;
+                let mut answer = client.stats(&id).await;
                 for _ in 0..3 {
                     match &answer {
                         Err(s) if s.code() == tonic::Code::Unavailable => {
-                            answer = query(&mut client, &id).await
+                            answer = client.stats(&id).await
                         }
                         _ => break,
                     }
@@ -289,6 +321,7 @@ async fn bench(
         connections: connections as usize,
         warmup: seconds("--warmup-secs", warmup_secs)?,
         duration: seconds("--duration-secs", duration_secs)?,
+        max_staleness_ms: target.max_staleness_ms,
     };
     anyhow::ensure!(!plan.duration.is_zero(), "--duration-secs must be > 0");
     let mut channels = Vec::new();
@@ -309,7 +342,7 @@ async fn bench(
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let target = Target::from_args(args.addr, args.tls_ca)?;
+    let target = Target::from_args(args.addr, args.tls_ca, args.max_staleness_ms)?;
     match args.command {
         None => interactive(connect(&target).await?).await,
         Some(Command::Get { ids, json }) => get(connect(&target).await?, ids, json).await,

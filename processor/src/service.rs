@@ -1,7 +1,9 @@
 //! The sample's gRPC front end: any node answers for any user (the runtime routes the query to
 //! the node hosting the user's shard).
 
-use kafka_sharding::{AskError, Entities};
+use std::time::Duration;
+
+use kafka_sharding::{AskError, Consistency, Entities, Route};
 use proto::service::user_service_server::{UserService, UserServiceServer};
 use proto::service::{UserStatsRequest, UserStatsResponse};
 use tonic::{Request, Response, Status};
@@ -25,13 +27,27 @@ impl UserService for UserStatsService {
         &self,
         request: Request<UserStatsRequest>,
     ) -> Result<Response<UserStatsResponse>, Status> {
-        let id = request.into_inner().id;
-        match self.users.ask(&id, ()).await {
-            Ok((totals, _route)) => Ok(Response::new(UserStatsResponse {
-                id,
-                total_purchases: totals.purchases,
-                amount_spent: totals.amount_spent,
-            })),
+        let request = request.into_inner();
+        let consistency = match request.max_staleness_ms {
+            None => Consistency::Strong,
+            Some(ms) => Consistency::BoundedStaleness(Duration::from_millis(ms)),
+        };
+        let id = request.id;
+        match self.users.ask_with(&id, (), consistency).await {
+            Ok((totals, route)) => {
+                let (answered_by, lag_records, lag_ms) = match route {
+                    Route::Standby(lag) => ("standby", lag.records, lag.behind.as_millis() as u64),
+                    Route::Local | Route::Remote => ("owner", 0, 0),
+                };
+                Ok(Response::new(UserStatsResponse {
+                    id,
+                    total_purchases: totals.purchases,
+                    amount_spent: totals.amount_spent,
+                    answered_by: answered_by.into(),
+                    lag_records,
+                    lag_ms,
+                }))
+            }
             Err(e) => Err(status(&e)),
         }
     }

@@ -455,7 +455,10 @@ async fn queries_validate_input_and_wait_a_bounded_time_for_a_shard_without_owne
     .await;
     for bad in [String::new(), "x".repeat(257)] {
         let status = client
-            .user_stats(UserStatsRequest { id: bad })
+            .user_stats(UserStatsRequest {
+                id: bad,
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
@@ -467,7 +470,10 @@ async fn queries_validate_input_and_wait_a_bounded_time_for_a_shard_without_owne
     let shard = partition_for_key(orphan.as_bytes(), 8);
     let started = Instant::now();
     let status = client
-        .user_stats(UserStatsRequest { id: orphan.clone() })
+        .user_stats(UserStatsRequest {
+            id: orphan.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     let waited = started.elapsed();
@@ -487,7 +493,10 @@ async fn queries_validate_input_and_wait_a_bounded_time_for_a_shard_without_owne
     squatter.join().unwrap();
     wait_for_split(&[&node], 8).await;
     let answer = client
-        .user_stats(UserStatsRequest { id: orphan.clone() })
+        .user_stats(UserStatsRequest {
+            id: orphan.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -97,7 +97,10 @@ impl QueryProbe {
                     let (user, purchases, amount) = &users[n % users.len()];
                     n += 1;
                     match client
-                        .user_stats(UserStatsRequest { id: user.clone() })
+                        .user_stats(UserStatsRequest {
+                            id: user.clone(),
+                            ..Default::default()
+                        })
                         .await
                     {
                         Ok(r) => {
@@ -493,8 +496,23 @@ async fn rebalance_churn_during_checkpoints_loses_nothing() {
     }
 }
 
+/// A node's gauge `name` of the test's entity type (0 when the node has no such series).
+async fn gauge(node: &Node, spec: &ClusterSpec, name: &str) -> f64 {
+    let metrics = node.metrics().await.expect("node answers /metrics");
+    metrics
+        .get(&format!(
+            "processor_{name}{{entity_type=\"{}\"}}",
+            spec.group
+        ))
+        .copied()
+        .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_nodes_open_transaction_is_aborted_by_the_new_owner_instead_of_timing_out() {
+    use kafka_sharding::partitioner::partition_for_key;
+    use proto::service::user_service_client::UserServiceClient;
+    use proto::service::UserStatsRequest;
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     require_broker();
     let spec = ClusterSpec::new("dead-txn", 10_000);
@@ -502,10 +520,69 @@ async fn a_dead_nodes_open_transaction_is_aborted_by_the_new_owner_instead_of_ti
     let node1 = spec.start_node(1);
     let mut node2 = spec.start_node(2);
     let split = wait_for_split(&[&node1, &node2], 8).await;
-    let ledger = spec.produce(2_000, 200, "dead-txn.json");
-    wait_for_ledger(&spec, &[1, 2], &ledger, Duration::from_secs(60)).await;
+    let ledger_path = spec.produce(2_000, 200, "dead-txn.json");
+    wait_for_ledger(&spec, &[1, 2], &ledger_path, Duration::from_secs(60)).await;
+    let ledger = Ledger::load(&ledger_path).unwrap();
+    let moved_users: Vec<String> = ledger
+        .user_ids()
+        .into_iter()
+        .filter(|u| split[1].contains(&partition_for_key(u.as_bytes(), 8)))
+        .collect();
+    assert!(!moved_users.is_empty());
+    // Standbys on by default: with two nodes, each keeps a standby of every shard of the other.
+    eventually(
+        Duration::from_secs(10),
+        "node 1 to keep a standby of each of node 2's shards",
+        || async {
+            (gauge(&node1, &spec, "standby_shards").await == split[1].len() as f64).then_some(())
+        },
+    )
+    .await;
 
     node2.kill();
+    let killed = Instant::now();
+    // Before Kafka reassigns anything (6 s session timeout), reads that allow staleness are
+    // answered by node 1's standbys, exactly (the input is over, so the standbys are current);
+    // a strong read waits for an owner.
+    let mut client = UserServiceClient::connect(spec.grpc_url(1)).await.unwrap();
+    for user in &moved_users {
+        let answer = client
+            .user_stats(UserStatsRequest {
+                id: user.clone(),
+                max_staleness_ms: Some(10_000),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("user {user}: {s}"))
+            .into_inner();
+        let expected = ledger.expected(user);
+        assert_eq!(
+            (
+                answer.answered_by.as_str(),
+                answer.total_purchases,
+                answer.amount_spent
+            ),
+            ("standby", expected.purchases, expected.amount_spent),
+            "user {user}"
+        );
+        assert_eq!(
+            answer.lag_ms, 0,
+            "user {user}: the standby had read everything"
+        );
+    }
+    let standby_reads = killed.elapsed();
+    println!(
+        "{} moved users answered by node 1's standbys within {:.1} s of the kill",
+        moved_users.len(),
+        standby_reads.as_secs_f64()
+    );
+    assert!(
+        standby_reads < Duration::from_secs(5),
+        "standby reads took {standby_reads:?}: not before the failover"
+    );
+    assert!(
+        node1.shards().await.is_disjoint(&split[1]),
+        "answered before node 1 owned any of node 2's shards"
+    );
     // Node 2 as if it had died with a checkpoint open: its transactional id holds a record in
     // the changelog partition of one of its shards, never committed, with a transaction timeout
     // far beyond this test's patience. Restoring that shard reads to the partition's end, so
@@ -535,11 +612,10 @@ async fn a_dead_nodes_open_transaction_is_aborted_by_the_new_owner_instead_of_ti
         .map_err(|(e, _)| e)
         .unwrap();
     dead_node_txn.flush(Duration::from_secs(10)).unwrap();
-    let killed = Instant::now();
 
     // Node 1 is assigned node 2's partitions after the 6 s session timeout and fences node 2's
     // transactional id: every user answers well before the 300 s transaction timeout.
-    wait_for_ledger(&spec, &[1], &ledger, Duration::from_secs(60)).await;
+    wait_for_ledger(&spec, &[1], &ledger_path, Duration::from_secs(60)).await;
     println!(
         "every user answered through node 1 {:.1} s after node 2 was killed",
         killed.elapsed().as_secs_f64()
@@ -557,6 +633,41 @@ async fn a_dead_nodes_open_transaction_is_aborted_by_the_new_owner_instead_of_ti
     )
     .await;
     assert_eq!(node1.shards().await.len(), 8);
+    // Each moved shard was restored from its standby: only the changelog after it was read.
+    let log = node1.log();
+    for shard in &split[1] {
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains(&format!("shard {shard} restored: ")))
+            .unwrap_or_else(|| panic!("no restore of shard {shard}"));
+        assert!(line.contains("after its standby replica"), "{line}");
+    }
+    let metrics = node1.metrics().await.unwrap();
+    let restores = |from: &str| {
+        metrics
+            .get(&format!(
+                "processor_restores_total{{entity_type=\"{}\",from=\"{from}\"}}",
+                spec.group
+            ))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    assert!(restores("standby") >= split[1].len() as f64, "{metrics:?}");
+    let failovers = metrics
+        .get(&format!(
+            "processor_failover_seconds_count{{entity_type=\"{}\"}}",
+            spec.group
+        ))
+        .copied()
+        .unwrap_or(0.0);
+    assert_eq!(
+        failovers,
+        split[1].len() as f64,
+        "one failover per moved shard"
+    );
+    // No other node: no standbys left to keep.
+    assert_eq!(gauge(&node1, &spec, "standby_shards").await, 0.0);
     // The transaction is over: its producer was fenced.
     let fenced = dead_node_txn.commit_transaction(Duration::from_secs(10));
     assert!(

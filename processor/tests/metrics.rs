@@ -235,7 +235,10 @@ async fn metrics_move_with_what_was_produced() {
     }
     let mut client = UserServiceClient::connect(spec.grpc_url(1)).await.unwrap();
     let status = client
-        .user_stats(UserStatsRequest { id: String::new() })
+        .user_stats(UserStatsRequest {
+            id: String::new(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);

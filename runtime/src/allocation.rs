@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use tokio::sync::watch;
@@ -30,13 +31,21 @@ struct Claim {
     shards: BTreeSet<u32>,
 }
 
+/// A node that left while holding shards.
+#[derive(Debug, Clone)]
+struct Departure {
+    at: Instant,
+    shards: BTreeSet<u32>,
+}
+
 pub struct AllocationTable {
     local_node: Arc<str>,
     owners: DashMap<u32, Arc<str>>,
     claims: Mutex<HashMap<Arc<str>, Claim>>,
     /// Nodes whose session ended and that have not claimed anything since: a shard assigned
-    /// here may have been theirs (their checkpoint transaction may still be open).
-    departed: Mutex<BTreeSet<Arc<str>>>,
+    /// here may have been theirs (their checkpoint transaction may still be open). With when
+    /// this node saw them leave and the shards they held (for failover durations).
+    departed: Mutex<BTreeMap<Arc<str>, Departure>>,
     /// Bumped on every change; queries waiting for an owner watch it.
     changes: watch::Sender<u64>,
 }
@@ -47,7 +56,7 @@ impl AllocationTable {
             local_node: local_node.into(),
             owners: DashMap::new(),
             claims: Mutex::new(HashMap::new()),
-            departed: Mutex::new(BTreeSet::new()),
+            departed: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
         }
     }
@@ -116,7 +125,13 @@ impl AllocationTable {
             self.departed
                 .lock()
                 .expect("allocation table lock poisoned")
-                .insert(node.clone());
+                .insert(
+                    node.clone(),
+                    Departure {
+                        at: Instant::now(),
+                        shards: claim.shards.clone(),
+                    },
+                );
         }
         for shard in &claim.shards {
             self.release_if_owned_by(&claims, *shard, &node);
@@ -157,8 +172,27 @@ impl AllocationTable {
             .departed
             .lock()
             .expect("allocation table lock poisoned");
-        nodes.extend(departed.iter().map(|n| n.to_string()));
+        nodes.extend(departed.keys().map(|n| n.to_string()));
         nodes
+    }
+
+    /// Of `shards`, those a departed node held when it left, with when this node saw it leave.
+    pub fn orphaned_since(&self, shards: &[u32]) -> BTreeMap<u32, Instant> {
+        let departed = self
+            .departed
+            .lock()
+            .expect("allocation table lock poisoned");
+        shards
+            .iter()
+            .filter_map(|shard| {
+                departed
+                    .values()
+                    .filter(|d| d.shards.contains(shard))
+                    .map(|d| d.at)
+                    .min()
+                    .map(|at| (*shard, at))
+            })
+            .collect()
     }
 
     /// `node`'s transactions were ended (fenced): it is no longer a previous owner to fence.
@@ -241,6 +275,11 @@ mod tests {
             previous,
             ["b", "c"].map(String::from).into(),
             "b owned 1; c left the cluster (it may have owned 2); d owned neither"
+        );
+        assert_eq!(
+            t.orphaned_since(&[1, 2]).into_keys().collect::<Vec<_>>(),
+            vec![2],
+            "only c left holding a shard, and it held 2"
         );
         // Back with a new incarnation: its transactions are its own again.
         t.apply_claim("c", (2, 0), BTreeSet::new());

@@ -16,7 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::entity::{Codec, DecodeError, Entity, Stored};
+use crate::entity::{Codec, DecodeError, Entity, EntityId, EntityMap, Stored};
 use crate::kafka_admin::list_offsets;
 
 /// Header on every changelog record: the input topic its state's offsets refer to.
@@ -72,6 +72,31 @@ pub(crate) fn decode<E: Entity>(value: &[u8]) -> Result<Stored<E::State>, Decode
         last_offset: i64::from_be_bytes(*offset),
         state: <E::Codec as Codec<E::State>>::decode(state)?,
     })
+}
+
+/// Folds one changelog record into a partition's states (a tombstone deletes); restores and
+/// standbys read the changelog alike.
+pub(crate) fn fold<E: Entity>(
+    states: &mut EntityMap<Stored<E::State>>,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) {
+    let Some(id) = key.and_then(|k| std::str::from_utf8(k).ok()) else {
+        tracing::error!("changelog record without a UTF-8 key: skipped");
+        return;
+    };
+    let Some(value) = value else {
+        states.remove(id);
+        return;
+    };
+    match decode::<E>(value) {
+        Ok(stored) => {
+            states.insert(EntityId::from(id), stored);
+        }
+        Err(e) => {
+            tracing::error!("changelog record for entity {id} does not decode ({e}): skipped")
+        }
+    }
 }
 
 /// The headers every changelog record of a node consuming `input_topic` carries.
@@ -226,5 +251,27 @@ mod tests {
         assert_eq!(header.value, Some(&b"events"[..]));
         let format = headers.iter().find(|h| h.key == HEADER_FORMAT).unwrap();
         assert_eq!(format.value, Some(FORMAT.as_bytes()));
+    }
+
+    #[test]
+    fn records_fold_to_the_latest_state_and_tombstones_delete() {
+        let mut states = EntityMap::default();
+        let s1 = Stored {
+            state: SumState { count: 1, sum: 10 },
+            last_offset: 4,
+        };
+        let s2 = Stored {
+            state: SumState { count: 2, sum: 30 },
+            last_offset: 9,
+        };
+        let value = |s: &Stored<SumState>| encode::<Sum>(s);
+        fold::<Sum>(&mut states, Some(b"7"), Some(&value(&s1)));
+        fold::<Sum>(&mut states, Some(b"8"), Some(&value(&s1)));
+        fold::<Sum>(&mut states, Some(b"7"), Some(&value(&s2)));
+        fold::<Sum>(&mut states, Some(b"8"), None);
+        fold::<Sum>(&mut states, None, Some(&value(&s1)));
+        fold::<Sum>(&mut states, Some(b"9"), Some(b"\xff\xff"));
+        assert_eq!(states.len(), 1);
+        assert_eq!(states["7"], s2);
     }
 }

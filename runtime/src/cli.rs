@@ -86,6 +86,13 @@ pub struct NodeArgs {
     #[arg(long, env = "NODE_TLS_SERVE", requires = "tls_cert")]
     pub tls_serve: bool,
 
+    /// Standby replicas per shard: other nodes that keep its state warm by tailing its
+    /// changelog, so a node taking the shard over (a failover) reads only the changelog's tail
+    /// and queries allowing staleness can be answered while it moves. Each replica costs about
+    /// the shard's state memory again on the node keeping it; 0 turns them off.
+    #[arg(long, env = "STANDBY_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=16))]
+    pub standby_replicas: u16,
+
     /// Kafka consumer session timeout: how long a silent node keeps its partitions.
     #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u64,
@@ -253,6 +260,8 @@ pub struct NodeConfig {
     pub tls_serve: bool,
     pub session_timeout: Duration,
     pub static_membership: bool,
+    /// Standby replicas per shard (`--standby-replicas`).
+    pub standby_replicas: usize,
     pub query_wait: Duration,
     pub remote_call_timeout: Duration,
     pub max_in_flight: usize,
@@ -315,6 +324,7 @@ impl NodeConfig {
             cookie: args.cookie,
             session_timeout: Duration::from_millis(args.session_timeout_ms),
             static_membership: args.static_membership,
+            standby_replicas: usize::from(args.standby_replicas),
             query_wait: Duration::from_millis(args.query_wait_ms),
             remote_call_timeout: Duration::from_millis(args.remote_call_timeout_ms),
             max_in_flight: args.max_in_flight,

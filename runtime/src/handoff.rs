@@ -95,13 +95,14 @@ impl<E: Entity> Handoff<E> {
         NodeStats::add(&self.env.stats.partitions_assigned, partitions.len() as u64);
         // Asked before this node's claim replaces them in the table.
         let previous_owners = self.announcer.table().previous_owners(partitions);
+        let orphaned = self.announcer.table().orphaned_since(partitions);
         self.claim();
         tracing::info!(
             "shards {:?} now hosted here ({} in total); restoring their state",
             partitions,
             self.local.ids().len()
         );
-        self.restorer.restore(restoring);
+        self.restorer.restore(restoring, orphaned);
         self.restorer
             .fence_departed(previous_owners, self.announcer.table().clone());
     }

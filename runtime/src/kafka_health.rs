@@ -212,6 +212,8 @@ impl KafkaHealth {
     pub fn client_error(&self, error: &KafkaError, reason: &str) {
         match error.rdkafka_error_code() {
             Some(code) if is_connectivity(code) => tracing::debug!("librdkafka: {error}: {reason}"),
+            // The end of a partition is news only to the reader that asked for it (standbys).
+            Some(RDKafkaErrorCode::PartitionEOF) => {}
             Some(code) if is_authorization(code) => {
                 self.set_unrecoverable(Unrecoverable::NotAuthorized(format!("{error}: {reason}")));
             }

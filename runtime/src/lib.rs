@@ -106,6 +106,7 @@ mod readiness;
 mod restore;
 mod routing;
 mod shard;
+mod standby;
 mod stats;
 
 pub use cli::{KafkaClientArgs, NodeArgs, NodeConfig, Ports, DEFAULT_COOKIE};
@@ -116,7 +117,8 @@ pub use kafka_config::{
     ClientKind, KafkaConfigError, KafkaConnection, KafkaProperties, KafkaProperty,
 };
 pub use node::{Entities, EntityType, Node, NodeError};
-pub use routing::{AskError, Route};
+pub use routing::{AskError, Consistency, Route};
+pub use standby::Staleness;
 
 /// Kafka topic administration an application's producer may need.
 pub mod admin {

@@ -56,6 +56,21 @@ struct PartitionLabels {
     partition: u32,
 }
 
+/// A standby replica's series: one per shard this node keeps warm.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShardLabels {
+    entity_type: &'static str,
+    shard: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RestoreLabels {
+    entity_type: &'static str,
+    /// `standby` (only the changelog after a standby's position was read) or `changelog`
+    /// (cold: the whole partition).
+    from: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Slow operations: 5 ms to ~80 s.
@@ -81,6 +96,12 @@ pub(crate) struct MetricsRegistry {
     rebalance_seconds: HistogramFamily<RebalanceLabels>,
     handoff_step_seconds: HistogramFamily<HandoffLabels>,
     restore_seconds: HistogramFamily<TypeLabels>,
+    failover_seconds: HistogramFamily<TypeLabels>,
+    restores: Family<RestoreLabels, Counter>,
+    restore_records_remaining: Family<TypeLabels, Gauge>,
+    standby_lag: Family<ShardLabels, Gauge>,
+    standby_shards: Family<TypeLabels, Gauge>,
+    standby_entities: Family<TypeLabels, Gauge>,
     query_seconds: HistogramFamily<QueryLabels>,
     remote_query_batch: HistogramFamily<TypeLabels>,
     shards_owned: Family<TypeLabels, Gauge>,
@@ -99,6 +120,17 @@ pub(crate) struct Metrics {
     query_seconds: HistogramFamily<QueryLabels>,
     /// Per shard: from its assignment until its state was restored and it went live.
     pub restore_seconds: Histogram,
+    /// Per shard whose owner left while holding it: from the moment this node saw it leave
+    /// until the shard was live here.
+    pub failover_seconds: Histogram,
+    restores: Family<RestoreLabels, Counter>,
+    /// Changelog records the running restores have still to read.
+    pub restore_records_remaining: Gauge,
+    standby_lag: Family<ShardLabels, Gauge>,
+    /// Shards this node keeps a standby replica of.
+    pub standby_shards: Gauge,
+    /// Entities in this node's standby replicas.
+    pub standby_entities: Gauge,
     /// Queries per message to a peer (see `cluster::query_batcher`).
     pub remote_query_batch: Histogram,
     shards_owned: Gauge,
@@ -136,6 +168,12 @@ impl MetricsRegistry {
             rebalance_seconds: Family::new_with_constructor(slow_histogram),
             handoff_step_seconds: Family::new_with_constructor(slow_histogram),
             restore_seconds: Family::new_with_constructor(slow_histogram),
+            failover_seconds: Family::new_with_constructor(slow_histogram),
+            restores: Family::default(),
+            restore_records_remaining: Family::default(),
+            standby_lag: Family::default(),
+            standby_shards: Family::default(),
+            standby_entities: Family::default(),
             query_seconds: Family::new_with_constructor(request_histogram),
             remote_query_batch: Family::new_with_constructor(batch_histogram),
             shards_owned: Family::default(),
@@ -158,6 +196,36 @@ impl MetricsRegistry {
             "restore_seconds",
             "Per shard, from assignment until restored from the changelog and live",
             this.restore_seconds.clone(),
+        );
+        registry.register(
+            "failover_seconds",
+            "Per shard whose owner left while holding it, from seeing the owner leave until live here",
+            this.failover_seconds.clone(),
+        );
+        registry.register(
+            "restores",
+            "Shards restored, from a standby replica (only the changelog after it) or the whole changelog",
+            this.restores.clone(),
+        );
+        registry.register(
+            "restore_records_remaining",
+            "Changelog records the running restores have still to read",
+            this.restore_records_remaining.clone(),
+        );
+        registry.register(
+            "standby_lag_records",
+            "Per standby replica kept here: changelog offsets between its position and the changelog's end",
+            this.standby_lag.clone(),
+        );
+        registry.register(
+            "standby_shards",
+            "Shards this node keeps a standby replica of",
+            this.standby_shards.clone(),
+        );
+        registry.register(
+            "standby_entities",
+            "Entities in this node's standby replicas",
+            this.standby_entities.clone(),
         );
         registry.register(
             "grpc_request_seconds",
@@ -219,6 +287,15 @@ impl MetricsRegistry {
             handoff_step_seconds: self.handoff_step_seconds.clone(),
             query_seconds: self.query_seconds.clone(),
             restore_seconds: self.restore_seconds.get_or_create(&labels).clone(),
+            failover_seconds: self.failover_seconds.get_or_create(&labels).clone(),
+            restores: self.restores.clone(),
+            restore_records_remaining: self
+                .restore_records_remaining
+                .get_or_create(&labels)
+                .clone(),
+            standby_lag: self.standby_lag.clone(),
+            standby_shards: self.standby_shards.get_or_create(&labels).clone(),
+            standby_entities: self.standby_entities.get_or_create(&labels).clone(),
             remote_query_batch: self.remote_query_batch.get_or_create(&labels).clone(),
             shards_owned: self.shards_owned.get_or_create(&labels).clone(),
             live_entities: self.live_entities.get_or_create(&labels).clone(),
@@ -267,6 +344,32 @@ impl Metrics {
                 outcome,
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts one restored shard; `from_standby`: only the changelog after a standby was read.
+    pub fn count_restore(&self, from_standby: bool) {
+        self.restores
+            .get_or_create(&RestoreLabels {
+                entity_type: self.entity_type,
+                from: if from_standby { "standby" } else { "changelog" },
+            })
+            .inc();
+    }
+
+    /// Sets the lag of the standby replica of `shard`; `None` when this node no longer keeps it.
+    pub fn set_standby_lag(&self, shard: u32, lag: Option<i64>) {
+        let labels = ShardLabels {
+            entity_type: self.entity_type,
+            shard,
+        };
+        match lag {
+            Some(lag) => {
+                self.standby_lag.get_or_create(&labels).set(lag);
+            }
+            None => {
+                self.standby_lag.remove(&labels);
+            }
+        }
     }
 
     fn lag_labels(&self, partition: u32) -> PartitionLabels {

@@ -37,8 +37,9 @@ use crate::lag::LagProbe;
 use crate::metrics::MetricsRegistry;
 use crate::readiness::Readiness;
 use crate::restore::Restorer;
-use crate::routing::{AskError, Route, Router};
+use crate::routing::{AskError, Consistency, Route, Router};
 use crate::shard::{LocalShards, ShardEnv};
+use crate::standby::{Reader as StandbyReader, Standbys};
 use crate::stats::NodeStats;
 
 /// Where an entity type's records come from and its state goes.
@@ -113,8 +114,20 @@ impl<E: Entity> Entities<E> {
     /// Answers `query` for the entity `id` (the record key) from whichever node hosts it, and
     /// says where the answer came from. Waits a bounded time while its shard has no owner.
     pub async fn ask(&self, id: &str, query: E::Query) -> Result<(E::Reply, Route), AskError> {
+        self.ask_with(id, query, Consistency::Strong).await
+    }
+
+    /// [`Entities::ask`] with a choice of how fresh the answer must be: with
+    /// [`Consistency::BoundedStaleness`], while no owner answers (a failover), a standby
+    /// replica that is at most that far behind answers instead ([`Route::Standby`]).
+    pub async fn ask_with(
+        &self,
+        id: &str,
+        query: E::Query,
+        consistency: Consistency,
+    ) -> Result<(E::Reply, Route), AskError> {
         match self.router.get() {
-            Some(router) => router.ask(id, query).await,
+            Some(router) => router.ask(id, query, consistency).await,
             None => Err(AskError::NotRunning),
         }
     }
@@ -410,6 +423,18 @@ async fn start_type<E: Entity>(
         config.remote_call_timeout,
         metrics.clone(),
     ));
+    let standbys = Arc::new(Standbys::<E>::new(
+        config.standby_replicas,
+        partitions,
+        table.clone(),
+        metrics.clone(),
+    ));
+    standbys.start(StandbyReader {
+        kafka: config.kafka.clone(),
+        changelog_topic: spec.changelog_topic.clone(),
+        context: node.quiet.clone(),
+        kafka_debug: config.kafka_debug.clone(),
+    });
     let router = Arc::new(Router {
         entity_type: Arc::from(spec.group.as_str()),
         partitions,
@@ -419,6 +444,7 @@ async fn start_type<E: Entity>(
         call_timeout: config.remote_call_timeout,
         batcher,
         metrics: metrics.clone(),
+        standbys: standbys.clone(),
     });
     let _ = handle.set(router.clone());
     let announcer = Arc::new(Announcer::new(&spec.group, table.clone()));
@@ -434,7 +460,7 @@ async fn start_type<E: Entity>(
         group: spec.group.clone(),
         partitions,
         local: local.clone(),
-        table,
+        table: table.clone(),
         stats: stats.clone(),
         metrics: metrics.clone(),
         lag: Arc::new(LagProbe::new(group_offsets.clone(), &spec.topic)),
@@ -457,7 +483,7 @@ async fn start_type<E: Entity>(
         metrics: metrics.clone(),
         kafka_debug: config.kafka_debug.clone(),
         context: node.quiet.clone(),
-        entity: PhantomData,
+        standbys,
     });
     let handoff = Arc::new(Handoff::new(
         tokio::runtime::Handle::current(),

@@ -1,7 +1,8 @@
 //! Restoring shards from the changelog when their partitions are assigned here.
 //!
 //! One consumer per assignment reads every newly assigned changelog partition at once
-//! (read_committed, from the beginning to the end), and hands each shard its states as soon as
+//! (read_committed, from the beginning to the end, or from the position of this node's standby
+//! replica of the shard: see `standby`), and hands each shard its states as soon as
 //! *its* partition is complete, so a large shard does not hold up small ones. The changelog is
 //! compacted: it holds about one record per entity. A partition with an open transaction of a
 //! failed or frozen node is only read to its end once that transaction is resolved: committed
@@ -23,12 +24,13 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::allocation::AllocationTable;
 use crate::changelog;
-use crate::entity::{Entity, EntityId, EntityMap, Stored};
+use crate::entity::{Entity, EntityMap, Stored};
 use crate::fencing::{fence, transactional_id};
 use crate::kafka_admin::{committed_offsets, list_offsets, with_debug};
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
 use crate::shard::ShardMsg;
+use crate::standby::Standbys;
 
 /// How often the read positions are checked while records keep coming.
 const POSITION_CHECK_EVERY: Duration = Duration::from_millis(20);
@@ -42,7 +44,7 @@ const CLOCK_EVERY_RECORDS: u32 = 64;
 /// Upper bound on a partition's map sized up front from its record count.
 const MAX_PRESIZED_ENTITIES: usize = 1 << 20;
 
-pub(crate) struct Restorer<E> {
+pub(crate) struct Restorer<E: Entity> {
     /// The entity type's consumer group.
     pub group: String,
     pub kafka: KafkaConnection,
@@ -56,20 +58,32 @@ pub(crate) struct Restorer<E> {
     pub kafka_debug: Option<String>,
     /// The node's Kafka client context (errors feed its health, not the log).
     pub context: QuietContext,
-    pub entity: std::marker::PhantomData<fn() -> E>,
+    /// This node's standby replicas: a restore starts from one's position when it has one.
+    pub standbys: Arc<Standbys<E>>,
 }
 
 struct PartitionRestore<E: Entity> {
     shard: ActorRef<ShardMsg<E>>,
     states: EntityMap<Stored<E::State>>,
+    /// How far reading got: from the log start or the standby's position, advanced at each
+    /// position check (for the records-remaining gauge).
+    position: i64,
     end: i64,
     records: u64,
+    /// Records a standby had folded before this restore took it.
+    from_standby: Option<u64>,
 }
 
 impl<E: Entity> Restorer<E> {
     /// Starts restoring `shards` on a background thread, retrying until every shard is restored
-    /// or stopped (a shard that was handed off meanwhile needs no restore).
-    pub fn restore(self: &Arc<Self>, shards: Vec<(u32, ActorRef<ShardMsg<E>>)>) {
+    /// or stopped (a shard that was handed off meanwhile needs no restore). `orphaned`: the
+    /// shards whose owner left holding them, with when this node saw it leave (their failover
+    /// ends when they are live here).
+    pub fn restore(
+        self: &Arc<Self>,
+        shards: Vec<(u32, ActorRef<ShardMsg<E>>)>,
+        orphaned: BTreeMap<u32, Instant>,
+    ) {
         if shards.is_empty() {
             return;
         }
@@ -84,7 +98,7 @@ impl<E: Entity> Restorer<E> {
                 let mut shards = shards;
                 let mut failures = 0u32;
                 loop {
-                    match this.run(&mut shards, assigned_at) {
+                    match this.run(&mut shards, assigned_at, &orphaned) {
                         Ok(()) => return,
                         Err(e) => {
                             shards.retain(|(_, shard)| {
@@ -194,6 +208,7 @@ impl<E: Entity> Restorer<E> {
         &self,
         shards: &mut Vec<(u32, ActorRef<ShardMsg<E>>)>,
         assigned_at: Instant,
+        orphaned: &BTreeMap<u32, Instant>,
     ) -> Result<(), KafkaError> {
         let started = Instant::now();
         // Reading to the high watermark covers a previous owner's open transaction only once its
@@ -265,41 +280,69 @@ impl<E: Entity> Restorer<E> {
                     rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable,
                 ));
             };
-            if high <= low {
-                let _ = shard.cast(ShardMsg::Restored(EntityMap::default()));
-                self.metrics
-                    .restore_seconds
-                    .observe(assigned_at.elapsed().as_secs_f64());
+            // A standby that read past the log start holds every committed record before its
+            // position: only the rest is read (one whose position the log start passed, which
+            // deleting records could do, is of no use).
+            let warm = self
+                .standbys
+                .take(partition)
+                .filter(|w| w.next_offset.is_some_and(|next| next >= low));
+            let (start, states, from_standby) = match warm {
+                Some(warm) => (
+                    warm.next_offset.unwrap_or(low),
+                    warm.states,
+                    Some(warm.records),
+                ),
+                None => {
+                    // A compacted changelog holds about one record per entity: sizing the map
+                    // up front saves rehashing it as it grows (visible in the profile).
+                    let expected = usize::try_from(high - low)
+                        .unwrap_or(0)
+                        .min(MAX_PRESIZED_ENTITIES);
+                    (
+                        low,
+                        EntityMap::with_capacity_and_hasher(expected, Default::default()),
+                        None,
+                    )
+                }
+            };
+            let restore = PartitionRestore {
+                shard,
+                states,
+                position: start,
+                end: high,
+                records: 0,
+                from_standby,
+            };
+            if high <= start {
+                self.restored(partition, restore, assigned_at, started, orphaned);
                 shards.retain(|(p, _)| *p != partition);
                 continue;
             }
-            // From the known first offset: `Offset::Beginning` would make librdkafka look it up
+            // From the known offset: `Offset::Beginning` would make librdkafka look it up
             // again, one request per partition, before the first fetch.
-            tpl.add_partition_offset(&self.changelog_topic, partition as i32, Offset::Offset(low))?;
-            // A compacted changelog holds about one record per entity: sizing the map up front
-            // saves rehashing it as it grows (visible in the profile).
-            let expected = usize::try_from(high - low)
-                .unwrap_or(0)
-                .min(MAX_PRESIZED_ENTITIES);
-            let states = EntityMap::with_capacity_and_hasher(expected, Default::default());
-            pending.insert(
-                partition,
-                PartitionRestore {
-                    shard,
-                    states,
-                    end: high,
-                    records: 0,
-                },
-            );
+            tpl.add_partition_offset(
+                &self.changelog_topic,
+                partition as i32,
+                Offset::Offset(start),
+            )?;
+            pending.insert(partition, restore);
         }
         if pending.is_empty() {
             return Ok(());
         }
+        let warm = pending
+            .values()
+            .filter(|r| r.from_standby.is_some())
+            .count();
         tracing::info!(
-            "restoring {} shards from {}",
+            "restoring {} shards from {} ({warm} from a standby's position)",
             pending.len(),
             self.changelog_topic
         );
+        self.metrics
+            .restore_records_remaining
+            .inc_by(pending.values().map(|r| r.end - r.position).sum());
         consumer.assign(&tpl)?;
         let mut last_report = Instant::now();
         let mut last_position_check = Instant::now();
@@ -317,7 +360,7 @@ impl<E: Entity> Restorer<E> {
                     let partition = record.partition() as u32;
                     if let Some(restore) = pending.get_mut(&partition) {
                         restore.records += 1;
-                        apply_record::<E>(&mut restore.states, record.key(), record.payload());
+                        changelog::fold::<E>(&mut restore.states, record.key(), record.payload());
                         if record.offset() + 1 >= restore.end {
                             complete.push(partition);
                         }
@@ -335,38 +378,34 @@ impl<E: Entity> Restorer<E> {
             {
                 last_position_check = Instant::now();
                 let positions = consumer.position()?;
+                let position = |p: u32| {
+                    positions
+                        .find_partition(&self.changelog_topic, p as i32)
+                        .and_then(|e| e.offset().to_raw())
+                };
+                for (p, restore) in pending.iter_mut() {
+                    let read_to = position(*p)
+                        .unwrap_or(restore.position)
+                        .clamp(restore.position, restore.end);
+                    self.metrics
+                        .restore_records_remaining
+                        .dec_by(read_to - restore.position);
+                    restore.position = read_to;
+                }
                 complete.extend(
                     pending
                         .iter()
-                        .filter(|(p, r)| {
-                            positions
-                                .find_partition(&self.changelog_topic, **p as i32)
-                                .and_then(|e| e.offset().to_raw())
-                                .is_some_and(|pos| pos >= r.end)
-                        })
+                        .filter(|(p, r)| position(**p).is_some_and(|pos| pos >= r.end))
                         .map(|(p, _)| *p),
                 );
                 complete.sort_unstable();
                 complete.dedup();
             }
             for partition in complete {
-                let Some(mut restore) = pending.remove(&partition) else {
+                let Some(restore) = pending.remove(&partition) else {
                     continue;
                 };
-                // Many updates per entity (an uncompacted tail) made the map larger than needed.
-                if restore.states.capacity() > 2 * restore.states.len() + 1024 {
-                    restore.states.shrink_to_fit();
-                }
-                tracing::info!(
-                    "shard {partition} restored: {} entities from {} changelog records in {} ms",
-                    restore.states.len(),
-                    restore.records,
-                    started.elapsed().as_millis()
-                );
-                let _ = restore.shard.cast(ShardMsg::Restored(restore.states));
-                self.metrics
-                    .restore_seconds
-                    .observe(assigned_at.elapsed().as_secs_f64());
+                self.restored(partition, restore, assigned_at, started, orphaned);
                 shards.retain(|(p, _)| *p != partition);
             }
             if look_at_clock
@@ -383,56 +422,48 @@ impl<E: Entity> Restorer<E> {
         }
         Ok(())
     }
-}
 
-/// Folds one changelog record into the partition's states (a tombstone deletes).
-fn apply_record<E: Entity>(
-    states: &mut EntityMap<Stored<E::State>>,
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-) {
-    let Some(id) = key.and_then(|k| std::str::from_utf8(k).ok()) else {
-        tracing::error!("changelog record without a UTF-8 key: skipped");
-        return;
-    };
-    let Some(value) = value else {
-        states.remove(id);
-        return;
-    };
-    match changelog::decode::<E>(value) {
-        Ok(stored) => {
-            states.insert(EntityId::from(id), stored);
+    /// Hands `restore`'s states to its shard, which goes live.
+    fn restored(
+        &self,
+        partition: u32,
+        mut restore: PartitionRestore<E>,
+        assigned_at: Instant,
+        started: Instant,
+        orphaned: &BTreeMap<u32, Instant>,
+    ) {
+        // The remaining count only reaches the end at the position checks.
+        self.metrics
+            .restore_records_remaining
+            .dec_by((restore.end - restore.position).max(0));
+        // Many updates per entity (an uncompacted tail) made the map larger than needed.
+        if restore.states.capacity() > 2 * restore.states.len() + 1024 {
+            restore.states.shrink_to_fit();
         }
-        Err(e) => {
-            tracing::error!("changelog record for entity {id} does not decode ({e}): skipped")
+        let source = match restore.from_standby {
+            Some(folded) => format!(
+                "{} changelog records after its standby replica (which had read {folded})",
+                restore.records
+            ),
+            None => format!("{} changelog records", restore.records),
+        };
+        tracing::info!(
+            "shard {partition} restored: {} entities from {source} in {} ms",
+            restore.states.len(),
+            started.elapsed().as_millis()
+        );
+        let _ = restore.shard.cast(ShardMsg::Restored(restore.states));
+        self.metrics
+            .restore_seconds
+            .observe(assigned_at.elapsed().as_secs_f64());
+        self.metrics.count_restore(restore.from_standby.is_some());
+        if let Some(left_at) = orphaned.get(&partition) {
+            let took = left_at.elapsed();
+            self.metrics.failover_seconds.observe(took.as_secs_f64());
+            tracing::info!(
+                "shard {partition} live here {} ms after its owner left",
+                took.as_millis()
+            );
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::entity::tests::{Sum, SumState};
-
-    #[test]
-    fn records_fold_to_the_latest_state_and_tombstones_delete() {
-        let mut states = EntityMap::default();
-        let s1 = Stored {
-            state: SumState { count: 1, sum: 10 },
-            last_offset: 4,
-        };
-        let s2 = Stored {
-            state: SumState { count: 2, sum: 30 },
-            last_offset: 9,
-        };
-        let value = |s: &Stored<SumState>| changelog::encode::<Sum>(s);
-        apply_record::<Sum>(&mut states, Some(b"7"), Some(&value(&s1)));
-        apply_record::<Sum>(&mut states, Some(b"8"), Some(&value(&s1)));
-        apply_record::<Sum>(&mut states, Some(b"7"), Some(&value(&s2)));
-        apply_record::<Sum>(&mut states, Some(b"8"), None);
-        apply_record::<Sum>(&mut states, None, Some(&value(&s1)));
-        apply_record::<Sum>(&mut states, Some(b"9"), Some(b"\xff\xff"));
-        assert_eq!(states.len(), 1);
-        assert_eq!(states["7"], s2);
     }
 }

@@ -18,11 +18,12 @@ use crate::allocation::{AllocationTable, Owner};
 use crate::cluster::endpoint::{CallError, Endpoint};
 use crate::cluster::gateway::{self, GatewayMsg};
 use crate::cluster::query_batcher::QueryBatcher;
-use crate::cluster::wire::{entity_answer, EntityAnswer, EntityQuery, NotOwner};
+use crate::cluster::wire::{entity_answer, EntityAnswer, EntityQuery, NotOwner, StandbyReply};
 use crate::entity::{Codec, Entity, EntityId, MAX_ID_BYTES};
 use crate::metrics::Metrics;
 use crate::partitioner::partition_for_key;
 use crate::shard::{LocalShards, ShardMsg};
+use crate::standby::{standby_nodes, Staleness, Standbys};
 
 /// Why a query was not answered.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -64,6 +65,19 @@ impl AskError {
     }
 }
 
+/// How fresh an answer must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Consistency {
+    /// From the entity's owner only: every event applied so far is in the answer. While the
+    /// shard has no reachable owner (a failover) the query waits, up to the node's bound.
+    #[default]
+    Strong,
+    /// From the owner, or else (no owner answers: a failover) from a standby replica whose
+    /// state is at most this far behind the owner's committed state ([`Route::Standby`] says
+    /// how far it is).
+    BoundedStaleness(Duration),
+}
+
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -71,14 +85,18 @@ pub enum Route {
     Local,
     /// From the shard's owner, one hop away.
     Remote,
+    /// From a standby replica ([`Consistency::BoundedStaleness`] only), on this node or
+    /// another.
+    Standby(Staleness),
 }
 
 impl Route {
-    /// `local` or `remote`, as in metric labels.
+    /// `local`, `remote` or `standby`, as in metric labels.
     pub fn label(self) -> &'static str {
         match self {
             Route::Local => "local",
             Route::Remote => "remote",
+            Route::Standby(_) => "standby",
         }
     }
 }
@@ -105,14 +123,24 @@ pub(crate) struct Router<E: Entity> {
     pub call_timeout: Duration,
     pub batcher: Arc<QueryBatcher>,
     pub metrics: Arc<Metrics>,
+    /// This node's standby replicas, for reads that allow staleness.
+    pub standbys: Arc<Standbys<E>>,
 }
 
 impl<E: Entity> Router<E> {
-    /// Answers `query` for entity `id` from whichever node hosts its shard; timed by route
-    /// and outcome.
-    pub async fn ask(&self, id: &str, query: E::Query) -> Result<(E::Reply, Route), AskError> {
+    /// Answers `query` for entity `id` from whichever node hosts its shard (or, as
+    /// `consistency` allows, a standby replica); timed by route and outcome.
+    pub async fn ask(
+        &self,
+        id: &str,
+        query: E::Query,
+        consistency: Consistency,
+    ) -> Result<(E::Reply, Route), AskError> {
         let started = Instant::now();
-        let answer = self.ask_owner(id, query).await;
+        let answer = match consistency {
+            Consistency::Strong => self.ask_owner(id, query, None).await,
+            Consistency::BoundedStaleness(bound) => self.ask_owner(id, query, Some(bound)).await,
+        };
         let (route, outcome) = match &answer {
             Ok((_, route)) => (route.label(), "ok"),
             Err(AskError::InvalidId(_)) => ("none", "invalid_argument"),
@@ -123,27 +151,32 @@ impl<E: Entity> Router<E> {
         answer
     }
 
-    async fn ask_owner(&self, id: &str, query: E::Query) -> Result<(E::Reply, Route), AskError> {
+    /// Asks the owner until it answers; with `standby_within`, after each failed attempt at the
+    /// owner also the shard's standby replicas.
+    async fn ask_owner(
+        &self,
+        id: &str,
+        query: E::Query,
+        standby_within: Option<Duration>,
+    ) -> Result<(E::Reply, Route), AskError> {
         if id.is_empty() || id.len() > MAX_ID_BYTES {
             return Err(AskError::InvalidId(id.len()));
         }
         let shard = partition_for_key(id.as_bytes(), self.partitions);
         // Encoded once, only if a remote attempt needs it.
         let encoded = std::sync::OnceLock::new();
+        let encode = || {
+            encoded
+                .get_or_init(|| <E::Codec as Codec<E::Query>>::encode(&query))
+                .clone()
+        };
         self.with_owner(
             shard,
             || self.local_ask(shard, id, query.clone()),
             |gw| {
-                let bytes = encoded
-                    .get_or_init(|| <E::Codec as Codec<E::Query>>::encode(&query))
-                    .clone();
+                let bytes = encode();
                 async move {
-                    let asked = EntityQuery {
-                        entity_type: self.entity_type.to_string(),
-                        id: id.to_owned(),
-                        shard,
-                        query: bytes,
-                    };
+                    let asked = self.entity_query(shard, id, bytes, None);
                     match self.batcher.ask(&gw, asked).await.map(|a| a.result) {
                         Ok(Some(entity_answer::Result::Reply(bytes))) => {
                             match <E::Codec as Codec<E::Reply>>::decode(&bytes) {
@@ -151,7 +184,9 @@ impl<E: Entity> Router<E> {
                                 Err(e) => Attempt::Failed(e.into()),
                             }
                         }
-                        Ok(Some(entity_answer::Result::NotOwner(_))) => Attempt::NotOwner,
+                        Ok(Some(
+                            entity_answer::Result::NotOwner(_) | entity_answer::Result::Standby(_),
+                        )) => Attempt::NotOwner,
                         Ok(Some(entity_answer::Result::Error(e))) => {
                             Attempt::Failed(CallError::Remote(e))
                         }
@@ -160,8 +195,97 @@ impl<E: Entity> Router<E> {
                     }
                 }
             },
+            |owner| {
+                let (query, encode) = (&query, &encode);
+                async move {
+                    match standby_within {
+                        Some(bound) => {
+                            self.standby_ask(shard, id, query, owner, bound, encode)
+                                .await
+                        }
+                        None => None,
+                    }
+                }
+            },
         )
         .await
+    }
+
+    fn entity_query(
+        &self,
+        shard: u32,
+        id: &str,
+        query: Vec<u8>,
+        standby_within: Option<Duration>,
+    ) -> EntityQuery {
+        EntityQuery {
+            entity_type: self.entity_type.to_string(),
+            id: id.to_owned(),
+            shard,
+            query,
+            standby_within_ms: standby_within.map(|d| d.as_millis() as u64),
+        }
+    }
+
+    /// Asks the standby replicas of `shard` (where the placement puts them: see `standby`) in
+    /// turn, for an answer at most `bound` behind; `owner` is the shard's owner in the table,
+    /// if any (a departed owner is no longer a member, which leaves the placement of the
+    /// others as it was).
+    async fn standby_ask(
+        &self,
+        shard: u32,
+        id: &str,
+        query: &E::Query,
+        owner: Option<Arc<str>>,
+        bound: Duration,
+        encode: &impl Fn() -> Vec<u8>,
+    ) -> Option<(E::Reply, Route)> {
+        let members = self.table.members();
+        let owner = owner.unwrap_or_else(|| Arc::from(""));
+        let local = self.table.local_node().clone();
+        for node in standby_nodes(
+            shard,
+            &owner,
+            members.keys().map(String::as_str),
+            self.standbys.replicas(),
+        ) {
+            if *node == *local {
+                if let Some((reply, staleness)) = self.standby_local(shard, id, query, bound) {
+                    return Some((reply, Route::Standby(staleness)));
+                }
+                continue;
+            }
+            let Some(gw) = gateway::of_node(node) else {
+                continue;
+            };
+            let asked = self.entity_query(shard, id, encode(), Some(bound));
+            if let Ok(Some(entity_answer::Result::Standby(answer))) =
+                self.batcher.ask(&gw, asked).await.map(|a| a.result)
+            {
+                if let Ok(reply) = <E::Codec as Codec<E::Reply>>::decode(&answer.reply) {
+                    return Some((
+                        reply,
+                        Route::Standby(Staleness {
+                            records: answer.lag_records,
+                            behind: Duration::from_millis(answer.behind_ms),
+                        }),
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// The answer of this node's standby of `shard`, if it keeps one at most `bound` behind.
+    fn standby_local(
+        &self,
+        shard: u32,
+        id: &str,
+        query: &E::Query,
+        bound: Duration,
+    ) -> Option<(E::Reply, Staleness)> {
+        let (state, staleness) = self.standbys.read(shard, id)?;
+        (staleness.behind <= bound).then(|| (E::query(&state, query), staleness))
     }
 
     /// A query to a shard hosted here; `NotOwner` if this node does not host it.
@@ -181,18 +305,23 @@ impl<E: Entity> Router<E> {
     }
 
     /// Runs `local` or `remote` against the shard's current owner until one answers, waiting
-    /// for the table to change while there is no owner, up to `owner_wait`.
-    async fn with_owner<T, L, LF, R, RF>(
+    /// for the table to change while there is no owner, up to `owner_wait`. After each attempt
+    /// the owner did not answer, `fallback` (given the owner in the table, if any) may answer
+    /// instead.
+    async fn with_owner<T, L, LF, R, RF, F, FF>(
         &self,
         shard: u32,
         local: L,
         remote: R,
+        fallback: F,
     ) -> Result<(T, Route), AskError>
     where
         L: Fn() -> LF,
         LF: Future<Output = Attempt<T>>,
         R: Fn(ActorRef<GatewayMsg>) -> RF,
         RF: Future<Output = Attempt<T>>,
+        F: Fn(Option<Arc<str>>) -> FF,
+        FF: Future<Output = Option<(T, Route)>>,
     {
         let started = Instant::now();
         let deadline = started + self.owner_wait;
@@ -200,7 +329,13 @@ impl<E: Entity> Router<E> {
         let mut last_error = None;
         loop {
             changes.mark_unchanged();
-            let (attempt, route) = match self.table.owner(shard) {
+            let owner = self.table.owner(shard);
+            let owner_node = match &owner {
+                Some(Owner::Remote(node)) => Some(node.clone()),
+                Some(Owner::Local) => Some(self.table.local_node().clone()),
+                None => None,
+            };
+            let (attempt, route) = match owner {
                 Some(Owner::Local) => (local().await, Route::Local),
                 Some(Owner::Remote(node)) => match gateway::of_node(&node) {
                     Some(gw) => (remote(gw).await, Route::Remote),
@@ -215,6 +350,9 @@ impl<E: Entity> Router<E> {
                 Attempt::Done(value) => return Ok((value, route)),
                 Attempt::NotOwner => {}
                 Attempt::Failed(e) => last_error = Some(e),
+            }
+            if let Some(answered) = fallback(owner_node).await {
+                return Ok(answered);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -244,6 +382,17 @@ impl<E: Entity> Endpoint for Router<E> {
             } else {
                 match <E::Codec as Codec<E::Query>>::decode(&query.query) {
                     Err(e) => R::Error(format!("undecodable query: {e}")),
+                    Ok(q) if query.standby_within_ms.is_some() => {
+                        let bound = Duration::from_millis(query.standby_within_ms.unwrap_or(0));
+                        match self.standby_local(query.shard, &query.id, &q, bound) {
+                            Some((reply, staleness)) => R::Standby(StandbyReply {
+                                reply: <E::Codec as Codec<E::Reply>>::encode(&reply),
+                                lag_records: staleness.records,
+                                behind_ms: staleness.behind.as_millis() as u64,
+                            }),
+                            None => R::NotOwner(NotOwner {}),
+                        }
+                    }
                     Ok(q) => match self.local_ask(query.shard, &query.id, q).await {
                         Attempt::Done(reply) => {
                             R::Reply(<E::Codec as Codec<E::Reply>>::encode(&reply))

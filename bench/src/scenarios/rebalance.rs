@@ -277,7 +277,10 @@ async fn answering(addr: &str, users: Vec<String>) -> anyhow::Result<Instant> {
                 );
                 if let Ok(ch) = channel.connect().await {
                     let mut client = UserServiceClient::new(ch);
-                    let ask = client.user_stats(UserStatsRequest { id: id.clone() });
+                    let ask = client.user_stats(UserStatsRequest {
+                        id: id.clone(),
+                        ..Default::default()
+                    });
                     if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), ask).await {
                         return anyhow::Ok(());
                     }

@@ -42,6 +42,7 @@ mod tests {
             id: "7".into(),
             shard: 45,
             query: vec![1, 2],
+            standby_within_ms: Some(250),
         };
         assert_eq!(EntityQuery::from_bytes(q.clone().into_bytes()), q);
         let empty_reply = EntityAnswer {
