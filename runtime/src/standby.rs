@@ -79,7 +79,8 @@ fn score(shard: u32, node: &str) -> u64 {
 }
 
 /// The shards `local` keeps a standby of: those owned by another member for which `local` is
-/// among [`standby_nodes`], and those of `current` that have no owner right now.
+/// among [`standby_nodes`], and those of `current` that have no owner right now or that
+/// `local` was just given (their restore takes the standby; until then it is kept).
 pub(crate) fn placement(
     local: &str,
     members: &BTreeMap<String, BTreeSet<u32>>,
@@ -95,10 +96,11 @@ pub(crate) fn placement(
     }
     (0..partitions)
         .filter(|shard| match owners.get(shard) {
+            // Kept until the restore of the shard here takes it (`Standbys::take`).
+            Some(owner) if *owner == local => current.contains(shard),
             Some(owner) => {
-                *owner != local
-                    && standby_nodes(*shard, owner, members.keys().map(String::as_str), replicas)
-                        .contains(&local)
+                standby_nodes(*shard, owner, members.keys().map(String::as_str), replicas)
+                    .contains(&local)
             }
             None => current.contains(shard),
         })
@@ -616,6 +618,11 @@ mod tests {
         let current: BTreeSet<u32> = [8, 1].into();
         let kept = placement("c", &m, 10, 1, &current);
         assert!(kept.contains(&8));
+        // A shard just assigned to the node keeping its standby: kept for its restore.
+        let for_b_now_owning_1: BTreeSet<u32> = [1].into();
+        let m = members(&[("a", &[0, 2, 3]), ("b", &[1, 4, 5, 6, 7]), ("c", &[])]);
+        assert!(placement("b", &m, 10, 1, &for_b_now_owning_1).contains(&1));
+        assert!(!placement("b", &m, 10, 1, &BTreeSet::new()).contains(&1));
         // Two replicas among three nodes: every other node keeps every shard.
         let both = placement("c", &m, 10, 2, &BTreeSet::new());
         assert_eq!(both, (0..8).collect());
