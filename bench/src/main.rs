@@ -114,9 +114,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         if wants(Scenario::Rebalance) {
             scenarios::queries::stable_split(&nodes).await?;
-            let table = scenarios::rebalance::run(&setup, &topic, nodes, args.users).await?;
-            println!("{}", table.render());
-            tables.push(table);
+            for table in scenarios::rebalance::run(&setup, &topic, nodes, args.users).await? {
+                println!("{}", table.render());
+                tables.push(table);
+            }
         }
     }
     if wants(Scenario::State) {

@@ -25,7 +25,7 @@ impl Setup {
 }
 
 /// Node i uses remoting 42000+i, management 42100+i, gRPC 42200+i.
-const PORT_BASE: u16 = 42_000;
+pub const PORT_BASE: u16 = 42_000;
 
 /// Session timeout of every node (and of the bare group baseline). Members learn of a rebalance
 /// at their next heartbeat (a quarter of it), so with the default 10 s a join costs anything
@@ -144,7 +144,17 @@ impl NodeProcess {
 
     /// The longest "shard N restored: ... in X ms" this node logged, in seconds.
     pub fn longest_logged_restore(&self) -> f64 {
-        longest_restore_in(&self.log)
+        longest_restore_in(&self.log, 0, "")
+    }
+
+    /// Bytes logged so far (to look only at what comes after).
+    pub fn log_len(&self) -> usize {
+        std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize)
+    }
+
+    /// The longest shard restore (seconds) logged after byte `from` whose line contains `with`.
+    pub fn longest_logged_restore_since(&self, from: usize, with: &str) -> f64 {
+        longest_restore_in(&self.log, from, with)
     }
 
     /// SIGTERM (graceful hand-off), then wait for the exit.
@@ -293,10 +303,11 @@ fn signal(pid: u32, name: &str) {
         .status();
 }
 
-fn longest_restore_in(log: &Path) -> f64 {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
+fn longest_restore_in(log: &Path, from: usize, with: &str) -> f64 {
+    let text = std::fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
     text.lines()
-        .filter(|l| l.contains("restored:"))
+        .filter(|l| l.contains("restored:") && l.contains(with))
         .filter_map(|l| {
             l.rsplit_once(" in ")?
                 .1
@@ -403,10 +414,20 @@ mod tests {
         std::fs::write(
             &path,
             "x INFO shard 3 restored: 10 entities from 12 changelog records in 40 ms\n\
-             x INFO shard 9 restored: 99 entities from 99 changelog records in 1250 ms\nother line in 7 ms\n",
+             x INFO shard 9 restored: 99 entities from 99 changelog records in 1250 ms\nother line in 7 ms\n\
+             x INFO shard 4 restored: 9 entities from 0 changelog records after its standby replica \
+             (which had read 9) in 30 ms\n",
         )
         .unwrap();
-        assert_eq!(longest_restore_in(&path), 1.25);
+        assert_eq!(longest_restore_in(&path, 0, ""), 1.25);
+        assert_eq!(longest_restore_in(&path, 0, "after its standby"), 0.03);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let from = text.find("other line").unwrap();
+        assert_eq!(
+            longest_restore_in(&path, from, ""),
+            0.03,
+            "only what follows"
+        );
         std::fs::remove_file(path).unwrap();
     }
 }

@@ -454,9 +454,26 @@ mod tests {
             stored_entities: 0,
             lags: &[(2, 0)],
         });
+        user_metrics.count_restore(true);
+        user_metrics.count_restore(false);
+        user_metrics.count_restore(true);
+        user_metrics.set_standby_lag(5, Some(12));
+        user_metrics.set_standby_lag(6, Some(0));
+        user_metrics.set_standby_lag(6, None);
         let text = registry.render(0);
         assert!(!text
             .contains(r#"entity_type="users",group="users",topic="user-events",partition="1""#));
+        for line in [
+            r#"processor_restores_total{entity_type="users",from="standby"} 2"#,
+            r#"processor_restores_total{entity_type="users",from="changelog"} 1"#,
+            r#"processor_standby_lag_records{entity_type="users",shard="5"} 12"#,
+        ] {
+            assert!(text.contains(line), "no {line} in {text}");
+        }
+        assert!(
+            !text.contains(r#"shard="6""#),
+            "a dropped standby's lag series goes"
+        );
         assert!(text.contains(
             r#"processor_consumer_lag{entity_type="devices",group="devices",topic="readings",partition="1"} 9"#
         ));

@@ -6,17 +6,28 @@
 //! (no processing, same session timeout and assignor) going through the same join and leave on
 //! the same input, measured in the same run. The targets are judged on waits: gaps also contain
 //! the input's own pauses (see `progress.rs`).
+//!
+//! Failover: node 2 is killed five times (restarted in between). Each time the killed node is
+//! left with an open checkpoint transaction, as if it died mid-checkpoint: right after the kill a
+//! producer with its transactional id writes a record to the changelog of one of its shards and
+//! leaves the transaction open (60 s timeout). Measured: time until every moved user answers
+//! (strong reads), and, throughout, reads allowing staleness of the same users.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use anyhow::Context;
 
 use kafka_sharding::partitioner::partition_for_key;
 use proto::service::user_service_client::UserServiceClient;
 use proto::service::UserStatsRequest;
 
 use crate::kafka::{BareGroup, EndPoller};
-use crate::nodes::{produce_in_background, NodeAddr, NodeProcess, Setup, SESSION_TIMEOUT_MS};
+use crate::nodes::{
+    produce_in_background, wait_until, NodeAddr, NodeProcess, Setup, PORT_BASE, SESSION_TIMEOUT_MS,
+};
 use crate::progress::Progress;
 use crate::report::{ms, verdict, Table};
 
@@ -25,6 +36,26 @@ const STEADY: Duration = Duration::from_secs(8);
 /// How long after an event the gap is still watched (the group settles well within it).
 const SETTLE: Duration = Duration::from_secs(8);
 const POLL: Duration = Duration::from_millis(50);
+/// SIGKILL failovers measured.
+const KILLS: usize = 5;
+/// The staleness the reads during a failover allow.
+const STALE_BOUND_MS: u64 = 5_000;
+
+/// One SIGKILL failover.
+struct Failover {
+    to_answering: f64,
+    stale: StaleReads,
+}
+
+/// What reads allowing staleness got during a failover.
+#[derive(Default)]
+struct StaleReads {
+    answered: u64,
+    from_standby: u64,
+    failed: u64,
+    max_lag_ms: u64,
+    max_lag_records: i64,
+}
 
 struct Event {
     name: &'static str,
@@ -54,7 +85,7 @@ pub async fn run(
     topic: &str,
     mut nodes: [NodeProcess; 2],
     users: u64,
-) -> anyhow::Result<Table> {
+) -> anyhow::Result<Vec<Table>> {
     let group = nodes[0].group.clone();
     let mut producer = produce_in_background(setup, topic, INPUT_RATE * 600, users, INPUT_RATE)?;
     let progress = Arc::new(Mutex::new(Progress::default()));
@@ -111,35 +142,72 @@ pub async fn run(
             wait: window.wait,
         };
 
-        eprintln!("rebalance: node 2 is killed");
-        let moving = nodes[1].shards().await;
-        let t0 = Instant::now();
-        nodes[1].kill();
-        let answered = answering(
-            &nodes[0].grpc_url(),
-            users_of(&one_user_per_partition, &moving),
-        )
-        .await?;
-        tokio::time::sleep(SETTLE).await;
-        let window = pause(&progress, t0, Instant::now());
-        let kill = Event {
-            name: "node 2 killed (SIGKILL)",
-            to_assignment: None,
-            to_answering: (answered - t0).as_secs_f64(),
-            restore: None,
-            gap: window.gap,
-            wait: window.wait,
-        };
+        let mut failovers = Vec::with_capacity(KILLS);
+        let mut kill = None;
+        for run in 1..=KILLS {
+            eprintln!("rebalance: node 2 is killed ({run} of {KILLS})");
+            let moving = nodes[1].shards().await;
+            let moved_users = users_of(&one_user_per_partition, &moving);
+            let t0 = Instant::now();
+            nodes[1].kill();
+            let _open = leave_open_transaction(setup, &group, topic, &moving)?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let stale = tokio::spawn(stale_reads(
+                nodes[0].grpc_url(),
+                moved_users.clone(),
+                stop.clone(),
+            ));
+            let answered = answering(&nodes[0].grpc_url(), moved_users).await?;
+            stop.store(true, Ordering::Relaxed);
+            failovers.push(Failover {
+                to_answering: (answered - t0).as_secs_f64(),
+                stale: stale.await??,
+            });
+            if run == 1 {
+                tokio::time::sleep(SETTLE).await;
+                let window = pause(&progress, t0, Instant::now());
+                kill = Some(Event {
+                    name: "node 2 killed (SIGKILL)",
+                    to_assignment: None,
+                    to_answering: (answered - t0).as_secs_f64(),
+                    restore: None,
+                    gap: window.gap,
+                    wait: window.wait,
+                });
+            }
+            if run < KILLS {
+                nodes[1] = NodeProcess::start(setup, 2, topic, &group, &[])?;
+                nodes[1].wait_assigned(Duration::from_secs(60)).await?;
+                let node2 = &nodes[1];
+                wait_until(
+                    Duration::from_secs(60),
+                    "node 2 to restore its shards",
+                    || async {
+                        let shards = node2.shards().await.len() as f64;
+                        let restored = node2
+                            .metrics()
+                            .await?
+                            .get("processor_restore_seconds_count")
+                            .copied()?;
+                        (shards > 0.0 && restored >= shards).then_some(())
+                    },
+                )
+                .await?;
+                // Standbys of the other node's shards warm up, checkpoints go on.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+        let kill = kill.expect("at least one kill");
 
         eprintln!("rebalance: the same join and leave in a bare consumer group (baseline)");
         let bare = bare_group_gaps(setup, topic).await?;
-        anyhow::Ok((steady, join, leave, kill, bare))
+        anyhow::Ok((steady, join, leave, kill, bare, failovers))
     }
     .await;
     poller.abort();
     let _ = producer.kill();
     let _ = producer.wait();
-    let (steady, join, leave, kill, (bare_steady, bare_join, bare_leave)) = result?;
+    let (steady, join, leave, kill, (bare_steady, bare_join, bare_leave), failovers) = result?;
     let with_partition = |(seconds, partition): (f64, Option<u32>)| {
         format!(
             "{} (partition {})",
@@ -224,7 +292,117 @@ pub async fn run(
         SETTLE.as_secs(),
         POLL.as_millis()
     ));
-    Ok(table)
+    Ok(vec![table, failover_table(&failovers)])
+}
+
+fn failover_table(failovers: &[Failover]) -> Table {
+    let target = SESSION_TIMEOUT_MS as f64 / 1000.0 + 1.0;
+    let mut table = Table::new(
+        &format!(
+            "SIGKILL failover with an open checkpoint transaction ({KILLS} runs, {:.0} s session timeout)",
+            SESSION_TIMEOUT_MS as f64 / 1000.0
+        ),
+        &[
+            "run",
+            "to every moved user answering (strong)",
+            "target",
+            "",
+            &format!("reads allowing {STALE_BOUND_MS} ms staleness meanwhile"),
+            "of them from a standby",
+            "failed",
+            "largest lag reported",
+        ],
+    );
+    for (i, f) in failovers.iter().enumerate() {
+        table.row(vec![
+            (i + 1).to_string(),
+            ms(f.to_answering),
+            format!("≤ {target:.0} s"),
+            verdict(f.to_answering <= target),
+            f.stale.answered.to_string(),
+            f.stale.from_standby.to_string(),
+            f.stale.failed.to_string(),
+            format!(
+                "{} ms, {} records",
+                f.stale.max_lag_ms, f.stale.max_lag_records
+            ),
+        ]);
+    }
+    table.note(
+        "Strong reads: one user per moved partition, each retried until its owner answers. Reads allowing \
+         staleness: the same users asked in turn through the surviving node from the kill until the strong reads \
+         all answered (2 s timeout each); a failed one is an error or a timeout.",
+    );
+    table
+}
+
+/// Writes a record with the killed node 2's transactional id to the changelog of one of its
+/// shards and leaves the transaction open, as a node killed mid-checkpoint does. The producer
+/// is returned so that nothing ends the transaction but the new owner's fence (or its 60 s
+/// timeout).
+fn leave_open_transaction(
+    setup: &Setup,
+    group: &str,
+    topic: &str,
+    shards: &[u32],
+) -> anyhow::Result<rdkafka::producer::BaseProducer> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let shard = *shards.first().context("node 2 owned no shard")?;
+    let producer: BaseProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &setup.bootstrap)
+        .set(
+            "transactional.id",
+            format!("{group}-processor-{}@127.0.0.1", PORT_BASE + 2),
+        )
+        .set("transaction.timeout.ms", "60000")
+        .create()?;
+    producer.init_transactions(Duration::from_secs(30))?;
+    producer.begin_transaction()?;
+    producer
+        .send(
+            BaseRecord::to(&format!("{group}-{topic}-state"))
+                .partition(shard as i32)
+                .key("left-open")
+                .payload("never committed"),
+        )
+        .map_err(|(e, _)| e)?;
+    producer.flush(Duration::from_secs(10))?;
+    Ok(producer)
+}
+
+/// Asks `users` in turn through `addr`, allowing [`STALE_BOUND_MS`] of staleness, until `stop`.
+async fn stale_reads(
+    addr: String,
+    users: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<StaleReads> {
+    let channel = tonic::transport::Channel::from_shared(addr)?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await?;
+    let mut client = UserServiceClient::new(channel);
+    let mut reads = StaleReads::default();
+    while !stop.load(Ordering::Relaxed) {
+        for id in &users {
+            let ask = client.user_stats(UserStatsRequest {
+                id: id.clone(),
+                max_staleness_ms: Some(STALE_BOUND_MS),
+            });
+            match tokio::time::timeout(Duration::from_secs(2), ask).await {
+                Ok(Ok(answer)) => {
+                    let answer = answer.into_inner();
+                    reads.answered += 1;
+                    if answer.answered_by == "standby" {
+                        reads.from_standby += 1;
+                        reads.max_lag_ms = reads.max_lag_ms.max(answer.lag_ms);
+                        reads.max_lag_records = reads.max_lag_records.max(answer.lag_records);
+                    }
+                }
+                _ => reads.failed += 1,
+            }
+        }
+    }
+    Ok(reads)
 }
 
 /// Feeds every node's per-shard processed offsets into `progress` until aborted.

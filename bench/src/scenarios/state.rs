@@ -6,6 +6,13 @@
 //! compared with a bare read of that changelog, and its memory with N states and no live actor
 //! gives the bytes per user. Events for 40 000 of the users (under the cap) then make that many actors live:
 //! the memory difference is the cost of a live entity actor.
+//!
+//! Standby replicas: node C then joins (half the shards move to it) and keeps a standby of every
+//! shard node B still owns; once they are at the changelog's end node B stops gracefully and node
+//! C restores B's shards from its standbys. Their restore is compared with node B's cold one (a
+//! node cannot keep standbys of all of the users and own none: every node is in the group, so the
+//! standby set is half of them; the comparison is per user). Node C's memory, with half the users
+//! owned and half as standbys, shows what a standby costs.
 
 use std::time::{Duration, Instant};
 
@@ -109,7 +116,54 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
         .get("processor_live_entities")
         .copied()
         .unwrap_or(0.0);
+
+    eprintln!("state: node C joins and keeps standbys of node B's shards");
+    let mut node_c = NodeProcess::start(setup, 3, topic, &group, &changelog_args)?;
+    node_c.wait_assigned(Duration::from_secs(60)).await?;
+    let standby_users = wait_until(
+        Duration::from_secs(600),
+        "node C's standbys of node B's shards to reach the changelog's end",
+        || async {
+            let b_shards = node_b.shards().await.len() as f64;
+            let c_shards = node_c.shards().await.len() as f64;
+            let m = node_c.metrics().await?;
+            let standbys = m.get("processor_standby_shards").copied()?;
+            let lag = m.get("processor_standby_lag_records").copied()?;
+            let restored = m.get("processor_restore_seconds_count").copied()?;
+            (b_shards > 0.0
+                && standbys == b_shards
+                && lag == 0.0
+                && restored >= c_shards
+                && b_shards + c_shards == 128.0)
+                .then(|| m.get("processor_standby_entities").copied())
+                .flatten()
+        },
+    )
+    .await?;
+    // The standbys' memory settles like any burst's.
+    tokio::time::sleep(SETTLE_RSS).await;
+    let rss_c = node_c.rss_bytes()?;
+    eprintln!("state: node B stops; node C restores its shards from the standbys");
+    let from = node_c.log_len();
     node_b.stop()?;
+    wait_until(
+        Duration::from_secs(300),
+        "node C to restore node B's shards",
+        || async {
+            let m = node_c.metrics().await?;
+            (node_c.shards().await.len() == 128
+                && m.get("processor_restore_seconds_count").copied()? >= 128.0)
+                .then_some(())
+        },
+    )
+    .await?;
+    let standby_restore = node_c.longest_logged_restore_since(from, "after its standby replica");
+    let cold_restore = node_c.longest_logged_restore_since(from, "changelog records in");
+    anyhow::ensure!(
+        cold_restore == 0.0,
+        "node C restored some of node B's shards without a standby ({cold_restore} s)"
+    );
+    node_c.stop()?;
 
     let mut restore = Table::new(
         &format!("Restore: {users} users' state from the changelog ({records} records in 128 partitions)"),
@@ -130,6 +184,24 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
         format!("{:.2}", restore_rate / bare_rate),
         "≥ 0.5 × bare".into(),
         verdict(restore_rate >= 0.5 * bare_rate),
+    ]);
+    // Per user: node B's longest shard restored all users cold, node C's longest shard the
+    // standby set's.
+    let cold_per_user = longest_shard / users as f64;
+    let standby_per_user = standby_restore / standby_users.max(1.0);
+    restore.row(vec![
+        format!(
+            "node C: {standby_users:.0} users' shards from its standbys (longest shard), against node B's \
+             longest shard per user"
+        ),
+        format!("{standby_restore:.2} s"),
+        format!("{:.2} µs per user", standby_per_user * 1e6),
+        format!(
+            "{:.3} × cold",
+            standby_per_user / cold_per_user.max(f64::MIN_POSITIVE)
+        ),
+        "≤ 0.1 × cold".into(),
+        verdict(standby_per_user <= 0.1 * cold_per_user),
     ]);
 
     let per_user = rss_b.saturating_sub(idle_rss) as f64 / users as f64;
@@ -180,6 +252,17 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
         format!("{live_after:.0}"),
         mib(rss_live),
         format!("{per_actor:.0} B per live actor"),
+        "".into(),
+        "".into(),
+    ]);
+    memory.row(vec![
+        format!("node C: the other users owned, {standby_users:.0} as standby replicas"),
+        "".into(),
+        mib(rss_c),
+        format!(
+            "{:.0} B/user held, owned or standby",
+            rss_c.saturating_sub(idle_rss) as f64 / users as f64
+        ),
         "".into(),
         "".into(),
     ]);
