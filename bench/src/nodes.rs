@@ -24,8 +24,10 @@ impl Setup {
     }
 }
 
-/// Node i uses remoting 42000+i, management 42100+i, gRPC 42200+i.
-pub const PORT_BASE: u16 = 42_000;
+/// Node i uses remoting 29000+i, management 29100+i, gRPC 29200+i: below Linux's ephemeral
+/// range (32768 and up), where an outgoing connection's local port took a node's gRPC port
+/// once (the node exited: address in use).
+pub const PORT_BASE: u16 = 29_000;
 
 /// Session timeout of every node (and of the bare group baseline). Members learn of a rebalance
 /// at their next heartbeat (a quarter of it), so with the default 10 s a join costs anything
