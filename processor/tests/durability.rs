@@ -496,6 +496,15 @@ async fn rebalance_churn_during_checkpoints_loses_nothing() {
     }
 }
 
+/// The sum of every series of `metrics` whose name and labels start with `prefix`.
+fn sum_of(metrics: &std::collections::BTreeMap<String, f64>, prefix: &str) -> f64 {
+    metrics
+        .iter()
+        .filter(|(series, _)| series.starts_with(prefix))
+        .map(|(_, v)| v)
+        .sum()
+}
+
 /// A node's gauge `name` of the test's entity type (0 when the node has no such series).
 async fn gauge(node: &Node, spec: &ClusterSpec, name: &str) -> f64 {
     let metrics = node.metrics().await.expect("node answers /metrics");
@@ -535,6 +544,19 @@ async fn a_dead_nodes_open_transaction_is_aborted_by_the_new_owner_instead_of_ti
         "node 1 to keep a standby of each of node 2's shards",
         || async {
             (gauge(&node1, &spec, "standby_shards").await == split[1].len() as f64).then_some(())
+        },
+    )
+    .await;
+
+    // Everything node 2 processed is committed (its consumer lag is 0: the checkpoint commits
+    // offsets and states together) and node 1's standbys have read it.
+    eventually(
+        Duration::from_secs(30),
+        "node 2's checkpoints to be committed and read by node 1's standbys",
+        || async {
+            let lag = sum_of(&node2.metrics().await?, "processor_consumer_lag{");
+            let standby_lag = sum_of(&node1.metrics().await?, "processor_standby_lag_records{");
+            (lag == 0.0 && standby_lag == 0.0).then_some(())
         },
     )
     .await;

@@ -17,7 +17,8 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::entity::{Codec, DecodeError, Entity, EntityId, EntityMap, Stored};
-use crate::kafka_admin::list_offsets;
+use crate::kafka_admin::{list_offsets, with_debug};
+use crate::kafka_health::QuietContext;
 
 /// Header on every changelog record: the input topic its state's offsets refer to.
 pub const HEADER_INPUT_TOPIC: &str = "input.topic";
@@ -52,6 +53,36 @@ pub enum ChangelogError {
     OldFormat { changelog: String, found: String },
     #[error("cannot read changelog topic {changelog}: {reason}")]
     Unreadable { changelog: String, reason: String },
+}
+
+/// The two clients that read a changelog (restores and standbys): an assign-only read_committed
+/// consumer, group id `<changelog>-<role>` (it never joins or commits, but librdkafka needs a
+/// group id to report positions), with the reader's `settings` over the operator's `consumer.`
+/// properties (those are meant for the group consumer); and a read_uncommitted client for the
+/// partitions' high watermarks (a read_committed client is told the last stable offset, which
+/// stops short of an open transaction).
+pub(crate) fn readers(
+    kafka: &KafkaConnection,
+    changelog_topic: &str,
+    role: &str,
+    settings: &[(&str, &str)],
+    kafka_debug: Option<&str>,
+    context: &QuietContext,
+) -> Result<(BaseConsumer<QuietContext>, BaseConsumer<QuietContext>), KafkaError> {
+    let mut config = kafka.client(ClientKind::Consumer);
+    with_debug(&mut config, kafka_debug)
+        .set("group.id", format!("{changelog_topic}-{role}"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false");
+    for (key, value) in settings {
+        config.set(*key, *value);
+    }
+    let reader = config.create_with_context(context.clone())?;
+    let watermarks = kafka
+        .client(ClientKind::Consumer)
+        .set("isolation.level", "read_uncommitted")
+        .create_with_context(context.clone())?;
+    Ok((reader, watermarks))
 }
 
 /// The changelog value for a state: the envelope around the entity's state codec.

@@ -31,6 +31,10 @@ pub(crate) fn fence(
     let producer: ThreadedProducer<QuietContext> = kafka
         .client(ClientKind::Producer)
         .set("transactional.id", transactional_id)
+        // While the coordinator aborts the open transaction it answers CONCURRENT_TRANSACTIONS;
+        // retry soon (the default 100 ms backoff, doubling, held a failover's restore longer).
+        .set("retry.backoff.ms", "10")
+        .set("retry.backoff.max.ms", "100")
         .create_with_context(context)?;
     producer.init_transactions(INIT_TIMEOUT)
 }

@@ -234,6 +234,9 @@ impl KafkaHealth {
                 if !self.reachable()
                     || message.contains("Connection refused")
                     || message.contains("Disconnected")
+                    // CONCURRENT_TRANSACTIONS: librdkafka retries it; fencing a departed
+                    // node's open transaction meets it every time, while the abort completes.
+                    || message.contains("another concurrent operation on the same transaction")
                 {
                     tracing::debug!("librdkafka: {facility} {message}");
                 } else {

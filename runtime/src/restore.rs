@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::kafka_config::{ClientKind, KafkaConnection};
+use crate::kafka_config::KafkaConnection;
 use ractor::ActorRef;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -26,7 +26,7 @@ use crate::allocation::AllocationTable;
 use crate::changelog;
 use crate::entity::{Entity, EntityMap, Stored};
 use crate::fencing::{fence, transactional_id};
-use crate::kafka_admin::{committed_offsets, list_offsets, with_debug};
+use crate::kafka_admin::{committed_offsets, list_offsets};
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
 use crate::shard::ShardMsg;
@@ -228,33 +228,26 @@ impl<E: Entity> Restorer<E> {
             shards.iter().map(|(p, _)| *p),
             STABLE_OFFSETS_TIMEOUT,
         )?;
-        let consumer: BaseConsumer<QuietContext> = with_debug(
-            &mut self.kafka.client(ClientKind::Consumer),
+        // The end to read to is the partition's high watermark (asked with read_uncommitted):
+        // reading (read_committed) up to it waits until every transaction already in the
+        // partition is committed or aborted. Reading to the last stable offset instead, a frozen
+        // node's checkpoint that it commits after resuming (its offsets were accepted before it
+        // froze) is missing from the restored state, while this node's consumer, which waits for
+        // stable offsets, resumes after it: those events would be lost.
+        let (consumer, watermarks) = changelog::readers(
+            &self.kafka,
+            &self.changelog_topic,
+            "restore",
+            // The end is known: do not let the broker hold an empty fetch for the default
+            // 500 ms (two such waits were most of a small restore's time).
+            &[
+                ("fetch.wait.max.ms", "10"),
+                ("fetch.max.bytes", "52428800"),
+                ("max.partition.fetch.bytes", "10485760"),
+            ],
             self.kafka_debug.as_deref(),
-        )
-        // Assign-only (never joins or commits), but librdkafka needs a group id to report positions.
-        .set("group.id", format!("{}-restore", self.changelog_topic))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        // The end is known: do not let the broker hold an empty fetch for the default 500 ms
-        // (two such waits were most of a small restore's time). Set over the operator's
-        // `consumer.` properties, which are meant for the group consumer.
-        .set("fetch.wait.max.ms", "10")
-        .set("fetch.max.bytes", "52428800")
-        .set("max.partition.fetch.bytes", "10485760")
-        .create_with_context(self.context.clone())?;
-        // The end to read to is the partition's high watermark, asked with read_uncommitted: a
-        // read_committed client is told the *last stable offset*, which stops short of an open
-        // transaction. Reading (read_committed) up to the high watermark therefore waits until
-        // every transaction already in the partition is committed or aborted. Without that, a
-        // frozen node's checkpoint that it commits after resuming (its offsets were accepted
-        // before it froze) is missing from the restored state, while this node's consumer,
-        // which waits for stable offsets, resumes after it: those events would be lost.
-        let watermarks: BaseConsumer<QuietContext> = self
-            .kafka
-            .client(ClientKind::Consumer)
-            .set("isolation.level", "read_uncommitted")
-            .create_with_context(self.context.clone())?;
+            &self.context,
+        )?;
         // One ListOffsets request each for all partitions: asking per partition cost a broker
         // round trip each, a noticeable part of restoring 128 shards.
         let partitions = || shards.iter().map(|(p, _)| *p);
@@ -349,7 +342,9 @@ impl<E: Entity> Restorer<E> {
         let mut records_since_clock = 0u32;
         while !pending.is_empty() {
             let mut complete = Vec::new();
-            let polled = consumer.poll(Duration::from_millis(100));
+            // Short: a partition whose tail is only a transaction marker delivers no record, and
+            // is seen complete at the position check after an empty poll.
+            let polled = consumer.poll(POSITION_CHECK_EVERY);
             records_since_clock += 1;
             let look_at_clock = polled.is_none() || records_since_clock >= CLOCK_EVERY_RECORDS;
             if look_at_clock {

@@ -380,10 +380,13 @@ impl<E: Entity> Endpoint for Router<E> {
             let result = if query.id.is_empty() || query.id.len() > MAX_ID_BYTES {
                 R::Error(AskError::InvalidId(query.id.len()).to_string())
             } else {
-                match <E::Codec as Codec<E::Query>>::decode(&query.query) {
-                    Err(e) => R::Error(format!("undecodable query: {e}")),
-                    Ok(q) if query.standby_within_ms.is_some() => {
-                        let bound = Duration::from_millis(query.standby_within_ms.unwrap_or(0));
+                match (
+                    <E::Codec as Codec<E::Query>>::decode(&query.query),
+                    query.standby_within_ms,
+                ) {
+                    (Err(e), _) => R::Error(format!("undecodable query: {e}")),
+                    (Ok(q), Some(within_ms)) => {
+                        let bound = Duration::from_millis(within_ms);
                         match self.standby_local(query.shard, &query.id, &q, bound) {
                             Some((reply, staleness)) => R::Standby(StandbyReply {
                                 reply: <E::Codec as Codec<E::Reply>>::encode(&reply),
@@ -393,7 +396,7 @@ impl<E: Entity> Endpoint for Router<E> {
                             None => R::NotOwner(NotOwner {}),
                         }
                     }
-                    Ok(q) => match self.local_ask(query.shard, &query.id, q).await {
+                    (Ok(q), None) => match self.local_ask(query.shard, &query.id, q).await {
                         Attempt::Done(reply) => {
                             R::Reply(<E::Codec as Codec<E::Reply>>::encode(&reply))
                         }

@@ -34,8 +34,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use crate::allocation::AllocationTable;
 use crate::changelog;
 use crate::entity::{Entity, EntityMap, Stored};
-use crate::kafka_admin::{list_offsets, with_debug};
-use crate::kafka_config::{ClientKind, KafkaConnection};
+use crate::kafka_admin::list_offsets;
+use crate::kafka_config::KafkaConnection;
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
 use crate::partitioner::murmur2;
@@ -307,8 +307,9 @@ impl<E: Entity> Standbys<E> {
                             }
                         }
                     }
-                    let (c, _) = consumer.as_ref().expect("created above");
-                    self.reassign(c, reader, &wanted, &mut assigned);
+                    if let Some((c, _)) = &consumer {
+                        self.reassign(c, reader, &wanted, &mut assigned);
+                    }
                 }
             }
             let Some((c, watermarks)) = &consumer else {
@@ -327,29 +328,23 @@ impl<E: Entity> Standbys<E> {
         }
     }
 
-    /// The tailing consumer and a read_uncommitted client for the changelog's end.
+    /// The tailing consumer and a client for the changelog's end.
     fn clients(
         reader: &Reader,
     ) -> Result<(BaseConsumer<QuietContext>, BaseConsumer<QuietContext>), KafkaError> {
-        let tail = with_debug(
-            &mut reader.kafka.client(ClientKind::Consumer),
+        changelog::readers(
+            &reader.kafka,
+            &reader.changelog_topic,
+            "standby",
+            &[
+                // Reaching the end is how a standby knows it is current (see `Staleness`).
+                ("enable.partition.eof", "true"),
+                // A standby is at most one fetch wait behind the last committed checkpoint.
+                ("fetch.wait.max.ms", "100"),
+            ],
             reader.kafka_debug.as_deref(),
+            &reader.context,
         )
-        // Assign-only (never joins or commits), but librdkafka needs a group id.
-        .set("group.id", format!("{}-standby", reader.changelog_topic))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        // Reaching the end is how a standby knows it is current (see `Staleness`).
-        .set("enable.partition.eof", "true")
-        // A standby is at most one fetch wait behind the last committed checkpoint.
-        .set("fetch.wait.max.ms", "100")
-        .create_with_context(reader.context.clone())?;
-        let watermarks = reader
-            .kafka
-            .client(ClientKind::Consumer)
-            .set("isolation.level", "read_uncommitted")
-            .create_with_context(reader.context.clone())?;
-        Ok((tail, watermarks))
     }
 
     fn reassign(
@@ -460,6 +455,9 @@ impl<E: Entity> Standbys<E> {
             }
             next = consumer.poll(Duration::ZERO);
         }
+        if !newly_warm.is_empty() || inner.shards.values().any(|w| w.at_end) {
+            advance_to_positions(consumer, reader, &mut inner);
+        }
         log_warm(&inner, &newly_warm);
     }
 
@@ -513,6 +511,29 @@ impl<E: Entity> Standbys<E> {
         self.metrics
             .standby_entities
             .set(inner.shards.values().map(|w| w.states.len()).sum::<usize>() as i64);
+    }
+}
+
+/// Moves each standby's next offset to its consumer position: past the transaction markers
+/// after its last record, which deliver nothing (a restore taking it then has nothing left to
+/// read, instead of a marker). The position counts only what poll returned, all folded.
+fn advance_to_positions<S>(
+    consumer: &BaseConsumer<QuietContext>,
+    reader: &Reader,
+    inner: &mut Inner<S>,
+) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    for (shard, warm) in inner.shards.iter_mut() {
+        if let Some(Offset::Offset(position)) = positions
+            .find_partition(&reader.changelog_topic, *shard as i32)
+            .map(|e| e.offset())
+        {
+            if warm.next_offset.is_none_or(|next| position > next) {
+                warm.next_offset = Some(position);
+            }
+        }
     }
 }
 
