@@ -586,9 +586,13 @@ async fn a_dead_nodes_open_transaction_is_aborted_by_the_new_owner_instead_of_ti
             ("standby", expected.purchases, expected.amount_spent),
             "user {user}"
         );
-        assert_eq!(
-            answer.lag_ms, 0,
-            "user {user}: the standby had read everything"
+        // Caught up: its lag is re-measured every second, so the time since it was last known
+        // to be at the end stays within that (a checkpoint of node 2 read just before the kill
+        // makes it non-zero until the next end-of-partition event).
+        assert!(
+            answer.lag_ms <= 1_500,
+            "user {user}: the standby had read everything, yet reports {} ms",
+            answer.lag_ms
         );
     }
     let standby_reads = killed.elapsed();

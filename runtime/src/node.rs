@@ -428,6 +428,7 @@ async fn start_type<E: Entity>(
         partitions,
         table.clone(),
         metrics.clone(),
+        readiness.clone(),
     ));
     standbys.start(StandbyReader {
         kafka: config.kafka.clone(),

@@ -138,6 +138,15 @@ impl GroupReadiness {
         self.recovering.store(recovering, Ordering::SeqCst);
     }
 
+    /// In the group, not recovering, and every shard restored: a time to take on background
+    /// work such as warming up standby replicas (doing it while the node's own shards restore
+    /// slowed a join on two cores).
+    pub fn settled(&self) -> bool {
+        self.in_group.load(Ordering::SeqCst)
+            && !self.recovering.load(Ordering::SeqCst)
+            && self.restoring_shards.load(Ordering::SeqCst) == 0
+    }
+
     pub fn shard_restoring(&self) {
         self.restoring_shards.fetch_add(1, Ordering::SeqCst);
     }

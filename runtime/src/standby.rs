@@ -39,6 +39,7 @@ use crate::kafka_config::KafkaConnection;
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
 use crate::partitioner::murmur2;
+use crate::readiness::GroupReadiness;
 
 /// How long the reader waits for records before looking at the placement again.
 const POLL: Duration = Duration::from_millis(100);
@@ -177,6 +178,8 @@ pub(crate) struct Standbys<E: Entity> {
     table: Arc<AllocationTable>,
     inner: Mutex<Inner<E::State>>,
     metrics: Arc<Metrics>,
+    /// New standbys start only once this type's own shards are live here (`settled`).
+    readiness: Arc<GroupReadiness>,
 }
 
 /// How the standby reader reaches the changelog.
@@ -193,8 +196,10 @@ impl<E: Entity> Standbys<E> {
         partitions: u32,
         table: Arc<AllocationTable>,
         metrics: Arc<Metrics>,
+        readiness: Arc<GroupReadiness>,
     ) -> Self {
         Self {
+            readiness,
             replicas,
             partitions,
             table,
@@ -357,7 +362,9 @@ impl<E: Entity> Standbys<E> {
         let dropped: BTreeSet<u32> = assigned.difference(wanted).copied().collect();
         self.unassign(consumer, reader, &dropped, assigned);
         let added: Vec<u32> = wanted.difference(assigned).copied().collect();
-        if added.is_empty() {
+        // A new standby reads its changelog partition from the start: not while this node's own
+        // shards restore or its group rebalances (the placement is looked at again shortly).
+        if added.is_empty() || !self.readiness.settled() {
             return;
         }
         let mut tpl = TopicPartitionList::new();
