@@ -520,8 +520,6 @@ async fn gauge(node: &Node, spec: &ClusterSpec, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_nodes_open_transaction_is_aborted_by_the_new_owner_instead_of_timing_out() {
     use kafka_sharding::partitioner::partition_for_key;
-    use proto::service::user_service_client::UserServiceClient;
-    use proto::service::UserStatsRequest;
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     require_broker();
     let spec = ClusterSpec::new("dead-txn", 10_000);
@@ -566,26 +564,8 @@ async fn a_dead_nodes_open_transaction_is_aborted_by_the_new_owner_instead_of_ti
     // Before Kafka reassigns anything (6 s session timeout), reads that allow staleness are
     // answered by node 1's standbys, exactly (the input is over, so the standbys are current);
     // a strong read waits for an owner.
-    let mut client = UserServiceClient::connect(spec.grpc_url(1)).await.unwrap();
     for user in &moved_users {
-        let answer = client
-            .user_stats(UserStatsRequest {
-                id: user.clone(),
-                max_staleness_ms: Some(10_000),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("user {user}: {s}"))
-            .into_inner();
-        let expected = ledger.expected(user);
-        assert_eq!(
-            (
-                answer.answered_by.as_str(),
-                answer.total_purchases,
-                answer.amount_spent
-            ),
-            ("standby", expected.purchases, expected.amount_spent),
-            "user {user}"
-        );
+        let answer = assert_standby_answers(&spec.grpc_url(1), user, 10_000, &ledger).await;
         // Caught up: its lag is re-measured every second, so the time since it was last known
         // to be at the end stays within that (a checkpoint of node 2 read just before the kill
         // makes it non-zero until the next end-of-partition event).

@@ -137,10 +137,11 @@ impl<E: Entity> Router<E> {
         consistency: Consistency,
     ) -> Result<(E::Reply, Route), AskError> {
         let started = Instant::now();
-        let answer = match consistency {
-            Consistency::Strong => self.ask_owner(id, query, None).await,
-            Consistency::BoundedStaleness(bound) => self.ask_owner(id, query, Some(bound)).await,
+        let standby_within = match consistency {
+            Consistency::Strong => None,
+            Consistency::BoundedStaleness(bound) => Some(bound),
         };
+        let answer = self.ask_owner(id, query, standby_within).await;
         let (route, outcome) = match &answer {
             Ok((_, route)) => (route.label(), "ok"),
             Err(AskError::InvalidId(_)) => ("none", "invalid_argument"),

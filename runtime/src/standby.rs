@@ -423,9 +423,7 @@ impl<E: Entity> Standbys<E> {
             self.metrics.set_standby_lag(*shard, None);
         }
         self.metrics.standby_shards.set(assigned.len() as i64);
-        self.metrics
-            .standby_entities
-            .set(inner.shards.values().map(|w| w.states.len()).sum::<usize>() as i64);
+        self.count_entities(&inner);
         tracing::info!(
             "standby replicas of shards {shards:?} dropped ({} kept here)",
             assigned.len()
@@ -515,6 +513,10 @@ impl<E: Entity> Standbys<E> {
             }
         }
         log_warm(&inner, &newly_warm);
+        self.count_entities(&inner);
+    }
+
+    fn count_entities(&self, inner: &Inner<E::State>) {
         self.metrics
             .standby_entities
             .set(inner.shards.values().map(|w| w.states.len()).sum::<usize>() as i64);

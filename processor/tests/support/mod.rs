@@ -925,6 +925,39 @@ pub async fn assert_refused(spec: &ClusterSpec, node: &mut Node) {
     );
 }
 
+/// Asks for `user`'s totals through `grpc_url` allowing `max_staleness_ms`, and asserts that a
+/// standby replica answered them exactly as `ledger` has them; returns the answer (for its lag).
+pub async fn assert_standby_answers(
+    grpc_url: &str,
+    user: &str,
+    max_staleness_ms: u64,
+    ledger: &proto::ledger::Ledger,
+) -> proto::service::UserStatsResponse {
+    let mut client =
+        proto::service::user_service_client::UserServiceClient::connect(grpc_url.to_string())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {grpc_url}: {e}"));
+    let answer = client
+        .user_stats(proto::service::UserStatsRequest {
+            id: user.to_string(),
+            max_staleness_ms: Some(max_staleness_ms),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("user {user} via {grpc_url}: {s}"))
+        .into_inner();
+    let want = ledger.expected(user);
+    assert_eq!(
+        (
+            answer.answered_by.as_str(),
+            answer.total_purchases,
+            answer.amount_spent
+        ),
+        ("standby", want.purchases, want.amount_spent),
+        "user {user} via {grpc_url}"
+    );
+    answer
+}
+
 pub async fn grpc_health(grpc_url: &str) -> Option<i32> {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
