@@ -15,7 +15,7 @@
 //! further use ([`CheckpointError::Fatal`]): the consumer recovers (see `consumer::recovery`).
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::kafka_config::{ClientKind, KafkaConnection};
 use rdkafka::consumer::ConsumerGroupMetadata;
@@ -34,7 +34,16 @@ use crate::shard::{Checkpoint, LocalShard, Outgoing, Reroute, ShardMsg};
 /// Header on a re-routed event: where it was first read.
 pub const HEADER_REROUTED_FROM: &str = "rerouted.from";
 
-const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `init_transactions` may take when the producer is first created.
+const INIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long an abort may take after a checkpoint failed or ran out of time. Past it the
+/// transaction's state is unknown and the producer is re-created (a recovery), which costs a
+/// restore: worth a few seconds' wait.
+pub(super) const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest a shard may take to hand its checkpoint over.
+const SHARD_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -47,6 +56,13 @@ pub enum CheckpointError {
     NotInGroup,
     #[error("the checkpoint thread has stopped")]
     WorkerGone,
+    /// Its deadline passed before it began (the checkpoint in flight before it used the time).
+    #[error("no time was left before the checkpoint's deadline")]
+    Expired,
+    /// librdkafka did not return from the transaction by its deadline and the abort's time
+    /// (see `checkpoint_worker`): the producer is given up.
+    #[error("the checkpoint transaction did not end by its deadline")]
+    Stuck,
     /// The producer is of no further use (fenced by another instance, or its transaction state
     /// is unknown after a failed abort): it must be re-created.
     #[error("checkpoint producer failed fatally: {0}")]
@@ -74,6 +90,8 @@ pub(crate) struct Checkpointer {
     /// Every changelog record says which input topic its offsets belong to.
     changelog_headers: OwnedHeaders,
     committed: HashMap<u32, i64>,
+    /// How long one checkpoint may take unless its caller says otherwise.
+    transaction_timeout: Duration,
 }
 
 impl Checkpointer {
@@ -81,7 +99,7 @@ impl Checkpointer {
     /// producer with the same transactional id (aborting its open transaction).
     pub fn new(config: &CheckpointerConfig) -> Result<Self, CheckpointError> {
         let this = Self::create(config)?;
-        this.init(TXN_TIMEOUT)?;
+        this.init(INIT_TIMEOUT)?;
         Ok(this)
     }
 
@@ -110,6 +128,7 @@ impl Checkpointer {
             dlq_topic: config.dlq_topic.clone(),
             changelog_headers: record_headers(&config.input_topic),
             committed: HashMap::new(),
+            transaction_timeout: config.transaction_timeout,
         })
     }
 
@@ -124,20 +143,35 @@ impl Checkpointer {
             })
     }
 
+    /// How long a transaction may stay open before the broker aborts it.
+    pub fn transaction_timeout(&self) -> Duration {
+        self.transaction_timeout
+    }
+
     /// Collects a checkpoint from each shard and commits them in one transaction. Returns
     /// whether there was anything to commit.
+    ///
+    /// Every wait on the broker is given the time left until `deadline` (then the transaction
+    /// is aborted, within [`ABORT_TIMEOUT`] more). librdkafka does not always keep to it
+    /// (`send_offsets_to_transaction` can wait on a lost coordinator for good,
+    /// confluentinc/librdkafka#5456), so the checkpoint thread's caller bounds the wait too.
     pub fn run<E: Entity>(
         &mut self,
         runtime: &tokio::runtime::Handle,
         group: &ConsumerGroupMetadata,
         shards: &[(u32, LocalShard<E>)],
+        deadline: Instant,
     ) -> Result<bool, CheckpointError> {
+        if Instant::now() >= deadline {
+            return Err(CheckpointError::Expired);
+        }
+        let shard_timeout = remaining(deadline).min(SHARD_CHECKPOINT_TIMEOUT);
         let checkpoints: Vec<(LocalShard<E>, Checkpoint<E::State>)> = runtime
             .block_on(futures::future::join_all(shards.iter().map(
                 |(_, shard)| async move {
                     let cp = shard
                         .actor
-                        .call(ShardMsg::Checkpoint, Some(Duration::from_secs(10)))
+                        .call(ShardMsg::Checkpoint, Some(shard_timeout))
                         .await;
                     match cp {
                         Ok(ractor::rpc::CallResult::Success(cp)) => Some((shard.clone(), cp)),
@@ -163,17 +197,11 @@ impl Checkpointer {
             .map_err(|e| self.classify(e))?;
         let mut offsets = TopicPartitionList::new();
         for (_, cp) in &checkpoints {
-            if let Err(e) = self.write::<E>(cp, &mut offsets) {
+            if let Err(e) = self.write::<E>(cp, &mut offsets, deadline) {
                 return Err(self.abort(e));
             }
         }
-        if let Err(e) = self
-            .producer
-            .send_offsets_to_transaction(&offsets, group, TXN_TIMEOUT)
-        {
-            return Err(self.abort(e));
-        }
-        if let Err(e) = self.producer.commit_transaction(TXN_TIMEOUT) {
+        if let Err(e) = self.commit(&offsets, group, deadline) {
             return Err(self.abort(e));
         }
         for (shard, cp) in checkpoints {
@@ -183,6 +211,18 @@ impl Checkpointer {
             let _ = shard.actor.cast(ShardMsg::Checkpointed { seq: cp.seq });
         }
         Ok(true)
+    }
+
+    /// Adds the consumed offsets to the open transaction and commits it, both by `deadline`.
+    fn commit(
+        &self,
+        offsets: &TopicPartitionList,
+        group: &ConsumerGroupMetadata,
+        deadline: Instant,
+    ) -> Result<(), KafkaError> {
+        self.producer
+            .send_offsets_to_transaction(offsets, group, remaining(deadline))?;
+        self.producer.commit_transaction(remaining(deadline))
     }
 
     /// Forgets what was committed for partitions no longer owned.
@@ -196,6 +236,7 @@ impl Checkpointer {
         &self,
         cp: &Checkpoint<E::State>,
         offsets: &mut TopicPartitionList,
+        deadline: Instant,
     ) -> Result<(), KafkaError> {
         for (id, stored) in &cp.states {
             let value = changelog::encode::<E>(stored);
@@ -205,12 +246,13 @@ impl Checkpointer {
                     .key(id.as_bytes())
                     .payload(&value)
                     .headers(self.changelog_headers.clone()),
+                deadline,
             )?;
         }
         for outgoing in &cp.outgoing {
             match outgoing {
-                Outgoing::Reroute(reroute) => self.send_reroute(cp.partition, reroute)?,
-                Outgoing::DeadLetter(letter) => self.send_dead_letter(letter)?,
+                Outgoing::Reroute(reroute) => self.send_reroute(cp.partition, reroute, deadline)?,
+                Outgoing::DeadLetter(letter) => self.send_dead_letter(letter, deadline)?,
             }
         }
         if let Some(offset) = cp.commit_offset {
@@ -224,7 +266,12 @@ impl Checkpointer {
     }
 
     /// A mis-keyed record read from `partition`, as it was read, to its key's partition.
-    fn send_reroute(&self, partition: u32, reroute: &Reroute) -> Result<(), KafkaError> {
+    fn send_reroute(
+        &self,
+        partition: u32,
+        reroute: &Reroute,
+        deadline: Instant,
+    ) -> Result<(), KafkaError> {
         let origin = format!("{partition}/{}", reroute.source_offset);
         let headers = OwnedHeaders::new().insert(Header {
             key: HEADER_REROUTED_FROM,
@@ -237,11 +284,11 @@ impl Checkpointer {
         if let Some(value) = &reroute.value {
             record = record.payload(value);
         }
-        self.send(record)
+        self.send(record, deadline)
     }
 
     /// A malformed record, as it was read, to the dead-letter topic.
-    fn send_dead_letter(&self, letter: &DeadLetter) -> Result<(), KafkaError> {
+    fn send_dead_letter(&self, letter: &DeadLetter, deadline: Instant) -> Result<(), KafkaError> {
         let mut record = BaseRecord::to(&self.dlq_topic).headers(letter.headers());
         if let Some(key) = &letter.key {
             record = record.key(key.as_slice());
@@ -249,15 +296,21 @@ impl Checkpointer {
         if let Some(value) = &letter.value {
             record = record.payload(value);
         }
-        self.send(record)
+        self.send(record, deadline)
     }
 
-    /// Sends one record, waiting while the producer queue is full.
-    fn send(&self, mut record: BaseRecord<'_, [u8], Vec<u8>>) -> Result<(), KafkaError> {
+    /// Sends one record, waiting while the producer queue is full (until `deadline`).
+    fn send(
+        &self,
+        mut record: BaseRecord<'_, [u8], Vec<u8>>,
+        deadline: Instant,
+    ) -> Result<(), KafkaError> {
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                    if Instant::now() < deadline =>
+                {
                     record = r;
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -269,7 +322,7 @@ impl Checkpointer {
     fn abort(&self, e: KafkaError) -> CheckpointError {
         let error = self.classify(e);
         if let CheckpointError::Aborted(_) = error {
-            if let Err(abort_error) = self.producer.abort_transaction(TXN_TIMEOUT) {
+            if let Err(abort_error) = self.producer.abort_transaction(ABORT_TIMEOUT) {
                 // The transaction's state is unknown (e.g. the broker is away): only a new
                 // producer, whose init_transactions aborts it, gets a clean state again.
                 return CheckpointError::Fatal(abort_error);
@@ -284,4 +337,10 @@ impl Checkpointer {
             _ => CheckpointError::Aborted(e),
         }
     }
+}
+
+/// The time left until `deadline`; zero once it passed (librdkafka then fails the call at once
+/// unless it is already done).
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
 }

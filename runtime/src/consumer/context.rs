@@ -6,7 +6,7 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -39,6 +39,10 @@ pub(crate) struct NodeContext<E: Entity> {
     /// librdkafka's latest statistics JSON (per-partition fetch state and offsets), when
     /// `statistics.interval.ms` is enabled; served at `/cluster/kafka-stats` for diagnosis.
     pub kafka_stats: Arc<Mutex<String>>,
+    /// How long the revoke callback may spend on its final checkpoint, attempts and the wait
+    /// for the one in flight included (the transaction timeout: past it the broker would abort
+    /// the transaction anyway).
+    pub handoff_checkpoint_budget: Duration,
 }
 
 impl<E: Entity> NodeContext<E> {
@@ -81,11 +85,12 @@ impl<E: Entity> NodeContext<E> {
     }
 
     /// Commits one checkpoint transaction for `partitions` and waits for it (after the one in
-    /// flight).
+    /// flight), all by `deadline`.
     fn checkpoint_now(
         &self,
         consumer: &BaseConsumer<Self>,
         partitions: &[u32],
+        deadline: Instant,
     ) -> Result<(), CheckpointError> {
         let shards = self.shards(Some(partitions));
         if shards.is_empty() {
@@ -97,18 +102,52 @@ impl<E: Entity> NodeContext<E> {
         self.checkpoints
             .lock()
             .expect("checkpoint lock poisoned")
-            .run_now(shards, group)
+            .run_now(shards, group, deadline)
             .map(|_| ())
     }
 }
 
 impl<E: Entity> NodeContext<E> {
+    /// The revoked partitions' last checkpoint: retried after an abortable failure while
+    /// attempts and the budget last. Each failed attempt is one log line; giving up is safe (the
+    /// next owner resumes from the previous checkpoint and re-reads the rest), waiting longer
+    /// only holds the whole group's rebalance.
+    fn final_checkpoint(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        partitions: &[u32],
+        started: Instant,
+    ) {
+        let deadline = started + self.handoff_checkpoint_budget;
+        for attempt in 1..=REVOKE_CHECKPOINT_ATTEMPTS {
+            let Err(e) = self.checkpoint_now(consumer, partitions, deadline) else {
+                return;
+            };
+            let retry = matches!(e, CheckpointError::Aborted(_))
+                && attempt < REVOKE_CHECKPOINT_ATTEMPTS
+                && Instant::now() < deadline;
+            if retry {
+                tracing::warn!(
+                    "the final checkpoint of partitions {partitions:?} failed (attempt {attempt}, {} ms into the hand-off): {e}; retrying",
+                    started.elapsed().as_millis()
+                );
+            } else {
+                tracing::warn!(
+                    "handing off partitions {partitions:?} without a final checkpoint after {attempt} attempt(s) in {} ms ({e}): the next owner resumes from the previous one",
+                    started.elapsed().as_millis()
+                );
+                return;
+            }
+        }
+    }
+
     /// The last step of giving up `partitions`, after their final checkpoint or without one
     /// (lost, or dropped by a recovery): a checkpoint still in flight may include them (if they
     /// were lost it will fail), so it ends first; then their shards stop and the claim shrinks.
     pub fn let_go(&self, partitions: &[u32]) {
         let mut checkpoints = self.checkpoints.lock().expect("checkpoint lock poisoned");
-        checkpoints.wait_in_flight();
+        // A stuck one (`None`) has been given up: the node recovers, fencing it.
+        let _ = checkpoints.wait_in_flight();
         checkpoints.forget(partitions);
         drop(checkpoints);
         self.handoff.release(partitions);
@@ -171,14 +210,7 @@ impl<E: Entity> ConsumerContext for NodeContext<E> {
                 partitions
             );
         } else {
-            let mut attempt = 1;
-            while let Err(e) = self.checkpoint_now(consumer, &partitions) {
-                if matches!(e, CheckpointError::Fatal(_)) || attempt >= REVOKE_CHECKPOINT_ATTEMPTS {
-                    tracing::warn!("handing off {:?} without a final checkpoint: the next owner resumes from the previous one", partitions);
-                    break;
-                }
-                attempt += 1;
-            }
+            self.final_checkpoint(consumer, &partitions, checkpoint_started);
             self.metrics
                 .observe_handoff_step("checkpoint", checkpoint_started.elapsed());
         }

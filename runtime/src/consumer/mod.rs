@@ -154,6 +154,7 @@ pub(crate) fn start<E: Entity>(
         health,
         readiness,
         kafka_stats,
+        handoff_checkpoint_budget: checkpointer_config.transaction_timeout,
     };
     let session_ms = settings.session_timeout.as_millis().max(1_000);
     let heartbeat_ms = (session_ms / 4).max(250).to_string();
