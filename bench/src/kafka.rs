@@ -1,13 +1,15 @@
 //! Broker-side measurements: end and committed offsets, and the bare-consumer baselines (a drain
 //! with no processing, and a plain consumer group going through the same membership changes).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use kafka_sharding::decode_changelog_value;
+use processor::purchases::Purchases;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -283,6 +285,95 @@ impl Drop for BareGroup {
     fn drop(&mut self) {
         while !self.members.is_empty() {
             self.remove_member();
+        }
+    }
+}
+
+/// Per user: (when visible, purchases) of each committed changelog record, in order.
+type Timelines = HashMap<String, Vec<(Instant, i64)>>;
+
+/// The committed states of some users, as a read_committed reader of the changelog sees them,
+/// with when each record became visible: the owner's committed state over time, which answers
+/// from standbys are held against. Runs until dropped.
+pub struct CommittedTimeline {
+    seen: Arc<Mutex<Timelines>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CommittedTimeline {
+    pub fn start(
+        bootstrap: &str,
+        changelog: &str,
+        partitions: u32,
+        users: impl IntoIterator<Item = String>,
+    ) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = client(bootstrap, &format!("bench-timeline-{changelog}"))
+            // Records are seen at most this long after they became readable.
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(changelog, p as i32, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let seen: Arc<Mutex<Timelines>> = Arc::new(Mutex::new(
+            users.into_iter().map(|u| (u, Vec::new())).collect(),
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stopping, timelines) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(Ordering::SeqCst) {
+                let Some(Ok(record)) = consumer.poll(Duration::from_millis(50)) else {
+                    continue;
+                };
+                let at = Instant::now();
+                let (Some(Ok(user)), Some(value)) =
+                    (record.key().map(std::str::from_utf8), record.payload())
+                else {
+                    continue;
+                };
+                let mut timelines = timelines.lock().expect("timeline lock");
+                if let Some(timeline) = timelines.get_mut(user) {
+                    if let Ok((totals, _)) = decode_changelog_value::<Purchases>(value) {
+                        timeline.push((at, totals.purchases));
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            seen,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// When the first committed state of `user` with more than `purchases` purchases became
+    /// visible, if one did.
+    pub fn first_beyond(&self, user: &str, purchases: i64) -> Option<Instant> {
+        let seen = self.seen.lock().expect("timeline lock");
+        seen.get(user)?
+            .iter()
+            .find(|(_, p)| *p > purchases)
+            .map(|(at, _)| *at)
+    }
+
+    /// When the last committed state of `user` visible before `before` became visible.
+    pub fn last_before(&self, user: &str, before: Instant) -> Option<Instant> {
+        let seen = self.seen.lock().expect("timeline lock");
+        seen.get(user)?
+            .iter()
+            .map(|(at, _)| *at)
+            .take_while(|at| *at < before)
+            .last()
+    }
+}
+
+impl Drop for CommittedTimeline {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }

@@ -105,6 +105,13 @@ pub(crate) fn decode<E: Entity>(value: &[u8]) -> Result<Stored<E::State>, Decode
     })
 }
 
+/// A changelog record's value read from outside the runtime (inspection tools, benchmarks):
+/// the entity's state and the offset, in the entity's input partition, of the last event
+/// applied to it. A record without a value (a tombstone) deletes the entity.
+pub fn decode_value<E: Entity>(value: &[u8]) -> Result<(E::State, i64), DecodeError> {
+    decode::<E>(value).map(|stored| (stored.state, stored.last_offset))
+}
+
 /// Folds one changelog record into a partition's states (a tombstone deletes); restores and
 /// standbys read the changelog alike.
 pub(crate) fn fold<E: Entity>(

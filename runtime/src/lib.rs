@@ -109,6 +109,7 @@ mod shard;
 mod standby;
 mod stats;
 
+pub use changelog::decode_value as decode_changelog_value;
 pub use cli::{KafkaClientArgs, NodeArgs, NodeConfig, Ports, DEFAULT_COOKIE};
 pub use cluster::endpoint::CallError;
 pub use cluster::tls::{NodeTls, NodeTlsError, NodeTlsFiles};

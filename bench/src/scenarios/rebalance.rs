@@ -11,7 +11,10 @@
 //! left with an open checkpoint transaction, as if it died mid-checkpoint: right after the kill a
 //! producer with its transactional id writes a record to the changelog of one of its shards and
 //! leaves the transaction open (60 s timeout). Measured: time until every moved user answers
-//! (strong reads), and, throughout, reads allowing staleness of the same users.
+//! (strong reads), and, throughout, reads allowing staleness of the same users. Those users get
+//! extra input of their own (a few purchases a second each), so the killed node was committing
+//! their states until it died; each standby answer is held against the committed states a
+//! changelog reader saw, and its reported lag against how old it really was.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +27,7 @@ use kafka_sharding::partitioner::partition_for_key;
 use proto::service::user_service_client::UserServiceClient;
 use proto::service::UserStatsRequest;
 
-use crate::kafka::{BareGroup, EndPoller};
+use crate::kafka::{BareGroup, CommittedTimeline, EndPoller};
 use crate::nodes::{
     produce_in_background, wait_until, NodeAddr, NodeProcess, Setup, PORT_BASE, SESSION_TIMEOUT_MS,
 };
@@ -40,6 +43,11 @@ const POLL: Duration = Duration::from_millis(50);
 const KILLS: usize = 5;
 /// The staleness the reads during a failover allow.
 const STALE_BOUND_MS: u64 = 5_000;
+/// Purchases per second for each probed user, besides the steady input.
+const HOT_RATE: u64 = 2;
+/// A standby's reported lag of 0 means it was at the end one empty fetch ago (up to 100 ms,
+/// docs/ARCHITECTURE.md): an answer older than reported by more than this is a violation.
+const LAG_GRANULARITY_MS: i64 = 100;
 
 /// One SIGKILL failover.
 struct Failover {
@@ -55,6 +63,45 @@ struct StaleReads {
     failed: u64,
     max_lag_ms: u64,
     max_lag_records: i64,
+    /// Standby answers that lacked a committed state visible more than their reported lag
+    /// (plus [`LAG_GRANULARITY_MS`]) before they were asked.
+    older_than_reported: u64,
+    /// The largest (how old it was) − (reported lag), in ms; negative: all within.
+    max_excess_ms: Option<i64>,
+    /// Standby answers whose user's state had been committed within the second before the kill.
+    recent: u64,
+}
+
+/// A standby's answer, for checking once the failover is over.
+struct StandbyAnswer {
+    user: String,
+    asked: Instant,
+    lag_ms: u64,
+    purchases: i64,
+}
+
+impl StaleReads {
+    /// Holds each standby answer against the committed states: the first committed state it
+    /// lacks became visible at `c`; asked at `asked`, it was at least `asked - c` old.
+    fn check(&mut self, answers: &[StandbyAnswer], timeline: &CommittedTimeline, killed: Instant) {
+        for answer in answers {
+            if timeline
+                .last_before(&answer.user, answer.asked)
+                .is_some_and(|at| at + Duration::from_secs(1) >= killed)
+            {
+                self.recent += 1;
+            }
+            let old_ms = timeline
+                .first_beyond(&answer.user, answer.purchases)
+                .filter(|c| *c < answer.asked)
+                .map_or(0, |c| (answer.asked - c).as_millis() as i64);
+            let excess = old_ms - answer.lag_ms as i64;
+            self.max_excess_ms = Some(self.max_excess_ms.map_or(excess, |m| m.max(excess)));
+            if excess > LAG_GRANULARITY_MS {
+                self.older_than_reported += 1;
+            }
+        }
+    }
 }
 
 struct Event {
@@ -144,6 +191,15 @@ pub async fn run(
 
         let mut failovers = Vec::with_capacity(KILLS);
         let mut kill = None;
+        let probed: Vec<String> = one_user_per_partition.values().cloned().collect();
+        let timeline = CommittedTimeline::start(
+            &setup.bootstrap,
+            &format!("{group}-{topic}-state"),
+            128,
+            probed.iter().cloned(),
+        )?;
+        let hot = HotInput::start(&setup.bootstrap, topic, probed)?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         for run in 1..=KILLS {
             eprintln!("rebalance: node 2 is killed ({run} of {KILLS})");
             let moving = nodes[1].shards().await;
@@ -159,9 +215,11 @@ pub async fn run(
             ));
             let answered = answering(&nodes[0].grpc_url(), moved_users).await?;
             stop.store(true, Ordering::Relaxed);
+            let (mut stale, answers) = stale.await??;
+            stale.check(&answers, &timeline, t0);
             failovers.push(Failover {
                 to_answering: (answered - t0).as_secs_f64(),
-                stale: stale.await??,
+                stale,
             });
             if run == 1 {
                 tokio::time::sleep(SETTLE).await;
@@ -198,6 +256,7 @@ pub async fn run(
             }
         }
         let kill = kill.expect("at least one kill");
+        hot.stop()?;
 
         eprintln!("rebalance: the same join and leave in a bare consumer group (baseline)");
         let bare = bare_group_gaps(setup, topic).await?;
@@ -311,6 +370,10 @@ fn failover_table(failovers: &[Failover]) -> Table {
             "of them from a standby",
             "failed",
             "largest lag reported",
+            "standby answers older than their reported lag",
+            "",
+            "largest age − reported lag",
+            "of them about a state committed < 1 s before the kill",
         ],
     );
     for (i, f) in failovers.iter().enumerate() {
@@ -326,13 +389,25 @@ fn failover_table(failovers: &[Failover]) -> Table {
                 "{} ms, {} records",
                 f.stale.max_lag_ms, f.stale.max_lag_records
             ),
+            f.stale.older_than_reported.to_string(),
+            verdict(f.stale.older_than_reported == 0 && f.stale.from_standby > 0),
+            f.stale
+                .max_excess_ms
+                .map(|e| format!("{e} ms"))
+                .unwrap_or_default(),
+            f.stale.recent.to_string(),
         ]);
     }
-    table.note(
+    table.note(format!(
         "Strong reads: one user per moved partition, each retried until its owner answers. Reads allowing \
          staleness: the same users asked in turn through the surviving node from the kill until the strong reads \
-         all answered (2 s timeout each); a failed one is an error or a timeout.",
-    );
+         all answered (2 s timeout each); a failed one is an error or a timeout. The probed users get {HOT_RATE} \
+         purchases/s each besides the steady input. A changelog reader (read_committed, 10 ms fetch wait) notes \
+         when each of their committed states became visible; a standby answer lacking a committed state that was \
+         visible more than its reported lag + {LAG_GRANULARITY_MS} ms (the end-of-partition granularity) before it \
+         was asked is older than reported. Age: from the first committed state it lacks becoming visible until it \
+         was asked (0 if it lacks none)."
+    ));
     table
 }
 
@@ -370,20 +445,23 @@ fn leave_open_transaction(
     Ok(producer)
 }
 
-/// Asks `users` in turn through `addr`, allowing [`STALE_BOUND_MS`] of staleness, until `stop`.
+/// Asks `users` in turn through `addr`, allowing [`STALE_BOUND_MS`] of staleness, until `stop`;
+/// returns the counts and the standby answers.
 async fn stale_reads(
     addr: String,
     users: Vec<String>,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<StaleReads> {
+) -> anyhow::Result<(StaleReads, Vec<StandbyAnswer>)> {
     let channel = tonic::transport::Channel::from_shared(addr)?
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await?;
     let mut client = UserServiceClient::new(channel);
     let mut reads = StaleReads::default();
+    let mut answers = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         for id in &users {
+            let asked = Instant::now();
             let ask = client.user_stats(UserStatsRequest {
                 id: id.clone(),
                 max_staleness_ms: Some(STALE_BOUND_MS),
@@ -396,13 +474,77 @@ async fn stale_reads(
                         reads.from_standby += 1;
                         reads.max_lag_ms = reads.max_lag_ms.max(answer.lag_ms);
                         reads.max_lag_records = reads.max_lag_records.max(answer.lag_records);
+                        answers.push(StandbyAnswer {
+                            user: id.clone(),
+                            asked,
+                            lag_ms: answer.lag_ms,
+                            purchases: answer.total_purchases,
+                        });
                     }
                 }
                 _ => reads.failed += 1,
             }
         }
     }
-    Ok(reads)
+    Ok((reads, answers))
+}
+
+/// [`HOT_RATE`] purchases a second for each of some users, besides the steady input, until
+/// stopped: their states change and are committed right up to a kill.
+struct HotInput {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<u64>>,
+}
+
+impl HotInput {
+    fn start(bootstrap: &str, topic: &str, users: Vec<String>) -> anyhow::Result<Self> {
+        use prost::Message as _;
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let producer: BaseProducer = rdkafka::config::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("linger.ms", "5")
+            .create()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let topic = topic.to_string();
+        let every = Duration::from_millis(1_000 / HOT_RATE);
+        let thread = std::thread::spawn(move || {
+            let mut sent = 0;
+            while !stopping.load(Ordering::SeqCst) {
+                let round = Instant::now();
+                for user in &users {
+                    let purchase = proto::events::UserPurchase {
+                        user_id: user.clone(),
+                        product: "probe".into(),
+                        quantity: 1,
+                        price: 1,
+                    }
+                    .encode_to_vec();
+                    producer
+                        .send(
+                            BaseRecord::to(&topic)
+                                .partition(partition_for_key(user.as_bytes(), 128) as i32)
+                                .key(user.as_str())
+                                .payload(&purchase),
+                        )
+                        .map_err(|(e, _)| e)?;
+                    sent += 1;
+                }
+                producer.poll(Duration::ZERO);
+                std::thread::sleep(every.saturating_sub(round.elapsed()));
+            }
+            producer.flush(Duration::from_secs(10))?;
+            Ok(sent)
+        });
+        Ok(Self { stop, thread })
+    }
+
+    fn stop(self) -> anyhow::Result<u64> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the probe input thread panicked"))?
+    }
 }
 
 /// Feeds every node's per-shard processed offsets into `progress` until aborted.
