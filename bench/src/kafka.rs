@@ -297,6 +297,9 @@ type Timelines = HashMap<String, Vec<(Instant, i64)>>;
 /// from standbys are held against. Runs until dropped.
 pub struct CommittedTimeline {
     seen: Arc<Mutex<Timelines>>,
+    /// Set once every partition was read to its end: times noted before that are catch-up
+    /// times, not when the states became visible.
+    caught_up: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -311,6 +314,7 @@ impl CommittedTimeline {
         let consumer: BaseConsumer = client(bootstrap, &format!("bench-timeline-{changelog}"))
             // Records are seen at most this long after they became readable.
             .set("fetch.wait.max.ms", "10")
+            .set("enable.partition.eof", "true")
             .create()?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
@@ -321,11 +325,20 @@ impl CommittedTimeline {
             users.into_iter().map(|u| (u, Vec::new())).collect(),
         ));
         let stop = Arc::new(AtomicBool::new(false));
-        let (stopping, timelines) = (stop.clone(), seen.clone());
+        let caught_up = Arc::new(AtomicBool::new(false));
+        let (stopping, timelines, at_end) = (stop.clone(), seen.clone(), caught_up.clone());
         let thread = std::thread::spawn(move || {
+            let mut ended = std::collections::HashSet::new();
             while !stopping.load(Ordering::SeqCst) {
-                let Some(Ok(record)) = consumer.poll(Duration::from_millis(50)) else {
-                    continue;
+                let record = match consumer.poll(Duration::from_millis(50)) {
+                    Some(Ok(record)) => record,
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                        if ended.insert(p) && ended.len() == partitions as usize {
+                            at_end.store(true, Ordering::SeqCst);
+                        }
+                        continue;
+                    }
+                    _ => continue,
                 };
                 let at = Instant::now();
                 let (Some(Ok(user)), Some(value)) =
@@ -343,9 +356,23 @@ impl CommittedTimeline {
         });
         Ok(Self {
             seen,
+            caught_up,
             stop,
             thread: Some(thread),
         })
+    }
+
+    /// Waits until every partition was read to its end once.
+    pub async fn wait_caught_up(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        while !self.caught_up.load(Ordering::SeqCst) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the changelog reader did not reach the end within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 
     /// When the first committed state of `user` with more than `purchases` purchases became

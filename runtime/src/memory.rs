@@ -1,9 +1,11 @@
-//! Giving freed memory back to the operating system after passivation.
+//! Giving freed memory back to the operating system after passivation and standby warm-ups.
 //!
 //! A drain of many distinct entities activates entity actors up to the live-actor cap plus those
 //! with events in flight, and passivates them as they go idle. glibc keeps the memory of the
 //! stopped actors in its heaps, so the resident set stayed at that high-water mark (measured:
-//! docs/BENCHMARKS.md). After many passivations `malloc_trim` returns it. (mimalloc was tried
+//! docs/BENCHMARKS.md). After many passivations `malloc_trim` returns it. A standby warm-up
+//! (whole changelog partitions read, maps grown by doubling) leaves the same kind of free
+//! memory behind; `standby` trims after a large one. (mimalloc was tried
 //! instead of glibc: no throughput gain beyond run-to-run noise, and 2.7× the memory per
 //! restored entity.)
 
@@ -29,8 +31,9 @@ pub async fn trim_after_passivation(stats: Vec<Arc<NodeStats>>) {
     }
 }
 
+/// Returns glibc's free heap memory to the OS (walks the heaps: not for hot paths).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_memory() {
+pub(crate) fn release_free_memory() {
     // SAFETY: malloc_trim only walks and shrinks glibc's own heaps; it takes no pointers.
     unsafe {
         libc::malloc_trim(0);
@@ -38,4 +41,4 @@ fn release_free_memory() {
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}
+pub(crate) fn release_free_memory() {}

@@ -50,6 +50,8 @@ const PLACEMENT_EVERY: Duration = Duration::from_secs(2);
 /// Records folded per lock of the standby maps (a restore taking one waits at most this long).
 const RECORDS_PER_LOCK: usize = 2_000;
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Warm-ups reading at least this many records in one go give freed memory back to the OS.
+const TRIM_AFTER_WARMING_FROM: u64 = 50_000;
 
 /// The `replicas` members other than `owner` that keep a standby of `shard`: those with the
 /// highest rendezvous score. The same on every node that knows the same members.
@@ -325,10 +327,15 @@ impl<E: Entity> Standbys<E> {
                 std::thread::sleep(POLL);
                 continue;
             }
-            self.fold_available(c, reader);
+            let mut warmed_from = self.fold_available(c, reader);
             if measured_at.elapsed() >= LAG_EVERY {
                 measured_at = Instant::now();
-                self.measure(c, watermarks, reader, &assigned);
+                warmed_from += self.measure(c, watermarks, reader, &assigned);
+            }
+            // A warm-up reads whole changelog partitions through librdkafka's prefetch and
+            // grows the maps by doubling: glibc keeps what that freed unless asked.
+            if warmed_from >= TRIM_AFTER_WARMING_FROM {
+                crate::memory::release_free_memory();
             }
         }
     }
@@ -346,6 +353,10 @@ impl<E: Entity> Standbys<E> {
                 ("enable.partition.eof", "true"),
                 // A standby is at most one fetch wait behind the last committed checkpoint.
                 ("fetch.wait.max.ms", "100"),
+                // The prefetch queue (librdkafka's default is 64 MiB, which also caps one fetch
+                // response): a warm-up filled it and the memory stayed with the process. Keeping
+                // up with checkpoints needs far less.
+                ("queued.max.messages.kbytes", "8192"),
             ],
             reader.kafka_debug.as_deref(),
             &reader.context,
@@ -430,11 +441,12 @@ impl<E: Entity> Standbys<E> {
         );
     }
 
-    /// Folds what the consumer has (waiting up to [`POLL`] for the first record).
-    fn fold_available(&self, consumer: &BaseConsumer<QuietContext>, reader: &Reader) {
+    /// Folds what the consumer has (waiting up to [`POLL`] for the first record); returns the
+    /// records the standbys that just got warm read.
+    fn fold_available(&self, consumer: &BaseConsumer<QuietContext>, reader: &Reader) -> u64 {
         let mut next = consumer.poll(POLL);
         if next.is_none() {
-            return;
+            return 0;
         }
         let mut newly_warm = Vec::new();
         let mut inner = self.lock();
@@ -463,17 +475,18 @@ impl<E: Entity> Standbys<E> {
         if !newly_warm.is_empty() || inner.shards.values().any(|w| w.at_end) {
             advance_to_positions(consumer, reader, &mut inner);
         }
-        log_warm(&inner, &newly_warm);
+        log_warm(&inner, &newly_warm)
     }
 
-    /// Measures each standby's lag (changelog end − read position) for the metrics and reads.
+    /// Measures each standby's lag (changelog end − read position) for the metrics and reads;
+    /// returns the records the standbys that just got warm read.
     fn measure(
         &self,
         consumer: &BaseConsumer<QuietContext>,
         watermarks: &BaseConsumer<QuietContext>,
         reader: &Reader,
         assigned: &BTreeSet<u32>,
-    ) {
+    ) -> u64 {
         let ends = match list_offsets(
             watermarks,
             &reader.changelog_topic,
@@ -484,11 +497,11 @@ impl<E: Entity> Standbys<E> {
             Ok(ends) => ends,
             Err(e) => {
                 reader.context.health.client_error(&e, "standby lag");
-                return;
+                return 0;
             }
         };
         let Ok(positions) = consumer.position() else {
-            return;
+            return 0;
         };
         let mut inner = self.lock();
         let mut newly_warm = Vec::new();
@@ -512,8 +525,9 @@ impl<E: Entity> Standbys<E> {
                 warm.caught_up(*shard, &mut newly_warm);
             }
         }
-        log_warm(&inner, &newly_warm);
+        let warmed_from = log_warm(&inner, &newly_warm);
         self.count_entities(&inner);
+        warmed_from
     }
 
     fn count_entities(&self, inner: &Inner<E::State>) {
@@ -546,22 +560,24 @@ fn advance_to_positions<S>(
     }
 }
 
-/// One line for every standby that just read its shard's changelog to the end the first time.
-fn log_warm<S>(inner: &Inner<S>, newly_warm: &[u32]) {
+/// One line for every standby that just read its shard's changelog to the end the first time;
+/// returns the records they read.
+fn log_warm<S>(inner: &Inner<S>, newly_warm: &[u32]) -> u64 {
     let warmed: Vec<&Warm<S>> = newly_warm
         .iter()
         .filter_map(|s| inner.shards.get(s))
         .collect();
     let Some(slowest) = warmed.iter().map(|w| w.started.elapsed()).max() else {
-        return;
+        return 0;
     };
+    let records = warmed.iter().map(|w| w.records).sum::<u64>();
     tracing::info!(
-        "standby replicas of shards {newly_warm:?} warm: {} entities from {} changelog records, \
-         in {} ms",
+        "standby replicas of shards {newly_warm:?} warm: {} entities from {records} changelog \
+         records, in {} ms",
         warmed.iter().map(|w| w.states.len()).sum::<usize>(),
-        warmed.iter().map(|w| w.records).sum::<u64>(),
         slowest.as_millis()
     );
+    records
 }
 
 #[cfg(test)]

@@ -66,6 +66,9 @@ struct StaleReads {
     /// Standby answers that lacked a committed state visible more than their reported lag
     /// (plus [`LAG_GRANULARITY_MS`]) before they were asked.
     older_than_reported: u64,
+    /// Standby answers lacking a committed state visible before they were asked (older than
+    /// the owner's committed state, by any amount).
+    lacking: u64,
     /// The largest (how old it was) − (reported lag), in ms; negative: all within.
     max_excess_ms: Option<i64>,
     /// Standby answers whose user's state had been committed within the second before the kill.
@@ -95,6 +98,9 @@ impl StaleReads {
                 .first_beyond(&answer.user, answer.purchases)
                 .filter(|c| *c < answer.asked)
                 .map_or(0, |c| (answer.asked - c).as_millis() as i64);
+            if old_ms > 0 {
+                self.lacking += 1;
+            }
             let excess = old_ms - answer.lag_ms as i64;
             self.max_excess_ms = Some(self.max_excess_ms.map_or(excess, |m| m.max(excess)));
             if excess > LAG_GRANULARITY_MS {
@@ -198,6 +204,7 @@ pub async fn run(
             128,
             probed.iter().cloned(),
         )?;
+        timeline.wait_caught_up(Duration::from_secs(60)).await?;
         let hot = HotInput::start(&setup.bootstrap, topic, probed)?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         for run in 1..=KILLS {
@@ -372,6 +379,7 @@ fn failover_table(failovers: &[Failover]) -> Table {
             "largest lag reported",
             "standby answers older than their reported lag",
             "",
+            "lacking a committed state at all",
             "largest age − reported lag",
             "of them about a state committed < 1 s before the kill",
         ],
@@ -391,6 +399,7 @@ fn failover_table(failovers: &[Failover]) -> Table {
             ),
             f.stale.older_than_reported.to_string(),
             verdict(f.stale.older_than_reported == 0 && f.stale.from_standby > 0),
+            f.stale.lacking.to_string(),
             f.stale
                 .max_excess_ms
                 .map(|e| format!("{e} ms"))
