@@ -619,8 +619,9 @@ async fn a_dead_nodes_open_transaction_is_aborted_by_the_new_owner_instead_of_ti
         .unwrap();
     dead_node_txn.flush(Duration::from_secs(10)).unwrap();
 
-    // Node 1 is assigned node 2's partitions after the 6 s session timeout and fences node 2's
-    // transactional id: every user answers well before the 300 s transaction timeout.
+    // Node 1 fences node 2's transactional id once the group drops node 2 (the 6 s session
+    // timeout), or at the latest when it is assigned node 2's partitions: every user answers
+    // well before the 300 s transaction timeout.
     wait_for_ledger(&spec, &[1], &ledger_path, Duration::from_secs(60)).await;
     println!(
         "every user answered through node 1 {:.1} s after node 2 was killed",

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use tokio::sync::watch;
@@ -36,6 +36,9 @@ struct Claim {
 struct Departure {
     at: Instant,
     shards: BTreeSet<u32>,
+    /// Its transactional id was fenced as soon as the group dropped it (before its shards were
+    /// assigned here): not a previous owner to fence again, still orphaning its shards.
+    fenced: bool,
 }
 
 pub struct AllocationTable {
@@ -130,6 +133,7 @@ impl AllocationTable {
                     Departure {
                         at: Instant::now(),
                         shards: claim.shards.clone(),
+                        fenced: false,
                     },
                 );
         }
@@ -172,8 +176,37 @@ impl AllocationTable {
             .departed
             .lock()
             .expect("allocation table lock poisoned");
-        nodes.extend(departed.keys().map(|n| n.to_string()));
+        nodes.extend(
+            departed
+                .iter()
+                .filter(|(_, d)| !d.fenced)
+                .map(|(n, _)| n.to_string()),
+        );
         nodes
+    }
+
+    /// Nodes that departed within `within` and whose transactional ids have not been fenced.
+    pub fn departed_unfenced(&self, within: Duration) -> Vec<String> {
+        self.departed
+            .lock()
+            .expect("allocation table lock poisoned")
+            .iter()
+            .filter(|(_, d)| !d.fenced && d.at.elapsed() <= within)
+            .map(|(n, _)| n.to_string())
+            .collect()
+    }
+
+    /// `node` was fenced before its shards were assigned anywhere: its departure still dates
+    /// their failover, but it is no previous owner to fence any more.
+    pub fn mark_fenced(&self, node: &str) {
+        if let Some(d) = self
+            .departed
+            .lock()
+            .expect("allocation table lock poisoned")
+            .get_mut(node)
+        {
+            d.fenced = true;
+        }
     }
 
     /// Of `shards`, those a departed node held when it left, with when this node saw it leave.
@@ -193,6 +226,15 @@ impl AllocationTable {
                     .map(|at| (*shard, at))
             })
             .collect()
+    }
+
+    /// Forgets the departures fenced early: their shards' failover was just dated (call after
+    /// [`Self::orphaned_since`]).
+    pub fn forget_fenced(&self) {
+        self.departed
+            .lock()
+            .expect("allocation table lock poisoned")
+            .retain(|_, d| !d.fenced);
     }
 
     /// `node`'s transactions were ended (fenced): it is no longer a previous owner to fence.
@@ -284,6 +326,21 @@ mod tests {
         // Back with a new incarnation: its transactions are its own again.
         t.apply_claim("c", (2, 0), BTreeSet::new());
         assert_eq!(t.previous_owners(&[2]), BTreeSet::new());
+        // Fenced early (as soon as the group dropped it): its shard is still orphaned.
+        t.apply_claim("c", (3, 0), set(&[2]));
+        t.remove_node("c");
+        let recently = Duration::from_secs(60);
+        assert_eq!(t.departed_unfenced(recently), vec!["c".to_string()]);
+        assert_eq!(t.departed_unfenced(Duration::ZERO), Vec::<String>::new());
+        t.mark_fenced("c");
+        assert_eq!(t.previous_owners(&[2]), BTreeSet::new());
+        assert_eq!(t.departed_unfenced(recently), Vec::<String>::new());
+        assert_eq!(
+            t.orphaned_since(&[2]).len(),
+            1,
+            "its failover is still timed"
+        );
+        t.forget_departed("c");
         // Fenced once, not again.
         t.remove_node("d");
         assert_eq!(t.previous_owners(&[]), ["d"].map(String::from).into());

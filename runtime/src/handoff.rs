@@ -96,6 +96,7 @@ impl<E: Entity> Handoff<E> {
         // Asked before this node's claim replaces them in the table.
         let previous_owners = self.announcer.table().previous_owners(partitions);
         let orphaned = self.announcer.table().orphaned_since(partitions);
+        self.announcer.table().forget_fenced();
         self.claim();
         tracing::info!(
             "shards {:?} now hosted here ({} in total); restoring their state",

@@ -486,6 +486,7 @@ async fn start_type<E: Entity>(
         context: node.quiet.clone(),
         standbys,
     });
+    restorer.fence_departures_early(announcer.table().clone());
     let handoff = Arc::new(Handoff::new(
         tokio::runtime::Handle::current(),
         local.clone(),
