@@ -20,8 +20,9 @@
 //! `--standby-replicas` one less than the nodes, all do. A shard without an owner (its owner
 //! left, the next one has not claimed it) keeps its standbys: that is when they are needed.
 //!
-//! Memory: a standby holds the shard's states as the owner does; measured at about 0.5 KB per
-//! standby entity (docs/BENCHMARKS.md).
+//! Memory: a standby holds the shard's states as the owner does, at about the same cost per
+//! entity, once its reader's prefetch is small and a warm-up's freed memory is returned (see
+//! the reader's settings and `memory.rs`; figures in docs/BENCHMARKS.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
