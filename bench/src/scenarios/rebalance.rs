@@ -52,6 +52,8 @@ const LAG_GRANULARITY_MS: i64 = 100;
 /// One SIGKILL failover.
 struct Failover {
     to_answering: f64,
+    /// Strong answers lacking a committed state visible before they were asked.
+    strong_lacking: usize,
     stale: StaleReads,
 }
 
@@ -220,12 +222,22 @@ pub async fn run(
                 moved_users.clone(),
                 stop.clone(),
             ));
-            let answered = answering(&nodes[0].grpc_url(), moved_users).await?;
+            let (answered, strong) = answers(&nodes[0].grpc_url(), moved_users).await?;
             stop.store(true, Ordering::Relaxed);
-            let (mut stale, answers) = stale.await??;
-            stale.check(&answers, &timeline, t0);
+            let (mut stale, standby_answers) = stale.await??;
+            stale.check(&standby_answers, &timeline, t0);
+            // A strong read is the owner's state: it lacks no committed state.
+            let strong_lacking = strong
+                .iter()
+                .filter(|(user, asked, purchases)| {
+                    timeline
+                        .first_beyond(user, *purchases)
+                        .is_some_and(|c| c < *asked)
+                })
+                .count();
             failovers.push(Failover {
                 to_answering: (answered - t0).as_secs_f64(),
+                strong_lacking,
                 stale,
             });
             if run == 1 {
@@ -373,6 +385,7 @@ fn failover_table(failovers: &[Failover]) -> Table {
             "to every moved user answering (strong)",
             "target",
             "",
+            "of those answers, lacking a committed state",
             &format!("reads allowing {STALE_BOUND_MS} ms staleness meanwhile"),
             "of them from a standby",
             "failed",
@@ -390,6 +403,7 @@ fn failover_table(failovers: &[Failover]) -> Table {
             ms(f.to_answering),
             format!("≤ {target:.0} s"),
             verdict(f.to_answering <= target),
+            f.strong_lacking.to_string(),
             f.stale.answered.to_string(),
             f.stale.from_standby.to_string(),
             f.stale.failed.to_string(),
@@ -408,7 +422,8 @@ fn failover_table(failovers: &[Failover]) -> Table {
         ]);
     }
     table.note(format!(
-        "Strong reads: one user per moved partition, each retried until its owner answers. Reads allowing \
+        "Strong reads: one user per moved partition, each retried until its owner answers; its answer is held \
+         against the committed states like a standby's (it may lack none). Reads allowing \
          staleness: the same users asked in turn through the surviving node from the kill until the strong reads \
          all answered (2 s timeout each); a failed one is an error or a timeout. The probed users get {HOT_RATE} \
          purchases/s each besides the steady input. A changelog reader (read_committed, 10 ms fetch wait) notes \
@@ -593,6 +608,15 @@ fn users_of(sample: &BTreeMap<u32, String>, partitions: &[u32]) -> Vec<String> {
 
 /// When every one of `users` has been answered through `addr` (each retried until it is).
 async fn answering(addr: &str, users: Vec<String>) -> anyhow::Result<Instant> {
+    Ok(answers(addr, users).await?.0)
+}
+
+/// When every one of `users` has been answered through `addr` (strong reads, each retried
+/// until it is), and each one's answer: (user, when asked, purchases).
+async fn answers(
+    addr: &str,
+    users: Vec<String>,
+) -> anyhow::Result<(Instant, Vec<(String, Instant, i64)>)> {
     let channel = tonic::transport::Channel::from_shared(addr.to_string())?
         .connect_timeout(Duration::from_secs(2));
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -606,22 +630,26 @@ async fn answering(addr: &str, users: Vec<String>) -> anyhow::Result<Instant> {
                 );
                 if let Ok(ch) = channel.connect().await {
                     let mut client = UserServiceClient::new(ch);
+                    let asked = Instant::now();
                     let ask = client.user_stats(UserStatsRequest {
                         id: id.clone(),
                         ..Default::default()
                     });
-                    if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), ask).await {
-                        return anyhow::Ok(());
+                    if let Ok(Ok(answer)) = tokio::time::timeout(Duration::from_secs(2), ask).await
+                    {
+                        let purchases = answer.into_inner().total_purchases;
+                        return anyhow::Ok((id, asked, purchases));
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     });
-    for result in futures::future::join_all(asks).await {
-        result?;
-    }
-    Ok(Instant::now())
+    let answered = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((Instant::now(), answered))
 }
 
 /// A plain two-member group on the same input: steady, then a third member joins, then leaves.
