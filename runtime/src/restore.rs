@@ -169,9 +169,10 @@ impl<E: Entity> Restorer<E> {
     /// not only once Kafka assigns its partitions here: that comes a rebalance later, and the
     /// restore of a shard whose transaction it left open waits for the fence (0.3–1.6 s after
     /// the assignment in the bench). The rule is the same as [`Self::fence_departed`]'s: only
-    /// a node the group does not list. One node does it, the first member by name (the others'
-    /// assignment-time fence remains, and finds nothing left to end); the departure stays in
-    /// `table`, marked fenced, to date its shards' failover.
+    /// a node the group does not list. One node does it, the first member by name (the
+    /// assignment-time fence remains for the others and as a fallback; when the two run at once
+    /// both initialise the id, which is harmless); the departure stays in `table`, marked
+    /// fenced, to date its shards' failover.
     pub fn fence_departures_early(self: &Arc<Self>, table: Arc<AllocationTable>) {
         let this = self.clone();
         let span = tracing::Span::current();
@@ -188,8 +189,10 @@ impl<E: Entity> Restorer<E> {
                         .into_iter()
                         .filter(|n| !failed.contains(n))
                         .collect();
-                    let first = table.members().into_keys().next();
-                    if departed.is_empty() || first.as_deref() != Some(&**table.local_node()) {
+                    if departed.is_empty()
+                        || table.members().into_keys().next().as_deref()
+                            != Some(&**table.local_node())
+                    {
                         continue;
                     }
                     let Some(members) = this.group_members(false) else {

@@ -105,13 +105,14 @@ impl<E: Entity> CheckpointWorker<E> {
         group: ConsumerGroupMetadata,
     ) {
         if let Some(running) = &self.in_flight {
-            if Instant::now() < running.overdue_at {
-                match running.done.try_recv() {
-                    Err(mpsc::TryRecvError::Empty) => return,
-                    Ok(_) | Err(mpsc::TryRecvError::Disconnected) => self.in_flight = None,
+            match running.done.try_recv() {
+                Ok(_) | Err(mpsc::TryRecvError::Disconnected) => self.in_flight = None,
+                Err(mpsc::TryRecvError::Empty) => {
+                    if Instant::now() >= running.overdue_at {
+                        self.declare_stuck();
+                    }
+                    return;
                 }
-            } else if self.wait_in_flight().is_none() {
-                return;
             }
         }
         let deadline = Instant::now() + self.transaction_timeout;
