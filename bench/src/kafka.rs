@@ -108,12 +108,20 @@ pub enum StartFrom {
 
 /// The baseline: a bare consumer (read_committed, as the processor) reads every partition from
 /// the start to `ends`, doing nothing with the records. Returns (records, time).
+/// A bare read of a topic: records read, the time from assigning the partitions to the end,
+/// and the part of it from the first record on (the rest is start-up: lookups, first fetch).
+pub struct BareDrain {
+    pub records: u64,
+    pub time: Duration,
+    pub from_first_record: Duration,
+}
+
 pub fn bare_drain(
     bootstrap: &str,
     topic: &str,
     ends: &BTreeMap<u32, i64>,
     from: StartFrom,
-) -> anyhow::Result<(u64, Duration)> {
+) -> anyhow::Result<BareDrain> {
     let consumer: BaseConsumer = client(bootstrap, &format!("bench-bare-{topic}"))
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "10485760")
@@ -129,12 +137,14 @@ pub fn bare_drain(
     }
     let mut records = 0u64;
     let mut since_check = 0u32;
+    let mut first_record = None;
     loop {
         let polled = consumer.poll(Duration::from_millis(100));
         if let Some(message) = &polled {
             let message = message
                 .as_ref()
                 .map_err(|e| anyhow::anyhow!("bare consumer: {e}"))?;
+            first_record.get_or_insert_with(Instant::now);
             records += 1;
             since_check += 1;
             // Touch the payload as any consumer would, without decoding it.
@@ -152,7 +162,12 @@ pub fn bare_drain(
                         .is_some_and(|o| o >= *end)
             });
             if done {
-                return Ok((records, started.elapsed()));
+                let time = started.elapsed();
+                return Ok(BareDrain {
+                    records,
+                    time,
+                    from_first_record: first_record.map_or(time, |t| t.elapsed()),
+                });
             }
             anyhow::ensure!(
                 started.elapsed() < Duration::from_secs(600),

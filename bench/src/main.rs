@@ -48,6 +48,10 @@ struct Args {
     /// Users of the throughput, query and rebalance runs.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     users: u64,
+    /// Give the throughput run's users their events in turn ("0", "1", ...) instead of at
+    /// random: with as many users as events, every event is a new entity.
+    #[arg(long)]
+    users_in_turn: bool,
     /// Users whose state one node holds in the restore and memory runs.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     state_users: u64,
@@ -102,6 +106,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             &topic,
             args.events,
             args.users,
+            args.users_in_turn,
             args.repeat as usize,
         )
         .await?;

@@ -113,7 +113,7 @@ impl NodeProcess {
             self.ensure_running()?;
             // Not answering yet counts as not assigned yet; the deadline bounds the wait.
             if self.counter("partitions_assigned").await.unwrap_or(0) > 0
-                && !self.shards().await.is_empty()
+                && self.shards().await.is_some_and(|s| !s.is_empty())
             {
                 return Ok(Instant::now());
             }
@@ -239,18 +239,24 @@ impl NodeAddr {
         self.stats().await.and_then(|s| s[name].as_u64())
     }
 
-    pub async fn shards(&self) -> Vec<u32> {
-        self.stats()
-            .await
-            .and_then(|s| {
-                s["shards"].as_array().map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_u64())
-                        .map(|v| v as u32)
-                        .collect()
-                })
+    /// The shards the node hosts; `None` if it does not answer (an empty set would pass for a
+    /// node that owns nothing).
+    pub async fn shards(&self) -> Option<Vec<u32>> {
+        self.stats().await.and_then(|s| {
+            s["shards"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as u32)
+                    .collect()
             })
-            .unwrap_or_default()
+        })
+    }
+
+    /// The shards of a node that must be answering.
+    pub async fn owned_shards(&self) -> anyhow::Result<Vec<u32>> {
+        self.shards()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("node {} did not answer /cluster/stats", self.index))
     }
 
     /// Per shard: the next offset after what it applied (see `/cluster/shards`).

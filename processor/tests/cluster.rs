@@ -30,7 +30,7 @@ async fn wait_for_stable_split(
         || async {
             let mut sets = Vec::new();
             for node in nodes {
-                sets.push(node.shards().await);
+                sets.push(node.try_shards().await?);
             }
             let union: BTreeSet<u32> = sets.iter().flatten().copied().collect();
             let total: usize = sets.iter().map(|s| s.len()).sum();
@@ -437,7 +437,7 @@ async fn queries_validate_input_and_wait_a_bounded_time_for_a_shard_without_owne
         SETTLE,
         "the node to own some but not all partitions",
         || async {
-            let s = node.shards().await;
+            let s = node.try_shards().await?;
             (!s.is_empty() && s.len() < 8).then_some(s)
         },
     )
@@ -568,7 +568,9 @@ async fn a_rolling_restart_with_static_membership_moves_no_partition_of_the_othe
         let back = eventually(
             Duration::from_secs(30),
             "the restarted node to own its partitions again",
-            || async { (nodes[i].shards().await == before[i]).then_some(started_at.elapsed()) },
+            || async {
+                (nodes[i].try_shards().await? == before[i]).then_some(started_at.elapsed())
+            },
         )
         .await;
         println!(

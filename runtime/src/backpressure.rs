@@ -1,7 +1,7 @@
-//! Bounds the events dispatched to entities but not yet acknowledged.
+//! Bounds the events dispatched to shards but not yet run.
 //!
 //! The consumer thread acquires before dispatching a batch and blocks while the window is
-//! full; shards release as entities acknowledge. This is the reference's "ask, not tell":
+//! full; shards release as they run the batches. This is the reference's "ask, not tell":
 //! a slow entity slows the consumer instead of growing mailboxes without bound.
 
 use std::sync::{Condvar, Mutex};

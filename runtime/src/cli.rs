@@ -118,7 +118,7 @@ pub struct NodeArgs {
     #[arg(long, env = "KAFKA_TRANSACTION_TIMEOUT_MS", default_value_t = 10_000)]
     pub transaction_timeout_ms: u64,
 
-    /// An entity actor idle this long is passivated (stopped; its state is kept).
+    /// An entity inactive this long is passivated (no longer live; its state is kept).
     #[arg(long, env = "PASSIVATE_AFTER_MS", default_value_t = 120_000)]
     pub passivate_after_ms: u64,
 
@@ -132,8 +132,9 @@ pub struct NodeArgs {
     #[arg(long, env = "KAFKA_DEBUG")]
     pub kafka_debug: Option<String>,
 
-    /// Cap on live entity actors on this node; the least recently used idle ones are passivated.
-    #[arg(long, env = "MAX_LIVE_ENTITIES", default_value_t = 50_000)]
+    /// Cap on live entities on this node (about 100 bytes each beyond their state); the least
+    /// recently active are passivated.
+    #[arg(long, env = "MAX_LIVE_ENTITIES", default_value_t = 1_000_000)]
     pub max_live_entities: usize,
 
     /// Replicas of the topics the node creates (changelog, dead letters); default: the input

@@ -19,7 +19,7 @@ pub const MAX_ID_BYTES: usize = 256;
 /// topic, queried by id from any node.
 ///
 /// The runtime owns everything else: the consumer group, the shard (= partition) placement,
-/// one actor per active entity, passivation, the changelog and checkpoint transactions that
+/// running each entity's events one at a time in partition order, passivation, the changelog and checkpoint transactions that
 /// make every event count exactly once, hand-off and restore, routing a query to the node that
 /// hosts the entity, and dead letters. Because [`Entity::apply`] is pure and synchronous, the
 /// runtime can batch, skip replays by offset and restore from the changelog without asking the

@@ -8,8 +8,8 @@
 //!   shard goes live when its own changelog partition is read; events consumed before that wait
 //!   in the shard. (The partitions are not paused: see `consumer::context`.)
 //! - **hand off** (before a revocation returns): the consumer has dispatched everything it read
-//!   from those partitions; [`Handoff::drain`] waits until every dispatched event is acknowledged
-//!   (bounded by the drain timeout); the consumer commits a checkpoint transaction for them
+//!   from those partitions; [`Handoff::drain`] waits until every shard has run what was
+//!   dispatched to it (bounded by the drain timeout: a shard still restoring); the consumer commits a checkpoint transaction for them
 //!   (states + offsets); [`Handoff::release`] stops the shard actors and announces the smaller
 //!   claim. Only then does the callback return and may Kafka give the partitions to another
 //!   node, which restores exactly the committed states and reads on from the committed offsets.
@@ -137,7 +137,7 @@ impl<E: Entity> Handoff<E> {
         if !incomplete.is_empty() {
             tracing::warn!(
                 "shards {incomplete:?} did not finish their in-flight events within {timeout:?}; \
-                 only what they acknowledged is committed, the next owner re-reads the rest"
+                 only what they ran is committed, the next owner re-reads the rest"
             );
         }
         tracing::info!(

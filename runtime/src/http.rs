@@ -81,7 +81,7 @@ impl Management {
 struct Region {
     #[serde(rename = "shardId")]
     shard_id: String,
-    /// Live entity actors (as in the reference).
+    /// Live entities (as in the reference).
     #[serde(rename = "numEntities")]
     num_entities: usize,
     /// Entities with state in the shard, live or passivated.

@@ -74,10 +74,10 @@
 //! ```
 //!
 //! Internals (`docs/ARCHITECTURE.md` maps them): the consumer thread and its rebalance
-//! callbacks drive the hand-off protocol; shard actors own their entities' actors; a checkpoint
-//! thread commits the transactions; the restorer reads changelogs; the gateway (the only
-//! remotable actor) answers peers; the management HTTP server serves `/alive`, `/ready`,
-//! `/metrics` and `/cluster/*`.
+//! callbacks drive the hand-off protocol; shard actors hold their entities as cells and run
+//! their events; a checkpoint thread commits the transactions; the restorer reads changelogs;
+//! the gateway (the only remotable actor) answers peers; the management HTTP server serves
+//! `/alive`, `/ready`, `/metrics` and `/cluster/*`.
 
 #![warn(missing_docs)]
 

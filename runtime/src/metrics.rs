@@ -244,7 +244,7 @@ impl MetricsRegistry {
         );
         registry.register(
             "live_entities",
-            "Live entity actors",
+            "Live entities (active recently; the others are passivated)",
             this.live_entities.clone(),
         );
         registry.register(

@@ -341,7 +341,7 @@ struct NodeShared {
     readiness: Arc<Readiness>,
     metrics: Arc<MetricsRegistry>,
     gate: Arc<InFlightGate>,
-    /// Live entity actors over every type: the cap (`--max-live-entities`) is the node's.
+    /// Live entities over every type: the cap (`--max-live-entities`) is the node's.
     live_entities: Arc<AtomicUsize>,
 }
 
@@ -474,6 +474,7 @@ async fn start_type<E: Entity>(
         max_live_entities: config.max_live_entities,
         passivate_after: config.passivate_after,
         readiness: readiness.clone(),
+        input_topic: spec.topic.clone(),
     });
     let restorer = Arc::new(Restorer {
         group: spec.group.clone(),

@@ -31,6 +31,18 @@ pub struct GroupReadiness {
     restoring_shards: AtomicUsize,
 }
 
+impl GroupReadiness {
+    /// Not in the group yet, nothing restoring.
+    pub(crate) fn new(group: &str) -> Self {
+        Self {
+            group: group.into(),
+            in_group: AtomicBool::new(false),
+            recovering: AtomicBool::new(false),
+            restoring_shards: AtomicUsize::new(0),
+        }
+    }
+}
+
 /// The body of `GET /ready`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ReadyReport {
@@ -52,14 +64,7 @@ impl Readiness {
             stopping: AtomicBool::new(false),
             groups: groups
                 .into_iter()
-                .map(|group| {
-                    Arc::new(GroupReadiness {
-                        group: group.into(),
-                        in_group: AtomicBool::new(false),
-                        recovering: AtomicBool::new(false),
-                        restoring_shards: AtomicUsize::new(0),
-                    })
-                })
+                .map(|group| Arc::new(GroupReadiness::new(group)))
                 .collect(),
         })
     }

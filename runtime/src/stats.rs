@@ -21,7 +21,7 @@ pub struct NodeStats {
     pub events_skipped_replayed: Counter,
     /// Entity states read from the changelog when shards were assigned here.
     pub entities_restored: Counter,
-    /// Entity actors stopped for idleness or the live-actor cap (their state is kept).
+    /// Entities passivated for idleness or the live cap (their state is kept).
     pub entities_passivated: Counter,
     /// Checkpoint transactions committed / aborted.
     pub checkpoints_committed: Counter,
@@ -79,7 +79,7 @@ impl NodeStats {
         ("entities_restored", "Entity states read from the changelog"),
         (
             "entities_passivated",
-            "Entity actors stopped for idleness or the live-actor cap",
+            "Entities passivated for idleness or the live cap",
         ),
         ("checkpoints_committed", "Checkpoint transactions committed"),
         ("checkpoints_aborted", "Checkpoint transactions aborted"),

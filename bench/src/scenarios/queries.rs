@@ -22,8 +22,8 @@ pub async fn stable_split(nodes: &[NodeProcess; 2]) -> anyhow::Result<BTreeSet<u
         Duration::from_secs(120),
         "a stable split of the partitions between the two nodes",
         || async {
-            let a: BTreeSet<u32> = nodes[0].shards().await.into_iter().collect();
-            let b: BTreeSet<u32> = nodes[1].shards().await.into_iter().collect();
+            let a: BTreeSet<u32> = nodes[0].shards().await?.into_iter().collect();
+            let b: BTreeSet<u32> = nodes[1].shards().await?.into_iter().collect();
             (!a.is_empty() && !b.is_empty() && a.is_disjoint(&b) && a.len() + b.len() == 128)
                 .then_some(a)
         },

@@ -163,7 +163,7 @@ pub async fn run(
         let t0 = Instant::now();
         let mut node3 = NodeProcess::start(setup, 3, topic, &group, &[])?;
         let assigned = node3.wait_assigned(Duration::from_secs(60)).await?;
-        let moved = node3.shards().await;
+        let moved = node3.owned_shards().await?;
         let answered =
             answering(&node3.grpc_url(), users_of(&one_user_per_partition, &moved)).await?;
         tokio::time::sleep(SETTLE).await;
@@ -178,7 +178,7 @@ pub async fn run(
         };
 
         eprintln!("rebalance: node 3 stops gracefully");
-        let moving = node3.shards().await;
+        let moving = node3.owned_shards().await?;
         let t0 = Instant::now();
         node3.stop()?;
         let answered = answering(
@@ -211,7 +211,7 @@ pub async fn run(
         tokio::time::sleep(Duration::from_secs(2)).await;
         for run in 1..=KILLS {
             eprintln!("rebalance: node 2 is killed ({run} of {KILLS})");
-            let moving = nodes[1].shards().await;
+            let moving = nodes[1].owned_shards().await?;
             let moved_users = users_of(&one_user_per_partition, &moving);
             let t0 = Instant::now();
             nodes[1].kill();
@@ -260,7 +260,7 @@ pub async fn run(
                     Duration::from_secs(60),
                     "node 2 to restore its shards",
                     || async {
-                        let shards = node2.shards().await.len() as f64;
+                        let shards = node2.shards().await?.len() as f64;
                         let restored = node2
                             .metrics()
                             .await?

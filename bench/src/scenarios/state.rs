@@ -87,10 +87,11 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
         changelog.clone(),
         changelog_ends.clone(),
     );
-    let (records, bare_time) = tokio::task::spawn_blocking(move || {
+    let bare = tokio::task::spawn_blocking(move || {
         bare_drain(&bootstrap, &cl, &e, StartFrom::KnownOffsets)
     })
     .await??;
+    let (records, bare_time) = (bare.records, bare.time);
     let bare_rate = records as f64 / bare_time.as_secs_f64();
 
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -124,8 +125,8 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
         Duration::from_secs(600),
         "node C's standbys of node B's shards to reach the changelog's end",
         || async {
-            let b_shards = node_b.shards().await.len() as f64;
-            let c_shards = node_c.shards().await.len() as f64;
+            let b_shards = node_b.shards().await?.len() as f64;
+            let c_shards = node_c.shards().await?.len() as f64;
             let m = node_c.metrics().await?;
             let standbys = m.get("processor_standby_shards").copied()?;
             let lag = m.get("processor_standby_lag_records").copied()?;
@@ -151,7 +152,7 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
         "node C to restore node B's shards",
         || async {
             let m = node_c.metrics().await?;
-            (node_c.shards().await.len() == 128
+            (node_c.shards().await?.len() == 128
                 && m.get("processor_restore_seconds_count").copied()? >= 128.0)
                 .then_some(())
         },

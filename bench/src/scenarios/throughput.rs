@@ -11,11 +11,23 @@ use crate::kafka::{bare_drain, committed_to_end, end_offsets, StartFrom};
 use crate::nodes::{produce, NodeProcess, Setup};
 use crate::report::{rate, verdict, Table};
 
-/// One drain: events/s from the first assignment, events/s from process start, per-node rates.
+/// One drain: events/s from the first assignment, events/s from process start, per-node rates,
+/// and the window split: start-up (assignment to the first event processed), events/s from the
+/// first event processed to the last, and the tail until the offsets are committed.
 struct Drain {
     rate: f64,
     from_start: f64,
     per_node: Vec<f64>,
+    startup: f64,
+    per_event: f64,
+    commit_tail: f64,
+}
+
+/// One bare drain: events/s over its window, its start-up, events/s from its first record.
+struct Bare {
+    rate: f64,
+    startup: f64,
+    per_event: f64,
 }
 
 /// Median and range of a set of runs.
@@ -45,10 +57,11 @@ pub async fn run(
     topic: &str,
     events: u64,
     users: u64,
+    users_in_turn: bool,
     repeat: usize,
 ) -> anyhow::Result<(Table, [NodeProcess; 2])> {
     eprintln!("throughput: producing {events} events for {users} users into {topic}");
-    let produced_in = produce(setup, topic, events, users, 0, false)?;
+    let produced_in = produce(setup, topic, events, users, 0, users_in_turn)?;
     let ends = end_offsets(&setup.bootstrap, topic, 128)?;
     let total: i64 = ends.values().sum();
     anyhow::ensure!(
@@ -76,13 +89,18 @@ pub async fn run(
                 "throughput round {round}/{repeat}: bare consumer drain from {from:?} (baseline)"
             );
             let (bootstrap, t, e) = (setup.bootstrap.clone(), topic.to_string(), ends.clone());
-            let (records, bare_time) =
+            let drained =
                 tokio::task::spawn_blocking(move || bare_drain(&bootstrap, &t, &e, from)).await??;
             anyhow::ensure!(
-                records == events,
-                "the bare consumer read {records} records, not {events}"
+                drained.records == events,
+                "the bare consumer read {} records, not {events}",
+                drained.records
             );
-            rates.push(events as f64 / bare_time.as_secs_f64());
+            rates.push(Bare {
+                rate: events as f64 / drained.time.as_secs_f64(),
+                startup: (drained.time - drained.from_first_record).as_secs_f64(),
+                per_event: events as f64 / drained.from_first_record.as_secs_f64(),
+            });
         }
 
         eprintln!("throughput round {round}/{repeat}: one processor node");
@@ -99,19 +117,44 @@ pub async fn run(
     let [n1, n2] = <[NodeProcess; 2]>::try_from(nodes)
         .map_err(|_| anyhow::anyhow!("the two-node run started two nodes"))?;
 
+    let bare_startup = spread(bare.iter().map(|b| b.startup));
+    let bare_per_event = spread(bare.iter().map(|b| b.per_event));
     let (bare, one_rate, two_rate) = (
-        spread(bare),
+        spread(bare.iter().map(|b| b.rate)),
         spread(one.iter().map(|d| d.rate)),
         spread(two.iter().map(|d| d.rate)),
     );
-    let bare_known = spread(bare_known);
+    let bare_known = spread(bare_known.iter().map(|b| b.rate));
+    // The window split, as medians: start-up, events/s from the first event, commit tail.
+    let split = |drains: &[Drain]| {
+        let per_event = spread(drains.iter().map(|d| d.per_event)).median;
+        format!(
+            "{:.2} s; {} events/s ({:.2} × bare); {:.2} s",
+            spread(drains.iter().map(|d| d.startup)).median,
+            rate(per_event),
+            per_event / bare_per_event.median,
+            spread(drains.iter().map(|d| d.commit_tail)).median
+        )
+    };
     let mut table = Table::new(
-        &format!("Processing throughput: {events} events, {users} users, 128 partitions (median of {repeat} runs, range)"),
-        &["run", "events/s", "× bare consumer (median)", "from process start (events/s)", "target", ""],
+        &format!(
+            "Processing throughput: {events} events, {users} users{}, 128 partitions (median of {repeat} runs, range)",
+            if users_in_turn { " in turn (each user's first event is new to the node)" } else { "" }
+        ),
+        &[
+            "run",
+            "events/s",
+            "× bare consumer (median)",
+            "window: start-up; from first event to last; commit tail",
+            "from process start (events/s)",
+            "target",
+            "",
+        ],
     );
     table.row(vec![
         "producer (pre-fill, acks=all, informational)".into(),
         rate(events as f64 / produced_in.as_secs_f64()),
+        "".into(),
         "".into(),
         "".into(),
         "".into(),
@@ -121,6 +164,11 @@ pub async fn run(
         "(a) bare rdkafka consumer, no processing, from `Offset::Beginning`".into(),
         show(&bare),
         "1.00".into(),
+        format!(
+            "{:.2} s; {} records/s; —",
+            bare_startup.median,
+            rate(bare_per_event.median)
+        ),
         "".into(),
         "baseline".into(),
         "".into(),
@@ -132,11 +180,13 @@ pub async fn run(
         "".into(),
         "".into(),
         "".into(),
+        "".into(),
     ]);
     table.row(vec![
         "(b) one node, exactly-once, to committed end".into(),
         show(&one_rate),
         format!("{:.2}", one_rate.median / bare.median),
+        split(&one),
         rate(spread(one.iter().map(|d| d.from_start)).median),
         "≥ 0.5 × bare (aim 0.8)".into(),
         verdict(one_rate.median >= 0.5 * bare.median),
@@ -150,6 +200,7 @@ pub async fn run(
         ),
         show(&two_rate),
         format!("{:.2}", two_rate.median / bare.median),
+        split(&two),
         rate(spread(two.iter().map(|d| d.from_start)).median),
         "≥ one node".into(),
         verdict(two_rate.median >= one_rate.median),
@@ -161,7 +212,10 @@ pub async fn run(
          partitions itself (no group join). (a) resolves each partition's start as the node's consumer does (a \
          group without committed offsets resets to the earliest offset, one lookup per partition); (a′) asks \
          every start in one request first, which no group consumer can: the fastest possible read. Per-node \
-         rates: events each node processed ÷ the run's time.",
+         rates: events each node processed ÷ the run's time. The window split: start-up is the time from \
+         the assignment (the bare consumer: from its assign) to the first event processed (polled every 10 ms), \
+         then events/s from there to the last event processed (× the bare consumer's from its first record), \
+         then the time until the last offsets are committed.",
     );
     Ok((table, [n1, n2]))
 }
@@ -187,6 +241,8 @@ async fn drain(
 ) -> anyhow::Result<Drain> {
     let spawned = Instant::now();
     let assigned = first_assigned(nodes).await?;
+    let first_event = processed_at_least(nodes, 1).await?;
+    let last_event = processed_at_least(nodes, events).await?;
     let done = committed_to_end(&setup.bootstrap, &nodes[0].group, topic, ends).await?;
     let seconds = (done - assigned).as_secs_f64();
     let mut per_node = Vec::new();
@@ -201,7 +257,30 @@ async fn drain(
         rate: events as f64 / seconds,
         from_start: events as f64 / (done - spawned).as_secs_f64(),
         per_node,
+        startup: (first_event - assigned).as_secs_f64(),
+        per_event: events as f64 / (last_event - first_event).as_secs_f64().max(1e-3),
+        commit_tail: done.saturating_duration_since(last_event).as_secs_f64(),
     })
+}
+
+/// When the nodes together had processed at least `events` (polled every 10 ms).
+async fn processed_at_least(nodes: &[NodeProcess], events: u64) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let mut processed = 0;
+        for node in nodes {
+            node.ensure_running()?;
+            processed += node.counter("events_processed_local").await.unwrap_or(0);
+        }
+        if processed >= events {
+            return Ok(Instant::now());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the nodes processed {processed} of {events} events within 600 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn first_assigned(nodes: &[NodeProcess]) -> anyhow::Result<Instant> {

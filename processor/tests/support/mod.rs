@@ -307,18 +307,25 @@ impl Node {
         self.get_json("/cluster/stats").await
     }
 
+    /// The shards the node hosts. An unreachable node fails the test: an empty set would let
+    /// `assert!(node.shards().await.is_empty())` pass against a dead node.
     pub async fn shards(&self) -> BTreeSet<u32> {
-        self.stats()
+        self.try_shards()
             .await
-            .and_then(|s| {
-                s["shards"].as_array().map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_u64())
-                        .map(|v| v as u32)
-                        .collect()
-                })
+            .unwrap_or_else(|| panic!("node {} did not answer /cluster/stats", self.id))
+    }
+
+    /// The shards the node hosts, or `None` while it does not answer (for waits on a node that
+    /// is starting).
+    pub async fn try_shards(&self) -> Option<BTreeSet<u32>> {
+        self.stats().await.and_then(|s| {
+            s["shards"].as_array().map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as u32)
+                    .collect()
             })
-            .unwrap_or_default()
+        })
     }
 
     /// `GET /metrics`, parsed: `name{labels}` -> value (labels as the node printed them).
@@ -671,7 +678,7 @@ pub async fn wait_for_split(nodes: &[&Node], partitions: u32) -> Vec<BTreeSet<u3
         || async {
             let mut sets = Vec::new();
             for node in nodes {
-                sets.push(node.shards().await);
+                sets.push(node.try_shards().await?);
             }
             let total: usize = sets.iter().map(BTreeSet::len).sum();
             let union: BTreeSet<u32> = sets.iter().flatten().copied().collect();

@@ -102,8 +102,8 @@ impl<E: Entity> Dispatcher<E> {
         self.oldest = None;
     }
 
-    /// Whether every event dispatched so far has been acknowledged by its entity.
-    pub fn all_acknowledged(&self) -> bool {
+    /// Whether every event dispatched so far has been run by its shard.
+    pub fn all_run(&self) -> bool {
         self.buffered == 0 && self.gate.in_flight() == 0
     }
 

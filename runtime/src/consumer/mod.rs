@@ -257,12 +257,12 @@ fn poll_loop<E: Entity>(
             None => {
                 let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
                 dispatcher.flush_all();
-                // Caught up and every event acknowledged: commit now instead of at the next
+                // Caught up and every event run: commit now instead of at the next
                 // interval, so the committed offsets (and a crash's replay) trail by milliseconds
                 // when the input pauses. Spaced by half the interval at least, so light traffic
                 // does not turn every record into a transaction.
                 if uncommitted
-                    && dispatcher.all_acknowledged()
+                    && dispatcher.all_run()
                     && last_commit.elapsed() >= settings.commit_interval / 2
                 {
                     drop(dispatcher);

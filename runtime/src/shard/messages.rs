@@ -1,6 +1,6 @@
 //! What the shard actor receives and hands out: consumed records, its messages, its checkpoint
-//! contribution. Apart from the actor, so the entity actor (which acknowledges with
-//! [`ShardMsg::Applied`]) and the shard import these and not each other.
+//! contribution. Apart from the actor, so the consumer, the restorer and the router import these
+//! and not the actor.
 
 use ractor::RpcReplyPort;
 
@@ -60,12 +60,12 @@ impl<S> Checkpoint<S> {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct EntityCounts {
-    /// Live entity actors.
+    /// Live entities (active recently; the others are passivated).
     pub live: usize,
     /// Entities with state in this shard (live or passivated).
     pub known: usize,
-    /// Next offset after the events applied so far without a gap (what the next checkpoint
-    /// commits); `None` before the first event. Its movement is the shard's progress.
+    /// Next offset after the records run so far (what the next checkpoint commits); `None`
+    /// before the first record. Its movement is the shard's progress.
     pub processed_offset: Option<i64>,
 }
 
@@ -74,13 +74,6 @@ pub(crate) enum ShardMsg<E: Entity> {
     Restored(EntityMap<Stored<E::State>>),
     /// A batch read from the partition, in offset order.
     Consumed(Vec<ConsumedRecord<E::Event>>),
-    /// An entity applied these offsets (`replays` of them were already in its state).
-    Applied {
-        id: EntityId,
-        offsets: Vec<i64>,
-        replays: u64,
-        stored: Stored<E::State>,
-    },
     /// A query; an entity never seen is answered from the default state (no actor created).
     Query {
         id: EntityId,
@@ -88,7 +81,7 @@ pub(crate) enum ShardMsg<E: Entity> {
         reply: RpcReplyPort<E::Reply>,
     },
     EntityCounts(RpcReplyPort<EntityCounts>),
-    /// Answer once every dispatched event is acknowledged.
+    /// Answer once every batch dispatched before it has run.
     Drain(RpcReplyPort<()>),
     Checkpoint(RpcReplyPort<Checkpoint<E::State>>),
     /// The checkpoint with this sequence number was committed.

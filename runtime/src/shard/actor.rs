@@ -1,0 +1,609 @@
+//! The shard actor: one per partition this node consumes. Its entities are cells it holds (a
+//! state each, in one map), not actors of their own: `apply` is pure and synchronous, so the
+//! shard runs every event itself, in partition order, and answers queries from the same map.
+//! That keeps what users rely on from an actor (one message at a time per entity, partition
+//! order, passivation, a live cap) at the cost of a map entry per entity instead of a task, a
+//! mailbox and a second copy of the state (docs/BENCHMARKS.md, "Lean entities").
+//!
+//! Lifecycle: it starts *restoring* until the restorer delivers the partition's changelog;
+//! events and queries that arrive meanwhile wait in the shard. Then each batch is run as it
+//! arrives, and the next offset after it becomes committable. For each checkpoint (a Kafka
+//! transaction run by the consumer) it gives the committable offset, the states changed since
+//! the last committed checkpoint and the records to write besides ([`super::outbox`]).
+
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::live::LiveSet;
+use super::messages::{
+    Checkpoint, ConsumedRecord, EntityCounts, Outgoing, RecordContent, ShardMsg,
+};
+use super::outbox::Outbox;
+use super::ShardEnv;
+use crate::dlq::DeadLetter;
+use crate::entity::{Entity, EntityId, EntityMap, Stored};
+use crate::stats::NodeStats;
+
+pub(crate) struct ShardActor<E>(PhantomData<fn() -> E>);
+
+impl<E> ShardActor<E> {
+    pub fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+pub(crate) struct ShardArgs {
+    pub shard: u32,
+    pub env: Arc<ShardEnv>,
+}
+
+type PendingQuery<E> = (
+    EntityId,
+    <E as Entity>::Query,
+    RpcReplyPort<<E as Entity>::Reply>,
+);
+
+/// What arrives while the shard waits for its changelog: served once it is restored.
+struct WaitingForRestore<E: Entity> {
+    batches: Vec<Vec<ConsumedRecord<E::Event>>>,
+    queries: Vec<PendingQuery<E>>,
+    /// Drains asked meanwhile: answered once the batches above have run.
+    drains: Vec<RpcReplyPort<()>>,
+}
+
+pub(crate) struct ShardState<E: Entity> {
+    shard: u32,
+    env: Arc<ShardEnv>,
+    /// Until the changelog is restored: batches and queries that arrived meanwhile.
+    restoring: Option<WaitingForRestore<E>>,
+    /// The entities: every one's state, live or passivated. The only copy.
+    states: EntityMap<Stored<E::State>>,
+    live: LiveSet,
+    /// Next offset to commit: after the last record run; `None` before the first.
+    processed: Option<i64>,
+    outbox: Outbox<Outgoing>,
+}
+
+/// What running one batch did, for the counters.
+#[derive(Default)]
+struct BatchOutcome {
+    applied: u64,
+    replays: u64,
+    activated: usize,
+}
+
+impl<E: Entity> ShardState<E> {
+    fn new(shard: u32, env: Arc<ShardEnv>) -> Self {
+        Self {
+            shard,
+            env,
+            restoring: Some(WaitingForRestore {
+                batches: Vec::new(),
+                queries: Vec::new(),
+                drains: Vec::new(),
+            }),
+            states: EntityMap::default(),
+            live: LiveSet::default(),
+            processed: None,
+            outbox: Outbox::default(),
+        }
+    }
+
+    /// Runs a batch read from the partition, in offset order.
+    fn run(&mut self, batch: Vec<ConsumedRecord<E::Event>>) {
+        let count = batch.len();
+        let now = Instant::now();
+        let mut outcome = BatchOutcome::default();
+        for record in batch {
+            match record.content {
+                RecordContent::Event(id, event) => {
+                    self.apply(record.offset, id, &event, now, &mut outcome)
+                }
+                RecordContent::Reroute(reroute) => {
+                    // Done once the checkpoint that commits past it also writes it to its shard.
+                    NodeStats::add(&self.env.stats.events_forwarded_out, 1);
+                    tracing::debug!(
+                        "event {}/{} belongs to shard {}: re-routing it to that partition",
+                        self.shard,
+                        record.offset,
+                        reroute.target_partition
+                    );
+                    self.outbox.push(Outgoing::Reroute(reroute));
+                }
+                RecordContent::DeadLetter(letter) => {
+                    // Done once the checkpoint that commits past it also writes the letter.
+                    self.outbox.push(Outgoing::DeadLetter(letter));
+                }
+            }
+            self.processed = Some(record.offset + 1);
+        }
+        NodeStats::add(&self.env.stats.events_processed_local, outcome.applied);
+        NodeStats::add(&self.env.stats.events_skipped_replayed, outcome.replays);
+        if outcome.activated > 0 {
+            let live_now = self
+                .env
+                .live_entities
+                .fetch_add(outcome.activated, Ordering::Relaxed)
+                + outcome.activated;
+            // Over the node's cap, this shard makes room from its own least recently active
+            // entities (the cap is node-wide; each shard that activates brings it back down).
+            self.passivate_oldest(live_now.saturating_sub(self.env.max_live_entities));
+        }
+        self.env.gate.release(count);
+    }
+
+    /// Applies one event to its entity (activating it) unless its state already includes it.
+    fn apply(
+        &mut self,
+        offset: i64,
+        id: EntityId,
+        event: &E::Event,
+        now: Instant,
+        outcome: &mut BatchOutcome,
+    ) {
+        if self.live.touch(&id, now) {
+            outcome.activated += 1;
+        }
+        let stored = self.states.entry(id.clone()).or_default();
+        match catch_unwind(AssertUnwindSafe(|| stored.apply::<E>(offset, event))) {
+            Ok(true) => outcome.applied += 1,
+            Ok(false) => {
+                outcome.replays += 1;
+                return;
+            }
+            Err(panic) => {
+                // A bug in the entity, met again on every replay: the event goes to the dead-letter
+                // topic with the panic's message and counts as done (as Kafka Streams' processing
+                // exception handler's CONTINUE does). Whatever `apply` changed before panicking
+                // stays: Rust unwinding rolls nothing back, and a copy of every state before every
+                // event is what this design avoids.
+                stored.last_offset = offset;
+                let reason = format!(
+                    "the entity's apply panicked: {}; the record is still in the input topic at this offset",
+                    panic_message(&*panic)
+                );
+                tracing::error!(
+                    "entity {id} of shard {}: event at offset {offset} dead-lettered: {reason}",
+                    self.shard
+                );
+                self.outbox.push(Outgoing::DeadLetter(Box::new(DeadLetter {
+                    key: Some(id.as_bytes().to_vec()),
+                    value: None,
+                    reason,
+                    source_topic: self.env.input_topic.clone(),
+                    source_partition: self.shard,
+                    source_offset: offset,
+                })));
+            }
+        }
+        self.outbox.changed(&id);
+    }
+
+    /// Passivates up to `limit` of this shard's live entities, least recently active first.
+    fn passivate_oldest(&mut self, limit: usize) {
+        if limit > 0 {
+            let passivated = self.live.passivate_oldest(limit);
+            self.passivated(passivated);
+        }
+    }
+
+    fn passivated(&self, count: usize) {
+        if count > 0 {
+            self.env.live_entities.fetch_sub(count, Ordering::Relaxed);
+            NodeStats::add(&self.env.stats.entities_passivated, count as u64);
+        }
+    }
+
+    fn query(&mut self, id: EntityId, query: E::Query, reply: RpcReplyPort<E::Reply>) {
+        let answer = match self.states.get(&id) {
+            Some(stored) => {
+                let answer = E::query(&stored.state, &query);
+                // A query re-activates a passivated entity, as its next event would.
+                if self.live.touch(&id, Instant::now()) {
+                    let live_now = self.env.live_entities.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.passivate_oldest(live_now.saturating_sub(self.env.max_live_entities));
+                }
+                answer
+            }
+            // An entity never seen: the default state, and nothing kept for it.
+            None => E::query(&E::State::default(), &query),
+        };
+        let _ = reply.send(answer);
+    }
+
+    fn checkpoint(&mut self) -> Checkpoint<E::State> {
+        let (seq, changed, outgoing) = self.outbox.checkpoint();
+        Checkpoint {
+            partition: self.shard,
+            seq,
+            commit_offset: self.processed,
+            states: changed
+                .into_iter()
+                .filter_map(|id| self.states.get(&id).cloned().map(|s| (id, s)))
+                .collect(),
+            outgoing,
+        }
+    }
+
+    fn handle(&mut self, msg: ShardMsg<E>) {
+        match msg {
+            ShardMsg::Restored(states) => {
+                let Some(WaitingForRestore {
+                    batches,
+                    queries,
+                    drains,
+                }) = self.restoring.take()
+                else {
+                    return;
+                };
+                self.env.readiness.shard_restored();
+                NodeStats::add(&self.env.stats.entities_restored, states.len() as u64);
+                self.states = states;
+                for batch in batches {
+                    self.run(batch);
+                }
+                for (id, query, reply) in queries {
+                    self.query(id, query, reply);
+                }
+                for reply in drains {
+                    let _ = reply.send(());
+                }
+            }
+            ShardMsg::Consumed(batch) => match &mut self.restoring {
+                Some(waiting) => waiting.batches.push(batch),
+                None => self.run(batch),
+            },
+            ShardMsg::Query { id, query, reply } => match &mut self.restoring {
+                Some(waiting) => waiting.queries.push((id, query, reply)),
+                None => self.query(id, query, reply),
+            },
+            ShardMsg::EntityCounts(reply) => {
+                let _ = reply.send(EntityCounts {
+                    live: self.live.len(),
+                    known: self.states.len(),
+                    processed_offset: self.processed,
+                });
+            }
+            // Every batch is run when it arrives, so once this message's turn comes nothing
+            // dispatched before it is pending, unless the shard is still restoring (then the
+            // drain timeout bounds the wait).
+            ShardMsg::Drain(reply) => match &mut self.restoring {
+                Some(waiting) => waiting.drains.push(reply),
+                None => {
+                    let _ = reply.send(());
+                }
+            },
+            ShardMsg::Checkpoint(reply) => {
+                let _ = reply.send(self.checkpoint());
+            }
+            ShardMsg::Checkpointed { seq } => self.outbox.committed(seq),
+            ShardMsg::Tick => {
+                let passivated = self
+                    .live
+                    .passivate_idle(self.env.passivate_after, Instant::now());
+                self.passivated(passivated);
+                // Another shard's activations can leave the node over its cap while this shard
+                // holds the oldest entities; each tick brings it back down.
+                let excess = self
+                    .env
+                    .live_entities
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(self.env.max_live_entities);
+                self.passivate_oldest(excess);
+            }
+        }
+    }
+}
+
+/// The text of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+impl<E: Entity> Actor for ShardActor<E> {
+    type Msg = ShardMsg<E>;
+    type State = ShardState<E>;
+    type Arguments = ShardArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ShardArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let tick = (args.env.passivate_after / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        myself.send_interval(tick, || ShardMsg::Tick);
+        args.env.readiness.shard_restoring();
+        Ok(ShardState::new(args.shard, args.env))
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state
+            .env
+            .live_entities
+            .fetch_sub(state.live.len(), Ordering::Relaxed);
+        // Batches still waiting for the restore are re-read by the partition's next owner.
+        if let Some(waiting) = &state.restoring {
+            let buffered: usize = waiting.batches.iter().map(Vec::len).sum();
+            state.env.gate.release(buffered);
+            state.env.readiness.shard_restored();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.handle(msg);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backpressure::InFlightGate;
+    use crate::entity::tests::{Sum, SumState};
+    use crate::entity::{Prost, Rejection};
+    use crate::readiness::GroupReadiness;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Sums like [`Sum`], but its `apply` panics on 13 after counting it (a half-applied event).
+    struct Unlucky;
+
+    impl Entity for Unlucky {
+        type Event = i64;
+        type State = SumState;
+        type Query = SumState;
+        type Reply = SumState;
+        type Codec = Prost;
+
+        fn decode(id: &str, value: Option<&[u8]>) -> Result<i64, Rejection> {
+            Sum::decode(id, value)
+        }
+        fn apply(state: &mut SumState, event: &i64) {
+            state.count += 1;
+            assert_ne!(*event, 13, "unlucky number");
+            state.sum += event;
+        }
+        fn query(state: &SumState, _: &SumState) -> SumState {
+            state.clone()
+        }
+    }
+
+    fn env(max_live: usize) -> Arc<ShardEnv> {
+        Arc::new(ShardEnv {
+            gate: Arc::new(InFlightGate::new(1_000)),
+            stats: Arc::new(NodeStats::default()),
+            live_entities: Arc::new(AtomicUsize::new(0)),
+            max_live_entities: max_live,
+            passivate_after: Duration::from_secs(600),
+            readiness: Arc::new(GroupReadiness::new("g")),
+            input_topic: "input".into(),
+        })
+    }
+
+    fn events(records: &[(i64, &str, i64)]) -> Vec<ConsumedRecord<i64>> {
+        records
+            .iter()
+            .map(|(offset, id, value)| ConsumedRecord {
+                offset: *offset,
+                content: RecordContent::Event((*id).into(), *value),
+            })
+            .collect()
+    }
+
+    async fn start<E: Entity>(env: &Arc<ShardEnv>) -> ActorRef<ShardMsg<E>> {
+        let args = ShardArgs {
+            shard: 3,
+            env: env.clone(),
+        };
+        let (shard, _) = Actor::spawn(None, ShardActor::<E>::new(), args)
+            .await
+            .unwrap();
+        shard
+    }
+
+    async fn ask<E: Entity<Query = SumState, Reply = SumState>>(
+        shard: &ActorRef<ShardMsg<E>>,
+        id: &str,
+    ) -> SumState {
+        shard
+            .call(
+                |reply| ShardMsg::Query {
+                    id: id.into(),
+                    query: SumState::default(),
+                    reply,
+                },
+                None,
+            )
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn counts<E: Entity>(shard: &ActorRef<ShardMsg<E>>) -> EntityCounts {
+        shard
+            .call(ShardMsg::EntityCounts, None)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_shard_runs_its_entities_in_partition_order_and_skips_replays() {
+        let env = env(100);
+        let shard = start::<Sum>(&env).await;
+        // Consumed before the restore: waits, then runs on top of the restored states.
+        env.gate.acquire(3, Duration::ZERO);
+        shard
+            .cast(ShardMsg::Consumed(events(&[
+                (10, "a", 5),
+                (11, "b", 7),
+                (12, "a", 1),
+            ])))
+            .unwrap();
+        let restored = EntityMap::from_iter([(
+            EntityId::from("a"),
+            Stored {
+                state: SumState { count: 1, sum: 100 },
+                // Offset 10 is already in this state: a replay.
+                last_offset: 10,
+            },
+        )]);
+        shard.cast(ShardMsg::Restored(restored)).unwrap();
+        assert_eq!(ask(&shard, "a").await, SumState { count: 2, sum: 101 });
+        assert_eq!(ask(&shard, "b").await, SumState { count: 1, sum: 7 });
+        assert_eq!(ask(&shard, "never").await, SumState::default());
+        assert_eq!(env.gate.in_flight(), 0, "the batch released its window");
+        assert_eq!(env.stats.events_skipped_replayed.get(), 1);
+        assert_eq!(env.stats.events_processed_local.get(), 2);
+
+        let checkpoint = shard
+            .call(ShardMsg::Checkpoint, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(checkpoint.commit_offset, Some(13));
+        let mut states = checkpoint.states;
+        states.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(
+            states,
+            vec![
+                (
+                    "a".into(),
+                    Stored {
+                        state: SumState { count: 2, sum: 101 },
+                        last_offset: 12
+                    }
+                ),
+                (
+                    "b".into(),
+                    Stored {
+                        state: SumState { count: 1, sum: 7 },
+                        last_offset: 11
+                    }
+                ),
+            ]
+        );
+        shard
+            .cast(ShardMsg::Checkpointed {
+                seq: checkpoint.seq,
+            })
+            .unwrap();
+        let next = shard
+            .call(ShardMsg::Checkpoint, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            next.is_empty(),
+            "nothing changed since the committed checkpoint"
+        );
+        let _ = shard.call(ShardMsg::Drain, None).await.unwrap();
+        shard.stop(None);
+    }
+
+    #[tokio::test]
+    async fn the_live_cap_passivates_the_least_recently_active_and_keeps_their_state() {
+        let env = env(2);
+        let shard = start::<Sum>(&env).await;
+        shard
+            .cast(ShardMsg::Restored(EntityMap::default()))
+            .unwrap();
+        shard
+            .cast(ShardMsg::Consumed(events(&[
+                (0, "a", 1),
+                (1, "b", 2),
+                (2, "c", 3),
+                (3, "d", 4),
+            ])))
+            .unwrap();
+        let after = counts(&shard).await;
+        assert_eq!((after.live, after.known), (2, 4));
+        assert_eq!(env.live_entities.load(Ordering::Relaxed), 2);
+        assert_eq!(env.stats.entities_passivated.get(), 2);
+        // A query brings a passivated entity back, with its state, and passivates another.
+        assert_eq!(ask(&shard, "a").await, SumState { count: 1, sum: 1 });
+        let after = counts(&shard).await;
+        assert_eq!((after.live, after.known), (2, 4));
+        assert_eq!(env.stats.entities_passivated.get(), 3);
+        shard.stop(None);
+    }
+
+    #[tokio::test]
+    async fn an_apply_that_panics_dead_letters_its_event_and_the_shard_goes_on() {
+        let env = env(100);
+        let shard = start::<Unlucky>(&env).await;
+        shard
+            .cast(ShardMsg::Restored(EntityMap::default()))
+            .unwrap();
+        shard
+            .cast(ShardMsg::Consumed(events(&[
+                (0, "a", 1),
+                (1, "a", 13),
+                (2, "a", 2),
+                (3, "b", 13),
+            ])))
+            .unwrap();
+        // The half-applied event's count stays (no rollback), its sum does not.
+        assert_eq!(ask(&shard, "a").await, SumState { count: 3, sum: 3 });
+        let checkpoint = shard
+            .call(ShardMsg::Checkpoint, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            checkpoint.commit_offset,
+            Some(4),
+            "the poison events count as done"
+        );
+        let letters: Vec<_> = checkpoint
+            .outgoing
+            .iter()
+            .map(|o| match o {
+                Outgoing::DeadLetter(letter) => letter,
+                Outgoing::Reroute(_) => panic!("nothing to re-route"),
+            })
+            .collect();
+        assert_eq!(letters.len(), 2);
+        assert_eq!(
+            (letters[0].key.as_deref(), letters[0].source_offset),
+            (Some(&b"a"[..]), 1)
+        );
+        assert_eq!(
+            (
+                letters[1].source_topic.as_str(),
+                letters[1].source_partition
+            ),
+            ("input", 3)
+        );
+        assert!(
+            letters[0].reason.contains("unlucky number"),
+            "{}",
+            letters[0].reason
+        );
+        // Replayed (a crash before this checkpoint committed), the poison event is skipped with
+        // the state that recorded it.
+        let b = checkpoint.states.iter().find(|(id, _)| id == "b").unwrap();
+        assert_eq!(b.1.last_offset, 3);
+        assert_eq!(b.1.state, SumState { count: 1, sum: 0 });
+        shard.stop(None);
+    }
+}
