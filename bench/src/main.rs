@@ -21,6 +21,7 @@ enum Scenario {
     Queries,
     Rebalance,
     State,
+    Nodes,
 }
 
 #[derive(Debug, Parser)]
@@ -63,7 +64,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "throughput,queries,rebalance,state"
+        default_value = "throughput,queries,rebalance,state,nodes"
     )]
     scenarios: Vec<Scenario>,
 }
@@ -130,6 +131,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             scenarios::state::run(&setup, &format!("bench-state-{stamp}"), args.state_users)
                 .await?;
         println!("{}\n{}", restore.render(), memory.render());
+    }
+    if wants(Scenario::Nodes) {
+        for table in scenarios::nodes::run(
+            &setup,
+            &format!("bench-nodes-{stamp}"),
+            args.events,
+            args.users,
+        )
+        .await?
+        {
+            println!("{}", table.render());
+        }
     }
     Ok(())
 }

@@ -144,6 +144,35 @@ impl NodeProcess {
         Ok(kib * 1024)
     }
 
+    /// CPU time (user + system) the node process has used so far, in seconds.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let pid = self
+            .child
+            .lock()
+            .expect("child lock")
+            .as_ref()
+            .context("node not running")?
+            .id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // After the command name (in parentheses, which may hold spaces): field 3 onwards;
+        // utime and stime are fields 14 and 15, in clock ticks.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .context("malformed /proc/<pid>/stat")?
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| -> anyhow::Result<f64> {
+            Ok(fields
+                .get(i - 3)
+                .context("short /proc/<pid>/stat")?
+                .parse::<f64>()?)
+        };
+        // SAFETY: sysconf only reads a configuration value.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Ok((ticks(14)? + ticks(15)?) / per_second)
+    }
+
     /// The longest "shard N restored: ... in X ms" this node logged, in seconds.
     pub fn longest_logged_restore(&self) -> f64 {
         longest_restore_in(&self.log, 0, "")
@@ -357,7 +386,7 @@ pub fn produce(
     in_turn: bool,
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let out = producer_command(setup, topic, count, users, rate, in_turn).output()?;
+    let out = producer_command(setup, topic, count, users, rate, in_turn, None).output()?;
     anyhow::ensure!(
         out.status.success(),
         "producer failed: {}",
@@ -374,9 +403,11 @@ pub fn produce_in_background(
     users: u64,
     rate: u64,
 ) -> anyhow::Result<Child> {
-    Ok(producer_command(setup, topic, count, users, rate, false)
-        .stderr(Stdio::null())
-        .spawn()?)
+    Ok(
+        producer_command(setup, topic, count, users, rate, false, None)
+            .stderr(Stdio::null())
+            .spawn()?,
+    )
 }
 
 fn producer_command(
@@ -386,6 +417,7 @@ fn producer_command(
     users: u64,
     rate: u64,
     in_turn: bool,
+    ledger: Option<&Path>,
 ) -> Command {
     let mut command = Command::new(setup.bin("producer"));
     command
@@ -409,7 +441,28 @@ fn producer_command(
     if in_turn {
         command.arg("--users-in-turn");
     }
+    if let Some(ledger) = ledger {
+        command.arg("--ledger").arg(ledger);
+    }
     command
+}
+
+/// Produces `count` events for `users` at full speed and writes their expected totals to
+/// `ledger` (for `client verify`).
+pub fn produce_with_ledger(
+    setup: &Setup,
+    topic: &str,
+    count: u64,
+    users: u64,
+    ledger: &Path,
+) -> anyhow::Result<()> {
+    let out = producer_command(setup, topic, count, users, 0, false, Some(ledger)).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "producer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 #[cfg(test)]

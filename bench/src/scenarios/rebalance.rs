@@ -122,12 +122,12 @@ struct Event {
 }
 
 /// A window's longest gap and longest wait.
-struct Pause {
-    gap: (f64, Option<u32>),
-    wait: (f64, Option<u32>),
+pub(super) struct Pause {
+    pub gap: (f64, Option<u32>),
+    pub wait: (f64, Option<u32>),
 }
 
-fn pause(progress: &Mutex<Progress>, from: Instant, to: Instant) -> Pause {
+pub(super) fn pause(progress: &Mutex<Progress>, from: Instant, to: Instant) -> Pause {
     let progress = progress.lock().expect("progress");
     Pause {
         gap: progress.longest_gap(from, to),
@@ -278,7 +278,7 @@ pub async fn run(
         hot.stop()?;
 
         eprintln!("rebalance: the same join and leave in a bare consumer group (baseline)");
-        let bare = bare_group_gaps(setup, topic).await?;
+        let bare = bare_group_gaps(setup, topic, 2).await?;
         anyhow::Ok((steady, join, leave, kill, bare, failovers))
     }
     .await;
@@ -572,7 +572,7 @@ impl HotInput {
 }
 
 /// Feeds every node's per-shard processed offsets into `progress` until aborted.
-async fn poll_progress(nodes: Vec<NodeAddr>, progress: Arc<Mutex<Progress>>) {
+pub(super) async fn poll_progress(nodes: Vec<NodeAddr>, progress: Arc<Mutex<Progress>>) {
     loop {
         let polled = futures::future::join_all(nodes.iter().map(|n| n.processed_offsets())).await;
         let now = Instant::now();
@@ -652,12 +652,18 @@ async fn answers(
     Ok((Instant::now(), answered))
 }
 
-/// A plain two-member group on the same input: steady, then a third member joins, then leaves.
-async fn bare_group_gaps(setup: &Setup, topic: &str) -> anyhow::Result<(Pause, Pause, Pause)> {
+/// A plain group of `members` on the same input: steady, then one more member joins, then
+/// leaves.
+pub(super) async fn bare_group_gaps(
+    setup: &Setup,
+    topic: &str,
+    members: usize,
+) -> anyhow::Result<(Pause, Pause, Pause)> {
     let mut group = BareGroup::new(&setup.bootstrap, topic, SESSION_TIMEOUT_MS);
     let _ends = EndPoller::start(&setup.bootstrap, topic, 128, group.progress.clone(), POLL)?;
-    group.add_member()?;
-    group.add_member()?;
+    for _ in 0..members {
+        group.add_member()?;
+    }
     // Joining a new group takes the broker's initial rebalance delay and two cooperative rounds:
     // measure the steady state only once every partition is being consumed.
     let joined = Instant::now() + Duration::from_secs(60);
