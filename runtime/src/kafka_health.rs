@@ -11,7 +11,7 @@
 //! librdkafka warnings are rate-limited per kind.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::kafka_config::{ClientKind, KafkaConnection};
@@ -95,8 +95,9 @@ pub fn is_authorization(code: RDKafkaErrorCode) -> bool {
 pub struct KafkaHealth {
     kafka: KafkaConnection,
     state: Mutex<OutageState>,
-    /// Set when a client reported an error a restart cannot fix.
-    unrecoverable: Mutex<Option<Unrecoverable>>,
+    /// Set when a client reported an error a restart cannot fix. Read by the poll loop on every
+    /// record, hence a once-cell (a lock-free read) rather than a mutex.
+    unrecoverable: OnceLock<Unrecoverable>,
     warnings: Mutex<HashMap<String, Instant>>,
 }
 
@@ -112,7 +113,7 @@ impl KafkaHealth {
         Arc::new(Self {
             kafka: kafka.clone(),
             state: Mutex::new(OutageState::default()),
-            unrecoverable: Mutex::new(None),
+            unrecoverable: OnceLock::new(),
             warnings: Mutex::new(HashMap::new()),
         })
     }
@@ -131,18 +132,14 @@ impl KafkaHealth {
     }
 
     pub fn unrecoverable(&self) -> Option<Unrecoverable> {
-        self.unrecoverable
-            .lock()
-            .expect("health lock poisoned")
-            .clone()
+        self.unrecoverable.get().cloned()
     }
 
     /// Records a cause the node must exit for (the first one wins).
     pub fn set_unrecoverable(&self, cause: Unrecoverable) {
-        let mut slot = self.unrecoverable.lock().expect("health lock poisoned");
-        if slot.is_none() {
-            tracing::error!("{cause}");
-            *slot = Some(cause);
+        let message = cause.to_string();
+        if self.unrecoverable.set(cause).is_ok() {
+            tracing::error!("{message}");
         }
     }
 

@@ -109,7 +109,15 @@ impl Checkpointer {
             .kafka
             .client_with(
                 ClientKind::Producer,
-                &[("linger.ms", "1"), ("compression.type", "lz4")],
+                // Defaults an operator may change. Delivery reports are ignored (a failed record
+                // fails the transaction), so only errors get one: with a report per record the
+                // producer's polling thread took a tenth of a node's CPU writing a million new
+                // entities' states, 2% without.
+                &[
+                    ("linger.ms", "1"),
+                    ("compression.type", "lz4"),
+                    ("delivery.report.only.error", "true"),
+                ],
             )
             .set("transactional.id", &config.transactional_id)
             .set(
