@@ -126,15 +126,19 @@ impl NodeProcess {
         }
     }
 
-    /// Resident memory (VmRSS) of the node process.
-    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
-        let pid = self
+    fn pid(&self) -> anyhow::Result<u32> {
+        Ok(self
             .child
             .lock()
             .expect("child lock")
             .as_ref()
             .context("node not running")?
-            .id();
+            .id())
+    }
+
+    /// Resident memory (VmRSS) of the node process.
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        let pid = self.pid()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kib: u64 = status
             .lines()
@@ -146,13 +150,7 @@ impl NodeProcess {
 
     /// CPU time (user + system) the node process has used so far, in seconds.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        let pid = self
-            .child
-            .lock()
-            .expect("child lock")
-            .as_ref()
-            .context("node not running")?
-            .id();
+        let pid = self.pid()?;
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         // After the command name (in parentheses, which may hold spaces): field 3 onwards;
         // utime and stime are fields 14 and 15, in clock ticks.
