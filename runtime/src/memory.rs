@@ -1,9 +1,9 @@
 //! Giving freed memory back to the operating system after passivation and standby warm-ups.
 //!
-//! A drain of many distinct entities grows every shard's maps by doubling and passivates
-//! entities past the live cap; glibc keeps what the old tables and passivated entries used in
-//! its heaps, so the resident set stayed at that high-water mark (measured with entity actors,
-//! which cost far more: docs/BENCHMARKS.md). After many passivations `malloc_trim` returns it. A standby warm-up
+//! A drain of many distinct entities passivates entities past the live cap; glibc keeps what
+//! the passivated entries (and, when entities were actors, the stopped actors) used in its
+//! heaps, so the resident set stayed at that high-water mark (docs/BENCHMARKS.md). After many
+//! passivations `malloc_trim` returns it. A standby warm-up
 //! (whole changelog partitions read, maps grown by doubling) leaves the same kind of free
 //! memory behind; `standby` trims after a large one. (mimalloc was tried
 //! instead of glibc: no throughput gain beyond run-to-run noise, and 2.7× the memory per
