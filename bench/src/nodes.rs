@@ -384,13 +384,21 @@ pub fn produce(
     in_turn: bool,
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let out = producer_command(setup, topic, count, users, rate, in_turn, None).output()?;
+    run_producer(producer_command(
+        setup, topic, count, users, rate, in_turn, None,
+    ))?;
+    Ok(started.elapsed())
+}
+
+/// Runs the producer to its end; fails with its error output if it failed.
+fn run_producer(mut command: Command) -> anyhow::Result<()> {
+    let out = command.output()?;
     anyhow::ensure!(
         out.status.success(),
         "producer failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Ok(started.elapsed())
+    Ok(())
 }
 
 /// The producer at a steady rate in the background.
@@ -454,13 +462,15 @@ pub fn produce_with_ledger(
     users: u64,
     ledger: &Path,
 ) -> anyhow::Result<()> {
-    let out = producer_command(setup, topic, count, users, 0, false, Some(ledger)).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "producer failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    run_producer(producer_command(
+        setup,
+        topic,
+        count,
+        users,
+        0,
+        false,
+        Some(ledger),
+    ))
 }
 
 #[cfg(test)]

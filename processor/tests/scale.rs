@@ -17,6 +17,15 @@ const LIVE_CAP: u64 = 20_000;
 /// Users checked right after processing ("0" .. "9999"); all of them after the restore.
 const SAMPLE: u64 = 10_000;
 
+/// A counter of `/cluster/stats` summed over `nodes` (each must answer).
+async fn sum_counter(nodes: &[Node], name: &str) -> u64 {
+    let mut sum = 0;
+    for node in nodes {
+        sum += node.counter(name).await;
+    }
+    sum
+}
+
 /// A ledger of the users "0" .. `users - 1` of `ledger`.
 fn sample_of(ledger: &Path, users: u64) -> PathBuf {
     let mut sample = Ledger::load(ledger).unwrap();
@@ -50,13 +59,7 @@ async fn a_million_distinct_entities_are_processed_passivated_and_restored_exact
     eventually(
         Duration::from_secs(600),
         "the two nodes to process every event",
-        || async {
-            let mut processed = 0;
-            for node in &nodes {
-                processed += node.counter("events_processed_local").await;
-            }
-            (processed >= USERS).then_some(())
-        },
+        || async { (sum_counter(&nodes, "events_processed_local").await >= USERS).then_some(()) },
     )
     .await;
 
@@ -64,9 +67,7 @@ async fn a_million_distinct_entities_are_processed_passivated_and_restored_exact
     // after the restore below, whose states are the ones these nodes wrote.
     let sample = sample_of(&ledger, SAMPLE);
     wait_for_ledger(&spec, &[1], &sample, Duration::from_secs(120)).await;
-    let mut processed = 0;
     for node in &nodes {
-        processed += node.counter("events_processed_local").await;
         let regions = node
             .get_json(&format!("/cluster/shards/{}", spec.group))
             .await
@@ -91,6 +92,7 @@ async fn a_million_distinct_entities_are_processed_passivated_and_restored_exact
             node.id
         );
     }
+    let processed = sum_counter(&nodes, "events_processed_local").await;
     assert_eq!(processed, USERS, "every event applied once, on its owner");
 
     for node in nodes.iter_mut() {
@@ -102,19 +104,11 @@ async fn a_million_distinct_entities_are_processed_passivated_and_restored_exact
     eventually(
         Duration::from_secs(600),
         "the two fresh nodes to restore every state",
-        || async {
-            let mut restored = 0;
-            for node in &nodes {
-                restored += node.counter("entities_restored").await;
-            }
-            (restored >= USERS).then_some(())
-        },
+        || async { (sum_counter(&nodes, "entities_restored").await >= USERS).then_some(()) },
     )
     .await;
     wait_for_ledger(&spec, &[2], &ledger, Duration::from_secs(600)).await;
-    let mut restored = 0;
     for node in &nodes {
-        restored += node.counter("entities_restored").await;
         assert_eq!(
             node.counter("events_processed_local").await,
             0,
@@ -122,6 +116,7 @@ async fn a_million_distinct_entities_are_processed_passivated_and_restored_exact
             node.id
         );
     }
+    let restored = sum_counter(&nodes, "entities_restored").await;
     // A shard that moved between the two while they joined was restored twice.
     assert!(
         restored >= USERS,

@@ -19,6 +19,7 @@ use crate::nodes::{produce_in_background, produce_with_ledger, NodeAddr, NodePro
 use crate::progress::Progress;
 use crate::report::{ms, verdict, Table};
 use crate::scenarios::rebalance::{bare_group_gaps, pause, poll_progress};
+use crate::scenarios::throughput::first_assigned;
 
 const NODE_COUNTS: [u16; 4] = [1, 2, 4, 6];
 const INPUT_RATE: u64 = 4_000;
@@ -50,13 +51,11 @@ pub async fn run(
         let mut nodes: Vec<NodeProcess> = (1..=count)
             .map(|i| NodeProcess::start(setup, i, topic, &group, &[]))
             .collect::<anyhow::Result<_>>()?;
-        let (assigned, cpu_before) = first_assigned(&nodes).await?;
+        let assigned = first_assigned(&nodes).await?;
+        let cpu_before = cpu_of(&nodes)?;
         committed_to_end(&setup.bootstrap, &group, topic, &ends).await?;
         let done = Instant::now();
-        let mut cpu = -cpu_before;
-        for node in &nodes {
-            cpu += node.cpu_seconds()?;
-        }
+        let cpu = cpu_of(&nodes)? - cpu_before;
         let mut verified = true;
         for node in &nodes {
             verified &= verify(setup, &node.grpc_url(), &ledger)?;
@@ -117,26 +116,9 @@ pub async fn run(
     Ok(vec![scale, pauses])
 }
 
-/// When the first node of `nodes` reported an assignment, and the nodes' CPU time then.
-async fn first_assigned(nodes: &[NodeProcess]) -> anyhow::Result<(Instant, f64)> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        for node in nodes {
-            node.ensure_running()?;
-            if node.counter("partitions_assigned").await.unwrap_or(0) > 0 {
-                let mut cpu = 0.0;
-                for node in nodes {
-                    cpu += node.cpu_seconds()?;
-                }
-                return Ok((Instant::now(), cpu));
-            }
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no node was assigned partitions within 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// CPU time of all `nodes` so far, in seconds.
+fn cpu_of(nodes: &[NodeProcess]) -> anyhow::Result<f64> {
+    nodes.iter().map(|node| node.cpu_seconds()).sum()
 }
 
 /// Whether every user of `ledger` answered exactly through `grpc_url`.
@@ -180,7 +162,7 @@ async fn join_and_leave_at_six(setup: &Setup, topic: &str, users: u64) -> anyhow
         let mut nodes: Vec<NodeProcess> = (1..=5)
             .map(|i| NodeProcess::start(setup, i, topic, &group, &[]))
             .collect::<anyhow::Result<_>>()?;
-        // Every partition owned and caught up with the input before the join.
+        // Every partition owned before the join (then the steady state lets them catch up).
         crate::nodes::wait_until(
             Duration::from_secs(120),
             "five nodes to own every partition",

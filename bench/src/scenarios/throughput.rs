@@ -283,7 +283,8 @@ async fn processed_at_least(nodes: &[NodeProcess], events: u64) -> anyhow::Resul
     }
 }
 
-async fn first_assigned(nodes: &[NodeProcess]) -> anyhow::Result<Instant> {
+/// When the first of `nodes` (just started) reported an assignment.
+pub(super) async fn first_assigned(nodes: &[NodeProcess]) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         for node in nodes {

@@ -5,7 +5,8 @@
 //! the next owner restores (read_committed) exactly the states whose offsets were committed,
 //! and re-reads from there. A shard hands out its states and its offset in one message, so they
 //! match; should a state ever be ahead of the committed offsets, its entity skips events at or
-//! below the offset its state records (`entity::Stored`). The offsets are sent with the consumer's group metadata, so a
+//! below the offset its state records (`entity::Stored`). The offsets are sent with the
+//! consumer's group metadata, so a
 //! node whose group generation is stale (a zombie that was frozen past its session timeout)
 //! cannot commit: its transaction fails and nothing it wrote becomes visible.
 //!

@@ -124,16 +124,7 @@ impl<E: Entity> ShardState<E> {
         }
         NodeStats::add(&self.env.stats.events_processed_local, outcome.applied);
         NodeStats::add(&self.env.stats.events_skipped_replayed, outcome.replays);
-        if outcome.activated > 0 {
-            let live_now = self
-                .env
-                .live_entities
-                .fetch_add(outcome.activated, Ordering::Relaxed)
-                + outcome.activated;
-            // Over the node's cap, this shard makes room from its own least recently active
-            // entities (the cap is node-wide; each shard that activates brings it back down).
-            self.passivate_oldest(live_now.saturating_sub(self.env.max_live_entities));
-        }
+        self.activated(outcome.activated);
         self.env.gate.release(count);
     }
 
@@ -171,6 +162,7 @@ impl<E: Entity> ShardState<E> {
                     "entity {id} of shard {}: event at offset {offset} dead-lettered: {reason}",
                     self.shard
                 );
+                NodeStats::add(&self.env.stats.dead_lettered, 1);
                 self.outbox.push(Outgoing::DeadLetter(Box::new(DeadLetter {
                     key: Some(id.as_bytes().to_vec()),
                     value: None,
@@ -182,6 +174,16 @@ impl<E: Entity> ShardState<E> {
             }
         }
         self.outbox.changed(&id);
+    }
+
+    /// `count` entities became live. Over the node's cap, this shard makes room from its own least
+    /// recently active entities (the cap is node-wide; each shard that activates brings it back
+    /// down).
+    fn activated(&mut self, count: usize) {
+        if count > 0 {
+            let live_now = self.env.live_entities.fetch_add(count, Ordering::Relaxed) + count;
+            self.passivate_oldest(live_now.saturating_sub(self.env.max_live_entities));
+        }
     }
 
     /// Passivates up to `limit` of this shard's live entities, least recently active first.
@@ -204,10 +206,8 @@ impl<E: Entity> ShardState<E> {
             Some(stored) => {
                 let answer = E::query(&stored.state, &query);
                 // A query re-activates a passivated entity, as its next event would.
-                if self.live.touch(&id, Instant::now()) {
-                    let live_now = self.env.live_entities.fetch_add(1, Ordering::Relaxed) + 1;
-                    self.passivate_oldest(live_now.saturating_sub(self.env.max_live_entities));
-                }
+                let became_live = self.live.touch(&id, Instant::now());
+                self.activated(usize::from(became_live));
                 answer
             }
             // An entity never seen: the default state, and nothing kept for it.
@@ -599,6 +599,7 @@ mod tests {
             "{}",
             letters[0].reason
         );
+        assert_eq!(env.stats.dead_lettered.get(), 2);
         // Replayed (a crash before this checkpoint committed), the poison event is skipped with
         // the state that recorded it.
         let b = checkpoint.states.iter().find(|(id, _)| id == "b").unwrap();
