@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use proto::service::user_service_client::UserServiceClient;
-use proto::service::UserStatsRequest;
 use serde::Serialize;
-use tonic::transport::Channel;
+
+use crate::Users;
 
 pub struct BenchPlan {
     pub ids: Vec<String>,
@@ -19,8 +18,6 @@ pub struct BenchPlan {
     pub connections: usize,
     pub warmup: Duration,
     pub duration: Duration,
-    /// Sent with every query (see `--max-staleness-ms`).
-    pub max_staleness_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -50,19 +47,19 @@ pub fn read_ids(path: &Path) -> anyhow::Result<Vec<String>> {
     Ok(ids)
 }
 
-pub async fn run(channels: Vec<Channel>, plan: BenchPlan) -> anyhow::Result<BenchReport> {
+/// Runs `plan`; worker `w` asks through `clients[w % clients.len()]` (one per connection).
+pub async fn run(clients: Vec<Users>, plan: BenchPlan) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(
         !plan.ids.is_empty() && plan.concurrency > 0,
         "nothing to query"
     );
-    let max_staleness_ms = plan.max_staleness_ms;
     let ids = Arc::new(plan.ids);
     let next = Arc::new(AtomicUsize::new(0));
     let measure_from = Instant::now() + plan.warmup;
     let end = measure_from + plan.duration;
     let workers: Vec<_> = (0..plan.concurrency)
         .map(|w| {
-            let mut client = UserServiceClient::new(channels[w % channels.len()].clone());
+            let mut client = clients[w % clients.len()].clone();
             let (ids, next) = (ids.clone(), next.clone());
             tokio::spawn(async move {
                 let mut latencies =
@@ -74,12 +71,7 @@ pub async fn run(channels: Vec<Channel>, plan: BenchPlan) -> anyhow::Result<Benc
                     if sent >= end {
                         break;
                     }
-                    let answer = client
-                        .user_stats(UserStatsRequest {
-                            id,
-                            max_staleness_ms,
-                        })
-                        .await;
+                    let answer = client.stats(&id).await;
                     if sent < measure_from {
                         continue;
                     }

@@ -9,16 +9,18 @@ mod bench;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use futures::stream::{self, StreamExt};
+use kafka_sharding::owners::OwnerDirectory;
 use proto::ledger::{ExpectedTotals, Ledger};
 use proto::service::user_service_client::UserServiceClient;
 use proto::service::{UserStatsRequest, UserStatsResponse};
 use serde::Serialize;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,6 +45,15 @@ struct Args {
     /// owner answers (a failover); without it only the users' owners answer.
     #[arg(long, env = "MAX_STALENESS_MS", global = true)]
     max_staleness_ms: Option<u64>,
+    /// Send every query to --addr, which forwards it to the user's owner (one hop between
+    /// nodes). Without it the client learns from --addr which node owns each shard and asks
+    /// the owner directly, falling back to --addr when the owner cannot be reached.
+    #[arg(long, global = true)]
+    via_addr: bool,
+    /// The processors' consumer group (their `--group`): the users' entity type, whose shard
+    /// owners the client learns. Needed only when the nodes host more than one type.
+    #[arg(long, global = true)]
+    group: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -106,6 +117,8 @@ struct Target {
     addr: String,
     tls: Option<ClientTlsConfig>,
     max_staleness_ms: Option<u64>,
+    /// Ask each user's owner directly (see `--via-addr`): the users' entity type.
+    direct: Option<String>,
 }
 
 impl Target {
@@ -113,6 +126,7 @@ impl Target {
         addr: String,
         tls_ca: Option<PathBuf>,
         max_staleness_ms: Option<u64>,
+        direct: Option<String>,
     ) -> anyhow::Result<Self> {
         let tls = match tls_ca {
             Some(path) => {
@@ -126,48 +140,87 @@ impl Target {
             addr,
             tls,
             max_staleness_ms,
+            direct,
         })
     }
 }
 
-/// The user service of one node, asked with the reads' staleness bound.
+/// The user service, asked with the reads' staleness bound: at each user's owner when the
+/// owners are known, else at the node given.
 #[derive(Clone)]
 struct Users {
-    client: UserServiceClient<Channel>,
+    any_node: UserServiceClient<Channel>,
+    owners: Option<Arc<OwnerDirectory>>,
     max_staleness_ms: Option<u64>,
 }
 
 impl Users {
     async fn stats(&mut self, id: &str) -> Result<UserStatsResponse, tonic::Status> {
-        self.client
-            .user_stats(UserStatsRequest {
-                id: id.to_owned(),
-                max_staleness_ms: self.max_staleness_ms,
-            })
-            .await
-            .map(|r| r.into_inner())
+        let request = UserStatsRequest {
+            id: id.to_owned(),
+            max_staleness_ms: self.max_staleness_ms,
+        };
+        match &self.owners {
+            Some(owners) => owners
+                .call(id, |channel| {
+                    let request = request.clone();
+                    async move { UserServiceClient::new(channel).user_stats(request).await }
+                })
+                .await
+                .map(|r| r.into_inner()),
+            None => self
+                .any_node
+                .user_stats(request)
+                .await
+                .map(|r| r.into_inner()),
+        }
     }
 }
 
 async fn connect(target: &Target) -> anyhow::Result<Users> {
+    let channel = connect_channel(target).await?;
     Ok(Users {
-        client: UserServiceClient::new(connect_channel(target).await?),
+        any_node: UserServiceClient::new(channel.clone()),
+        owners: owner_directory(target, channel).await,
         max_staleness_ms: target.max_staleness_ms,
     })
 }
 
-async fn connect_channel(target: &Target) -> anyhow::Result<Channel> {
-    let addr = &target.addr;
-    let mut endpoint = Channel::from_shared(addr.to_owned())
-        .with_context(|| format!("invalid address {addr}"))?
+/// The shard owners, learnt through `any_node`, unless `--via-addr`; a node that cannot tell
+/// them leaves every query going through it (said once on stderr).
+async fn owner_directory(target: &Target, any_node: Channel) -> Option<Arc<OwnerDirectory>> {
+    let group = target.direct.as_deref()?;
+    let tls = target.tls.clone();
+    let endpoint = move |url: &str| endpoint(url, tls.as_ref()).map_err(Into::into);
+    match OwnerDirectory::connect(any_node, group, endpoint).await {
+        Ok(owners) => Some(owners),
+        Err(e) => {
+            eprintln!(
+                "client: {e}; every query goes through {} instead of to its owner",
+                target.addr
+            );
+            None
+        }
+    }
+}
+
+/// How a node (the one given, or an owner) is reached: the same timeouts and TLS for all.
+fn endpoint(url: &str, tls: Option<&ClientTlsConfig>) -> anyhow::Result<Endpoint> {
+    let mut endpoint = Channel::from_shared(url.to_owned())
+        .with_context(|| format!("invalid address {url}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30));
-    if let Some(tls) = &target.tls {
+    if let Some(tls) = tls {
         endpoint = endpoint
             .tls_config(tls.clone())
-            .with_context(|| format!("cannot use TLS for {addr}"))?;
+            .with_context(|| format!("cannot use TLS for {url}"))?;
     }
-    endpoint
+    Ok(endpoint)
+}
+
+async fn connect_channel(target: &Target) -> anyhow::Result<Channel> {
+    let addr = &target.addr;
+    endpoint(addr, target.tls.as_ref())?
         .connect()
         .await
         .with_context(|| format!("cannot connect to {addr}"))
@@ -321,14 +374,19 @@ async fn bench(
         connections: connections as usize,
         warmup: seconds("--warmup-secs", warmup_secs)?,
         duration: seconds("--duration-secs", duration_secs)?,
-        max_staleness_ms: target.max_staleness_ms,
     };
     anyhow::ensure!(!plan.duration.is_zero(), "--duration-secs must be > 0");
-    let mut channels = Vec::new();
-    for _ in 0..plan.connections.min(plan.concurrency) {
-        channels.push(connect_channel(target).await?);
+    // One client per connection to the node given; all share one owner directory (its
+    // channels, one per owner, multiplex the workers' queries).
+    let first = connect(target).await?;
+    let mut clients = vec![first.clone()];
+    for _ in 1..plan.connections.min(plan.concurrency) {
+        clients.push(Users {
+            any_node: UserServiceClient::new(connect_channel(target).await?),
+            ..first.clone()
+        });
     }
-    let report = bench::run(channels, plan).await?;
+    let report = bench::run(clients, plan).await?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -342,7 +400,12 @@ async fn bench(
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let target = Target::from_args(args.addr, args.tls_ca, args.max_staleness_ms)?;
+    let target = Target::from_args(
+        args.addr,
+        args.tls_ca,
+        args.max_staleness_ms,
+        (!args.via_addr).then(|| args.group.unwrap_or_default()),
+    )?;
     match args.command {
         None => interactive(connect(&target).await?).await,
         Some(Command::Get { ids, json }) => get(connect(&target).await?, ids, json).await,

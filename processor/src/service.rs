@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use kafka_sharding::owners::with_route;
 use kafka_sharding::{AskError, Consistency, Entities, Route};
 use proto::service::user_service_server::{UserService, UserServiceServer};
 use proto::service::{UserStatsRequest, UserStatsResponse};
@@ -39,14 +40,16 @@ impl UserService for UserStatsService {
                     Route::Standby(lag) => ("standby", lag.records, lag.behind.as_millis() as u64),
                     Route::Local | Route::Remote => ("owner", 0, 0),
                 };
-                Ok(Response::new(UserStatsResponse {
+                let response = Response::new(UserStatsResponse {
                     id,
                     total_purchases: totals.purchases,
                     amount_spent: totals.amount_spent,
                     answered_by: answered_by.into(),
                     lag_records,
                     lag_ms,
-                }))
+                });
+                // Tells clients that route by owner (`owners::OwnerDirectory`) when to refresh.
+                Ok(with_route(response, route))
             }
             Err(e) => Err(status(&e)),
         }

@@ -205,6 +205,151 @@ async fn two_nodes_split_the_partitions_and_count_every_event_locally() {
     );
 }
 
+/// Answers to gRPC requests node `node` has counted, by route (`local`, `remote`, ...).
+async fn answered(node: &Node, route: &str) -> f64 {
+    let label = format!(r#"route="{route}",outcome="ok""#);
+    node.metrics()
+        .await
+        .expect("/metrics of a running node")
+        .iter()
+        .filter(|(series, _)| {
+            series.starts_with("processor_grpc_request_seconds_count{") && series.contains(&label)
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_learns_the_owners_asks_each_user_s_owner_and_follows_a_hand_off() {
+    use kafka_sharding::owners::{OwnerDirectory, ROUTE_HEADER};
+    require_broker();
+    let spec = ClusterSpec::new("direct", 21_500);
+    spec.create_topic(24);
+    let node1 = spec.start_node(1);
+    let mut node2 = spec.start_node(2);
+    let sets = wait_for_stable_split(&spec, &[&node1, &node2], 24).await;
+    let ledger_path = spec.produce(2_000, 100, "ledger.json");
+    wait_for_ledger(&spec, &[1], &ledger_path, Duration::from_secs(120)).await;
+    let ledger = Ledger::load(&ledger_path).unwrap();
+    let owner_index = |user: &str| {
+        if sets[0].contains(&partition_for_key(user.as_bytes(), 24)) {
+            1
+        } else {
+            2
+        }
+    };
+
+    // The client's default: given node 1, it asks every user's owner itself, so node 1
+    // forwards nothing and node 2 answers its users locally.
+    let (remote_before, node2_local_before) = (
+        answered(&node1, "remote").await,
+        answered(&node2, "local").await,
+    );
+    let out = std::process::Command::new(bin("client"))
+        .args(["--addr", &spec.grpc_url(1), "verify", "--ledger"])
+        .arg(&ledger_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let on_node2 = ledger
+        .user_ids()
+        .iter()
+        .filter(|u| owner_index(u) == 2)
+        .count();
+    assert!(on_node2 > 0, "the split left node 2 no users");
+    assert_eq!(
+        answered(&node1, "remote").await,
+        remote_before,
+        "node 1 forwarded a query of a client that knows the owners"
+    );
+    assert!(
+        answered(&node2, "local").await - node2_local_before >= on_node2 as f64,
+        "node 2 answered its {on_node2} users itself"
+    );
+
+    // The library's directory: learnt from node 1, it points every user at its owner.
+    let any_node = tonic::transport::Endpoint::from_shared(spec.grpc_url(1))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let owners = OwnerDirectory::connect(any_node, "", |url| {
+        Ok(tonic::transport::Endpoint::from_shared(url.to_owned())?)
+    })
+    .await
+    .unwrap();
+    assert_eq!(owners.entity_type(), spec.group);
+    for user in ledger.user_ids() {
+        assert_eq!(
+            owners.owner_url(&user),
+            Some(spec.grpc_url(owner_index(&user))),
+            "owner of user {user}"
+        );
+    }
+    let ask = |user: String| {
+        let owners = owners.clone();
+        async move {
+            owners
+                .call(&user.clone(), |channel| {
+                    let request = UserStatsRequest {
+                        id: user.clone(),
+                        max_staleness_ms: None,
+                    };
+                    async move { UserServiceClient::new(channel).user_stats(request).await }
+                })
+                .await
+        }
+    };
+    let user2 = ledger
+        .user_ids()
+        .into_iter()
+        .find(|u| owner_index(u) == 2)
+        .unwrap();
+    let expected = ledger.expected(&user2);
+    let answer = ask(user2.clone()).await.unwrap();
+    assert_eq!(
+        answer.metadata().get(ROUTE_HEADER).unwrap(),
+        "local",
+        "asked at its owner"
+    );
+    assert_eq!(answer.get_ref().amount_spent, expected.amount_spent);
+
+    // Node 2 hands its shards to node 1: the directory's stale entry fails over (node 1
+    // answers), and the directory learns the new owner.
+    node2.stop();
+    eventually(SETTLE, "node 1 to own every shard", || async {
+        (node1.try_shards().await?.len() == 24).then_some(())
+    })
+    .await;
+    let answer = ask(user2.clone())
+        .await
+        .expect("an answer after the hand-off");
+    assert_eq!(answer.get_ref().total_purchases, expected.purchases);
+    assert_eq!(answer.get_ref().amount_spent, expected.amount_spent);
+    eventually(
+        Duration::from_secs(10),
+        "the directory to learn that node 1 owns node 2's users",
+        || {
+            let (owners, user2) = (owners.clone(), user2.clone());
+            let ask = &ask;
+            let node1_url = spec.grpc_url(1);
+            async move {
+                // Each answer that did not come from the owner asked refreshes the table.
+                let _ = ask(user2.clone()).await;
+                (owners.owner_url(&user2) == Some(node1_url)).then_some(())
+            }
+        },
+    )
+    .await;
+    let answer = ask(user2).await.unwrap();
+    assert_eq!(answer.metadata().get(ROUTE_HEADER).unwrap(), "local");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_third_node_takes_only_the_moved_partitions_and_answers_for_them() {
     require_broker();

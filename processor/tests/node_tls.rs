@@ -171,6 +171,19 @@ async fn grpc_and_the_management_port_serve_tls_with_the_node_certificate() {
         || async { verify_with(&grpc, &ledger, &tls).0.then_some(()) },
     )
     .await;
+    // A client that asks owners directly learns their https URLs and reaches them over TLS.
+    let direct = std::process::Command::new(bin("client"))
+        .args(["--addr", &grpc])
+        .args(tls)
+        .args(["verify", "--ledger", ledger.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&direct.stderr);
+    assert!(
+        direct.status.success() && !said.contains("instead of to its owner"),
+        "direct over TLS: {}{said}",
+        String::from_utf8_lossy(&direct.stdout)
+    );
     let (plain_ok, plain) = verify(&spec.grpc_url(1), &ledger);
     assert!(!plain_ok, "plain gRPC is not served: {plain}");
     let (untrusting_ok, untrusting) = verify(&grpc, &ledger);

@@ -51,6 +51,8 @@ pub struct AllocationTable {
     departed: Mutex<BTreeMap<Arc<str>, Departure>>,
     /// Bumped on every change; queries waiting for an owner watch it.
     changes: watch::Sender<u64>,
+    /// Where each node serves gRPC, as it announces it (for clients that ask owners directly).
+    grpc_urls: DashMap<Arc<str>, Arc<str>>,
 }
 
 impl AllocationTable {
@@ -61,7 +63,29 @@ impl AllocationTable {
             claims: Mutex::new(HashMap::new()),
             departed: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
+            grpc_urls: DashMap::new(),
         }
+    }
+
+    /// Records where `node` serves gRPC (from its announcements; this node's own at start).
+    pub fn set_grpc_url(&self, node: &str, url: &str) {
+        if url.is_empty() || self.grpc_urls.get(node).is_some_and(|u| **u == *url) {
+            return;
+        }
+        self.grpc_urls.insert(Arc::from(node), Arc::from(url));
+    }
+
+    /// For each of `partitions` shards, the gRPC URL of its owner, or "" when the shard has no
+    /// owner or its owner has not said where it serves gRPC.
+    pub fn owner_urls(&self, partitions: u32) -> Vec<String> {
+        (0..partitions)
+            .map(|shard| {
+                self.owners
+                    .get(&shard)
+                    .and_then(|node| self.grpc_urls.get(node.value()).map(|u| u.to_string()))
+                    .unwrap_or_default()
+            })
+            .collect()
     }
 
     pub fn local_node(&self) -> &Arc<str> {
@@ -290,6 +314,21 @@ impl AllocationTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_urls_follow_claims_and_stay_empty_without_an_owner_or_url() {
+        let t = AllocationTable::new("a");
+        t.set_grpc_url("a", "http://a:1");
+        t.apply_claim("a", (1, 1), set(&[0]));
+        t.apply_claim("b", (1, 1), set(&[1]));
+        t.apply_claim("c", (1, 1), set(&[2]));
+        t.set_grpc_url("b", "http://b:1");
+        assert_eq!(t.owner_urls(4), ["http://a:1", "http://b:1", "", ""]);
+        // b hands shard 1 to a.
+        t.apply_claim("b", (1, 2), set(&[]));
+        t.apply_claim("a", (1, 2), set(&[0, 1]));
+        assert_eq!(t.owner_urls(2), ["http://a:1", "http://a:1"]);
+    }
 
     fn set(shards: &[u32]) -> BTreeSet<u32> {
         shards.iter().copied().collect()

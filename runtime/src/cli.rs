@@ -360,6 +360,22 @@ impl NodeConfig {
     pub fn node_id(&self) -> String {
         format!("{}@{}", self.node_name(), self.host)
     }
+
+    /// Where clients reach this node's gRPC port (its advertised host), as the owners service
+    /// tells them.
+    pub fn grpc_url(&self) -> String {
+        let scheme = if self.tls.is_some() && self.tls_serve {
+            "https"
+        } else {
+            "http"
+        };
+        let host = if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("{scheme}://{host}:{}", self.ports.grpc)
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,49 @@ pub(crate) struct GrpcServices {
     pub descriptors: Vec<&'static [u8]>,
 }
 
+/// A tonic service (a generated `...Server`) that can be mounted on the node's gRPC port.
+pub trait GrpcService:
+    tonic::codegen::Service<
+        tonic::codegen::http::Request<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Response: axum::response::IntoResponse,
+        Future: Send + 'static,
+    > + tonic::server::NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> GrpcService for S where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Error = std::convert::Infallible,
+            Response: axum::response::IntoResponse,
+            Future: Send + 'static,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+impl GrpcServices {
+    /// Mounts `service`; its health follows readiness.
+    pub fn add_service<S: GrpcService>(&mut self, service: S) {
+        self.names.push(S::NAME);
+        self.routes.add_service(service);
+    }
+
+    /// Mounts `service` and registers its descriptor set with reflection.
+    pub fn add<S: GrpcService>(&mut self, service: S, descriptor_set: &'static [u8]) {
+        self.add_service(service);
+        self.descriptors.push(descriptor_set);
+    }
+}
+
 /// Serves until `shutdown` resolves.
 pub(crate) async fn serve(
     addr: SocketAddr,

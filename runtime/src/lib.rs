@@ -101,6 +101,7 @@ pub mod logging;
 mod memory;
 mod metrics;
 mod node;
+pub mod owners;
 pub mod partitioner;
 mod readiness;
 mod restore;
@@ -114,6 +115,7 @@ pub use cli::{KafkaClientArgs, NodeArgs, NodeConfig, Ports, DEFAULT_COOKIE};
 pub use cluster::endpoint::CallError;
 pub use cluster::tls::{NodeTls, NodeTlsError, NodeTlsFiles};
 pub use entity::{Codec, DecodeError, Entity, EntityId, Prost, Rejection, MAX_ID_BYTES};
+pub use grpc::GrpcService;
 pub use kafka_config::{
     ClientKind, KafkaConfigError, KafkaConnection, KafkaProperties, KafkaProperty,
 };

@@ -166,21 +166,8 @@ impl Node {
 
     /// Mounts a gRPC service (a tonic `...Server`) on the node's gRPC port; its health follows
     /// the node's readiness.
-    pub fn grpc_service<S>(&mut self, service: S) -> &mut Self
-    where
-        S: tonic::codegen::Service<
-                tonic::codegen::http::Request<tonic::body::Body>,
-                Error = std::convert::Infallible,
-            > + tonic::server::NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Response: axum::response::IntoResponse,
-        S::Future: Send + 'static,
-    {
-        self.grpc.names.push(S::NAME);
-        self.grpc.routes.add_service(service);
+    pub fn grpc_service<S: crate::grpc::GrpcService>(&mut self, service: S) -> &mut Self {
+        self.grpc.add_service(service);
         self
     }
 
@@ -448,7 +435,11 @@ async fn start_type<E: Entity>(
         standbys: standbys.clone(),
     });
     let _ = handle.set(router.clone());
-    let announcer = Arc::new(Announcer::new(&spec.group, table.clone()));
+    let announcer = Arc::new(Announcer::new(
+        &spec.group,
+        table.clone(),
+        config.grpc_url(),
+    ));
     tokio::spawn(announcer.clone().run());
 
     // One client reads the group's committed offsets, for the lag at /metrics and the restorer.
@@ -630,6 +621,20 @@ async fn run(
         )
         .await?,
     );
+
+    // Every node tells clients which node owns each shard (see `owners`).
+    let mut grpc_services = grpc_services;
+    let owners = crate::owners::OwnersService {
+        types: started
+            .iter()
+            .map(|t| crate::owners::OwnedType {
+                name: t.group.clone(),
+                partitions: t.view.partitions,
+                table: t.view.table.clone(),
+            })
+            .collect(),
+    };
+    grpc_services.add(owners.server(), crate::owners::FILE_DESCRIPTOR_SET);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown = |mut rx: watch::Receiver<bool>| async move {

@@ -1,6 +1,7 @@
 //! The gRPC front end of device telemetry: any node answers for any device (the runtime routes
 //! the query to the node hosting the device's shard).
 
+use kafka_sharding::owners::with_route;
 use kafka_sharding::Entities;
 use tonic::{Request, Response, Status};
 
@@ -31,12 +32,12 @@ impl DeviceTelemetry for DeviceTelemetryService {
             above_milli: request.above_milli,
         };
         window.span().map_err(Status::invalid_argument)?;
-        let (mut reply, _route) = self
+        let (mut reply, route) = self
             .devices
             .ask(&request.device_id, window)
             .await
             .map_err(|e| e.to_status("device id"))?;
         reply.device_id = request.device_id;
-        Ok(Response::new(reply))
+        Ok(with_route(Response::new(reply), route))
     }
 }

@@ -121,12 +121,14 @@ fn cpu_of(nodes: &[NodeProcess]) -> anyhow::Result<f64> {
     nodes.iter().map(|node| node.cpu_seconds()).sum()
 }
 
-/// Whether every user of `ledger` answered exactly through `grpc_url`.
+/// Whether every user of `ledger` answered exactly through `grpc_url` (the node answering
+/// for every user itself: `--via-addr`).
 fn verify(setup: &Setup, grpc_url: &str, ledger: &Path) -> anyhow::Result<bool> {
     let out = Command::new(setup.bin("client"))
         .args([
             "--addr",
             grpc_url,
+            "--via-addr",
             "verify",
             "--concurrency",
             "32",

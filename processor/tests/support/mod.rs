@@ -476,7 +476,9 @@ where
     }
 }
 
-/// `client verify` through one node; returns (success, output).
+/// `client verify` through one node (`--via-addr`: the node itself answers for every user,
+/// forwarding to owners, as with a client that does not route by owner); returns (success,
+/// output).
 pub fn verify(grpc_url: &str, ledger: &Path) -> (bool, String) {
     verify_with(grpc_url, ledger, &[])
 }
@@ -484,7 +486,7 @@ pub fn verify(grpc_url: &str, ledger: &Path) -> (bool, String) {
 /// [`verify`] with more `client` options (e.g. `--tls-ca`).
 pub fn verify_with(grpc_url: &str, ledger: &Path, options: &[&str]) -> (bool, String) {
     let out = Command::new(bin("client"))
-        .args(["--addr", grpc_url])
+        .args(["--addr", grpc_url, "--via-addr"])
         .args(options)
         .args(["verify", "--ledger", ledger.to_str().unwrap()])
         .output()
@@ -497,10 +499,11 @@ pub fn verify_with(grpc_url: &str, ledger: &Path, options: &[&str]) -> (bool, St
     (out.status.success(), text)
 }
 
-/// `client get ID --json` through one node: (purchases, amount_spent).
+/// `client get ID --json` through one node (`--via-addr`, as [`verify`]): (purchases,
+/// amount_spent).
 pub fn totals_via(grpc_url: &str, user: &str) -> Option<(i64, i64)> {
     let out = Command::new(bin("client"))
-        .args(["--addr", grpc_url, "get", user, "--json"])
+        .args(["--addr", grpc_url, "--via-addr", "get", user, "--json"])
         .output()
         .unwrap();
     if !out.status.success() {

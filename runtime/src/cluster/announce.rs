@@ -23,6 +23,8 @@ pub(crate) struct Announcer {
     incarnation: u64,
     seq: AtomicU64,
     kick: Notify,
+    /// Where this node serves gRPC, sent with every announcement.
+    grpc_url: String,
 }
 
 impl Announcer {
@@ -31,17 +33,20 @@ impl Announcer {
         &self.entity_type
     }
 
-    pub fn new(entity_type: &str, table: Arc<AllocationTable>) -> Self {
+    /// `grpc_url`: where this node serves gRPC, as clients reach it.
+    pub fn new(entity_type: &str, table: Arc<AllocationTable>, grpc_url: String) -> Self {
         let incarnation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
+        table.set_grpc_url(table.local_node(), &grpc_url);
         Self {
             entity_type: entity_type.to_string(),
             table,
             incarnation,
             seq: AtomicU64::new(0),
             kick: Notify::new(),
+            grpc_url,
         }
     }
 
@@ -71,6 +76,7 @@ impl Announcer {
             seq: self.seq.load(Ordering::SeqCst),
             shards: self.table.local_shards().into_iter().collect(),
             entity_type: self.entity_type.clone(),
+            grpc_url: self.grpc_url.clone(),
         };
         for gateway in remote_gateways() {
             let _ = gateway.cast(GatewayMsg::Announce(announcement.clone()));

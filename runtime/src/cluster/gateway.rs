@@ -88,6 +88,7 @@ impl Actor for Gateway {
                     return Ok(());
                 };
                 let shards: BTreeSet<u32> = a.shards.iter().copied().collect();
+                endpoint.table().set_grpc_url(&a.node, &a.grpc_url);
                 if endpoint
                     .table()
                     .apply_claim(&a.node, (a.incarnation, a.seq), shards)
