@@ -16,6 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use crate::commands::Remembered;
 use crate::entity::{Codec, DecodeError, Entity, EntityId, EntityMap, Stored};
 use crate::kafka_admin::{list_offsets, with_debug};
 use crate::kafka_health::QuietContext;
@@ -24,8 +25,11 @@ use crate::kafka_health::QuietContext;
 pub const HEADER_INPUT_TOPIC: &str = "input.topic";
 /// Header on every changelog record: the envelope's format.
 pub const HEADER_FORMAT: &str = "changelog.format";
-/// The envelope written by this version.
-pub const FORMAT: &str = "kafka-sharding/1";
+/// The envelope written by this version: 2 added remembered command answers (see [`encode`]);
+/// a format-1 value reads the same under format 2.
+pub const FORMAT: &str = "kafka-sharding/2";
+/// Formats this version reads.
+const READABLE_FORMATS: [&str; 2] = ["kafka-sharding/1", FORMAT];
 
 /// How long the start-up check waits for the changelog's offsets and its first record.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
@@ -85,23 +89,49 @@ pub(crate) fn readers(
     Ok((reader, watermarks))
 }
 
-/// The changelog value for a state: the envelope around the entity's state codec.
+/// The changelog value for a state: the envelope around the entity's state codec. An entity
+/// with remembered command answers (`commands::remembered`) gets the extended envelope
+/// `[marker: 8 bytes][length: 4 bytes big-endian][remembered answers][state bytes]`, where the
+/// marker is `-(last_offset + 3)`: always below -1, which no `last_offset` is, so both shapes
+/// read back without a header and entities that never answer commands pay nothing.
 pub(crate) fn encode<E: Entity>(stored: &Stored<E::State>) -> Vec<u8> {
     let state = <E::Codec as Codec<E::State>>::encode(&stored.state);
-    let mut value = Vec::with_capacity(8 + state.len());
-    value.extend_from_slice(&stored.last_offset.to_be_bytes());
+    let Some(remembered) = &stored.remembered else {
+        let mut value = Vec::with_capacity(8 + state.len());
+        value.extend_from_slice(&stored.last_offset.to_be_bytes());
+        value.extend_from_slice(&state);
+        return value;
+    };
+    let answers = remembered.encode();
+    let mut value = Vec::with_capacity(12 + answers.len() + state.len());
+    value.extend_from_slice(&(-(stored.last_offset + 3)).to_be_bytes());
+    value.extend_from_slice(&(answers.len() as u32).to_be_bytes());
+    value.extend_from_slice(&answers);
     value.extend_from_slice(&state);
     value
 }
 
 /// The state in a changelog value.
 pub(crate) fn decode<E: Entity>(value: &[u8]) -> Result<Stored<E::State>, DecodeError> {
-    let (offset, state) = value
-        .split_first_chunk::<8>()
-        .ok_or_else(|| DecodeError(format!("{} bytes: shorter than the envelope", value.len())))?;
+    let short = || DecodeError(format!("{} bytes: shorter than the envelope", value.len()));
+    let (first, rest) = value.split_first_chunk::<8>().ok_or_else(short)?;
+    let first = i64::from_be_bytes(*first);
+    if first >= -1 {
+        return Ok(Stored::new(
+            <E::Codec as Codec<E::State>>::decode(rest)?,
+            first,
+        ));
+    }
+    let (length, rest) = rest.split_first_chunk::<4>().ok_or_else(short)?;
+    let length = u32::from_be_bytes(*length) as usize;
+    if rest.len() < length {
+        return Err(short());
+    }
+    let (answers, state) = rest.split_at(length);
     Ok(Stored {
-        last_offset: i64::from_be_bytes(*offset),
         state: <E::Codec as Codec<E::State>>::decode(state)?,
+        last_offset: -first - 3,
+        remembered: Some(Box::new(Remembered::decode(answers)?)),
     })
 }
 
@@ -224,7 +254,11 @@ pub(crate) fn check_written_for(
                 let written_for = header(HEADER_INPUT_TOPIC);
                 let format = header(HEADER_FORMAT);
                 return match written_for {
-                    Some(_) if format.as_deref() != Some(FORMAT) => {
+                    Some(_)
+                        if !format
+                            .as_deref()
+                            .is_some_and(|f| READABLE_FORMATS.contains(&f)) =>
+                    {
                         Err(ChangelogError::OldFormat {
                             changelog: changelog.into(),
                             found: format.unwrap_or_else(|| {
@@ -264,14 +298,24 @@ mod tests {
 
     #[test]
     fn a_state_survives_its_envelope() {
-        let stored = Stored {
-            state: SumState {
+        let mut stored = Stored::new(
+            SumState {
                 count: 3,
                 sum: 4_250,
             },
-            last_offset: 77,
-        };
+            77,
+        );
         assert_eq!(decode::<Sum>(&encode::<Sum>(&stored)).unwrap(), stored);
+        // With remembered answers: the extended envelope, at every offset a state can have.
+        for last_offset in [-1, 0, 77, i64::MAX - 3] {
+            stored.last_offset = last_offset;
+            let mut remembered = crate::commands::Remembered::default();
+            remembered.remember("key-1".into(), crate::commands::failed("no".into()), 5);
+            stored.remembered = Some(Box::new(remembered));
+            let value = encode::<Sum>(&stored);
+            assert!(i64::from_be_bytes(value[..8].try_into().unwrap()) < -1);
+            assert_eq!(decode::<Sum>(&value).unwrap(), stored);
+        }
         assert!(
             decode::<Sum>(b"\x01\x02").is_err(),
             "shorter than the envelope"
@@ -294,14 +338,8 @@ mod tests {
     #[test]
     fn records_fold_to_the_latest_state_and_tombstones_delete() {
         let mut states = EntityMap::default();
-        let s1 = Stored {
-            state: SumState { count: 1, sum: 10 },
-            last_offset: 4,
-        };
-        let s2 = Stored {
-            state: SumState { count: 2, sum: 30 },
-            last_offset: 9,
-        };
+        let s1 = Stored::new(SumState { count: 1, sum: 10 }, 4);
+        let s2 = Stored::new(SumState { count: 2, sum: 30 }, 9);
         let value = |s: &Stored<SumState>| encode::<Sum>(s);
         fold::<Sum>(&mut states, Some(b"7"), Some(&value(&s1)));
         fold::<Sum>(&mut states, Some(b"8"), Some(&value(&s1)));

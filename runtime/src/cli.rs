@@ -101,6 +101,13 @@ pub struct NodeArgs {
     #[arg(long, env = "QUERY_WAIT_MS", default_value_t = 5_000)]
     pub query_wait_ms: u64,
 
+    /// How long a command waits for its committed answer (its write to Kafka included) before
+    /// UNAVAILABLE; its outcome is then unknown, and a retry with the same idempotency key
+    /// gets it. Longer than a failover (session timeout + restore).
+    #[arg(long, env = "COMMAND_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub command_timeout_ms: u64,
+
     /// Timeout of one call to another node.
     #[arg(long, env = "REMOTE_CALL_TIMEOUT_MS", default_value_t = 2_000)]
     pub remote_call_timeout_ms: u64,
@@ -264,6 +271,7 @@ pub struct NodeConfig {
     /// Standby replicas per shard (`--standby-replicas`).
     pub standby_replicas: usize,
     pub query_wait: Duration,
+    pub command_timeout: Duration,
     pub remote_call_timeout: Duration,
     pub max_in_flight: usize,
     pub commit_interval: Duration,
@@ -327,6 +335,7 @@ impl NodeConfig {
             static_membership: args.static_membership,
             standby_replicas: usize::from(args.standby_replicas),
             query_wait: Duration::from_millis(args.query_wait_ms),
+            command_timeout: Duration::from_millis(args.command_timeout_ms),
             remote_call_timeout: Duration::from_millis(args.remote_call_timeout_ms),
             max_in_flight: args.max_in_flight,
             commit_interval: Duration::from_millis(args.commit_interval_ms),

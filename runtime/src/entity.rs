@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
+use crate::commands::{Effects, Remembered};
+
 /// An entity's id: the Kafka record key, as UTF-8 text. Ids up to 24 bytes are stored inline
 /// (no allocation per event or per restored entity).
 pub type EntityId = compact_str::CompactString;
@@ -29,7 +31,7 @@ pub const MAX_ID_BYTES: usize = 256;
 /// records written by any Kafka producer with the default partitioner land on the entity's
 /// shard. Records without a key, with a key that is not UTF-8 or longer than [`MAX_ID_BYTES`]
 /// are dead-lettered by the runtime before [`Entity::decode`] sees them.
-pub trait Entity: Send + Sync + 'static {
+pub trait Entity: Sized + Send + Sync + 'static {
     /// One validated input record.
     type Event: Send + 'static;
     /// Everything durable about one entity. `Default` is the state before its first event.
@@ -52,6 +54,16 @@ pub trait Entity: Send + Sync + 'static {
     /// Answers a query from the entity's current state (the default state for an entity that
     /// never had an event).
     fn query(state: &Self::State, query: &Self::Query) -> Self::Reply;
+
+    /// Runs one input that may act: an event read from the input topic, or a command sent with
+    /// [`crate::Entities::command`] ([`Effects::is_command`]), which the entity answers with
+    /// [`Effects::reply`] or [`Effects::refuse`] from the state as it is now. The caller gets
+    /// that answer once the change is committed. Deterministic and exactly once, like `apply`;
+    /// the default applies the event (entities that never act need not write it).
+    fn handle(state: &mut Self::State, event: &Self::Event, effects: &mut Effects<Self>) {
+        let _ = effects;
+        Self::apply(state, event);
+    }
 }
 
 /// Why a record cannot become an event; it is written to the dead-letter topic with this text
@@ -108,11 +120,17 @@ impl<T: prost::Message + Default> Codec<T> for Prost {
 /// runtime, so no application can break it: an event at or below `last_offset` is already in
 /// the state (a replay after a crash or hand-off, where states may be ahead of the committed
 /// offsets) and is skipped.
+///
+/// An entity that answered commands with idempotency keys also keeps its recent answers
+/// (`remembered`), written with its state: a retried command is answered from them instead of
+/// being applied again, on this node or the next owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Stored<S> {
     pub state: S,
     /// Offset of the last applied event of the entity's partition; -1 before the first.
     pub last_offset: i64,
+    /// Answers to recent commands, by idempotency key (`None`: never had one; most entities).
+    pub remembered: Option<Box<Remembered>>,
 }
 
 impl<S: Default> Default for Stored<S> {
@@ -120,18 +138,28 @@ impl<S: Default> Default for Stored<S> {
         Self {
             state: S::default(),
             last_offset: -1,
+            remembered: None,
         }
     }
 }
 
 impl<S> Stored<S> {
+    /// A state without remembered answers.
+    pub fn new(state: S, last_offset: i64) -> Self {
+        Self {
+            state,
+            last_offset,
+            remembered: None,
+        }
+    }
+
     /// Applies the event at `offset` unless the state already includes it; returns whether it
     /// was applied.
     pub fn apply<E: Entity<State = S>>(&mut self, offset: i64, event: &E::Event) -> bool {
         if offset <= self.last_offset {
             return false;
         }
-        E::apply(&mut self.state, event);
+        E::handle(&mut self.state, event, &mut Effects::for_event());
         self.last_offset = offset;
         true
     }

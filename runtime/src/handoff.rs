@@ -155,7 +155,11 @@ impl<E: Entity> Handoff<E> {
         }
         for &partition in partitions {
             if let Some(shard) = self.local.remove(partition) {
-                shard.actor.stop(Some("partition revoked".into()));
+                // Stops after the messages already sent, the commit's `Checkpointed` among
+                // them: the answers that checkpoint made durable still go to their callers.
+                if shard.actor.drain().is_err() {
+                    shard.actor.stop(Some("partition revoked".into()));
+                }
             }
         }
         NodeStats::add(&self.env.stats.partitions_revoked, partitions.len() as u64);

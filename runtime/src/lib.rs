@@ -86,6 +86,7 @@ mod backpressure;
 mod changelog;
 mod cli;
 mod cluster;
+mod commands;
 mod consumer;
 mod dlq;
 mod entity;
@@ -114,6 +115,7 @@ pub use changelog::decode_value as decode_changelog_value;
 pub use cli::{KafkaClientArgs, NodeArgs, NodeConfig, Ports, DEFAULT_COOKIE};
 pub use cluster::endpoint::CallError;
 pub use cluster::tls::{NodeTls, NodeTlsError, NodeTlsFiles};
+pub use commands::{CommandError, Effects, MAX_IDEMPOTENCY_KEY_BYTES};
 pub use entity::{Codec, DecodeError, Entity, EntityId, Prost, Rejection, MAX_ID_BYTES};
 pub use grpc::GrpcService;
 pub use kafka_config::{

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::marker::PhantomData;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -22,11 +22,12 @@ use crate::cluster::endpoint::Endpoint;
 use crate::cluster::gateway::{Gateway, GatewayArgs};
 use crate::cluster::membership::{Membership, MembershipConfig, MembershipError};
 use crate::cluster::query_batcher::QueryBatcher;
+use crate::commands::{CommandError, CommandSender, PendingCommands};
 use crate::consumer::checkpoint::{Checkpointer, CheckpointerConfig};
 use crate::consumer::{
     self, ConsumerError, ConsumerExit, ConsumerHandle, ConsumerParts, ConsumerSettings,
 };
-use crate::entity::Entity;
+use crate::entity::{Codec, Entity};
 use crate::fencing::transactional_id;
 use crate::grpc::GrpcServices;
 use crate::handoff::Handoff;
@@ -115,6 +116,36 @@ impl<E: Entity> Entities<E> {
     /// says where the answer came from. Waits a bounded time while its shard has no owner.
     pub async fn ask(&self, id: &str, query: E::Query) -> Result<(E::Reply, Route), AskError> {
         self.ask_with(id, query, Consistency::Strong).await
+    }
+
+    /// Sends `command` to the entity `id`, wherever it is hosted, and returns its answer once
+    /// the change it made is committed (see [`Entity::handle`]). The command is written to
+    /// the type's input topic (so it takes its place in the entity's partition order, and
+    /// survives the owner's crash); `idempotency_key` makes a retry of the same command (after
+    /// a timeout, through any node) get the first answer instead of running again. Errors:
+    /// [`CommandError`] (`Unavailable`: the outcome is unknown; retry with the same key).
+    pub async fn command(
+        &self,
+        id: &str,
+        command: E::Event,
+        idempotency_key: Option<&str>,
+    ) -> Result<E::Reply, CommandError>
+    where
+        E::Codec: Codec<E::Event>,
+    {
+        let Some(router) = self.router.get() else {
+            return Err(CommandError::NotRunning);
+        };
+        let value = <E::Codec as Codec<E::Event>>::encode(&command);
+        let outcome = router.commands.send(id, value, idempotency_key).await?;
+        use crate::cluster::wire::command_outcome::Result as Outcome;
+        match outcome.result {
+            Some(Outcome::Reply(bytes)) => <E::Codec as Codec<E::Reply>>::decode(&bytes)
+                .map_err(|e| CommandError::Failed(format!("the answer does not decode: {e}"))),
+            Some(Outcome::Refused(reason)) => Err(CommandError::Refused(reason)),
+            Some(Outcome::Failed(reason)) => Err(CommandError::Failed(reason)),
+            None => Err(CommandError::Failed("an empty answer".into())),
+        }
     }
 
     /// [`Entities::ask`] with a choice of how fresh the answer must be: with
@@ -273,6 +304,8 @@ pub enum NodeError {
     Consumer(#[from] ConsumerError),
     #[error("cannot create the client reading the group's committed offsets: {0}")]
     GroupOffsets(rdkafka::error::KafkaError),
+    #[error("cannot create the producer of commands: {0}")]
+    CommandProducer(rdkafka::error::KafkaError),
     #[error("cannot start the gateway actor: {0}")]
     Gateway(String),
     #[error("changelog topic {topic} has {found} partitions but the input topic has {expected}: they must match")]
@@ -330,6 +363,8 @@ struct NodeShared {
     gate: Arc<InFlightGate>,
     /// Live entities over every type: the cap (`--max-live-entities`) is the node's.
     live_entities: Arc<AtomicUsize>,
+    /// Commands this node sent (any type), waiting for their answers.
+    commands: Arc<PendingCommands>,
 }
 
 /// One started entity type: what the node's front ends need of it, and its consumer to start.
@@ -433,8 +468,18 @@ async fn start_type<E: Entity>(
         batcher,
         metrics: metrics.clone(),
         standbys: standbys.clone(),
+        commands: CommandSender::new(
+            &config.kafka,
+            node.quiet.clone(),
+            &spec.topic,
+            partitions,
+            node.commands.clone(),
+            config.command_timeout,
+        )
+        .map_err(NodeError::CommandProducer)?,
     });
     let _ = handle.set(router.clone());
+    let answers_owed = Arc::new(AtomicBool::new(false));
     let announcer = Arc::new(Announcer::new(
         &spec.group,
         table.clone(),
@@ -466,6 +511,8 @@ async fn start_type<E: Entity>(
         passivate_after: config.passivate_after,
         readiness: readiness.clone(),
         input_topic: spec.topic.clone(),
+        commands: node.commands.clone(),
+        answers_owed: answers_owed.clone(),
     });
     let restorer = Arc::new(Restorer {
         group: spec.group.clone(),
@@ -530,6 +577,7 @@ async fn start_type<E: Entity>(
                     readiness,
                     kafka_stats,
                     runtime: tokio::runtime::Handle::current(),
+                    answers_owed,
                 },
             )?;
             Ok(consumer)
@@ -579,6 +627,7 @@ async fn run(
         metrics: Arc::new(MetricsRegistry::new(&config.name)),
         gate: Arc::new(InFlightGate::new(config.max_in_flight)),
         live_entities: Arc::new(AtomicUsize::new(0)),
+        commands: Arc::new(PendingCommands::new(Arc::from(node_id.as_str()))),
         health,
         config: Arc::new(config),
     };
@@ -601,6 +650,7 @@ async fn run(
         GatewayArgs {
             node: Arc::from(node_id.as_str()),
             endpoints: Arc::new(endpoints),
+            commands: shared.commands.clone(),
         },
     )
     .await

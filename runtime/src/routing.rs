@@ -125,6 +125,8 @@ pub(crate) struct Router<E: Entity> {
     pub metrics: Arc<Metrics>,
     /// This node's standby replicas, for reads that allow staleness.
     pub standbys: Arc<Standbys<E>>,
+    /// Writes the type's commands and waits for their answers.
+    pub commands: crate::commands::CommandSender,
 }
 
 impl<E: Entity> Router<E> {

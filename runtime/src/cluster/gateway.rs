@@ -2,7 +2,8 @@
 //!
 //! Peers find it through `ractor::pg`: every gateway joins [`ALL_GATEWAYS`] (for broadcasts)
 //! and a group named after its node (to reach one node). It answers queries for shards hosted
-//! here and feeds ownership announcements into each entity type's table. It knows entity types
+//! here, feeds ownership announcements into each entity type's table and hands the answers to
+//! commands this node sent to their callers. It knows entity types
 //! only by name ([`Endpoint`]): queries and replies cross it as bytes.
 //! Calls are served on their own tasks so one slow shard cannot stall the gateway.
 
@@ -14,8 +15,10 @@ use ractor_cluster::RactorClusterMessage;
 
 use crate::cluster::endpoint::Endpoint;
 use crate::cluster::wire::{
-    entity_answer, EntityAnswer, EntityQuery, OwnershipAnnouncement, QueryBatch, QueryBatchAnswer,
+    entity_answer, CommandReply, EntityAnswer, EntityQuery, OwnershipAnnouncement, QueryBatch,
+    QueryBatchAnswer,
 };
+use crate::commands::PendingCommands;
 
 /// The pg group every node's gateway joins.
 pub(crate) const ALL_GATEWAYS: &str = "kafka-sharding/gateways";
@@ -31,6 +34,8 @@ pub(crate) enum GatewayMsg {
     /// Queries for shards hosted here, answered in order (see `query_batcher`).
     #[rpc]
     QueryBatch(QueryBatch, RpcReplyPort<QueryBatchAnswer>),
+    /// The committed answer to a command this node sent.
+    CommandReply(CommandReply),
 }
 
 /// The gateway of another node, if connected.
@@ -56,6 +61,8 @@ pub(crate) struct GatewayArgs {
     pub node: Arc<str>,
     /// Every entity type hosted by this node, by name.
     pub endpoints: Arc<HashMap<String, Arc<dyn Endpoint>>>,
+    /// Commands this node sent, waiting for their answers.
+    pub commands: Arc<PendingCommands>,
 }
 
 impl Actor for Gateway {
@@ -99,6 +106,11 @@ impl Actor for Gateway {
                         a.shards.len(),
                         a.entity_type
                     );
+                }
+            }
+            GatewayMsg::CommandReply(answer) => {
+                if let Some(outcome) = answer.outcome {
+                    state.commands.complete(answer.request, outcome);
                 }
             }
             GatewayMsg::QueryBatch(batch, reply) => {

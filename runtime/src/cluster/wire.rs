@@ -27,7 +27,8 @@ bytes_convertable_via_prost!(
     QueryBatch,
     QueryBatchAnswer,
     PeersRequest,
-    PeerAddresses
+    PeerAddresses,
+    CommandReply
 );
 
 #[cfg(test)]

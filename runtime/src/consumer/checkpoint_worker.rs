@@ -98,12 +98,12 @@ impl<E: Entity> CheckpointWorker<E> {
     }
 
     /// Starts a checkpoint of `shards` unless one is still running (then this round is skipped:
-    /// the running one's successor will include everything).
+    /// the running one's successor will include everything); returns whether it started.
     pub fn start_periodic(
         &mut self,
         shards: Vec<(u32, LocalShard<E>)>,
         group: ConsumerGroupMetadata,
-    ) {
+    ) -> bool {
         if let Some(running) = &self.in_flight {
             match running.done.try_recv() {
                 Ok(_) | Err(mpsc::TryRecvError::Disconnected) => self.in_flight = None,
@@ -111,12 +111,13 @@ impl<E: Entity> CheckpointWorker<E> {
                     if Instant::now() >= running.overdue_at {
                         self.declare_stuck();
                     }
-                    return;
+                    return false;
                 }
             }
         }
         let deadline = Instant::now() + self.transaction_timeout;
         self.in_flight = self.send(shards, group, deadline, false);
+        self.in_flight.is_some()
     }
 
     /// Waits for the checkpoint in flight, if any, until it is overdue. Returns its outcome
@@ -304,10 +305,7 @@ mod tests {
         ) -> Result<(), ActorProcessingErr> {
             if let ShardMsg::Checkpoint(reply) = msg {
                 *seq += 1;
-                let state = Stored {
-                    state: SumState { count: 1, sum: 5 },
-                    last_offset: *seq as i64,
-                };
+                let state = Stored::new(SumState { count: 1, sum: 5 }, *seq as i64);
                 let _ = reply.send(Checkpoint {
                     partition: 0,
                     seq: *seq,

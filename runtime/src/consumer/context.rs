@@ -68,19 +68,23 @@ impl<E: Entity> NodeContext<E> {
     }
 
     /// Starts the periodic checkpoint of every local shard (on the checkpoint thread).
-    pub fn checkpoint_in_background(&self, consumer: &BaseConsumer<Self>) {
+    /// Returns whether a checkpoint started (not if one is still running, or there is nothing
+    /// to checkpoint).
+    pub fn checkpoint_in_background(&self, consumer: &BaseConsumer<Self>) -> bool {
         if self
             .producer_failed
             .load(std::sync::atomic::Ordering::SeqCst)
         {
-            return;
+            return false;
         }
         let shards = self.shards(None);
-        if let (false, Some(group)) = (shards.is_empty(), consumer.group_metadata()) {
-            self.checkpoints
+        match (shards.is_empty(), consumer.group_metadata()) {
+            (false, Some(group)) => self
+                .checkpoints
                 .lock()
                 .expect("checkpoint lock poisoned")
-                .start_periodic(shards, group);
+                .start_periodic(shards, group),
+            _ => false,
         }
     }
 

@@ -25,6 +25,7 @@ use rdkafka::message::Headers;
 use rdkafka::Message;
 
 use crate::backpressure::InFlightGate;
+use crate::commands::CommandMeta;
 use crate::dlq::DeadLetter;
 use crate::entity::{Entity, EntityId, MAX_ID_BYTES};
 use crate::handoff::Handoff;
@@ -83,6 +84,8 @@ pub(crate) struct ConsumerParts<E: Entity> {
     /// Where librdkafka's statistics are kept (see `NodeContext::kafka_stats`).
     pub kafka_stats: Arc<Mutex<String>>,
     pub runtime: tokio::runtime::Handle,
+    /// Set by shards that owe command answers (see `ShardEnv::answers_owed`).
+    pub answers_owed: Arc<AtomicBool>,
 }
 
 pub(crate) struct ConsumerHandle {
@@ -138,6 +141,7 @@ pub(crate) fn start<E: Entity>(
         readiness,
         kafka_stats,
         runtime,
+        answers_owed,
     } = parts;
     let context = NodeContext {
         topic: settings.topic.clone(),
@@ -212,6 +216,7 @@ pub(crate) fn start<E: Entity>(
                 settings,
                 LoopParts {
                     local,
+                    answers_owed,
                     stats,
                     checkpointer_config,
                 },
@@ -227,6 +232,7 @@ pub(crate) fn start<E: Entity>(
 
 struct LoopParts<E: Entity> {
     local: Arc<LocalShards<E>>,
+    answers_owed: Arc<AtomicBool>,
     stats: Arc<NodeStats>,
     checkpointer_config: CheckpointerConfig,
 }
@@ -242,6 +248,8 @@ fn poll_loop<E: Entity>(
     // Records dispatched since the last checkpoint started: a caught-up node commits them at once.
     let mut uncommitted = false;
     let mut unrecoverable = None;
+    // When the last command was read.
+    let mut last_command: Option<Instant> = None;
     while !stopping.load(Ordering::SeqCst) {
         if let Some(cause) = context.health.unrecoverable() {
             unrecoverable = Some(cause);
@@ -253,7 +261,14 @@ fn poll_loop<E: Entity>(
             last_commit = Instant::now();
             continue;
         }
-        match consumer.poll(Duration::from_millis(50)) {
+        // While commands are coming in, their answers wait for this loop to start a
+        // checkpoint: poll briefly so it notices at once.
+        let poll_for = if last_command.is_some_and(|t| t.elapsed() < COMMANDS_RECENTLY) {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(50)
+        };
+        match consumer.poll(poll_for) {
             None => {
                 let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
                 dispatcher.flush_all();
@@ -276,12 +291,43 @@ fn poll_loop<E: Entity>(
             Some(Ok(message)) => {
                 let partition = message.partition() as u32;
                 let offset = message.offset();
-                let content = match classify::<E>(
-                    message.key(),
-                    message.payload(),
-                    partition,
-                    settings.partitions,
+                let command = CommandMeta::from_headers(
+                    message.headers(),
+                    message.timestamp().to_millis().unwrap_or(0),
+                );
+                let classified = match (
+                    classify::<E>(
+                        message.key(),
+                        message.payload(),
+                        partition,
+                        settings.partitions,
+                    ),
+                    command,
                 ) {
+                    (Classified::Event(id, event), Some(Ok(meta))) => {
+                        Classified::Command(id, Ok(event), Box::new(meta))
+                    }
+                    (Classified::Undecodable(id, reason), Some(Ok(meta))) => {
+                        Classified::Command(id, Err(reason), Box::new(meta))
+                    }
+                    (_, Some(Err(reason))) => {
+                        Classified::Rejected(format!("malformed command headers: {reason}"))
+                    }
+                    (classified, _) => classified,
+                };
+                if matches!(classified, Classified::Command(..)) {
+                    last_command = Some(Instant::now());
+                }
+                let content = match classified {
+                    Classified::Command(id, event, meta) => {
+                        NodeStats::add(&parts.stats.events_consumed, 1);
+                        RecordContent::Command(id, event, meta)
+                    }
+                    Classified::Undecodable(_, reason) | Classified::Rejected(reason) => {
+                        tracing::warn!("record {partition}/{offset} is malformed ({reason}): dead-lettered with the next checkpoint");
+                        NodeStats::add(&parts.stats.dead_lettered, 1);
+                        RecordContent::DeadLetter(Box::new(DeadLetter::of(&message, reason)))
+                    }
                     Classified::Event(id, event) => {
                         NodeStats::add(&parts.stats.events_consumed, 1);
                         if message
@@ -300,11 +346,6 @@ fn poll_loop<E: Entity>(
                             value: message.payload().map(<[u8]>::to_vec),
                         }))
                     }
-                    Classified::Rejected(reason) => {
-                        tracing::warn!("record {partition}/{offset} is malformed ({reason}): dead-lettered with the next checkpoint");
-                        NodeStats::add(&parts.stats.dead_lettered, 1);
-                        RecordContent::DeadLetter(Box::new(DeadLetter::of(&message, reason)))
-                    }
                 };
                 let record = ConsumedRecord { offset, content };
                 let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
@@ -313,6 +354,21 @@ fn poll_loop<E: Entity>(
                 if dispatcher.should_flush() {
                     dispatcher.flush_all();
                 }
+            }
+        }
+        // Answers are owed: commit now (one checkpoint at a time; answers owed meanwhile ride
+        // with the next), so a command waits for one commit rather than for the interval.
+        if parts.answers_owed.swap(false, Ordering::AcqRel) {
+            context
+                .dispatcher
+                .lock()
+                .expect("dispatcher lock poisoned")
+                .flush_all();
+            if context.checkpoint_in_background(&consumer) {
+                last_commit = Instant::now();
+                uncommitted = false;
+            } else {
+                parts.answers_owed.store(true, Ordering::Release);
             }
         }
         if last_commit.elapsed() >= settings.commit_interval {
@@ -358,10 +414,17 @@ fn poll_loop<E: Entity>(
     }
 }
 
+/// How long after the last command the loop keeps polling briefly (see `poll_loop`).
+const COMMANDS_RECENTLY: Duration = Duration::from_millis(200);
+
 /// What a consumed record is, decided on the consumer thread.
 #[derive(Debug, PartialEq)]
 enum Classified<Ev> {
     Event(EntityId, Ev),
+    /// A command (see `commands`); `Err`: its value did not decode.
+    Command(EntityId, Result<Ev, String>, Box<CommandMeta>),
+    /// A valid key whose value the entity rejects (dead-lettered; a command's sender is told).
+    Undecodable(EntityId, String),
     /// Its key belongs to this other partition (its producer used another partitioner).
     ForShard(u32),
     /// Malformed, with the reason for the dead-letter topic.
@@ -391,7 +454,7 @@ fn classify<E: Entity>(
     }
     match E::decode(id, value) {
         Ok(event) => Classified::Event(EntityId::from(id), event),
-        Err(rejection) => Classified::Rejected(rejection.0),
+        Err(rejection) => Classified::Undecodable(EntityId::from(id), rejection.0),
     }
 }
 
@@ -416,7 +479,13 @@ mod tests {
         assert!(rejected(classify::<Sum>(Some(&[0xff, 0xfe]), None, p, 8)).contains("UTF-8"));
         let long = "x".repeat(MAX_ID_BYTES + 1);
         assert!(rejected(classify::<Sum>(Some(long.as_bytes()), None, 0, 1)).contains("longer"));
-        assert!(rejected(classify::<Sum>(Some(b"7"), Some(b"x"), p, 8)).contains("invalid digit"));
+        match classify::<Sum>(Some(b"7"), Some(b"x"), p, 8) {
+            Classified::Undecodable(id, reason) => {
+                assert_eq!(id, "7");
+                assert!(reason.contains("invalid digit"), "{reason}");
+            }
+            other => panic!("not undecodable: {other:?}"),
+        }
         assert_eq!(
             classify::<Sum>(Some(b"7"), Some(b"garbage"), (p + 1) % 8, 8),
             Classified::ForShard(p),

@@ -25,6 +25,8 @@ use super::messages::{
 };
 use super::outbox::Outbox;
 use super::ShardEnv;
+use crate::cluster::wire::CommandOutcome;
+use crate::commands::{failed, CommandMeta, Effects};
 use crate::dlq::DeadLetter;
 use crate::entity::{Entity, EntityId, EntityMap, Stored};
 use crate::stats::NodeStats;
@@ -67,6 +69,16 @@ pub(crate) struct ShardState<E: Entity> {
     /// Next offset to commit: after the last record run; `None` before the first.
     processed: Option<i64>,
     outbox: Outbox<Outgoing>,
+    /// Command answers owed, each with the first checkpoint that may commit its change: sent
+    /// once a checkpoint at or after it commits, never before.
+    owed: Vec<(u64, Owed)>,
+}
+
+/// A command's answer, for the node that sent it.
+struct Owed {
+    reply_to: String,
+    request: u64,
+    outcome: CommandOutcome,
 }
 
 /// What running one batch did, for the counters.
@@ -91,6 +103,7 @@ impl<E: Entity> ShardState<E> {
             live: LiveSet::default(),
             processed: None,
             outbox: Outbox::default(),
+            owed: Vec::new(),
         }
     }
 
@@ -103,6 +116,14 @@ impl<E: Entity> ShardState<E> {
             match record.content {
                 RecordContent::Event(id, event) => {
                     self.apply(record.offset, id, &event, now, &mut outcome)
+                }
+                RecordContent::Command(id, Ok(command), meta) => {
+                    self.command(record.offset, id, &command, *meta, now, &mut outcome)
+                }
+                RecordContent::Command(id, Err(reason), meta) => {
+                    let reason = format!("the command does not decode: {reason}");
+                    self.dead_letter(&id, record.offset, reason.clone());
+                    self.owe(*meta, failed(reason));
                 }
                 RecordContent::Reroute(reroute) => {
                     // Done once the checkpoint that commits past it also writes it to its shard.
@@ -162,18 +183,122 @@ impl<E: Entity> ShardState<E> {
                     "entity {id} of shard {}: event at offset {offset} dead-lettered: {reason}",
                     self.shard
                 );
-                NodeStats::add(&self.env.stats.dead_lettered, 1);
-                self.outbox.push(Outgoing::DeadLetter(Box::new(DeadLetter {
-                    key: Some(id.as_bytes().to_vec()),
-                    value: None,
-                    reason,
-                    source_topic: self.env.input_topic.clone(),
-                    source_partition: self.shard,
-                    source_offset: offset,
-                })));
+                self.dead_letter(&id, offset, reason);
             }
         }
         self.outbox.changed(&id);
+    }
+
+    /// Runs a command (unless its state already includes it) and owes its answer. A command
+    /// whose idempotency key the entity remembers is answered as it was the first time and
+    /// not run again.
+    fn command(
+        &mut self,
+        offset: i64,
+        id: EntityId,
+        command: &E::Event,
+        meta: CommandMeta,
+        now: Instant,
+        outcome: &mut BatchOutcome,
+    ) {
+        if self.live.touch(&id, now) {
+            outcome.activated += 1;
+        }
+        let stored = self.states.entry(id.clone()).or_default();
+        let remembered = meta
+            .idempotency_key
+            .as_deref()
+            .and_then(|key| stored.remembered.as_ref()?.get(key));
+        if let Some(answer) = remembered {
+            let answer = answer.clone();
+            outcome.replays += 1;
+            self.owe(meta, answer);
+            return;
+        }
+        if offset <= stored.last_offset {
+            // Already in the state (a replay): a command with a key was answered above; one
+            // without gets no answer (its caller timed out long ago).
+            outcome.replays += 1;
+            return;
+        }
+        let mut effects = Effects::<E>::for_command();
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            E::handle(&mut stored.state, command, &mut effects)
+        }));
+        stored.last_offset = offset;
+        let answer = match ran {
+            Ok(()) => {
+                outcome.applied += 1;
+                effects.into_outcome()
+            }
+            Err(panic) => {
+                let reason = format!(
+                    "the entity's handle panicked: {}; the record is still in the input topic at this offset",
+                    panic_message(&*panic)
+                );
+                tracing::error!(
+                    "entity {id} of shard {}: command at offset {offset} dead-lettered: {reason}",
+                    self.shard
+                );
+                self.dead_letter(&id, offset, reason.clone());
+                failed(reason)
+            }
+        };
+        if let Some(key) = meta.idempotency_key.clone() {
+            let stored = self
+                .states
+                .get_mut(&id)
+                .expect("the entity was just stored");
+            stored
+                .remembered
+                .get_or_insert_default()
+                .remember(key, answer.clone(), meta.at_ms);
+        }
+        self.outbox.changed(&id);
+        self.owe(meta, answer);
+    }
+
+    /// `answer` goes to the command's sender once the next checkpoint (or a later one) commits.
+    fn owe(&mut self, meta: CommandMeta, outcome: CommandOutcome) {
+        self.owed.push((
+            self.outbox.next(),
+            Owed {
+                reply_to: meta.reply_to,
+                request: meta.request,
+                outcome,
+            },
+        ));
+        self.env.answers_owed.store(true, Ordering::Release);
+    }
+
+    /// Checkpoint `seq` committed: the answers it made durable go to their senders.
+    fn answer_committed(&mut self, seq: u64) {
+        if self.owed.is_empty() {
+            return;
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.owed)
+            .into_iter()
+            .partition(|(first, _)| *first <= seq);
+        self.owed = later;
+        for (_, owed) in due {
+            self.env
+                .commands
+                .answer(&owed.reply_to, owed.request, owed.outcome);
+        }
+    }
+
+    /// A record of `id` at `offset` goes to the dead-letter topic with `reason`, with the
+    /// checkpoint that commits past it.
+    fn dead_letter(&mut self, id: &EntityId, offset: i64, reason: String) {
+        NodeStats::add(&self.env.stats.dead_lettered, 1);
+        self.outbox.push(Outgoing::DeadLetter(Box::new(DeadLetter {
+            key: Some(id.as_bytes().to_vec()),
+            value: None,
+            reason,
+            source_topic: self.env.input_topic.clone(),
+            source_partition: self.shard,
+            source_offset: offset,
+        })));
     }
 
     /// `count` entities became live. Over the node's cap, this shard makes room from its own least
@@ -281,7 +406,10 @@ impl<E: Entity> ShardState<E> {
             ShardMsg::Checkpoint(reply) => {
                 let _ = reply.send(self.checkpoint());
             }
-            ShardMsg::Checkpointed { seq } => self.outbox.committed(seq),
+            ShardMsg::Checkpointed { seq } => {
+                self.outbox.committed(seq);
+                self.answer_committed(seq);
+            }
             ShardMsg::Tick => {
                 let passivated = self
                     .live
@@ -396,6 +524,8 @@ mod tests {
             passivate_after: Duration::from_secs(600),
             readiness: Arc::new(GroupReadiness::new("g")),
             input_topic: "input".into(),
+            commands: Arc::new(crate::commands::PendingCommands::new("me".into())),
+            answers_owed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -438,6 +568,143 @@ mod tests {
             .unwrap()
     }
 
+    /// An entity that acts: a command adds its value to the sum unless that would make it
+    /// negative (then it is refused); it answers with the new state.
+    struct Guarded;
+
+    impl Entity for Guarded {
+        type Event = i64;
+        type State = SumState;
+        type Query = SumState;
+        type Reply = SumState;
+        type Codec = Prost;
+
+        fn decode(id: &str, value: Option<&[u8]>) -> Result<i64, Rejection> {
+            Sum::decode(id, value)
+        }
+        fn apply(state: &mut SumState, event: &i64) {
+            Sum::apply(state, event)
+        }
+        fn query(state: &SumState, _: &SumState) -> SumState {
+            state.clone()
+        }
+        fn handle(state: &mut SumState, event: &i64, effects: &mut Effects<Self>) {
+            if state.sum + event < 0 {
+                effects.refuse("insufficient funds");
+                return;
+            }
+            Self::apply(state, event);
+            effects.reply(state.clone());
+        }
+    }
+
+    fn command(
+        offset: i64,
+        id: &str,
+        value: i64,
+        request: u64,
+        key: Option<&str>,
+    ) -> ConsumedRecord<i64> {
+        ConsumedRecord {
+            offset,
+            content: RecordContent::Command(
+                id.into(),
+                Ok(value),
+                Box::new(CommandMeta {
+                    reply_to: "me".into(),
+                    request,
+                    idempotency_key: key.map(String::from),
+                    at_ms: 1_000 + offset,
+                }),
+            ),
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_are_answered_after_their_checkpoint_commits_and_once_per_key() {
+        let env = env(100);
+        let shard = start::<Guarded>(&env).await;
+        shard
+            .cast(ShardMsg::Restored(EntityMap::default()))
+            .unwrap();
+        let (mut deposit, mut overdraw) = (env.commands.register(), env.commands.register());
+        env.gate.acquire(2, Duration::ZERO);
+        shard
+            .cast(ShardMsg::Consumed(vec![
+                command(5, "acc", 100, deposit.request, Some("d-1")),
+                command(6, "acc", -150, overdraw.request, Some("w-1")),
+            ]))
+            .unwrap();
+        let checkpoint = shard
+            .call(ShardMsg::Checkpoint, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(env.answers_owed.load(Ordering::Acquire), "answers owed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            deposit.arrived().is_none(),
+            "no answer before the change is committed"
+        );
+        // The checkpoint's state includes the change and the remembered answers.
+        let (_, stored) = &checkpoint.states[0];
+        assert_eq!(stored.state, SumState { count: 1, sum: 100 });
+        assert!(stored.remembered.as_ref().unwrap().get("d-1").is_some());
+        shard
+            .cast(ShardMsg::Checkpointed {
+                seq: checkpoint.seq,
+            })
+            .unwrap();
+        let reply = |outcome: CommandOutcome| match outcome.result {
+            Some(crate::cluster::wire::command_outcome::Result::Reply(bytes)) => {
+                <Prost as crate::entity::Codec<SumState>>::decode(&bytes).unwrap()
+            }
+            other => panic!("not a reply: {other:?}"),
+        };
+        assert_eq!(
+            reply(deposit.outcome().await.unwrap()),
+            SumState { count: 1, sum: 100 }
+        );
+        assert_eq!(
+            overdraw.outcome().await.unwrap().result,
+            Some(crate::cluster::wire::command_outcome::Result::Refused(
+                "insufficient funds".into()
+            ))
+        );
+
+        // The deposit retried with its key (a new record, through another node): the first
+        // answer, not a second deposit. A replayed record without a key: nothing.
+        let (mut retry, mut replayed) = (env.commands.register(), env.commands.register());
+        env.gate.acquire(2, Duration::ZERO);
+        shard
+            .cast(ShardMsg::Consumed(vec![
+                command(9, "acc", 100, retry.request, Some("d-1")),
+                command(5, "acc", 100, replayed.request, None),
+            ]))
+            .unwrap();
+        let checkpoint = shard
+            .call(ShardMsg::Checkpoint, None)
+            .await
+            .unwrap()
+            .unwrap();
+        shard
+            .cast(ShardMsg::Checkpointed {
+                seq: checkpoint.seq,
+            })
+            .unwrap();
+        assert_eq!(
+            reply(retry.outcome().await.unwrap()),
+            SumState { count: 1, sum: 100 }
+        );
+        assert_eq!(ask(&shard, "acc").await, SumState { count: 1, sum: 100 });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            replayed.arrived().is_none(),
+            "a keyless replay gets no answer"
+        );
+        shard.stop(None);
+    }
+
     async fn counts<E: Entity>(shard: &ActorRef<ShardMsg<E>>) -> EntityCounts {
         shard
             .call(ShardMsg::EntityCounts, None)
@@ -461,11 +728,8 @@ mod tests {
             .unwrap();
         let restored = EntityMap::from_iter([(
             EntityId::from("a"),
-            Stored {
-                state: SumState { count: 1, sum: 100 },
-                // Offset 10 is already in this state: a replay.
-                last_offset: 10,
-            },
+            // Offset 10 is already in this state: a replay.
+            Stored::new(SumState { count: 1, sum: 100 }, 10),
         )]);
         shard.cast(ShardMsg::Restored(restored)).unwrap();
         assert_eq!(ask(&shard, "a").await, SumState { count: 2, sum: 101 });
@@ -486,20 +750,8 @@ mod tests {
         assert_eq!(
             states,
             vec![
-                (
-                    "a".into(),
-                    Stored {
-                        state: SumState { count: 2, sum: 101 },
-                        last_offset: 12
-                    }
-                ),
-                (
-                    "b".into(),
-                    Stored {
-                        state: SumState { count: 1, sum: 7 },
-                        last_offset: 11
-                    }
-                ),
+                ("a".into(), Stored::new(SumState { count: 2, sum: 101 }, 12)),
+                ("b".into(), Stored::new(SumState { count: 1, sum: 7 }, 11)),
             ]
         );
         shard

@@ -4,6 +4,7 @@
 
 use ractor::RpcReplyPort;
 
+use crate::commands::CommandMeta;
 use crate::dlq::DeadLetter;
 use crate::entity::{Entity, EntityId, EntityMap, Stored};
 
@@ -15,6 +16,9 @@ pub(crate) struct ConsumedRecord<Ev> {
 
 pub(crate) enum RecordContent<Ev> {
     Event(EntityId, Ev),
+    /// A command (see `commands`): run like an event, and answered once committed. `Err`: its
+    /// value did not decode (dead-lettered, and the sender told why).
+    Command(EntityId, Result<Ev, String>, Box<CommandMeta>),
     /// Its key belongs to another shard: written to the key's partition with the checkpoint
     /// that commits past it.
     Reroute(Box<Reroute>),

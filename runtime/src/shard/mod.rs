@@ -14,7 +14,7 @@ mod live;
 mod messages;
 mod outbox;
 
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use dashmap::DashMap;
 use ractor::ActorRef;
 
 use crate::backpressure::InFlightGate;
+use crate::commands::PendingCommands;
 use crate::entity::Entity;
 use crate::readiness::GroupReadiness;
 use crate::stats::NodeStats;
@@ -122,4 +123,9 @@ pub(crate) struct ShardEnv {
     pub readiness: Arc<GroupReadiness>,
     /// The type's input topic (named in dead letters the shards write).
     pub input_topic: String,
+    /// Where committed command answers go (see `commands`).
+    pub commands: Arc<PendingCommands>,
+    /// Set when a shard owes answers: the consumer starts a checkpoint at once instead of at
+    /// the next interval, so an answer waits for one commit, not for the interval.
+    pub answers_owed: Arc<AtomicBool>,
 }

@@ -35,6 +35,11 @@ impl<R: Clone> Outbox<R> {
         self.records.push((self.seq + 1, record));
     }
 
+    /// The number of the next checkpoint, the first that may include what happens now.
+    pub fn next(&self) -> u64 {
+        self.seq + 1
+    }
+
     /// Starts a checkpoint: its number, the entities whose state it writes and its records.
     pub fn checkpoint(&mut self) -> (u64, Vec<EntityId>, Vec<R>) {
         self.seq += 1;
