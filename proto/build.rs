@@ -9,7 +9,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("descriptor.bin"))
         .compile_with_config(
             config,
-            &["proto/user_events.proto", "proto/user_service.proto"],
+            &[
+                "proto/user_events.proto",
+                "proto/user_service.proto",
+                "proto/bank.proto",
+            ],
             &["proto"],
         )?;
     Ok(())

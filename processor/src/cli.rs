@@ -42,6 +42,16 @@ pub struct Args {
     /// Consumer group of the device telemetry type (with --telemetry-topic).
     #[arg(long, env = "TELEMETRY_GROUP", default_value = "device-telemetry")]
     pub telemetry_group: String,
+
+    /// Also host bank accounts (the third application, `bank.Accounts` on the gRPC port),
+    /// whose commands and ops go through this topic (dead letters `<topic>-dlq`, changelog
+    /// `<accounts-group>-<topic>-state`).
+    #[arg(long, env = "ACCOUNTS_TOPIC")]
+    pub accounts_topic: Option<String>,
+
+    /// Consumer group of the accounts type (with --accounts-topic).
+    #[arg(long, env = "ACCOUNTS_GROUP", default_value = "accounts")]
+    pub accounts_group: String,
 }
 
 /// What a processor node hosts.
@@ -50,6 +60,8 @@ pub struct Hosting {
     pub purchases: EntityType,
     /// With `--telemetry-topic`.
     pub telemetry: Option<EntityType>,
+    /// With `--accounts-topic`.
+    pub accounts: Option<EntityType>,
 }
 
 /// The sample's default cookie (the runtime's is generic).
@@ -88,6 +100,25 @@ impl Args {
             Some(topic) => Some(EntityType::new(self.telemetry_group, topic)),
             None => None,
         };
+        let accounts = match self.accounts_topic {
+            Some(topic) if topic.is_empty() || self.accounts_group.is_empty() => {
+                return Err("--accounts-topic and --accounts-group must not be empty".into())
+            }
+            Some(topic)
+                if topic == self.topic
+                    || self.accounts_group == self.group
+                    || telemetry.as_ref().is_some_and(|t| {
+                        t.topic() == topic || t.group() == self.accounts_group
+                    }) =>
+            {
+                return Err(
+                    "accounts need their own topic and group (--accounts-topic, --accounts-group)"
+                        .into(),
+                )
+            }
+            Some(topic) => Some(EntityType::new(self.accounts_group, topic)),
+            None => None,
+        };
         let mut purchases = EntityType::new(self.group, self.topic);
         if let Some(dlq) = self.dlq_topic {
             purchases = purchases.dlq_topic(dlq);
@@ -102,6 +133,7 @@ impl Args {
             Hosting {
                 purchases,
                 telemetry,
+                accounts,
             },
         ))
     }
@@ -154,6 +186,20 @@ mod tests {
         let same =
             Args::try_parse_from_args(["processor", "1", "--telemetry-topic", "user-events"])
                 .unwrap();
+        assert!(same.into_config().is_err());
+    }
+
+    #[test]
+    fn accounts_are_hosted_on_their_own_topic_and_group() {
+        let args =
+            Args::try_parse_from_args(["processor", "1", "--accounts-topic", "bank"]).unwrap();
+        let accounts = args.into_config().unwrap().1.accounts.unwrap();
+        assert_eq!(
+            (accounts.group(), accounts.changelog()),
+            ("accounts", "accounts-bank-state")
+        );
+        let same = Args::try_parse_from_args(["processor", "1", "--accounts-topic", "user-events"])
+            .unwrap();
         assert!(same.into_config().is_err());
     }
 }

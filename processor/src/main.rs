@@ -1,3 +1,5 @@
+use accounts::service::AccountsService;
+use accounts::Accounts;
 use kafka_sharding::Node;
 use processor::cli::Args;
 use processor::purchases::Purchases;
@@ -30,6 +32,10 @@ fn main() -> std::process::ExitCode {
         let devices = node.host::<Devices>(telemetry);
         node.grpc_service(DeviceTelemetryService::server(devices))
             .grpc_reflection(telemetry::FILE_DESCRIPTOR_SET);
+    }
+    if let Some(accounts) = hosting.accounts {
+        let accounts = node.host::<Accounts>(accounts);
+        node.grpc_service(AccountsService::server(accounts));
     }
     match runtime.block_on(node.run()) {
         Ok(()) => std::process::ExitCode::SUCCESS,

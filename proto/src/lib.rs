@@ -17,5 +17,10 @@ pub mod service {
     tonic::include_proto!("userservice");
 }
 
+/// The bank accounts' gRPC contract (the `accounts` application).
+pub mod bank {
+    tonic::include_proto!("bank");
+}
+
 /// Encoded `FileDescriptorSet` of every proto here, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");

@@ -1,0 +1,98 @@
+//! The gRPC front end of the accounts: any node takes any account's command (the runtime
+//! writes it to the account's partition and answers once the owner committed it).
+
+use kafka_sharding::{Entities, MAX_IDEMPOTENCY_KEY_BYTES, MAX_ID_BYTES};
+use proto::bank::accounts_server::{Accounts as AccountsApi, AccountsServer};
+use proto::bank::{Account, Balance, Change, Scheduled, TransferRequest};
+use tonic::{Request, Response, Status};
+
+use crate::{Accounts, Op};
+
+pub struct AccountsService {
+    accounts: Entities<Accounts>,
+}
+
+impl AccountsService {
+    /// The tonic server to mount on the node.
+    pub fn server(accounts: Entities<Accounts>) -> AccountsServer<Self> {
+        AccountsServer::new(Self { accounts })
+    }
+
+    async fn change(&self, change: Change, op: fn(i64) -> Op) -> Result<Response<Balance>, Status> {
+        check_account(&change.account)?;
+        if change.amount <= 0 {
+            return Err(Status::invalid_argument(format!(
+                "amount must be a positive number of cents, got {}",
+                change.amount
+            )));
+        }
+        if change.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "idempotency_key is {} bytes; at most {MAX_IDEMPOTENCY_KEY_BYTES} are allowed",
+                change.idempotency_key.len()
+            )));
+        }
+        let key = Some(change.idempotency_key.as_str()).filter(|k| !k.is_empty());
+        let balance = self
+            .accounts
+            .command(&change.account, op(change.amount), key)
+            .await
+            .map_err(|e| e.to_status("account"))?;
+        Ok(Response::new(Balance {
+            account: change.account,
+            balance,
+        }))
+    }
+}
+
+fn check_account(account: &str) -> Result<(), Status> {
+    if account.is_empty() || account.len() > MAX_ID_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "account must be 1 to {MAX_ID_BYTES} bytes, got {}",
+            account.len()
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl AccountsApi for AccountsService {
+    async fn deposit(&self, request: Request<Change>) -> Result<Response<Balance>, Status> {
+        self.change(request.into_inner(), |amount| Op::Deposit { amount })
+            .await
+    }
+
+    async fn withdraw(&self, request: Request<Change>) -> Result<Response<Balance>, Status> {
+        self.change(request.into_inner(), |amount| Op::Withdraw { amount })
+            .await
+    }
+
+    async fn transfer(
+        &self,
+        _request: Request<TransferRequest>,
+    ) -> Result<Response<Balance>, Status> {
+        Err(Status::unimplemented(
+            "transfers need messages between entities, which the runtime does not have yet",
+        ))
+    }
+
+    async fn schedule_transfer(
+        &self,
+        _request: Request<TransferRequest>,
+    ) -> Result<Response<Scheduled>, Status> {
+        Err(Status::unimplemented(
+            "scheduled transfers need durable timers, which the runtime does not have yet",
+        ))
+    }
+
+    async fn get_balance(&self, request: Request<Account>) -> Result<Response<Balance>, Status> {
+        let account = request.into_inner().account;
+        check_account(&account)?;
+        let (balance, _route) = self
+            .accounts
+            .ask(&account, ())
+            .await
+            .map_err(|e| e.to_status("account"))?;
+        Ok(Response::new(Balance { account, balance }))
+    }
+}
