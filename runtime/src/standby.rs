@@ -445,16 +445,13 @@ impl<E: Entity> Standbys<E> {
     /// Folds what the consumer has (waiting up to [`POLL`] for the first record); returns the
     /// records the standbys that just got warm read.
     fn fold_available(&self, consumer: &BaseConsumer<QuietContext>, reader: &Reader) -> u64 {
-        let mut next = consumer.poll(POLL);
-        if next.is_none() {
+        let Some(mut polled) = consumer.poll(POLL) else {
             return 0;
-        }
+        };
         let mut newly_warm = Vec::new();
         let mut inner = self.lock();
-        for _ in 0..RECORDS_PER_LOCK {
-            let Some(polled) = next else {
-                break;
-            };
+        let mut folded = 0;
+        loop {
             match polled {
                 Ok(record) => {
                     if let Some(warm) = inner.shards.get_mut(&(record.partition() as u32)) {
@@ -471,7 +468,17 @@ impl<E: Entity> Standbys<E> {
                 }
                 Err(e) => reader.context.health.client_error(&e, "standby read"),
             }
-            next = consumer.poll(Duration::ZERO);
+            folded += 1;
+            // Poll only for a record this call will fold: the position moves past whatever
+            // poll returns, and a record polled and then dropped would be missing from the
+            // standby for good (a restore from it would lose that entity's latest state).
+            if folded == RECORDS_PER_LOCK {
+                break;
+            }
+            match consumer.poll(Duration::ZERO) {
+                Some(next) => polled = next,
+                None => break,
+            }
         }
         if !newly_warm.is_empty() || inner.shards.values().any(|w| w.at_end) {
             advance_to_positions(consumer, reader, &mut inner);
@@ -584,6 +591,81 @@ fn log_warm<S>(inner: &Inner<S>, newly_warm: &[u32]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// More records than one fold takes: a warm-up reads them in several folds, and every
+    /// record must reach the standby (each is an entity's only state here). librdkafka's mock
+    /// cluster stands in for the broker: what is tested is the fold loop.
+    #[test]
+    fn a_standby_folds_every_record_of_a_warm_up_longer_than_one_fold() {
+        use crate::entity::tests::{Sum, SumState};
+        use crate::entity::EntityId;
+        use crate::kafka_health::KafkaHealth;
+        use crate::metrics::MetricsRegistry;
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+        const RECORDS: usize = RECORDS_PER_LOCK * 2 + 500;
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("changelog", 1, 1).unwrap();
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .create()
+            .unwrap();
+        for n in 0..RECORDS {
+            let value = changelog::encode::<Sum>(&Stored::new(
+                SumState {
+                    count: 1,
+                    sum: n as i64,
+                },
+                n as i64,
+            ));
+            producer
+                .send(
+                    BaseRecord::to("changelog")
+                        .partition(0)
+                        .key(&format!("k{n}"))
+                        .payload(&value),
+                )
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+
+        let kafka = KafkaConnection::new(cluster.bootstrap_servers());
+        let reader = Reader {
+            context: QuietContext::new(KafkaHealth::new(&kafka)),
+            kafka,
+            changelog_topic: "changelog".into(),
+            kafka_debug: None,
+        };
+        let (_, metrics) = MetricsRegistry::new("test").entity_type("g", "input");
+        let standbys = Standbys::<Sum>::new(
+            1,
+            1,
+            Arc::new(AllocationTable::new("me")),
+            Arc::new(metrics),
+            Arc::new(GroupReadiness::new("g")),
+        );
+        standbys.lock().shards.insert(0, Warm::new());
+        let (consumer, _) = Standbys::<Sum>::clients(&reader).unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("changelog", 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !standbys.lock().shards[&0].warmed {
+            assert!(
+                Instant::now() < deadline,
+                "the standby never read to the end"
+            );
+            standbys.fold_available(&consumer, &reader);
+        }
+        let inner = standbys.lock();
+        let warm = &inner.shards[&0];
+        assert_eq!(warm.records as usize, RECORDS);
+        assert_eq!(warm.states.len(), RECORDS, "a record was dropped");
+        assert_eq!(warm.next_offset, Some(RECORDS as i64));
+        assert_eq!(warm.states[&EntityId::from("k2000")].state.sum, 2000);
+    }
 
     fn members(owned: &[(&str, &[u32])]) -> BTreeMap<String, BTreeSet<u32>> {
         owned
