@@ -1,14 +1,16 @@
 //! Bank accounts, the third application on the `kafka-sharding` runtime, and the one that acts:
-//! deposits and withdrawals are *commands*, answered with the new balance only once the change
-//! is committed, refused ("insufficient funds") from the balance as it is when the command
-//! runs, and applied once per idempotency key however often a caller retries.
+//! deposits, withdrawals and transfers are *commands*, answered with the new balance only once
+//! the change is committed, refused ("insufficient funds") from the balance as it is when the
+//! command runs, and applied once per idempotency key however often a caller retries.
+//!
+//! A transfer is a command to the debited account, which answers once the debit is committed
+//! and sends the credit to the other account as a message (delivered exactly once, on
+//! whichever node hosts it); the credited account emits the completed transfer to
+//! [`TRANSFERS_COMPLETED`], exactly once. Scheduled transfers need durable timers, which the
+//! runtime does not have yet: `ScheduleTransfer` answers UNIMPLEMENTED.
 //!
 //! - [`Accounts`]: the entity (an account's balance; [`Op`]s change it);
 //! - [`service`]: the gRPC `bank.Accounts` service (`proto/proto/bank.proto`).
-//!
-//! Transfers between accounts need messages between entities and scheduled transfers need
-//! durable timers; neither is built yet, so `Transfer` and `ScheduleTransfer` answer
-//! UNIMPLEMENTED.
 
 pub mod service;
 
@@ -18,12 +20,30 @@ use serde::{Deserialize, Serialize};
 /// The entity type: one per account, keyed by account id.
 pub struct Accounts;
 
-/// What changes an account: a command sent through [`service`], or a record of the accounts
-/// topic (JSON, e.g. `{"Deposit":{"amount":500}}`: a batch import needs no gRPC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What changes an account: a command sent through [`service`], a message from another
+/// account, or a record of the accounts topic (JSON, e.g. `{"Deposit":{"amount":500}}`: a
+/// batch import needs no gRPC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Deposit { amount: i64 },
-    Withdraw { amount: i64 },
+    Deposit {
+        amount: i64,
+    },
+    Withdraw {
+        amount: i64,
+    },
+    /// Debit this account and credit `to` (a command). `transfer_id`: the caller's idempotency
+    /// key, else the runtime's id of the command's record.
+    TransferOut {
+        to: String,
+        amount: i64,
+        transfer_id: Option<String>,
+    },
+    /// The credit of a transfer (a message from the debited account `from`).
+    TransferIn {
+        from: String,
+        amount: i64,
+        transfer_id: String,
+    },
 }
 
 /// An account's state.
@@ -36,24 +56,94 @@ pub struct Account {
 /// Why an op changes nothing.
 pub const INSUFFICIENT_FUNDS: &str = "insufficient funds";
 
-impl Op {
-    /// The balance after this op, or why it cannot run (the account is left as it was).
-    pub fn run(self, account: &mut Account) -> Result<i64, String> {
-        let balance = match self {
-            Op::Deposit { amount } | Op::Withdraw { amount } if amount <= 0 => {
-                return Err(format!("amount must be positive, got {amount}"))
+/// The topic every credited transfer is emitted to (key: the transfer id; value: JSON
+/// `{"from","to","amount"}`).
+pub const TRANSFERS_COMPLETED: &str = "transfers-completed";
+
+/// A completed transfer, as emitted to [`TRANSFERS_COMPLETED`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completed {
+    pub from: String,
+    pub to: String,
+    pub amount: i64,
+}
+
+fn positive(amount: i64) -> Result<i64, String> {
+    if amount <= 0 {
+        return Err(format!("amount must be positive, got {amount}"));
+    }
+    Ok(amount)
+}
+
+impl Account {
+    fn credit(&mut self, amount: i64) -> Result<i64, String> {
+        self.balance = self
+            .balance
+            .checked_add(positive(amount)?)
+            .ok_or("the balance would overflow")?;
+        Ok(self.balance)
+    }
+
+    fn debit(&mut self, amount: i64) -> Result<i64, String> {
+        if positive(amount)? > self.balance {
+            return Err(INSUFFICIENT_FUNDS.into());
+        }
+        self.balance -= amount;
+        Ok(self.balance)
+    }
+
+    /// Runs `op`: the balance after it, or why it changes nothing. A transfer sends its credit
+    /// and a credit emits its completion through `effects`.
+    pub fn run(&mut self, op: &Op, effects: &mut Effects<'_, Accounts>) -> Result<i64, String> {
+        match op {
+            Op::Deposit { amount } => self.credit(*amount),
+            Op::Withdraw { amount } => self.debit(*amount),
+            Op::TransferOut { to, .. } if to == effects.id() => {
+                Err("cannot transfer to the same account".into())
             }
-            Op::Deposit { amount } => account
-                .balance
-                .checked_add(amount)
-                .ok_or("the balance would overflow")?,
-            Op::Withdraw { amount } if amount > account.balance => {
-                return Err(INSUFFICIENT_FUNDS.into())
+            Op::TransferOut {
+                to,
+                amount,
+                transfer_id,
+            } => {
+                let balance = self.debit(*amount)?;
+                let transfer_id = transfer_id.clone().unwrap_or_else(|| effects.input_id());
+                let from = effects.id().to_owned();
+                effects.send(
+                    to.clone(),
+                    Op::TransferIn {
+                        from,
+                        amount: *amount,
+                        transfer_id,
+                    },
+                );
+                Ok(balance)
             }
-            Op::Withdraw { amount } => account.balance - amount,
-        };
-        account.balance = balance;
-        Ok(balance)
+            Op::TransferIn {
+                from,
+                amount,
+                transfer_id,
+            } => match self.credit(*amount) {
+                Ok(balance) => {
+                    let completed = Completed {
+                        from: from.clone(),
+                        to: effects.id().to_owned(),
+                        amount: *amount,
+                    };
+                    effects.emit(
+                        TRANSFERS_COMPLETED,
+                        Some(transfer_id.as_bytes()),
+                        Some(serde_json::to_vec(&completed).expect("a transfer serialises")),
+                    );
+                    Ok(balance)
+                }
+                // The credit cannot land (the balance would overflow): the money goes back.
+                Err(reason) => {
+                    effects.send(from.clone(), Op::Deposit { amount: *amount });
+                    Err(reason)
+                }
+            },
+        }
     }
 }
 
@@ -68,17 +158,21 @@ impl Entity for Accounts {
         Ok(serde_json::from_slice(value.unwrap_or_default())?)
     }
 
-    /// An op read from the topic (no one to answer): a refused one changes nothing.
+    /// Without effects (the runtime runs every op through `handle`): deposits and withdrawals.
     fn apply(account: &mut Account, op: &Op) {
-        let _ = op.run(account);
+        let _ = match op {
+            Op::Deposit { amount } => account.credit(*amount),
+            Op::Withdraw { amount } => account.debit(*amount),
+            Op::TransferOut { .. } | Op::TransferIn { .. } => Ok(account.balance),
+        };
     }
 
     fn query(account: &Account, _: &()) -> i64 {
         account.balance
     }
 
-    fn handle(account: &mut Account, op: &Op, effects: &mut Effects<Self>) {
-        match op.run(account) {
+    fn handle(account: &mut Account, op: &Op, effects: &mut Effects<'_, Self>) {
+        match account.run(op, effects) {
             Ok(balance) => effects.reply(balance),
             Err(reason) => effects.refuse(reason),
         }
@@ -105,21 +199,22 @@ mod tests {
     #[test]
     fn withdrawals_never_overdraw_and_bad_amounts_change_nothing() {
         let mut account = Account::default();
-        assert_eq!(Op::Deposit { amount: 500 }.run(&mut account), Ok(500));
-        assert_eq!(
-            Op::Withdraw { amount: 501 }.run(&mut account),
-            Err(INSUFFICIENT_FUNDS.into())
-        );
-        assert_eq!(Op::Withdraw { amount: 200 }.run(&mut account), Ok(300));
-        assert!(Op::Deposit { amount: 0 }.run(&mut account).is_err());
-        assert!(Op::Withdraw { amount: -5 }.run(&mut account).is_err());
-        assert!(Op::Deposit { amount: i64::MAX }.run(&mut account).is_err());
+        assert_eq!(account.credit(500), Ok(500));
+        assert_eq!(account.debit(501), Err(INSUFFICIENT_FUNDS.into()));
+        assert_eq!(account.debit(200), Ok(300));
+        assert!(account.credit(0).is_err());
+        assert!(account.debit(-5).is_err());
+        assert!(account.credit(i64::MAX).is_err());
         assert_eq!(account.balance, 300);
     }
 
     #[test]
     fn ops_and_accounts_cross_the_wire_as_json() {
-        let op = Op::Withdraw { amount: 7 };
+        let op = Op::TransferOut {
+            to: "b".into(),
+            amount: 7,
+            transfer_id: None,
+        };
         assert_eq!(<Json as Codec<Op>>::decode(&Json::encode(&op)), Ok(op));
         assert_eq!(
             Accounts::decode("a", Some(br#"{"Deposit":{"amount":5}}"#)),

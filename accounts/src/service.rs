@@ -20,19 +20,8 @@ impl AccountsService {
 
     async fn change(&self, change: Change, op: fn(i64) -> Op) -> Result<Response<Balance>, Status> {
         check_account(&change.account)?;
-        if change.amount <= 0 {
-            return Err(Status::invalid_argument(format!(
-                "amount must be a positive number of cents, got {}",
-                change.amount
-            )));
-        }
-        if change.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "idempotency_key is {} bytes; at most {MAX_IDEMPOTENCY_KEY_BYTES} are allowed",
-                change.idempotency_key.len()
-            )));
-        }
-        let key = Some(change.idempotency_key.as_str()).filter(|k| !k.is_empty());
+        check_amount(change.amount)?;
+        let key = idempotency_key(&change.idempotency_key)?;
         let balance = self
             .accounts
             .command(&change.account, op(change.amount), key)
@@ -43,6 +32,26 @@ impl AccountsService {
             balance,
         }))
     }
+}
+
+fn check_amount(amount: i64) -> Result<(), Status> {
+    if amount <= 0 {
+        return Err(Status::invalid_argument(format!(
+            "amount must be a positive number of cents, got {amount}"
+        )));
+    }
+    Ok(())
+}
+
+/// The key, if given (empty: none).
+fn idempotency_key(key: &str) -> Result<Option<&str>, Status> {
+    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "idempotency_key is {} bytes; at most {MAX_IDEMPOTENCY_KEY_BYTES} are allowed",
+            key.len()
+        )));
+    }
+    Ok(Some(key).filter(|k| !k.is_empty()))
 }
 
 fn check_account(account: &str) -> Result<(), Status> {
@@ -69,11 +78,32 @@ impl AccountsApi for AccountsService {
 
     async fn transfer(
         &self,
-        _request: Request<TransferRequest>,
+        request: Request<TransferRequest>,
     ) -> Result<Response<Balance>, Status> {
-        Err(Status::unimplemented(
-            "transfers need messages between entities, which the runtime does not have yet",
-        ))
+        let transfer = request.into_inner();
+        check_account(&transfer.from)?;
+        check_account(&transfer.to)?;
+        if transfer.from == transfer.to {
+            return Err(Status::invalid_argument(
+                "from and to must be different accounts",
+            ));
+        }
+        check_amount(transfer.amount)?;
+        let key = idempotency_key(&transfer.idempotency_key)?;
+        let op = Op::TransferOut {
+            to: transfer.to,
+            amount: transfer.amount,
+            transfer_id: key.map(String::from),
+        };
+        let balance = self
+            .accounts
+            .command(&transfer.from, op, key)
+            .await
+            .map_err(|e| e.to_status("account"))?;
+        Ok(Response::new(Balance {
+            account: transfer.from,
+            balance,
+        }))
     }
 
     async fn schedule_transfer(

@@ -22,6 +22,7 @@ enum Scenario {
     Rebalance,
     State,
     Nodes,
+    Commands,
 }
 
 #[derive(Debug, Parser)]
@@ -64,7 +65,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "throughput,queries,rebalance,state,nodes"
+        default_value = "throughput,queries,rebalance,state,nodes,commands"
     )]
     scenarios: Vec<Scenario>,
 }
@@ -131,6 +132,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             scenarios::state::run(&setup, &format!("bench-state-{stamp}"), args.state_users)
                 .await?;
         println!("{}\n{}", restore.render(), memory.render());
+    }
+    if wants(Scenario::Commands) {
+        let table = scenarios::commands::run(&setup, stamp).await?;
+        println!("{}", table.render());
     }
     if wants(Scenario::Nodes) {
         for table in scenarios::nodes::run(

@@ -4,6 +4,8 @@
 //! - `client [--addr URL] get ID... [--json]`: one-shot, for scripts.
 //! - `client [--addr URL] verify --ledger FILE`: every user of a producer ledger, compared.
 //! - `client [--addr URL] bench (--ids-file FILE | --users N) --concurrency C`: closed-loop load.
+//! - `client [--addr URL] deposit|withdraw ACCOUNT AMOUNT [--key K]`, `transfer FROM TO AMOUNT
+//!   [--key K]`, `balance ACCOUNT`: the bank accounts (`processor --accounts-topic`).
 
 mod bench;
 
@@ -99,6 +101,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Bank(Bank),
+    /// Print the gRPC address of the node that owns each ID (of the type `--group` names, or
+    /// the nodes' only type), as the nodes' Owners service tells.
+    Owner {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Bank {
+    /// Deposit AMOUNT cents into ACCOUNT; prints the committed balance.
+    Deposit {
+        account: String,
+        amount: i64,
+        /// Idempotency key: a repeated call with it gets the first answer.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Withdraw AMOUNT cents from ACCOUNT (refused if it would overdraw).
+    Withdraw {
+        account: String,
+        amount: i64,
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Move AMOUNT cents from FROM to TO; prints FROM's committed balance.
+    Transfer {
+        from: String,
+        to: String,
+        amount: i64,
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Print ACCOUNT's balance.
+    Balance { account: String },
 }
 
 #[derive(Serialize)]
@@ -399,6 +438,56 @@ async fn bench(
     Ok(())
 }
 
+/// One bank command through the node given (commands reach their account's owner through
+/// Kafka, so any node will do).
+async fn bank(target: &Target, command: Bank) -> anyhow::Result<()> {
+    use proto::bank::accounts_client::AccountsClient;
+    use proto::bank::{Account, Change, TransferRequest};
+    let mut accounts = AccountsClient::new(connect_channel(target).await?);
+    let change = |account: String, amount, key: Option<String>| Change {
+        account,
+        amount,
+        idempotency_key: key.unwrap_or_default(),
+    };
+    let answer = match command {
+        Bank::Deposit {
+            account,
+            amount,
+            key,
+        } => accounts.deposit(change(account, amount, key)).await,
+        Bank::Withdraw {
+            account,
+            amount,
+            key,
+        } => accounts.withdraw(change(account, amount, key)).await,
+        Bank::Transfer {
+            from,
+            to,
+            amount,
+            key,
+        } => {
+            accounts
+                .transfer(TransferRequest {
+                    from,
+                    to,
+                    amount,
+                    idempotency_key: key.unwrap_or_default(),
+                    at_unix_ms: 0,
+                })
+                .await
+        }
+        Bank::Balance { account } => accounts.get_balance(Account { account }).await,
+    };
+    match answer {
+        Ok(balance) => {
+            let balance = balance.into_inner();
+            println!("account {} has {}p", balance.account, balance.balance);
+            Ok(())
+        }
+        Err(status) => anyhow::bail!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let target = Target::from_args(
         args.addr,
@@ -413,6 +502,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ledger,
             concurrency,
         }) => verify(connect(&target).await?, ledger, concurrency).await,
+        Some(Command::Bank(command)) => bank(&target, command).await,
+        Some(Command::Owner { ids }) => {
+            let any_node = connect_channel(&target).await?;
+            let tls = target.tls.clone();
+            let endpoint = move |url: &str| endpoint(url, tls.as_ref()).map_err(Into::into);
+            let group = target.direct.clone().unwrap_or_default();
+            let owners = OwnerDirectory::connect(any_node, &group, endpoint).await?;
+            for id in ids {
+                match owners.owner_url(&id) {
+                    Some(url) => println!("{id} {url}"),
+                    None => println!("{id} (no owner now)"),
+                }
+            }
+            Ok(())
+        }
         Some(Command::Bench {
             ids_file,
             users,

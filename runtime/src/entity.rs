@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::commands::{Effects, Remembered};
+use crate::commands::Remembered;
+use crate::effects::Effects;
 
 /// An entity's id: the Kafka record key, as UTF-8 text. Ids up to 24 bytes are stored inline
 /// (no allocation per event or per restored entity).
@@ -55,12 +56,14 @@ pub trait Entity: Sized + Send + Sync + 'static {
     /// never had an event).
     fn query(state: &Self::State, query: &Self::Query) -> Self::Reply;
 
-    /// Runs one input that may act: an event read from the input topic, or a command sent with
-    /// [`crate::Entities::command`] ([`Effects::is_command`]), which the entity answers with
-    /// [`Effects::reply`] or [`Effects::refuse`] from the state as it is now. The caller gets
-    /// that answer once the change is committed. Deterministic and exactly once, like `apply`;
-    /// the default applies the event (entities that never act need not write it).
-    fn handle(state: &mut Self::State, event: &Self::Event, effects: &mut Effects<Self>) {
+    /// Runs one input that may act: an event read from the input topic, a message from another
+    /// entity ([`Effects::send`]), or a command sent with [`crate::Entities::command`]
+    /// ([`Effects::is_command`]), which the entity answers with [`Effects::reply`] or
+    /// [`Effects::refuse`] from the state as it is now. The caller gets that answer once the
+    /// change is committed; messages and emitted records ([`Effects::emit`]) leave with the
+    /// same commit. Deterministic and exactly once, like `apply`; the default applies the event
+    /// (entities that never act need not write it).
+    fn handle(state: &mut Self::State, event: &Self::Event, effects: &mut Effects<'_, Self>) {
         let _ = effects;
         Self::apply(state, event);
     }
@@ -153,13 +156,18 @@ impl<S> Stored<S> {
         }
     }
 
-    /// Applies the event at `offset` unless the state already includes it; returns whether it
-    /// was applied.
-    pub fn apply<E: Entity<State = S>>(&mut self, offset: i64, event: &E::Event) -> bool {
+    /// Runs the event at `offset` unless the state already includes it; returns whether it
+    /// ran.
+    pub fn apply<E: Entity<State = S>>(
+        &mut self,
+        offset: i64,
+        event: &E::Event,
+        effects: &mut Effects<'_, E>,
+    ) -> bool {
         if offset <= self.last_offset {
             return false;
         }
-        E::handle(&mut self.state, event, &mut Effects::for_event());
+        E::handle(&mut self.state, event, effects);
         self.last_offset = offset;
         true
     }
@@ -203,10 +211,13 @@ pub(crate) mod tests {
     #[test]
     fn replayed_offsets_are_not_applied_again() {
         let mut s = Stored::<SumState>::default();
-        assert!(s.apply::<Sum>(10, &100));
-        assert!(s.apply::<Sum>(12, &5));
-        assert!(!s.apply::<Sum>(12, &5), "same offset again");
-        assert!(!s.apply::<Sum>(10, &100), "older offset");
+        let run = |s: &mut Stored<SumState>, offset, event| {
+            s.apply::<Sum>(offset, &event, &mut Effects::new("k", 0, offset, false))
+        };
+        assert!(run(&mut s, 10, 100));
+        assert!(run(&mut s, 12, 5));
+        assert!(!run(&mut s, 12, 5), "same offset again");
+        assert!(!run(&mut s, 10, 100), "older offset");
         assert_eq!(s.state, SumState { count: 2, sum: 105 });
         assert_eq!(s.last_offset, 12);
     }

@@ -89,6 +89,7 @@ mod cluster;
 mod commands;
 mod consumer;
 mod dlq;
+mod effects;
 mod entity;
 mod fencing;
 mod grpc;
@@ -115,7 +116,8 @@ pub use changelog::decode_value as decode_changelog_value;
 pub use cli::{KafkaClientArgs, NodeArgs, NodeConfig, Ports, DEFAULT_COOKIE};
 pub use cluster::endpoint::CallError;
 pub use cluster::tls::{NodeTls, NodeTlsError, NodeTlsFiles};
-pub use commands::{CommandError, Effects, MAX_IDEMPOTENCY_KEY_BYTES};
+pub use commands::{CommandError, MAX_IDEMPOTENCY_KEY_BYTES};
+pub use effects::Effects;
 pub use entity::{Codec, DecodeError, Entity, EntityId, Prost, Rejection, MAX_ID_BYTES};
 pub use grpc::GrpcService;
 pub use kafka_config::{

@@ -27,6 +27,7 @@ use crate::consumer::checkpoint::{Checkpointer, CheckpointerConfig};
 use crate::consumer::{
     self, ConsumerError, ConsumerExit, ConsumerHandle, ConsumerParts, ConsumerSettings,
 };
+use crate::effects::Destinations;
 use crate::entity::{Codec, Entity};
 use crate::fencing::transactional_id;
 use crate::grpc::GrpcServices;
@@ -241,6 +242,9 @@ impl Node {
 trait Hosted: Send {
     fn spec(&self) -> &EntityType;
 
+    /// The Rust type of its entities (messages name their target by it).
+    fn entity(&self) -> std::any::TypeId;
+
     /// Builds the type's shards, routing and hand-off; its consumer starts when the returned
     /// [`HostedParts::consumer`] is awaited (only once the node is admitted).
     fn start(
@@ -259,6 +263,10 @@ struct HostedType<E: Entity> {
 impl<E: Entity> Hosted for HostedType<E> {
     fn spec(&self) -> &EntityType {
         &self.spec
+    }
+
+    fn entity(&self) -> std::any::TypeId {
+        std::any::TypeId::of::<E>()
     }
 
     fn start(
@@ -365,6 +373,8 @@ struct NodeShared {
     live_entities: Arc<AtomicUsize>,
     /// Commands this node sent (any type), waiting for their answers.
     commands: Arc<PendingCommands>,
+    /// Where messages to each hosted type go.
+    destinations: Arc<Destinations>,
 }
 
 /// One started entity type: what the node's front ends need of it, and its consumer to start.
@@ -512,6 +522,7 @@ async fn start_type<E: Entity>(
         readiness: readiness.clone(),
         input_topic: spec.topic.clone(),
         commands: node.commands.clone(),
+        destinations: node.destinations.clone(),
         answers_owed: answers_owed.clone(),
     });
     let restorer = Arc::new(Restorer {
@@ -620,6 +631,12 @@ async fn run(
         ),
     );
     let groups: Vec<String> = hosted.iter().map(|h| h.spec().group.clone()).collect();
+    // Messages between entities go to their type's input topic (the first type hosted with
+    // that Rust type, should one be hosted twice).
+    let mut destinations = Destinations::default();
+    for (h, n) in hosted.iter().zip(&partitions).rev() {
+        destinations.add(h.entity(), &h.spec().topic, *n);
+    }
     let shared = NodeShared {
         node_id: node_id.clone(),
         quiet: QuietContext::new(health.clone()),
@@ -628,6 +645,7 @@ async fn run(
         gate: Arc::new(InFlightGate::new(config.max_in_flight)),
         live_entities: Arc::new(AtomicUsize::new(0)),
         commands: Arc::new(PendingCommands::new(Arc::from(node_id.as_str()))),
+        destinations: Arc::new(destinations),
         health,
         config: Arc::new(config),
     };

@@ -7,25 +7,22 @@
 //! idempotency key. So a command gets everything an event has: partition order with the
 //! entity's other inputs, an offset, the replay rule, and the checkpoint transaction that
 //! commits its state change with the consumed offsets. The owner runs it with
-//! [`crate::Entity::handle`], which answers through [`Effects`]; the answer is *owed* until the
+//! [`crate::Entity::handle`], which answers through [`crate::Effects`]; the answer is *owed* until the
 //! checkpoint that includes the change commits, and only then sent to the caller (a crash
 //! before the commit undoes the change and loses the answer with it; the next owner reads the
 //! command again, runs it again and answers). A command with an idempotency key is answered
 //! from the entity's remembered answers when the key was seen (`remembered`): a caller that
 //! timed out and retries, through any node, gets the first answer and nothing runs twice.
 //!
-//! - [`effects`]: what `handle` answers with;
 //! - [`remembered`]: the answers an entity keeps by idempotency key;
 //! - [`pending`]: the sending node's commands waiting for their answers;
 //! - [`sender`]: producing command records and waiting for the answer.
 
-mod effects;
 mod pending;
 mod remembered;
 mod sender;
 
-pub(crate) use effects::failed;
-pub use effects::Effects;
+pub(crate) use crate::effects::failed;
 pub(crate) use pending::PendingCommands;
 pub(crate) use remembered::Remembered;
 pub(crate) use sender::{CommandMeta, CommandSender};
@@ -57,7 +54,7 @@ pub enum CommandError {
     /// The node is not running yet.
     #[error("the node is not running yet")]
     NotRunning,
-    /// The entity refused the command ([`Effects::refuse`]); nothing changed.
+    /// The entity refused the command ([`crate::Effects::refuse`]); nothing changed.
     #[error("{0}")]
     Refused(String),
     /// The command reached its entity but could not run: it did not decode there, or the

@@ -107,7 +107,7 @@ impl PendingCommands {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::commands::effects::failed;
+    use crate::effects::failed;
 
     #[tokio::test]
     async fn an_answer_reaches_its_waiting_command_once() {

@@ -71,7 +71,7 @@ impl Remembered {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::commands::effects::failed;
+    use crate::effects::failed;
 
     #[test]
     fn answers_are_found_by_key_and_expire_by_age_and_number() {

@@ -30,7 +30,7 @@ use crate::changelog::{self, record_headers};
 use crate::dlq::DeadLetter;
 use crate::entity::Entity;
 use crate::kafka_health::QuietContext;
-use crate::shard::{Checkpoint, LocalShard, Outgoing, Reroute, ShardMsg};
+use crate::shard::{Checkpoint, LocalShard, OutRecord, Outgoing, Reroute, ShardMsg};
 
 /// Header on a re-routed event: where it was first read.
 pub const HEADER_REROUTED_FROM: &str = "rerouted.from";
@@ -262,6 +262,7 @@ impl Checkpointer {
             match outgoing {
                 Outgoing::Reroute(reroute) => self.send_reroute(cp.partition, reroute, deadline)?,
                 Outgoing::DeadLetter(letter) => self.send_dead_letter(letter, deadline)?,
+                Outgoing::Record(record) => self.send_record(record, deadline)?,
             }
         }
         if let Some(offset) = cp.commit_offset {
@@ -291,6 +292,28 @@ impl Checkpointer {
             .key(reroute.key.as_slice())
             .headers(headers);
         if let Some(value) = &reroute.value {
+            record = record.payload(value);
+        }
+        self.send(record, deadline)
+    }
+
+    /// A message between entities or an emitted record (see `effects`).
+    fn send_record(&self, out: &OutRecord, deadline: Instant) -> Result<(), KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(out.headers.len());
+        for (key, value) in &out.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_str()),
+            });
+        }
+        let mut record: BaseRecord<'_, [u8], Vec<u8>> = BaseRecord::to(&out.topic).headers(headers);
+        if let Some(partition) = out.partition {
+            record = record.partition(partition as i32);
+        }
+        if let Some(key) = &out.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(value) = &out.value {
             record = record.payload(value);
         }
         self.send(record, deadline)

@@ -21,14 +21,16 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::live::LiveSet;
 use super::messages::{
-    Checkpoint, ConsumedRecord, EntityCounts, Outgoing, RecordContent, ShardMsg,
+    Checkpoint, ConsumedRecord, EntityCounts, OutRecord, Outgoing, RecordContent, ShardMsg,
 };
 use super::outbox::Outbox;
 use super::ShardEnv;
 use crate::cluster::wire::CommandOutcome;
-use crate::commands::{failed, CommandMeta, Effects};
+use crate::commands::{failed, CommandMeta};
 use crate::dlq::DeadLetter;
-use crate::entity::{Entity, EntityId, EntityMap, Stored};
+use crate::effects::{Effects, Output, HEADER_MESSAGE_FROM};
+use crate::entity::{Entity, EntityId, EntityMap, Stored, MAX_ID_BYTES};
+use crate::partitioner::partition_for_key;
 use crate::stats::NodeStats;
 
 pub(crate) struct ShardActor<E>(PhantomData<fn() -> E>);
@@ -162,8 +164,17 @@ impl<E: Entity> ShardState<E> {
             outcome.activated += 1;
         }
         let stored = self.states.entry(id.clone()).or_default();
-        match catch_unwind(AssertUnwindSafe(|| stored.apply::<E>(offset, event))) {
-            Ok(true) => outcome.applied += 1,
+        let mut effects = Effects::new(&id, self.shard, offset, false);
+        match catch_unwind(AssertUnwindSafe(|| {
+            stored.apply::<E>(offset, event, &mut effects)
+        })) {
+            Ok(true) => {
+                outcome.applied += 1;
+                let outputs = effects.take_outputs();
+                if !outputs.is_empty() {
+                    self.send_outputs(&id, offset, outputs);
+                }
+            }
             Ok(false) => {
                 outcome.replays += 1;
                 return;
@@ -221,7 +232,7 @@ impl<E: Entity> ShardState<E> {
             outcome.replays += 1;
             return;
         }
-        let mut effects = Effects::<E>::for_command();
+        let mut effects = Effects::<E>::new(&id, self.shard, offset, true);
         let ran = catch_unwind(AssertUnwindSafe(|| {
             E::handle(&mut stored.state, command, &mut effects)
         }));
@@ -229,6 +240,10 @@ impl<E: Entity> ShardState<E> {
         let answer = match ran {
             Ok(()) => {
                 outcome.applied += 1;
+                let outputs = effects.take_outputs();
+                if !outputs.is_empty() {
+                    self.send_outputs(&id, offset, outputs);
+                }
                 effects.into_outcome()
             }
             Err(panic) => {
@@ -256,6 +271,60 @@ impl<E: Entity> ShardState<E> {
         }
         self.outbox.changed(&id);
         self.owe(meta, answer);
+    }
+
+    /// The messages and records the input at `offset` of entity `from` produced, for the next
+    /// checkpoint. One that cannot be written (a message to a type this node does not host or
+    /// to an invalid id, a record without a topic) is dead-lettered with the reason instead.
+    fn send_outputs(&mut self, from: &EntityId, offset: i64, outputs: Vec<Output>) {
+        for output in outputs {
+            let record = match output {
+                Output::Message {
+                    to_type,
+                    to_type_name,
+                    id,
+                    value,
+                } => match self.env.destinations.of(to_type) {
+                    None => Err(format!(
+                        "a message to entity {id} of {to_type_name}, a type this node does not host"
+                    )),
+                    Some(_) if id.is_empty() || id.len() > MAX_ID_BYTES => Err(format!(
+                        "a message to an entity id of {} bytes (1 to {MAX_ID_BYTES} allowed)",
+                        id.len()
+                    )),
+                    Some((topic, partitions)) => Ok(OutRecord {
+                        topic: topic.to_owned(),
+                        partition: Some(partition_for_key(id.as_bytes(), partitions)),
+                        key: Some(id.into_bytes()),
+                        value: Some(value),
+                        headers: vec![(
+                            HEADER_MESSAGE_FROM,
+                            format!("{}/{from}", self.env.input_topic),
+                        )],
+                    }),
+                },
+                Output::Record { topic, .. } if topic.is_empty() => {
+                    Err("an emitted record without a topic".to_owned())
+                }
+                Output::Record { topic, key, value } => Ok(OutRecord {
+                    topic,
+                    partition: None,
+                    key,
+                    value,
+                    headers: Vec::new(),
+                }),
+            };
+            match record {
+                Ok(record) => self.outbox.push(Outgoing::Record(Box::new(record))),
+                Err(reason) => {
+                    tracing::warn!(
+                        "entity {from} of shard {} (input at offset {offset}): {reason}: dead-lettered",
+                        self.shard
+                    );
+                    self.dead_letter(from, offset, reason);
+                }
+            }
+        }
     }
 
     /// `answer` goes to the command's sender once the next checkpoint (or a later one) commits.
@@ -525,6 +594,7 @@ mod tests {
             readiness: Arc::new(GroupReadiness::new("g")),
             input_topic: "input".into(),
             commands: Arc::new(crate::commands::PendingCommands::new("me".into())),
+            destinations: Arc::new(crate::effects::Destinations::default()),
             answers_owed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
@@ -588,7 +658,7 @@ mod tests {
         fn query(state: &SumState, _: &SumState) -> SumState {
             state.clone()
         }
-        fn handle(state: &mut SumState, event: &i64, effects: &mut Effects<Self>) {
+        fn handle(state: &mut SumState, event: &i64, effects: &mut Effects<'_, Self>) {
             if state.sum + event < 0 {
                 effects.refuse("insufficient funds");
                 return;
@@ -831,7 +901,7 @@ mod tests {
             .iter()
             .map(|o| match o {
                 Outgoing::DeadLetter(letter) => letter,
-                Outgoing::Reroute(_) => panic!("nothing to re-route"),
+                other => panic!("only dead letters expected, got {other:?}"),
             })
             .collect();
         assert_eq!(letters.len(), 2);

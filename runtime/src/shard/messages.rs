@@ -43,6 +43,19 @@ pub(crate) struct Reroute {
 pub(crate) enum Outgoing {
     Reroute(Box<Reroute>),
     DeadLetter(Box<DeadLetter>),
+    /// A message to an entity or an emitted record (see `effects`).
+    Record(Box<OutRecord>),
+}
+
+/// A record an entity's effects write.
+#[derive(Debug, Clone)]
+pub(crate) struct OutRecord {
+    pub topic: String,
+    /// `None`: by the key, as Kafka's Java producer partitions.
+    pub partition: Option<u32>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(&'static str, String)>,
 }
 
 /// What a shard contributes to one checkpoint transaction.

@@ -23,13 +23,14 @@ use ractor::ActorRef;
 
 use crate::backpressure::InFlightGate;
 use crate::commands::PendingCommands;
+use crate::effects::Destinations;
 use crate::entity::Entity;
 use crate::readiness::GroupReadiness;
 use crate::stats::NodeStats;
 
 pub(crate) use actor::{ShardActor, ShardArgs};
 pub(crate) use messages::{
-    Checkpoint, ConsumedRecord, EntityCounts, Outgoing, RecordContent, Reroute, ShardMsg,
+    Checkpoint, ConsumedRecord, EntityCounts, OutRecord, Outgoing, RecordContent, Reroute, ShardMsg,
 };
 
 /// What the node keeps about one local shard.
@@ -125,6 +126,8 @@ pub(crate) struct ShardEnv {
     pub input_topic: String,
     /// Where committed command answers go (see `commands`).
     pub commands: Arc<PendingCommands>,
+    /// Where messages to each hosted type go.
+    pub destinations: Arc<Destinations>,
     /// Set when a shard owes answers: the consumer starts a checkpoint at once instead of at
     /// the next interval, so an answer waits for one commit, not for the interval.
     pub answers_owed: Arc<AtomicBool>,

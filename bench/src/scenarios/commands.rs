@@ -1,0 +1,304 @@
+//! Scenario `commands`: command round trips (gRPC `Deposit` on the bank accounts, answered once
+//! committed) against the physical limit of a durable exactly-once write, measured in the same
+//! run: a bare rdkafka loop of produce (acks=all) → consume (read_committed) → transactional
+//! produce of the answer + offset commit → the answer read back (read_committed), one record at
+//! a time.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use proto::bank::accounts_client::AccountsClient;
+use proto::bank::Change;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tonic::transport::Channel;
+
+use crate::nodes::{wait_until, NodeProcess, Setup};
+use crate::report::{rate, verdict, Table};
+
+const WARM_UP: Duration = Duration::from_secs(2);
+const MEASURE: Duration = Duration::from_secs(10);
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one closed loop measured.
+struct Loop {
+    latencies: Histogram<u64>,
+    seconds: f64,
+    errors: u64,
+}
+
+impl Loop {
+    fn per_second(&self) -> f64 {
+        self.latencies.len() as f64 / self.seconds
+    }
+    fn ms(&self, quantile: f64) -> f64 {
+        self.latencies.value_at_quantile(quantile) as f64 / 1000.0
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+fn create_topic(setup: &Setup, topic: &str, partitions: u32) -> anyhow::Result<()> {
+    let out = Command::new(setup.bin("producer"))
+        .args(["--bootstrap-servers", &setup.bootstrap, "--topic", topic])
+        .args(["--partitions", &partitions.to_string(), "--count", "0"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "creating {topic}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Table> {
+    let (input, output) = (
+        format!("bench-rt-in-{stamp}"),
+        format!("bench-rt-out-{stamp}"),
+    );
+    create_topic(setup, &input, 1)?;
+    create_topic(setup, &output, 1)?;
+    eprintln!("commands: the bare exactly-once round trip");
+    let bootstrap = setup.bootstrap.clone();
+    let bare = tokio::task::spawn_blocking(move || bare_round_trips(&bootstrap, &input, &output))
+        .await
+        .context("the bare loop panicked")??;
+
+    let (events, bank) = (
+        format!("bench-cmd-events-{stamp}"),
+        format!("bench-bank-{stamp}"),
+    );
+    create_topic(setup, &events, 8)?;
+    create_topic(setup, &bank, 8)?;
+    let accounts_group = format!("bench-accounts-{stamp}");
+    let mut node = NodeProcess::start(
+        setup,
+        1,
+        &events,
+        &format!("bench-cmd-{stamp}"),
+        &[
+            "--accounts-topic",
+            &bank,
+            "--accounts-group",
+            &accounts_group,
+        ],
+    )?;
+    let channel = Channel::from_shared(node.grpc_url())?.connect_lazy();
+    wait_until(
+        Duration::from_secs(120),
+        "the node to answer a deposit",
+        || {
+            let mut client = AccountsClient::new(channel.clone());
+            async move {
+                client
+                    .deposit(Change {
+                        account: "warm-up".into(),
+                        amount: 1,
+                        idempotency_key: String::new(),
+                    })
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        },
+    )
+    .await?;
+    let mut loops = Vec::new();
+    for concurrency in [1usize, 32] {
+        eprintln!("commands: deposits at concurrency {concurrency}");
+        loops.push((concurrency, deposits(&channel, concurrency).await?));
+    }
+    node.stop()?;
+
+    let mut table = Table::new(
+        &format!(
+            "Command round trips: gRPC Deposit to one node (closed loop, {} s after {} s warm-up) against a bare exactly-once round trip",
+            MEASURE.as_secs(),
+            WARM_UP.as_secs()
+        ),
+        &["run", "concurrency", "per second", "p50", "p99", "p99.9", "errors", "÷ bare", "target", ""],
+    );
+    let cells = |l: &Loop| {
+        vec![
+            rate(l.per_second()),
+            format!("{:.1} ms", l.ms(0.5)),
+            format!("{:.1} ms", l.ms(0.99)),
+            format!("{:.1} ms", l.ms(0.999)),
+            l.errors.to_string(),
+        ]
+    };
+    let mut row = vec!["bare rdkafka round trip (baseline)".into(), "1".into()];
+    row.extend(cells(&bare));
+    row.extend(["1.00".into(), "baseline".into(), String::new()]);
+    table.row(row);
+    for (concurrency, l) in &loops {
+        let mut row = vec![
+            "Deposit, answered once committed".into(),
+            concurrency.to_string(),
+        ];
+        row.extend(cells(l));
+        let (ratio, target, met) = if *concurrency == 1 {
+            let ratio = l.ms(0.5) / bare.ms(0.5);
+            (
+                format!("p50 × {ratio:.2}"),
+                "p50 ≤ 2 × bare",
+                verdict(ratio <= 2.0 && l.errors == 0),
+            )
+        } else {
+            (
+                String::new(),
+                "≥ 5 000 per second",
+                verdict(l.per_second() >= 5_000.0 && l.errors == 0),
+            )
+        };
+        row.extend([ratio, target.into(), met]);
+        table.row(row);
+    }
+    table.note("One node hosting the accounts (8 partitions), the client (this harness, tonic) and the broker on the same machine. Each deposit carries a fresh idempotency key (its answer is remembered in the account's state). The bare loop: one partition in, one out, one record at a time, in one thread; each step waits for the previous.");
+    Ok(table)
+}
+
+/// `concurrency` workers, each depositing into accounts of its own and waiting for each answer.
+async fn deposits(channel: &Channel, concurrency: usize) -> anyhow::Result<Loop> {
+    let measure_from = Instant::now() + WARM_UP;
+    let end = measure_from + MEASURE;
+    let next = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let mut client = AccountsClient::new(channel.clone());
+            let next = next.clone();
+            tokio::spawn(async move {
+                let (mut latencies, mut errors) = (histogram(), 0u64);
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let sent = Instant::now();
+                    if sent >= end {
+                        break;
+                    }
+                    let answer = client
+                        .deposit(Change {
+                            account: format!("acc-{w}-{}", n % 64),
+                            amount: 1,
+                            idempotency_key: format!("d-{n}"),
+                        })
+                        .await;
+                    if sent < measure_from {
+                        continue;
+                    }
+                    match answer {
+                        Ok(_) => latencies.saturating_record(sent.elapsed().as_micros() as u64),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let (mut latencies, mut errors) = (histogram(), 0);
+    for worker in workers {
+        let (l, e) = worker.await.context("a deposit worker panicked")?;
+        latencies.add(&l)?;
+        errors += e;
+    }
+    Ok(Loop {
+        latencies,
+        seconds: MEASURE.as_secs_f64(),
+        errors,
+    })
+}
+
+/// The bare exactly-once round trip, one record at a time, for the warm-up and the measured
+/// time.
+fn bare_round_trips(bootstrap: &str, input: &str, output: &str) -> anyhow::Result<Loop> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .create()?;
+    let transactional: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("transactional.id", format!("{input}-bare"))
+        .set("linger.ms", "0")
+        .create()?;
+    transactional.init_transactions(TIMEOUT)?;
+    let reader = |group: &str, topic: &str| -> anyhow::Result<BaseConsumer> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
+        consumer.assign(&tpl)?;
+        Ok(consumer)
+    };
+    let (commands, answers) = (
+        reader(&format!("{input}-g"), input)?,
+        reader(&format!("{output}-g"), output)?,
+    );
+    let group = commands
+        .group_metadata()
+        .context("the command consumer's group metadata")?;
+    let next = |consumer: &BaseConsumer| -> anyhow::Result<(i64, Vec<u8>)> {
+        let deadline = Instant::now() + TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+                let message = message?;
+                return Ok((
+                    message.offset(),
+                    message.payload().unwrap_or_default().to_vec(),
+                ));
+            }
+        }
+        anyhow::bail!("nothing arrived within {TIMEOUT:?}")
+    };
+    let measure_from = Instant::now() + WARM_UP;
+    let end = measure_from + MEASURE;
+    let mut latencies = histogram();
+    let mut n = 0u64;
+    loop {
+        let sent = Instant::now();
+        if sent >= end {
+            break;
+        }
+        n += 1;
+        let value = n.to_string();
+        producer
+            .send(BaseRecord::to(input).key("k").payload(&value))
+            .map_err(|(e, _)| e)?;
+        producer.flush(TIMEOUT)?;
+        let (offset, command) = next(&commands)?;
+        transactional.begin_transaction()?;
+        transactional
+            .send(BaseRecord::to(output).key("k").payload(&command))
+            .map_err(|(e, _)| e)?;
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset(input, 0, Offset::Offset(offset + 1))?;
+        transactional.send_offsets_to_transaction(&offsets, &group, TIMEOUT)?;
+        transactional.commit_transaction(TIMEOUT)?;
+        let (_, answer) = next(&answers)?;
+        anyhow::ensure!(
+            answer == value.as_bytes(),
+            "the answer read back is another record"
+        );
+        if sent >= measure_from {
+            latencies.saturating_record(sent.elapsed().as_micros() as u64);
+        }
+    }
+    Ok(Loop {
+        latencies,
+        seconds: MEASURE.as_secs_f64(),
+        errors: 0,
+    })
+}
