@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use futures::stream::{self, StreamExt};
-use kafka_sharding::owners::OwnerDirectory;
+use kafka_sharding::owners::{OwnerDirectory, OwnerDirectoryError};
 use proto::ledger::{ExpectedTotals, Ledger};
 use proto::service::user_service_client::UserServiceClient;
 use proto::service::{UserStatsRequest, UserStatsResponse};
@@ -53,9 +53,10 @@ struct Args {
     #[arg(long, global = true)]
     via_addr: bool,
     /// The processors' consumer group (their `--group`): the users' entity type, whose shard
-    /// owners the client learns. Needed only when the nodes host more than one type.
-    #[arg(long, global = true)]
-    group: Option<String>,
+    /// owners the client learns. A node that does not host it but hosts a single type is
+    /// asked about that one.
+    #[arg(long, env = "KAFKA_GROUP", default_value = "user-processing", global = true)]
+    group: String,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -229,9 +230,7 @@ async fn connect(target: &Target) -> anyhow::Result<Users> {
 /// them leaves every query going through it (said once on stderr).
 async fn owner_directory(target: &Target, any_node: Channel) -> Option<Arc<OwnerDirectory>> {
     let group = target.direct.as_deref()?;
-    let tls = target.tls.clone();
-    let endpoint = move |url: &str| endpoint(url, tls.as_ref()).map_err(Into::into);
-    match OwnerDirectory::connect(any_node, group, endpoint).await {
+    match owners_of(target, any_node, group).await {
         Ok(owners) => Some(owners),
         Err(e) => {
             eprintln!(
@@ -240,6 +239,24 @@ async fn owner_directory(target: &Target, any_node: Channel) -> Option<Arc<Owner
             );
             None
         }
+    }
+}
+
+/// The owners of `group`'s shards, or, when the node does not host that type, of the one type
+/// it hosts.
+async fn owners_of(
+    target: &Target,
+    any_node: Channel,
+    group: &str,
+) -> Result<Arc<OwnerDirectory>, OwnerDirectoryError> {
+    let make = |tls: Option<ClientTlsConfig>| {
+        move |url: &str| endpoint(url, tls.as_ref()).map_err(Into::into)
+    };
+    match OwnerDirectory::connect(any_node.clone(), group, make(target.tls.clone())).await {
+        Err(OwnerDirectoryError::Fetch(status)) if status.code() == tonic::Code::NotFound => {
+            OwnerDirectory::connect(any_node, "", make(target.tls.clone())).await
+        }
+        answer => answer,
     }
 }
 
@@ -493,7 +510,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.addr,
         args.tls_ca,
         args.max_staleness_ms,
-        (!args.via_addr).then(|| args.group.unwrap_or_default()),
+        (!args.via_addr).then_some(args.group),
     )?;
     match args.command {
         None => interactive(connect(&target).await?).await,
@@ -505,10 +522,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(Command::Bank(command)) => bank(&target, command).await,
         Some(Command::Owner { ids }) => {
             let any_node = connect_channel(&target).await?;
-            let tls = target.tls.clone();
-            let endpoint = move |url: &str| endpoint(url, tls.as_ref()).map_err(Into::into);
             let group = target.direct.clone().unwrap_or_default();
-            let owners = OwnerDirectory::connect(any_node, &group, endpoint).await?;
+            let owners = owners_of(&target, any_node, &group).await?;
             for id in ids {
                 match owners.owner_url(&id) {
                     Some(url) => println!("{id} {url}"),
