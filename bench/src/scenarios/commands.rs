@@ -215,6 +215,20 @@ async fn deposits(channel: &Channel, concurrency: usize) -> anyhow::Result<Loop>
     })
 }
 
+/// Waits for every record sent to be acknowledged, in 1 ms steps (rust-rdkafka's `flush`, also
+/// inside `commit_transaction`, waits in 100 ms polls: the nodes avoid it the same way, see
+/// `delivered` in the runtime's `consumer/checkpoint.rs`).
+fn delivered(producer: &BaseProducer, deadline: Instant) -> anyhow::Result<()> {
+    loop {
+        producer.poll(Duration::ZERO);
+        match producer.flush(Duration::ZERO) {
+            Ok(()) => return Ok(()),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The bare exactly-once round trip, one record at a time, for the warm-up and the measured
 /// time.
 fn bare_round_trips(bootstrap: &str, input: &str, output: &str) -> anyhow::Result<Loop> {
@@ -277,7 +291,7 @@ fn bare_round_trips(bootstrap: &str, input: &str, output: &str) -> anyhow::Resul
         producer
             .send(BaseRecord::to(input).key("k").payload(&value))
             .map_err(|(e, _)| e)?;
-        producer.flush(TIMEOUT)?;
+        delivered(&producer, Instant::now() + TIMEOUT)?;
         let (offset, command) = next(&commands)?;
         transactional.begin_transaction()?;
         transactional
@@ -286,6 +300,7 @@ fn bare_round_trips(bootstrap: &str, input: &str, output: &str) -> anyhow::Resul
         let mut offsets = TopicPartitionList::new();
         offsets.add_partition_offset(input, 0, Offset::Offset(offset + 1))?;
         transactional.send_offsets_to_transaction(&offsets, &group, TIMEOUT)?;
+        delivered(&transactional, Instant::now() + TIMEOUT)?;
         transactional.commit_transaction(TIMEOUT)?;
         let (_, answer) = next(&answers)?;
         anyhow::ensure!(

@@ -32,6 +32,29 @@ use crate::entity::Entity;
 use crate::kafka_health::QuietContext;
 use crate::shard::{Checkpoint, LocalShard, OutRecord, Outgoing, Reroute, ShardMsg};
 
+/// Waits until every record sent is acknowledged, in 1 ms steps, by `deadline`.
+///
+/// rust-rdkafka's `commit_transaction` flushes first, and its flush waits in polls of up to
+/// 100 ms for delivery events, which this producer's own polling thread serves (and, with
+/// delivery reports for errors only, which never come): every commit took at least 100 ms,
+/// the whole of a command's wait. After this, that flush finds nothing outstanding.
+pub(crate) fn delivered<P: Producer<C>, C: rdkafka::producer::ProducerContext>(
+    producer: &P,
+    deadline: Instant,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.flush(Duration::ZERO) {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Header on a re-routed event: where it was first read.
 pub const HEADER_REROUTED_FROM: &str = "rerouted.from";
 
@@ -114,10 +137,16 @@ impl Checkpointer {
                 // fails the transaction), so only errors get one: with a report per record the
                 // producer's polling thread took a tenth of a node's CPU writing a million new
                 // entities' states, 2% without.
+                //
+                // A transaction begun right after a commit is refused (CONCURRENT_TRANSACTIONS)
+                // until the broker has written the commit's markers, and retried after the
+                // backoff: librdkafka's 100 ms made every back-to-back checkpoint (commands
+                // arriving while one commits) take 100 ms more.
                 &[
                     ("linger.ms", "1"),
                     ("compression.type", "lz4"),
                     ("delivery.report.only.error", "true"),
+                    ("retry.backoff.ms", "5"),
                 ],
             )
             .set("transactional.id", &config.transactional_id)
@@ -231,6 +260,7 @@ impl Checkpointer {
     ) -> Result<(), KafkaError> {
         self.producer
             .send_offsets_to_transaction(offsets, group, remaining(deadline))?;
+        delivered(&self.producer, deadline)?;
         self.producer.commit_transaction(remaining(deadline))
     }
 
