@@ -55,7 +55,12 @@ struct Args {
     /// The processors' consumer group (their `--group`): the users' entity type, whose shard
     /// owners the client learns. A node that does not host it but hosts a single type is
     /// asked about that one.
-    #[arg(long, env = "KAFKA_GROUP", default_value = "user-processing", global = true)]
+    #[arg(
+        long,
+        env = "KAFKA_GROUP",
+        default_value = "user-processing",
+        global = true
+    )]
     group: String,
     #[command(subcommand)]
     command: Option<Command>,
