@@ -51,7 +51,7 @@ impl<'a, E: Entity> Effects<'a, E> {
     }
 
     /// The entity's id (the input's record key).
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &'a str {
         self.id
     }
 

@@ -775,6 +775,110 @@ mod tests {
         shard.stop(None);
     }
 
+    /// Sends each positive event on as a message to entity "to-<value>" of its own type, sends
+    /// one to a type the node does not host, and emits a record.
+    struct Relay;
+
+    impl Entity for Relay {
+        type Event = SumState;
+        type State = SumState;
+        type Query = SumState;
+        type Reply = SumState;
+        type Codec = Prost;
+
+        fn decode(_id: &str, value: Option<&[u8]>) -> Result<SumState, Rejection> {
+            Ok(<Prost as crate::entity::Codec<SumState>>::decode(
+                value.unwrap_or_default(),
+            )?)
+        }
+        fn apply(state: &mut SumState, event: &SumState) {
+            state.count += 1;
+            state.sum += event.sum;
+        }
+        fn query(state: &SumState, _: &SumState) -> SumState {
+            state.clone()
+        }
+        fn handle(state: &mut SumState, event: &SumState, effects: &mut Effects<'_, Self>) {
+            Self::apply(state, event);
+            if event.sum > 0 {
+                let forward = SumState {
+                    count: 0,
+                    sum: -event.sum,
+                };
+                effects.send(format!("to-{}", event.sum), forward.clone());
+                effects.send_to::<Guarded>("elsewhere", 1);
+                effects.emit("relayed", Some(effects.id().as_bytes()), Some(vec![7]));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_and_emitted_records_leave_with_the_checkpoint_and_a_bad_one_is_dead_lettered()
+    {
+        let mut destinations = crate::effects::Destinations::default();
+        destinations.add(std::any::TypeId::of::<Relay>(), "relay-input", 8);
+        let env = Arc::new(ShardEnv {
+            destinations: Arc::new(destinations),
+            ..Arc::into_inner(env(100)).unwrap()
+        });
+        let shard = start::<Relay>(&env).await;
+        shard
+            .cast(ShardMsg::Restored(EntityMap::default()))
+            .unwrap();
+        env.gate.acquire(1, Duration::ZERO);
+        shard
+            .cast(ShardMsg::Consumed(vec![ConsumedRecord {
+                offset: 4,
+                content: RecordContent::Event("a".into(), SumState { count: 0, sum: 5 }),
+            }]))
+            .unwrap();
+        let checkpoint = shard
+            .call(ShardMsg::Checkpoint, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(checkpoint.states.len(), 1);
+        let mut records = Vec::new();
+        let mut letters = Vec::new();
+        for outgoing in checkpoint.outgoing {
+            match outgoing {
+                Outgoing::Record(r) => records.push(*r),
+                Outgoing::DeadLetter(l) => letters.push(*l),
+                Outgoing::Reroute(_) => panic!("nothing to re-route"),
+            }
+        }
+        assert_eq!(records.len(), 2, "the message and the emitted record");
+        let message = &records[0];
+        assert_eq!(message.topic, "relay-input");
+        assert_eq!(message.partition, Some(partition_for_key(b"to-5", 8)));
+        assert_eq!(message.key.as_deref(), Some(&b"to-5"[..]));
+        assert_eq!(
+            <Prost as crate::entity::Codec<SumState>>::decode(message.value.as_deref().unwrap()),
+            Ok(SumState { count: 0, sum: -5 })
+        );
+        assert_eq!(
+            message.headers,
+            vec![(HEADER_MESSAGE_FROM, "input/a".to_string())]
+        );
+        let emitted = &records[1];
+        assert_eq!(
+            (
+                emitted.topic.as_str(),
+                emitted.partition,
+                emitted.key.as_deref()
+            ),
+            ("relayed", None, Some(&b"a"[..]))
+        );
+        assert_eq!(letters.len(), 1);
+        assert!(
+            letters[0].reason.contains("a type this node does not host"),
+            "{}",
+            letters[0].reason
+        );
+        assert_eq!(letters[0].source_offset, 4);
+        shard.stop(None);
+    }
+
     async fn counts<E: Entity>(shard: &ActorRef<ShardMsg<E>>) -> EntityCounts {
         shard
             .call(ShardMsg::EntityCounts, None)
