@@ -6,8 +6,11 @@
 //! A transfer is a command to the debited account, which answers once the debit is committed
 //! and sends the credit to the other account as a message (delivered exactly once, on
 //! whichever node hosts it); the credited account emits the completed transfer to
-//! [`TRANSFERS_COMPLETED`], exactly once. Scheduled transfers need durable timers, which the
-//! runtime does not have yet: `ScheduleTransfer` answers UNIMPLEMENTED.
+//! [`TRANSFERS_COMPLETED`], exactly once. A scheduled transfer is a durable timer on the
+//! debited account, set by a command and fired by the runtime at its time (or, after
+//! downtime, as soon as the account's shard is back) on whichever node owns the account then;
+//! its message performs the transfer, or, if the funds are short then, moves nothing and
+//! emits the refusal to [`TRANSFERS_REFUSED`].
 //!
 //! - [`Accounts`]: the entity (an account's balance; [`Op`]s change it);
 //! - [`service`]: the gRPC `bank.Accounts` service (`proto/proto/bank.proto`).
@@ -44,6 +47,20 @@ pub enum Op {
         amount: i64,
         transfer_id: String,
     },
+    /// Transfer to `to` at `at_ms` (a command): sets a timer named `transfer_id` whose
+    /// message is [`Op::TransferDue`].
+    ScheduleTransfer {
+        to: String,
+        amount: i64,
+        at_ms: i64,
+        transfer_id: String,
+    },
+    /// A scheduled transfer's time came (the timer's message to the debited account).
+    TransferDue {
+        to: String,
+        amount: i64,
+        transfer_id: String,
+    },
 }
 
 /// An account's state.
@@ -59,6 +76,19 @@ pub const INSUFFICIENT_FUNDS: &str = "insufficient funds";
 /// The topic every credited transfer is emitted to (key: the transfer id; value: JSON
 /// `{"from","to","amount"}`).
 pub const TRANSFERS_COMPLETED: &str = "transfers-completed";
+
+/// The topic a scheduled transfer that could not be made when due is emitted to (key: the
+/// transfer id; value: JSON `{"from","to","amount","reason"}`).
+pub const TRANSFERS_REFUSED: &str = "transfers-refused";
+
+/// A scheduled transfer refused when due, as emitted to [`TRANSFERS_REFUSED`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    pub from: String,
+    pub to: String,
+    pub amount: i64,
+    pub reason: String,
+}
 
 /// A completed transfer, as emitted to [`TRANSFERS_COMPLETED`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,13 +122,34 @@ impl Account {
         Ok(self.balance)
     }
 
+    /// Debits `amount` and sends the credit to `to` as a message.
+    fn transfer(
+        &mut self,
+        to: &str,
+        amount: i64,
+        transfer_id: String,
+        effects: &mut Effects<'_, Accounts>,
+    ) -> Result<i64, String> {
+        let balance = self.debit(amount)?;
+        let from = effects.id().to_owned();
+        effects.send(
+            to.to_owned(),
+            Op::TransferIn {
+                from,
+                amount,
+                transfer_id,
+            },
+        );
+        Ok(balance)
+    }
+
     /// Runs `op`: the balance after it, or why it changes nothing. A transfer sends its credit
     /// and a credit emits its completion through `effects`.
     pub fn run(&mut self, op: &Op, effects: &mut Effects<'_, Accounts>) -> Result<i64, String> {
         match op {
             Op::Deposit { amount } => self.credit(*amount),
             Op::Withdraw { amount } => self.debit(*amount),
-            Op::TransferOut { to, .. } if to == effects.id() => {
+            Op::TransferOut { to, .. } | Op::ScheduleTransfer { to, .. } if to == effects.id() => {
                 Err("cannot transfer to the same account".into())
             }
             Op::TransferOut {
@@ -106,18 +157,46 @@ impl Account {
                 amount,
                 transfer_id,
             } => {
-                let balance = self.debit(*amount)?;
                 let transfer_id = transfer_id.clone().unwrap_or_else(|| effects.input_id());
-                let from = effects.id().to_owned();
-                effects.send(
-                    to.clone(),
-                    Op::TransferIn {
-                        from,
+                self.transfer(to, *amount, transfer_id, effects)
+            }
+            Op::ScheduleTransfer {
+                to,
+                amount,
+                at_ms,
+                transfer_id,
+            } => {
+                positive(*amount)?;
+                let due = Op::TransferDue {
+                    to: to.clone(),
+                    amount: *amount,
+                    transfer_id: transfer_id.clone(),
+                };
+                effects
+                    .set_timer(transfer_id.clone(), *at_ms, due)
+                    .map_err(|e| e.to_string())?;
+                Ok(self.balance)
+            }
+            Op::TransferDue {
+                to,
+                amount,
+                transfer_id,
+            } => {
+                let made = self.transfer(to, *amount, transfer_id.clone(), effects);
+                if let Err(reason) = &made {
+                    let refused = Refused {
+                        from: effects.id().to_owned(),
+                        to: to.clone(),
                         amount: *amount,
-                        transfer_id,
-                    },
-                );
-                Ok(balance)
+                        reason: reason.clone(),
+                    };
+                    effects.emit(
+                        TRANSFERS_REFUSED,
+                        Some(transfer_id.as_bytes()),
+                        Some(serde_json::to_vec(&refused).expect("a refusal serialises")),
+                    );
+                }
+                made
             }
             Op::TransferIn {
                 from,
@@ -163,7 +242,10 @@ impl Entity for Accounts {
         let _ = match op {
             Op::Deposit { amount } => account.credit(*amount),
             Op::Withdraw { amount } => account.debit(*amount),
-            Op::TransferOut { .. } | Op::TransferIn { .. } => Ok(account.balance),
+            Op::TransferOut { .. }
+            | Op::TransferIn { .. }
+            | Op::ScheduleTransfer { .. }
+            | Op::TransferDue { .. } => Ok(account.balance),
         };
     }
 

@@ -1,7 +1,10 @@
 //! The gRPC front end of the accounts: any node takes any account's command (the runtime
 //! writes it to the account's partition and answers once the owner committed it).
 
-use kafka_sharding::{Entities, MAX_IDEMPOTENCY_KEY_BYTES, MAX_ID_BYTES};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kafka_sharding::{Entities, MAX_IDEMPOTENCY_KEY_BYTES, MAX_ID_BYTES, MAX_TIMER_DELAY};
 use proto::bank::accounts_server::{Accounts as AccountsApi, AccountsServer};
 use proto::bank::{Account, Balance, Change, Scheduled, TransferRequest};
 use tonic::{Request, Response, Status};
@@ -54,6 +57,53 @@ fn idempotency_key(key: &str) -> Result<Option<&str>, Status> {
     Ok(Some(key).filter(|k| !k.is_empty()))
 }
 
+fn check_transfer(transfer: &TransferRequest) -> Result<(), Status> {
+    check_account(&transfer.from)?;
+    check_account(&transfer.to)?;
+    if transfer.from == transfer.to {
+        return Err(Status::invalid_argument(
+            "from and to must be different accounts",
+        ));
+    }
+    check_amount(transfer.amount)
+}
+
+/// A scheduled transfer's time: not in the past (by this node's clock), not beyond the
+/// runtime's timer limit.
+fn check_time(at_ms: i64, now_ms: i64) -> Result<(), Status> {
+    if at_ms < now_ms {
+        return Err(Status::invalid_argument(format!(
+            "at_unix_ms {at_ms} is in the past (now {now_ms})"
+        )));
+    }
+    if at_ms - now_ms > MAX_TIMER_DELAY.as_millis() as i64 {
+        return Err(Status::invalid_argument(format!(
+            "at_unix_ms {at_ms} is more than {} days ahead",
+            MAX_TIMER_DELAY.as_secs() / 86_400
+        )));
+    }
+    Ok(())
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A transfer id no other call gets: this process's start-unique time and a counter.
+fn new_transfer_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "scheduled-{nanos:x}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 fn check_account(account: &str) -> Result<(), Status> {
     if account.is_empty() || account.len() > MAX_ID_BYTES {
         return Err(Status::invalid_argument(format!(
@@ -81,14 +131,7 @@ impl AccountsApi for AccountsService {
         request: Request<TransferRequest>,
     ) -> Result<Response<Balance>, Status> {
         let transfer = request.into_inner();
-        check_account(&transfer.from)?;
-        check_account(&transfer.to)?;
-        if transfer.from == transfer.to {
-            return Err(Status::invalid_argument(
-                "from and to must be different accounts",
-            ));
-        }
-        check_amount(transfer.amount)?;
+        check_transfer(&transfer)?;
         let key = idempotency_key(&transfer.idempotency_key)?;
         let op = Op::TransferOut {
             to: transfer.to,
@@ -108,11 +151,25 @@ impl AccountsApi for AccountsService {
 
     async fn schedule_transfer(
         &self,
-        _request: Request<TransferRequest>,
+        request: Request<TransferRequest>,
     ) -> Result<Response<Scheduled>, Status> {
-        Err(Status::unimplemented(
-            "scheduled transfers need durable timers, which the runtime does not have yet",
-        ))
+        let transfer = request.into_inner();
+        check_transfer(&transfer)?;
+        check_time(transfer.at_unix_ms, unix_ms())?;
+        let key = idempotency_key(&transfer.idempotency_key)?;
+        // The timer's name: the caller's key (a retry finds the same timer), else a new id.
+        let transfer_id = key.map_or_else(new_transfer_id, String::from);
+        let op = Op::ScheduleTransfer {
+            to: transfer.to,
+            amount: transfer.amount,
+            at_ms: transfer.at_unix_ms,
+            transfer_id: transfer_id.clone(),
+        };
+        self.accounts
+            .command(&transfer.from, op, key)
+            .await
+            .map_err(|e| e.to_status("account"))?;
+        Ok(Response::new(Scheduled { transfer_id }))
     }
 
     async fn get_balance(&self, request: Request<Account>) -> Result<Response<Balance>, Status> {

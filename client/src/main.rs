@@ -5,7 +5,8 @@
 //! - `client [--addr URL] verify --ledger FILE`: every user of a producer ledger, compared.
 //! - `client [--addr URL] bench (--ids-file FILE | --users N) --concurrency C`: closed-loop load.
 //! - `client [--addr URL] deposit|withdraw ACCOUNT AMOUNT [--key K]`, `transfer FROM TO AMOUNT
-//!   [--key K]`, `balance ACCOUNT`: the bank accounts (`processor --accounts-topic`).
+//!   [--key K]`, `schedule FROM TO AMOUNT (--at-ms T | --in-ms D) [--key K]`, `balance ACCOUNT`:
+//!   the bank accounts (`processor --accounts-topic`).
 
 mod bench;
 
@@ -139,6 +140,22 @@ enum Bank {
         from: String,
         to: String,
         amount: i64,
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Move AMOUNT cents from FROM to TO at a time (a durable timer on FROM); prints the
+    /// transfer's id. If FROM lacks the funds then, nothing moves and the refusal goes to the
+    /// topic transfers-refused.
+    Schedule {
+        from: String,
+        to: String,
+        amount: i64,
+        /// When, in ms since the epoch.
+        #[arg(long, conflicts_with = "in_ms", required_unless_present = "in_ms")]
+        at_ms: Option<i64>,
+        /// When, in ms from now.
+        #[arg(long)]
+        in_ms: Option<u64>,
         #[arg(long)]
         key: Option<String>,
     },
@@ -497,6 +514,34 @@ async fn bank(target: &Target, command: Bank) -> anyhow::Result<()> {
                     at_unix_ms: 0,
                 })
                 .await
+        }
+        Bank::Schedule {
+            from,
+            to,
+            amount,
+            at_ms,
+            in_ms,
+            key,
+        } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as i64;
+            let at_unix_ms = at_ms.unwrap_or_else(|| now + in_ms.unwrap_or(0) as i64);
+            let scheduled = accounts
+                .schedule_transfer(TransferRequest {
+                    from,
+                    to,
+                    amount,
+                    idempotency_key: key.unwrap_or_default(),
+                    at_unix_ms,
+                })
+                .await
+                .map_err(|status| anyhow::anyhow!("{:?}: {}", status.code(), status.message()))?;
+            println!(
+                "transfer {} scheduled at {at_unix_ms}",
+                scheduled.into_inner().transfer_id
+            );
+            return Ok(());
         }
         Bank::Balance { account } => accounts.get_balance(Account { account }).await,
     };

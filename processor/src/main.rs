@@ -24,22 +24,21 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime");
-    // Completed transfers are emitted there: it must exist before the first one.
+    // Completed and refused transfers are emitted there: they must exist before the first.
     if hosting.accounts.is_some() {
         let replication = config.replication_factor.unwrap_or(-1);
-        let created = runtime.block_on(kafka_sharding::admin::ensure_topic(
-            &config.kafka,
-            accounts::TRANSFERS_COMPLETED,
-            8,
-            replication,
-            &[],
-        ));
-        if let Err(e) = created {
-            eprintln!(
-                "processor: cannot create topic {}: {e}",
-                accounts::TRANSFERS_COMPLETED
-            );
-            return std::process::ExitCode::FAILURE;
+        for topic in [accounts::TRANSFERS_COMPLETED, accounts::TRANSFERS_REFUSED] {
+            let created = runtime.block_on(kafka_sharding::admin::ensure_topic(
+                &config.kafka,
+                topic,
+                8,
+                replication,
+                &[],
+            ));
+            if let Err(e) = created {
+                eprintln!("processor: cannot create topic {topic}: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
         }
     }
     let mut node = Node::new(config);

@@ -16,7 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::commands::Remembered;
+use crate::acting::Acting;
 use crate::entity::{Codec, DecodeError, Entity, EntityId, EntityMap, Stored};
 use crate::kafka_admin::{list_offsets, with_debug};
 use crate::kafka_health::QuietContext;
@@ -25,7 +25,8 @@ use crate::kafka_health::QuietContext;
 pub const HEADER_INPUT_TOPIC: &str = "input.topic";
 /// Header on every changelog record: the envelope's format.
 pub const HEADER_FORMAT: &str = "changelog.format";
-/// The envelope written by this version: 2 added remembered command answers (see [`encode`]);
+/// The envelope written by this version: 2 added remembered command answers and timers (see
+/// [`encode`]);
 /// a format-1 value reads the same under format 2.
 pub const FORMAT: &str = "kafka-sharding/2";
 /// Formats this version reads.
@@ -90,19 +91,19 @@ pub(crate) fn readers(
 }
 
 /// The changelog value for a state: the envelope around the entity's state codec. An entity
-/// with remembered command answers (`commands::remembered`) gets the extended envelope
-/// `[marker: 8 bytes][length: 4 bytes big-endian][remembered answers][state bytes]`, where the
+/// with remembered command answers or pending timers (`acting`) gets the extended envelope
+/// `[marker: 8 bytes][length: 4 bytes big-endian][answers and timers][state bytes]`, where the
 /// marker is `-(last_offset + 3)`: always below -1, which no `last_offset` is, so both shapes
 /// read back without a header and entities that never answer commands pay nothing.
 pub(crate) fn encode<E: Entity>(stored: &Stored<E::State>) -> Vec<u8> {
     let state = <E::Codec as Codec<E::State>>::encode(&stored.state);
-    let Some(remembered) = &stored.remembered else {
+    let Some(acting) = stored.acting.as_ref().filter(|a| !a.is_empty()) else {
         let mut value = Vec::with_capacity(8 + state.len());
         value.extend_from_slice(&stored.last_offset.to_be_bytes());
         value.extend_from_slice(&state);
         return value;
     };
-    let answers = remembered.encode();
+    let answers = acting.encode();
     let mut value = Vec::with_capacity(12 + answers.len() + state.len());
     value.extend_from_slice(&(-(stored.last_offset + 3)).to_be_bytes());
     value.extend_from_slice(&(answers.len() as u32).to_be_bytes());
@@ -131,7 +132,7 @@ pub(crate) fn decode<E: Entity>(value: &[u8]) -> Result<Stored<E::State>, Decode
     Ok(Stored {
         state: <E::Codec as Codec<E::State>>::decode(state)?,
         last_offset: -first - 3,
-        remembered: Some(Box::new(Remembered::decode(answers)?)),
+        acting: Some(Box::new(Acting::decode(answers)?)),
     })
 }
 
@@ -309,9 +310,17 @@ mod tests {
         // With remembered answers: the extended envelope, at every offset a state can have.
         for last_offset in [-1, 0, 77, i64::MAX - 3] {
             stored.last_offset = last_offset;
-            let mut remembered = crate::commands::Remembered::default();
-            remembered.remember("key-1".into(), crate::commands::failed("no".into()), 5);
-            stored.remembered = Some(Box::new(remembered));
+            let mut acting = crate::acting::Acting::default();
+            acting
+                .remembered
+                .remember("key-1".into(), crate::commands::failed("no".into()), 5);
+            acting.timers.set(crate::cluster::wire::Timer {
+                name: "t".into(),
+                at_ms: 7,
+                message: vec![1, 2],
+                ..Default::default()
+            });
+            stored.acting = Some(Box::new(acting));
             let value = encode::<Sum>(&stored);
             assert!(i64::from_be_bytes(value[..8].try_into().unwrap()) < -1);
             assert_eq!(decode::<Sum>(&value).unwrap(), stored);

@@ -1,5 +1,5 @@
 //! What an entity's [`crate::Entity::handle`] does besides changing its state: answer a
-//! command, message other entities, emit records. Everything is collected here while `handle`
+//! command, message other entities, emit records, set and cancel timers. Everything is collected here while `handle`
 //! runs and leaves with the checkpoint that commits the state change (`shard::actor`), so an
 //! effect happens exactly when the change does: once, or, if the change is rolled back, not at
 //! all (the input is then run again by the partition's next owner, and its effects with it).
@@ -10,12 +10,15 @@ use crate::cluster::wire::{command_outcome, CommandOutcome};
 use std::collections::HashMap;
 
 use crate::entity::{Codec, Entity};
+use crate::timers::{self, TimerError};
 
 /// The effects of one input, given to [`Entity::handle`].
 pub struct Effects<'a, E: Entity> {
     id: &'a str,
     /// The input's partition and offset (its identity in the input topic).
     input: (u32, i64),
+    /// The input record's timestamp (ms since the epoch).
+    at_ms: i64,
     command: bool,
     answer: Option<Result<E::Reply, String>>,
     outputs: Vec<Output>,
@@ -36,14 +39,27 @@ pub(crate) enum Output {
         key: Option<Vec<u8>>,
         value: Option<Vec<u8>>,
     },
+    /// A timer to set (replacing one of the same name) on the entity.
+    SetTimer {
+        name: String,
+        at_ms: i64,
+        /// Another entity's type and id; `None`: the entity itself.
+        to: Option<(TypeId, &'static str, String)>,
+        value: Vec<u8>,
+    },
+    CancelTimer {
+        name: String,
+    },
 }
 
 impl<'a, E: Entity> Effects<'a, E> {
-    /// For the input at `offset` of `partition`, to entity `id`; `command` if a caller waits.
-    pub(crate) fn new(id: &'a str, partition: u32, offset: i64, command: bool) -> Self {
+    /// For the input at `offset` of `partition`, stamped `at_ms`, to entity `id`; `command`
+    /// if a caller waits.
+    pub(crate) fn new(id: &'a str, partition: u32, offset: i64, at_ms: i64, command: bool) -> Self {
         Self {
             id,
             input: (partition, offset),
+            at_ms,
             command,
             answer: None,
             outputs: Vec::new(),
@@ -60,6 +76,12 @@ impl<'a, E: Entity> Effects<'a, E> {
     /// transfer, an order) when the caller gave no name.
     pub fn input_id(&self) -> String {
         format!("{}-{}", self.input.0, self.input.1)
+    }
+
+    /// The input's time: its record's timestamp (ms since the epoch). The entity's clock:
+    /// the same when the input runs again, so `handle` stays deterministic.
+    pub fn now_ms(&self) -> i64 {
+        self.at_ms
     }
 
     /// Whether the input is a command (a caller waits for [`Effects::reply`] or
@@ -115,6 +137,94 @@ impl<'a, E: Entity> Effects<'a, E> {
             key: key.map(<[u8]>::to_vec),
             value,
         });
+    }
+
+    /// Sets a durable timer called `name` that sends `message` to this entity at `at_ms` (ms
+    /// since the epoch) or later, replacing a pending timer of the same name. It is stored with
+    /// the entity's state once this input commits and fires exactly once, on whichever node
+    /// owns the entity then (after downtime, as soon as the entity's shard is back); the
+    /// message is run by `handle` like any input. A time at or before [`Effects::now_ms`] fires
+    /// at once. Refused: a name of 0 or more than [`timers::MAX_TIMER_NAME_BYTES`] bytes, a
+    /// time more than [`timers::MAX_TIMER_DELAY`] after the input's. Beyond
+    /// [`timers::MAX_TIMERS_PER_ENTITY`] pending timers the input is dead-lettered with the
+    /// reason.
+    pub fn set_timer(
+        &mut self,
+        name: impl Into<String>,
+        at_ms: i64,
+        message: E::Event,
+    ) -> Result<(), TimerError>
+    where
+        E::Codec: Codec<E::Event>,
+    {
+        self.push_timer(
+            name.into(),
+            at_ms,
+            None,
+            <E::Codec as Codec<E::Event>>::encode(&message),
+        )
+    }
+
+    /// [`Effects::set_timer`] at `delay` after the input's time.
+    pub fn set_timer_after(
+        &mut self,
+        name: impl Into<String>,
+        delay: std::time::Duration,
+        message: E::Event,
+    ) -> Result<(), TimerError>
+    where
+        E::Codec: Codec<E::Event>,
+    {
+        let at_ms = self
+            .at_ms
+            .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+        self.set_timer(name, at_ms, message)
+    }
+
+    /// [`Effects::set_timer`] with a message to the entity `id` of type `T` (a type this node
+    /// hosts; otherwise the input is dead-lettered with the reason). The timer is this
+    /// entity's: it names and cancels it.
+    pub fn set_timer_to<T: Entity>(
+        &mut self,
+        name: impl Into<String>,
+        at_ms: i64,
+        id: impl Into<String>,
+        message: T::Event,
+    ) -> Result<(), TimerError>
+    where
+        T::Codec: Codec<T::Event>,
+    {
+        let to = (TypeId::of::<T>(), std::any::type_name::<T>(), id.into());
+        self.push_timer(
+            name.into(),
+            at_ms,
+            Some(to),
+            <T::Codec as Codec<T::Event>>::encode(&message),
+        )
+    }
+
+    fn push_timer(
+        &mut self,
+        name: String,
+        at_ms: i64,
+        to: Option<(TypeId, &'static str, String)>,
+        value: Vec<u8>,
+    ) -> Result<(), TimerError> {
+        timers::check(&name, at_ms, self.at_ms)?;
+        self.outputs.push(Output::SetTimer {
+            name,
+            at_ms,
+            to,
+            value,
+        });
+        Ok(())
+    }
+
+    /// Cancels the pending timer called `name` (nothing if there is none), once this input
+    /// commits. A timer whose message is already written (it fired) is not recalled: its
+    /// message arrives.
+    pub fn cancel_timer(&mut self, name: impl Into<String>) {
+        self.outputs.push(Output::CancelTimer { name: name.into() });
     }
 
     /// What leaves with the checkpoint.

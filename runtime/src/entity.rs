@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::commands::Remembered;
+use crate::acting::Acting;
 use crate::effects::Effects;
 
 /// An entity's id: the Kafka record key, as UTF-8 text. Ids up to 24 bytes are stored inline
@@ -124,16 +124,17 @@ impl<T: prost::Message + Default> Codec<T> for Prost {
 /// the state (a replay after a crash or hand-off, where states may be ahead of the committed
 /// offsets) and is skipped.
 ///
-/// An entity that answered commands with idempotency keys also keeps its recent answers
-/// (`remembered`), written with its state: a retried command is answered from them instead of
-/// being applied again, on this node or the next owner.
+/// An entity that acts also keeps what the runtime needs for it (`acting`): its recent
+/// answers to commands with idempotency keys (a retried command is answered from them instead
+/// of being applied again, on this node or the next owner) and its pending timers, written
+/// with its state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Stored<S> {
     pub state: S,
     /// Offset of the last applied event of the entity's partition; -1 before the first.
     pub last_offset: i64,
-    /// Answers to recent commands, by idempotency key (`None`: never had one; most entities).
-    pub remembered: Option<Box<Remembered>>,
+    /// Remembered answers and pending timers (`None`: none; most entities).
+    pub acting: Option<Box<Acting>>,
 }
 
 impl<S: Default> Default for Stored<S> {
@@ -141,18 +142,18 @@ impl<S: Default> Default for Stored<S> {
         Self {
             state: S::default(),
             last_offset: -1,
-            remembered: None,
+            acting: None,
         }
     }
 }
 
 impl<S> Stored<S> {
-    /// A state without remembered answers.
+    /// A state without remembered answers or timers.
     pub fn new(state: S, last_offset: i64) -> Self {
         Self {
             state,
             last_offset,
-            remembered: None,
+            acting: None,
         }
     }
 
@@ -212,7 +213,7 @@ pub(crate) mod tests {
     fn replayed_offsets_are_not_applied_again() {
         let mut s = Stored::<SumState>::default();
         let run = |s: &mut Stored<SumState>, offset, event| {
-            s.apply::<Sum>(offset, &event, &mut Effects::new("k", 0, offset, false))
+            s.apply::<Sum>(offset, &event, &mut Effects::new("k", 0, offset, 0, false))
         };
         assert!(run(&mut s, 10, 100));
         assert!(run(&mut s, 12, 5));

@@ -81,6 +81,7 @@
 
 #![warn(missing_docs)]
 
+mod acting;
 mod allocation;
 mod backpressure;
 mod changelog;
@@ -111,6 +112,7 @@ mod routing;
 mod shard;
 mod standby;
 mod stats;
+mod timers;
 
 pub use changelog::decode_value as decode_changelog_value;
 pub use cli::{KafkaClientArgs, NodeArgs, NodeConfig, Ports, DEFAULT_COOKIE};
@@ -126,6 +128,7 @@ pub use kafka_config::{
 pub use node::{Entities, EntityType, Node, NodeError};
 pub use routing::{AskError, Consistency, Route};
 pub use standby::Staleness;
+pub use timers::{TimerError, MAX_TIMERS_PER_ENTITY, MAX_TIMER_DELAY, MAX_TIMER_NAME_BYTES};
 
 /// Kafka topic administration an application's producer may need.
 pub mod admin {
@@ -142,4 +145,6 @@ pub mod headers {
         HEADER_OFFSET as DLQ_OFFSET, HEADER_PARTITION as DLQ_PARTITION,
         HEADER_REASON as DLQ_REASON, HEADER_TOPIC as DLQ_TOPIC,
     };
+    pub use crate::effects::HEADER_MESSAGE_FROM as MESSAGE_FROM;
+    pub use crate::timers::HEADER_TIMER as TIMER;
 }

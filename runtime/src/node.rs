@@ -489,7 +489,7 @@ async fn start_type<E: Entity>(
         .map_err(NodeError::CommandProducer)?,
     });
     let _ = handle.set(router.clone());
-    let answers_owed = Arc::new(AtomicBool::new(false));
+    let commit_soon = Arc::new(AtomicBool::new(false));
     let announcer = Arc::new(Announcer::new(
         &spec.group,
         table.clone(),
@@ -523,7 +523,7 @@ async fn start_type<E: Entity>(
         input_topic: spec.topic.clone(),
         commands: node.commands.clone(),
         destinations: node.destinations.clone(),
-        answers_owed: answers_owed.clone(),
+        commit_soon: commit_soon.clone(),
     });
     let restorer = Arc::new(Restorer {
         group: spec.group.clone(),
@@ -588,7 +588,7 @@ async fn start_type<E: Entity>(
                     readiness,
                     kafka_stats,
                     runtime: tokio::runtime::Handle::current(),
-                    answers_owed,
+                    commit_soon,
                 },
             )?;
             Ok(consumer)

@@ -32,6 +32,9 @@ pub struct NodeStats {
     /// Partitions assigned to / revoked from this node since start.
     pub partitions_assigned: Counter,
     pub partitions_revoked: Counter,
+    /// Durable timers set by entities / fired (their message written) here.
+    pub timers_set: Counter,
+    pub timers_fired: Counter,
 }
 
 /// A point-in-time copy, for JSON.
@@ -49,6 +52,8 @@ pub struct StatsSnapshot {
     pub dead_lettered: u64,
     pub partitions_assigned: u64,
     pub partitions_revoked: u64,
+    pub timers_set: u64,
+    pub timers_fired: u64,
 }
 
 impl NodeStats {
@@ -58,7 +63,7 @@ impl NodeStats {
 
     /// Every counter's metric name (without the `_total` Prometheus adds) and help, in the
     /// order of [`NodeStats::from_counters`].
-    pub const NAMES: [(&'static str, &'static str); 12] = [
+    pub const NAMES: [(&'static str, &'static str); 14] = [
         (
             "events_consumed",
             "Valid events read from Kafka by this node",
@@ -89,6 +94,11 @@ impl NodeStats {
         ),
         ("partitions_assigned", "Partitions assigned to this node"),
         ("partitions_revoked", "Partitions revoked from this node"),
+        ("timers_set", "Durable timers set by entities here"),
+        (
+            "timers_fired",
+            "Durable timers fired here (their message written with a checkpoint)",
+        ),
     ];
 
     /// Stats counting into `counters` (the metric families' series), in [`NodeStats::NAMES`]'
@@ -109,6 +119,8 @@ impl NodeStats {
             dead_lettered: next(),
             partitions_assigned: next(),
             partitions_revoked: next(),
+            timers_set: next(),
+            timers_fired: next(),
         }
     }
 
@@ -126,6 +138,8 @@ impl NodeStats {
             dead_lettered: self.dead_lettered.get(),
             partitions_assigned: self.partitions_assigned.get(),
             partitions_revoked: self.partitions_revoked.get(),
+            timers_set: self.timers_set.get(),
+            timers_fired: self.timers_fired.get(),
         }
     }
 }
@@ -145,5 +159,7 @@ impl std::ops::AddAssign for StatsSnapshot {
         self.dead_lettered += other.dead_lettered;
         self.partitions_assigned += other.partitions_assigned;
         self.partitions_revoked += other.partitions_revoked;
+        self.timers_set += other.timers_set;
+        self.timers_fired += other.timers_fired;
     }
 }

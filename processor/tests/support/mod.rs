@@ -604,6 +604,45 @@ pub fn read_topic(topic: &str) -> Vec<ReadRecord> {
 }
 
 pub fn read_topic_at(bootstrap: &str, topic: &str) -> Vec<ReadRecord> {
+    read_committed(bootstrap, topic, |m| {
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        (
+            m.partition() as u32,
+            m.offset(),
+            m.key().map(|k| k.to_vec()),
+            headers,
+        )
+    })
+}
+
+/// Every committed record's key and timestamp (ms since the epoch).
+pub fn read_topic_timed(topic: &str) -> Vec<(Option<Vec<u8>>, i64)> {
+    read_committed(&bootstrap(), topic, |m| {
+        (
+            m.key().map(|k| k.to_vec()),
+            m.timestamp().to_millis().unwrap_or(-1),
+        )
+    })
+}
+
+/// Every committed record of a topic, as `read` makes of it (see [`read_topic`]).
+fn read_committed<T>(
+    bootstrap: &str,
+    topic: &str,
+    read: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> T,
+) -> Vec<T> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", unique("reader"))
@@ -635,25 +674,7 @@ pub fn read_topic_at(bootstrap: &str, topic: &str) -> Vec<ReadRecord> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let headers = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_string(),
-                                String::from_utf8_lossy(h.value.unwrap_or_default()).to_string(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            records.push((
-                m.partition() as u32,
-                m.offset(),
-                m.key().map(|k| k.to_vec()),
-                headers,
-            ));
+            records.push(read(&m));
             continue;
         }
         let positions = consumer.position().unwrap();

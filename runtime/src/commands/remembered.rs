@@ -7,10 +7,7 @@
 
 use std::collections::VecDeque;
 
-use prost::Message;
-
-use crate::cluster::wire::{CommandOutcome, RememberedAnswer, RememberedAnswers};
-use crate::entity::DecodeError;
+use crate::cluster::wire::{CommandOutcome, RememberedAnswer};
 
 /// How long an answer is kept, by the command records' timestamps: a retry later than this
 /// after the first attempt runs as a new command.
@@ -52,19 +49,19 @@ impl Remembered {
         });
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        RememberedAnswers {
-            answers: self.answers.iter().cloned().collect(),
-        }
-        .encode_to_vec()
+    /// The answers as written in the changelog (oldest first).
+    pub fn to_wire(&self) -> Vec<RememberedAnswer> {
+        self.answers.iter().cloned().collect()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let answers = RememberedAnswers::decode(bytes)
-            .map_err(|e| DecodeError(format!("remembered answers: {e}")))?;
-        Ok(Self {
-            answers: answers.answers.into(),
-        })
+    pub fn from_wire(answers: Vec<RememberedAnswer>) -> Self {
+        Self {
+            answers: answers.into(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.answers.is_empty()
     }
 }
 
@@ -92,6 +89,6 @@ mod tests {
         }
         assert_eq!(r.get("c"), None, "the oldest goes beyond the count");
         assert!(r.get("k0").is_some());
-        assert_eq!(Remembered::decode(&r.encode()), Ok(r));
+        assert_eq!(Remembered::from_wire(r.to_wire()), r);
     }
 }

@@ -84,8 +84,8 @@ pub(crate) struct ConsumerParts<E: Entity> {
     /// Where librdkafka's statistics are kept (see `NodeContext::kafka_stats`).
     pub kafka_stats: Arc<Mutex<String>>,
     pub runtime: tokio::runtime::Handle,
-    /// Set by shards that owe command answers (see `ShardEnv::answers_owed`).
-    pub answers_owed: Arc<AtomicBool>,
+    /// Set by shards that owe command answers (see `ShardEnv::commit_soon`).
+    pub commit_soon: Arc<AtomicBool>,
 }
 
 pub(crate) struct ConsumerHandle {
@@ -141,7 +141,7 @@ pub(crate) fn start<E: Entity>(
         readiness,
         kafka_stats,
         runtime,
-        answers_owed,
+        commit_soon,
     } = parts;
     let context = NodeContext {
         topic: settings.topic.clone(),
@@ -216,7 +216,7 @@ pub(crate) fn start<E: Entity>(
                 settings,
                 LoopParts {
                     local,
-                    answers_owed,
+                    commit_soon,
                     stats,
                     checkpointer_config,
                 },
@@ -232,7 +232,7 @@ pub(crate) fn start<E: Entity>(
 
 struct LoopParts<E: Entity> {
     local: Arc<LocalShards<E>>,
-    answers_owed: Arc<AtomicBool>,
+    commit_soon: Arc<AtomicBool>,
     stats: Arc<NodeStats>,
     checkpointer_config: CheckpointerConfig,
 }
@@ -250,6 +250,7 @@ fn poll_loop<E: Entity>(
     let mut unrecoverable = None;
     // When the last command was read.
     let mut last_command: Option<Instant> = None;
+    let mut last_soon = Instant::now();
     while !stopping.load(Ordering::SeqCst) {
         if let Some(cause) = context.health.unrecoverable() {
             unrecoverable = Some(cause);
@@ -291,10 +292,8 @@ fn poll_loop<E: Entity>(
             Some(Ok(message)) => {
                 let partition = message.partition() as u32;
                 let offset = message.offset();
-                let command = CommandMeta::from_headers(
-                    message.headers(),
-                    message.timestamp().to_millis().unwrap_or(0),
-                );
+                let at_ms = message.timestamp().to_millis().unwrap_or(0);
+                let command = CommandMeta::from_headers(message.headers(), at_ms);
                 let classified = match (
                     classify::<E>(
                         message.key(),
@@ -347,7 +346,11 @@ fn poll_loop<E: Entity>(
                         }))
                     }
                 };
-                let record = ConsumedRecord { offset, content };
+                let record = ConsumedRecord {
+                    offset,
+                    at_ms,
+                    content,
+                };
                 let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
                 dispatcher.push(partition, record);
                 uncommitted = true;
@@ -356,9 +359,15 @@ fn poll_loop<E: Entity>(
                 }
             }
         }
-        // Answers are owed: commit now (one checkpoint at a time; answers owed meanwhile ride
-        // with the next), so a command waits for one commit rather than for the interval.
-        if parts.answers_owed.swap(false, Ordering::AcqRel) {
+        // Answers are owed (or messages, emitted records, fired timers wait): commit now (one
+        // checkpoint at a time; what is owed meanwhile rides with the next), so they wait for
+        // one commit rather than for the interval. Looked at once a millisecond at most: while
+        // a checkpoint runs the flag stays set, and flushing the batches on every record would
+        // undo the batching.
+        if last_soon.elapsed() >= SOON_AT_MOST_EVERY
+            && parts.commit_soon.swap(false, Ordering::AcqRel)
+        {
+            last_soon = Instant::now();
             context
                 .dispatcher
                 .lock()
@@ -368,7 +377,7 @@ fn poll_loop<E: Entity>(
                 last_commit = Instant::now();
                 uncommitted = false;
             } else {
-                parts.answers_owed.store(true, Ordering::Release);
+                parts.commit_soon.store(true, Ordering::Release);
             }
         }
         if last_commit.elapsed() >= settings.commit_interval {
@@ -416,6 +425,8 @@ fn poll_loop<E: Entity>(
 
 /// How long after the last command the loop keeps polling briefly (see `poll_loop`).
 const COMMANDS_RECENTLY: Duration = Duration::from_millis(200);
+/// How often the poll loop looks at `commit_soon`, at most.
+const SOON_AT_MOST_EVERY: Duration = Duration::from_millis(1);
 
 /// What a consumed record is, decided on the consumer thread.
 #[derive(Debug, PartialEq)]

@@ -24,14 +24,19 @@ use super::messages::{
     Checkpoint, ConsumedRecord, EntityCounts, OutRecord, Outgoing, RecordContent, ShardMsg,
 };
 use super::outbox::Outbox;
+use super::timer_index::{TimerIndex, HELD_TIMERS};
 use super::ShardEnv;
-use crate::cluster::wire::CommandOutcome;
+use crate::cluster::wire::{CommandOutcome, Timer};
 use crate::commands::{failed, CommandMeta};
 use crate::dlq::DeadLetter;
 use crate::effects::{Effects, Output, HEADER_MESSAGE_FROM};
 use crate::entity::{Entity, EntityId, EntityMap, Stored, MAX_ID_BYTES};
 use crate::partitioner::partition_for_key;
 use crate::stats::NodeStats;
+use crate::timers::{HEADER_TIMER, MAX_TIMERS_PER_ENTITY};
+
+/// The most timers one round fires before the shard serves its other messages.
+const FIRE_PER_ROUND: usize = 2_000;
 
 pub(crate) struct ShardActor<E>(PhantomData<fn() -> E>);
 
@@ -63,6 +68,7 @@ struct WaitingForRestore<E: Entity> {
 pub(crate) struct ShardState<E: Entity> {
     shard: u32,
     env: Arc<ShardEnv>,
+    myself: ActorRef<ShardMsg<E>>,
     /// Until the changelog is restored: batches and queries that arrived meanwhile.
     restoring: Option<WaitingForRestore<E>>,
     /// The entities: every one's state, live or passivated. The only copy.
@@ -74,6 +80,10 @@ pub(crate) struct ShardState<E: Entity> {
     /// Command answers owed, each with the first checkpoint that may commit its change: sent
     /// once a checkpoint at or after it commits, never before.
     owed: Vec<(u64, Owed)>,
+    /// The earliest pending timers of the shard's entities (the timers live in their states).
+    timers: TimerIndex,
+    /// When the next [`ShardMsg::Timers`] is due, if one is scheduled.
+    wake_at: Option<i64>,
 }
 
 /// A command's answer, for the node that sent it.
@@ -92,10 +102,11 @@ struct BatchOutcome {
 }
 
 impl<E: Entity> ShardState<E> {
-    fn new(shard: u32, env: Arc<ShardEnv>) -> Self {
+    fn new(shard: u32, env: Arc<ShardEnv>, myself: ActorRef<ShardMsg<E>>) -> Self {
         Self {
             shard,
             env,
+            myself,
             restoring: Some(WaitingForRestore {
                 batches: Vec::new(),
                 queries: Vec::new(),
@@ -106,6 +117,8 @@ impl<E: Entity> ShardState<E> {
             processed: None,
             outbox: Outbox::default(),
             owed: Vec::new(),
+            timers: TimerIndex::new(HELD_TIMERS),
+            wake_at: None,
         }
     }
 
@@ -117,7 +130,8 @@ impl<E: Entity> ShardState<E> {
         for record in batch {
             match record.content {
                 RecordContent::Event(id, event) => {
-                    self.apply(record.offset, id, &event, now, &mut outcome)
+                    let input = (record.offset, record.at_ms);
+                    self.apply(input, id, &event, now, &mut outcome)
                 }
                 RecordContent::Command(id, Ok(command), meta) => {
                     self.command(record.offset, id, &command, *meta, now, &mut outcome)
@@ -149,12 +163,14 @@ impl<E: Entity> ShardState<E> {
         NodeStats::add(&self.env.stats.events_skipped_replayed, outcome.replays);
         self.activated(outcome.activated);
         self.env.gate.release(count);
+        self.arm_timers();
     }
 
-    /// Applies one event to its entity (activating it) unless its state already includes it.
+    /// Applies one event (at its offset and time) to its entity (activating it) unless its
+    /// state already includes it.
     fn apply(
         &mut self,
-        offset: i64,
+        (offset, at_ms): (i64, i64),
         id: EntityId,
         event: &E::Event,
         now: Instant,
@@ -164,7 +180,7 @@ impl<E: Entity> ShardState<E> {
             outcome.activated += 1;
         }
         let stored = self.states.entry(id.clone()).or_default();
-        let mut effects = Effects::new(&id, self.shard, offset, false);
+        let mut effects = Effects::new(&id, self.shard, offset, at_ms, false);
         match catch_unwind(AssertUnwindSafe(|| {
             stored.apply::<E>(offset, event, &mut effects)
         })) {
@@ -219,7 +235,7 @@ impl<E: Entity> ShardState<E> {
         let remembered = meta
             .idempotency_key
             .as_deref()
-            .and_then(|key| stored.remembered.as_ref()?.get(key));
+            .and_then(|key| stored.acting.as_ref()?.remembered.get(key));
         if let Some(answer) = remembered {
             let answer = answer.clone();
             outcome.replays += 1;
@@ -232,7 +248,7 @@ impl<E: Entity> ShardState<E> {
             outcome.replays += 1;
             return;
         }
-        let mut effects = Effects::<E>::new(&id, self.shard, offset, true);
+        let mut effects = Effects::<E>::new(&id, self.shard, offset, meta.at_ms, true);
         let ran = catch_unwind(AssertUnwindSafe(|| {
             E::handle(&mut stored.state, command, &mut effects)
         }));
@@ -264,67 +280,244 @@ impl<E: Entity> ShardState<E> {
                 .states
                 .get_mut(&id)
                 .expect("the entity was just stored");
-            stored
-                .remembered
-                .get_or_insert_default()
-                .remember(key, answer.clone(), meta.at_ms);
+            stored.acting.get_or_insert_default().remembered.remember(
+                key,
+                answer.clone(),
+                meta.at_ms,
+            );
         }
         self.outbox.changed(&id);
         self.owe(meta, answer);
     }
 
-    /// The messages and records the input at `offset` of entity `from` produced, for the next
-    /// checkpoint. One that cannot be written (a message to a type this node does not host or
-    /// to an invalid id, a record without a topic) is dead-lettered with the reason instead.
+    /// The messages, records and timers the input at `offset` of entity `from` produced, for
+    /// the next checkpoint. One that cannot be written (a message or timer to a type this node
+    /// does not host or to an invalid id, a record without a topic, a timer beyond the
+    /// entity's limit) is dead-lettered with the reason instead.
     fn send_outputs(&mut self, from: &EntityId, offset: i64, outputs: Vec<Output>) {
+        let mut writes = false;
         for output in outputs {
-            let record = match output {
+            let done = match output {
                 Output::Message {
                     to_type,
                     to_type_name,
                     id,
                     value,
-                } => match self.env.destinations.of(to_type) {
-                    None => Err(format!(
-                        "a message to entity {id} of {to_type_name}, a type this node does not host"
-                    )),
-                    Some(_) if id.is_empty() || id.len() > MAX_ID_BYTES => Err(format!(
-                        "a message to an entity id of {} bytes (1 to {MAX_ID_BYTES} allowed)",
-                        id.len()
-                    )),
-                    Some((topic, partitions)) => Ok(OutRecord {
-                        topic: topic.to_owned(),
-                        partition: Some(partition_for_key(id.as_bytes(), partitions)),
-                        key: Some(id.into_bytes()),
-                        value: Some(value),
-                        headers: vec![(
-                            HEADER_MESSAGE_FROM,
-                            format!("{}/{from}", self.env.input_topic),
-                        )],
+                } => self
+                    .destination(to_type, to_type_name, &id)
+                    .map(|(topic, partition)| {
+                        self.outbox.push(Outgoing::Record(Box::new(OutRecord {
+                            topic,
+                            partition: Some(partition),
+                            key: Some(id.into_bytes()),
+                            value: Some(value),
+                            headers: vec![(HEADER_MESSAGE_FROM, self.sender(from))],
+                        })));
+                        writes = true;
                     }),
-                },
                 Output::Record { topic, .. } if topic.is_empty() => {
                     Err("an emitted record without a topic".to_owned())
                 }
-                Output::Record { topic, key, value } => Ok(OutRecord {
-                    topic,
-                    partition: None,
-                    key,
-                    value,
-                    headers: Vec::new(),
-                }),
-            };
-            match record {
-                Ok(record) => self.outbox.push(Outgoing::Record(Box::new(record))),
-                Err(reason) => {
-                    tracing::warn!(
-                        "entity {from} of shard {} (input at offset {offset}): {reason}: dead-lettered",
-                        self.shard
-                    );
-                    self.dead_letter(from, offset, reason);
+                Output::Record { topic, key, value } => {
+                    self.outbox.push(Outgoing::Record(Box::new(OutRecord {
+                        topic,
+                        partition: None,
+                        key,
+                        value,
+                        headers: Vec::new(),
+                    })));
+                    writes = true;
+                    Ok(())
                 }
+                Output::SetTimer {
+                    name,
+                    at_ms,
+                    to,
+                    value,
+                } => {
+                    let target = match to {
+                        None => Ok((String::new(), 0, String::new())),
+                        Some((to_type, to_type_name, id)) => self
+                            .destination(to_type, to_type_name, &id)
+                            .map(|(topic, partition)| (topic, partition, id)),
+                    };
+                    target.and_then(|(topic, partition, to)| {
+                        self.set_timer(
+                            from,
+                            Timer {
+                                name,
+                                at_ms,
+                                message: value,
+                                topic,
+                                partition,
+                                to,
+                            },
+                        )
+                    })
+                }
+                Output::CancelTimer { name } => {
+                    self.cancel_timer(from, &name);
+                    Ok(())
+                }
+            };
+            if let Err(reason) = done {
+                tracing::warn!(
+                    "entity {from} of shard {} (input at offset {offset}): {reason}: dead-lettered",
+                    self.shard
+                );
+                self.dead_letter(from, offset, reason);
             }
         }
+        if writes {
+            self.env.commit_soon.store(true, Ordering::Release);
+        }
+    }
+
+    /// The input topic and partition of entity `id` of a hosted type.
+    fn destination(
+        &self,
+        to_type: std::any::TypeId,
+        to_type_name: &str,
+        id: &str,
+    ) -> Result<(String, u32), String> {
+        match self.env.destinations.of(to_type) {
+            None => Err(format!(
+                "a message to entity {id} of {to_type_name}, a type this node does not host"
+            )),
+            Some(_) if id.is_empty() || id.len() > MAX_ID_BYTES => Err(format!(
+                "a message to an entity id of {} bytes (1 to {MAX_ID_BYTES} allowed)",
+                id.len()
+            )),
+            Some((topic, partitions)) => Ok((
+                topic.to_owned(),
+                partition_for_key(id.as_bytes(), partitions),
+            )),
+        }
+    }
+
+    /// The `message.from` header of what entity `id` sends.
+    fn sender(&self, id: &EntityId) -> String {
+        format!("{}/{id}", self.env.input_topic)
+    }
+
+    /// Stores `timer` with entity `id`'s state (replacing one of the same name) and indexes it.
+    fn set_timer(&mut self, id: &EntityId, timer: Timer) -> Result<(), String> {
+        let stored = self.states.get_mut(id).expect("the entity just ran");
+        let acting = stored.acting.get_or_insert_default();
+        if acting.timers.len() >= MAX_TIMERS_PER_ENTITY
+            && !acting.timers.iter().any(|t| t.name == timer.name)
+        {
+            return Err(format!(
+                "timer {} would be the entity's {}th pending timer ({MAX_TIMERS_PER_ENTITY} allowed)",
+                timer.name,
+                MAX_TIMERS_PER_ENTITY + 1
+            ));
+        }
+        let key = (timer.at_ms, id.clone(), timer.name.clone());
+        if let Some(old) = acting.timers.set(timer) {
+            self.timers.remove(&(old.at_ms, id.clone(), old.name));
+        }
+        self.timers.insert(key);
+        NodeStats::add(&self.env.stats.timers_set, 1);
+        Ok(())
+    }
+
+    fn cancel_timer(&mut self, id: &EntityId, name: &str) {
+        let Some(stored) = self.states.get_mut(id) else {
+            return;
+        };
+        let Some(acting) = stored.acting.as_mut() else {
+            return;
+        };
+        if let Some(old) = acting.timers.remove(name) {
+            self.timers.remove(&(old.at_ms, id.clone(), old.name));
+        }
+        if acting.is_empty() {
+            stored.acting = None;
+        }
+    }
+
+    /// Fires the timers due now (up to [`FIRE_PER_ROUND`]): each leaves its entity's state and
+    /// its message is written to the target, both with the next checkpoint, so a timer fires
+    /// exactly once (see `timers`).
+    fn fire_due_timers(&mut self) {
+        if self.restoring.is_some() {
+            return;
+        }
+        if self.timers.needs_rebuild() {
+            self.rebuild_timer_index();
+        }
+        let now = unix_ms();
+        let due = self.timers.take_due(now, FIRE_PER_ROUND);
+        let mut fired = 0;
+        for (_, id, name) in due {
+            let Some(stored) = self.states.get_mut(&id) else {
+                continue;
+            };
+            let Some(acting) = stored.acting.as_mut() else {
+                continue;
+            };
+            let Some(timer) = acting.timers.remove(&name) else {
+                continue;
+            };
+            if acting.is_empty() {
+                stored.acting = None;
+            }
+            let (topic, partition, key) = if timer.topic.is_empty() {
+                (self.env.input_topic.clone(), self.shard, id.to_string())
+            } else {
+                (timer.topic, timer.partition, timer.to)
+            };
+            tracing::debug!("timer {name} of entity {id} (shard {}) fired", self.shard);
+            self.outbox.push(Outgoing::Record(Box::new(OutRecord {
+                topic,
+                partition: Some(partition),
+                key: Some(key.into_bytes()),
+                value: Some(timer.message),
+                headers: vec![
+                    (HEADER_MESSAGE_FROM, self.sender(&id)),
+                    (HEADER_TIMER, name),
+                ],
+            })));
+            self.outbox.changed(&id);
+            fired += 1;
+        }
+        if fired > 0 {
+            NodeStats::add(&self.env.stats.timers_fired, fired);
+            self.env.commit_soon.store(true, Ordering::Release);
+        }
+        self.wake_at = None;
+        self.arm_timers();
+    }
+
+    /// Schedules a [`ShardMsg::Timers`] for the earliest pending timer, unless one is due by then.
+    fn arm_timers(&mut self) {
+        if self.timers.needs_rebuild() {
+            self.rebuild_timer_index();
+        }
+        let Some(next) = self.timers.next_at() else {
+            return;
+        };
+        if self.wake_at.is_some_and(|at| at <= next) {
+            return;
+        }
+        self.wake_at = Some(next);
+        let delay = Duration::from_millis(u64::try_from(next - unix_ms()).unwrap_or(0));
+        self.myself.send_after(delay, || ShardMsg::Timers);
+    }
+
+    /// Indexes the earliest of every entity's timers (after a restore, or once the held ones
+    /// have fired).
+    fn rebuild_timer_index(&mut self) {
+        let all = self.states.iter().flat_map(|(id, stored)| {
+            stored.acting.iter().flat_map(move |acting| {
+                acting
+                    .timers
+                    .iter()
+                    .map(move |t| (t.at_ms, id.clone(), t.name.clone()))
+            })
+        });
+        self.timers.rebuild(all);
     }
 
     /// `answer` goes to the command's sender once the next checkpoint (or a later one) commits.
@@ -337,7 +530,7 @@ impl<E: Entity> ShardState<E> {
                 outcome,
             },
         ));
-        self.env.answers_owed.store(true, Ordering::Release);
+        self.env.commit_soon.store(true, Ordering::Release);
     }
 
     /// Checkpoint `seq` committed: the answers it made durable go to their senders.
@@ -438,6 +631,10 @@ impl<E: Entity> ShardState<E> {
                 self.env.readiness.shard_restored();
                 NodeStats::add(&self.env.stats.entities_restored, states.len() as u64);
                 self.states = states;
+                // The restored states' timers: overdue ones fire now, once each.
+                self.rebuild_timer_index();
+                self.wake_at = None;
+                self.arm_timers();
                 for batch in batches {
                     self.run(batch);
                 }
@@ -479,6 +676,7 @@ impl<E: Entity> ShardState<E> {
                 self.outbox.committed(seq);
                 self.answer_committed(seq);
             }
+            ShardMsg::Timers => self.fire_due_timers(),
             ShardMsg::Tick => {
                 let passivated = self
                     .live
@@ -495,6 +693,13 @@ impl<E: Entity> ShardState<E> {
             }
         }
     }
+}
+
+/// Wall-clock time in ms since the epoch: timers are due by it.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The text of a caught panic.
@@ -520,7 +725,7 @@ impl<E: Entity> Actor for ShardActor<E> {
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
         myself.send_interval(tick, || ShardMsg::Tick);
         args.env.readiness.shard_restoring();
-        Ok(ShardState::new(args.shard, args.env))
+        Ok(ShardState::new(args.shard, args.env, myself))
     }
 
     async fn post_stop(
@@ -595,7 +800,7 @@ mod tests {
             input_topic: "input".into(),
             commands: Arc::new(crate::commands::PendingCommands::new("me".into())),
             destinations: Arc::new(crate::effects::Destinations::default()),
-            answers_owed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            commit_soon: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -604,6 +809,7 @@ mod tests {
             .iter()
             .map(|(offset, id, value)| ConsumedRecord {
                 offset: *offset,
+                at_ms: 0,
                 content: RecordContent::Event((*id).into(), *value),
             })
             .collect()
@@ -677,6 +883,7 @@ mod tests {
     ) -> ConsumedRecord<i64> {
         ConsumedRecord {
             offset,
+            at_ms: 1_000 + offset,
             content: RecordContent::Command(
                 id.into(),
                 Ok(value),
@@ -710,7 +917,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert!(env.answers_owed.load(Ordering::Acquire), "answers owed");
+        assert!(env.commit_soon.load(Ordering::Acquire), "answers owed");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             deposit.arrived().is_none(),
@@ -719,7 +926,13 @@ mod tests {
         // The checkpoint's state includes the change and the remembered answers.
         let (_, stored) = &checkpoint.states[0];
         assert_eq!(stored.state, SumState { count: 1, sum: 100 });
-        assert!(stored.remembered.as_ref().unwrap().get("d-1").is_some());
+        assert!(stored
+            .acting
+            .as_ref()
+            .unwrap()
+            .remembered
+            .get("d-1")
+            .is_some());
         shard
             .cast(ShardMsg::Checkpointed {
                 seq: checkpoint.seq,
@@ -829,6 +1042,7 @@ mod tests {
         shard
             .cast(ShardMsg::Consumed(vec![ConsumedRecord {
                 offset: 4,
+                at_ms: 0,
                 content: RecordContent::Event("a".into(), SumState { count: 0, sum: 5 }),
             }]))
             .unwrap();
@@ -876,6 +1090,151 @@ mod tests {
             letters[0].reason
         );
         assert_eq!(letters[0].source_offset, 4);
+        shard.stop(None);
+    }
+
+    /// Sets a timer "ring" at its input's time + n ms for a positive n (its message: -1),
+    /// cancels it on 0, and counts the rings (negative inputs).
+    struct Alarm;
+
+    impl Entity for Alarm {
+        type Event = i64;
+        type State = SumState;
+        type Query = SumState;
+        type Reply = SumState;
+        type Codec = Prost;
+
+        fn decode(id: &str, value: Option<&[u8]>) -> Result<i64, Rejection> {
+            Sum::decode(id, value)
+        }
+        fn apply(state: &mut SumState, event: &i64) {
+            Sum::apply(state, event)
+        }
+        fn query(state: &SumState, _: &SumState) -> SumState {
+            state.clone()
+        }
+        fn handle(state: &mut SumState, event: &i64, effects: &mut Effects<'_, Self>) {
+            match *event {
+                0 => effects.cancel_timer("ring"),
+                n if n > 0 => effects
+                    .set_timer("ring", effects.now_ms() + n, -1)
+                    .expect("within the limits"),
+                n => Self::apply(state, &n),
+            }
+        }
+    }
+
+    /// The records a checkpoint writes for entities' effects.
+    fn records<S>(checkpoint: Checkpoint<S>) -> Vec<OutRecord> {
+        checkpoint
+            .outgoing
+            .into_iter()
+            .filter_map(|o| match o {
+                Outgoing::Record(r) => Some(*r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_timer_fires_once_when_due_from_the_state_that_holds_it_and_a_cancelled_one_never() {
+        let env = env(100);
+        let shard = start::<Alarm>(&env).await;
+        shard
+            .cast(ShardMsg::Restored(EntityMap::default()))
+            .unwrap();
+        // Inputs stamped 10 s ago: "a" rings 10.1 s after its input (100 ms from now), "b"
+        // too but is cancelled, "c" is set for a day and then reset to ring with "a".
+        let then = unix_ms() - 10_000;
+        let input = |offset, id: &str, n| ConsumedRecord {
+            offset,
+            at_ms: then,
+            content: RecordContent::Event(id.into(), n),
+        };
+        env.gate.acquire(5, Duration::ZERO);
+        shard
+            .cast(ShardMsg::Consumed(vec![
+                input(1, "a", 10_100),
+                input(2, "b", 10_100),
+                input(3, "b", 0),
+                input(4, "c", 86_400_000),
+                input(5, "c", 10_100),
+            ]))
+            .unwrap();
+        let checkpoint = |shard: ActorRef<ShardMsg<Alarm>>| async move {
+            shard
+                .call(ShardMsg::Checkpoint, None)
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        let first = checkpoint(shard.clone()).await;
+        let pending = |c: &Checkpoint<SumState>, id: &str| {
+            let (_, stored) = c.states.iter().find(|(i, _)| i == id).unwrap();
+            stored.acting.as_ref().map_or(0, |a| a.timers.len())
+        };
+        assert_eq!(
+            (
+                pending(&first, "a"),
+                pending(&first, "b"),
+                pending(&first, "c")
+            ),
+            (1, 0, 1),
+            "the timers travel in the states"
+        );
+        let seq = first.seq;
+        assert!(records(first).is_empty(), "nothing is due yet");
+        shard.cast(ShardMsg::Checkpointed { seq }).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let fired = checkpoint(shard.clone()).await;
+        let seq = fired.seq;
+        assert_eq!(fired.states.len(), 2, "a and c lost their timers");
+        assert!(fired.states.iter().all(|(_, s)| s.acting.is_none()));
+        let mut rings = records(fired);
+        rings.sort_by(|x, y| x.key.cmp(&y.key));
+        assert_eq!(rings.len(), 2, "a and c rang, b was cancelled");
+        for (ring, id) in rings.iter().zip(["a", "c"]) {
+            assert_eq!(ring.topic, "input");
+            assert_eq!(ring.partition, Some(3), "the entity's own partition");
+            assert_eq!(ring.key.as_deref(), Some(id.as_bytes()));
+            assert_eq!(
+                <Prost as crate::entity::Codec<i64>>::decode(ring.value.as_deref().unwrap()),
+                Ok(-1)
+            );
+            assert_eq!(
+                ring.headers,
+                vec![
+                    (HEADER_MESSAGE_FROM, format!("input/{id}")),
+                    (HEADER_TIMER, "ring".to_string())
+                ]
+            );
+        }
+        shard.cast(ShardMsg::Checkpointed { seq }).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(records(checkpoint(shard.clone()).await).is_empty(), "once");
+        assert_eq!(env.stats.timers_fired.get(), 2);
+        shard.stop(None);
+
+        // A restored state with an overdue timer (a standby's, a new owner's): it fires at once.
+        let mut overdue = Stored::new(SumState::default(), 9);
+        overdue.acting.get_or_insert_default().timers.set(Timer {
+            name: "late".into(),
+            at_ms: then,
+            message: vec![],
+            ..Timer::default()
+        });
+        let shard = start::<Alarm>(&env).await;
+        shard
+            .cast(ShardMsg::Restored(
+                [("d".into(), overdue)].into_iter().collect(),
+            ))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let restored = checkpoint(shard.clone()).await;
+        assert_eq!(restored.states.len(), 1);
+        let rings = records(restored);
+        assert_eq!(rings.len(), 1);
+        assert_eq!(rings[0].headers[1], (HEADER_TIMER, "late".to_string()));
         shard.stop(None);
     }
 

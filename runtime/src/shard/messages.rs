@@ -11,6 +11,8 @@ use crate::entity::{Entity, EntityId, EntityMap, Stored};
 /// One record read from this shard's partition.
 pub(crate) struct ConsumedRecord<Ev> {
     pub offset: i64,
+    /// The record's timestamp (ms since the epoch): the input's time for its entity.
+    pub at_ms: i64,
     pub content: RecordContent<Ev>,
 }
 
@@ -107,6 +109,8 @@ pub(crate) enum ShardMsg<E: Entity> {
     },
     /// Passivate idle entities.
     Tick,
+    /// Fire the timers that are due.
+    Timers,
 }
 
 impl<E: Entity> ractor::Message for ShardMsg<E> {}

@@ -5,6 +5,7 @@
 //!   queries, passivation, its checkpoint contribution;
 //! - [`live`]: which entities are live, least recently active first;
 //! - [`outbox`]: what a checkpoint still has to write;
+//! - [`timer_index`]: the shard's earliest pending timers;
 //! - [`messages`]: what the shard receives and hands out.
 //!
 //! This file: the handles the rest of the node reaches a type's shards with.
@@ -13,6 +14,7 @@ mod actor;
 mod live;
 mod messages;
 mod outbox;
+mod timer_index;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
@@ -128,7 +130,8 @@ pub(crate) struct ShardEnv {
     pub commands: Arc<PendingCommands>,
     /// Where messages to each hosted type go.
     pub destinations: Arc<Destinations>,
-    /// Set when a shard owes answers: the consumer starts a checkpoint at once instead of at
-    /// the next interval, so an answer waits for one commit, not for the interval.
-    pub answers_owed: Arc<AtomicBool>,
+    /// Set when a shard owes answers, has messages or emitted records to write or fired
+    /// timers: the consumer starts a checkpoint at once instead of at the next interval, so
+    /// they wait for one commit, not for the interval.
+    pub commit_soon: Arc<AtomicBool>,
 }

@@ -1,0 +1,150 @@
+//! Durable timers: an entity schedules a message to itself or to another entity, at a time,
+//! and may cancel it by name ([`crate::Effects::set_timer`]).
+//!
+//! A timer is part of the entity's stored state (`acting`), so it is in the changelog record
+//! that commits the input which set it, and moves wherever the state moves: a hand-off, a
+//! crash's restore, a standby's promotion, a full restart. The shard that owns the entity keeps
+//! an index of its earliest timers (`shard::timer_index`) and, when one is due, removes it from
+//! the entity's state and writes its message as a record of the target's input topic, both in
+//! the same checkpoint transaction. So a timer fires exactly once: if that transaction aborts
+//! or the node dies first, the committed state still holds the timer and the next owner fires
+//! it; once it commits, the timer is gone and its message is a record like any other input.
+//! After downtime every overdue timer fires once (a timer is one pending record, not a series
+//! of ticks; a periodic timer is one that sets itself again when it fires).
+
+use std::time::Duration;
+
+use crate::cluster::wire::Timer;
+
+/// Header on a fired timer's record: the timer's name.
+pub const HEADER_TIMER: &str = "timer.name";
+
+/// Longest timer name, in bytes.
+pub const MAX_TIMER_NAME_BYTES: usize = 256;
+/// The most timers one entity may have pending; a timer set beyond it is dead-lettered.
+pub const MAX_TIMERS_PER_ENTITY: usize = 1_000;
+/// How far after its input's time a timer may be set.
+pub const MAX_TIMER_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Why [`crate::Effects::set_timer`] refused a timer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimerError {
+    /// The name is empty or longer than [`MAX_TIMER_NAME_BYTES`] (its length).
+    #[error("a timer name must be 1 to {MAX_TIMER_NAME_BYTES} bytes, got {0}")]
+    Name(usize),
+    /// The time is more than [`MAX_TIMER_DELAY`] after the input's.
+    #[error(
+        "a timer at {at_ms} ms is more than {} days after its input's time ({now_ms} ms)",
+        MAX_TIMER_DELAY.as_secs() / 86_400
+    )]
+    TooFar {
+        /// The timer's time (ms since the epoch).
+        at_ms: i64,
+        /// The input's time.
+        now_ms: i64,
+    },
+}
+
+/// Checks a timer's name and time against the limits, for an input at `now_ms`.
+pub(crate) fn check(name: &str, at_ms: i64, now_ms: i64) -> Result<(), TimerError> {
+    if name.is_empty() || name.len() > MAX_TIMER_NAME_BYTES {
+        return Err(TimerError::Name(name.len()));
+    }
+    if at_ms > now_ms.saturating_add(MAX_TIMER_DELAY.as_millis() as i64) {
+        return Err(TimerError::TooFar { at_ms, now_ms });
+    }
+    Ok(())
+}
+
+/// One entity's pending timers, by name (few per entity: a list).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Timers(Vec<Timer>);
+
+impl Timers {
+    pub fn from_wire(timers: Vec<Timer>) -> Self {
+        Self(timers)
+    }
+
+    pub fn to_wire(&self) -> Vec<Timer> {
+        self.0.clone()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Timer> {
+        self.0.iter()
+    }
+
+    /// Sets `timer`, replacing the one of the same name (returned).
+    pub fn set(&mut self, timer: Timer) -> Option<Timer> {
+        match self.0.iter_mut().find(|t| t.name == timer.name) {
+            Some(existing) => Some(std::mem::replace(existing, timer)),
+            None => {
+                self.0.push(timer);
+                None
+            }
+        }
+    }
+
+    /// Removes the timer called `name`, if pending.
+    pub fn remove(&mut self, name: &str) -> Option<Timer> {
+        let at = self.0.iter().position(|t| t.name == name)?;
+        Some(self.0.swap_remove(at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timer(name: &str, at_ms: i64) -> Timer {
+        Timer {
+            name: name.into(),
+            at_ms,
+            ..Timer::default()
+        }
+    }
+
+    #[test]
+    fn a_timer_of_the_same_name_replaces_the_pending_one() {
+        let mut timers = Timers::default();
+        assert_eq!(timers.set(timer("a", 10)), None);
+        assert_eq!(timers.set(timer("b", 20)), None);
+        assert_eq!(timers.set(timer("a", 30)), Some(timer("a", 10)));
+        assert_eq!(timers.len(), 2);
+        assert_eq!(timers.remove("a"), Some(timer("a", 30)));
+        assert_eq!(timers.remove("a"), None);
+        assert_eq!(Timers::from_wire(timers.to_wire()), timers);
+    }
+
+    #[test]
+    fn names_and_times_beyond_the_limits_are_refused() {
+        let now = 1_000_000;
+        assert_eq!(
+            check("t", now - 5, now),
+            Ok(()),
+            "a past time fires at once"
+        );
+        assert_eq!(check("", now, now), Err(TimerError::Name(0)));
+        let long = "n".repeat(MAX_TIMER_NAME_BYTES + 1);
+        assert_eq!(
+            check(&long, now, now),
+            Err(TimerError::Name(MAX_TIMER_NAME_BYTES + 1))
+        );
+        let limit = now + MAX_TIMER_DELAY.as_millis() as i64;
+        assert_eq!(check("t", limit, now), Ok(()));
+        assert_eq!(
+            check("t", limit + 1, now),
+            Err(TimerError::TooFar {
+                at_ms: limit + 1,
+                now_ms: now
+            })
+        );
+    }
+}
