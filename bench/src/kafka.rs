@@ -419,3 +419,40 @@ impl Drop for CommittedTimeline {
         }
     }
 }
+
+/// Every committed record of `topic` up to its current end (read_committed), as `read` makes of
+/// each.
+pub fn read_committed<T>(
+    bootstrap: &str,
+    topic: &str,
+    partitions: u32,
+    read: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> T,
+) -> anyhow::Result<Vec<T>> {
+    let ends = end_offsets(bootstrap, topic, partitions)?;
+    let consumer: BaseConsumer = client(bootstrap, &format!("{topic}-bench-reader")).create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition_offset(topic, *p as i32, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut records = Vec::new();
+    loop {
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            records.push(read(&message?));
+            continue;
+        }
+        let positions = consumer.position()?;
+        let done = ends.iter().all(|(p, end)| {
+            *end == 0
+                || positions
+                    .find_partition(topic, *p as i32)
+                    .and_then(|e| e.offset().to_raw())
+                    .is_some_and(|position| position >= *end)
+        });
+        if done {
+            return Ok(records);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "could not read all of {topic}");
+    }
+}

@@ -134,8 +134,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("{}\n{}", restore.render(), memory.render());
     }
     if wants(Scenario::Commands) {
-        let table = scenarios::commands::run(&setup, stamp).await?;
-        println!("{}", table.render());
+        for table in scenarios::commands::run(&setup, stamp).await? {
+            println!("{}", table.render());
+        }
     }
     if wants(Scenario::Nodes) {
         for table in scenarios::nodes::run(

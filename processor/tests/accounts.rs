@@ -6,64 +6,10 @@ mod support;
 use std::time::Duration;
 
 use kafka_sharding::partitioner::partition_for_key;
-use proto::bank::accounts_client::AccountsClient;
-use proto::bank::{Account, Change, TransferRequest};
+use proto::bank::TransferRequest;
+use support::bank::*;
 use support::*;
-use tonic::transport::Channel;
 use tonic::Code;
-
-/// A client of the node at `url` (connected on first use: nodes may still be starting).
-fn accounts_at(url: String) -> AccountsClient<Channel> {
-    AccountsClient::new(Channel::from_shared(url).unwrap().connect_lazy())
-}
-
-fn change(account: &str, amount: i64, key: &str) -> Change {
-    Change {
-        account: account.into(),
-        amount,
-        idempotency_key: key.into(),
-    }
-}
-
-fn transfer(from: &str, to: &str, amount: i64, key: &str) -> TransferRequest {
-    TransferRequest {
-        from: from.into(),
-        to: to.into(),
-        amount,
-        idempotency_key: key.into(),
-        at_unix_ms: 0,
-    }
-}
-
-/// The shards of entity type `group` node `node` hosts.
-async fn shard_ids(node: &Node, group: &str) -> Vec<u32> {
-    let shards = node
-        .get_json(&format!("/cluster/shards/{group}"))
-        .await
-        .expect("/cluster/shards");
-    shards["regions"]
-        .as_array()
-        .expect("regions")
-        .iter()
-        .map(|r| {
-            r["shardId"]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .expect("a shard id")
-        })
-        .collect()
-}
-
-async fn balance(client: &mut AccountsClient<Channel>, account: &str) -> i64 {
-    client
-        .get_balance(Account {
-            account: account.into(),
-        })
-        .await
-        .expect("a balance")
-        .into_inner()
-        .balance
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn commands_are_answered_once_committed_and_once_per_idempotency_key() {
@@ -336,28 +282,6 @@ async fn a_command_accepted_before_its_owner_dies_is_applied_once_by_the_next_ow
         "the retry gets the first answer"
     );
     assert_eq!(balance(&mut via1, &account).await, 150, "applied once");
-}
-
-/// The balance, or `None` while the account's owner cannot answer (a rebalance, a restart).
-async fn try_balance(client: &mut AccountsClient<Channel>, account: &str) -> Option<i64> {
-    let answer = client.get_balance(Account {
-        account: account.into(),
-    });
-    Some(answer.await.ok()?.into_inner().balance)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-fn scheduled(from: &str, to: &str, amount: i64, key: &str, at_unix_ms: i64) -> TransferRequest {
-    TransferRequest {
-        at_unix_ms,
-        ..transfer(from, to, amount, key)
-    }
 }
 
 /// The records of `topic` keyed `key`.

@@ -27,22 +27,23 @@ const MEASURE: Duration = Duration::from_secs(10);
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What one closed loop measured.
-struct Loop {
-    latencies: Histogram<u64>,
-    seconds: f64,
-    errors: u64,
+pub(super) struct Loop {
+    pub latencies: Histogram<u64>,
+    pub seconds: f64,
+    pub errors: u64,
 }
 
 impl Loop {
-    fn per_second(&self) -> f64 {
+    pub fn per_second(&self) -> f64 {
         self.latencies.len() as f64 / self.seconds
     }
-    fn ms(&self, quantile: f64) -> f64 {
+    pub fn ms(&self, quantile: f64) -> f64 {
         self.latencies.value_at_quantile(quantile) as f64 / 1000.0
     }
 }
 
-fn histogram() -> Histogram<u64> {
+/// Microseconds, up to a minute.
+pub(super) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
@@ -59,7 +60,7 @@ fn create_topic(setup: &Setup, topic: &str, partitions: u32) -> anyhow::Result<(
     Ok(())
 }
 
-pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Table> {
+pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
     let (input, output) = (
         format!("bench-rt-in-{stamp}"),
         format!("bench-rt-out-{stamp}"),
@@ -116,6 +117,7 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Table> {
         eprintln!("commands: deposits at concurrency {concurrency}");
         loops.push((concurrency, deposits(&channel, concurrency).await?));
     }
+    let acting = super::acting::run(setup, &channel, &bank, stamp, &bare).await?;
     node.stop()?;
 
     let mut table = Table::new(
@@ -163,7 +165,7 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Table> {
         table.row(row);
     }
     table.note("One node hosting the accounts (8 partitions), the client (this harness, tonic) and the broker on the same machine. Each deposit carries a fresh idempotency key (its answer is remembered in the account's state). The bare loop: one partition in, one out, one record at a time, in one thread; each step waits for the previous.");
-    Ok(table)
+    Ok(vec![table, acting])
 }
 
 /// `concurrency` workers, each depositing into accounts of its own and waiting for each answer.

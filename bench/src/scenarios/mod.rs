@@ -1,5 +1,6 @@
 //! The benchmark scenarios; each returns its markdown table(s).
 
+pub mod acting;
 pub mod commands;
 pub mod nodes;
 pub mod queries;

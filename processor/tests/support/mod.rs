@@ -3,6 +3,8 @@
 //! assignment, topic contents) to check the nodes against.
 #![allow(dead_code)]
 
+pub mod bank;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -624,6 +626,16 @@ pub fn read_topic_at(bootstrap: &str, topic: &str) -> Vec<ReadRecord> {
             m.key().map(|k| k.to_vec()),
             headers,
         )
+    })
+}
+
+/// A record's key and value.
+pub type KeyValue = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Every committed record's key and value, on the brokers at `bootstrap`.
+pub fn read_topic_values_at(bootstrap: &str, topic: &str) -> Vec<KeyValue> {
+    read_committed(bootstrap, topic, |m| {
+        (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec))
     })
 }
 

@@ -1,0 +1,82 @@
+//! Clients of the bank accounts (`accounts`, hosted with `processor --accounts-topic`).
+
+use proto::bank::accounts_client::AccountsClient;
+use proto::bank::{Account, Change, TransferRequest};
+use tonic::transport::Channel;
+
+use super::Node;
+
+/// A client of the node at `url` (connected on first use: nodes may still be starting).
+pub fn accounts_at(url: String) -> AccountsClient<Channel> {
+    AccountsClient::new(Channel::from_shared(url).unwrap().connect_lazy())
+}
+
+pub fn change(account: &str, amount: i64, key: &str) -> Change {
+    Change {
+        account: account.into(),
+        amount,
+        idempotency_key: key.into(),
+    }
+}
+
+pub fn transfer(from: &str, to: &str, amount: i64, key: &str) -> TransferRequest {
+    TransferRequest {
+        from: from.into(),
+        to: to.into(),
+        amount,
+        idempotency_key: key.into(),
+        at_unix_ms: 0,
+    }
+}
+
+/// The shards of entity type `group` node `node` hosts.
+pub async fn shard_ids(node: &Node, group: &str) -> Vec<u32> {
+    let shards = node
+        .get_json(&format!("/cluster/shards/{group}"))
+        .await
+        .expect("/cluster/shards");
+    shards["regions"]
+        .as_array()
+        .expect("regions")
+        .iter()
+        .map(|r| {
+            r["shardId"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("a shard id")
+        })
+        .collect()
+}
+
+pub async fn balance(client: &mut AccountsClient<Channel>, account: &str) -> i64 {
+    client
+        .get_balance(Account {
+            account: account.into(),
+        })
+        .await
+        .expect("a balance")
+        .into_inner()
+        .balance
+}
+
+/// The balance, or `None` while the account's owner cannot answer (a rebalance, a restart).
+pub async fn try_balance(client: &mut AccountsClient<Channel>, account: &str) -> Option<i64> {
+    let answer = client.get_balance(Account {
+        account: account.into(),
+    });
+    Some(answer.await.ok()?.into_inner().balance)
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+pub fn scheduled(from: &str, to: &str, amount: i64, key: &str, at_unix_ms: i64) -> TransferRequest {
+    TransferRequest {
+        at_unix_ms,
+        ..transfer(from, to, amount, key)
+    }
+}
