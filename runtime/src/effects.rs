@@ -13,6 +13,94 @@ use crate::entity::{Codec, Entity};
 use crate::timers::{self, TimerError};
 
 /// The effects of one input, given to [`Entity::handle`].
+///
+/// An entity that acts: a reminder per id that a command arms (answered once the timer is
+/// committed), that a command cancels, and whose ring (the timer's own message, run by
+/// `handle` on whichever node owns the entity when it is due) is counted and emitted.
+///
+/// ```
+/// use std::time::Duration;
+/// use kafka_sharding::{Codec, DecodeError, Effects, Entity, Rejection};
+///
+/// struct Reminder;
+///
+/// #[derive(Debug, Clone, Copy, PartialEq)]
+/// enum Input { Arm(u64), Cancel, Ring }
+///
+/// impl Entity for Reminder {
+///     type Event = Input;
+///     type State = u64; // rings so far
+///     type Query = ();
+///     type Reply = u64;
+///     type Codec = Text;
+///
+///     fn decode(_id: &str, value: Option<&[u8]>) -> Result<Input, Rejection> {
+///         Ok(Text::decode(value.unwrap_or_default())?)
+///     }
+///     fn apply(rings: &mut u64, input: &Input) {
+///         if *input == Input::Ring {
+///             *rings += 1;
+///         }
+///     }
+///     fn query(rings: &u64, _: &()) -> u64 {
+///         *rings
+///     }
+///     fn handle(rings: &mut u64, input: &Input, effects: &mut Effects<'_, Self>) {
+///         match *input {
+///             // The delay counts from the input's timestamp (`effects.now_ms()`): deterministic.
+///             Input::Arm(ms) => match effects.set_timer_after("ring", Duration::from_millis(ms), Input::Ring) {
+///                 Ok(()) => effects.reply(*rings),
+///                 Err(too_far) => effects.refuse(too_far.to_string()),
+///             },
+///             Input::Cancel => {
+///                 effects.cancel_timer("ring");
+///                 effects.reply(*rings);
+///             }
+///             Input::Ring => {
+///                 *rings += 1;
+///                 // Exactly once, with the commit of this change (the topic must exist).
+///                 let count = rings.to_string().into_bytes();
+///                 effects.emit("rings", Some(effects.id().as_bytes()), Some(count));
+///             }
+///         }
+///     }
+/// }
+///
+/// /// Inputs as text ("arm 500", "cancel", "ring"); counts as decimal text.
+/// struct Text;
+/// impl Codec<Input> for Text {
+///     fn encode(input: &Input) -> Vec<u8> {
+///         match input {
+///             Input::Arm(ms) => format!("arm {ms}").into_bytes(),
+///             Input::Cancel => b"cancel".to_vec(),
+///             Input::Ring => b"ring".to_vec(),
+///         }
+///     }
+///     fn decode(bytes: &[u8]) -> Result<Input, DecodeError> {
+///         match std::str::from_utf8(bytes).unwrap_or("").split_once(' ') {
+///             Some(("arm", ms)) => ms.parse().map(Input::Arm).map_err(|e| DecodeError(e.to_string())),
+///             None if bytes == b"cancel" => Ok(Input::Cancel),
+///             None if bytes == b"ring" => Ok(Input::Ring),
+///             _ => Err(DecodeError(format!("not an input: {}", String::from_utf8_lossy(bytes)))),
+///         }
+///     }
+/// }
+/// impl Codec<u64> for Text {
+///     fn encode(n: &u64) -> Vec<u8> { n.to_string().into_bytes() }
+///     fn decode(bytes: &[u8]) -> Result<u64, DecodeError> {
+///         std::str::from_utf8(bytes).ok().and_then(|t| t.parse().ok())
+///             .ok_or_else(|| DecodeError("not a count".into()))
+///     }
+/// }
+/// impl Codec<()> for Text {
+///     fn encode(_: &()) -> Vec<u8> { Vec::new() }
+///     fn decode(_: &[u8]) -> Result<(), DecodeError> { Ok(()) }
+/// }
+///
+/// assert_eq!(Reminder::decode("r-1", Some(b"arm 500")), Ok(Input::Arm(500)));
+/// assert_eq!(<Text as Codec<Input>>::decode(&Text::encode(&Input::Ring)), Ok(Input::Ring));
+/// assert!(Reminder::decode("r-1", Some(b"arm soon")).is_err());
+/// ```
 pub struct Effects<'a, E: Entity> {
     id: &'a str,
     /// The input's partition and offset (its identity in the input topic).
