@@ -497,12 +497,12 @@ async fn rebalance_churn_during_checkpoints_loses_nothing() {
 }
 
 /// The sum of every series of `metrics` whose name and labels start with `prefix`.
-fn sum_of(metrics: &std::collections::BTreeMap<String, f64>, prefix: &str) -> f64 {
+/// The sum of the series starting with `prefix`, and how many there are.
+fn sum_of(metrics: &std::collections::BTreeMap<String, f64>, prefix: &str) -> (f64, usize) {
     metrics
         .iter()
         .filter(|(series, _)| series.starts_with(prefix))
-        .map(|(_, v)| v)
-        .sum()
+        .fold((0.0, 0), |(sum, n), (_, v)| (sum + v, n + 1))
 }
 
 /// A node's gauge `name` of the test's entity type (0 when the node has no such series).
@@ -547,17 +547,31 @@ async fn a_dead_nodes_open_transaction_is_aborted_by_the_new_owner_instead_of_ti
     .await;
 
     // Everything node 2 processed is committed (its consumer lag is 0: the checkpoint commits
-    // offsets and states together) and node 1's standbys have read it.
-    eventually(
-        Duration::from_secs(30),
-        "node 2's checkpoints to be committed and read by node 1's standbys",
-        || async {
-            let lag = sum_of(&node2.metrics().await?, "processor_consumer_lag{");
-            let standby_lag = sum_of(&node1.metrics().await?, "processor_standby_lag_records{");
-            (lag == 0.0 && standby_lag == 0.0).then_some(())
-        },
-    )
-    .await;
+    // offsets and states together) and node 1's standbys have read it: a lag series for each
+    // of node 2's shards on both nodes, all 0, and every moved user in the standbys. The lags
+    // are measured every second, so the check must hold twice, a measurement apart (a lag of
+    // 0 measured before node 2's last checkpoint would pass once).
+    let caught_up = || async {
+        let (lag, lags) = sum_of(&node2.metrics().await?, "processor_consumer_lag{");
+        let (standby_lag, standby_lags) =
+            sum_of(&node1.metrics().await?, "processor_standby_lag_records{");
+        let standby_entities = gauge(&node1, &spec, "standby_entities").await;
+        (lags >= split[1].len()
+            && standby_lags >= split[1].len()
+            && lag == 0.0
+            && standby_lag == 0.0
+            && standby_entities == moved_users.len() as f64)
+            .then_some(())
+    };
+    for _ in 0..2 {
+        eventually(
+            Duration::from_secs(30),
+            "node 2's checkpoints to be committed and read by node 1's standbys",
+            caught_up,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+    }
 
     node2.kill();
     let killed = Instant::now();

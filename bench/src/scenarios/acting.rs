@@ -345,3 +345,124 @@ async fn timers(
     }
     Ok(result)
 }
+
+/// Accounts in the pending-timers memory measurement.
+const MEMORY_ACCOUNTS: u64 = 1_000_000;
+
+/// One node's memory after 1 000 000 accounts' records: a deposit each (the baseline), or a
+/// transfer scheduled a day ahead each (a pending timer per account, plus a remembered nothing:
+/// records are not commands). The difference is what the pending timers cost.
+pub(super) async fn timer_memory(setup: &Setup, stamp: u64) -> anyhow::Result<Table> {
+    let events = format!("bench-tmem-events-{stamp}");
+    super::commands::create_topic(setup, &events, 8)?;
+    let day_ahead = now_ms() + 86_400_000;
+    let mut rss = Vec::new();
+    for (variant, value) in [
+        (
+            "deposits",
+            Box::new(|_: u64| r#"{"Deposit":{"amount":100}}"#.to_owned())
+                as Box<dyn Fn(u64) -> String + Send>,
+        ),
+        (
+            "timers",
+            Box::new(move |i: u64| {
+                format!(
+                    r#"{{"ScheduleTransfer":{{"to":"payee","amount":1,"at_ms":{day_ahead},"transfer_id":"t-{i}"}}}}"#
+                )
+            }),
+        ),
+    ] {
+        let topic = format!("bench-tmem-{variant}-{stamp}");
+        let group = format!("bench-tmem-{variant}-group-{stamp}");
+        super::commands::create_topic(setup, &topic, 8)?;
+        eprintln!("commands: {MEMORY_ACCOUNTS} accounts' {variant}");
+        let bootstrap = setup.bootstrap.clone();
+        let produced = topic.clone();
+        tokio::task::spawn_blocking(move || produce_accounts(&bootstrap, &produced, value))
+            .await??;
+        let mut node = crate::nodes::NodeProcess::start(
+            setup,
+            1,
+            &events,
+            &format!("bench-tmem-{variant}-{stamp}"),
+            &["--accounts-topic", &topic, "--accounts-group", &group],
+        )?;
+        let (bootstrap, waited) = (setup.bootstrap.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let ends = crate::kafka::end_offsets(&bootstrap, &waited, PARTITIONS)?;
+            crate::kafka::wait_committed(
+                &bootstrap,
+                &group,
+                &waited,
+                &ends,
+                Duration::from_secs(600),
+            )?;
+            Ok(())
+        })
+        .await??;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        rss.push(node.rss_bytes()?);
+        node.stop()?;
+    }
+    let mib = |b: u64| format!("{:.0} MiB", b as f64 / (1024.0 * 1024.0));
+    let mut table = Table::new(
+        "Pending timers' memory: one node after 1 000 000 accounts, without and with a timer each",
+        &[
+            "run",
+            "RSS",
+            "per account",
+            "per pending timer (difference)",
+        ],
+    );
+    table.row(vec![
+        "a deposit per account (baseline)".into(),
+        mib(rss[0]),
+        format!("{} B", rss[0] / MEMORY_ACCOUNTS),
+        String::new(),
+    ]);
+    table.row(vec![
+        "a transfer scheduled a day ahead per account".into(),
+        mib(rss[1]),
+        format!("{} B", rss[1] / MEMORY_ACCOUNTS),
+        format!("{} B", rss[1].saturating_sub(rss[0]) / MEMORY_ACCOUNTS),
+    ]);
+    table.note("Each run a fresh node hosting the accounts (8 partitions) of a topic of 1 000 000 records, one per account (JSON, written with the Java-compatible partitioner), RSS 2 s after the group's committed offsets reached the end. A timer lives in its account's stored state (name, time, message); the shard's index holds at most 8 192 per shard.");
+    Ok(table)
+}
+
+/// Writes one record per account, keyed by account id, partitioned as the runtime does.
+fn produce_accounts(
+    bootstrap: &str,
+    topic: &str,
+    value: Box<dyn Fn(u64) -> String + Send>,
+) -> anyhow::Result<()> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    for i in 0..MEMORY_ACCOUNTS {
+        let (key, payload) = (format!("acct-{i}"), value(i));
+        let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(120))?;
+    Ok(())
+}

@@ -47,7 +47,7 @@ pub(super) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
-fn create_topic(setup: &Setup, topic: &str, partitions: u32) -> anyhow::Result<()> {
+pub(super) fn create_topic(setup: &Setup, topic: &str, partitions: u32) -> anyhow::Result<()> {
     let out = Command::new(setup.bin("producer"))
         .args(["--bootstrap-servers", &setup.bootstrap, "--topic", topic])
         .args(["--partitions", &partitions.to_string(), "--count", "0"])
@@ -119,6 +119,7 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
     }
     let acting = super::acting::run(setup, &channel, &bank, stamp, &bare).await?;
     node.stop()?;
+    let timer_memory = super::acting::timer_memory(setup, stamp).await?;
 
     let mut table = Table::new(
         &format!(
@@ -165,7 +166,7 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
         table.row(row);
     }
     table.note("One node hosting the accounts (8 partitions), the client (this harness, tonic) and the broker on the same machine. Each deposit carries a fresh idempotency key (its answer is remembered in the account's state). The bare loop: one partition in, one out, one record at a time, in one thread; each step waits for the previous.");
-    Ok(vec![table, acting])
+    Ok(vec![table, acting, timer_memory])
 }
 
 /// `concurrency` workers, each depositing into accounts of its own and waiting for each answer.
