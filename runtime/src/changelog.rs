@@ -314,11 +314,11 @@ mod tests {
             acting
                 .remembered
                 .remember("key-1".into(), crate::commands::failed("no".into()), 5);
-            acting.timers.set(crate::cluster::wire::Timer {
+            acting.timers.set(crate::timers::PendingTimer {
                 name: "t".into(),
                 at_ms: 7,
-                message: vec![1, 2],
-                ..Default::default()
+                message: Box::new([1, 2]),
+                to: None,
             });
             stored.acting = Some(Box::new(acting));
             let value = encode::<Sum>(&stored);

@@ -11,7 +11,12 @@
 //! to the cluster.
 //!
 //! An application writes an [`Entity`] (a deterministic state machine: decode a record, apply
-//! an event, answer a query), hosts it on a [`Node`] and asks it through [`Entities`]:
+//! an event, answer a query), hosts it on a [`Node`] and asks it through [`Entities`]. An
+//! entity that *acts* writes [`Entity::handle`] too: through [`Effects`] it answers commands
+//! ([`Entities::command`], answered once the change is committed, once per idempotency key),
+//! messages other entities, emits records to any topic and sets durable timers, each exactly
+//! once with the state change that caused it (the example on [`Effects`]; the accounts
+//! application in the repository).
 //!
 //! ```
 //! use kafka_sharding::{Codec, DecodeError, Entity, EntityType, Node, NodeArgs, NodeConfig, Rejection};

@@ -56,17 +56,71 @@ pub(crate) fn check(name: &str, at_ms: i64, now_ms: i64) -> Result<(), TimerErro
     Ok(())
 }
 
-/// One entity's pending timers, by name (few per entity: a list).
+/// A pending timer as an entity's state holds it: the wire form (`cluster.proto`'s `Timer`)
+/// without its empty fields and spare capacity, since a node may hold millions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PendingTimer {
+    /// Unique per entity.
+    pub name: Box<str>,
+    /// When it fires (ms since the epoch).
+    pub at_ms: i64,
+    /// The record value: the target type's event codec bytes.
+    pub message: Box<[u8]>,
+    /// Another entity; `None`: the entity that set it.
+    pub to: Option<Box<Target>>,
+}
+
+/// Another entity a timer's message goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub topic: String,
+    pub partition: u32,
+    pub id: String,
+}
+
+impl PendingTimer {
+    fn from_wire(t: Timer) -> Self {
+        Self {
+            name: t.name.into(),
+            at_ms: t.at_ms,
+            message: t.message.into(),
+            to: (!t.topic.is_empty()).then(|| {
+                Box::new(Target {
+                    topic: t.topic,
+                    partition: t.partition,
+                    id: t.to,
+                })
+            }),
+        }
+    }
+
+    fn to_wire(&self) -> Timer {
+        let (topic, partition, to) = match self.to.as_deref() {
+            Some(t) => (t.topic.clone(), t.partition, t.id.clone()),
+            None => (String::new(), 0, String::new()),
+        };
+        Timer {
+            name: self.name.to_string(),
+            at_ms: self.at_ms,
+            message: self.message.to_vec(),
+            topic,
+            partition,
+            to,
+        }
+    }
+}
+
+/// One entity's pending timers, by name (few per entity: a list, grown one at a time).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Timers(Vec<Timer>);
+pub(crate) struct Timers(Vec<PendingTimer>);
 
 impl Timers {
     pub fn from_wire(timers: Vec<Timer>) -> Self {
-        Self(timers)
+        Self(timers.into_iter().map(PendingTimer::from_wire).collect())
     }
 
     pub fn to_wire(&self) -> Vec<Timer> {
-        self.0.clone()
+        self.0.iter().map(PendingTimer::to_wire).collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -77,15 +131,17 @@ impl Timers {
         self.0.len()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Timer> {
+    pub fn iter(&self) -> impl Iterator<Item = &PendingTimer> {
         self.0.iter()
     }
 
     /// Sets `timer`, replacing the one of the same name (returned).
-    pub fn set(&mut self, timer: Timer) -> Option<Timer> {
+    pub fn set(&mut self, timer: PendingTimer) -> Option<PendingTimer> {
         match self.0.iter_mut().find(|t| t.name == timer.name) {
             Some(existing) => Some(std::mem::replace(existing, timer)),
             None => {
+                // Exactly one more: a first push would reserve room for four.
+                self.0.reserve_exact(1);
                 self.0.push(timer);
                 None
             }
@@ -93,9 +149,11 @@ impl Timers {
     }
 
     /// Removes the timer called `name`, if pending.
-    pub fn remove(&mut self, name: &str) -> Option<Timer> {
-        let at = self.0.iter().position(|t| t.name == name)?;
-        Some(self.0.swap_remove(at))
+    pub fn remove(&mut self, name: &str) -> Option<PendingTimer> {
+        let at = self.0.iter().position(|t| &*t.name == name)?;
+        let removed = self.0.swap_remove(at);
+        self.0.shrink_to_fit();
+        Some(removed)
     }
 }
 
@@ -103,11 +161,12 @@ impl Timers {
 mod tests {
     use super::*;
 
-    fn timer(name: &str, at_ms: i64) -> Timer {
-        Timer {
+    fn timer(name: &str, at_ms: i64) -> PendingTimer {
+        PendingTimer {
             name: name.into(),
             at_ms,
-            ..Timer::default()
+            message: Box::new([1, 2]),
+            to: None,
         }
     }
 
@@ -116,8 +175,16 @@ mod tests {
         let mut timers = Timers::default();
         assert_eq!(timers.set(timer("a", 10)), None);
         assert_eq!(timers.set(timer("b", 20)), None);
+        timers.set(PendingTimer {
+            to: Some(Box::new(Target {
+                topic: "other".into(),
+                partition: 3,
+                id: "x".into(),
+            })),
+            ..timer("c", 25)
+        });
         assert_eq!(timers.set(timer("a", 30)), Some(timer("a", 10)));
-        assert_eq!(timers.len(), 2);
+        assert_eq!(timers.len(), 3);
         assert_eq!(timers.remove("a"), Some(timer("a", 30)));
         assert_eq!(timers.remove("a"), None);
         assert_eq!(Timers::from_wire(timers.to_wire()), timers);

@@ -26,14 +26,14 @@ use super::messages::{
 use super::outbox::Outbox;
 use super::timer_index::{TimerIndex, HELD_TIMERS};
 use super::ShardEnv;
-use crate::cluster::wire::{CommandOutcome, Timer};
+use crate::cluster::wire::CommandOutcome;
 use crate::commands::{failed, CommandMeta};
 use crate::dlq::DeadLetter;
 use crate::effects::{Effects, Output, HEADER_MESSAGE_FROM};
 use crate::entity::{Entity, EntityId, EntityMap, Stored, MAX_ID_BYTES};
 use crate::partitioner::partition_for_key;
 use crate::stats::NodeStats;
-use crate::timers::{HEADER_TIMER, MAX_TIMERS_PER_ENTITY};
+use crate::timers::{PendingTimer, Target, HEADER_TIMER, MAX_TIMERS_PER_ENTITY};
 
 /// The most timers one round fires before the shard serves its other messages.
 const FIRE_PER_ROUND: usize = 2_000;
@@ -336,20 +336,24 @@ impl<E: Entity> ShardState<E> {
                     value,
                 } => {
                     let target = match to {
-                        None => Ok((String::new(), 0, String::new())),
+                        None => Ok(None),
                         Some((to_type, to_type_name, id)) => self
                             .destination(to_type, to_type_name, &id)
-                            .map(|(topic, partition)| (topic, partition, id)),
+                            .map(|(topic, partition)| {
+                                Some(Box::new(Target {
+                                    topic,
+                                    partition,
+                                    id,
+                                }))
+                            }),
                     };
-                    target.and_then(|(topic, partition, to)| {
+                    target.and_then(|to| {
                         self.set_timer(
                             from,
-                            Timer {
-                                name,
+                            PendingTimer {
+                                name: name.into(),
                                 at_ms,
-                                message: value,
-                                topic,
-                                partition,
+                                message: value.into(),
                                 to,
                             },
                         )
@@ -401,7 +405,7 @@ impl<E: Entity> ShardState<E> {
     }
 
     /// Stores `timer` with entity `id`'s state (replacing one of the same name) and indexes it.
-    fn set_timer(&mut self, id: &EntityId, timer: Timer) -> Result<(), String> {
+    fn set_timer(&mut self, id: &EntityId, timer: PendingTimer) -> Result<(), String> {
         let stored = self.states.get_mut(id).expect("the entity just ran");
         let acting = stored.acting.get_or_insert_default();
         if acting.timers.len() >= MAX_TIMERS_PER_ENTITY
@@ -413,9 +417,10 @@ impl<E: Entity> ShardState<E> {
                 MAX_TIMERS_PER_ENTITY + 1
             ));
         }
-        let key = (timer.at_ms, id.clone(), timer.name.clone());
+        let key = (timer.at_ms, id.clone(), timer.name.to_string());
         if let Some(old) = acting.timers.set(timer) {
-            self.timers.remove(&(old.at_ms, id.clone(), old.name));
+            self.timers
+                .remove(&(old.at_ms, id.clone(), old.name.into()));
         }
         self.timers.insert(key);
         NodeStats::add(&self.env.stats.timers_set, 1);
@@ -430,7 +435,8 @@ impl<E: Entity> ShardState<E> {
             return;
         };
         if let Some(old) = acting.timers.remove(name) {
-            self.timers.remove(&(old.at_ms, id.clone(), old.name));
+            self.timers
+                .remove(&(old.at_ms, id.clone(), old.name.into()));
         }
         if acting.is_empty() {
             stored.acting = None;
@@ -463,17 +469,16 @@ impl<E: Entity> ShardState<E> {
             if acting.is_empty() {
                 stored.acting = None;
             }
-            let (topic, partition, key) = if timer.topic.is_empty() {
-                (self.env.input_topic.clone(), self.shard, id.to_string())
-            } else {
-                (timer.topic, timer.partition, timer.to)
+            let (topic, partition, key) = match timer.to {
+                None => (self.env.input_topic.clone(), self.shard, id.to_string()),
+                Some(to) => (to.topic, to.partition, to.id),
             };
             tracing::debug!("timer {name} of entity {id} (shard {}) fired", self.shard);
             self.outbox.push(Outgoing::Record(Box::new(OutRecord {
                 topic,
                 partition: Some(partition),
                 key: Some(key.into_bytes()),
-                value: Some(timer.message),
+                value: Some(timer.message.into_vec()),
                 headers: vec![
                     (HEADER_MESSAGE_FROM, self.sender(&id)),
                     (HEADER_TIMER, name),
@@ -514,7 +519,7 @@ impl<E: Entity> ShardState<E> {
                 acting
                     .timers
                     .iter()
-                    .map(move |t| (t.at_ms, id.clone(), t.name.clone()))
+                    .map(move |t| (t.at_ms, id.clone(), t.name.to_string()))
             })
         });
         self.timers.rebuild(all);
@@ -1217,12 +1222,16 @@ mod tests {
 
         // A restored state with an overdue timer (a standby's, a new owner's): it fires at once.
         let mut overdue = Stored::new(SumState::default(), 9);
-        overdue.acting.get_or_insert_default().timers.set(Timer {
-            name: "late".into(),
-            at_ms: then,
-            message: vec![],
-            ..Timer::default()
-        });
+        overdue
+            .acting
+            .get_or_insert_default()
+            .timers
+            .set(PendingTimer {
+                name: "late".into(),
+                at_ms: then,
+                message: Box::new([]),
+                to: None,
+            });
         let shard = start::<Alarm>(&env).await;
         shard
             .cast(ShardMsg::Restored(
