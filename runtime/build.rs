@@ -1,4 +1,4 @@
-//! Compiles the node-to-node protocol and the owners service with a vendored `protoc` (no
+//! Compiles the node-to-node protocol and the owners and entities services with a vendored `protoc` (no
 //! system protoc needed).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -11,7 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
     tonic_prost_build::configure()
-        .file_descriptor_set_path(out_dir.join("owners_descriptor.bin"))
-        .compile_with_config(config, &["proto/owners.proto"], &["proto"])?;
+        .file_descriptor_set_path(out_dir.join("services_descriptor.bin"))
+        .compile_with_config(
+            config,
+            &["proto/owners.proto", "proto/entities.proto"],
+            &["proto"],
+        )?;
     Ok(())
 }

@@ -17,7 +17,7 @@
 
 pub mod service;
 
-use kafka_sharding::{Codec, DecodeError, Effects, Entity, Rejection};
+use kafka_sharding::{Effects, Entity, Json, Rejection};
 use serde::{Deserialize, Serialize};
 
 /// The entity type: one per account, keyed by account id.
@@ -231,6 +231,8 @@ impl Entity for Accounts {
     type State = Account;
     type Query = ();
     type Reply = i64;
+    /// JSON for ops and states (changelog and commands), and the balance and the empty
+    /// query between nodes.
     type Codec = Json;
 
     fn decode(_id: &str, value: Option<&[u8]>) -> Result<Op, Rejection> {
@@ -261,19 +263,6 @@ impl Entity for Accounts {
     }
 }
 
-/// JSON for ops and states (changelog and commands), and the balance and the empty query
-/// between nodes.
-pub struct Json;
-
-impl<T: Serialize + for<'de> Deserialize<'de>> Codec<T> for Json {
-    fn encode(value: &T) -> Vec<u8> {
-        serde_json::to_vec(value).expect("ops, accounts and balances serialise")
-    }
-    fn decode(bytes: &[u8]) -> Result<T, DecodeError> {
-        serde_json::from_slice(bytes).map_err(|e| DecodeError(e.to_string()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,7 +286,9 @@ mod tests {
             amount: 7,
             transfer_id: None,
         };
-        assert_eq!(<Json as Codec<Op>>::decode(&Json::encode(&op)), Ok(op));
+        use kafka_sharding::Codec;
+        let bytes = <Json as Codec<Op>>::encode(&op).unwrap();
+        assert_eq!(<Json as Codec<Op>>::decode(&bytes), Ok(op));
         assert_eq!(
             Accounts::decode("a", Some(br#"{"Deposit":{"amount":5}}"#)),
             Ok(Op::Deposit { amount: 5 })

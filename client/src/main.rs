@@ -18,6 +18,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use futures::stream::{self, StreamExt};
+use kafka_sharding::entities_service::pb::entities_client::EntitiesClient;
+use kafka_sharding::entities_service::pb::AskRequest;
 use kafka_sharding::owners::{OwnerDirectory, OwnerDirectoryError};
 use proto::ledger::{ExpectedTotals, Ledger};
 use proto::service::user_service_client::UserServiceClient;
@@ -110,6 +112,20 @@ enum Command {
     },
     #[command(flatten)]
     Bank(Bank),
+    /// Ask entity ID of any hosted TYPE (its consumer group) through the nodes' generic
+    /// `Entities` service; prints the reply as text when it is UTF-8 (a JSON codec's), else
+    /// as hex (protobuf).
+    Ask {
+        #[arg(value_name = "TYPE")]
+        entity_type: String,
+        id: String,
+        /// The query in the type's codec, as text (JSON for a JSON codec).
+        #[arg(long, conflicts_with = "query_hex")]
+        query: Option<String>,
+        /// The query in the type's codec, as hex bytes (protobuf); empty when neither is given.
+        #[arg(long)]
+        query_hex: Option<String>,
+    },
     /// Print the gRPC address of the node that owns each ID (of the type `--group` names, or
     /// the nodes' only type), as the nodes' Owners service tells.
     Owner {
@@ -570,6 +586,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
             concurrency,
         }) => verify(connect(&target).await?, ledger, concurrency).await,
         Some(Command::Bank(command)) => bank(&target, command).await,
+        Some(Command::Ask {
+            entity_type,
+            id,
+            query,
+            query_hex,
+        }) => {
+            let query = match (query, query_hex) {
+                (Some(text), _) => text.into_bytes(),
+                (None, Some(hex)) => decode_hex(&hex)?,
+                (None, None) => Vec::new(),
+            };
+            let mut entities = EntitiesClient::new(connect_channel(&target).await?);
+            let reply = entities
+                .ask(AskRequest {
+                    entity_type,
+                    id,
+                    query,
+                    max_staleness_ms: target.max_staleness_ms,
+                })
+                .await
+                .map_err(|status| anyhow::anyhow!("{:?}: {}", status.code(), status.message()))?
+                .into_inner();
+            match String::from_utf8(reply.reply) {
+                Ok(text) => println!("{text}"),
+                Err(bytes) => println!("{}", encode_hex(bytes.as_bytes())),
+            }
+            eprintln!("(route: {})", reply.route);
+            Ok(())
+        }
         Some(Command::Owner { ids }) => {
             let any_node = connect_channel(&target).await?;
             let group = target.direct.clone().unwrap_or_default();
@@ -610,4 +655,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn main() -> std::process::ExitCode {
     let args: Args = proto::cli::parse_or_exit();
     proto::cli::exit_code("client", run(args).await)
+}
+
+/// Bytes written as hex digits (`--query-hex`).
+fn decode_hex(hex: &str) -> anyhow::Result<Vec<u8>> {
+    let hex = hex.trim();
+    if !hex.len().is_multiple_of(2) {
+        anyhow::bail!("--query-hex needs an even number of hex digits");
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16)
+                .map_err(|_| anyhow::anyhow!("--query-hex is not hex: {hex}"))
+        })
+        .collect()
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -14,37 +14,12 @@ use tonic::Code;
 #[tokio::test(flavor = "multi_thread")]
 async fn commands_are_answered_once_committed_and_once_per_idempotency_key() {
     require_broker();
-    let mut spec = ClusterSpec::new("accounts", 22_500);
-    spec.create_topic(4);
-    let mut bank = spec.clone();
-    bank.topic = unique("accounts-bank");
-    bank.create_topic(8);
-    let accounts_group = unique("accounts-group");
-    spec.extra_args = vec![
-        "--accounts-topic".into(),
-        bank.topic.clone(),
-        "--accounts-group".into(),
-        accounts_group.clone(),
-    ];
+    let (spec, accounts_group) = bank_cluster(ClusterSpec::new("accounts", 22_500));
     let node1 = spec.start_node(1);
     let mut node2 = spec.start_node(2);
     let (mut via1, mut via2) = (accounts_at(spec.grpc_url(1)), accounts_at(spec.grpc_url(2)));
     // Both nodes own accounts shards: commands cross between them.
-    eventually(
-        Duration::from_secs(60),
-        "both nodes to own account shards",
-        || async {
-            let mut owned = Vec::new();
-            for node in [&node1, &node2] {
-                let shards = node
-                    .get_json(&format!("/cluster/shards/{accounts_group}"))
-                    .await?;
-                owned.push(shards["regions"].as_array()?.len());
-            }
-            (owned.iter().all(|n| *n > 0) && owned.iter().sum::<usize>() == 8).then_some(())
-        },
-    )
-    .await;
+    wait_for_account_split(&[&node1, &node2], &accounts_group).await;
 
     // A deposit through node 1, for accounts on both nodes: answered with the new balance,
     // and visible to a query through the other node as soon as it is answered.
@@ -208,41 +183,11 @@ async fn commands_are_answered_once_committed_and_once_per_idempotency_key() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_accepted_before_its_owner_dies_is_applied_once_by_the_next_owner() {
     require_broker();
-    let mut spec = ClusterSpec::new("accounts-crash", 23_500);
-    spec.create_topic(4);
-    let mut bank = spec.clone();
-    bank.topic = unique("accounts-crash-bank");
-    bank.create_topic(8);
-    let accounts_group = unique("accounts-crash-group");
-    spec.extra_args = vec![
-        "--accounts-topic".into(),
-        bank.topic.clone(),
-        "--accounts-group".into(),
-        accounts_group.clone(),
-    ];
+    let (spec, accounts_group) = bank_cluster(ClusterSpec::new("accounts-crash", 23_500));
     let node1 = spec.start_node(1);
     let mut node2 = spec.start_node(2);
     let mut via1 = accounts_at(spec.grpc_url(1));
-    eventually(
-        Duration::from_secs(60),
-        "both nodes to own account shards",
-        || async {
-            let (a, b) = (
-                node1
-                    .get_json(&format!("/cluster/shards/{accounts_group}"))
-                    .await?,
-                node2
-                    .get_json(&format!("/cluster/shards/{accounts_group}"))
-                    .await?,
-            );
-            let (a, b) = (
-                a["regions"].as_array()?.len(),
-                b["regions"].as_array()?.len(),
-            );
-            (a > 0 && b > 0 && a + b == 8).then_some(())
-        },
-    )
-    .await;
+    wait_for_account_split(&[&node1, &node2], &accounts_group).await;
     let node2_shards = shard_ids(&node2, &accounts_group).await;
     let account = (0..100)
         .map(|i| format!("crash-{i}"))
@@ -295,36 +240,11 @@ fn keyed(topic: &str, key: &str) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 async fn scheduled_transfers_fire_once_when_due_through_a_crash_and_a_full_restart() {
     require_broker();
-    let mut spec = ClusterSpec::new("accounts-timers", 24_500);
-    spec.create_topic(4);
-    let mut bank = spec.clone();
-    bank.topic = unique("accounts-timers-bank");
-    bank.create_topic(8);
-    let accounts_group = unique("accounts-timers-group");
-    spec.extra_args = vec![
-        "--accounts-topic".into(),
-        bank.topic.clone(),
-        "--accounts-group".into(),
-        accounts_group.clone(),
-    ];
+    let (spec, accounts_group) = bank_cluster(ClusterSpec::new("accounts-timers", 24_500));
     let node1 = spec.start_node(1);
     let mut node2 = spec.start_node(2);
     let mut via1 = accounts_at(spec.grpc_url(1));
-    eventually(
-        Duration::from_secs(60),
-        "both nodes to own account shards",
-        || async {
-            let mut owned = Vec::new();
-            for node in [&node1, &node2] {
-                let shards = node
-                    .get_json(&format!("/cluster/shards/{accounts_group}"))
-                    .await?;
-                owned.push(shards["regions"].as_array()?.len());
-            }
-            (owned.iter().all(|n| *n > 0) && owned.iter().sum::<usize>() == 8).then_some(())
-        },
-    )
-    .await;
+    wait_for_account_split(&[&node1, &node2], &accounts_group).await;
     let on_node2 = shard_ids(&node2, &accounts_group).await;
     let owned_by_2 = |a: &String| on_node2.contains(&partition_for_key(a.as_bytes(), 8));
     let names: Vec<String> = (0..200).map(|i| format!("t-{i}")).collect();
@@ -494,35 +414,10 @@ async fn ten_thousand_scheduled_transfers_fire_once_and_never_early_through_kill
     const TRANSFERS: i64 = 10_000;
     const PAYERS: i64 = 100;
     const PAYEES: i64 = 20;
-    let mut spec = ClusterSpec::new("timers", 25_500);
-    spec.create_topic(4);
-    let mut bank = spec.clone();
-    bank.topic = unique("timers-bank");
-    bank.create_topic(8);
-    let accounts_group = unique("timers-group");
-    spec.extra_args = vec![
-        "--accounts-topic".into(),
-        bank.topic.clone(),
-        "--accounts-group".into(),
-        accounts_group.clone(),
-    ];
+    let (spec, accounts_group) = bank_cluster(ClusterSpec::new("timers", 25_500));
     let mut node1 = spec.start_node(1);
     let mut node2 = spec.start_node(2);
-    eventually(
-        Duration::from_secs(60),
-        "both nodes to own account shards",
-        || async {
-            let mut owned = Vec::new();
-            for node in [&node1, &node2] {
-                let shards = node
-                    .get_json(&format!("/cluster/shards/{accounts_group}"))
-                    .await?;
-                owned.push(shards["regions"].as_array()?.len());
-            }
-            (owned.iter().all(|n| *n > 0) && owned.iter().sum::<usize>() == 8).then_some(())
-        },
-    )
-    .await;
+    wait_for_account_split(&[&node1, &node2], &accounts_group).await;
     let run = unique("tm");
     let payer = |i: i64| format!("{run}-payer-{}", i % PAYERS);
     let payee = |i: i64| format!("{run}-payee-{}", i % PAYEES);

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use kafka_sharding::partitioner::partition_for_key;
+use processor::purchases::Totals;
 use proto::ledger::Ledger;
 use proto::service::user_service_client::UserServiceClient;
 use proto::service::UserStatsRequest;
@@ -203,6 +204,102 @@ async fn two_nodes_split_the_partitions_and_count_every_event_locally() {
         forwarded_in, 300,
         "every misrouted event is applied by its shard's owner once"
     );
+
+    // The generic routes answer for any user through either node, with no code of the
+    // application's: curl on the management port, grpcurl (by reflection) on the gRPC port.
+    // The query is `()` (empty protobuf), the reply the entity's `Totals`.
+    let mut routes = BTreeSet::new();
+    for n in 0..30 {
+        let user = format!("misrouted-{n}");
+        let want = expected.expected(&user);
+        for i in [1, 2] {
+            for (how, answer) in [
+                (
+                    "curl",
+                    curl_ask(spec.management(i), &spec.group, &user, b""),
+                ),
+                (
+                    "grpcurl",
+                    grpcurl_ask(spec.grpc(i), &spec.group, &user, b""),
+                ),
+            ] {
+                let (reply, route) = answer.unwrap_or_else(|e| panic!("{how} via node {i}: {e:?}"));
+                let totals: Totals = prost::Message::decode(&reply[..]).unwrap();
+                assert_eq!(
+                    (totals.purchases, totals.amount_spent),
+                    (want.purchases, want.amount_spent),
+                    "{how} via node {i} for {user}"
+                );
+                routes.insert(route);
+            }
+        }
+    }
+    assert_eq!(
+        routes,
+        BTreeSet::from(["local".to_string(), "remote".to_string()]),
+        "each user answered locally by its owner and one hop away by the other node"
+    );
+    // `client ask` goes the same way: the reply's protobuf bytes, printed as hex.
+    let want = expected.expected("misrouted-3");
+    let out = std::process::Command::new(bin("client"))
+        .args([
+            "--addr",
+            &spec.grpc_url(2),
+            "ask",
+            &spec.group,
+            "misrouted-3",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let totals = Totals {
+        purchases: want.purchases,
+        amount_spent: want.amount_spent,
+    };
+    let hex: String = prost::Message::encode_to_vec(&totals)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), hex);
+    for (how, answer, status) in [
+        (
+            "unknown type",
+            curl_ask(spec.management(1), "no-such-type", "u", b""),
+            "404",
+        ),
+        (
+            "over-long id",
+            curl_ask(spec.management(1), &spec.group, &"x".repeat(300), b""),
+            "400",
+        ),
+        (
+            "undecodable query",
+            curl_ask(spec.management(2), &spec.group, "u", b"\xff"),
+            "400",
+        ),
+        (
+            "unknown type",
+            grpcurl_ask(spec.grpc(1), "no-such-type", "u", b""),
+            "5",
+        ),
+        (
+            "over-long id",
+            grpcurl_ask(spec.grpc(2), &spec.group, &"x".repeat(300), b""),
+            "3",
+        ),
+        (
+            "undecodable query",
+            grpcurl_ask(spec.grpc(1), &spec.group, "u", b"\xff"),
+            "3",
+        ),
+    ] {
+        let (code, message) = answer.expect_err(how);
+        assert_eq!(code, status, "{how}: {message}");
+    }
 }
 
 /// Answers to gRPC requests node `node` has counted, by route (`local`, `remote`, ...).

@@ -90,36 +90,11 @@ async fn definitely(op: &Op, i: u64, nodes: &[String]) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn money_is_conserved_through_crashes_a_leave_a_join_and_a_broker_outage() {
     let broker = Broker::start(19_800, 1);
-    let mut spec = ClusterSpec::new("money", 26_500).on(&broker);
-    spec.create_topic(4);
-    let mut bank = spec.clone();
-    bank.topic = unique("money-bank");
-    bank.create_topic(8);
-    let accounts_group = unique("money-group");
-    spec.extra_args = vec![
-        "--accounts-topic".into(),
-        bank.topic.clone(),
-        "--accounts-group".into(),
-        accounts_group.clone(),
-    ];
+    let (spec, accounts_group) = bank_cluster(ClusterSpec::new("money", 26_500).on(&broker));
     let mut node1 = spec.start_node(1);
     let mut node2 = spec.start_node(2);
     let mut node3 = spec.start_node(3);
-    eventually(
-        Duration::from_secs(90),
-        "three nodes to own account shards",
-        || async {
-            let mut owned = Vec::new();
-            for node in [&node1, &node2, &node3] {
-                let shards = node
-                    .get_json(&format!("/cluster/shards/{accounts_group}"))
-                    .await?;
-                owned.push(shards["regions"].as_array()?.len());
-            }
-            (owned.iter().all(|n| *n > 0) && owned.iter().sum::<usize>() == 8).then_some(())
-        },
-    )
-    .await;
+    wait_for_account_split(&[&node1, &node2, &node3], &accounts_group).await;
     let run = unique("m");
     let nodes: Vec<String> = (1..=4).map(|i| spec.grpc_url(i)).collect();
     // Every account opens with a deposit.

@@ -21,20 +21,25 @@ impl Acting {
         self.remembered.is_empty() && self.timers.is_empty()
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    /// The runtime's part of a changelog value: `acting` (if any) and the version of the
+    /// state encoding beside it (left out when 1).
+    pub fn encode(acting: Option<&Self>, state_version: u32) -> Vec<u8> {
         ActingState {
-            answers: self.remembered.to_wire(),
-            timers: self.timers.to_wire(),
+            answers: acting.map(|a| a.remembered.to_wire()).unwrap_or_default(),
+            timers: acting.map(|a| a.timers.to_wire()).unwrap_or_default(),
+            state_version: if state_version == 1 { 0 } else { state_version },
         }
         .encode_to_vec()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+    /// What [`Acting::encode`] wrote, and the state's version.
+    pub fn decode(bytes: &[u8]) -> Result<(Self, u32), DecodeError> {
         let wire = ActingState::decode(bytes)
             .map_err(|e| DecodeError(format!("remembered answers and timers: {e}")))?;
-        Ok(Self {
+        let acting = Self {
             remembered: Remembered::from_wire(wire.answers),
             timers: Timers::from_wire(wire.timers),
-        })
+        };
+        Ok((acting, wire.state_version.max(1)))
     }
 }

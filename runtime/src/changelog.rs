@@ -17,7 +17,7 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::acting::Acting;
-use crate::entity::{Codec, DecodeError, Entity, EntityId, EntityMap, Stored};
+use crate::entity::{Codec, DecodeError, EncodeError, Entity, EntityId, EntityMap, Stored};
 use crate::kafka_admin::{list_offsets, with_debug};
 use crate::kafka_health::QuietContext;
 
@@ -91,81 +91,122 @@ pub(crate) fn readers(
 }
 
 /// The changelog value for a state: the envelope around the entity's state codec. An entity
-/// with remembered command answers or pending timers (`acting`) gets the extended envelope
-/// `[marker: 8 bytes][length: 4 bytes big-endian][answers and timers][state bytes]`, where the
-/// marker is `-(last_offset + 3)`: always below -1, which no `last_offset` is, so both shapes
-/// read back without a header and entities that never answer commands pay nothing.
-pub(crate) fn encode<E: Entity>(stored: &Stored<E::State>) -> Vec<u8> {
-    let state = <E::Codec as Codec<E::State>>::encode(&stored.state);
-    let Some(acting) = stored.acting.as_ref().filter(|a| !a.is_empty()) else {
+/// with remembered command answers or pending timers (`acting`), or whose state encoding is
+/// past version 1 ([`Entity::STATE_VERSION`]), gets the extended envelope
+/// `[marker: 8 bytes][length: 4 bytes big-endian][answers, timers, version][state bytes]`,
+/// where the marker is `-(last_offset + 3)`: always below -1, which no `last_offset` is, so
+/// both shapes read back without a header and plain entities pay nothing.
+pub(crate) fn encode<E: Entity>(stored: &Stored<E::State>) -> Result<Vec<u8>, EncodeError> {
+    let state = <E::Codec as Codec<E::State>>::encode(&stored.state)?;
+    let acting = stored.acting.as_deref().filter(|a| !a.is_empty());
+    if acting.is_none() && E::STATE_VERSION == 1 {
         let mut value = Vec::with_capacity(8 + state.len());
         value.extend_from_slice(&stored.last_offset.to_be_bytes());
         value.extend_from_slice(&state);
-        return value;
-    };
-    let answers = acting.encode();
-    let mut value = Vec::with_capacity(12 + answers.len() + state.len());
+        return Ok(value);
+    }
+    let runtime_part = Acting::encode(acting, E::STATE_VERSION);
+    let mut value = Vec::with_capacity(12 + runtime_part.len() + state.len());
     value.extend_from_slice(&(-(stored.last_offset + 3)).to_be_bytes());
-    value.extend_from_slice(&(answers.len() as u32).to_be_bytes());
-    value.extend_from_slice(&answers);
+    value.extend_from_slice(&(runtime_part.len() as u32).to_be_bytes());
+    value.extend_from_slice(&runtime_part);
     value.extend_from_slice(&state);
-    value
+    Ok(value)
 }
 
-/// The state in a changelog value.
+/// The state in a changelog value, upcast to this build's [`Entity::STATE_VERSION`].
 pub(crate) fn decode<E: Entity>(value: &[u8]) -> Result<Stored<E::State>, DecodeError> {
     let short = || DecodeError(format!("{} bytes: shorter than the envelope", value.len()));
     let (first, rest) = value.split_first_chunk::<8>().ok_or_else(short)?;
     let first = i64::from_be_bytes(*first);
     if first >= -1 {
-        return Ok(Stored::new(
-            <E::Codec as Codec<E::State>>::decode(rest)?,
-            first,
-        ));
+        return Ok(Stored::new(decode_state::<E>(1, rest)?, first));
     }
     let (length, rest) = rest.split_first_chunk::<4>().ok_or_else(short)?;
     let length = u32::from_be_bytes(*length) as usize;
     if rest.len() < length {
         return Err(short());
     }
-    let (answers, state) = rest.split_at(length);
+    let (runtime_part, state) = rest.split_at(length);
+    let (acting, version) = Acting::decode(runtime_part)?;
     Ok(Stored {
-        state: <E::Codec as Codec<E::State>>::decode(state)?,
+        state: decode_state::<E>(version, state)?,
         last_offset: -first - 3,
-        acting: Some(Box::new(Acting::decode(answers)?)),
+        acting: (!acting.is_empty()).then(|| Box::new(acting)),
     })
 }
 
-/// A changelog record's value read from outside the runtime (inspection tools, benchmarks):
+/// A state's bytes written in encoding `version`: decoded, or migrated from an older version.
+fn decode_state<E: Entity>(version: u32, bytes: &[u8]) -> Result<E::State, DecodeError> {
+    let current = E::STATE_VERSION;
+    match version.cmp(&current) {
+        std::cmp::Ordering::Equal => <E::Codec as Codec<E::State>>::decode(bytes).map_err(|e| {
+            DecodeError(format!("the state (version {version}) does not decode: {e}"))
+        }),
+        std::cmp::Ordering::Less => E::migrate(version, bytes).map_err(|e| {
+            DecodeError(format!(
+                "the state was written in version {version}, this build reads version {current}, and it does not migrate: {e}"
+            ))
+        }),
+        std::cmp::Ordering::Greater => Err(DecodeError(format!(
+            "the state was written in version {version} by a later build; this one reads up to version {current}"
+        ))),
+    }
+}
+
+/// A changelog value read from outside the runtime (inspection tools, benchmarks):
 /// the entity's state and the offset, in the entity's input partition, of the last event
 /// applied to it. A record without a value (a tombstone) deletes the entity.
 pub fn decode_value<E: Entity>(value: &[u8]) -> Result<(E::State, i64), DecodeError> {
     decode::<E>(value).map(|stored| (stored.state, stored.last_offset))
 }
 
+/// A changelog record whose state this build cannot read. Its shard is refused rather than
+/// restored without it: skipping the record would bring the entity back with an older state or
+/// none (after a codec change, every entity), and its next checkpoint would overwrite the
+/// state for good.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "changelog {topic} partition {partition} offset {offset} (entity {key}): {reason}. The shard \
+     processes nothing until a build that reads this state runs (raise Entity::STATE_VERSION and \
+     write Entity::migrate for an incompatible change)"
+)]
+pub struct UnreadableState {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: i64,
+    /// The record's key (lossily as text).
+    pub key: String,
+    pub reason: DecodeError,
+}
+
 /// Folds one changelog record into a partition's states (a tombstone deletes); restores and
-/// standbys read the changelog alike.
+/// standbys read the changelog alike. A record whose key or state cannot be read is an error:
+/// see [`UnreadableState`].
 pub(crate) fn fold<E: Entity>(
     states: &mut EntityMap<Stored<E::State>>,
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-) {
-    let Some(id) = key.and_then(|k| std::str::from_utf8(k).ok()) else {
-        tracing::error!("changelog record without a UTF-8 key: skipped");
-        return;
+    record: &impl Message,
+) -> Result<(), UnreadableState> {
+    let unreadable = |reason: String| UnreadableState {
+        topic: record.topic().to_string(),
+        partition: record.partition() as u32,
+        offset: record.offset(),
+        key: record
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_else(|| "(none)".into()),
+        reason: DecodeError(reason),
     };
-    let Some(value) = value else {
+    let Some(id) = record.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+        return Err(unreadable("the record has no UTF-8 key".into()));
+    };
+    let Some(value) = record.payload() else {
         states.remove(id);
-        return;
+        return Ok(());
     };
-    match decode::<E>(value) {
-        Ok(stored) => {
-            states.insert(EntityId::from(id), stored);
-        }
-        Err(e) => {
-            tracing::error!("changelog record for entity {id} does not decode ({e}): skipped")
-        }
-    }
+    let stored = decode::<E>(value).map_err(|e| unreadable(e.0))?;
+    states.insert(EntityId::from(id), stored);
+    Ok(())
 }
 
 /// The headers every changelog record of a node consuming `input_topic` carries.
@@ -296,6 +337,7 @@ mod tests {
     use super::*;
 
     use crate::entity::tests::{Sum, SumState};
+    use crate::entity::Prost;
 
     #[test]
     fn a_state_survives_its_envelope() {
@@ -306,7 +348,10 @@ mod tests {
             },
             77,
         );
-        assert_eq!(decode::<Sum>(&encode::<Sum>(&stored)).unwrap(), stored);
+        assert_eq!(
+            decode::<Sum>(&encode::<Sum>(&stored).unwrap()).unwrap(),
+            stored
+        );
         // With remembered answers: the extended envelope, at every offset a state can have.
         for last_offset in [-1, 0, 77, i64::MAX - 3] {
             stored.last_offset = last_offset;
@@ -321,7 +366,7 @@ mod tests {
                 to: None,
             });
             stored.acting = Some(Box::new(acting));
-            let value = encode::<Sum>(&stored);
+            let value = encode::<Sum>(&stored).unwrap();
             assert!(i64::from_be_bytes(value[..8].try_into().unwrap()) < -1);
             assert_eq!(decode::<Sum>(&value).unwrap(), stored);
         }
@@ -344,19 +389,128 @@ mod tests {
         assert_eq!(format.value, Some(FORMAT.as_bytes()));
     }
 
+    fn record(
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        offset: i64,
+    ) -> rdkafka::message::OwnedMessage {
+        rdkafka::message::OwnedMessage::new(
+            value.map(<[u8]>::to_vec),
+            key.map(<[u8]>::to_vec),
+            "cl".into(),
+            rdkafka::Timestamp::NotAvailable,
+            3,
+            offset,
+            None,
+        )
+    }
+
     #[test]
     fn records_fold_to_the_latest_state_and_tombstones_delete() {
         let mut states = EntityMap::default();
         let s1 = Stored::new(SumState { count: 1, sum: 10 }, 4);
         let s2 = Stored::new(SumState { count: 2, sum: 30 }, 9);
-        let value = |s: &Stored<SumState>| encode::<Sum>(s);
-        fold::<Sum>(&mut states, Some(b"7"), Some(&value(&s1)));
-        fold::<Sum>(&mut states, Some(b"8"), Some(&value(&s1)));
-        fold::<Sum>(&mut states, Some(b"7"), Some(&value(&s2)));
-        fold::<Sum>(&mut states, Some(b"8"), None);
-        fold::<Sum>(&mut states, None, Some(&value(&s1)));
-        fold::<Sum>(&mut states, Some(b"9"), Some(b"\xff\xff"));
+        let value = |s: &Stored<SumState>| encode::<Sum>(s).unwrap();
+        for (key, value) in [
+            (Some(&b"7"[..]), Some(value(&s1))),
+            (Some(b"8"), Some(value(&s1))),
+            (Some(b"7"), Some(value(&s2))),
+            (Some(b"8"), None),
+        ] {
+            fold::<Sum>(&mut states, &record(key, value.as_deref(), 0)).unwrap();
+        }
         assert_eq!(states.len(), 1);
         assert_eq!(states["7"], s2);
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_is_an_error_naming_where_it_is() {
+        let mut states = EntityMap::default();
+        let error =
+            fold::<Sum>(&mut states, &record(Some(b"u9"), Some(b"\xff\xff"), 41)).unwrap_err();
+        assert_eq!(
+            (
+                error.topic.as_str(),
+                error.partition,
+                error.offset,
+                error.key.as_str()
+            ),
+            ("cl", 3, 41, "u9")
+        );
+        assert!(
+            error.to_string().contains("shorter than the envelope"),
+            "{error}"
+        );
+        let garbage = [&7i64.to_be_bytes()[..], b"\xff\xff\xff"].concat();
+        let error = fold::<Sum>(&mut states, &record(Some(b"u9"), Some(&garbage), 42)).unwrap_err();
+        assert!(error.to_string().contains("does not decode"), "{error}");
+        let valid = encode::<Sum>(&Stored::new(SumState::default(), 1)).unwrap();
+        assert!(fold::<Sum>(&mut states, &record(None, Some(&valid), 43)).is_err());
+        assert!(states.is_empty(), "nothing folded from unreadable records");
+    }
+
+    /// [`Sum`] after an incompatible change: sums in hundredths, state version 2.
+    struct SumInCents;
+
+    impl Entity for SumInCents {
+        type Event = i64;
+        type State = SumState;
+        type Query = SumState;
+        type Reply = SumState;
+        type Codec = Prost;
+        const STATE_VERSION: u32 = 2;
+
+        fn decode(id: &str, value: Option<&[u8]>) -> Result<i64, crate::entity::Rejection> {
+            Sum::decode(id, value)
+        }
+        fn apply(state: &mut SumState, event: &i64) {
+            Sum::apply(state, &(event * 100))
+        }
+        fn query(state: &SumState, _: &SumState) -> SumState {
+            state.clone()
+        }
+        fn migrate(version: u32, bytes: &[u8]) -> Result<SumState, DecodeError> {
+            assert_eq!(version, 1);
+            let mut state = <Prost as Codec<SumState>>::decode(bytes)?;
+            state.sum *= 100;
+            Ok(state)
+        }
+    }
+
+    #[test]
+    fn older_states_are_migrated_and_newer_ones_refused() {
+        let v1 = encode::<Sum>(&Stored::new(SumState { count: 2, sum: 7 }, 5)).unwrap();
+        let migrated = decode::<SumInCents>(&v1).unwrap();
+        assert_eq!(migrated, Stored::new(SumState { count: 2, sum: 700 }, 5));
+        // Written back in version 2, it reads as itself (not migrated again).
+        let v2 = encode::<SumInCents>(&migrated).unwrap();
+        assert_eq!(decode::<SumInCents>(&v2).unwrap(), migrated);
+        let newer = decode::<Sum>(&v2).unwrap_err();
+        assert!(newer.0.contains("version 2 by a later build"), "{newer}");
+        // Without a migration, an older state is refused, not defaulted.
+        struct NoMigration;
+        impl Entity for NoMigration {
+            type Event = i64;
+            type State = SumState;
+            type Query = SumState;
+            type Reply = SumState;
+            type Codec = Prost;
+            const STATE_VERSION: u32 = 2;
+            fn decode(id: &str, value: Option<&[u8]>) -> Result<i64, crate::entity::Rejection> {
+                Sum::decode(id, value)
+            }
+            fn apply(state: &mut SumState, event: &i64) {
+                Sum::apply(state, event)
+            }
+            fn query(state: &SumState, _: &SumState) -> SumState {
+                state.clone()
+            }
+        }
+        let refused = decode::<NoMigration>(&v1).unwrap_err();
+        assert!(refused.0.contains("written in version 1"), "{refused}");
+        assert!(
+            refused.0.contains("no migration from state version 1"),
+            "{refused}"
+        );
     }
 }

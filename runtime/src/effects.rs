@@ -9,7 +9,7 @@ use std::any::TypeId;
 use crate::cluster::wire::{command_outcome, CommandOutcome};
 use std::collections::HashMap;
 
-use crate::entity::{Codec, Entity};
+use crate::entity::{Codec, EncodeError, Entity};
 use crate::timers::{self, TimerError};
 
 /// The effects of one input, given to [`Entity::handle`].
@@ -20,7 +20,7 @@ use crate::timers::{self, TimerError};
 ///
 /// ```
 /// use std::time::Duration;
-/// use kafka_sharding::{Codec, DecodeError, Effects, Entity, Rejection};
+/// use kafka_sharding::{Codec, DecodeError, EncodeError, Effects, Entity, Rejection};
 ///
 /// struct Reminder;
 ///
@@ -69,12 +69,12 @@ use crate::timers::{self, TimerError};
 /// /// Inputs as text ("arm 500", "cancel", "ring"); counts as decimal text.
 /// struct Text;
 /// impl Codec<Input> for Text {
-///     fn encode(input: &Input) -> Vec<u8> {
-///         match input {
+///     fn encode(input: &Input) -> Result<Vec<u8>, EncodeError> {
+///         Ok(match input {
 ///             Input::Arm(ms) => format!("arm {ms}").into_bytes(),
 ///             Input::Cancel => b"cancel".to_vec(),
 ///             Input::Ring => b"ring".to_vec(),
-///         }
+///         })
 ///     }
 ///     fn decode(bytes: &[u8]) -> Result<Input, DecodeError> {
 ///         match std::str::from_utf8(bytes).unwrap_or("").split_once(' ') {
@@ -86,19 +86,19 @@ use crate::timers::{self, TimerError};
 ///     }
 /// }
 /// impl Codec<u64> for Text {
-///     fn encode(n: &u64) -> Vec<u8> { n.to_string().into_bytes() }
+///     fn encode(n: &u64) -> Result<Vec<u8>, EncodeError> { Ok(n.to_string().into_bytes()) }
 ///     fn decode(bytes: &[u8]) -> Result<u64, DecodeError> {
 ///         std::str::from_utf8(bytes).ok().and_then(|t| t.parse().ok())
 ///             .ok_or_else(|| DecodeError("not a count".into()))
 ///     }
 /// }
 /// impl Codec<()> for Text {
-///     fn encode(_: &()) -> Vec<u8> { Vec::new() }
+///     fn encode(_: &()) -> Result<Vec<u8>, EncodeError> { Ok(Vec::new()) }
 ///     fn decode(_: &[u8]) -> Result<(), DecodeError> { Ok(()) }
 /// }
 ///
 /// assert_eq!(Reminder::decode("r-1", Some(b"arm 500")), Ok(Input::Arm(500)));
-/// assert_eq!(<Text as Codec<Input>>::decode(&Text::encode(&Input::Ring)), Ok(Input::Ring));
+/// assert_eq!(<Text as Codec<Input>>::decode(&Text::encode(&Input::Ring).unwrap()), Ok(Input::Ring));
 /// assert!(Reminder::decode("r-1", Some(b"arm soon")).is_err());
 /// ```
 pub struct Effects<'a, E: Entity> {
@@ -138,6 +138,9 @@ pub(crate) enum Output {
     CancelTimer {
         name: String,
     },
+    /// A message or timer whose message its codec could not write: the input is
+    /// dead-lettered with this reason.
+    Unencodable(String),
 }
 
 impl<'a, E: Entity> Effects<'a, E> {
@@ -207,12 +210,19 @@ impl<'a, E: Entity> Effects<'a, E> {
     where
         T::Codec: Codec<T::Event>,
     {
-        self.outputs.push(Output::Message {
-            to_type: TypeId::of::<T>(),
-            to_type_name: std::any::type_name::<T>(),
-            id: id.into(),
-            value: <T::Codec as Codec<T::Event>>::encode(&message),
-        });
+        let id = id.into();
+        self.outputs
+            .push(match <T::Codec as Codec<T::Event>>::encode(&message) {
+                Ok(value) => Output::Message {
+                    to_type: TypeId::of::<T>(),
+                    to_type_name: std::any::type_name::<T>(),
+                    id,
+                    value,
+                },
+                Err(e) => {
+                    Output::Unencodable(format!("a message to entity {id} does not encode: {e}"))
+                }
+            });
     }
 
     /// Emits a record to `topic` (which must exist), partitioned by `key` as Kafka's Java
@@ -296,14 +306,19 @@ impl<'a, E: Entity> Effects<'a, E> {
         name: String,
         at_ms: i64,
         to: Option<(TypeId, &'static str, String)>,
-        value: Vec<u8>,
+        value: Result<Vec<u8>, EncodeError>,
     ) -> Result<(), TimerError> {
         timers::check(&name, at_ms, self.at_ms)?;
-        self.outputs.push(Output::SetTimer {
-            name,
-            at_ms,
-            to,
-            value,
+        self.outputs.push(match value {
+            Ok(value) => Output::SetTimer {
+                name,
+                at_ms,
+                to,
+                value,
+            },
+            Err(e) => {
+                Output::Unencodable(format!("the message of timer {name} does not encode: {e}"))
+            }
         });
         Ok(())
     }
@@ -324,9 +339,12 @@ impl<'a, E: Entity> Effects<'a, E> {
     /// fails (the caller must not wait for ever).
     pub(crate) fn into_outcome(self) -> CommandOutcome {
         let result = match self.answer {
-            Some(Ok(reply)) => {
-                command_outcome::Result::Reply(<E::Codec as Codec<E::Reply>>::encode(&reply))
-            }
+            Some(Ok(reply)) => match <E::Codec as Codec<E::Reply>>::encode(&reply) {
+                Ok(bytes) => command_outcome::Result::Reply(bytes),
+                Err(e) => {
+                    command_outcome::Result::Failed(format!("the reply does not encode: {e}"))
+                }
+            },
             Some(Err(reason)) => command_outcome::Result::Refused(reason),
             None => command_outcome::Result::Failed("the entity gave the command no answer".into()),
         };

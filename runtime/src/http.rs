@@ -12,10 +12,17 @@
 //! - `GET /metrics`: Prometheus metrics (see `metrics`).
 //! - `GET /alive`, `GET /ready`: liveness and readiness (see `readiness`), 200 or 503 with a
 //!   JSON body saying why.
+//! - `POST /entities/{type}/{id}`: asks entity `id` of `type` (its group) the query in the body,
+//!   in the type's codec, from whichever node hosts it (`ask_bytes`); the reply is the body
+//!   (same codec), `x-route` says where it came from. `GET` takes the query as `?query=` text
+//!   (empty if absent: a protobuf query without fields). `?max_staleness_ms=N` lets a standby
+//!   answer during a failover. Errors: 400 (bad id or query), 404 (type not hosted), 503 (no
+//!   owner answered in time), 500 (the shard refused its stored state: the reason).
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -23,11 +30,13 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::allocation::AllocationTable;
+use crate::ask_bytes::{AskBytes, BytesAskError};
 use crate::backpressure::InFlightGate;
 use crate::cluster::membership::Membership;
 use crate::lag::LagProbe;
 use crate::metrics::{Metrics, MetricsRegistry, ScrapeInputs};
 use crate::readiness::Readiness;
+use crate::routing::{AskError, Consistency};
 use crate::shard::HostedShards;
 use crate::stats::{NodeStats, StatsSnapshot};
 
@@ -53,6 +62,8 @@ pub(crate) struct TypeView {
     pub lag: Arc<LagProbe>,
     /// librdkafka's latest statistics of this type's consumer (JSON; empty unless enabled).
     pub kafka_stats: Arc<std::sync::Mutex<String>>,
+    /// Asks the type's entities with its codec's bytes.
+    pub asker: Arc<dyn AskBytes>,
 }
 
 impl Management {
@@ -177,7 +188,61 @@ pub(crate) fn router(m: Arc<Management>) -> Router {
             get(|| async { Json(serde_json::json!({ "alive": true })) }),
         )
         .route("/ready", get(ready))
+        .route(
+            "/entities/{type_name}/{id}",
+            get(ask_entity).post(ask_entity),
+        )
         .with_state(m)
+}
+
+#[derive(serde::Deserialize)]
+struct AskParams {
+    /// The query as text (`GET`).
+    query: Option<String>,
+    max_staleness_ms: Option<u64>,
+}
+
+async fn ask_entity(
+    State(m): State<Arc<Management>>,
+    Path((type_name, id)): Path<(String, String)>,
+    Query(params): Query<AskParams>,
+    body: Bytes,
+) -> Response {
+    let view = match m.view(&type_name) {
+        Ok(view) => view,
+        Err(not_hosted) => return not_hosted.into_response(),
+    };
+    let query = match &params.query {
+        Some(text) => text.as_bytes(),
+        None => &body[..],
+    };
+    let consistency = match params.max_staleness_ms {
+        Some(ms) => Consistency::BoundedStaleness(std::time::Duration::from_millis(ms)),
+        None => Consistency::Strong,
+    };
+    match view.asker.ask_bytes(&id, query, consistency).await {
+        Ok((reply, route)) => (
+            [
+                ("content-type", "application/octet-stream"),
+                ("x-route", route.label()),
+            ],
+            reply,
+        )
+            .into_response(),
+        Err(e) => {
+            let status = match &e {
+                BytesAskError::BadQuery(_) | BytesAskError::Ask(AskError::InvalidId(_)) => {
+                    StatusCode::BAD_REQUEST
+                }
+                BytesAskError::Ask(AskError::StateRefused { .. })
+                | BytesAskError::Unencodable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                BytesAskError::Ask(AskError::Unavailable { .. } | AskError::NotRunning) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            };
+            (status, e.to_string()).into_response()
+        }
+    }
 }
 
 async fn ready(State(m): State<Arc<Management>>) -> Response {

@@ -11,20 +11,27 @@
 //! to the cluster.
 //!
 //! An application writes an [`Entity`] (a deterministic state machine: decode a record, apply
-//! an event, answer a query), hosts it on a [`Node`] and asks it through [`Entities`]. An
-//! entity that *acts* writes [`Entity::handle`] too: through [`Effects`] it answers commands
-//! ([`Entities::command`], answered once the change is committed, once per idempotency key),
-//! messages other entities, emits records to any topic and sets durable timers, each exactly
-//! once with the state change that caused it (the example on [`Effects`]; the accounts
-//! application in the repository).
+//! an event, answer a query), hosts it on a [`Node`] (in three lines with [`app::run`]) and
+//! asks it through [`Entities`], or from outside with no code at all: every node answers
+//! `POST /entities/<type>/<id>` on its management port and `Entities/Ask` on its gRPC port for
+//! every hosted type, routed to the owner. An entity that *acts* writes [`Entity::handle`] too:
+//! through [`Effects`] it answers commands ([`Entities::command`], answered once the change is
+//! committed, once per idempotency key), messages other entities, emits records to any topic
+//! and sets durable timers, each exactly once with the state change that caused it (the
+//! example on [`Effects`]; the accounts application in the repository). [`KeyedProducer`]
+//! writes the input on the entities' shards; `testkit` (feature `testkit`) drives an entity in
+//! memory for tests; [`Entity::STATE_VERSION`] and [`Entity::migrate`] evolve its state (a state
+//! a build cannot read is refused, never skipped).
 //!
 //! ```
-//! use kafka_sharding::{Codec, DecodeError, Entity, EntityType, Node, NodeArgs, NodeConfig, Rejection};
+//! use kafka_sharding::app::{run, TypeArgs};
+//! use kafka_sharding::{Entity, Json, Rejection};
+//! use serde::{Deserialize, Serialize};
 //!
 //! /// Per key: how many events, and the sum of their values (numbers as text).
 //! struct Counter;
 //!
-//! #[derive(Debug, Default, Clone, PartialEq)]
+//! #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 //! struct Count { events: i64, sum: i64 }
 //!
 //! impl Entity for Counter {
@@ -32,7 +39,7 @@
 //!     type State = Count;
 //!     type Query = ();
 //!     type Reply = Count;
-//!     type Codec = Text;
+//!     type Codec = Json; // the changelog, the network and the generic routes speak JSON
 //!
 //!     fn decode(_id: &str, value: Option<&[u8]>) -> Result<i64, Rejection> {
 //!         Ok(std::str::from_utf8(value.unwrap_or_default())?.trim().parse()?)
@@ -46,37 +53,26 @@
 //!     }
 //! }
 //!
-//! /// The changelog and network format: "events sum".
-//! struct Text;
-//! impl Codec<Count> for Text {
-//!     fn encode(c: &Count) -> Vec<u8> { format!("{} {}", c.events, c.sum).into_bytes() }
-//!     fn decode(bytes: &[u8]) -> Result<Count, DecodeError> {
-//!         let text = String::from_utf8_lossy(bytes);
-//!         match text.split_once(' ').map(|(e, s)| (e.parse(), s.parse())) {
-//!             Some((Ok(events), Ok(sum))) => Ok(Count { events, sum }),
-//!             _ => Err(DecodeError(format!("not a count: {text}"))),
-//!         }
-//!     }
+//! /// The node: `counter 1 --topic counter-events --group counters`; then
+//! /// `curl -X POST localhost:8551/entities/counters/key-7 -d null` answers `{"events":..}`.
+//! fn main() -> std::process::ExitCode {
+//!     run("counter", |node, counters: TypeArgs| {
+//!         let handle = node.host::<Counter>(counters.entity_type());
+//!         // `handle.ask("key-7", ()).await` answers from any node, once the node runs.
+//!         drop(handle);
+//!         Ok(())
+//!     })
 //! }
-//! impl Codec<()> for Text {
-//!     fn encode(_: &()) -> Vec<u8> { Vec::new() }
-//!     fn decode(_: &[u8]) -> Result<(), DecodeError> { Ok(()) }
-//! }
-//!
-//! /// A node hosting the counters (its CLI flattens `NodeArgs`); a gRPC service mounted with
-//! /// `node.grpc_service(..)` would hold `counters` and ask it.
-//! async fn serve(args: NodeArgs) -> Result<(), Box<dyn std::error::Error>> {
-//!     let mut node = Node::new(NodeConfig::from_args("counter", args)?);
-//!     let counters = node.host::<Counter>(EntityType::new("counters", "counter-events"));
-//!     tokio::spawn(async move { counters.ask("key-7", ()).await.map(|(count, _)| count.sum) });
-//!     Ok(node.run().await?)
-//! }
+//! # let _ = main; // not run here: it would start a node
 //!
 //! let mut count = Count::default();
 //! Counter::apply(&mut count, &Counter::decode("key-7", Some(b"5")).unwrap());
-//! assert_eq!(<Text as Codec<Count>>::decode(&Text::encode(&count)), Ok(count));
-//! assert!(Counter::decode("key-7", Some(b"five")).is_err());
+//! assert_eq!(count, Count { events: 1, sum: 5 });
+//! assert!(Counter::decode("key-7", Some(b"five")).is_err()); // a dead letter, with the reason
 //! ```
+//!
+//! In a test, without a broker: `testkit::TestKit::<Counter>::new()` (feature `testkit`) takes
+//! records, events, commands and a virtual clock, and shows states, answers and effects.
 //!
 //! Internals (`docs/ARCHITECTURE.md` maps them): the consumer thread and its rebalance
 //! callbacks drive the hand-off protocol; shard actors hold their entities as cells and run
@@ -88,6 +84,8 @@
 
 mod acting;
 mod allocation;
+pub mod app;
+mod ask_bytes;
 mod backpressure;
 mod changelog;
 mod cli;
@@ -96,6 +94,7 @@ mod commands;
 mod consumer;
 mod dlq;
 mod effects;
+pub mod entities_service;
 mod entity;
 mod fencing;
 mod grpc;
@@ -111,12 +110,15 @@ mod metrics;
 mod node;
 pub mod owners;
 pub mod partitioner;
+mod producer;
 mod readiness;
 mod restore;
 mod routing;
 mod shard;
 mod standby;
 mod stats;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 mod timers;
 
 pub use changelog::decode_value as decode_changelog_value;
@@ -125,12 +127,17 @@ pub use cluster::endpoint::CallError;
 pub use cluster::tls::{NodeTls, NodeTlsError, NodeTlsFiles};
 pub use commands::{CommandError, MAX_IDEMPOTENCY_KEY_BYTES};
 pub use effects::Effects;
-pub use entity::{Codec, DecodeError, Entity, EntityId, Prost, Rejection, MAX_ID_BYTES};
+#[cfg(feature = "json")]
+pub use entity::Json;
+pub use entity::{
+    Codec, DecodeError, EncodeError, Entity, EntityId, Prost, Rejection, MAX_ID_BYTES,
+};
 pub use grpc::GrpcService;
 pub use kafka_config::{
     ClientKind, KafkaConfigError, KafkaConnection, KafkaProperties, KafkaProperty,
 };
 pub use node::{Entities, EntityType, Node, NodeError};
+pub use producer::{KeyedProducer, ProducerError};
 pub use routing::{AskError, Consistency, Route};
 pub use standby::Staleness;
 pub use timers::{TimerError, MAX_TIMERS_PER_ENTITY, MAX_TIMER_DELAY, MAX_TIMER_NAME_BYTES};

@@ -137,16 +137,10 @@ impl<E: Entity> Entities<E> {
         let Some(router) = self.router.get() else {
             return Err(CommandError::NotRunning);
         };
-        let value = <E::Codec as Codec<E::Event>>::encode(&command);
+        let value = <E::Codec as Codec<E::Event>>::encode(&command)
+            .map_err(|e| CommandError::Failed(format!("the command does not encode: {e}")))?;
         let outcome = router.commands.send(id, value, idempotency_key).await?;
-        use crate::cluster::wire::command_outcome::Result as Outcome;
-        match outcome.result {
-            Some(Outcome::Reply(bytes)) => <E::Codec as Codec<E::Reply>>::decode(&bytes)
-                .map_err(|e| CommandError::Failed(format!("the answer does not decode: {e}"))),
-            Some(Outcome::Refused(reason)) => Err(CommandError::Refused(reason)),
-            Some(Outcome::Failed(reason)) => Err(CommandError::Failed(reason)),
-            None => Err(CommandError::Failed("an empty answer".into())),
-        }
+        crate::commands::answer::<E>(outcome)
     }
 
     /// [`Entities::ask`] with a choice of how fresh the answer must be: with
@@ -512,6 +506,7 @@ async fn start_type<E: Entity>(
         metrics: metrics.clone(),
         lag: Arc::new(LagProbe::new(group_offsets.clone(), &spec.topic)),
         kafka_stats: kafka_stats.clone(),
+        asker: router.clone(),
     };
     let env = Arc::new(ShardEnv {
         gate: node.gate.clone(),
@@ -703,6 +698,15 @@ async fn run(
             .collect(),
     };
     grpc_services.add(owners.server(), crate::owners::FILE_DESCRIPTOR_SET);
+    // Any hosted type can be asked without a service of the application's (its descriptor is
+    // in the owners' set).
+    let entities = crate::entities_service::EntitiesService {
+        types: started
+            .iter()
+            .map(|t| (t.group.clone(), t.view.asker.clone()))
+            .collect(),
+    };
+    grpc_services.add_service(entities.server());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown = |mut rx: watch::Receiver<bool>| async move {

@@ -27,9 +27,9 @@ pub mod pb {
     tonic::include_proto!("kafka_sharding.owners.v1");
 }
 
-/// Encoded `FileDescriptorSet` of the owners service, for gRPC reflection.
+/// Encoded `FileDescriptorSet` of the owners and entities services, for gRPC reflection.
 pub(crate) const FILE_DESCRIPTOR_SET: &[u8] =
-    tonic::include_file_descriptor_set!("owners_descriptor");
+    tonic::include_file_descriptor_set!("services_descriptor");
 
 /// Response header an application's gRPC handler sets (with [`with_route`]) to say how the
 /// node answered: `local`, `remote` (forwarded to the owner) or `standby`.

@@ -3,10 +3,12 @@
 //! Alive: the process serves; it never depends on Kafka or peers (restarting a node because
 //! its broker is away would only add a rebalance). Ready: this node should get traffic now:
 //! admitted to the actor cluster, Kafka reachable, not shutting down, and for every entity type
-//! it hosts: a member of that type's consumer group, every shard it owns restored, not
+//! it hosts: a member of that type's consumer group, every shard it owns restored, none of them
+//! refused (a changelog state this build cannot read: `changelog::UnreadableState`), not
 //! recovering its producer. gRPC health (`grpc.health.v1`) follows readiness.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -29,6 +31,11 @@ pub struct GroupReadiness {
     in_group: AtomicBool,
     recovering: AtomicBool,
     restoring_shards: AtomicUsize,
+    /// Shards whose changelog holds a state this build cannot read, with why: they process
+    /// nothing and answer no query until a build that reads them runs.
+    refused: Mutex<BTreeMap<u32, String>>,
+    /// Bumped on every change of `refused` (the consumer pauses refused partitions).
+    refusals: AtomicU64,
 }
 
 impl GroupReadiness {
@@ -39,6 +46,8 @@ impl GroupReadiness {
             in_group: AtomicBool::new(false),
             recovering: AtomicBool::new(false),
             restoring_shards: AtomicUsize::new(0),
+            refused: Mutex::new(BTreeMap::new()),
+            refusals: AtomicU64::new(0),
         }
     }
 }
@@ -160,6 +169,36 @@ impl GroupReadiness {
         self.restoring_shards.fetch_sub(1, Ordering::SeqCst);
     }
 
+    /// Shard `shard` refused its changelog state (and is no longer restoring).
+    pub fn refuse(&self, shard: u32, why: &str) {
+        self.refused
+            .lock()
+            .expect("readiness lock poisoned")
+            .insert(shard, why.to_string());
+        self.refusals.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A refused shard left this node (revoked; its next owner tries again).
+    pub fn forget_refusal(&self, shard: u32) {
+        let removed = self
+            .refused
+            .lock()
+            .expect("readiness lock poisoned")
+            .remove(&shard);
+        if removed.is_some() {
+            self.refusals.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The refused shards, and a number that changes whenever they do.
+    pub fn refused(&self) -> (u64, Vec<u32>) {
+        let refused = self.refused.lock().expect("readiness lock poisoned");
+        (
+            self.refusals.load(Ordering::SeqCst),
+            refused.keys().copied().collect(),
+        )
+    }
+
     fn reasons(&self, admitted: bool, reasons: &mut Vec<String>) {
         if self.recovering.load(Ordering::SeqCst) {
             reasons.push(format!(
@@ -176,6 +215,12 @@ impl GroupReadiness {
         if restoring > 0 {
             reasons.push(format!(
                 "restoring {restoring} shards of {} from the changelog",
+                self.group
+            ));
+        }
+        for (shard, why) in self.refused.lock().expect("readiness lock poisoned").iter() {
+            reasons.push(format!(
+                "shard {shard} of {} refused its changelog state: {why}",
                 self.group
             ));
         }
@@ -213,6 +258,14 @@ mod tests {
             ["restoring 1 shards of h from the changelog"]
         );
         h.shard_restored();
+        assert!(r.ready());
+        h.refuse(3, "does not decode");
+        assert_eq!(
+            r.report().reasons,
+            ["shard 3 of h refused its changelog state: does not decode"]
+        );
+        assert_eq!(h.refused().1, [3]);
+        h.forget_refusal(3);
         assert!(r.ready());
         g.set_recovering(true);
         assert!(!r.ready());

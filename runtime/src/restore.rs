@@ -425,7 +425,12 @@ impl<E: Entity> Restorer<E> {
                     let partition = record.partition() as u32;
                     if let Some(restore) = pending.get_mut(&partition) {
                         restore.records += 1;
-                        changelog::fold::<E>(&mut restore.states, record.key(), record.payload());
+                        if let Err(unreadable) = changelog::fold::<E>(&mut restore.states, record) {
+                            let restore = pending.remove(&partition).expect("pending above");
+                            self.refused(partition, restore, unreadable);
+                            shards.retain(|(p, _)| *p != partition);
+                            continue;
+                        }
                         if record.offset() + 1 >= restore.end {
                             complete.push(partition);
                         }
@@ -486,6 +491,23 @@ impl<E: Entity> Restorer<E> {
             }
         }
         Ok(())
+    }
+
+    /// Tells `restore`'s shard that its changelog holds a state this build cannot read: the
+    /// shard is refused (see `changelog::UnreadableState`), its states are dropped.
+    fn refused(
+        &self,
+        partition: u32,
+        restore: PartitionRestore<E>,
+        unreadable: changelog::UnreadableState,
+    ) {
+        self.metrics
+            .restore_records_remaining
+            .dec_by((restore.end - restore.position).max(0));
+        tracing::error!("shard {partition} not restored: {unreadable}");
+        let _ = restore
+            .shard
+            .cast(ShardMsg::Refused(Arc::from(unreadable.to_string())));
     }
 
     /// Hands `restore`'s states to its shard, which goes live.

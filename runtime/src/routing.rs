@@ -19,7 +19,7 @@ use crate::cluster::endpoint::{CallError, Endpoint};
 use crate::cluster::gateway::{self, GatewayMsg};
 use crate::cluster::query_batcher::QueryBatcher;
 use crate::cluster::wire::{entity_answer, EntityAnswer, EntityQuery, NotOwner, StandbyReply};
-use crate::entity::{Codec, Entity, EntityId, MAX_ID_BYTES};
+use crate::entity::{Codec, EncodeError, Entity, EntityId, MAX_ID_BYTES};
 use crate::metrics::Metrics;
 use crate::partitioner::partition_for_key;
 use crate::shard::{LocalShards, ShardMsg};
@@ -45,11 +45,21 @@ pub enum AskError {
         /// The last failed attempt, if any.
         last_error: Option<CallError>,
     },
+    /// The entity's shard refused its changelog state (a state this build of the application
+    /// cannot read): it answers nothing until a build that reads it runs, rather than answer
+    /// from an older or default state.
+    #[error("shard {shard} cannot answer: {reason}")]
+    StateRefused {
+        /// The entity's shard.
+        shard: u32,
+        /// Where the unreadable state is and why it does not read.
+        reason: String,
+    },
 }
 
 impl AskError {
     /// The gRPC status a front end answers with: `INVALID_ARGUMENT` for a bad id (`what` names
-    /// it: "user id"), `UNAVAILABLE` for the rest.
+    /// it: "user id"), `FAILED_PRECONDITION` for a refused shard, `UNAVAILABLE` for the rest.
     pub fn to_status(&self, what: &str) -> tonic::Status {
         match self {
             Self::InvalidId(0) => {
@@ -61,6 +71,7 @@ impl AskError {
             Self::Unavailable { .. } | Self::NotRunning => {
                 tonic::Status::unavailable(self.to_string())
             }
+            Self::StateRefused { .. } => tonic::Status::failed_precondition(self.to_string()),
         }
     }
 }
@@ -108,6 +119,8 @@ pub(crate) enum Attempt<T> {
     NotOwner,
     /// The call failed (timeout, peer gone, error answer): try again until the deadline.
     Failed(CallError),
+    /// The owner refused the shard's state (why): a definite answer.
+    Refused(String),
 }
 
 /// Routes the queries of one entity type.
@@ -148,6 +161,7 @@ impl<E: Entity> Router<E> {
             Ok((_, route)) => (route.label(), "ok"),
             Err(AskError::InvalidId(_)) => ("none", "invalid_argument"),
             Err(AskError::Unavailable { .. } | AskError::NotRunning) => ("none", "unavailable"),
+            Err(AskError::StateRefused { .. }) => ("none", "refused"),
         };
         self.metrics
             .observe_query(route, outcome, started.elapsed());
@@ -179,6 +193,10 @@ impl<E: Entity> Router<E> {
             |gw| {
                 let bytes = encode();
                 async move {
+                    let bytes = match bytes {
+                        Ok(bytes) => bytes,
+                        Err(e) => return Attempt::Failed(CallError::Unencodable(e)),
+                    };
                     let asked = self.entity_query(shard, id, bytes, None);
                     match self.batcher.ask(&gw, asked).await.map(|a| a.result) {
                         Ok(Some(entity_answer::Result::Reply(bytes))) => {
@@ -193,6 +211,7 @@ impl<E: Entity> Router<E> {
                         Ok(Some(entity_answer::Result::Error(e))) => {
                             Attempt::Failed(CallError::Remote(e))
                         }
+                        Ok(Some(entity_answer::Result::Refused(why))) => Attempt::Refused(why),
                         Ok(None) => Attempt::Failed(CallError::Remote("empty answer".into())),
                         Err(e) => Attempt::Failed(e),
                     }
@@ -241,7 +260,7 @@ impl<E: Entity> Router<E> {
         query: &E::Query,
         owner: Option<Arc<str>>,
         bound: Duration,
-        encode: &impl Fn() -> Vec<u8>,
+        encode: &impl Fn() -> Result<Vec<u8>, EncodeError>,
     ) -> Option<(E::Reply, Route)> {
         let members = self.table.members();
         let owner = owner.unwrap_or_else(|| Arc::from(""));
@@ -261,7 +280,10 @@ impl<E: Entity> Router<E> {
             let Some(gw) = gateway::of_node(node) else {
                 continue;
             };
-            let asked = self.entity_query(shard, id, encode(), Some(bound));
+            let Ok(query) = encode() else {
+                return None;
+            };
+            let asked = self.entity_query(shard, id, query, Some(bound));
             if let Ok(Some(entity_answer::Result::Standby(answer))) =
                 self.batcher.ask(&gw, asked).await.map(|a| a.result)
             {
@@ -351,6 +373,7 @@ impl<E: Entity> Router<E> {
             };
             match attempt {
                 Attempt::Done(value) => return Ok((value, route)),
+                Attempt::Refused(reason) => return Err(AskError::StateRefused { shard, reason }),
                 Attempt::NotOwner => {}
                 Attempt::Failed(e) => last_error = Some(e),
             }
@@ -391,20 +414,28 @@ impl<E: Entity> Endpoint for Router<E> {
                     (Ok(q), Some(within_ms)) => {
                         let bound = Duration::from_millis(within_ms);
                         match self.standby_local(query.shard, &query.id, &q, bound) {
-                            Some((reply, staleness)) => R::Standby(StandbyReply {
-                                reply: <E::Codec as Codec<E::Reply>>::encode(&reply),
-                                lag_records: staleness.records,
-                                behind_ms: staleness.behind.as_millis() as u64,
-                            }),
+                            Some((reply, staleness)) => {
+                                match <E::Codec as Codec<E::Reply>>::encode(&reply) {
+                                    Ok(reply) => R::Standby(StandbyReply {
+                                        reply,
+                                        lag_records: staleness.records,
+                                        behind_ms: staleness.behind.as_millis() as u64,
+                                    }),
+                                    Err(e) => R::Error(format!("the reply does not encode: {e}")),
+                                }
+                            }
                             None => R::NotOwner(NotOwner {}),
                         }
                     }
                     (Ok(q), None) => match self.local_ask(query.shard, &query.id, q).await {
-                        Attempt::Done(reply) => {
-                            R::Reply(<E::Codec as Codec<E::Reply>>::encode(&reply))
-                        }
+                        Attempt::Done(reply) => match <E::Codec as Codec<E::Reply>>::encode(&reply)
+                        {
+                            Ok(bytes) => R::Reply(bytes),
+                            Err(e) => R::Error(format!("the reply does not encode: {e}")),
+                        },
                         Attempt::NotOwner => R::NotOwner(NotOwner {}),
                         Attempt::Failed(e) => R::Error(e.to_string()),
+                        Attempt::Refused(why) => R::Refused(why),
                     },
                 }
             };
@@ -415,9 +446,12 @@ impl<E: Entity> Endpoint for Router<E> {
     }
 }
 
-fn local_outcome<T, M>(result: Result<CallResult<T>, MessagingErr<M>>) -> Attempt<T> {
+fn local_outcome<T, M>(
+    result: Result<CallResult<Result<T, Arc<str>>>, MessagingErr<M>>,
+) -> Attempt<T> {
     match result {
-        Ok(CallResult::Success(value)) => Attempt::Done(value),
+        Ok(CallResult::Success(Ok(value))) => Attempt::Done(value),
+        Ok(CallResult::Success(Err(why))) => Attempt::Refused(why.to_string()),
         Ok(CallResult::Timeout) => Attempt::Failed(CallError::LocalTimeout),
         // The shard stopped (handed off) while the call was in flight.
         Ok(CallResult::SenderError) | Err(_) => Attempt::NotOwner,

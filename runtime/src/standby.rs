@@ -454,11 +454,23 @@ impl<E: Entity> Standbys<E> {
         loop {
             match polled {
                 Ok(record) => {
-                    if let Some(warm) = inner.shards.get_mut(&(record.partition() as u32)) {
-                        changelog::fold::<E>(&mut warm.states, record.key(), record.payload());
-                        warm.next_offset = Some(record.offset() + 1);
-                        warm.records += 1;
-                        warm.at_end = false;
+                    let shard = record.partition() as u32;
+                    if let Some(warm) = inner.shards.get_mut(&shard) {
+                        match changelog::fold::<E>(&mut warm.states, &record) {
+                            Ok(()) => {
+                                warm.next_offset = Some(record.offset() + 1);
+                                warm.records += 1;
+                                warm.at_end = false;
+                            }
+                            Err(unreadable) => {
+                                // Kept without this state, the replica would make a promoted
+                                // shard start its entity from an older one: dropped instead,
+                                // and a restore reads (and refuses) the record itself.
+                                inner.shards.remove(&shard);
+                                self.metrics.set_standby_lag(shard, None);
+                                refused(consumer, reader, shard, &unreadable);
+                            }
+                        }
                     }
                 }
                 Err(KafkaError::PartitionEOF(partition)) => {
@@ -588,6 +600,21 @@ fn log_warm<S>(inner: &Inner<S>, newly_warm: &[u32]) -> u64 {
     records
 }
 
+/// Stops reading shard `shard`'s changelog for its standby, which cannot hold `unreadable`.
+fn refused(
+    consumer: &BaseConsumer<QuietContext>,
+    reader: &Reader,
+    shard: u32,
+    unreadable: &changelog::UnreadableState,
+) {
+    tracing::error!("standby replica of shard {shard} dropped: {unreadable}");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&reader.changelog_topic, shard as i32);
+    if let Err(e) = consumer.pause(&tpl) {
+        tracing::warn!("cannot pause the standby read of shard {shard}: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,7 +645,8 @@ mod tests {
                     sum: n as i64,
                 },
                 n as i64,
-            ));
+            ))
+            .unwrap();
             producer
                 .send(
                     BaseRecord::to("changelog")

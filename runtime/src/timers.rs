@@ -127,12 +127,25 @@ impl Timers {
         self.0.is_empty()
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &PendingTimer> {
         self.0.iter()
+    }
+
+    /// Whether a timer called `name` may be set: it replaces a pending one, or there is room
+    /// below [`MAX_TIMERS_PER_ENTITY`]; otherwise the reason, for a dead letter.
+    pub fn room_for(&self, name: &str) -> Result<(), String> {
+        if self.0.len() < MAX_TIMERS_PER_ENTITY || self.0.iter().any(|t| &*t.name == name) {
+            return Ok(());
+        }
+        Err(format!(
+            "timer {name} would be the entity's {}th pending timer ({MAX_TIMERS_PER_ENTITY} allowed)",
+            MAX_TIMERS_PER_ENTITY + 1
+        ))
     }
 
     /// Sets `timer`, replacing the one of the same name (returned).
@@ -212,6 +225,21 @@ mod tests {
                 at_ms: limit + 1,
                 now_ms: now
             })
+        );
+    }
+
+    #[test]
+    fn an_entity_at_the_limit_may_replace_a_timer_but_not_add_one() {
+        let mut timers = Timers::default();
+        for i in 0..MAX_TIMERS_PER_ENTITY {
+            assert_eq!(timers.room_for(&format!("t{i}")), Ok(()));
+            timers.set(timer(&format!("t{i}"), i as i64));
+        }
+        assert_eq!(timers.room_for("t7"), Ok(()), "a replacement adds nothing");
+        let refused = timers.room_for("one-more").unwrap_err();
+        assert!(
+            refused.contains("one-more") && refused.contains("1001th"),
+            "{refused}"
         );
     }
 }

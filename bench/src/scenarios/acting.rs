@@ -9,8 +9,6 @@
 //!   record).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -22,13 +20,11 @@ use rdkafka::message::Headers;
 use rdkafka::Message;
 use tonic::transport::Channel;
 
-use super::commands::{histogram, Loop};
+use super::commands::{closed_loop, histogram, Loop};
 use crate::kafka::read_committed;
 use crate::nodes::Setup;
 use crate::report::{rate, Table};
 
-const WARM_UP: Duration = Duration::from_secs(2);
-const MEASURE: Duration = Duration::from_secs(10);
 const VISIBILITY_SAMPLES: usize = 200;
 const TIMERS: i64 = 10_000;
 const TIMERS_PER_SECOND: i64 = 1_000;
@@ -141,51 +137,16 @@ async fn transfers(channel: &Channel, stamp: u64, concurrency: usize) -> anyhow:
     for w in 0..concurrency {
         deposit(&mut client, format!("tr-{stamp}-{w}")).await?;
     }
-    let measure_from = Instant::now() + WARM_UP;
-    let end = measure_from + MEASURE;
-    let next = Arc::new(AtomicU64::new(0));
-    let workers: Vec<_> = (0..concurrency)
-        .map(|w| {
-            let mut client = AccountsClient::new(channel.clone());
-            let next = next.clone();
-            tokio::spawn(async move {
-                let (mut latencies, mut errors) = (histogram(), 0u64);
-                loop {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    let sent = Instant::now();
-                    if sent >= end {
-                        break;
-                    }
-                    let request = transfer(
-                        format!("tr-{stamp}-{w}"),
-                        format!("tr-{stamp}-to-{}", n % 64),
-                        format!("tr-{stamp}-{n}"),
-                        0,
-                    );
-                    let answer = client.transfer(request).await;
-                    if sent < measure_from {
-                        continue;
-                    }
-                    match answer {
-                        Ok(_) => latencies.saturating_record(sent.elapsed().as_micros() as u64),
-                        Err(_) => errors += 1,
-                    }
-                }
-                (latencies, errors)
-            })
-        })
-        .collect();
-    let (mut latencies, mut errors) = (histogram(), 0);
-    for worker in workers {
-        let (l, e) = worker.await.context("a transfer worker panicked")?;
-        latencies.add(&l)?;
-        errors += e;
-    }
-    Ok(Loop {
-        latencies,
-        seconds: MEASURE.as_secs_f64(),
-        errors,
+    closed_loop(channel, concurrency, move |mut client, w, n| async move {
+        let request = transfer(
+            format!("tr-{stamp}-{w}"),
+            format!("tr-{stamp}-to-{}", n % 64),
+            format!("tr-{stamp}-{n}"),
+            0,
+        );
+        client.transfer(request).await.map(drop)
     })
+    .await
 }
 
 /// One transfer at a time; after each answer, queries the credited account until the credit

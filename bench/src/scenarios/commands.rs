@@ -171,13 +171,36 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
 
 /// `concurrency` workers, each depositing into accounts of its own and waiting for each answer.
 async fn deposits(channel: &Channel, concurrency: usize) -> anyhow::Result<Loop> {
+    closed_loop(channel, concurrency, |mut client, w, n| async move {
+        let change = Change {
+            account: format!("acc-{w}-{}", n % 64),
+            amount: 1,
+            idempotency_key: format!("d-{n}"),
+        };
+        client.deposit(change).await.map(drop)
+    })
+    .await
+}
+
+/// `concurrency` workers, each calling `call(client, worker, n)` for the next request number
+/// `n` and waiting for its answer, for [`WARM_UP`] then [`MEASURE`]: the latencies of the
+/// answers in the measured time, and its errors.
+pub(super) async fn closed_loop<F, Fut>(
+    channel: &Channel,
+    concurrency: usize,
+    call: F,
+) -> anyhow::Result<Loop>
+where
+    F: Fn(AccountsClient<Channel>, usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+{
     let measure_from = Instant::now() + WARM_UP;
     let end = measure_from + MEASURE;
     let next = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..concurrency)
         .map(|w| {
-            let mut client = AccountsClient::new(channel.clone());
-            let next = next.clone();
+            let client = AccountsClient::new(channel.clone());
+            let (next, call) = (next.clone(), call.clone());
             tokio::spawn(async move {
                 let (mut latencies, mut errors) = (histogram(), 0u64);
                 loop {
@@ -186,18 +209,12 @@ async fn deposits(channel: &Channel, concurrency: usize) -> anyhow::Result<Loop>
                     if sent >= end {
                         break;
                     }
-                    let answer = client
-                        .deposit(Change {
-                            account: format!("acc-{w}-{}", n % 64),
-                            amount: 1,
-                            idempotency_key: format!("d-{n}"),
-                        })
-                        .await;
+                    let answer = call(client.clone(), w, n).await;
                     if sent < measure_from {
                         continue;
                     }
                     match answer {
-                        Ok(_) => latencies.saturating_record(sent.elapsed().as_micros() as u64),
+                        Ok(()) => latencies.saturating_record(sent.elapsed().as_micros() as u64),
                         Err(_) => errors += 1,
                     }
                 }
@@ -207,7 +224,7 @@ async fn deposits(channel: &Channel, concurrency: usize) -> anyhow::Result<Loop>
         .collect();
     let (mut latencies, mut errors) = (histogram(), 0);
     for worker in workers {
-        let (l, e) = worker.await.context("a deposit worker panicked")?;
+        let (l, e) = worker.await.context("a closed-loop worker panicked")?;
         latencies.add(&l)?;
         errors += e;
     }

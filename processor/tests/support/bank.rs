@@ -4,7 +4,48 @@ use proto::bank::accounts_client::AccountsClient;
 use proto::bank::{Account, Change, TransferRequest};
 use tonic::transport::Channel;
 
-use super::Node;
+use std::time::Duration;
+
+use super::{eventually, unique, ClusterSpec, Node};
+
+/// Partitions of the bank topic the accounts tests create.
+pub const BANK_PARTITIONS: usize = 8;
+
+/// `spec`'s cluster with the accounts hosted beside the purchases: its input topic (4
+/// partitions) and a bank topic of [`BANK_PARTITIONS`] created, every node started with
+/// `--accounts-topic` and `--accounts-group`. Returns the spec and the accounts' group.
+pub fn bank_cluster(mut spec: ClusterSpec) -> (ClusterSpec, String) {
+    spec.create_topic(4);
+    let mut bank = spec.clone();
+    bank.topic = unique(&format!("{}-bank", spec.name));
+    bank.create_topic(BANK_PARTITIONS as u32);
+    let group = unique(&format!("{}-accounts-group", spec.name));
+    spec.extra_args = vec![
+        "--accounts-topic".into(),
+        bank.topic,
+        "--accounts-group".into(),
+        group.clone(),
+    ];
+    (spec, group)
+}
+
+/// Waits until each of `nodes` owns account shards of `group` and together they own all.
+pub async fn wait_for_account_split(nodes: &[&Node], group: &str) {
+    eventually(
+        Duration::from_secs(90),
+        &format!("{} nodes to split the account shards", nodes.len()),
+        || async {
+            let mut owned = Vec::new();
+            for node in nodes {
+                let shards = node.get_json(&format!("/cluster/shards/{group}")).await?;
+                owned.push(shards["regions"].as_array()?.len());
+            }
+            (owned.iter().all(|n| *n > 0) && owned.iter().sum::<usize>() == BANK_PARTITIONS)
+                .then_some(())
+        },
+    )
+    .await;
+}
 
 /// A client of the node at `url` (connected on first use: nodes may still be starting).
 pub fn accounts_at(url: String) -> AccountsClient<Channel> {
@@ -49,14 +90,7 @@ pub async fn shard_ids(node: &Node, group: &str) -> Vec<u32> {
 }
 
 pub async fn balance(client: &mut AccountsClient<Channel>, account: &str) -> i64 {
-    client
-        .get_balance(Account {
-            account: account.into(),
-        })
-        .await
-        .expect("a balance")
-        .into_inner()
-        .balance
+    try_balance(client, account).await.expect("a balance")
 }
 
 /// The balance, or `None` while the account's owner cannot answer (a rebalance, a restart).

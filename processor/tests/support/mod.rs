@@ -94,6 +94,9 @@ pub struct ClusterSpec {
     pub producer_args: Vec<String>,
     /// The brokers this cluster uses (the shared test broker unless a test starts its own).
     pub bootstrap: String,
+    /// The node binary (a sibling of `processor`), taking the processor's node options,
+    /// `--topic` and `--group`.
+    pub program: String,
 }
 
 impl ClusterSpec {
@@ -116,6 +119,7 @@ impl ClusterSpec {
             extra_env: Vec::new(),
             producer_args: Vec::new(),
             bootstrap: bootstrap(),
+            program: "processor".into(),
         }
     }
 
@@ -158,7 +162,7 @@ impl ClusterSpec {
             .iter()
             .map(|p| format!("{}:{p}", self.seed_host))
             .collect();
-        let child = Command::new(bin("processor"))
+        let child = Command::new(bin(&self.program))
             .args([self.remoting(i), self.management(i), self.grpc(i)].map(|p| p.to_string()))
             .args([
                 "--bootstrap-servers",
@@ -181,7 +185,7 @@ impl ClusterSpec {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("cannot start processor");
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.program));
         Node {
             index: i,
             child: Some(child),
@@ -1076,4 +1080,98 @@ impl NodeCa {
         .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
         .collect()
     }
+}
+
+/// The answer of a node's generic routes (`POST /entities/..` and `Entities/Ask`): the reply
+/// bytes and the route, or the error (HTTP status or gRPC code name, and the message).
+pub type GenericAnswer = Result<(Vec<u8>, String), (String, String)>;
+
+/// Asks entity `id` of `entity_type` through node `management`'s `POST /entities/<type>/<id>`
+/// with the real curl, the query bytes as the body.
+pub fn curl_ask(management: u16, entity_type: &str, id: &str, query: &[u8]) -> GenericAnswer {
+    let dir = std::env::temp_dir();
+    let body = dir.join(unique("curl-body"));
+    let query_file = dir.join(unique("curl-query"));
+    std::fs::write(&query_file, query).unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "-D", "-", "-o"])
+        .arg(&body)
+        .arg("--data-binary")
+        .arg(format!("@{}", query_file.display()))
+        .arg(format!(
+            "http://127.0.0.1:{management}/entities/{entity_type}/{id}"
+        ))
+        .output()
+        .expect("curl runs (scripts/test needs it)");
+    let headers = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    let bytes = std::fs::read(&body).unwrap_or_default();
+    let _ = (
+        std::fs::remove_file(&body),
+        std::fs::remove_file(&query_file),
+    );
+    let status = headers
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("no status")
+        .to_string();
+    if status != "200" {
+        return Err((status, String::from_utf8_lossy(&bytes).into_owned()));
+    }
+    let route = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("x-route: "))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    Ok((bytes, route))
+}
+
+/// The grpcurl binary: on PATH or where `go install` puts it (`.ci/run` installs it).
+pub fn grpcurl() -> PathBuf {
+    let on_path = Command::new("sh")
+        .args([
+            "-c",
+            "command -v grpcurl || echo \"$(go env GOPATH)/bin/grpcurl\"",
+        ])
+        .output()
+        .expect("sh runs");
+    let path = PathBuf::from(String::from_utf8_lossy(&on_path.stdout).trim());
+    assert!(
+        path.exists(),
+        "grpcurl is missing: install it with `go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4` (.ci/run does)"
+    );
+    path
+}
+
+/// Asks entity `id` of `entity_type` through node `grpc_port`'s `Entities/Ask` with the real
+/// grpcurl, which learns the service by reflection.
+pub fn grpcurl_ask(grpc_port: u16, entity_type: &str, id: &str, query: &[u8]) -> GenericAnswer {
+    use base64::Engine as _;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let request = serde_json::json!({
+        "entity_type": entity_type,
+        "id": id,
+        "query": engine.encode(query),
+    });
+    let out = Command::new(grpcurl())
+        .args(["-plaintext", "-format-error", "-d"])
+        .arg(request.to_string())
+        .arg(format!("127.0.0.1:{grpc_port}"))
+        .arg("kafka_sharding.entities.v1.Entities/Ask")
+        .output()
+        .expect("grpcurl runs");
+    if !out.status.success() {
+        // With -format-error, the status as JSON on stderr: the code is a number (3
+        // INVALID_ARGUMENT, 5 NOT_FOUND).
+        let status: Value = serde_json::from_slice(&out.stderr).unwrap_or(Value::Null);
+        return Err((
+            status["code"].to_string(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let reply = engine
+        .decode(answer["reply"].as_str().unwrap_or_default())
+        .expect("base64 reply");
+    Ok((reply, answer["route"].as_str().unwrap_or("").to_string()))
 }

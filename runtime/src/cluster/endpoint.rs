@@ -36,6 +36,9 @@ pub enum CallError {
     /// The owner's answer did not decode (different versions of the entity's codec?).
     #[error("undecodable answer: {0}")]
     Undecodable(#[from] DecodeError),
+    /// The query does not encode with the type's codec (so it cannot be sent).
+    #[error("the query does not encode: {0}")]
+    Unencodable(crate::entity::EncodeError),
 }
 
 /// How a node's gateway answers peers' queries for one entity type, whatever the type.

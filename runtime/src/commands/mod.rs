@@ -43,7 +43,7 @@ pub mod headers {
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 
 /// Why a command got no reply from its entity.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
     /// The id is empty or longer than [`MAX_ID_BYTES`].
     #[error("entity id must be 1 to {MAX_ID_BYTES} bytes, got {0}")]
@@ -84,5 +84,21 @@ impl CommandError {
             Self::Failed(_) => tonic::Status::internal(self.to_string()),
             Self::NotRunning | Self::Unavailable(_) => tonic::Status::unavailable(self.to_string()),
         }
+    }
+}
+
+/// The caller's view of an entity's answer: its reply decoded with the entity's codec, or why
+/// there is none. One home for the node's `Entities::send` and the test kit's `command`.
+pub(crate) fn answer<E: crate::Entity>(
+    outcome: crate::cluster::wire::CommandOutcome,
+) -> Result<E::Reply, CommandError> {
+    use crate::cluster::wire::command_outcome::Result as Outcome;
+    use crate::entity::Codec;
+    match outcome.result {
+        Some(Outcome::Reply(bytes)) => <E::Codec as Codec<E::Reply>>::decode(&bytes)
+            .map_err(|e| CommandError::Failed(format!("the answer does not decode: {e}"))),
+        Some(Outcome::Refused(reason)) => Err(CommandError::Refused(reason)),
+        Some(Outcome::Failed(reason)) => Err(CommandError::Failed(reason)),
+        None => Err(CommandError::Failed("an empty answer".into())),
     }
 }

@@ -16,6 +16,7 @@
 //! further use ([`CheckpointError::Fatal`]): the consumer recovers (see `consumer::recovery`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::kafka_config::{ClientKind, KafkaConnection};
@@ -220,13 +221,27 @@ impl Checkpointer {
             .into_iter()
             .flatten()
             .collect();
+        // States are encoded before anything is written: a shard with a state its codec cannot
+        // write contributes nothing (not its offset either: committing past the change without
+        // its state would lose it) and is refused (see `changelog::UnreadableState`).
+        let checkpoints: Vec<Encoded<E>> = checkpoints
+            .into_iter()
+            .filter_map(|(shard, cp)| match encode_states::<E>(&cp) {
+                Ok(values) => Some((shard, cp, values)),
+                Err(why) => {
+                    tracing::error!("shard {} not checkpointed: {why}", cp.partition);
+                    let _ = shard.actor.cast(ShardMsg::Refused(Arc::from(why)));
+                    None
+                }
+            })
+            .collect();
         let moved = |cp: &Checkpoint<E::State>| {
             cp.commit_offset
                 .is_some_and(|o| self.committed.get(&cp.partition) != Some(&o))
         };
         if checkpoints
             .iter()
-            .all(|(_, cp)| cp.is_empty() && !moved(cp))
+            .all(|(_, cp, _)| cp.is_empty() && !moved(cp))
         {
             return Ok(false);
         }
@@ -234,15 +249,15 @@ impl Checkpointer {
             .begin_transaction()
             .map_err(|e| self.classify(e))?;
         let mut offsets = TopicPartitionList::new();
-        for (_, cp) in &checkpoints {
-            if let Err(e) = self.write::<E>(cp, &mut offsets, deadline) {
+        for (_, cp, values) in &checkpoints {
+            if let Err(e) = self.write::<E>(cp, values, &mut offsets, deadline) {
                 return Err(self.abort(e));
             }
         }
         if let Err(e) = self.commit(&offsets, group, deadline) {
             return Err(self.abort(e));
         }
-        for (shard, cp) in checkpoints {
+        for (shard, cp, _) in checkpoints {
             if let Some(offset) = cp.commit_offset {
                 self.committed.insert(cp.partition, offset);
             }
@@ -274,16 +289,16 @@ impl Checkpointer {
     fn write<E: Entity>(
         &self,
         cp: &Checkpoint<E::State>,
+        values: &[Vec<u8>],
         offsets: &mut TopicPartitionList,
         deadline: Instant,
     ) -> Result<(), KafkaError> {
-        for (id, stored) in &cp.states {
-            let value = changelog::encode::<E>(stored);
+        for ((id, _), value) in cp.states.iter().zip(values) {
             self.send(
                 BaseRecord::to(&self.changelog_topic)
                     .partition(cp.partition as i32)
                     .key(id.as_bytes())
-                    .payload(&value)
+                    .payload(value)
                     .headers(self.changelog_headers.clone()),
                 deadline,
             )?;
@@ -405,4 +420,77 @@ impl Checkpointer {
 /// unless it is already done).
 fn remaining(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
+}
+/// A shard's checkpoint with its states' changelog values, ready to write.
+type Encoded<E> = (
+    LocalShard<E>,
+    Checkpoint<<E as Entity>::State>,
+    Vec<Vec<u8>>,
+);
+
+/// The changelog values of a checkpoint's states, in order; or why one does not encode.
+fn encode_states<E: Entity>(cp: &Checkpoint<E::State>) -> Result<Vec<Vec<u8>>, String> {
+    cp.states
+        .iter()
+        .map(|(id, stored)| {
+            changelog::encode::<E>(stored).map_err(|e| {
+                format!(
+                    "the state of entity {id} does not encode ({e}); nothing of the shard is committed \
+                     (its input is read again once a build that encodes it runs)"
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entity::{Json, Rejection, Stored};
+    use std::collections::BTreeMap;
+
+    /// Pairs by a pair of numbers: JSON cannot write a map with such keys once it holds one.
+    struct Pairs;
+
+    impl Entity for Pairs {
+        type Event = (u8, u8);
+        type State = BTreeMap<(u8, u8), u8>;
+        type Query = ();
+        type Reply = ();
+        type Codec = Json;
+        fn decode(_: &str, _: Option<&[u8]>) -> Result<(u8, u8), Rejection> {
+            Err(Rejection::new("unused"))
+        }
+        fn apply(state: &mut Self::State, pair: &(u8, u8)) {
+            state.insert(*pair, 1);
+        }
+        fn query(_: &Self::State, _: &()) {}
+    }
+
+    #[test]
+    fn a_checkpoint_with_a_state_that_does_not_encode_names_it_and_writes_nothing() {
+        type PairsState = BTreeMap<(u8, u8), u8>;
+        let cp = |states: Vec<(&str, PairsState)>| Checkpoint {
+            partition: 2,
+            seq: 1,
+            commit_offset: Some(9),
+            states: states
+                .into_iter()
+                .map(|(id, s)| (id.into(), Stored::new(s, 8)))
+                .collect(),
+            outgoing: Vec::new(),
+        };
+        let fine = cp(vec![("a", BTreeMap::new()), ("b", BTreeMap::new())]);
+        assert_eq!(encode_states::<Pairs>(&fine).unwrap().len(), 2);
+        let bad = cp(vec![
+            ("a", BTreeMap::new()),
+            ("b", BTreeMap::from([((1, 2), 1)])),
+        ]);
+        let why = encode_states::<Pairs>(&bad).unwrap_err();
+        assert!(
+            why.contains("the state of entity b does not encode")
+                && why.contains("nothing of the shard is committed"),
+            "{why}"
+        );
+    }
 }

@@ -251,11 +251,13 @@ fn poll_loop<E: Entity>(
     // When the last command was read.
     let mut last_command: Option<Instant> = None;
     let mut last_soon = Instant::now();
+    let mut refusals = Refusals::default();
     while !stopping.load(Ordering::SeqCst) {
         if let Some(cause) = context.health.unrecoverable() {
             unrecoverable = Some(cause);
             break;
         }
+        refusals.follow(&consumer, &context.readiness, &settings.topic);
         if context.producer_failed.load(Ordering::SeqCst) {
             recovery::recover(&consumer, &parts.checkpointer_config, &stopping);
             uncommitted = false;
@@ -420,6 +422,53 @@ fn poll_loop<E: Entity>(
     match unrecoverable {
         Some(cause) => ConsumerExit::Unrecoverable(cause),
         None => ConsumerExit::Stopped,
+    }
+}
+
+/// The partitions the loop paused because their shards refused their changelog state
+/// (`changelog::UnreadableState`): their records would only be dropped by the shard, so they
+/// are not fetched. Paused here, outside the rebalance callbacks (see `post_rebalance`), and
+/// resumed once their shard has left (a partition no longer assigned ignores it).
+#[derive(Default)]
+struct Refusals {
+    seen: u64,
+    paused: std::collections::BTreeSet<u32>,
+}
+
+impl Refusals {
+    fn follow<C: rdkafka::consumer::ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        readiness: &GroupReadiness,
+        topic: &str,
+    ) {
+        let (generation, refused) = readiness.refused();
+        if generation == self.seen {
+            return;
+        }
+        self.seen = generation;
+        let refused: std::collections::BTreeSet<u32> = refused.into_iter().collect();
+        let list = |partitions: Vec<u32>| {
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            for p in &partitions {
+                tpl.add_partition(topic, *p as i32);
+            }
+            (partitions, tpl)
+        };
+        let (pause, tpl) = list(refused.difference(&self.paused).copied().collect());
+        if !pause.is_empty() {
+            match consumer.pause(&tpl) {
+                Ok(()) => tracing::warn!(
+                    "partitions {pause:?} paused: their shards refused their changelog state"
+                ),
+                Err(e) => tracing::warn!("cannot pause partitions {pause:?}: {e}"),
+            }
+        }
+        let (resume, tpl) = list(self.paused.difference(&refused).copied().collect());
+        if !resume.is_empty() {
+            let _ = consumer.resume(&tpl);
+        }
+        self.paused = refused;
     }
 }
 

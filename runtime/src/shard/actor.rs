@@ -33,7 +33,7 @@ use crate::effects::{Effects, Output, HEADER_MESSAGE_FROM};
 use crate::entity::{Entity, EntityId, EntityMap, Stored, MAX_ID_BYTES};
 use crate::partitioner::partition_for_key;
 use crate::stats::NodeStats;
-use crate::timers::{PendingTimer, Target, HEADER_TIMER, MAX_TIMERS_PER_ENTITY};
+use crate::timers::{PendingTimer, Target, HEADER_TIMER};
 
 /// The most timers one round fires before the shard serves its other messages.
 const FIRE_PER_ROUND: usize = 2_000;
@@ -54,7 +54,7 @@ pub(crate) struct ShardArgs {
 type PendingQuery<E> = (
     EntityId,
     <E as Entity>::Query,
-    RpcReplyPort<<E as Entity>::Reply>,
+    RpcReplyPort<Result<<E as Entity>::Reply, Arc<str>>>,
 );
 
 /// What arrives while the shard waits for its changelog: served once it is restored.
@@ -71,6 +71,10 @@ pub(crate) struct ShardState<E: Entity> {
     myself: ActorRef<ShardMsg<E>>,
     /// Until the changelog is restored: batches and queries that arrived meanwhile.
     restoring: Option<WaitingForRestore<E>>,
+    /// Why the shard refused its changelog (a state this build cannot read): it then runs
+    /// nothing (its batches are dropped uncommitted, and its partition paused by the consumer)
+    /// and answers every query with this reason.
+    refused: Option<Arc<str>>,
     /// The entities: every one's state, live or passivated. The only copy.
     states: EntityMap<Stored<E::State>>,
     live: LiveSet,
@@ -112,6 +116,7 @@ impl<E: Entity> ShardState<E> {
                 queries: Vec::new(),
                 drains: Vec::new(),
             }),
+            refused: None,
             states: EntityMap::default(),
             live: LiveSet::default(),
             processed: None,
@@ -363,6 +368,7 @@ impl<E: Entity> ShardState<E> {
                     self.cancel_timer(from, &name);
                     Ok(())
                 }
+                Output::Unencodable(reason) => Err(reason),
             };
             if let Err(reason) = done {
                 tracing::warn!(
@@ -408,15 +414,7 @@ impl<E: Entity> ShardState<E> {
     fn set_timer(&mut self, id: &EntityId, timer: PendingTimer) -> Result<(), String> {
         let stored = self.states.get_mut(id).expect("the entity just ran");
         let acting = stored.acting.get_or_insert_default();
-        if acting.timers.len() >= MAX_TIMERS_PER_ENTITY
-            && !acting.timers.iter().any(|t| t.name == timer.name)
-        {
-            return Err(format!(
-                "timer {} would be the entity's {}th pending timer ({MAX_TIMERS_PER_ENTITY} allowed)",
-                timer.name,
-                MAX_TIMERS_PER_ENTITY + 1
-            ));
-        }
+        acting.timers.room_for(&timer.name)?;
         let key = (timer.at_ms, id.clone(), timer.name.to_string());
         if let Some(old) = acting.timers.set(timer) {
             self.timers
@@ -593,7 +591,16 @@ impl<E: Entity> ShardState<E> {
         }
     }
 
-    fn query(&mut self, id: EntityId, query: E::Query, reply: RpcReplyPort<E::Reply>) {
+    fn query(
+        &mut self,
+        id: EntityId,
+        query: E::Query,
+        reply: RpcReplyPort<Result<E::Reply, Arc<str>>>,
+    ) {
+        if let Some(why) = &self.refused {
+            let _ = reply.send(Err(why.clone()));
+            return;
+        }
         let answer = match self.states.get(&id) {
             Some(stored) => {
                 let answer = E::query(&stored.state, &query);
@@ -605,7 +612,51 @@ impl<E: Entity> ShardState<E> {
             // An entity never seen: the default state, and nothing kept for it.
             None => E::query(&E::State::default(), &query),
         };
-        let _ = reply.send(answer);
+        let _ = reply.send(Ok(answer));
+    }
+
+    /// Stops the shard for good (on this node): its changelog holds a state this build cannot
+    /// read, or one of its states does not encode for a checkpoint. What it holds is dropped
+    /// uncommitted (the next owner, or the next run of a build that reads and writes its states,
+    /// restores the last checkpoint and reads the input after it again); owed answers are
+    /// never given (their callers time out: outcome unknown, and indeed uncommitted).
+    fn refuse(&mut self, why: Arc<str>) {
+        if self.refused.is_some() {
+            return;
+        }
+        let waiting = self.restoring.take();
+        if waiting.is_some() {
+            self.env.readiness.shard_restored();
+        }
+        self.env.readiness.refuse(self.shard, &why);
+        self.refused = Some(why);
+        let forgotten = self.live.len();
+        self.live = LiveSet::default();
+        self.env
+            .live_entities
+            .fetch_sub(forgotten, Ordering::Relaxed);
+        self.states = EntityMap::default();
+        self.outbox = Outbox::default();
+        self.owed.clear();
+        self.timers = TimerIndex::new(HELD_TIMERS);
+        self.processed = None;
+        if let Some(waiting) = waiting {
+            for batch in waiting.batches {
+                self.drop_refused(batch);
+            }
+            for (id, query, reply) in waiting.queries {
+                self.query(id, query, reply);
+            }
+            for reply in waiting.drains {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// A batch for a refused shard: not run and not committed (whoever restores the shard
+    /// later reads it again).
+    fn drop_refused(&mut self, batch: Vec<ConsumedRecord<E::Event>>) {
+        self.env.gate.release(batch.len());
     }
 
     fn checkpoint(&mut self) -> Checkpoint<E::State> {
@@ -650,8 +701,10 @@ impl<E: Entity> ShardState<E> {
                     let _ = reply.send(());
                 }
             }
+            ShardMsg::Refused(why) => self.refuse(why),
             ShardMsg::Consumed(batch) => match &mut self.restoring {
                 Some(waiting) => waiting.batches.push(batch),
+                None if self.refused.is_some() => self.drop_refused(batch),
                 None => self.run(batch),
             },
             ShardMsg::Query { id, query, reply } => match &mut self.restoring {
@@ -742,6 +795,9 @@ impl<E: Entity> Actor for ShardActor<E> {
             .env
             .live_entities
             .fetch_sub(state.live.len(), Ordering::Relaxed);
+        if state.refused.is_some() {
+            state.env.readiness.forget_refusal(state.shard);
+        }
         // Batches still waiting for the restore are re-read by the partition's next owner.
         if let Some(waiting) = &state.restoring {
             let buffered: usize = waiting.batches.iter().map(Vec::len).sum();
@@ -847,6 +903,59 @@ mod tests {
             .await
             .unwrap()
             .unwrap()
+            .expect("the shard is not refused")
+    }
+
+    #[tokio::test]
+    async fn a_refused_shard_runs_nothing_commits_nothing_and_answers_why() {
+        let env = env(100);
+        let shard = start::<Sum>(&env).await;
+        env.gate.acquire(2, Duration::ZERO);
+        shard
+            .cast(ShardMsg::Consumed(events(&[(0, "a", 5)])))
+            .unwrap();
+        let query = |shard: ActorRef<ShardMsg<Sum>>| async move {
+            shard
+                .call(
+                    |reply| ShardMsg::Query {
+                        id: "a".into(),
+                        query: SumState::default(),
+                        reply,
+                    },
+                    None,
+                )
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        let waiting = tokio::spawn(query(shard.clone()));
+        shard
+            .cast(ShardMsg::Refused("offset 7 does not decode".into()))
+            .unwrap();
+        assert_eq!(
+            waiting.await.unwrap().unwrap_err().as_ref(),
+            "offset 7 does not decode",
+            "a query that waited for the restore"
+        );
+        shard
+            .cast(ShardMsg::Consumed(events(&[(1, "a", 6)])))
+            .unwrap();
+        assert!(query(shard.clone()).await.is_err());
+        let checkpoint = shard
+            .call(ShardMsg::Checkpoint, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(checkpoint.commit_offset, None, "no offset committed");
+        assert!(checkpoint.states.is_empty());
+        assert_eq!(env.gate.in_flight(), 0, "dropped batches left the window");
+        assert_eq!(env.readiness.refused().1, [3]);
+        shard.stop(None);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            env.readiness.refused().1.is_empty(),
+            "a shard that left is no longer refused here"
+        );
     }
 
     /// An entity that acts: a command adds its value to the sum unless that would make it

@@ -2,6 +2,8 @@
 //! contribution. Apart from the actor, so the consumer, the restorer and the router import these
 //! and not the actor.
 
+use std::sync::Arc;
+
 use ractor::RpcReplyPort;
 
 use crate::commands::CommandMeta;
@@ -93,11 +95,15 @@ pub(crate) enum ShardMsg<E: Entity> {
     Restored(EntityMap<Stored<E::State>>),
     /// A batch read from the partition, in offset order.
     Consumed(Vec<ConsumedRecord<E::Event>>),
+    /// The partition's changelog holds a state this build cannot read (why): the shard
+    /// refuses to start (see `changelog::UnreadableState`).
+    Refused(Arc<str>),
     /// A query; an entity never seen is answered from the default state (no actor created).
+    /// A refused shard answers why it cannot.
     Query {
         id: EntityId,
         query: E::Query,
-        reply: RpcReplyPort<E::Reply>,
+        reply: RpcReplyPort<Result<E::Reply, Arc<str>>>,
     },
     EntityCounts(RpcReplyPort<EntityCounts>),
     /// Answer once every batch dispatched before it has run.
