@@ -34,24 +34,30 @@ pub struct Args {
     #[arg(long, env = "KAFKA_CHANGELOG_TOPIC")]
     pub changelog_topic: Option<String>,
 
-    /// Also host device telemetry (the second application), consuming readings from this topic
-    /// (its dead-letter topic is `<topic>-dlq`, its changelog `<telemetry-group>-<topic>-state`).
-    #[arg(long, env = "TELEMETRY_TOPIC")]
-    pub telemetry_topic: Option<String>,
+    /// Device telemetry, the second application: `--telemetry-topic` (hosted when given),
+    /// `--telemetry-group`, `--telemetry-dlq-topic`, `--telemetry-changelog-topic`.
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 
-    /// Consumer group of the device telemetry type (with --telemetry-topic).
-    #[arg(long, env = "TELEMETRY_GROUP", default_value = "device-telemetry")]
-    pub telemetry_group: String,
+    /// Bank accounts, the third application (`bank.Accounts` on the gRPC port):
+    /// `--accounts-topic` (hosted when given), `--accounts-group`, ...
+    #[command(flatten)]
+    pub accounts: AccountsArgs,
+}
 
-    /// Also host bank accounts (the third application, `bank.Accounts` on the gRPC port),
-    /// whose commands and ops go through this topic (dead letters `<topic>-dlq`, changelog
-    /// `<accounts-group>-<topic>-state`).
-    #[arg(long, env = "ACCOUNTS_TOPIC")]
-    pub accounts_topic: Option<String>,
+kafka_sharding::type_args! {
+    /// The options of the device telemetry type.
+    pub struct TelemetryArgs {
+        prefix: "telemetry", env: "TELEMETRY", group: "device-telemetry", what: "device telemetry"
+    }
+}
 
-    /// Consumer group of the accounts type (with --accounts-topic).
-    #[arg(long, env = "ACCOUNTS_GROUP", default_value = "accounts")]
-    pub accounts_group: String,
+kafka_sharding::type_args! {
+    /// The options of the bank accounts type.
+    pub struct AccountsArgs {
+        prefix: "accounts", env: "ACCOUNTS", group: "accounts",
+        what: "bank accounts (gRPC bank.Accounts)"
+    }
 }
 
 /// What a processor node hosts.
@@ -87,38 +93,29 @@ impl Args {
         if self.topic.is_empty() || self.group.is_empty() {
             return Err("--topic and --group must not be empty".into());
         }
-        let telemetry = match self.telemetry_topic {
-            Some(topic) if topic.is_empty() || self.telemetry_group.is_empty() => {
-                return Err("--telemetry-topic and --telemetry-group must not be empty".into())
-            }
-            Some(topic) if topic == self.topic || self.telemetry_group == self.group => {
-                return Err(
-                    "device telemetry needs its own topic and group (--telemetry-topic, --telemetry-group)"
-                        .into(),
-                )
-            }
-            Some(topic) => Some(EntityType::new(self.telemetry_group, topic)),
-            None => None,
-        };
-        let accounts = match self.accounts_topic {
-            Some(topic) if topic.is_empty() || self.accounts_group.is_empty() => {
-                return Err("--accounts-topic and --accounts-group must not be empty".into())
-            }
-            Some(topic)
-                if topic == self.topic
-                    || self.accounts_group == self.group
-                    || telemetry.as_ref().is_some_and(|t| {
-                        t.topic() == topic || t.group() == self.accounts_group
-                    }) =>
-            {
-                return Err(
-                    "accounts need their own topic and group (--accounts-topic, --accounts-group)"
-                        .into(),
-                )
-            }
-            Some(topic) => Some(EntityType::new(self.accounts_group, topic)),
-            None => None,
-        };
+        let telemetry = self.telemetry.entity_type()?;
+        if telemetry
+            .as_ref()
+            .is_some_and(|t| t.topic() == self.topic || t.group() == self.group)
+        {
+            return Err(
+                "device telemetry needs its own topic and group (--telemetry-topic, --telemetry-group)"
+                    .into(),
+            );
+        }
+        let accounts = self.accounts.entity_type()?;
+        if accounts.as_ref().is_some_and(|a| {
+            a.topic() == self.topic
+                || a.group() == self.group
+                || telemetry
+                    .as_ref()
+                    .is_some_and(|t| t.topic() == a.topic() || t.group() == a.group())
+        }) {
+            return Err(
+                "accounts need their own topic and group (--accounts-topic, --accounts-group)"
+                    .into(),
+            );
+        }
         let mut purchases = EntityType::new(self.group, self.topic);
         if let Some(dlq) = self.dlq_topic {
             purchases = purchases.dlq_topic(dlq);
@@ -183,6 +180,24 @@ mod tests {
                 "device-telemetry-readings-state"
             )
         );
+        let named = Args::try_parse_from_args([
+            "processor",
+            "1",
+            "--telemetry-topic",
+            "readings",
+            "--telemetry-dlq-topic",
+            "bad-readings",
+            "--telemetry-changelog-topic",
+            "device-states",
+        ])
+        .unwrap();
+        let telemetry = named.into_config().unwrap().1.telemetry.unwrap();
+        assert_eq!(
+            (telemetry.dlq(), telemetry.changelog()),
+            ("bad-readings", "device-states")
+        );
+        let empty = Args::try_parse_from_args(["processor", "1", "--telemetry-topic", ""]).unwrap();
+        assert!(empty.into_config().is_err());
         let same =
             Args::try_parse_from_args(["processor", "1", "--telemetry-topic", "user-events"])
                 .unwrap();

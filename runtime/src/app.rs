@@ -37,8 +37,9 @@ use crate::node::{EntityType, Node};
 /// framework's only when they matter.
 const DEFAULT_LOG_FILTER: &str = "info,ractor_cluster=error,ractor=warn";
 
-/// One hosted entity type's Kafka names on the command line (flatten it once per type; for
-/// more than one, rename the options with clap's `mut_arg` or declare your own).
+/// One hosted entity type's Kafka names on the command line: `--topic`, `--group`,
+/// `--dlq-topic`, `--changelog-topic` (flatten it once; further types declare theirs with
+/// [`type_args!`](crate::type_args), named with a prefix).
 #[derive(Debug, Clone, clap::Args)]
 pub struct TypeArgs {
     /// The entity type's input topic (its partition count is the shard count).
@@ -125,4 +126,122 @@ pub fn run<A: clap::Args>(
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Declares the command-line options of one more hosted entity type, named with a prefix, for
+/// a node that hosts several (a [`TypeArgs`] can be flattened only once): `--<prefix>-topic`
+/// (the type is hosted only when it is given), `--<prefix>-group` (default `group`),
+/// `--<prefix>-dlq-topic` and `--<prefix>-changelog-topic`, each with an environment fallback
+/// (`<ENV>_TOPIC`, `<ENV>_GROUP`, ...); `what` names the type in `--help`. The struct derives
+/// `clap::Args`, so the application depends on `clap` (features `derive` and `env`) and
+/// flattens it beside the rest.
+///
+/// ```
+/// use clap::Parser;
+/// use kafka_sharding::app::TypeArgs;
+///
+/// kafka_sharding::type_args! {
+///     /// Device telemetry, hosted with `--telemetry-topic`.
+///     pub struct TelemetryArgs {
+///         prefix: "telemetry", env: "TELEMETRY", group: "device-telemetry", what: "device telemetry"
+///     }
+/// }
+/// kafka_sharding::type_args! {
+///     pub struct CartArgs { prefix: "carts", env: "CARTS", group: "carts", what: "shopping carts" }
+/// }
+///
+/// #[derive(clap::Parser)]
+/// struct Cli {
+///     #[command(flatten)]
+///     users: TypeArgs,
+///     #[command(flatten)]
+///     telemetry: TelemetryArgs,
+///     #[command(flatten)]
+///     carts: CartArgs,
+/// }
+///
+/// let cli = Cli::parse_from([
+///     "node", "--topic", "events", "--group", "users",
+///     "--telemetry-topic", "readings", "--carts-topic", "cart-ops", "--carts-dlq-topic", "bad-carts",
+/// ]);
+/// let telemetry = cli.telemetry.entity_type().unwrap().unwrap();
+/// assert_eq!((telemetry.group(), telemetry.topic()), ("device-telemetry", "readings"));
+/// let carts = cli.carts.entity_type().unwrap().unwrap();
+/// assert_eq!((carts.group(), carts.dlq()), ("carts", "bad-carts"));
+/// assert_eq!(cli.users.entity_type().topic(), "events");
+///
+/// let without = Cli::parse_from(["node", "--topic", "events", "--group", "users"]);
+/// assert!(without.telemetry.entity_type().unwrap().is_none(), "hosted only with its topic");
+/// let empty = Cli::parse_from(["node", "--topic", "e", "--group", "u", "--carts-topic", ""]);
+/// assert!(empty.carts.entity_type().is_err());
+/// ```
+#[macro_export]
+macro_rules! type_args {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            prefix: $prefix:literal, env: $env:literal, group: $group:literal, what: $what:literal $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, clap::Args)]
+        $vis struct $name {
+            #[arg(
+                long = concat!($prefix, "-topic"),
+                id = concat!($prefix, "-topic"),
+                value_name = "TOPIC",
+                env = concat!($env, "_TOPIC"),
+                help = concat!("Host ", $what, ", consuming this topic (its partition count is the shard count)")
+            )]
+            pub topic: Option<String>,
+            #[arg(
+                long = concat!($prefix, "-group"),
+                id = concat!($prefix, "-group"),
+                value_name = "GROUP",
+                env = concat!($env, "_GROUP"),
+                default_value = $group,
+                help = concat!("The consumer group every node shares for ", $what, " (with --", $prefix, "-topic)")
+            )]
+            pub group: String,
+            #[arg(
+                long = concat!($prefix, "-dlq-topic"),
+                id = concat!($prefix, "-dlq-topic"),
+                value_name = "TOPIC",
+                env = concat!($env, "_DLQ_TOPIC"),
+                help = concat!("Where records of ", $what, " that cannot be processed go (default: <", $prefix, "-topic>-dlq)")
+            )]
+            pub dlq_topic: Option<String>,
+            #[arg(
+                long = concat!($prefix, "-changelog-topic"),
+                id = concat!($prefix, "-changelog-topic"),
+                value_name = "TOPIC",
+                env = concat!($env, "_CHANGELOG_TOPIC"),
+                help = concat!("The compacted topic holding the states of ", $what, " (default: <", $prefix, "-group>-<", $prefix, "-topic>-state)")
+            )]
+            pub changelog_topic: Option<String>,
+        }
+
+        impl $name {
+            /// The entity type these options name: `None` without `--<prefix>-topic`; an
+            /// error (a usage message) for an empty topic or group.
+            pub fn entity_type(&self) -> Result<Option<$crate::EntityType>, String> {
+                let Some(topic) = &self.topic else {
+                    return Ok(None);
+                };
+                if topic.is_empty() || self.group.is_empty() {
+                    return Err(concat!(
+                        "--", $prefix, "-topic and --", $prefix, "-group must not be empty"
+                    ).to_owned());
+                }
+                let mut spec = $crate::EntityType::new(&self.group, topic);
+                if let Some(dlq) = &self.dlq_topic {
+                    spec = spec.dlq_topic(dlq);
+                }
+                if let Some(changelog) = &self.changelog_topic {
+                    spec = spec.changelog_topic(changelog);
+                }
+                Ok(Some(spec))
+            }
+        }
+    };
 }
