@@ -157,6 +157,9 @@ impl ClusterSpec {
             .append(true)
             .open(&log_path)
             .unwrap();
+        // The file keeps every run's output (a restart of node `i` appends); this process's
+        // part starts here, so an earlier run's lines never satisfy this one's assertions.
+        let log_from = log.metadata().map(|m| m.len()).unwrap_or(0);
         let seeds: Vec<String> = self
             .seeds
             .iter()
@@ -191,6 +194,7 @@ impl ClusterSpec {
             child: Some(child),
             management: self.management(i),
             log_path,
+            log_from,
             id: self.node_id(i),
         }
     }
@@ -299,6 +303,8 @@ pub struct Node {
     child: Option<Child>,
     pub management: u16,
     pub log_path: PathBuf,
+    /// Where this process's output starts in the log file.
+    log_from: u64,
     pub id: String,
 }
 
@@ -370,8 +376,11 @@ impl Node {
             .unwrap_or_else(|| panic!("node {} has no counter {name}: {stats}", self.id))
     }
 
+    /// What this node process has written so far (not earlier runs in the same file).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        let bytes = std::fs::read(&self.log_path).unwrap_or_default();
+        let from = (self.log_from as usize).min(bytes.len());
+        String::from_utf8_lossy(&bytes[from..]).into_owned()
     }
 
     /// SIGKILL: a crash.
