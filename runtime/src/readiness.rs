@@ -190,6 +190,12 @@ impl GroupReadiness {
         }
     }
 
+    /// A number that changes whenever the refused shards do: an atomic read, so the poll loop
+    /// can look every round and take the lock only after a change.
+    pub fn refusal_generation(&self) -> u64 {
+        self.refusals.load(Ordering::SeqCst)
+    }
+
     /// The refused shards, and a number that changes whenever they do.
     pub fn refused(&self) -> (u64, Vec<u32>) {
         let refused = self.refused.lock().expect("readiness lock poisoned");

@@ -442,10 +442,11 @@ impl Refusals {
         readiness: &GroupReadiness,
         topic: &str,
     ) {
-        let (generation, refused) = readiness.refused();
-        if generation == self.seen {
+        // Every poll round: no lock, no allocation unless the refusals changed.
+        if readiness.refusal_generation() == self.seen {
             return;
         }
+        let (generation, refused) = readiness.refused();
         self.seen = generation;
         let refused: std::collections::BTreeSet<u32> = refused.into_iter().collect();
         let list = |partitions: Vec<u32>| {
