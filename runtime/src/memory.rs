@@ -1,11 +1,13 @@
-//! Giving freed memory back to the operating system after passivation and standby warm-ups.
+//! Giving freed memory back to the operating system after passivation, standby warm-ups and
+//! restores.
 //!
 //! A drain of many distinct entities passivates entities past the live cap; glibc keeps what
 //! the passivated entries (and, when entities were actors, the stopped actors) used in its
 //! heaps, so the resident set stayed at that high-water mark (docs/BENCHMARKS.md). After many
 //! passivations `malloc_trim` returns it. A standby warm-up
 //! (whole changelog partitions read, maps grown by doubling) leaves the same kind of free
-//! memory behind; `standby` trims after a large one. (mimalloc was tried
+//! memory behind; `standby` trims after a large one, and `restore` after a restore that read
+//! many records (its consumer's fetch buffers). (mimalloc was tried
 //! instead of glibc: no throughput gain beyond run-to-run noise, and 2.7× the memory per
 //! restored entity.)
 

@@ -48,6 +48,8 @@ const EARLY_FENCE_FOR: Duration = Duration::from_secs(120);
 const CLOCK_EVERY_RECORDS: u32 = 64;
 /// Upper bound on a partition's map sized up front from its record count.
 const MAX_PRESIZED_ENTITIES: usize = 1 << 20;
+/// Restores reading at least this many records give freed memory back to the OS.
+const TRIM_AFTER_RESTORING_FROM: u64 = 50_000;
 
 pub(crate) struct Restorer<E: Entity> {
     /// The entity type's consumer group.
@@ -104,7 +106,16 @@ impl<E: Entity> Restorer<E> {
                 let mut failures = 0u32;
                 loop {
                     match this.run(&mut shards, assigned_at, &orphaned) {
-                        Ok(()) => return,
+                        Ok(records) => {
+                            // The restore consumer is gone by now: its fetch buffers (up to
+                            // `fetch.max.bytes` each) were freed, and glibc keeps them in its
+                            // heaps unless asked (1 M users restored: 320 MiB resident, 135 MiB
+                            // after a trim; docs/BENCHMARKS.md).
+                            if records >= TRIM_AFTER_RESTORING_FROM {
+                                crate::memory::release_free_memory();
+                            }
+                            return;
+                        }
                         Err(e) => {
                             shards.retain(|(_, shard)| {
                                 shard.get_status() != ractor::ActorStatus::Stopped
@@ -273,13 +284,13 @@ impl<E: Entity> Restorer<E> {
     }
 
     /// Restores `shards`, removing each from the list once it has its state (so a retry after
-    /// an error only does the rest).
+    /// an error only does the rest); returns how many changelog records it read.
     fn run(
         &self,
         shards: &mut Vec<(u32, ActorRef<ShardMsg<E>>)>,
         assigned_at: Instant,
         orphaned: &BTreeMap<u32, Instant>,
-    ) -> Result<(), KafkaError> {
+    ) -> Result<u64, KafkaError> {
         let started = Instant::now();
         // Reading to the high watermark covers a previous owner's open transaction only once its
         // records are in the changelog. A frozen owner's checkpoint can have its offsets accepted
@@ -392,7 +403,7 @@ impl<E: Entity> Restorer<E> {
             pending.insert(partition, restore);
         }
         if pending.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let warm = pending
             .values()
@@ -410,6 +421,7 @@ impl<E: Entity> Restorer<E> {
         let mut last_report = Instant::now();
         let mut last_position_check = Instant::now();
         let mut records_since_clock = 0u32;
+        let mut records = 0u64;
         while !pending.is_empty() {
             let mut complete = Vec::new();
             // Short: a partition whose tail is only a transaction marker delivers no record, and
@@ -422,6 +434,7 @@ impl<E: Entity> Restorer<E> {
             }
             match &polled {
                 Some(Ok(record)) => {
+                    records += 1;
                     let partition = record.partition() as u32;
                     if let Some(restore) = pending.get_mut(&partition) {
                         restore.records += 1;
@@ -490,7 +503,7 @@ impl<E: Entity> Restorer<E> {
                 );
             }
         }
-        Ok(())
+        Ok(records)
     }
 
     /// Tells `restore`'s shard that its changelog holds a state this build cannot read: the
