@@ -229,6 +229,90 @@ async fn a_command_accepted_before_its_owner_dies_is_applied_once_by_the_next_ow
     assert_eq!(balance(&mut via1, &account).await, 150, "applied once");
 }
 
+/// The owner is stopped exactly between writing a command's checkpoint and committing it (the
+/// command applied, its account's new state, its offsets and its owed answer all in the open
+/// transaction: the runtime's `KAFKA_SHARDING_HOLD_COMMIT_WHEN` hold, `consumer/commit_hold.rs`),
+/// then SIGKILLed there. The caller gets no answer for that attempt; its retry with the same
+/// key, through the node that takes the account over, is applied once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_applied_but_not_committed_when_its_owner_dies_is_not_answered_and_its_retry_applies_once(
+) {
+    require_broker();
+    let (spec, accounts_group) = bank_cluster(ClusterSpec::new("accounts-uncommitted", 4_000));
+    let hold = log_dir(&spec.name).join("hold-commit");
+    let _ = std::fs::remove_file(&hold);
+    let node1 = spec.start_node(1);
+    let mut held_spec = spec.clone();
+    held_spec.extra_env.push((
+        "KAFKA_SHARDING_HOLD_COMMIT_WHEN".into(),
+        hold.display().to_string(),
+    ));
+    let mut node2 = held_spec.start_node(2);
+    let mut via1 = accounts_at(spec.grpc_url(1));
+    wait_for_account_split(&[&node1, &node2], &accounts_group).await;
+    let node2_shards = shard_ids(&node2, &accounts_group).await;
+    let account = (0..100)
+        .map(|i| format!("uncommitted-{i}"))
+        .find(|a| node2_shards.contains(&partition_for_key(a.as_bytes(), 8)))
+        .unwrap();
+    let opened = via1.deposit(change(&account, 100, "open")).await.unwrap();
+    assert_eq!(opened.into_inner().balance, 100);
+
+    // Armed now: node 2's next checkpoint that writes a state is the deposit's, and it stops
+    // after writing, before its commit.
+    std::fs::write(&hold, b"").unwrap();
+    let attempt = {
+        let mut client = accounts_at(spec.grpc_url(1));
+        let mut request = tonic::Request::new(change(&account, 50, "lost"));
+        request.set_timeout(Duration::from_secs(10));
+        tokio::spawn(async move { client.deposit(request).await })
+    };
+    eventually(
+        Duration::from_secs(20),
+        "node 2 to apply the deposit and stop before committing it",
+        || async {
+            node2
+                .log()
+                .contains("written states stopped before its commit")
+                .then_some(())
+        },
+    )
+    .await;
+    let lost = attempt.await.unwrap();
+    assert!(
+        lost.is_err(),
+        "an answer for a change that was never committed: {lost:?}"
+    );
+    node2.kill();
+    std::fs::remove_file(&hold).unwrap();
+
+    // The caller retries with the same key until it gets a definite answer: node 1 takes the
+    // account over once the group drops node 2, aborts node 2's open transaction, restores the
+    // committed balance (100) and runs the deposit once.
+    let retried = eventually(
+        Duration::from_secs(90),
+        "a definite answer to the retried deposit",
+        || async {
+            let mut client = accounts_at(spec.grpc_url(1));
+            let mut request = tonic::Request::new(change(&account, 50, "lost"));
+            request.set_timeout(Duration::from_secs(10));
+            client
+                .deposit(request)
+                .await
+                .ok()
+                .map(|answer| answer.into_inner().balance)
+        },
+    )
+    .await;
+    assert_eq!(
+        retried, 150,
+        "the deposit applied once, on the committed 100"
+    );
+    let again = via1.deposit(change(&account, 50, "lost")).await.unwrap();
+    assert_eq!(again.into_inner().balance, 150, "the retry's answer again");
+    assert_eq!(balance(&mut via1, &account).await, 150, "applied once");
+}
+
 /// The records of `topic` keyed `key`.
 fn keyed(topic: &str, key: &str) -> usize {
     read_topic(topic)

@@ -254,7 +254,8 @@ impl Checkpointer {
                 return Err(self.abort(e));
             }
         }
-        if let Err(e) = self.commit(&offsets, group, deadline) {
+        let states = checkpoints.iter().map(|(_, cp, _)| cp.states.len()).sum();
+        if let Err(e) = self.commit(&offsets, group, deadline, states) {
             return Err(self.abort(e));
         }
         for (shard, cp, _) in checkpoints {
@@ -266,16 +267,19 @@ impl Checkpointer {
         Ok(true)
     }
 
-    /// Adds the consumed offsets to the open transaction and commits it, both by `deadline`.
+    /// Adds the consumed offsets to the open transaction (which holds `states` state records)
+    /// and commits it, both by `deadline`.
     fn commit(
         &self,
         offsets: &TopicPartitionList,
         group: &ConsumerGroupMetadata,
         deadline: Instant,
+        states: usize,
     ) -> Result<(), KafkaError> {
         self.producer
             .send_offsets_to_transaction(offsets, group, remaining(deadline))?;
         delivered(&self.producer, deadline)?;
+        super::commit_hold::before_commit(states);
         self.producer.commit_transaction(remaining(deadline))
     }
 

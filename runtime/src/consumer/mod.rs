@@ -10,6 +10,7 @@
 
 pub(crate) mod checkpoint;
 mod checkpoint_worker;
+mod commit_hold;
 mod context;
 mod dispatch;
 mod recovery;
