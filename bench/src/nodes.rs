@@ -286,6 +286,18 @@ impl NodeAddr {
             .ok_or_else(|| anyhow::anyhow!("node {} did not answer /cluster/stats", self.index))
     }
 
+    /// The shards of `group` (an entity type's group) the node owns; `None` if it does not
+    /// answer.
+    pub async fn shards_of(&self, group: &str) -> Option<Vec<u32>> {
+        let regions: Value =
+            serde_json::from_str(&self.get(&format!("/cluster/shards/{group}")).await?).ok()?;
+        regions["regions"]
+            .as_array()?
+            .iter()
+            .map(|r| r["shardId"].as_str()?.parse().ok())
+            .collect()
+    }
+
     /// Per shard: the next offset after what it applied (see `/cluster/shards`).
     pub async fn processed_offsets(&self) -> Option<BTreeMap<u32, i64>> {
         let regions: Value =

@@ -2,8 +2,11 @@
 //! of the node the deposits ran on, beside the same run's bare exactly-once round trip.
 //!
 //! - transfers: a closed loop of gRPC `Transfer` at concurrency 32 (the debit is a command, the
-//!   credit a message to the other account written with the debit's commit), and, one at a
-//!   time, how long after `Transfer`'s answer a query sees the credit;
+//!   credit a message to the other account written with the debit's commit), on the one node
+//!   and then with a second node in the group (the accounts' shards split between the two, each
+//!   caller asking the owner of the account it debits, so about half the credits cross to the
+//!   other node), and, one at a time, how long after
+//!   `Transfer`'s answer a query sees the credit;
 //! - timers: 10 000 scheduled transfers due at 1 000 per second; how late each fired (the
 //!   timestamp of the record its firing wrote) and completed (of its `transfers-completed`
 //!   record).
@@ -65,9 +68,9 @@ pub(super) async fn run(
     bank: &str,
     stamp: u64,
     bare: &Loop,
-) -> anyhow::Result<Table> {
+) -> anyhow::Result<(Table, Loop)> {
     eprintln!("commands: transfers at concurrency 32");
-    let transfers = transfers(channel, stamp, 32).await?;
+    let transfers = transfers(std::slice::from_ref(channel), &format!("tr-{stamp}"), 32).await?;
     eprintln!("commands: how soon a query sees a transfer's credit");
     let (visible, invisible) = credit_visibility(channel, stamp).await?;
     eprintln!("commands: {TIMERS} scheduled transfers due at {TIMERS_PER_SECOND} per second");
@@ -123,30 +126,57 @@ pub(super) async fn run(
         timers.missing_completed,
     );
     table.note(format!(
-        "Accounts on one node (8 partitions). Timers: {TIMERS} transfers scheduled through gRPC in {:.1} s (concurrency 32), due one per {} ms from {} s after the first was scheduled; a firing is the record the shard writes to the account's own partition in a checkpoint transaction, a completion the credited account's transfers-completed record (one message hop and one more commit later). Errors: timers early or missing, credits not visible within 10 s.",
+        "Accounts on one node (8 partitions); the last row adds a second node to its group once the rest is measured. Timers: {TIMERS} transfers scheduled through gRPC in {:.1} s (concurrency 32), due one per {} ms from {} s after the first was scheduled; a firing is the record the shard writes to the account's own partition in a checkpoint transaction, a completion the credited account's transfers-completed record (one message hop and one more commit later). Errors: timers early or missing, credits not visible within 10 s.",
         timers.scheduling_seconds,
         1_000 / TIMERS_PER_SECOND,
         TIMER_LEAD_MS / 1_000
     ));
-    Ok(table)
+    Ok((table, transfers))
 }
 
-/// `concurrency` workers, each transferring from an account of its own to 64 others.
-async fn transfers(channel: &Channel, stamp: u64, concurrency: usize) -> anyhow::Result<Loop> {
-    let mut client = AccountsClient::new(channel.clone());
+/// `concurrency` workers, each transferring from an account of its own (named after `prefix`)
+/// to 64 others, worker `w` through `channels[w % len]`.
+pub(super) async fn transfers(
+    channels: &[Channel],
+    prefix: &str,
+    concurrency: usize,
+) -> anyhow::Result<Loop> {
+    let mut client = AccountsClient::new(channels[0].clone());
     for w in 0..concurrency {
-        deposit(&mut client, format!("tr-{stamp}-{w}")).await?;
+        deposit(&mut client, format!("{prefix}-{w}")).await?;
     }
-    closed_loop(channel, concurrency, move |mut client, w, n| async move {
-        let request = transfer(
-            format!("tr-{stamp}-{w}"),
-            format!("tr-{stamp}-to-{}", n % 64),
-            format!("tr-{stamp}-{n}"),
-            0,
-        );
-        client.transfer(request).await.map(drop)
+    let prefix = prefix.to_string();
+    closed_loop(channels, concurrency, move |mut client, w, n| {
+        let prefix = prefix.clone();
+        async move {
+            let request = transfer(
+                format!("{prefix}-{w}"),
+                format!("{prefix}-to-{}", n % 64),
+                format!("{prefix}-{n}"),
+                0,
+            );
+            client.transfer(request).await.map(drop)
+        }
     })
     .await
+}
+
+/// Adds to `acting`'s table the transfers `two` measured with a second node, beside the one
+/// node's (`one`) of the same run.
+pub(super) fn two_nodes_row(table: &mut Table, one: &Loop, two: &Loop, bare: &Loop) {
+    table.row(vec![
+        format!(
+            "Transfer answered, two nodes (concurrency 32, each caller through the owner of the account it debits; × one node: {:.2})",
+            two.per_second() / one.per_second()
+        ),
+        two.latencies.len().to_string(),
+        rate(two.per_second()),
+        format!("{:.1} ms", two.ms(0.5)),
+        format!("{:.1} ms", two.ms(0.99)),
+        format!("{:.1} ms", two.latencies.max() as f64 / 1000.0),
+        format!("{:.2}", two.ms(0.5) / bare.ms(0.5)),
+        two.errors.to_string(),
+    ]);
 }
 
 /// One transfer at a time; after each answer, queries the credited account until the credit

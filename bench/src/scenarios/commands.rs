@@ -4,6 +4,7 @@
 //! produce of the answer + offset commit → the answer read back (read_committed), one record at
 //! a time.
 
+use kafka_sharding::partitioner::partition_for_key;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -80,18 +81,14 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
     create_topic(setup, &events, 8)?;
     create_topic(setup, &bank, 8)?;
     let accounts_group = format!("bench-accounts-{stamp}");
-    let mut node = NodeProcess::start(
-        setup,
-        1,
-        &events,
-        &format!("bench-cmd-{stamp}"),
-        &[
-            "--accounts-topic",
-            &bank,
-            "--accounts-group",
-            &accounts_group,
-        ],
-    )?;
+    let group = format!("bench-cmd-{stamp}");
+    let node_args = [
+        "--accounts-topic",
+        bank.as_str(),
+        "--accounts-group",
+        accounts_group.as_str(),
+    ];
+    let mut node = NodeProcess::start(setup, 1, &events, &group, &node_args)?;
     let channel = Channel::from_shared(node.grpc_url())?.connect_lazy();
     wait_until(
         Duration::from_secs(120),
@@ -117,7 +114,38 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
         eprintln!("commands: deposits at concurrency {concurrency}");
         loops.push((concurrency, deposits(&channel, concurrency).await?));
     }
-    let acting = super::acting::run(setup, &channel, &bank, stamp, &bare).await?;
+    let (mut acting, one_node) = super::acting::run(setup, &channel, &bank, stamp, &bare).await?;
+    eprintln!("commands: a second node joins; transfers through both");
+    let mut node2 = NodeProcess::start(setup, 2, &events, &group, &node_args)?;
+    let node2_shards = wait_until(
+        Duration::from_secs(120),
+        "both nodes to own account shards",
+        || async {
+            let (one, two) = (
+                node.shards_of(&accounts_group).await?,
+                node2.shards_of(&accounts_group).await?,
+            );
+            (!one.is_empty() && !two.is_empty() && one.len() + two.len() == 8).then_some(two)
+        },
+    )
+    .await?;
+    // Each caller asks the owner of the account it debits, as the `client` does (its owner
+    // directory); the credited accounts are on either node.
+    let prefix = format!("tr2-{stamp}");
+    let channel2 = Channel::from_shared(node2.grpc_url())?.connect_lazy();
+    let channels: Vec<Channel> = (0..32)
+        .map(|w| {
+            let from = format!("{prefix}-{w}");
+            if node2_shards.contains(&partition_for_key(from.as_bytes(), 8)) {
+                channel2.clone()
+            } else {
+                channel.clone()
+            }
+        })
+        .collect();
+    let two_nodes = super::acting::transfers(&channels, &prefix, 32).await?;
+    super::acting::two_nodes_row(&mut acting, &one_node, &two_nodes, &bare);
+    node2.stop()?;
     node.stop()?;
     let timer_memory = super::acting::timer_memory(setup, stamp).await?;
 
@@ -171,22 +199,27 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
 
 /// `concurrency` workers, each depositing into accounts of its own and waiting for each answer.
 async fn deposits(channel: &Channel, concurrency: usize) -> anyhow::Result<Loop> {
-    closed_loop(channel, concurrency, |mut client, w, n| async move {
-        let change = Change {
-            account: format!("acc-{w}-{}", n % 64),
-            amount: 1,
-            idempotency_key: format!("d-{n}"),
-        };
-        client.deposit(change).await.map(drop)
-    })
+    closed_loop(
+        std::slice::from_ref(channel),
+        concurrency,
+        |mut client, w, n| async move {
+            let change = Change {
+                account: format!("acc-{w}-{}", n % 64),
+                amount: 1,
+                idempotency_key: format!("d-{n}"),
+            };
+            client.deposit(change).await.map(drop)
+        },
+    )
     .await
 }
 
-/// `concurrency` workers, each calling `call(client, worker, n)` for the next request number
-/// `n` and waiting for its answer, for [`WARM_UP`] then [`MEASURE`]: the latencies of the
-/// answers in the measured time, and its errors.
+/// `concurrency` workers, worker `w` through `channels[w % len]`, each calling
+/// `call(client, worker, n)` for the next request number `n` and waiting for its answer, for
+/// [`WARM_UP`] then [`MEASURE`]: the latencies of the answers in the measured time, and its
+/// errors.
 pub(super) async fn closed_loop<F, Fut>(
-    channel: &Channel,
+    channels: &[Channel],
     concurrency: usize,
     call: F,
 ) -> anyhow::Result<Loop>
@@ -199,7 +232,7 @@ where
     let next = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..concurrency)
         .map(|w| {
-            let client = AccountsClient::new(channel.clone());
+            let client = AccountsClient::new(channels[w % channels.len()].clone());
             let (next, call) = (next.clone(), call.clone());
             tokio::spawn(async move {
                 let (mut latencies, mut errors) = (histogram(), 0u64);
