@@ -19,6 +19,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use crate::acting::Acting;
 use crate::entity::{Codec, DecodeError, EncodeError, Entity, EntityId, EntityMap, Stored};
 use crate::kafka_admin::{list_offsets, with_debug};
+use crate::kafka_batch::RawRecord;
 use crate::kafka_health::QuietContext;
 
 /// Header on every changelog record: the input topic its state's offsets refer to.
@@ -185,22 +186,23 @@ pub struct UnreadableState {
 /// see [`UnreadableState`].
 pub(crate) fn fold<E: Entity>(
     states: &mut EntityMap<Stored<E::State>>,
-    record: &impl Message,
+    topic: &str,
+    record: RawRecord<'_>,
 ) -> Result<(), UnreadableState> {
     let unreadable = |reason: String| UnreadableState {
-        topic: record.topic().to_string(),
-        partition: record.partition() as u32,
-        offset: record.offset(),
+        topic: topic.to_string(),
+        partition: record.partition as u32,
+        offset: record.offset,
         key: record
-            .key()
+            .key
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .unwrap_or_else(|| "(none)".into()),
         reason: DecodeError(reason),
     };
-    let Some(id) = record.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+    let Some(id) = record.key.and_then(|k| std::str::from_utf8(k).ok()) else {
         return Err(unreadable("the record has no UTF-8 key".into()));
     };
-    let Some(value) = record.payload() else {
+    let Some(value) = record.payload else {
         states.remove(id);
         return Ok(());
     };
@@ -417,7 +419,12 @@ mod tests {
             (Some(b"7"), Some(value(&s2))),
             (Some(b"8"), None),
         ] {
-            fold::<Sum>(&mut states, &record(key, value.as_deref(), 0)).unwrap();
+            fold::<Sum>(
+                &mut states,
+                "cl",
+                RawRecord::of(&record(key, value.as_deref(), 0)),
+            )
+            .unwrap();
         }
         assert_eq!(states.len(), 1);
         assert_eq!(states["7"], s2);
@@ -426,8 +433,12 @@ mod tests {
     #[test]
     fn a_record_that_does_not_decode_is_an_error_naming_where_it_is() {
         let mut states = EntityMap::default();
-        let error =
-            fold::<Sum>(&mut states, &record(Some(b"u9"), Some(b"\xff\xff"), 41)).unwrap_err();
+        let error = fold::<Sum>(
+            &mut states,
+            "cl",
+            RawRecord::of(&record(Some(b"u9"), Some(b"\xff\xff"), 41)),
+        )
+        .unwrap_err();
         assert_eq!(
             (
                 error.topic.as_str(),
@@ -442,10 +453,20 @@ mod tests {
             "{error}"
         );
         let garbage = [&7i64.to_be_bytes()[..], b"\xff\xff\xff"].concat();
-        let error = fold::<Sum>(&mut states, &record(Some(b"u9"), Some(&garbage), 42)).unwrap_err();
+        let error = fold::<Sum>(
+            &mut states,
+            "cl",
+            RawRecord::of(&record(Some(b"u9"), Some(&garbage), 42)),
+        )
+        .unwrap_err();
         assert!(error.to_string().contains("does not decode"), "{error}");
         let valid = encode::<Sum>(&Stored::new(SumState::default(), 1)).unwrap();
-        assert!(fold::<Sum>(&mut states, &record(None, Some(&valid), 43)).is_err());
+        assert!(fold::<Sum>(
+            &mut states,
+            "cl",
+            RawRecord::of(&record(None, Some(&valid), 43))
+        )
+        .is_err());
         assert!(states.is_empty(), "nothing folded from unreadable records");
     }
 

@@ -101,6 +101,7 @@ mod grpc;
 mod handoff;
 mod http;
 mod kafka_admin;
+mod kafka_batch;
 mod kafka_config;
 mod kafka_health;
 mod lag;

@@ -20,13 +20,14 @@ use crate::kafka_config::KafkaConnection;
 use ractor::ActorRef;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::allocation::AllocationTable;
 use crate::changelog;
 use crate::entity::{Entity, EntityMap, Stored};
 use crate::fencing::{fence, transactional_id};
 use crate::kafka_admin::{committed_offsets, list_offsets};
+use crate::kafka_batch::BatchReader;
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
 use crate::shard::ShardMsg;
@@ -45,7 +46,12 @@ const EARLY_FENCE_EVERY: Duration = Duration::from_millis(100);
 /// still listed then is alive, and the assignment-time fence is left to deal with it).
 const EARLY_FENCE_FOR: Duration = Duration::from_secs(120);
 /// Records between two looks at the clock (reading it per record showed in the profile).
-const CLOCK_EVERY_RECORDS: u32 = 64;
+const CLOCK_EVERY_RECORDS: usize = 64;
+/// Records read from librdkafka at once (`kafka_batch`).
+const READ_BATCH: usize = 1024;
+/// How long a read waits for a full batch: librdkafka returns what it has then. Short, so a
+/// partition's last records (and an idle reader's position checks) wait at most this long.
+const BATCH_WAIT: Duration = Duration::from_millis(5);
 /// Upper bound on a partition's map sized up front from its record count.
 const MAX_PRESIZED_ENTITIES: usize = 1 << 20;
 /// Restores reading at least this many records give freed memory back to the OS.
@@ -418,47 +424,56 @@ impl<E: Entity> Restorer<E> {
             .restore_records_remaining
             .inc_by(pending.values().map(|r| r.end - r.position).sum());
         consumer.assign(&tpl)?;
+        let mut reader = BatchReader::new(&consumer, READ_BATCH).ok_or_else(|| {
+            KafkaError::ClientCreation("the restore consumer has no consumer queue".into())
+        })?;
         let mut last_report = Instant::now();
         let mut last_position_check = Instant::now();
-        let mut records_since_clock = 0u32;
+        let mut records_since_clock = 0usize;
         let mut records = 0u64;
         while !pending.is_empty() {
             let mut complete = Vec::new();
             // Short: a partition whose tail is only a transaction marker delivers no record, and
-            // is seen complete at the position check after an empty poll.
-            let polled = consumer.poll(POSITION_CHECK_EVERY);
-            records_since_clock += 1;
-            let look_at_clock = polled.is_none() || records_since_clock >= CLOCK_EVERY_RECORDS;
+            // is seen complete at the position check after an empty read.
+            let batch = reader.read(BATCH_WAIT);
+            let idle = batch.is_empty();
+            records_since_clock += batch.len();
+            let look_at_clock = idle || records_since_clock >= CLOCK_EVERY_RECORDS;
             if look_at_clock {
                 records_since_clock = 0;
             }
-            match &polled {
-                Some(Ok(record)) => {
-                    records += 1;
-                    let partition = record.partition() as u32;
-                    if let Some(restore) = pending.get_mut(&partition) {
-                        restore.records += 1;
-                        if let Err(unreadable) = changelog::fold::<E>(&mut restore.states, record) {
-                            let restore = pending.remove(&partition).expect("pending above");
-                            self.refused(partition, restore, unreadable);
-                            shards.retain(|(p, _)| *p != partition);
-                            continue;
-                        }
-                        if record.offset() + 1 >= restore.end {
-                            complete.push(partition);
-                        }
+            for polled in batch.records() {
+                let record = match polled {
+                    Ok(record) => record,
+                    Err(e) => {
+                        self.context.health.client_error(&e, "changelog read");
+                        continue;
                     }
+                };
+                records += 1;
+                let partition = record.partition as u32;
+                let Some(restore) = pending.get_mut(&partition) else {
+                    continue;
+                };
+                restore.records += 1;
+                let folded =
+                    changelog::fold::<E>(&mut restore.states, &self.changelog_topic, record);
+                if let Err(unreadable) = folded {
+                    let restore = pending.remove(&partition).expect("pending above");
+                    self.refused(partition, restore, unreadable);
+                    shards.retain(|(p, _)| *p != partition);
+                    continue;
                 }
-                None => {}
-                Some(Err(e)) => self.context.health.client_error(e, "changelog read"),
+                if record.offset + 1 >= restore.end {
+                    complete.push(partition);
+                }
             }
+            drop(batch);
             // A partition is complete once the read position reached the high watermark it had
             // at start (transaction markers included, so a partition ending in a marker is only
             // seen complete by its position; later writes are this node's own). Positions are
             // asked when idle and every few ms, not per record: asking costs more than a record.
-            if polled.is_none()
-                || (look_at_clock && last_position_check.elapsed() >= POSITION_CHECK_EVERY)
-            {
+            if idle || (look_at_clock && last_position_check.elapsed() >= POSITION_CHECK_EVERY) {
                 last_position_check = Instant::now();
                 let positions = consumer.position()?;
                 let position = |p: u32| {

@@ -36,6 +36,7 @@ use crate::allocation::AllocationTable;
 use crate::changelog;
 use crate::entity::{Entity, EntityMap, Stored};
 use crate::kafka_admin::list_offsets;
+use crate::kafka_batch::RawRecord;
 use crate::kafka_config::KafkaConnection;
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
@@ -456,7 +457,11 @@ impl<E: Entity> Standbys<E> {
                 Ok(record) => {
                     let shard = record.partition() as u32;
                     if let Some(warm) = inner.shards.get_mut(&shard) {
-                        match changelog::fold::<E>(&mut warm.states, &record) {
+                        match changelog::fold::<E>(
+                            &mut warm.states,
+                            record.topic(),
+                            RawRecord::of(&record),
+                        ) {
                             Ok(()) => {
                                 warm.next_offset = Some(record.offset() + 1);
                                 warm.records += 1;
