@@ -188,13 +188,7 @@ async fn a_command_accepted_before_its_owner_dies_is_applied_once_by_the_next_ow
     let mut node2 = spec.start_node(2);
     let mut via1 = accounts_at(spec.grpc_url(1));
     wait_for_account_split(&[&node1, &node2], &accounts_group).await;
-    let node2_shards = shard_ids(&node2, &accounts_group).await;
-    let account = (0..100)
-        .map(|i| format!("crash-{i}"))
-        .find(|a| node2_shards.contains(&partition_for_key(a.as_bytes(), 8)))
-        .unwrap();
-    let opened = via1.deposit(change(&account, 100, "open")).await.unwrap();
-    assert_eq!(opened.into_inner().balance, 100);
+    let account = open_account_on(&node2, &accounts_group, "crash", &mut via1).await;
 
     // The owner stops responding; a command for its account is written to Kafka and waits.
     node2.freeze();
@@ -250,13 +244,7 @@ async fn a_command_applied_but_not_committed_when_its_owner_dies_is_not_answered
     let mut node2 = held_spec.start_node(2);
     let mut via1 = accounts_at(spec.grpc_url(1));
     wait_for_account_split(&[&node1, &node2], &accounts_group).await;
-    let node2_shards = shard_ids(&node2, &accounts_group).await;
-    let account = (0..100)
-        .map(|i| format!("uncommitted-{i}"))
-        .find(|a| node2_shards.contains(&partition_for_key(a.as_bytes(), 8)))
-        .unwrap();
-    let opened = via1.deposit(change(&account, 100, "open")).await.unwrap();
-    assert_eq!(opened.into_inner().balance, 100);
+    let account = open_account_on(&node2, &accounts_group, "uncommitted", &mut via1).await;
 
     // Armed now: node 2's next checkpoint that writes a state is the deposit's, and it stops
     // after writing, before its commit.

@@ -1,5 +1,6 @@
 //! Clients of the bank accounts (`accounts`, hosted with `processor --accounts-topic`).
 
+use kafka_sharding::partitioner::partition_for_key;
 use proto::bank::accounts_client::AccountsClient;
 use proto::bank::{Account, Change, TransferRequest};
 use tonic::transport::Channel;
@@ -87,6 +88,24 @@ pub async fn shard_ids(node: &Node, group: &str) -> Vec<u32> {
                 .expect("a shard id")
         })
         .collect()
+}
+
+/// An account named `<prefix>-<n>` whose shard `node` hosts, opened with a deposit of 100 (key
+/// "open") through `via`, which must answer 100.
+pub async fn open_account_on(
+    node: &Node,
+    group: &str,
+    prefix: &str,
+    via: &mut AccountsClient<Channel>,
+) -> String {
+    let shards = shard_ids(node, group).await;
+    let account = (0..100)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|a| shards.contains(&partition_for_key(a.as_bytes(), BANK_PARTITIONS as u32)))
+        .expect("one of 100 accounts on the node");
+    let opened = via.deposit(change(&account, 100, "open")).await.unwrap();
+    assert_eq!(opened.into_inner().balance, 100);
+    account
 }
 
 pub async fn balance(client: &mut AccountsClient<Channel>, account: &str) -> i64 {
