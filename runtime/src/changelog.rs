@@ -422,7 +422,7 @@ mod tests {
             fold::<Sum>(
                 &mut states,
                 "cl",
-                RawRecord::of(&record(key, value.as_deref(), 0)),
+                RawRecord::detached(&record(key, value.as_deref(), 0)),
             )
             .unwrap();
         }
@@ -436,7 +436,7 @@ mod tests {
         let error = fold::<Sum>(
             &mut states,
             "cl",
-            RawRecord::of(&record(Some(b"u9"), Some(b"\xff\xff"), 41)),
+            RawRecord::detached(&record(Some(b"u9"), Some(b"\xff\xff"), 41)),
         )
         .unwrap_err();
         assert_eq!(
@@ -456,7 +456,7 @@ mod tests {
         let error = fold::<Sum>(
             &mut states,
             "cl",
-            RawRecord::of(&record(Some(b"u9"), Some(&garbage), 42)),
+            RawRecord::detached(&record(Some(b"u9"), Some(&garbage), 42)),
         )
         .unwrap_err();
         assert!(error.to_string().contains("does not decode"), "{error}");
@@ -464,7 +464,7 @@ mod tests {
         assert!(fold::<Sum>(
             &mut states,
             "cl",
-            RawRecord::of(&record(None, Some(&valid), 43))
+            RawRecord::detached(&record(None, Some(&valid), 43))
         )
         .is_err());
         assert!(states.is_empty(), "nothing folded from unreadable records");

@@ -6,7 +6,9 @@
 //! poll loop never waits for the broker to take it: while Kafka is away the poll loop would
 //! otherwise block past `max.poll.interval.ms`.
 
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
+
+use crate::kafka_batch::RawRecord;
 
 /// Why the record could not be processed.
 pub const HEADER_REASON: &str = "dlq.reason";
@@ -29,14 +31,14 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    pub fn of(record: &BorrowedMessage<'_>, reason: String) -> Self {
+    pub(crate) fn of(record: &RawRecord<'_>, topic: &str, reason: String) -> Self {
         Self {
-            key: record.key().map(<[u8]>::to_vec),
-            value: record.payload().map(<[u8]>::to_vec),
+            key: record.key.map(<[u8]>::to_vec),
+            value: record.payload.map(<[u8]>::to_vec),
             reason,
-            source_topic: record.topic().to_string(),
-            source_partition: record.partition() as u32,
-            source_offset: record.offset(),
+            source_topic: topic.to_string(),
+            source_partition: record.partition as u32,
+            source_offset: record.offset,
         }
     }
 

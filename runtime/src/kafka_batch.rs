@@ -1,22 +1,28 @@
-//! Reading an assign-only consumer's records in batches, straight from librdkafka's queue.
+//! Reading a consumer's records in batches, straight from librdkafka's queues.
 //!
 //! rust-rdkafka's `BaseConsumer::poll` hands out one record per call, each wrapped in a
 //! librdkafka event and a freshly allocated `Arc` that is freed again when the record is
 //! dropped. A restore reads millions of records on one thread, and in its profile that
-//! per-record wrapping was a third of the thread (docs/BENCHMARKS.md). librdkafka's
-//! `rd_kafka_consume_batch_queue` returns up to a batch of records per call from the same
-//! queue, and advances the application positions as `poll` does (transaction markers
-//! included), so `Consumer::position` keeps working.
+//! per-record wrapping was a third of the thread (docs/BENCHMARKS.md); the group consumer's
+//! poll loop paid the same per event. librdkafka's `rd_kafka_consume_batch_queue` returns up
+//! to a batch of records per call from a queue, and advances the application positions as
+//! `poll` does (transaction markers included), so `Consumer::position` keeps working.
 //!
-//! Only for consumers that are assigned partitions (`assign`), never for a group member: a
-//! group consumer's rebalance events are delivered through `poll`.
+//! A batch read also serves whatever else waits in its queue, and serves a rebalance event
+//! there by assigning without the application's callbacks. So an assign-only consumer (a
+//! restore) reads its consumer queue directly, while a group member reads a [`Queue`] of its
+//! own that its partitions' records are forwarded to ([`Queue::take_partition`]), and leaves
+//! the consumer queue, where rebalances arrive, to `poll`.
 
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::bindings as rdsys;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header};
 use rdkafka::types::RDKafkaErrorCode;
 
 /// One record of a batch, borrowed from librdkafka until the batch is dropped.
@@ -24,65 +30,221 @@ use rdkafka::types::RDKafkaErrorCode;
 pub(crate) struct RawRecord<'a> {
     pub partition: i32,
     pub offset: i64,
+    /// Its timestamp in ms since the epoch, if it has one.
+    pub timestamp_ms: Option<i64>,
     pub key: Option<&'a [u8]>,
     pub payload: Option<&'a [u8]>,
+    pub headers: RawHeaders<'a>,
 }
 
 impl<'a> RawRecord<'a> {
     /// The same view of a record rust-rdkafka polled.
-    pub fn of(message: &'a impl rdkafka::Message) -> Self {
+    pub fn of(message: &'a BorrowedMessage<'_>) -> Self {
+        // SAFETY: the message stays valid (and unchanged) while `message` is borrowed.
+        unsafe { Self::view(message.ptr()) }
+    }
+
+    /// A record without headers, from any message (tests build their records by hand).
+    #[cfg(test)]
+    pub fn detached(message: &'a impl rdkafka::Message) -> Self {
         Self {
             partition: message.partition(),
             offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
             key: message.key(),
             payload: message.payload(),
+            headers: RawHeaders::NONE,
+        }
+    }
+
+    /// # Safety
+    /// `message` is a valid librdkafka message that outlives `'a` and carries no error.
+    unsafe fn view(message: *const rdsys::rd_kafka_message_t) -> Self {
+        let m = &*message;
+        let bytes = |ptr: *mut c_void, len: usize| {
+            (!ptr.is_null()).then(|| std::slice::from_raw_parts(ptr as *const u8, len))
+        };
+        let mut kind = rdsys::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
+        let timestamp = rdsys::rd_kafka_message_timestamp(message, &mut kind);
+        Self {
+            partition: m.partition,
+            offset: m.offset,
+            timestamp_ms: (timestamp >= 0).then_some(timestamp),
+            key: bytes(m.key, m.key_len),
+            payload: bytes(m.payload, m.len),
+            headers: RawHeaders {
+                message,
+                _record: PhantomData,
+            },
         }
     }
 }
 
-/// Reads the records of `consumer`'s queue in batches of up to `capacity`.
-pub(crate) struct BatchReader<'c> {
-    queue: *mut rdsys::rd_kafka_queue_t,
-    slots: Vec<*mut rdsys::rd_kafka_message_t>,
-    _consumer: PhantomData<&'c ()>,
+/// A record's headers, read from librdkafka on demand (most records have none, and librdkafka
+/// parses them only when asked).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawHeaders<'a> {
+    /// Null for a record without headers.
+    message: *const rdsys::rd_kafka_message_t,
+    _record: PhantomData<&'a ()>,
 }
 
-impl<'c> BatchReader<'c> {
-    /// `None` if the consumer has no consumer queue (it was created without a `group.id`).
-    pub fn new<C: ConsumerContext>(consumer: &'c BaseConsumer<C>, capacity: usize) -> Option<Self> {
-        // SAFETY: the client pointer is valid while `consumer` lives, which the lifetime 'c
-        // ties the reader to; the queue returned is a new reference, released in `drop`.
-        let queue = unsafe { rdsys::rd_kafka_queue_get_consumer(consumer.client().native_ptr()) };
-        (!queue.is_null()).then(|| Self {
+impl<'a> RawHeaders<'a> {
+    #[cfg(test)]
+    const NONE: Self = Self {
+        message: std::ptr::null(),
+        _record: PhantomData,
+    };
+
+    /// The headers in order. A header whose name is not UTF-8 is skipped: no header the runtime
+    /// reads has such a name, and a record is not refused for a header someone else added.
+    pub fn iter(self) -> impl Iterator<Item = Header<'a, &'a [u8]>> {
+        let mut headers: *mut rdsys::rd_kafka_headers_t = std::ptr::null_mut();
+        if !self.message.is_null() {
+            // SAFETY: `message` is valid for 'a (see `RawRecord::view`); librdkafka parses
+            // the headers once and keeps them with the message.
+            let found = unsafe { rdsys::rd_kafka_message_headers(self.message, &mut headers) };
+            if found != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                headers = std::ptr::null_mut();
+            }
+        }
+        (0..)
+            .map_while(move |idx| {
+                if headers.is_null() {
+                    return None;
+                }
+                let mut name: *const c_char = std::ptr::null();
+                let mut value: *const c_void = std::ptr::null();
+                let mut size = 0usize;
+                // SAFETY: `headers` belongs to the message (valid for 'a); librdkafka fills the
+                // three out-parameters for an index it has, or returns an error past the end.
+                let got = unsafe {
+                    rdsys::rd_kafka_header_get_all(headers, idx, &mut name, &mut value, &mut size)
+                };
+                if got != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                    return None;
+                }
+                // SAFETY: a header's name is a NUL-terminated string and its value `size`
+                // bytes (or null), both held by the message for 'a.
+                let key = unsafe { CStr::from_ptr(name) }.to_str().ok();
+                let value = (!value.is_null())
+                    .then(|| unsafe { std::slice::from_raw_parts(value as *const u8, size) });
+                Some(key.map(|key| Header { key, value }))
+            })
+            .flatten()
+    }
+}
+
+/// A reference to one of a consumer's librdkafka queues, released when dropped. Drop it before
+/// the consumer it came from.
+pub(crate) struct Queue {
+    queue: *mut rdsys::rd_kafka_queue_t,
+    client: *mut rdsys::rd_kafka_t,
+}
+
+// SAFETY: librdkafka's queues and client handles may be used from any thread.
+unsafe impl Send for Queue {}
+unsafe impl Sync for Queue {}
+
+impl Queue {
+    /// The consumer queue (`None` if the consumer was created without a `group.id`).
+    pub fn of_consumer<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<Self> {
+        let client = consumer.client().native_ptr();
+        // SAFETY: the client is valid while `consumer` lives; the queue returned is a new
+        // reference, released in `drop`.
+        let queue = unsafe { rdsys::rd_kafka_queue_get_consumer(client) };
+        (!queue.is_null()).then_some(Self { queue, client })
+    }
+
+    /// A new, empty queue for records forwarded to it.
+    pub fn new_for<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<Self> {
+        let client = consumer.client().native_ptr();
+        // SAFETY: as above.
+        let queue = unsafe { rdsys::rd_kafka_queue_new(client) };
+        (!queue.is_null()).then_some(Self { queue, client })
+    }
+
+    /// Sends the records fetched from `topic`/`partition` to this queue instead of the consumer
+    /// queue. Called for each partition before it is assigned, so none of its records goes the
+    /// other way (the two queues' records would interleave out of order): librdkafka keeps an
+    /// application's forwarding when the partition's fetch starts, and drops it when the fetch
+    /// stops (a revocation), so every assignment forwards again. Returns false if librdkafka
+    /// has no queue for the partition (its records then reach the consumer queue).
+    pub fn take_partition(&self, topic: &str, partition: i32) -> bool {
+        let Ok(topic) = CString::new(topic) else {
+            return false;
+        };
+        // SAFETY: the client outlives this queue (see the type's docs); the partition's queue
+        // is a new reference, released at once: the forwarding holds its own.
+        unsafe {
+            let source =
+                rdsys::rd_kafka_queue_get_partition(self.client, topic.as_ptr(), partition);
+            if source.is_null() {
+                return false;
+            }
+            rdsys::rd_kafka_queue_forward(source, self.queue);
+            rdsys::rd_kafka_queue_destroy(source);
+        }
+        true
+    }
+
+    /// How many operations wait in the queue (records, or the consumer queue's events).
+    pub fn len(&self) -> usize {
+        // SAFETY: the queue is valid until dropped.
+        unsafe { rdsys::rd_kafka_queue_length(self.queue) }
+    }
+
+    /// Makes a read waiting on this queue return now (or the next one, if none waits).
+    pub fn wake(&self) {
+        // SAFETY: the queue is valid until dropped.
+        unsafe { rdsys::rd_kafka_queue_yield(self.queue) }
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // SAFETY: the reference taken at creation, released once. Partitions still forwarded
+        // here keep the underlying queue alive; librdkafka drops what reaches it afterwards.
+        unsafe { rdsys::rd_kafka_queue_destroy(self.queue) }
+    }
+}
+
+/// Reads the records of a [`Queue`] in batches of up to `capacity`.
+pub(crate) struct BatchReader {
+    queue: Arc<Queue>,
+    slots: Vec<*mut rdsys::rd_kafka_message_t>,
+}
+
+impl BatchReader {
+    pub fn new(queue: Arc<Queue>, capacity: usize) -> Self {
+        Self {
             queue,
             slots: vec![std::ptr::null_mut(); capacity.max(1)],
-            _consumer: PhantomData,
-        })
+        }
     }
 
     /// Waits up to `timeout` until the batch is full or the time is up, and returns what came.
     pub fn read(&mut self, timeout: Duration) -> Batch<'_> {
+        self.read_up_to(self.slots.len(), timeout)
+    }
+
+    /// Like `read`, with at most `max` records (1: returns as soon as one is there).
+    pub fn read_up_to(&mut self, max: usize, timeout: Duration) -> Batch<'_> {
         let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: `slots` has room for `slots.len()` pointers, which librdkafka fills with the
+        let max = max.clamp(1, self.slots.len());
+        // SAFETY: `slots` has room for `max` pointers, which librdkafka fills with the
         // messages it returns (each ours until destroyed, which `Batch::drop` does).
         let read = unsafe {
             rdsys::rd_kafka_consume_batch_queue(
-                self.queue,
+                self.queue.queue,
                 timeout_ms,
                 self.slots.as_mut_ptr(),
-                self.slots.len(),
+                max,
             )
         };
         Batch {
             messages: &self.slots[..usize::try_from(read).unwrap_or(0)],
         }
-    }
-}
-
-impl Drop for BatchReader<'_> {
-    fn drop(&mut self) {
-        // SAFETY: the reference taken in `new`, released once.
-        unsafe { rdsys::rd_kafka_queue_destroy(self.queue) }
     }
 }
 
@@ -112,17 +274,8 @@ impl Batch<'_> {
                     message.err,
                 )));
             }
-            // SAFETY: as above; librdkafka's key and payload are `len` bytes or null.
-            let bytes = |ptr: *mut std::ffi::c_void, len: usize| {
-                (!ptr.is_null())
-                    .then(|| unsafe { std::slice::from_raw_parts(ptr as *const u8, len) })
-            };
-            Ok(RawRecord {
-                partition: message.partition,
-                offset: message.offset,
-                key: bytes(message.key, message.key_len),
-                payload: bytes(message.payload, message.len),
-            })
+            // SAFETY: as above, and the message carries no error.
+            Ok(unsafe { RawRecord::view(message) })
         })
     }
 }
@@ -181,7 +334,7 @@ mod tests {
         }
         consumer.assign(&tpl).unwrap();
 
-        let mut reader = BatchReader::new(&consumer, 100).unwrap();
+        let mut reader = BatchReader::new(Arc::new(Queue::of_consumer(&consumer).unwrap()), 100);
         // Per partition: (offset, key, payload) as text.
         type Seen = (i64, Option<String>, Option<String>);
         let mut seen: Vec<Vec<Seen>> = vec![Vec::new(); 2];
@@ -215,5 +368,95 @@ mod tests {
             let position = positions.find_partition("batches", p).unwrap().offset();
             assert_eq!(position, Offset::Offset((RECORDS / 2) as i64));
         }
+    }
+
+    /// A group member's partitions are forwarded to a queue of its own before they are
+    /// assigned: every record arrives there, in order, with its headers and timestamp, and none
+    /// through `poll` (which the consumer keeps for the group's events).
+    #[test]
+    fn forwarded_partitions_deliver_every_record_to_their_own_queue_and_none_to_poll() {
+        const RECORDS: usize = 1_000;
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("forwarded", 2, 1).unwrap();
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .create()
+            .unwrap();
+        for n in 0..RECORDS {
+            let key = format!("k{n}");
+            let mut record = BaseRecord::<str, str>::to("forwarded")
+                .partition((n % 2) as i32)
+                .key(&key)
+                .payload("v")
+                .timestamp(1_000 + n as i64);
+            if n % 3 == 0 {
+                let number = n.to_string();
+                record = record.headers(
+                    rdkafka::message::OwnedHeaders::new()
+                        .insert(Header {
+                            key: "n",
+                            value: Some(number.as_str()),
+                        })
+                        .insert(Header::<&str> {
+                            key: "empty",
+                            value: None,
+                        }),
+                );
+            }
+            producer.send(record).unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "forwarding")
+            .create()
+            .unwrap();
+        let queue = Arc::new(Queue::new_for(&consumer).unwrap());
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..2 {
+            assert!(queue.take_partition("forwarded", p));
+            tpl.add_partition_offset("forwarded", p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+
+        let mut reader = BatchReader::new(queue.clone(), 64);
+        let mut next = [0i64; 2];
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while next.iter().sum::<i64>() < RECORDS as i64 {
+            assert!(std::time::Instant::now() < deadline, "records missing");
+            assert!(
+                consumer.poll(Duration::ZERO).is_none(),
+                "a record came through poll"
+            );
+            let batch = reader.read_up_to(
+                if next[0] % 2 == 0 { 1 } else { 64 },
+                Duration::from_millis(20),
+            );
+            for record in batch.records() {
+                let record = record.unwrap();
+                let p = record.partition as usize;
+                assert_eq!(record.offset, next[p], "in order, once each");
+                next[p] += 1;
+                let n = 2 * record.offset as usize + p;
+                assert_eq!(record.key, Some(format!("k{n}").as_bytes()));
+                assert_eq!(record.timestamp_ms, Some(1_000 + n as i64));
+                let headers: Vec<(String, Option<Vec<u8>>)> = record
+                    .headers
+                    .iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                    .collect();
+                let expected = if n.is_multiple_of(3) {
+                    vec![
+                        ("n".to_string(), Some(n.to_string().into_bytes())),
+                        ("empty".to_string(), None),
+                    ]
+                } else {
+                    Vec::new()
+                };
+                assert_eq!(headers, expected);
+            }
+        }
+        assert_eq!(queue.len(), 0);
     }
 }

@@ -27,7 +27,7 @@ use crate::changelog;
 use crate::entity::{Entity, EntityMap, Stored};
 use crate::fencing::{fence, transactional_id};
 use crate::kafka_admin::{committed_offsets, list_offsets};
-use crate::kafka_batch::BatchReader;
+use crate::kafka_batch::{BatchReader, Queue};
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
 use crate::shard::ShardMsg;
@@ -424,9 +424,10 @@ impl<E: Entity> Restorer<E> {
             .restore_records_remaining
             .inc_by(pending.values().map(|r| r.end - r.position).sum());
         consumer.assign(&tpl)?;
-        let mut reader = BatchReader::new(&consumer, READ_BATCH).ok_or_else(|| {
+        let queue = Queue::of_consumer(&consumer).ok_or_else(|| {
             KafkaError::ClientCreation("the restore consumer has no consumer queue".into())
         })?;
+        let mut reader = BatchReader::new(std::sync::Arc::new(queue), READ_BATCH);
         let mut last_report = Instant::now();
         let mut last_position_check = Instant::now();
         let mut records_since_clock = 0usize;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::message::{BorrowedHeaders, Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::pending::PendingCommands;
@@ -28,13 +28,12 @@ pub(crate) struct CommandMeta {
 impl CommandMeta {
     /// `None` for a record that is not a command; `Some(Err)` for a command whose headers are
     /// malformed (written by something other than a node).
-    pub fn from_headers(
-        headers: Option<&BorrowedHeaders>,
+    pub fn from_headers<'h>(
+        headers: impl IntoIterator<Item = Header<'h, &'h [u8]>>,
         at_ms: i64,
     ) -> Option<Result<Self, String>> {
-        let headers = headers?;
         let (mut reply_to, mut request, mut key) = (None, None, None);
-        for header in headers.iter() {
+        for header in headers {
             match header.key {
                 headers::REPLY_TO => reply_to = header.value,
                 headers::REQUEST => request = header.value,

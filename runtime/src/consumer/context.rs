@@ -18,6 +18,7 @@ use super::checkpoint_worker::CheckpointWorker;
 use super::dispatch::Dispatcher;
 use crate::entity::Entity;
 use crate::handoff::Handoff;
+use crate::kafka_batch::Queue;
 use crate::kafka_health::KafkaHealth;
 use crate::metrics::Metrics;
 use crate::readiness::GroupReadiness;
@@ -43,9 +44,38 @@ pub(crate) struct NodeContext<E: Entity> {
     /// for the one in flight included (the transaction timeout: past it the broker would abort
     /// the transaction anyway).
     pub handoff_checkpoint_budget: Duration,
+    /// The poll loop's queue for records (`intake`), which the partitions are forwarded to as
+    /// they are assigned; set while the loop runs.
+    pub records: Mutex<Option<Arc<Queue>>>,
 }
 
 impl<E: Entity> NodeContext<E> {
+    pub fn set_records_queue(&self, queue: Option<Arc<Queue>>) {
+        *self.records.lock().expect("records queue lock poisoned") = queue;
+    }
+
+    /// Sends the records of partitions about to be assigned to the poll loop's queue.
+    fn forward_records(&self, tpl: &TopicPartitionList) {
+        let queue = self
+            .records
+            .lock()
+            .expect("records queue lock poisoned")
+            .clone();
+        let Some(queue) = queue else {
+            return;
+        };
+        let unforwarded: Vec<u32> = self
+            .partitions_of(tpl)
+            .into_iter()
+            .filter(|p| !queue.take_partition(&self.topic, *p as i32))
+            .collect();
+        if !unforwarded.is_empty() {
+            tracing::warn!(
+                "partitions {unforwarded:?} have no queue of their own in librdkafka: their records are read one at a time"
+            );
+        }
+    }
+
     pub fn partitions_of(&self, tpl: &TopicPartitionList) -> Vec<u32> {
         let mut partitions: Vec<u32> = tpl
             .elements()
@@ -175,8 +205,10 @@ impl<E: Entity> ClientContext for NodeContext<E> {
 
 impl<E: Entity> ConsumerContext for NodeContext<E> {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else {
-            return;
+        let tpl = match rebalance {
+            Rebalance::Revoke(tpl) => tpl,
+            Rebalance::Assign(tpl) => return self.forward_records(tpl),
+            Rebalance::Error(_) => return,
         };
         let partitions = self.partitions_of(tpl);
         if partitions.is_empty() {

@@ -2,17 +2,20 @@
 //!
 //! One consumer per node in the shared group, cooperative-sticky assignment, `client.id` = the
 //! node id (so the broker's group description shows which node holds which partition). The poll
-//! loop decodes records, dead-letters malformed ones, batches the rest to their shards, and
-//! commits checkpoint transactions. Rebalance
-//! callbacks run inside `poll` on this thread and may block, which is why it is not a tokio task.
+//! loop reads records a batch at a time (`intake`), decodes them, dead-letters malformed ones
+//! (`classify`), batches the rest to their shards (`dispatch`), and commits checkpoint
+//! transactions. Rebalance callbacks run inside `poll` on this thread and may block, which is
+//! why it is not a tokio task.
 //! A failed checkpoint producer is recovered from here too (`recovery`); the loop ends only on
 //! a stop request or for what a restart cannot fix ([`Unrecoverable`]).
 
 pub(crate) mod checkpoint;
 mod checkpoint_worker;
+mod classify;
 mod commit_hold;
 mod context;
 mod dispatch;
+mod intake;
 mod recovery;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,26 +23,25 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::kafka_config::{ClientKind, KafkaConnection};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
 use rdkafka::Message;
 
 use crate::backpressure::InFlightGate;
-use crate::commands::CommandMeta;
-use crate::dlq::DeadLetter;
-use crate::entity::{Entity, EntityId, MAX_ID_BYTES};
+use crate::entity::Entity;
 use crate::handoff::Handoff;
+use crate::kafka_batch::{Batch, RawRecord};
+use crate::kafka_config::{ClientKind, KafkaConnection};
 use crate::kafka_health::{KafkaHealth, Unrecoverable};
 use crate::metrics::Metrics;
-use crate::partitioner::partition_for_key;
 use crate::readiness::GroupReadiness;
-use crate::shard::{ConsumedRecord, LocalShards, RecordContent, Reroute};
+use crate::shard::LocalShards;
 use crate::stats::NodeStats;
-use checkpoint::{Checkpointer, CheckpointerConfig, HEADER_REROUTED_FROM};
+use checkpoint::{Checkpointer, CheckpointerConfig};
 use checkpoint_worker::CheckpointWorker;
+use classify::Reading;
 use context::NodeContext;
 use dispatch::Dispatcher;
+use intake::Intake;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -160,6 +162,7 @@ pub(crate) fn start<E: Entity>(
         readiness,
         kafka_stats,
         handoff_checkpoint_budget: checkpointer_config.transaction_timeout,
+        records: Mutex::new(None),
     };
     let session_ms = settings.session_timeout.as_millis().max(1_000);
     let heartbeat_ms = (session_ms / 4).max(250).to_string();
@@ -239,18 +242,24 @@ struct LoopParts<E: Entity> {
 }
 
 fn poll_loop<E: Entity>(
-    consumer: BaseConsumer<NodeContext<E>>,
+    mut consumer: BaseConsumer<NodeContext<E>>,
     settings: ConsumerSettings,
     parts: LoopParts<E>,
     stopping: Arc<AtomicBool>,
 ) -> ConsumerExit {
+    let mut intake = Intake::new(&mut consumer);
+    consumer.context().set_records_queue(Some(intake.records()));
     let context = consumer.context();
+    let mut reading = Reading {
+        topic: &settings.topic,
+        partitions: settings.partitions,
+        stats: &parts.stats,
+        last_command: None,
+    };
     let mut last_commit = Instant::now();
     // Records dispatched since the last checkpoint started: a caught-up node commits them at once.
     let mut uncommitted = false;
     let mut unrecoverable = None;
-    // When the last command was read.
-    let mut last_command: Option<Instant> = None;
     let mut last_soon = Instant::now();
     let mut refusals = Refusals::default();
     while !stopping.load(Ordering::SeqCst) {
@@ -265,107 +274,66 @@ fn poll_loop<E: Entity>(
             last_commit = Instant::now();
             continue;
         }
-        // While commands are coming in, their answers wait for this loop to start a
-        // checkpoint: poll briefly so it notices at once.
-        let poll_for = if last_command.is_some_and(|t| t.elapsed() < COMMANDS_RECENTLY) {
-            Duration::from_millis(1)
-        } else {
-            Duration::from_millis(50)
-        };
-        match consumer.poll(poll_for) {
-            None => {
-                let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
-                dispatcher.flush_all();
-                // Caught up and every event run: commit now instead of at the next
-                // interval, so the committed offsets (and a crash's replay) trail by milliseconds
-                // when the input pauses. Spaced by half the interval at least, so light traffic
-                // does not turn every record into a transaction.
-                if uncommitted
-                    && dispatcher.all_run()
-                    && last_commit.elapsed() >= settings.commit_interval / 2
-                {
-                    drop(dispatcher);
-                    context.checkpoint_in_background(&consumer);
-                    last_commit = Instant::now();
-                    uncommitted = false;
+        // The group's events first: a rebalance runs its callbacks in here. A record can only
+        // come this way if librdkafka had no queue of its partition's own (see `intake`).
+        let mut events = 0;
+        while events < EVENTS_PER_ROUND && intake.events_waiting() {
+            events += 1;
+            match consumer.poll(Duration::ZERO) {
+                None => {}
+                // A deleted topic or a changed partition count is found by the health monitor.
+                Some(Err(e)) => context.health.client_error(&e, "consumer"),
+                Some(Ok(message)) => {
+                    let record = reading.consumed::<E>(RawRecord::of(&message));
+                    let mut dispatcher =
+                        context.dispatcher.lock().expect("dispatcher lock poisoned");
+                    dispatcher.push(message.partition() as u32, record);
+                    uncommitted = true;
                 }
             }
-            // A deleted topic or a changed partition count is found by the health monitor.
-            Some(Err(e)) => context.health.client_error(&e, "consumer"),
-            Some(Ok(message)) => {
-                let partition = message.partition() as u32;
-                let offset = message.offset();
-                let at_ms = message.timestamp().to_millis().unwrap_or(0);
-                let command = CommandMeta::from_headers(message.headers(), at_ms);
-                let classified = match (
-                    classify::<E>(
-                        message.key(),
-                        message.payload(),
-                        partition,
-                        settings.partitions,
-                    ),
-                    command,
-                ) {
-                    (Classified::Event(id, event), Some(Ok(meta))) => {
-                        Classified::Command(id, Ok(event), Box::new(meta))
-                    }
-                    (Classified::Undecodable(id, reason), Some(Ok(meta))) => {
-                        Classified::Command(id, Err(reason), Box::new(meta))
-                    }
-                    (_, Some(Err(reason))) => {
-                        Classified::Rejected(format!("malformed command headers: {reason}"))
-                    }
-                    (classified, _) => classified,
-                };
-                if matches!(classified, Classified::Command(..)) {
-                    last_command = Some(Instant::now());
-                }
-                let content = match classified {
-                    Classified::Command(id, event, meta) => {
-                        NodeStats::add(&parts.stats.events_consumed, 1);
-                        RecordContent::Command(id, event, meta)
-                    }
-                    Classified::Undecodable(_, reason) | Classified::Rejected(reason) => {
-                        tracing::warn!("record {partition}/{offset} is malformed ({reason}): dead-lettered with the next checkpoint");
-                        NodeStats::add(&parts.stats.dead_lettered, 1);
-                        RecordContent::DeadLetter(Box::new(DeadLetter::of(&message, reason)))
-                    }
-                    Classified::Event(id, event) => {
-                        NodeStats::add(&parts.stats.events_consumed, 1);
-                        if message
-                            .headers()
-                            .is_some_and(|h| h.iter().any(|h| h.key == HEADER_REROUTED_FROM))
-                        {
-                            NodeStats::add(&parts.stats.events_forwarded_in, 1);
-                        }
-                        RecordContent::Event(id, event)
-                    }
-                    Classified::ForShard(target_partition) => {
-                        RecordContent::Reroute(Box::new(Reroute {
-                            source_offset: offset,
-                            target_partition,
-                            key: message.key().map(<[u8]>::to_vec).unwrap_or_default(),
-                            value: message.payload().map(<[u8]>::to_vec),
-                        }))
-                    }
-                };
-                let record = ConsumedRecord {
-                    offset,
-                    at_ms,
-                    content,
-                };
-                let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
-                dispatcher.push(partition, record);
-                uncommitted = true;
-                if dispatcher.should_flush() {
-                    dispatcher.flush_all();
-                }
+        }
+        let mut read = dispatch(context, &mut reading, intake.available());
+        if read == 0 {
+            // Caught up: what is buffered goes to the shards now, not after the wait.
+            context
+                .dispatcher
+                .lock()
+                .expect("dispatcher lock poisoned")
+                .flush_all();
+            // While commands are coming in, their answers wait for this loop to start a
+            // checkpoint: wait briefly so it notices at once.
+            let wait = if reading
+                .last_command
+                .is_some_and(|t| t.elapsed() < COMMANDS_RECENTLY)
+            {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_millis(50)
+            };
+            read = dispatch(context, &mut reading, intake.wait(wait));
+        }
+        if read > 0 {
+            uncommitted = true;
+        } else {
+            let dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
+            // Caught up and every event run: commit now instead of at the next
+            // interval, so the committed offsets (and a crash's replay) trail by milliseconds
+            // when the input pauses. Spaced by half the interval at least, so light traffic
+            // does not turn every record into a transaction.
+            if uncommitted
+                && dispatcher.all_run()
+                && last_commit.elapsed() >= settings.commit_interval / 2
+            {
+                drop(dispatcher);
+                context.checkpoint_in_background(&consumer);
+                last_commit = Instant::now();
+                uncommitted = false;
             }
         }
         // Answers are owed (or messages, emitted records, fired timers wait): commit now (one
         // checkpoint at a time; what is owed meanwhile rides with the next), so they wait for
         // one commit rather than for the interval. Looked at once a millisecond at most: while
-        // a checkpoint runs the flag stays set, and flushing the batches on every record would
+        // a checkpoint runs the flag stays set, and flushing the batches on every read would
         // undo the batching.
         if last_soon.elapsed() >= SOON_AT_MOST_EVERY
             && parts.commit_soon.swap(false, Ordering::AcqRel)
@@ -418,6 +386,11 @@ fn poll_loop<E: Entity>(
             let _ = consumer.poll(Duration::from_millis(50));
         }
     }
+    // The records' queue goes before the consumer (`Intake::new`); a static member's partitions
+    // still forwarded there are revoked by the close, and their unread records read again by
+    // their next owner.
+    consumer.context().set_records_queue(None);
+    drop(intake);
     drop(consumer);
     tracing::info!("consumer closed");
     match unrecoverable {
@@ -474,84 +447,31 @@ impl Refusals {
     }
 }
 
-/// How long after the last command the loop keeps polling briefly (see `poll_loop`).
+/// Reads a batch's records into the dispatcher; returns how many there were.
+fn dispatch<E: Entity>(
+    context: &NodeContext<E>,
+    reading: &mut Reading<'_>,
+    batch: Batch<'_>,
+) -> usize {
+    if batch.is_empty() {
+        return 0;
+    }
+    let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
+    for record in batch.records() {
+        match record {
+            Ok(record) => dispatcher.push(record.partition as u32, reading.consumed::<E>(record)),
+            Err(e) => context.health.client_error(&e, "consumer"),
+        }
+    }
+    if dispatcher.should_flush() {
+        dispatcher.flush_all();
+    }
+    batch.len()
+}
+
+/// Events `poll` serves per round of the loop, at most (records wait meanwhile).
+const EVENTS_PER_ROUND: usize = 16;
+/// How long after the last command the loop waits briefly (see `poll_loop`).
 const COMMANDS_RECENTLY: Duration = Duration::from_millis(200);
 /// How often the poll loop looks at `commit_soon`, at most.
 const SOON_AT_MOST_EVERY: Duration = Duration::from_millis(1);
-
-/// What a consumed record is, decided on the consumer thread.
-#[derive(Debug, PartialEq)]
-enum Classified<Ev> {
-    Event(EntityId, Ev),
-    /// A command (see `commands`); `Err`: its value did not decode.
-    Command(EntityId, Result<Ev, String>, Box<CommandMeta>),
-    /// A valid key whose value the entity rejects (dead-lettered; a command's sender is told).
-    Undecodable(EntityId, String),
-    /// Its key belongs to this other partition (its producer used another partitioner).
-    ForShard(u32),
-    /// Malformed, with the reason for the dead-letter topic.
-    Rejected(String),
-}
-
-/// The runtime's checks on a record's key (an entity id: present, UTF-8, bounded, on its own
-/// partition), then the application's decoding of its value.
-fn classify<E: Entity>(
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-    partition: u32,
-    partitions: u32,
-) -> Classified<E::Event> {
-    let Some(key) = key.filter(|k| !k.is_empty()) else {
-        return Classified::Rejected("record has no key (the key must be the entity id)".into());
-    };
-    let Ok(id) = std::str::from_utf8(key) else {
-        return Classified::Rejected("record key is not UTF-8".into());
-    };
-    if id.len() > MAX_ID_BYTES {
-        return Classified::Rejected(format!("record key is longer than {MAX_ID_BYTES} bytes"));
-    }
-    let shard = partition_for_key(key, partitions);
-    if shard != partition {
-        return Classified::ForShard(shard);
-    }
-    match E::decode(id, value) {
-        Ok(event) => Classified::Event(EntityId::from(id), event),
-        Err(rejection) => Classified::Undecodable(EntityId::from(id), rejection.0),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::entity::tests::Sum;
-
-    #[test]
-    fn keys_are_checked_by_the_runtime_and_values_by_the_entity() {
-        let p = partition_for_key(b"7", 8);
-        assert_eq!(
-            classify::<Sum>(Some(b"7"), Some(b"12"), p, 8),
-            Classified::Event("7".into(), 12)
-        );
-        let rejected = |c: Classified<i64>| match c {
-            Classified::Rejected(reason) => reason,
-            other => panic!("not rejected: {other:?}"),
-        };
-        assert!(rejected(classify::<Sum>(None, Some(b"1"), p, 8)).contains("no key"));
-        assert!(rejected(classify::<Sum>(Some(b""), Some(b"1"), p, 8)).contains("no key"));
-        assert!(rejected(classify::<Sum>(Some(&[0xff, 0xfe]), None, p, 8)).contains("UTF-8"));
-        let long = "x".repeat(MAX_ID_BYTES + 1);
-        assert!(rejected(classify::<Sum>(Some(long.as_bytes()), None, 0, 1)).contains("longer"));
-        match classify::<Sum>(Some(b"7"), Some(b"x"), p, 8) {
-            Classified::Undecodable(id, reason) => {
-                assert_eq!(id, "7");
-                assert!(reason.contains("invalid digit"), "{reason}");
-            }
-            other => panic!("not undecodable: {other:?}"),
-        }
-        assert_eq!(
-            classify::<Sum>(Some(b"7"), Some(b"garbage"), (p + 1) % 8, 8),
-            Classified::ForShard(p),
-            "re-routed as read, not decoded"
-        );
-    }
-}
