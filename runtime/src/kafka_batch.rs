@@ -230,10 +230,31 @@ impl BatchReader {
 
     /// Like `read`, with at most `max` records (1: returns as soon as one is there).
     pub fn read_up_to(&mut self, max: usize, timeout: Duration) -> Batch<'_> {
+        let read = self.fill(max, timeout);
+        Batch {
+            messages: &self.slots[..read],
+        }
+    }
+
+    /// The records there now, up to `max`; if there are none, waits up to `timeout` for the
+    /// first to come (a tailing reader's latency is then the record's, not the timeout's).
+    pub fn read_now_or_first(&mut self, max: usize, timeout: Duration) -> Batch<'_> {
+        let read = match self.fill(max, Duration::ZERO) {
+            0 => self.fill(1, timeout),
+            read => read,
+        };
+        Batch {
+            messages: &self.slots[..read],
+        }
+    }
+
+    /// Reads up to `max` messages into the first slots; returns how many.
+    fn fill(&mut self, max: usize, timeout: Duration) -> usize {
         let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         let max = max.clamp(1, self.slots.len());
         // SAFETY: `slots` has room for `max` pointers, which librdkafka fills with the
-        // messages it returns (each ours until destroyed, which `Batch::drop` does).
+        // messages it returns (each ours until destroyed, which `Batch::drop` does; the
+        // borrow of `self` by a `Batch` keeps the slots from being refilled before that).
         let read = unsafe {
             rdsys::rd_kafka_consume_batch_queue(
                 self.queue.queue,
@@ -242,9 +263,7 @@ impl BatchReader {
                 max,
             )
         };
-        Batch {
-            messages: &self.slots[..usize::try_from(read).unwrap_or(0)],
-        }
+        usize::try_from(read).unwrap_or(0)
     }
 }
 
@@ -262,22 +281,41 @@ impl Batch<'_> {
         self.messages.is_empty()
     }
 
-    /// The records in the order librdkafka delivered them; an error (a failed fetch, say) is
-    /// returned in the place of its record.
-    pub fn records(&self) -> impl Iterator<Item = Result<RawRecord<'_>, KafkaError>> {
+    /// What was read, in the order librdkafka delivered it.
+    pub fn records(&self) -> impl Iterator<Item = Read<'_>> {
         self.messages.iter().map(|&message| {
             // SAFETY: librdkafka returned this message and it is not destroyed before the
             // batch is dropped, which the borrow of `self` outlives.
             let message = unsafe { &*message };
-            if message.err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-                return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::from(
-                    message.err,
-                )));
+            match message.err {
+                // SAFETY: as above, and the message carries no error.
+                rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => {
+                    Read::Record(unsafe { RawRecord::view(message) })
+                }
+                rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF => Read::End {
+                    partition: message.partition,
+                    offset: message.offset,
+                },
+                err => Read::Failed(KafkaError::MessageConsumption(RDKafkaErrorCode::from(err))),
             }
-            // SAFETY: as above, and the message carries no error.
-            Ok(unsafe { RawRecord::view(message) })
         })
     }
+}
+
+/// One item of a [`Batch`].
+#[derive(Debug)]
+pub(crate) enum Read<'a> {
+    Record(RawRecord<'a>),
+    /// The partition's end was reached (with `enable.partition.eof`): `offset` is the position
+    /// after its last record and transaction marker. A batch read moves the partition's
+    /// application position (`Consumer::position`) one past it, as if it were a record: a
+    /// reader that keeps positions takes this offset instead.
+    End {
+        partition: i32,
+        offset: i64,
+    },
+    /// A failed fetch, say, in the place of its record.
+    Failed(KafkaError),
 }
 
 impl Drop for Batch<'_> {
@@ -343,8 +381,10 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "records missing");
             let batch = reader.read(Duration::from_millis(50));
             assert!(batch.len() <= 100);
-            for record in batch.records() {
-                let record = record.unwrap();
+            for read in batch.records() {
+                let Read::Record(record) = read else {
+                    panic!("not a record: {read:?}");
+                };
                 let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8(b.to_vec()).unwrap());
                 seen[record.partition as usize].push((
                     record.offset,
@@ -433,8 +473,10 @@ mod tests {
                 if next[0] % 2 == 0 { 1 } else { 64 },
                 Duration::from_millis(20),
             );
-            for record in batch.records() {
-                let record = record.unwrap();
+            for read in batch.records() {
+                let Read::Record(record) = read else {
+                    panic!("not a record: {read:?}");
+                };
                 let p = record.partition as usize;
                 assert_eq!(record.offset, next[p], "in order, once each");
                 next[p] += 1;

@@ -27,7 +27,7 @@ use crate::changelog;
 use crate::entity::{Entity, EntityMap, Stored};
 use crate::fencing::{fence, transactional_id};
 use crate::kafka_admin::{committed_offsets, list_offsets};
-use crate::kafka_batch::{BatchReader, Queue};
+use crate::kafka_batch::{BatchReader, Queue, Read};
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
 use crate::shard::ShardMsg;
@@ -445,8 +445,10 @@ impl<E: Entity> Restorer<E> {
             }
             for polled in batch.records() {
                 let record = match polled {
-                    Ok(record) => record,
-                    Err(e) => {
+                    Read::Record(record) => record,
+                    // Not asked for (`enable.partition.eof` is off): ends are positions.
+                    Read::End { .. } => continue,
+                    Read::Failed(e) => {
                         self.context.health.client_error(&e, "changelog read");
                         continue;
                     }

@@ -30,13 +30,13 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::allocation::AllocationTable;
 use crate::changelog;
 use crate::entity::{Entity, EntityMap, Stored};
 use crate::kafka_admin::list_offsets;
-use crate::kafka_batch::RawRecord;
+use crate::kafka_batch::{BatchReader, Queue, Read};
 use crate::kafka_config::KafkaConnection;
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
@@ -125,6 +125,9 @@ pub(crate) struct Warm<S> {
     warmed: bool,
     /// Whether nothing arrived since it last reached the end.
     at_end: bool,
+    /// The end offset read last, if no record came after it: the consumer's position is then
+    /// one past it (see `kafka_batch::Read::End`).
+    end_read: Option<i64>,
     /// When it was last known to be at the end.
     caught_up_at: Instant,
     /// Offsets between its position and the changelog's end, at the last measurement.
@@ -152,6 +155,7 @@ impl<S> Warm<S> {
             started: now,
             warmed: false,
             at_end: false,
+            end_read: None,
             caught_up_at: now,
             lag_records: 0,
         }
@@ -276,7 +280,7 @@ impl<E: Entity> Standbys<E> {
 
     fn run(&self, reader: &Reader) {
         let mut changes = self.table.subscribe();
-        let mut consumer: Option<(BaseConsumer<QuietContext>, BaseConsumer<QuietContext>)> = None;
+        let mut consumer: Option<Clients> = None;
         let mut assigned: BTreeSet<u32> = BTreeSet::new();
         let mut placed_at: Option<Instant> = None;
         let mut measured_at = Instant::now();
@@ -289,9 +293,9 @@ impl<E: Entity> Standbys<E> {
                 placed_at = Some(Instant::now());
                 // A taken standby is read no more; if this node keeps it again later, it
                 // starts over.
-                if let Some((c, _)) = &consumer {
+                if let Some(c) = &consumer {
                     let stop: BTreeSet<u32> = taken.into_iter().collect();
-                    self.unassign(c, reader, &stop, &mut assigned);
+                    self.unassign(&c.consumer, reader, &stop, &mut assigned);
                 }
                 let wanted = placement(
                     self.table.local_node(),
@@ -316,12 +320,12 @@ impl<E: Entity> Standbys<E> {
                             }
                         }
                     }
-                    if let Some((c, _)) = &consumer {
-                        self.reassign(c, reader, &wanted, &mut assigned);
+                    if let Some(c) = &consumer {
+                        self.reassign(&c.consumer, reader, &wanted, &mut assigned);
                     }
                 }
             }
-            let Some((c, watermarks)) = &consumer else {
+            let Some(c) = &mut consumer else {
                 std::thread::sleep(POLL);
                 continue;
             };
@@ -329,10 +333,10 @@ impl<E: Entity> Standbys<E> {
                 std::thread::sleep(POLL);
                 continue;
             }
-            let mut warmed_from = self.fold_available(c, reader);
+            let mut warmed_from = self.fold_available(&c.consumer, &mut c.records, reader);
             if measured_at.elapsed() >= LAG_EVERY {
                 measured_at = Instant::now();
-                warmed_from += self.measure(c, watermarks, reader, &assigned);
+                warmed_from += self.measure(&c.consumer, &c.watermarks, reader, &assigned);
             }
             // A warm-up reads whole changelog partitions through librdkafka's prefetch and
             // grows the maps by doubling: glibc keeps what that freed unless asked.
@@ -343,10 +347,8 @@ impl<E: Entity> Standbys<E> {
     }
 
     /// The tailing consumer and a client for the changelog's end.
-    fn clients(
-        reader: &Reader,
-    ) -> Result<(BaseConsumer<QuietContext>, BaseConsumer<QuietContext>), KafkaError> {
-        changelog::readers(
+    fn clients(reader: &Reader) -> Result<Clients, KafkaError> {
+        let (consumer, watermarks) = changelog::readers(
             &reader.kafka,
             &reader.changelog_topic,
             "standby",
@@ -362,7 +364,15 @@ impl<E: Entity> Standbys<E> {
             ],
             reader.kafka_debug.as_deref(),
             &reader.context,
-        )
+        )?;
+        let queue = Queue::of_consumer(&consumer).ok_or_else(|| {
+            KafkaError::ClientCreation("the standby consumer has no consumer queue".into())
+        })?;
+        Ok(Clients {
+            records: BatchReader::new(Arc::new(queue), RECORDS_PER_LOCK),
+            consumer,
+            watermarks,
+        })
     }
 
     fn reassign(
@@ -445,27 +455,36 @@ impl<E: Entity> Standbys<E> {
 
     /// Folds what the consumer has (waiting up to [`POLL`] for the first record); returns the
     /// records the standbys that just got warm read.
-    fn fold_available(&self, consumer: &BaseConsumer<QuietContext>, reader: &Reader) -> u64 {
-        let Some(mut polled) = consumer.poll(POLL) else {
+    fn fold_available(
+        &self,
+        consumer: &BaseConsumer<QuietContext>,
+        records: &mut BatchReader,
+        reader: &Reader,
+    ) -> u64 {
+        // At most one lock's worth: the positions move past every record read, so each is
+        // folded before the next read (one dropped would be missing from the standby for good,
+        // and a restore from it would lose that entity's latest state).
+        let batch = records.read_now_or_first(RECORDS_PER_LOCK, POLL);
+        if batch.is_empty() {
             return 0;
-        };
+        }
         let mut newly_warm = Vec::new();
         let mut inner = self.lock();
-        let mut folded = 0;
-        loop {
-            match polled {
-                Ok(record) => {
-                    let shard = record.partition() as u32;
+        for read in batch.records() {
+            match read {
+                Read::Record(record) => {
+                    let shard = record.partition as u32;
                     if let Some(warm) = inner.shards.get_mut(&shard) {
                         match changelog::fold::<E>(
                             &mut warm.states,
-                            record.topic(),
-                            RawRecord::of(&record),
+                            &reader.changelog_topic,
+                            record,
                         ) {
                             Ok(()) => {
-                                warm.next_offset = Some(record.offset() + 1);
+                                warm.next_offset = Some(record.offset + 1);
                                 warm.records += 1;
                                 warm.at_end = false;
+                                warm.end_read = None;
                             }
                             Err(unreadable) => {
                                 // Kept without this state, the replica would make a promoted
@@ -478,25 +497,16 @@ impl<E: Entity> Standbys<E> {
                         }
                     }
                 }
-                Err(KafkaError::PartitionEOF(partition)) => {
+                Read::End { partition, offset } => {
                     if let Some(warm) = inner.shards.get_mut(&(partition as u32)) {
+                        warm.end_read = Some(offset);
                         warm.caught_up(partition as u32, &mut newly_warm);
                     }
                 }
-                Err(e) => reader.context.health.client_error(&e, "standby read"),
-            }
-            folded += 1;
-            // Poll only for a record this call will fold: the position moves past whatever
-            // poll returns, and a record polled and then dropped would be missing from the
-            // standby for good (a restore from it would lose that entity's latest state).
-            if folded == RECORDS_PER_LOCK {
-                break;
-            }
-            match consumer.poll(Duration::ZERO) {
-                Some(next) => polled = next,
-                None => break,
+                Read::Failed(e) => reader.context.health.client_error(&e, "standby read"),
             }
         }
+        drop(batch);
         if !newly_warm.is_empty() || inner.shards.values().any(|w| w.at_end) {
             advance_to_positions(consumer, reader, &mut inner);
         }
@@ -562,9 +572,17 @@ impl<E: Entity> Standbys<E> {
     }
 }
 
+/// The standby reader's Kafka clients; the batch reader first, so it is dropped before the
+/// consumer whose queue it reads.
+struct Clients {
+    records: BatchReader,
+    consumer: BaseConsumer<QuietContext>,
+    watermarks: BaseConsumer<QuietContext>,
+}
+
 /// Moves each standby's next offset to its consumer position: past the transaction markers
 /// after its last record, which deliver nothing (a restore taking it then has nothing left to
-/// read, instead of a marker). The position counts only what poll returned, all folded.
+/// read, instead of a marker). The position counts only what was read, all folded.
 fn advance_to_positions<S>(
     consumer: &BaseConsumer<QuietContext>,
     reader: &Reader,
@@ -578,6 +596,7 @@ fn advance_to_positions<S>(
             .find_partition(&reader.changelog_topic, *shard as i32)
             .map(|e| e.offset())
         {
+            let position = warm.end_read.map_or(position, |end| position.min(end));
             if warm.next_offset.is_none_or(|next| position > next) {
                 warm.next_offset = Some(position);
             }
@@ -679,18 +698,18 @@ mod tests {
             Arc::new(GroupReadiness::new("g")),
         );
         standbys.lock().shards.insert(0, Warm::new());
-        let (consumer, _) = Standbys::<Sum>::clients(&reader).unwrap();
+        let mut clients = Standbys::<Sum>::clients(&reader).unwrap();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset("changelog", 0, Offset::Beginning)
             .unwrap();
-        consumer.assign(&tpl).unwrap();
+        clients.consumer.assign(&tpl).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !standbys.lock().shards[&0].warmed {
             assert!(
                 Instant::now() < deadline,
                 "the standby never read to the end"
             );
-            standbys.fold_available(&consumer, &reader);
+            standbys.fold_available(&clients.consumer, &mut clients.records, &reader);
         }
         let inner = standbys.lock();
         let warm = &inner.shards[&0];

@@ -29,7 +29,7 @@ use rdkafka::Message;
 use crate::backpressure::InFlightGate;
 use crate::entity::Entity;
 use crate::handoff::Handoff;
-use crate::kafka_batch::{Batch, RawRecord};
+use crate::kafka_batch::{Batch, RawRecord, Read};
 use crate::kafka_config::{ClientKind, KafkaConnection};
 use crate::kafka_health::{KafkaHealth, Unrecoverable};
 use crate::metrics::Metrics;
@@ -457,10 +457,14 @@ fn dispatch<E: Entity>(
         return 0;
     }
     let mut dispatcher = context.dispatcher.lock().expect("dispatcher lock poisoned");
-    for record in batch.records() {
-        match record {
-            Ok(record) => dispatcher.push(record.partition as u32, reading.consumed::<E>(record)),
-            Err(e) => context.health.client_error(&e, "consumer"),
+    for read in batch.records() {
+        match read {
+            Read::Record(record) => {
+                dispatcher.push(record.partition as u32, reading.consumed::<E>(record))
+            }
+            // Not asked for (`enable.partition.eof` is off).
+            Read::End { .. } => {}
+            Read::Failed(e) => context.health.client_error(&e, "consumer"),
         }
     }
     if dispatcher.should_flush() {
