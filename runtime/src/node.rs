@@ -484,6 +484,7 @@ async fn start_type<E: Entity>(
     });
     let _ = handle.set(router.clone());
     let commit_soon = Arc::new(AtomicBool::new(false));
+    let changed_states = Arc::new(AtomicUsize::new(0));
     let announcer = Arc::new(Announcer::new(
         &spec.group,
         table.clone(),
@@ -519,6 +520,7 @@ async fn start_type<E: Entity>(
         commands: node.commands.clone(),
         destinations: node.destinations.clone(),
         commit_soon: commit_soon.clone(),
+        changed_states: changed_states.clone(),
     });
     let restorer = Arc::new(Restorer {
         group: spec.group.clone(),
@@ -584,6 +586,7 @@ async fn start_type<E: Entity>(
                     kafka_stats,
                     runtime: tokio::runtime::Handle::current(),
                     commit_soon,
+                    changed_states,
                 },
             )?;
             Ok(consumer)

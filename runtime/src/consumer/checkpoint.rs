@@ -204,6 +204,7 @@ impl Checkpointer {
         if Instant::now() >= deadline {
             return Err(CheckpointError::Expired);
         }
+        let started = Instant::now();
         let shard_timeout = remaining(deadline).min(SHARD_CHECKPOINT_TIMEOUT);
         let checkpoints: Vec<(LocalShard<E>, Checkpoint<E::State>)> = runtime
             .block_on(futures::future::join_all(shards.iter().map(
@@ -245,6 +246,7 @@ impl Checkpointer {
         {
             return Ok(false);
         }
+        let collected = started.elapsed();
         self.producer
             .begin_transaction()
             .map_err(|e| self.classify(e))?;
@@ -254,10 +256,18 @@ impl Checkpointer {
                 return Err(self.abort(e));
             }
         }
+        let written = started.elapsed();
         let states = checkpoints.iter().map(|(_, cp, _)| cp.states.len()).sum();
         if let Err(e) = self.commit(&offsets, group, deadline, states) {
             return Err(self.abort(e));
         }
+        tracing::debug!(
+            "checkpoint of {states} states from {} shards committed in {:?} (collected and encoded by {:?}, written by {:?})",
+            checkpoints.len(),
+            started.elapsed(),
+            collected,
+            written
+        );
         for (shard, cp, _) in checkpoints {
             if let Some(offset) = cp.commit_offset {
                 self.committed.insert(cp.partition, offset);
@@ -276,11 +286,19 @@ impl Checkpointer {
         deadline: Instant,
         states: usize,
     ) -> Result<(), KafkaError> {
+        let started = Instant::now();
         self.producer
             .send_offsets_to_transaction(offsets, group, remaining(deadline))?;
+        let offsets_sent = started.elapsed();
         delivered(&self.producer, deadline)?;
+        let delivered_by = started.elapsed();
         super::commit_hold::before_commit(states);
-        self.producer.commit_transaction(remaining(deadline))
+        self.producer.commit_transaction(remaining(deadline))?;
+        tracing::trace!(
+            "checkpoint commit: offsets sent in {offsets_sent:?}, records delivered by {delivered_by:?}, committed by {:?}",
+            started.elapsed()
+        );
+        Ok(())
     }
 
     /// Forgets what was committed for partitions no longer owned.

@@ -104,6 +104,17 @@ impl<E: Entity> CheckpointWorker<E> {
         shards: Vec<(u32, LocalShard<E>)>,
         group: ConsumerGroupMetadata,
     ) -> bool {
+        if self.busy() {
+            return false;
+        }
+        let deadline = Instant::now() + self.transaction_timeout;
+        self.in_flight = self.send(shards, group, deadline, false);
+        self.in_flight.is_some()
+    }
+
+    /// Whether a checkpoint is still in flight (one that ended is forgotten; one past its
+    /// deadline is declared stuck).
+    pub fn busy(&mut self) -> bool {
         if let Some(running) = &self.in_flight {
             match running.done.try_recv() {
                 Ok(_) | Err(mpsc::TryRecvError::Disconnected) => self.in_flight = None,
@@ -111,13 +122,11 @@ impl<E: Entity> CheckpointWorker<E> {
                     if Instant::now() >= running.overdue_at {
                         self.declare_stuck();
                     }
-                    return false;
+                    return true;
                 }
             }
         }
-        let deadline = Instant::now() + self.transaction_timeout;
-        self.in_flight = self.send(shards, group, deadline, false);
-        self.in_flight.is_some()
+        false
     }
 
     /// Waits for the checkpoint in flight, if any, until it is overdue. Returns its outcome

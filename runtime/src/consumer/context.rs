@@ -4,7 +4,7 @@
 //! librdkafka calls the callbacks inside `poll` on the consumer thread, so they may block:
 //! Kafka does not give a revoked partition to another member until the revoke callback returns.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,9 @@ pub(crate) struct NodeContext<E: Entity> {
     /// The poll loop's queue for records (`intake`), which the partitions are forwarded to as
     /// they are assigned; set while the loop runs.
     pub records: Mutex<Option<Arc<Queue>>>,
+    /// States the shards changed since the last checkpoint began (see
+    /// `ShardEnv::changed_states`); starting a checkpoint resets it.
+    pub changed_states: Arc<AtomicUsize>,
 }
 
 impl<E: Entity> NodeContext<E> {
@@ -101,21 +104,30 @@ impl<E: Entity> NodeContext<E> {
     /// Returns whether a checkpoint started (not if one is still running, or there is nothing
     /// to checkpoint).
     pub fn checkpoint_in_background(&self, consumer: &BaseConsumer<Self>) -> bool {
+        if self.producer_failed.load(Ordering::SeqCst) {
+            return false;
+        }
         if self
-            .producer_failed
-            .load(std::sync::atomic::Ordering::SeqCst)
+            .checkpoints
+            .lock()
+            .expect("checkpoint lock poisoned")
+            .busy()
         {
             return false;
         }
         let shards = self.shards(None);
-        match (shards.is_empty(), consumer.group_metadata()) {
+        let started = match (shards.is_empty(), consumer.group_metadata()) {
             (false, Some(group)) => self
                 .checkpoints
                 .lock()
                 .expect("checkpoint lock poisoned")
                 .start_periodic(shards, group),
             _ => false,
+        };
+        if started {
+            self.changed_states.store(0, Ordering::Relaxed);
         }
+        started
     }
 
     /// Commits one checkpoint transaction for `partitions` and waits for it (after the one in

@@ -18,7 +18,7 @@ mod dispatch;
 mod intake;
 mod recovery;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -89,6 +89,8 @@ pub(crate) struct ConsumerParts<E: Entity> {
     pub runtime: tokio::runtime::Handle,
     /// Set by shards that owe command answers (see `ShardEnv::commit_soon`).
     pub commit_soon: Arc<AtomicBool>,
+    /// Counted by shards as states change (see `ShardEnv::changed_states`).
+    pub changed_states: Arc<AtomicUsize>,
 }
 
 pub(crate) struct ConsumerHandle {
@@ -145,6 +147,7 @@ pub(crate) fn start<E: Entity>(
         kafka_stats,
         runtime,
         commit_soon,
+        changed_states,
     } = parts;
     let context = NodeContext {
         topic: settings.topic.clone(),
@@ -163,6 +166,7 @@ pub(crate) fn start<E: Entity>(
         kafka_stats,
         handoff_checkpoint_budget: checkpointer_config.transaction_timeout,
         records: Mutex::new(None),
+        changed_states,
     };
     let session_ms = settings.session_timeout.as_millis().max(1_000);
     let heartbeat_ms = (session_ms / 4).max(250).to_string();
@@ -351,6 +355,17 @@ fn poll_loop<E: Entity>(
                 parts.commit_soon.store(true, Ordering::Release);
             }
         }
+        // Many states changed (events for many distinct entities): the next checkpoint starts
+        // as soon as the one in flight ends, so the changelog writes run while the events are
+        // applied instead of piling up for the interval and then holding the commit back for
+        // as long as the broker takes to write them all. A few thousand entities changing
+        // never get here: their writes stay at two per interval however many events they take.
+        if context.changed_states.load(Ordering::Relaxed) >= BACKLOG_STATES
+            && context.checkpoint_in_background(&consumer)
+        {
+            last_commit = Instant::now();
+            uncommitted = false;
+        }
         if last_commit.elapsed() >= settings.commit_interval {
             context.checkpoint_in_background(&consumer);
             last_commit = Instant::now();
@@ -477,5 +492,9 @@ fn dispatch<E: Entity>(
 const EVENTS_PER_ROUND: usize = 16;
 /// How long after the last command the loop waits briefly (see `poll_loop`).
 const COMMANDS_RECENTLY: Duration = Duration::from_millis(200);
+/// States changed since the last checkpoint began that start the next one without waiting for
+/// the interval (once the one in flight ends). A checkpoint of this many takes ~0.15 s to write
+/// on one broker; fewer entities than this changing within an interval never reach it.
+const BACKLOG_STATES: usize = 100_000;
 /// How often the poll loop looks at `commit_soon`, at most.
 const SOON_AT_MOST_EVERY: Duration = Duration::from_millis(1);

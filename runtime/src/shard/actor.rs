@@ -167,8 +167,19 @@ impl<E: Entity> ShardState<E> {
         NodeStats::add(&self.env.stats.events_processed_local, outcome.applied);
         NodeStats::add(&self.env.stats.events_skipped_replayed, outcome.replays);
         self.activated(outcome.activated);
+        self.report_changed();
         self.env.gate.release(count);
         self.arm_timers();
+    }
+
+    /// Tells the consumer how many states the outbox gained (see `ShardEnv::changed_states`).
+    fn report_changed(&mut self) {
+        let changed = self.outbox.take_newly_changed();
+        if changed > 0 {
+            self.env
+                .changed_states
+                .fetch_add(changed, Ordering::Relaxed);
+        }
     }
 
     /// Applies one event (at its offset and time) to its entity (activating it) unless its
@@ -862,6 +873,7 @@ mod tests {
             commands: Arc::new(crate::commands::PendingCommands::new("me".into())),
             destinations: Arc::new(crate::effects::Destinations::default()),
             commit_soon: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            changed_states: Arc::default(),
         })
     }
 
@@ -1389,6 +1401,11 @@ mod tests {
         assert_eq!(env.gate.in_flight(), 0, "the batch released its window");
         assert_eq!(env.stats.events_skipped_replayed.get(), 1);
         assert_eq!(env.stats.events_processed_local.get(), 2);
+        assert_eq!(
+            env.changed_states.load(Ordering::Relaxed),
+            2,
+            "two states wait for the next checkpoint, and the consumer is told"
+        );
 
         let checkpoint = shard
             .call(ShardMsg::Checkpoint, None)

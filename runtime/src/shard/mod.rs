@@ -134,4 +134,8 @@ pub(crate) struct ShardEnv {
     /// timers: the consumer starts a checkpoint at once instead of at the next interval, so
     /// they wait for one commit, not for the interval.
     pub commit_soon: Arc<AtomicBool>,
+    /// States changed since the consumer last started a checkpoint, as the shards report them
+    /// after each batch: a backlog of them starts the next checkpoint without waiting for the
+    /// interval (see `consumer::BACKLOG_STATES`).
+    pub changed_states: Arc<AtomicUsize>,
 }

@@ -12,6 +12,8 @@ pub(crate) struct Outbox<R> {
     seq: u64,
     dirty: EntityMap<u64>,
     records: Vec<(u64, R)>,
+    /// States that became pending for the next checkpoint since [`Outbox::take_newly_changed`].
+    newly_changed: usize,
 }
 
 impl<R> Default for Outbox<R> {
@@ -20,6 +22,7 @@ impl<R> Default for Outbox<R> {
             seq: 0,
             dirty: EntityMap::default(),
             records: Vec::new(),
+            newly_changed: 0,
         }
     }
 }
@@ -27,7 +30,16 @@ impl<R> Default for Outbox<R> {
 impl<R: Clone> Outbox<R> {
     /// The entity's state changed: the next checkpoint writes it.
     pub fn changed(&mut self, id: &EntityId) {
-        self.dirty.insert(id.clone(), self.seq + 1);
+        let next = self.seq + 1;
+        if self.dirty.insert(id.clone(), next) != Some(next) {
+            self.newly_changed += 1;
+        }
+    }
+
+    /// How many states became pending for the next checkpoint since the last call (an entity
+    /// changed again before that checkpoint counts once).
+    pub fn take_newly_changed(&mut self) -> usize {
+        std::mem::take(&mut self.newly_changed)
     }
 
     /// A record the next checkpoint writes besides states.
@@ -93,5 +105,24 @@ mod tests {
         outbox.committed(seq);
         let (_, ids, records) = outbox.checkpoint();
         assert!(ids.is_empty() && records.is_empty());
+    }
+
+    #[test]
+    fn a_state_counts_as_newly_changed_once_per_checkpoint_it_waits_for() {
+        let mut outbox = Outbox::<u8>::default();
+        outbox.changed(&"a".into());
+        outbox.changed(&"a".into());
+        outbox.changed(&"b".into());
+        assert_eq!(
+            outbox.take_newly_changed(),
+            2,
+            "a twice before checkpoint 1 is one state"
+        );
+        assert_eq!(outbox.take_newly_changed(), 0, "taken");
+        let _first = outbox.checkpoint();
+        // Pending for checkpoint 1 already, but checkpoint 2 must write it again.
+        outbox.changed(&"a".into());
+        outbox.changed(&"c".into());
+        assert_eq!(outbox.take_newly_changed(), 2);
     }
 }
