@@ -332,8 +332,20 @@ impl Drop for Batch<'_> {
 mod tests {
     use super::*;
     use rdkafka::mocking::MockCluster;
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
     use rdkafka::{Offset, TopicPartitionList};
+
+    /// librdkafka's mock cluster (standing in for the broker: what is tested is the reading)
+    /// with a two-partition `topic`, and a producer to it.
+    fn mock_topic(topic: &str) -> (MockCluster<'static, DefaultProducerContext>, BaseProducer) {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(topic, 2, 1).unwrap();
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .create()
+            .unwrap();
+        (cluster, producer)
+    }
 
     /// Every record comes back once, in partition order, with its key and payload (a
     /// tombstone's payload and a missing key as `None`), and the read positions reach the end:
@@ -341,12 +353,7 @@ mod tests {
     #[test]
     fn a_batch_read_returns_every_record_once_and_advances_the_positions() {
         const RECORDS: usize = 2_500;
-        let cluster = MockCluster::new(1).unwrap();
-        cluster.create_topic("batches", 2, 1).unwrap();
-        let producer: BaseProducer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", cluster.bootstrap_servers())
-            .create()
-            .unwrap();
+        let (cluster, producer) = mock_topic("batches");
         for n in 0..RECORDS {
             let key = format!("k{n}");
             let value = format!("v{n}");
@@ -416,12 +423,7 @@ mod tests {
     #[test]
     fn forwarded_partitions_deliver_every_record_to_their_own_queue_and_none_to_poll() {
         const RECORDS: usize = 1_000;
-        let cluster = MockCluster::new(1).unwrap();
-        cluster.create_topic("forwarded", 2, 1).unwrap();
-        let producer: BaseProducer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", cluster.bootstrap_servers())
-            .create()
-            .unwrap();
+        let (cluster, producer) = mock_topic("forwarded");
         for n in 0..RECORDS {
             let key = format!("k{n}");
             let mut record = BaseRecord::<str, str>::to("forwarded")
