@@ -361,12 +361,9 @@ mod tests {
             acting
                 .remembered
                 .remember("key-1".into(), crate::commands::failed("no".into()), 5);
-            acting.timers.set(crate::timers::PendingTimer {
-                name: "t".into(),
-                at_ms: 7,
-                message: Box::new([1, 2]),
-                to: None,
-            });
+            acting
+                .timers
+                .set(crate::timers::PendingTimer::new("t", 7, &[1, 2], None));
             stored.acting = Some(Box::new(acting));
             let value = encode::<Sum>(&stored).unwrap();
             assert!(i64::from_be_bytes(value[..8].try_into().unwrap()) < -1);

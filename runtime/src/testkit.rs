@@ -214,7 +214,7 @@ impl<E: Entity> TestKit<E> {
                 .iter()
                 .flat_map(|(id, stored)| {
                     let timers = stored.acting.iter().flat_map(|a| a.timers.iter());
-                    timers.map(move |t| (t.at_ms, id.clone(), t.name.to_string()))
+                    timers.map(move |t| (t.at_ms, id.clone(), t.name().to_string()))
                 })
                 .filter(|(due, _, _)| *due <= at_ms)
                 .min();
@@ -229,13 +229,15 @@ impl<E: Entity> TestKit<E> {
             if acting.is_empty() {
                 stored.acting = None;
             }
-            match timer.to {
-                None => self.message(&id, &timer.message),
-                Some(target) if target.topic.is_empty() => self.message(&target.id, &timer.message),
+            match timer.to.as_deref() {
+                None => self.message(&id, timer.message()),
+                Some(target) if target.topic.is_empty() => {
+                    self.message(&target.id, timer.message())
+                }
                 Some(target) => self.effects.push(Effect::Message {
-                    to_type: target.topic,
-                    id: target.id,
-                    value: timer.message.into(),
+                    to_type: target.topic.clone(),
+                    id: target.id.clone(),
+                    value: timer.message().to_vec(),
                 }),
             }
             self.deliver();
@@ -285,7 +287,7 @@ impl<E: Entity> TestKit<E> {
             .map(|a| {
                 a.timers
                     .iter()
-                    .map(|t| (t.name.to_string(), t.at_ms))
+                    .map(|t| (t.name().to_string(), t.at_ms))
                     .collect()
             })
             .unwrap_or_default();
@@ -403,12 +405,9 @@ impl<E: Entity> TestKit<E> {
                         self.dead_letter(from, reason);
                         continue;
                     }
-                    acting.timers.set(PendingTimer {
-                        name: name.into(),
-                        at_ms,
-                        message: value.into(),
-                        to,
-                    });
+                    acting
+                        .timers
+                        .set(PendingTimer::new(&name, at_ms, &value, to));
                 }
                 Output::Unencodable(reason) => self.dead_letter(from, reason),
                 Output::CancelTimer { name } => {

@@ -14,6 +14,8 @@
 
 use std::time::Duration;
 
+use smallvec::SmallVec;
+
 use crate::cluster::wire::Timer;
 
 /// Header on a fired timer's record: the timer's name.
@@ -57,18 +59,22 @@ pub(crate) fn check(name: &str, at_ms: i64, now_ms: i64) -> Result<(), TimerErro
 }
 
 /// A pending timer as an entity's state holds it: the wire form (`cluster.proto`'s `Timer`)
-/// without its empty fields and spare capacity, since a node may hold millions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// without its empty fields, the name and the message in one allocation (a node may hold
+/// millions: `name` and `message` as boxes of their own cost a heap chunk more per timer).
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct PendingTimer {
-    /// Unique per entity.
-    pub name: Box<str>,
     /// When it fires (ms since the epoch).
     pub at_ms: i64,
-    /// The record value: the target type's event codec bytes.
-    pub message: Box<[u8]>,
+    /// The name's length (4 bytes, little-endian), the name (unique per entity), then the
+    /// message: the record value, the target type's event codec bytes. Built only by
+    /// [`PendingTimer::new`], so the name is UTF-8.
+    packed: Box<[u8]>,
     /// Another entity; `None`: the entity that set it.
     pub to: Option<Box<Target>>,
 }
+
+/// Bytes of the name's length at the start of [`PendingTimer`]'s `packed`.
+const NAME_LEN_BYTES: usize = 4;
 
 /// Another entity a timer's message goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,19 +85,48 @@ pub(crate) struct Target {
 }
 
 impl PendingTimer {
-    fn from_wire(t: Timer) -> Self {
+    pub fn new(name: &str, at_ms: i64, message: &[u8], to: Option<Box<Target>>) -> Self {
+        // Names are checked to at most MAX_TIMER_NAME_BYTES when set; a longer one from a
+        // foreign changelog still fits the 4 bytes (a record cannot hold 4 GiB).
+        let len = u32::try_from(name.len()).unwrap_or(u32::MAX);
+        let mut packed = Vec::with_capacity(NAME_LEN_BYTES + name.len() + message.len());
+        packed.extend_from_slice(&len.to_le_bytes());
+        packed.extend_from_slice(&name.as_bytes()[..len as usize]);
+        packed.extend_from_slice(message);
         Self {
-            name: t.name.into(),
-            at_ms: t.at_ms,
-            message: t.message.into(),
-            to: (!t.topic.is_empty()).then(|| {
-                Box::new(Target {
-                    topic: t.topic,
-                    partition: t.partition,
-                    id: t.to,
-                })
-            }),
+            at_ms,
+            packed: packed.into_boxed_slice(),
+            to,
         }
+    }
+
+    fn name_len(&self) -> usize {
+        let mut len = [0; NAME_LEN_BYTES];
+        len.copy_from_slice(&self.packed[..NAME_LEN_BYTES]);
+        u32::from_le_bytes(len) as usize
+    }
+
+    /// Unique per entity.
+    pub fn name(&self) -> &str {
+        let name = &self.packed[NAME_LEN_BYTES..NAME_LEN_BYTES + self.name_len()];
+        // Only `new` writes `packed`, from a `&str` cut at its full length.
+        std::str::from_utf8(name).expect("a timer's name is UTF-8 (written from a &str)")
+    }
+
+    /// The record value: the target type's event codec bytes.
+    pub fn message(&self) -> &[u8] {
+        &self.packed[NAME_LEN_BYTES + self.name_len()..]
+    }
+
+    fn from_wire(t: Timer) -> Self {
+        let to = (!t.topic.is_empty()).then(|| {
+            Box::new(Target {
+                topic: t.topic,
+                partition: t.partition,
+                id: t.to,
+            })
+        });
+        Self::new(&t.name, t.at_ms, &t.message, to)
     }
 
     fn to_wire(&self) -> Timer {
@@ -100,9 +135,9 @@ impl PendingTimer {
             None => (String::new(), 0, String::new()),
         };
         Timer {
-            name: self.name.to_string(),
+            name: self.name().to_string(),
             at_ms: self.at_ms,
-            message: self.message.to_vec(),
+            message: self.message().to_vec(),
             topic,
             partition,
             to,
@@ -110,9 +145,22 @@ impl PendingTimer {
     }
 }
 
-/// One entity's pending timers, by name (few per entity: a list, grown one at a time).
+impl std::fmt::Debug for PendingTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingTimer")
+            .field("name", &self.name())
+            .field("at_ms", &self.at_ms)
+            .field("message", &self.message())
+            .field("to", &self.to)
+            .finish()
+    }
+}
+
+/// One entity's pending timers, by name (few per entity: a list, grown one at a time). The
+/// first is held inline: most entities with timers have one, and a list of its own would be
+/// one more heap chunk per timer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Timers(Vec<PendingTimer>);
+pub(crate) struct Timers(SmallVec<[PendingTimer; 1]>);
 
 impl Timers {
     pub fn from_wire(timers: Vec<Timer>) -> Self {
@@ -139,7 +187,7 @@ impl Timers {
     /// Whether a timer called `name` may be set: it replaces a pending one, or there is room
     /// below [`MAX_TIMERS_PER_ENTITY`]; otherwise the reason, for a dead letter.
     pub fn room_for(&self, name: &str) -> Result<(), String> {
-        if self.0.len() < MAX_TIMERS_PER_ENTITY || self.0.iter().any(|t| &*t.name == name) {
+        if self.0.len() < MAX_TIMERS_PER_ENTITY || self.0.iter().any(|t| t.name() == name) {
             return Ok(());
         }
         Err(format!(
@@ -150,10 +198,10 @@ impl Timers {
 
     /// Sets `timer`, replacing the one of the same name (returned).
     pub fn set(&mut self, timer: PendingTimer) -> Option<PendingTimer> {
-        match self.0.iter_mut().find(|t| t.name == timer.name) {
+        match self.0.iter_mut().find(|t| t.name() == timer.name()) {
             Some(existing) => Some(std::mem::replace(existing, timer)),
             None => {
-                // Exactly one more: a first push would reserve room for four.
+                // Exactly one more: a push onto a full list would double its room.
                 self.0.reserve_exact(1);
                 self.0.push(timer);
                 None
@@ -163,7 +211,7 @@ impl Timers {
 
     /// Removes the timer called `name`, if pending.
     pub fn remove(&mut self, name: &str) -> Option<PendingTimer> {
-        let at = self.0.iter().position(|t| &*t.name == name)?;
+        let at = self.0.iter().position(|t| t.name() == name)?;
         let removed = self.0.swap_remove(at);
         self.0.shrink_to_fit();
         Some(removed)
@@ -175,12 +223,7 @@ mod tests {
     use super::*;
 
     fn timer(name: &str, at_ms: i64) -> PendingTimer {
-        PendingTimer {
-            name: name.into(),
-            at_ms,
-            message: Box::new([1, 2]),
-            to: None,
-        }
+        PendingTimer::new(name, at_ms, &[1, 2], None)
     }
 
     #[test]
@@ -188,19 +231,53 @@ mod tests {
         let mut timers = Timers::default();
         assert_eq!(timers.set(timer("a", 10)), None);
         assert_eq!(timers.set(timer("b", 20)), None);
-        timers.set(PendingTimer {
-            to: Some(Box::new(Target {
+        timers.set(PendingTimer::new(
+            "c",
+            25,
+            &[1, 2],
+            Some(Box::new(Target {
                 topic: "other".into(),
                 partition: 3,
                 id: "x".into(),
             })),
-            ..timer("c", 25)
-        });
+        ));
         assert_eq!(timers.set(timer("a", 30)), Some(timer("a", 10)));
         assert_eq!(timers.len(), 3);
         assert_eq!(timers.remove("a"), Some(timer("a", 30)));
         assert_eq!(timers.remove("a"), None);
         assert_eq!(Timers::from_wire(timers.to_wire()), timers);
+    }
+
+    #[test]
+    fn a_timer_gives_back_its_name_and_message_as_set() {
+        for (name, message) in [
+            ("t", &b"{}"[..]),
+            ("größe-✓", &[][..]),
+            ("7", &[0, 255, 4][..]),
+        ] {
+            let timer = PendingTimer::new(name, -3, message, None);
+            assert_eq!((timer.name(), timer.message()), (name, message));
+            assert_eq!(PendingTimer::from_wire(timer.to_wire()), timer);
+        }
+        // The longest name allowed, and a message that starts like a length.
+        let long = "n".repeat(MAX_TIMER_NAME_BYTES);
+        let timer = PendingTimer::new(&long, 1, &[4, 0, 0, 0], None);
+        assert_eq!((timer.name(), timer.message()), (&*long, &[4, 0, 0, 0][..]));
+    }
+
+    #[test]
+    fn the_first_timer_is_held_inline_and_the_list_shrinks_back_to_it() {
+        let mut timers = Timers::default();
+        timers.set(timer("a", 1));
+        assert!(!timers.0.spilled(), "one timer needs no list of its own");
+        timers.set(timer("b", 2));
+        assert!(timers.0.spilled());
+        assert_eq!(timers.remove("a"), Some(timer("a", 1)));
+        assert!(!timers.0.spilled(), "back inline once one is left");
+        assert_eq!(
+            timers.iter().map(PendingTimer::name).collect::<Vec<_>>(),
+            ["b"]
+        );
     }
 
     #[test]

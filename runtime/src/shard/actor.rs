@@ -364,15 +364,7 @@ impl<E: Entity> ShardState<E> {
                             }),
                     };
                     target.and_then(|to| {
-                        self.set_timer(
-                            from,
-                            PendingTimer {
-                                name: name.into(),
-                                at_ms,
-                                message: value.into(),
-                                to,
-                            },
-                        )
+                        self.set_timer(from, PendingTimer::new(&name, at_ms, &value, to))
                     })
                 }
                 Output::CancelTimer { name } => {
@@ -425,11 +417,11 @@ impl<E: Entity> ShardState<E> {
     fn set_timer(&mut self, id: &EntityId, timer: PendingTimer) -> Result<(), String> {
         let stored = self.states.get_mut(id).expect("the entity just ran");
         let acting = stored.acting.get_or_insert_default();
-        acting.timers.room_for(&timer.name)?;
-        let key = (timer.at_ms, id.clone(), timer.name.to_string());
+        acting.timers.room_for(timer.name())?;
+        let key = (timer.at_ms, id.clone(), timer.name().to_string());
         if let Some(old) = acting.timers.set(timer) {
             self.timers
-                .remove(&(old.at_ms, id.clone(), old.name.into()));
+                .remove(&(old.at_ms, id.clone(), old.name().to_string()));
         }
         self.timers.insert(key);
         NodeStats::add(&self.env.stats.timers_set, 1);
@@ -445,7 +437,7 @@ impl<E: Entity> ShardState<E> {
         };
         if let Some(old) = acting.timers.remove(name) {
             self.timers
-                .remove(&(old.at_ms, id.clone(), old.name.into()));
+                .remove(&(old.at_ms, id.clone(), old.name().to_string()));
         }
         if acting.is_empty() {
             stored.acting = None;
@@ -478,6 +470,7 @@ impl<E: Entity> ShardState<E> {
             if acting.is_empty() {
                 stored.acting = None;
             }
+            let value = timer.message().to_vec();
             let (topic, partition, key) = match timer.to {
                 None => (self.env.input_topic.clone(), self.shard, id.to_string()),
                 Some(to) => (to.topic, to.partition, to.id),
@@ -487,7 +480,7 @@ impl<E: Entity> ShardState<E> {
                 topic,
                 partition: Some(partition),
                 key: Some(key.into_bytes()),
-                value: Some(timer.message.into_vec()),
+                value: Some(value),
                 headers: vec![
                     (HEADER_MESSAGE_FROM, self.sender(&id)),
                     (HEADER_TIMER, name),
@@ -528,7 +521,7 @@ impl<E: Entity> ShardState<E> {
                 acting
                     .timers
                     .iter()
-                    .map(move |t| (t.at_ms, id.clone(), t.name.to_string()))
+                    .map(move |t| (t.at_ms, id.clone(), t.name().to_string()))
             })
         });
         self.timers.rebuild(all);
@@ -1347,12 +1340,7 @@ mod tests {
             .acting
             .get_or_insert_default()
             .timers
-            .set(PendingTimer {
-                name: "late".into(),
-                at_ms: then,
-                message: Box::new([]),
-                to: None,
-            });
+            .set(PendingTimer::new("late", then, &[], None));
         let shard = start::<Alarm>(&env).await;
         shard
             .cast(ShardMsg::Restored(
