@@ -86,12 +86,11 @@ pub(crate) struct Target {
 
 impl PendingTimer {
     pub fn new(name: &str, at_ms: i64, message: &[u8], to: Option<Box<Target>>) -> Self {
-        // Names are checked to at most MAX_TIMER_NAME_BYTES when set; a longer one from a
-        // foreign changelog still fits the 4 bytes (a record cannot hold 4 GiB).
-        let len = u32::try_from(name.len()).unwrap_or(u32::MAX);
+        // A name comes from a record (or a state in one), which cannot hold 4 GiB.
+        let len = u32::try_from(name.len()).expect("a timer name shorter than 4 GiB");
         let mut packed = Vec::with_capacity(NAME_LEN_BYTES + name.len() + message.len());
         packed.extend_from_slice(&len.to_le_bytes());
-        packed.extend_from_slice(&name.as_bytes()[..len as usize]);
+        packed.extend_from_slice(name.as_bytes());
         packed.extend_from_slice(message);
         Self {
             at_ms,
@@ -106,11 +105,16 @@ impl PendingTimer {
         u32::from_le_bytes(len) as usize
     }
 
+    /// The name's bytes: what lookups by name compare, without checking UTF-8 each time.
+    fn name_bytes(&self) -> &[u8] {
+        &self.packed[NAME_LEN_BYTES..NAME_LEN_BYTES + self.name_len()]
+    }
+
     /// Unique per entity.
     pub fn name(&self) -> &str {
-        let name = &self.packed[NAME_LEN_BYTES..NAME_LEN_BYTES + self.name_len()];
-        // Only `new` writes `packed`, from a `&str` cut at its full length.
-        std::str::from_utf8(name).expect("a timer's name is UTF-8 (written from a &str)")
+        // Only `new` writes `packed`, from a whole `&str`.
+        std::str::from_utf8(self.name_bytes())
+            .expect("a timer's name is UTF-8 (written from a &str)")
     }
 
     /// The record value: the target type's event codec bytes.
@@ -187,7 +191,7 @@ impl Timers {
     /// Whether a timer called `name` may be set: it replaces a pending one, or there is room
     /// below [`MAX_TIMERS_PER_ENTITY`]; otherwise the reason, for a dead letter.
     pub fn room_for(&self, name: &str) -> Result<(), String> {
-        if self.0.len() < MAX_TIMERS_PER_ENTITY || self.0.iter().any(|t| t.name() == name) {
+        if self.0.len() < MAX_TIMERS_PER_ENTITY || self.position(name).is_some() {
             return Ok(());
         }
         Err(format!(
@@ -198,8 +202,8 @@ impl Timers {
 
     /// Sets `timer`, replacing the one of the same name (returned).
     pub fn set(&mut self, timer: PendingTimer) -> Option<PendingTimer> {
-        match self.0.iter_mut().find(|t| t.name() == timer.name()) {
-            Some(existing) => Some(std::mem::replace(existing, timer)),
+        match self.position(timer.name_bytes()) {
+            Some(at) => Some(std::mem::replace(&mut self.0[at], timer)),
             None => {
                 // Exactly one more: a push onto a full list would double its room.
                 self.0.reserve_exact(1);
@@ -209,9 +213,13 @@ impl Timers {
         }
     }
 
+    fn position(&self, name: impl AsRef<[u8]>) -> Option<usize> {
+        self.0.iter().position(|t| t.name_bytes() == name.as_ref())
+    }
+
     /// Removes the timer called `name`, if pending.
     pub fn remove(&mut self, name: &str) -> Option<PendingTimer> {
-        let at = self.0.iter().position(|t| t.name() == name)?;
+        let at = self.position(name)?;
         let removed = self.0.swap_remove(at);
         self.0.shrink_to_fit();
         Some(removed)
