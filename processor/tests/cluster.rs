@@ -316,6 +316,57 @@ async fn answered(node: &Node, route: &str) -> f64 {
         .sum()
 }
 
+/// Queries node `node` sent to owners on other nodes, over `transport` (`link` or `remoting`).
+async fn sent_to_peers(node: &Node, transport: &str) -> f64 {
+    let label = format!(r#"transport="{transport}""#);
+    node.metrics()
+        .await
+        .expect("/metrics of a running node")
+        .iter()
+        .filter(|(series, _)| {
+            series.starts_with("processor_peer_queries_total{") && series.contains(&label)
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_queries_take_the_query_link_or_the_session_when_told() {
+    require_broker();
+    let spec = ClusterSpec::new("peer-queries", 5_000);
+    spec.create_topic(16);
+    let node1 = spec.start_node(1);
+    let node2 = spec.start_node_with(2, &["--peer-queries", "remoting"]);
+    wait_for_stable_split(&spec, &[&node1, &node2], 16).await;
+    let ledger = spec.produce(2_000, 200, "ledger.json");
+    // Every user's total through each node: about half of them forwarded to the other.
+    wait_for_ledger(&spec, &[1, 2], &ledger, Duration::from_secs(120)).await;
+    let remote = [
+        answered(&node1, "remote").await,
+        answered(&node2, "remote").await,
+    ];
+    assert!(remote.iter().all(|r| *r > 0.0), "remote answers {remote:?}");
+    assert!(
+        sent_to_peers(&node1, "link").await >= remote[0],
+        "node 1 asks its peer over the query link"
+    );
+    assert_eq!(sent_to_peers(&node1, "remoting").await, 0.0);
+    assert!(
+        sent_to_peers(&node2, "remoting").await >= remote[1],
+        "node 2 (--peer-queries remoting) asks through the cluster session"
+    );
+    assert_eq!(sent_to_peers(&node2, "link").await, 0.0);
+    // The link's path answers a request that is not an upgrade to it with a clear 400.
+    let plain = reqwest::get(format!(
+        "http://127.0.0.1:{}/cluster/query-link",
+        spec.management(1)
+    ))
+    .await
+    .unwrap();
+    assert_eq!(plain.status().as_u16(), 400);
+    assert!(plain.text().await.unwrap().contains("upgrade"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_learns_the_owners_asks_each_user_s_owner_and_follows_a_hand_off() {
     use kafka_sharding::owners::{OwnerDirectory, ROUTE_HEADER};

@@ -225,12 +225,19 @@ async fn metrics_move_with_what_was_produced() {
             local + remote >= users,
             "every user was asked through each node ({local} + {remote} < {users})"
         );
-        // Every remote answer came through a (possibly batched) message to the peer.
+        // Every remote answer came from a query sent to the owner: over the query link (the
+        // default), or through the cluster session in (possibly batched) messages.
+        let over_link = sum_of(m, "processor_peer_queries_total", r#"transport="link""#);
+        let over_session = sum_of(m, "processor_peer_queries_total", r#"transport="remoting""#);
         let batched = sample(m, "processor_remote_query_batch_size_sum");
         let messages = sample(m, "processor_remote_query_batch_size_count");
         assert!(
-            batched >= remote && messages >= 1.0 && messages <= batched,
-            "batches: {messages} messages, {batched} queries, {remote} remote answers"
+            over_link > 0.0 && over_link + over_session >= remote,
+            "{over_link} queries over the link and {over_session} through the session for {remote} remote answers"
+        );
+        assert!(
+            batched == over_session && messages <= batched,
+            "batches: {messages} messages, {batched} queries, {over_session} through the session"
         );
     }
     let mut client = UserServiceClient::connect(spec.grpc_url(1)).await.unwrap();

@@ -1,7 +1,9 @@
 //! TLS between nodes: nodes given a certificate signed by the cluster's CA form the cluster
 //! (non-seed nodes find each other through the seed, over TLS) and answer for every user
 //! through every node; a node whose certificate another CA signed, and a node without TLS,
-//! are refused and take no partitions.
+//! are refused and take no partitions. Queries forwarded between nodes never cross a
+//! plaintext port: through the TLS sessions, or over a query link when the management port
+//! serves TLS too.
 
 mod support;
 
@@ -59,6 +61,21 @@ async fn nodes_with_tls_form_the_cluster_and_a_node_without_the_cas_certificate_
         assert!(
             remote > 0.0,
             "node {} answered through its peers",
+            node.index
+        );
+        // The management ports are plaintext here (no --tls-serve): the queries went through
+        // the TLS sessions, never a query link.
+        let in_the_clear: f64 = metrics
+            .iter()
+            .filter(|(series, _)| {
+                series.starts_with("processor_peer_queries_total{")
+                    && series.contains(r#"transport="link""#)
+            })
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(
+            in_the_clear, 0.0,
+            "node {} sent queries over a plaintext link",
             node.index
         );
     }
@@ -137,6 +154,19 @@ fn https_status(ca: &std::path::Path, url: &str) -> Option<u16> {
     (out.status.success() && code != 0).then_some(code)
 }
 
+/// `curl` over HTTPS trusting `ca`: the body, or `None` without a TLS session or a 200.
+fn https_get(ca: &std::path::Path, url: &str) -> Option<String> {
+    let out = std::process::Command::new("curl")
+        .args(["-sSf", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .arg(url)
+        .output()
+        .expect("curl is installed (.ci/run installs it)");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_and_the_management_port_serve_tls_with_the_node_certificate() {
     require_broker();
@@ -184,6 +214,37 @@ async fn grpc_and_the_management_port_serve_tls_with_the_node_certificate() {
         "direct over TLS: {}{said}",
         String::from_utf8_lossy(&direct.stdout)
     );
+    // A second node serving TLS: node 1 forwards its users' queries over a query link to node
+    // 2's management port over TLS (trusting the node CA), and node 2 to node 1's.
+    let mut args2 = ca.node_args("node2");
+    args2.push("--tls-serve".into());
+    let mut node2 = spec.start_node_with(2, &args2.iter().map(String::as_str).collect::<Vec<_>>());
+    let grpc2 = format!("https://127.0.0.1:{}", spec.grpc(2));
+    for (via, management) in [(&grpc, spec.management(1)), (&grpc2, spec.management(2))] {
+        let metrics = format!("https://127.0.0.1:{management}/metrics");
+        eventually(
+            Duration::from_secs(60),
+            "every total through the node, some forwarded to the other over a TLS query link",
+            || async {
+                if !verify_with(via, &ledger, &tls).0 {
+                    return None;
+                }
+                let text = https_get(&ca.ca_file(), &metrics)?;
+                let over_link: f64 = text
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("processor_peer_queries_total{")
+                            && l.contains(r#"transport="link""#)
+                    })
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum();
+                (over_link > 0.0).then_some(())
+            },
+        )
+        .await;
+    }
+    assert!(node2.stop().success());
+
     let (plain_ok, plain) = verify(&spec.grpc_url(1), &ledger);
     assert!(!plain_ok, "plain gRPC is not served: {plain}");
     let (untrusting_ok, untrusting) = verify(&grpc, &ledger);

@@ -53,6 +53,8 @@ pub struct AllocationTable {
     changes: watch::Sender<u64>,
     /// Where each node serves gRPC, as it announces it (for clients that ask owners directly).
     grpc_urls: DashMap<Arc<str>, Arc<str>>,
+    /// Where each node serves its management port, as it announces it (for the query link).
+    management_urls: DashMap<Arc<str>, Arc<str>>,
 }
 
 impl AllocationTable {
@@ -64,15 +66,25 @@ impl AllocationTable {
             departed: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
             grpc_urls: DashMap::new(),
+            management_urls: DashMap::new(),
         }
     }
 
     /// Records where `node` serves gRPC (from its announcements; this node's own at start).
     pub fn set_grpc_url(&self, node: &str, url: &str) {
-        if url.is_empty() || self.grpc_urls.get(node).is_some_and(|u| **u == *url) {
-            return;
-        }
-        self.grpc_urls.insert(Arc::from(node), Arc::from(url));
+        set_url(&self.grpc_urls, node, url);
+    }
+
+    /// Records where `node` serves its management port (from its announcements).
+    pub fn set_management_url(&self, node: &str, url: &str) {
+        set_url(&self.management_urls, node, url);
+    }
+
+    /// Where `node` serves its management port, if it has said.
+    pub fn management_url(&self, node: &str) -> Option<Arc<str>> {
+        self.management_urls
+            .get(node)
+            .map(|url| url.value().clone())
     }
 
     /// For each of `partitions` shards, the gRPC URL of its owner, or "" when the shard has no
@@ -309,6 +321,14 @@ impl AllocationTable {
         }
         members
     }
+}
+
+/// Records `url` for `node` unless empty (a node of an older build says nothing) or unchanged.
+fn set_url(urls: &DashMap<Arc<str>, Arc<str>>, node: &str, url: &str) {
+    if url.is_empty() || urls.get(node).is_some_and(|u| **u == *url) {
+        return;
+    }
+    urls.insert(Arc::from(node), Arc::from(url));
 }
 
 #[cfg(test)]

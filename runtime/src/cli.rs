@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::cluster::query_link::PeerTransport;
 use crate::cluster::tls::{NodeTls, NodeTlsFiles};
 use crate::kafka_config::{KafkaConnection, KafkaProperties, KafkaProperty};
 use crate::logging::LogFormat;
@@ -111,6 +112,13 @@ pub struct NodeArgs {
     /// Timeout of one call to another node.
     #[arg(long, env = "REMOTE_CALL_TIMEOUT_MS", default_value_t = 2_000)]
     pub remote_call_timeout_ms: u64,
+
+    /// How a query for an entity hosted elsewhere reaches its owner: `link`, one connection to
+    /// the owner's management port (fewer thread hand-offs; used when both ends are plaintext
+    /// or both serve TLS with --tls-serve), or `remoting`, through the ractor_cluster session.
+    /// `link` falls back to the session while the owner's port cannot be reached.
+    #[arg(long, env = "PEER_QUERIES", value_enum, default_value_t = PeerTransport::Link)]
+    pub peer_queries: PeerTransport,
 
     /// Events dispatched to entities but not yet acknowledged, across all shards (backpressure).
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 20_000)]
@@ -273,6 +281,7 @@ pub struct NodeConfig {
     pub query_wait: Duration,
     pub command_timeout: Duration,
     pub remote_call_timeout: Duration,
+    pub peer_queries: PeerTransport,
     pub max_in_flight: usize,
     pub commit_interval: Duration,
     pub drain_timeout: Duration,
@@ -337,6 +346,7 @@ impl NodeConfig {
             query_wait: Duration::from_millis(args.query_wait_ms),
             command_timeout: Duration::from_millis(args.command_timeout_ms),
             remote_call_timeout: Duration::from_millis(args.remote_call_timeout_ms),
+            peer_queries: args.peer_queries,
             max_in_flight: args.max_in_flight,
             commit_interval: Duration::from_millis(args.commit_interval_ms),
             drain_timeout: Duration::from_millis(args.drain_timeout_ms),
@@ -373,6 +383,16 @@ impl NodeConfig {
     /// Where clients reach this node's gRPC port (its advertised host), as the owners service
     /// tells them.
     pub fn grpc_url(&self) -> String {
+        self.url(self.ports.grpc)
+    }
+
+    /// Where other nodes reach this node's management port (its advertised host), for the
+    /// query link.
+    pub fn management_url(&self) -> String {
+        self.url(self.ports.management)
+    }
+
+    fn url(&self, port: u16) -> String {
         let scheme = if self.tls.is_some() && self.tls_serve {
             "https"
         } else {
@@ -383,7 +403,7 @@ impl NodeConfig {
         } else {
             self.host.clone()
         };
-        format!("{scheme}://{host}:{}", self.ports.grpc)
+        format!("{scheme}://{host}:{port}")
     }
 }
 

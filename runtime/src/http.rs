@@ -10,6 +10,8 @@
 //! - `GET /cluster/kafka-stats[/{type}]`: librdkafka's statistics of the (first) type's consumer
 //!   (with `--statistics-interval-ms`).
 //! - `GET /metrics`: Prometheus metrics (see `metrics`).
+//! - `GET /cluster/query-link`: the query link other nodes open to this one (an HTTP/1.1
+//!   upgrade; see `cluster::query_link`).
 //! - `GET /alive`, `GET /ready`: liveness and readiness (see `readiness`), 200 or 503 with a
 //!   JSON body saying why.
 //! - `POST /entities/{type}/{id}`: asks entity `id` of `type` (its group) the query in the body,
@@ -19,10 +21,11 @@
 //!   answer during a failover. Errors: 400 (bad id or query), 404 (type not hosted), 503 (no
 //!   owner answered in time), 500 (the shard refused its stored state: the reason).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -32,7 +35,9 @@ use serde::Serialize;
 use crate::allocation::AllocationTable;
 use crate::ask_bytes::{AskBytes, BytesAskError};
 use crate::backpressure::InFlightGate;
+use crate::cluster::endpoint::Endpoint;
 use crate::cluster::membership::Membership;
+use crate::cluster::query_link;
 use crate::lag::LagProbe;
 use crate::metrics::{Metrics, MetricsRegistry, ScrapeInputs};
 use crate::readiness::Readiness;
@@ -49,6 +54,8 @@ pub(crate) struct Management {
     pub gate: Arc<InFlightGate>,
     pub metrics: Arc<MetricsRegistry>,
     pub readiness: Arc<Readiness>,
+    /// Every hosted type's endpoint, for the query link.
+    pub endpoints: Arc<HashMap<String, Arc<dyn Endpoint>>>,
 }
 
 /// What management shows of one hosted entity type.
@@ -188,6 +195,14 @@ pub(crate) fn router(m: Arc<Management>) -> Router {
             get(|| async { Json(serde_json::json!({ "alive": true })) }),
         )
         .route("/ready", get(ready))
+        .route(
+            query_link::PATH,
+            get(
+                |State(m): State<Arc<Management>>, req: Request| async move {
+                    query_link::accept(m.endpoints.clone(), req)
+                },
+            ),
+        )
         .route(
             "/entities/{type_name}/{id}",
             get(ask_entity).post(ask_entity),

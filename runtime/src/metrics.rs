@@ -46,6 +46,14 @@ struct QueryLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerQueryLabels {
+    entity_type: &'static str,
+    /// `link` (the query link to the owner's management port) or `remoting` (the ractor_cluster
+    /// session).
+    transport: &'static str,
+}
+
 /// Consumer lag is labelled as Kafka's own tools name it (group, topic, partition); the group
 /// is also the `entity_type` every series carries.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +112,7 @@ pub(crate) struct MetricsRegistry {
     standby_entities: Family<TypeLabels, Gauge>,
     query_seconds: HistogramFamily<QueryLabels>,
     remote_query_batch: HistogramFamily<TypeLabels>,
+    peer_queries: Family<PeerQueryLabels, Counter>,
     shards_owned: Family<TypeLabels, Gauge>,
     live_entities: Family<TypeLabels, Gauge>,
     passivated_entities: Family<TypeLabels, Gauge>,
@@ -133,6 +142,10 @@ pub(crate) struct Metrics {
     pub standby_entities: Gauge,
     /// Queries per message to a peer (see `cluster::query_batcher`).
     pub remote_query_batch: Histogram,
+    /// Queries sent to an owner over the query link (see `cluster::query_link`).
+    pub peer_queries_link: Counter,
+    /// Queries sent to an owner through the ractor_cluster session.
+    pub peer_queries_remoting: Counter,
     shards_owned: Gauge,
     live_entities: Gauge,
     passivated_entities: Gauge,
@@ -176,6 +189,7 @@ impl MetricsRegistry {
             standby_entities: Family::default(),
             query_seconds: Family::new_with_constructor(request_histogram),
             remote_query_batch: Family::new_with_constructor(batch_histogram),
+            peer_queries: Family::default(),
             shards_owned: Family::default(),
             live_entities: Family::default(),
             passivated_entities: Family::default(),
@@ -238,6 +252,11 @@ impl MetricsRegistry {
             this.remote_query_batch.clone(),
         );
         registry.register(
+            "peer_queries",
+            "Queries sent to the owner on another node, by transport (link: the query link to its management port; remoting: the cluster session)",
+            this.peer_queries.clone(),
+        );
+        registry.register(
             "shards_owned",
             "Shards (partitions) hosted by this node",
             this.shards_owned.clone(),
@@ -280,6 +299,10 @@ impl MetricsRegistry {
                 .iter()
                 .map(|family| family.get_or_create(&labels).clone()),
         );
+        // One statement each: a family's guard lives to the end of the statement that got it,
+        // and a second `get_or_create` of the same family in that statement would deadlock.
+        let peer_queries_link = self.peer_queries(entity_type, "link");
+        let peer_queries_remoting = self.peer_queries(entity_type, "remoting");
         let metrics = Metrics {
             entity_type,
             topic,
@@ -297,6 +320,8 @@ impl MetricsRegistry {
             standby_shards: self.standby_shards.get_or_create(&labels).clone(),
             standby_entities: self.standby_entities.get_or_create(&labels).clone(),
             remote_query_batch: self.remote_query_batch.get_or_create(&labels).clone(),
+            peer_queries_link,
+            peer_queries_remoting,
             shards_owned: self.shards_owned.get_or_create(&labels).clone(),
             live_entities: self.live_entities.get_or_create(&labels).clone(),
             passivated_entities: self.passivated_entities.get_or_create(&labels).clone(),
@@ -304,6 +329,15 @@ impl MetricsRegistry {
             lag_partitions: std::sync::Mutex::new(Vec::new()),
         };
         (stats, metrics)
+    }
+
+    fn peer_queries(&self, entity_type: &'static str, transport: &'static str) -> Counter {
+        self.peer_queries
+            .get_or_create(&PeerQueryLabels {
+                entity_type,
+                transport,
+            })
+            .clone()
     }
 
     /// The Prometheus text exposition, after each type's scrape-time gauges were refreshed

@@ -22,6 +22,7 @@ use crate::cluster::endpoint::Endpoint;
 use crate::cluster::gateway::{Gateway, GatewayArgs};
 use crate::cluster::membership::{Membership, MembershipConfig, MembershipError};
 use crate::cluster::query_batcher::QueryBatcher;
+use crate::cluster::query_link::QueryLinks;
 use crate::commands::{CommandError, CommandSender, PendingCommands};
 use crate::consumer::checkpoint::{Checkpointer, CheckpointerConfig};
 use crate::consumer::{
@@ -369,6 +370,8 @@ struct NodeShared {
     commands: Arc<PendingCommands>,
     /// Where messages to each hosted type go.
     destinations: Arc<Destinations>,
+    /// The query links to the peers (forwarded queries, any type).
+    links: Arc<QueryLinks>,
 }
 
 /// One started entity type: what the node's front ends need of it, and its consumer to start.
@@ -470,6 +473,7 @@ async fn start_type<E: Entity>(
         owner_wait: config.query_wait,
         call_timeout: config.remote_call_timeout,
         batcher,
+        links: node.links.clone(),
         metrics: metrics.clone(),
         standbys: standbys.clone(),
         commands: CommandSender::new(
@@ -489,6 +493,7 @@ async fn start_type<E: Entity>(
         &spec.group,
         table.clone(),
         config.grpc_url(),
+        config.management_url(),
     ));
     tokio::spawn(announcer.clone().run());
 
@@ -644,6 +649,12 @@ async fn run(
         live_entities: Arc::new(AtomicUsize::new(0)),
         commands: Arc::new(PendingCommands::new(Arc::from(node_id.as_str()))),
         destinations: Arc::new(destinations),
+        links: QueryLinks::new(
+            config.peer_queries,
+            config.tls.as_ref(),
+            config.tls_serve,
+            config.remote_call_timeout,
+        ),
         health,
         config: Arc::new(config),
     };
@@ -656,16 +667,18 @@ async fn run(
     tokio::spawn(crate::memory::trim_after_passivation(
         started.iter().map(|t| t.stats.clone()).collect(),
     ));
-    let endpoints: HashMap<String, Arc<dyn Endpoint>> = started
-        .iter()
-        .map(|t| (t.group.clone(), t.endpoint.clone()))
-        .collect();
+    let endpoints: Arc<HashMap<String, Arc<dyn Endpoint>>> = Arc::new(
+        started
+            .iter()
+            .map(|t| (t.group.clone(), t.endpoint.clone()))
+            .collect(),
+    );
     let (gateway, _) = Actor::spawn(
         None,
         Gateway,
         GatewayArgs {
             node: Arc::from(node_id.as_str()),
-            endpoints: Arc::new(endpoints),
+            endpoints: endpoints.clone(),
             commands: shared.commands.clone(),
         },
     )
@@ -738,6 +751,7 @@ async fn run(
         gate: shared.gate.clone(),
         metrics: shared.metrics.clone(),
         readiness: readiness.clone(),
+        endpoints,
     });
     let http_listener = tokio::net::TcpListener::bind(socket(&bind, config.ports.management)?)
         .await

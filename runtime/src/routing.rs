@@ -1,6 +1,7 @@
 //! Reaching an entity wherever its shard lives: locally through the shard actor, remotely with
-//! one ractor_cluster hop to the owner's gateway (the query and reply as bytes of the entity
-//! type's codec). (Records whose key belongs elsewhere travel through Kafka instead: see
+//! one hop to the owner (over the query link to its management port, or through ractor_cluster
+//! to its gateway: `cluster::query_link`; the query and reply as bytes of the entity type's
+//! codec). (Records whose key belongs elsewhere travel through Kafka instead: see
 //! `shard::Reroute`.)
 //!
 //! Every call has a timeout. While a shard has no known owner, or the node asked says it is not
@@ -12,12 +13,13 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use ractor::rpc::CallResult;
-use ractor::{ActorRef, MessagingErr};
+use ractor::MessagingErr;
 
 use crate::allocation::{AllocationTable, Owner};
 use crate::cluster::endpoint::{CallError, Endpoint};
-use crate::cluster::gateway::{self, GatewayMsg};
+use crate::cluster::gateway;
 use crate::cluster::query_batcher::QueryBatcher;
+use crate::cluster::query_link::QueryLinks;
 use crate::cluster::wire::{entity_answer, EntityAnswer, EntityQuery, NotOwner, StandbyReply};
 use crate::entity::{Codec, EncodeError, Entity, EntityId, MAX_ID_BYTES};
 use crate::metrics::Metrics;
@@ -135,6 +137,8 @@ pub(crate) struct Router<E: Entity> {
     /// Timeout of one call to a shard or a peer.
     pub call_timeout: Duration,
     pub batcher: Arc<QueryBatcher>,
+    /// The query links to peers (tried before the session).
+    pub links: Arc<QueryLinks>,
     pub metrics: Arc<Metrics>,
     /// This node's standby replicas, for reads that allow staleness.
     pub standbys: Arc<Standbys<E>>,
@@ -190,7 +194,7 @@ impl<E: Entity> Router<E> {
         self.with_owner(
             shard,
             || self.local_ask(shard, id, query.clone()),
-            |gw| {
+            |node| {
                 let bytes = encode();
                 async move {
                     let bytes = match bytes {
@@ -198,7 +202,7 @@ impl<E: Entity> Router<E> {
                         Err(e) => return Attempt::Failed(CallError::Unencodable(e)),
                     };
                     let asked = self.entity_query(shard, id, bytes, None);
-                    match self.batcher.ask(&gw, asked).await.map(|a| a.result) {
+                    match self.ask_peer(&node, asked).await.map(|a| a.result) {
                         Ok(Some(entity_answer::Result::Reply(bytes))) => {
                             match <E::Codec as Codec<E::Reply>>::decode(&bytes) {
                                 Ok(reply) => Attempt::Done(reply),
@@ -277,15 +281,12 @@ impl<E: Entity> Router<E> {
                 }
                 continue;
             }
-            let Some(gw) = gateway::of_node(node) else {
-                continue;
-            };
             let Ok(query) = encode() else {
                 return None;
             };
             let asked = self.entity_query(shard, id, query, Some(bound));
             if let Ok(Some(entity_answer::Result::Standby(answer))) =
-                self.batcher.ask(&gw, asked).await.map(|a| a.result)
+                self.ask_peer(node, asked).await.map(|a| a.result)
             {
                 if let Ok(reply) = <E::Codec as Codec<E::Reply>>::decode(&answer.reply) {
                     return Some((
@@ -311,6 +312,24 @@ impl<E: Entity> Router<E> {
     ) -> Option<(E::Reply, Staleness)> {
         let (state, staleness) = self.standbys.read(shard, id)?;
         (staleness.behind <= bound).then(|| (E::query(&state, query), staleness))
+    }
+
+    /// One query to `node`: over the query link when it can be asked that way, else (or
+    /// when its port did not take the link) through its gateway.
+    async fn ask_peer(&self, node: &str, query: EntityQuery) -> Result<EntityAnswer, CallError> {
+        let query = match self.table.management_url(node) {
+            Some(url) => match self.links.ask(&url, query).await {
+                Ok(answered) => {
+                    self.metrics.peer_queries_link.inc();
+                    return answered;
+                }
+                Err(query) => query,
+            },
+            None => query,
+        };
+        let gw = gateway::of_node(node).ok_or_else(|| CallError::NoGateway(node.to_string()))?;
+        self.metrics.peer_queries_remoting.inc();
+        self.batcher.ask(&gw, query).await
     }
 
     /// A query to a shard hosted here; `NotOwner` if this node does not host it.
@@ -343,7 +362,7 @@ impl<E: Entity> Router<E> {
     where
         L: Fn() -> LF,
         LF: Future<Output = Attempt<T>>,
-        R: Fn(ActorRef<GatewayMsg>) -> RF,
+        R: Fn(Arc<str>) -> RF,
         RF: Future<Output = Attempt<T>>,
         F: Fn(Option<Arc<str>>) -> FF,
         FF: Future<Output = Option<(T, Route)>>,
@@ -362,13 +381,7 @@ impl<E: Entity> Router<E> {
             };
             let (attempt, route) = match owner {
                 Some(Owner::Local) => (local().await, Route::Local),
-                Some(Owner::Remote(node)) => match gateway::of_node(&node) {
-                    Some(gw) => (remote(gw).await, Route::Remote),
-                    None => (
-                        Attempt::Failed(CallError::NoGateway(node.to_string())),
-                        Route::Remote,
-                    ),
-                },
+                Some(Owner::Remote(node)) => (remote(node).await, Route::Remote),
                 None => (Attempt::NotOwner, Route::Local),
             };
             match attempt {

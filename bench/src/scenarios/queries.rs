@@ -1,5 +1,5 @@
 //! Scenario 2: closed-loop gRPC load given node 1's address, with `client bench`: for users
-//! hosted on node 1 (local) and on node 2 (remote: node 1 forwards, one ractor_cluster hop),
+//! hosted on node 1 (local) and on node 2 (remote: node 1 forwards, one hop over its query link),
 //! both with `--via-addr`; and for node 2's users by a client that learns the owners from node 1
 //! and asks node 2 itself (direct, the client's default).
 
@@ -76,6 +76,8 @@ pub async fn run(setup: &Setup, nodes: &[NodeProcess; 2], users: u64) -> anyhow:
             let qps_ratio = us(report, "qps") / us(l, "qps");
             let ratio = format!("p99 × {p99_ratio:.2}, qps × {qps_ratio:.2}");
             let (ratio, target, met) = match name {
+                // Issue 18's goal at concurrency 1; at 32 the first targets (docs/BENCHMARKS.md).
+                "remote" if concurrency == 1 => (ratio, "p99 ≤ 1.5×", verdict(p99_ratio <= 1.5)),
                 "remote" => (
                     ratio,
                     "p99 ≤ 2×, qps ≥ 0.5×",

@@ -25,6 +25,8 @@ pub(crate) struct Announcer {
     kick: Notify,
     /// Where this node serves gRPC, sent with every announcement.
     grpc_url: String,
+    /// Where this node serves its management port (the query link), sent with every one.
+    management_url: String,
 }
 
 impl Announcer {
@@ -33,8 +35,14 @@ impl Announcer {
         &self.entity_type
     }
 
-    /// `grpc_url`: where this node serves gRPC, as clients reach it.
-    pub fn new(entity_type: &str, table: Arc<AllocationTable>, grpc_url: String) -> Self {
+    /// `grpc_url`: where this node serves gRPC, as clients reach it; `management_url`: its
+    /// management port, as other nodes reach it.
+    pub fn new(
+        entity_type: &str,
+        table: Arc<AllocationTable>,
+        grpc_url: String,
+        management_url: String,
+    ) -> Self {
         let incarnation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -47,6 +55,7 @@ impl Announcer {
             seq: AtomicU64::new(0),
             kick: Notify::new(),
             grpc_url,
+            management_url,
         }
     }
 
@@ -77,6 +86,7 @@ impl Announcer {
             shards: self.table.local_shards().into_iter().collect(),
             entity_type: self.entity_type.clone(),
             grpc_url: self.grpc_url.clone(),
+            management_url: self.management_url.clone(),
         };
         for gateway in remote_gateways() {
             let _ = gateway.cast(GatewayMsg::Announce(announcement.clone()));

@@ -2,6 +2,7 @@
 //! peers through each type's [`Endpoint`] (queries and replies as codec bytes), and a call to a
 //! peer fails with a [`CallError`]. Routing implements the one and reports the other.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -9,7 +10,7 @@ use ractor::rpc::CallResult;
 use ractor::MessagingErr;
 
 use crate::allocation::AllocationTable;
-use crate::cluster::wire::{EntityAnswer, EntityQuery};
+use crate::cluster::wire::{entity_answer, EntityAnswer, EntityQuery};
 use crate::entity::DecodeError;
 
 /// Why one attempt at the presumed owner failed.
@@ -46,6 +47,22 @@ pub(crate) trait Endpoint: Send + Sync {
     fn table(&self) -> &Arc<AllocationTable>;
     /// Answers a peer's query from a shard hosted here.
     fn answer(&self, query: EntityQuery) -> BoxFuture<'_, EntityAnswer>;
+}
+
+/// A peer's query answered by the endpoint of its type, whichever transport brought it.
+pub(crate) async fn answer(
+    endpoints: &HashMap<String, Arc<dyn Endpoint>>,
+    query: EntityQuery,
+) -> EntityAnswer {
+    match endpoints.get(&query.entity_type) {
+        Some(endpoint) => endpoint.answer(query).await,
+        None => EntityAnswer {
+            result: Some(entity_answer::Result::Error(format!(
+                "this node hosts no entity type '{}'",
+                query.entity_type
+            ))),
+        },
+    }
 }
 
 /// The outcome of a call to a peer's actor.

@@ -1,4 +1,5 @@
-//! The gateway: one remotable actor per node, the only way nodes talk to each other.
+//! The gateway: one remotable actor per node, the way nodes talk to each other over
+//! ractor_cluster (a forwarded query takes the query link when it can: `query_link`).
 //!
 //! Peers find it through `ractor::pg`: every gateway joins [`ALL_GATEWAYS`] (for broadcasts)
 //! and a group named after its node (to reach one node). It answers queries for shards hosted
@@ -13,11 +14,8 @@ use std::sync::Arc;
 use ractor::{pg, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
 
-use crate::cluster::endpoint::Endpoint;
-use crate::cluster::wire::{
-    entity_answer, CommandReply, EntityAnswer, EntityQuery, OwnershipAnnouncement, QueryBatch,
-    QueryBatchAnswer,
-};
+use crate::cluster::endpoint::{answer, Endpoint};
+use crate::cluster::wire::{CommandReply, OwnershipAnnouncement, QueryBatch, QueryBatchAnswer};
 use crate::commands::PendingCommands;
 
 /// The pg group every node's gateway joins.
@@ -96,6 +94,9 @@ impl Actor for Gateway {
                 };
                 let shards: BTreeSet<u32> = a.shards.iter().copied().collect();
                 endpoint.table().set_grpc_url(&a.node, &a.grpc_url);
+                endpoint
+                    .table()
+                    .set_management_url(&a.node, &a.management_url);
                 if endpoint
                     .table()
                     .apply_claim(&a.node, (a.incarnation, a.seq), shards)
@@ -128,20 +129,5 @@ impl Actor for Gateway {
             }
         }
         Ok(())
-    }
-}
-
-async fn answer(
-    endpoints: &HashMap<String, Arc<dyn Endpoint>>,
-    query: EntityQuery,
-) -> EntityAnswer {
-    match endpoints.get(&query.entity_type) {
-        Some(endpoint) => endpoint.answer(query).await,
-        None => EntityAnswer {
-            result: Some(entity_answer::Result::Error(format!(
-                "this node hosts no entity type '{}'",
-                query.entity_type
-            ))),
-        },
     }
 }
