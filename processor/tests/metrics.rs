@@ -236,7 +236,7 @@ async fn metrics_move_with_what_was_produced() {
             "{over_link} queries over the link and {over_session} through the session for {remote} remote answers"
         );
         assert!(
-            batched == over_session && messages <= batched,
+            batched <= over_session && messages <= batched,
             "batches: {messages} messages, {batched} queries, {over_session} through the session"
         );
     }

@@ -193,8 +193,9 @@ pub(crate) struct QueryLinks {
     scheme: Scheme,
     call_timeout: Duration,
     links: DashMap<Arc<str>, Arc<Link>>,
-    /// Held while a link is opened, so concurrent first queries open one.
-    opening: tokio::sync::Mutex<()>,
+    /// Per peer, held while its link is opened, so concurrent first queries open one (and a
+    /// peer that does not answer holds up only its own).
+    opening: DashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>,
     /// Peers whose port did not take the link, since when.
     refused: Mutex<HashMap<Arc<str>, Instant>>,
 }
@@ -216,7 +217,7 @@ impl QueryLinks {
             scheme,
             call_timeout,
             links: DashMap::new(),
-            opening: tokio::sync::Mutex::new(()),
+            opening: DashMap::new(),
             refused: Mutex::new(HashMap::new()),
         })
     }
@@ -261,7 +262,8 @@ impl QueryLinks {
             (Scheme::Tls(tls), Some("https")) => Some(tls.clone()),
             _ => return None,
         };
-        let _opening = self.opening.lock().await;
+        let opening = self.opening.entry(url.clone()).or_default().clone();
+        let _opening = opening.lock().await;
         if let Some(link) = self.links.get(url) {
             return Some(link.clone());
         }
