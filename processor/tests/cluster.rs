@@ -305,29 +305,15 @@ async fn two_nodes_split_the_partitions_and_count_every_event_locally() {
 /// Answers to gRPC requests node `node` has counted, by route (`local`, `remote`, ...).
 async fn answered(node: &Node, route: &str) -> f64 {
     let label = format!(r#"route="{route}",outcome="ok""#);
-    node.metrics()
+    node.metric_sum("processor_grpc_request_seconds_count", &label)
         .await
-        .expect("/metrics of a running node")
-        .iter()
-        .filter(|(series, _)| {
-            series.starts_with("processor_grpc_request_seconds_count{") && series.contains(&label)
-        })
-        .map(|(_, v)| v)
-        .sum()
 }
 
 /// Queries node `node` sent to owners on other nodes, over `transport` (`link` or `remoting`).
 async fn sent_to_peers(node: &Node, transport: &str) -> f64 {
     let label = format!(r#"transport="{transport}""#);
-    node.metrics()
+    node.metric_sum("processor_peer_queries_total", &label)
         .await
-        .expect("/metrics of a running node")
-        .iter()
-        .filter(|(series, _)| {
-            series.starts_with("processor_peer_queries_total{") && series.contains(&label)
-        })
-        .map(|(_, v)| v)
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -49,15 +49,12 @@ async fn nodes_with_tls_form_the_cluster_and_a_node_without_the_cas_certificate_
     // Through every node: two thirds of the users are remote queries over the TLS sessions.
     wait_for_ledger(&spec, &[1, 2, 3], &ledger, Duration::from_secs(60)).await;
     for node in &nodes {
-        let metrics = node.metrics().await.expect("/metrics");
-        let remote: f64 = metrics
-            .iter()
-            .filter(|(series, _)| {
-                series.starts_with("processor_grpc_request_seconds_count{")
-                    && series.contains(r#"route="remote",outcome="ok""#)
-            })
-            .map(|(_, v)| v)
-            .sum();
+        let remote = node
+            .metric_sum(
+                "processor_grpc_request_seconds_count",
+                r#"route="remote",outcome="ok""#,
+            )
+            .await;
         assert!(
             remote > 0.0,
             "node {} answered through its peers",
@@ -65,14 +62,9 @@ async fn nodes_with_tls_form_the_cluster_and_a_node_without_the_cas_certificate_
         );
         // The management ports are plaintext here (no --tls-serve): the queries went through
         // the TLS sessions, never a query link.
-        let in_the_clear: f64 = metrics
-            .iter()
-            .filter(|(series, _)| {
-                series.starts_with("processor_peer_queries_total{")
-                    && series.contains(r#"transport="link""#)
-            })
-            .map(|(_, v)| v)
-            .sum();
+        let in_the_clear = node
+            .metric_sum("processor_peer_queries_total", r#"transport="link""#)
+            .await;
         assert_eq!(
             in_the_clear, 0.0,
             "node {} sent queries over a plaintext link",

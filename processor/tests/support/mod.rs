@@ -340,6 +340,19 @@ impl Node {
         })
     }
 
+    /// The sum of the series of metric `name` whose labels contain `label` (e.g.
+    /// `transport="link"`); panics when `/metrics` does not answer (never a passing zero).
+    pub async fn metric_sum(&self, name: &str, label: &str) -> f64 {
+        let prefix = format!("{name}{{");
+        self.metrics()
+            .await
+            .unwrap_or_else(|| panic!("/metrics of node {} does not answer", self.index))
+            .iter()
+            .filter(|(series, _)| series.starts_with(&prefix) && series.contains(label))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
     /// `GET /metrics`, parsed: `name{labels}` -> value (labels as the node printed them).
     pub async fn metrics(&self) -> Option<BTreeMap<String, f64>> {
         let url = format!("http://127.0.0.1:{}/metrics", self.management);
