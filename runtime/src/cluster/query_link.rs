@@ -178,6 +178,18 @@ enum Scheme {
 
 type Waiting = Mutex<HashMap<u64, oneshot::Sender<EntityAnswer>>>;
 
+/// Removes a query from its link's waiting ones when dropped.
+struct Forget<'a> {
+    waiting: &'a Waiting,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.waiting.lock().expect("link lock").remove(&self.id);
+    }
+}
+
 /// One open link to a peer.
 struct Link {
     out: tokio::sync::Mutex<FramedWrite<WriteHalf<Box<dyn Io>>, LengthDelimitedCodec>>,
@@ -235,9 +247,13 @@ impl QueryLinks {
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         link.waiting.lock().expect("link lock").insert(id, reply);
+        // Forgets the query however this ends: answered, timed out, failed, or the caller gone.
+        let _forget = Forget {
+            waiting: &link.waiting,
+            id,
+        };
         let sent = link.out.lock().await.send(frame(id, &query)).await;
         if let Err(e) = sent {
-            link.waiting.lock().expect("link lock").remove(&id);
             self.drop_link(url, &link, &e.to_string());
             return Err(query);
         }
@@ -245,10 +261,7 @@ impl QueryLinks {
             Ok(Ok(answer)) => Ok(Ok(answer)),
             // The link closed under the query.
             Ok(Err(_)) => Ok(Err(CallError::Dropped)),
-            Err(_) => {
-                link.waiting.lock().expect("link lock").remove(&id);
-                Ok(Err(CallError::Timeout))
-            }
+            Err(_) => Ok(Err(CallError::Timeout)),
         }
     }
 
@@ -513,6 +526,10 @@ mod tests {
                 Some(entity_answer::Result::Reply(asked.as_bytes().to_vec()))
             );
         }
+        // A query whose caller gave up (its future dropped) leaves nothing behind on the link.
+        let link = links.link(&url).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(5), links.ask(&url, query("a"))).await;
+        assert!(link.waiting.lock().unwrap().is_empty());
         let mut other_type = query("c");
         other_type.entity_type = "carts".into();
         let answer = links.ask(&url, other_type).await.unwrap().unwrap();
