@@ -211,6 +211,14 @@ impl KafkaHealth {
             Some(code) if is_connectivity(code) => tracing::debug!("librdkafka: {error}: {reason}"),
             // The end of a partition is news only to the reader that asked for it (standbys).
             Some(RDKafkaErrorCode::PartitionEOF) => {}
+            // A SASL handshake cut by a broken connection (a broker still starting, a
+            // restart) is reported as an authentication error, but nothing was refused:
+            // librdkafka reconnects and authenticates again.
+            Some(RDKafkaErrorCode::Authentication)
+                if reason.contains("handshake failed: Local: Broker transport failure") =>
+            {
+                self.warn_limited("sasl-handshake-cut", &format!("{error}: {reason}"))
+            }
             Some(code) if is_authorization(code) => {
                 self.set_unrecoverable(Unrecoverable::NotAuthorized(format!("{error}: {reason}")));
             }
@@ -370,6 +378,22 @@ mod tests {
         assert!(is_authorization(RDKafkaErrorCode::SaslAuthenticationFailed));
         assert!(is_authorization(RDKafkaErrorCode::TopicAuthorizationFailed));
         assert!(!is_authorization(RDKafkaErrorCode::AllBrokersDown));
+    }
+
+    #[test]
+    fn a_sasl_handshake_cut_by_the_connection_is_not_a_refusal_and_a_wrong_password_is() {
+        let health = KafkaHealth::new(&crate::kafka_config::KafkaConnection::new("127.0.0.1:1"));
+        let error = KafkaError::Global(RDKafkaErrorCode::Authentication);
+        health.client_error(
+            &error,
+            "GroupCoordinator: SASL SCRAM-SHA-512 mechanism handshake failed: Local: Broker transport failure: broker's supported mechanisms: ",
+        );
+        assert!(health.unrecoverable().is_none());
+        health.client_error(
+            &error,
+            "SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512",
+        );
+        assert!(health.unrecoverable().is_some());
     }
 
     #[test]
