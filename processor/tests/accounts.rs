@@ -245,19 +245,39 @@ async fn a_command_applied_but_not_committed_when_its_owner_dies_is_not_answered
     let mut via1 = accounts_at(spec.grpc_url(1));
     wait_for_account_split(&[&node1, &node2], &accounts_group).await;
     let account = open_account_on(&node2, &accounts_group, "uncommitted", &mut via1).await;
+    // Another account of node 2's, whose deposit goes to node 2 itself: its shard runs the
+    // command without a record (`commands::direct`).
+    let mut via2 = accounts_at(spec.grpc_url(2));
+    let direct = open_account_on(&node2, &accounts_group, "direct", &mut via2).await;
+    // (Counted before the hold: while a transaction holds offsets open, `/metrics` waits for
+    // its lag probe's stable offsets.)
+    let direct_path = r#"path="direct""#;
+    let run_directly = node2
+        .metric_sum("processor_commands_total", direct_path)
+        .await;
+    let opened = via2.deposit(change(&direct, 10, "more")).await.unwrap();
+    assert_eq!(opened.into_inner().balance, 110);
+    assert!(
+        node2
+            .metric_sum("processor_commands_total", direct_path)
+            .await
+            > run_directly,
+        "node 2 runs a deposit to its own account without a record"
+    );
 
-    // Armed now: node 2's next checkpoint that writes a state is the deposit's, and it stops
-    // after writing, before its commit.
+    // Armed now: node 2's next checkpoint that writes a state is one of the deposits', and it
+    // stops after writing, before its commit (the other deposit's state waits for a later one).
     std::fs::write(&hold, b"").unwrap();
-    let attempt = {
-        let mut client = accounts_at(spec.grpc_url(1));
-        let mut request = tonic::Request::new(change(&account, 50, "lost"));
+    let attempt = |node: u16, account: &str| {
+        let mut client = accounts_at(spec.grpc_url(node));
+        let mut request = tonic::Request::new(change(account, 50, "lost"));
         request.set_timeout(Duration::from_secs(10));
         tokio::spawn(async move { client.deposit(request).await })
     };
+    let (as_record, at_owner) = (attempt(1, &account), attempt(2, &direct));
     eventually(
         Duration::from_secs(20),
-        "node 2 to apply the deposit and stop before committing it",
+        "node 2 to apply a deposit and stop before committing it",
         || async {
             node2
                 .log()
@@ -266,39 +286,52 @@ async fn a_command_applied_but_not_committed_when_its_owner_dies_is_not_answered
         },
     )
     .await;
-    let lost = attempt.await.unwrap();
-    assert!(
-        lost.is_err(),
-        "an answer for a change that was never committed: {lost:?}"
-    );
+    for (how, attempt) in [("as a record", as_record), ("at its owner", at_owner)] {
+        let lost = attempt.await.unwrap();
+        assert!(
+            lost.is_err(),
+            "an answer for a change that was never committed ({how}): {lost:?}"
+        );
+    }
     node2.kill();
     std::fs::remove_file(&hold).unwrap();
 
     // The caller retries with the same key until it gets a definite answer: node 1 takes the
-    // account over once the group drops node 2, aborts node 2's open transaction, restores the
-    // committed balance (100) and runs the deposit once.
-    let retried = eventually(
-        Duration::from_secs(90),
-        "a definite answer to the retried deposit",
-        || async {
-            let mut client = accounts_at(spec.grpc_url(1));
-            let mut request = tonic::Request::new(change(&account, 50, "lost"));
-            request.set_timeout(Duration::from_secs(10));
-            client
-                .deposit(request)
-                .await
-                .ok()
-                .map(|answer| answer.into_inner().balance)
-        },
-    )
-    .await;
-    assert_eq!(
-        retried, 150,
-        "the deposit applied once, on the committed 100"
-    );
-    let again = via1.deposit(change(&account, 50, "lost")).await.unwrap();
-    assert_eq!(again.into_inner().balance, 150, "the retry's answer again");
-    assert_eq!(balance(&mut via1, &account).await, 150, "applied once");
+    // accounts over once the group drops node 2, aborts node 2's open transaction, restores the
+    // committed balances (100 and 110) and runs each deposit once.
+    for (account, committed) in [(&account, 100), (&direct, 110)] {
+        let retried = eventually(
+            Duration::from_secs(90),
+            "a definite answer to the retried deposit",
+            || async {
+                let mut client = accounts_at(spec.grpc_url(1));
+                let mut request = tonic::Request::new(change(account, 50, "lost"));
+                request.set_timeout(Duration::from_secs(10));
+                client
+                    .deposit(request)
+                    .await
+                    .ok()
+                    .map(|answer| answer.into_inner().balance)
+            },
+        )
+        .await;
+        assert_eq!(
+            retried,
+            committed + 50,
+            "{account}: the deposit applied once, on the committed balance"
+        );
+        let again = via1.deposit(change(account, 50, "lost")).await.unwrap();
+        assert_eq!(
+            again.into_inner().balance,
+            committed + 50,
+            "{account}: the retry's answer again"
+        );
+        assert_eq!(
+            balance(&mut via1, account).await,
+            committed + 50,
+            "{account}: applied once"
+        );
+    }
 }
 
 /// The records of `topic` keyed `key`.

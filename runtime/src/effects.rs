@@ -103,8 +103,8 @@ use crate::timers::{self, TimerError};
 /// ```
 pub struct Effects<'a, E: Entity> {
     id: &'a str,
-    /// The input's partition and offset (its identity in the input topic).
-    input: (u32, i64),
+    /// The input's identity: its partition and offset, or a command run without a record.
+    input: Input,
     /// The input record's timestamp (ms since the epoch).
     at_ms: i64,
     command: bool,
@@ -143,13 +143,28 @@ pub(crate) enum Output {
     Unencodable(String),
 }
 
+/// Where an input came from, for [`Effects::input_id`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Input {
+    /// A record of the input topic: its partition and offset.
+    Record(u32, i64),
+    /// A command its owner ran without a record (`commands::direct`): its partition and a
+    /// random number drawn for it.
+    Direct(u32, u64),
+}
+
 impl<'a, E: Entity> Effects<'a, E> {
     /// For the input at `offset` of `partition`, stamped `at_ms`, to entity `id`; `command`
     /// if a caller waits.
     pub(crate) fn new(id: &'a str, partition: u32, offset: i64, at_ms: i64, command: bool) -> Self {
+        Self::of(id, Input::Record(partition, offset), at_ms, command)
+    }
+
+    /// For `input` to entity `id`, at `at_ms`.
+    pub(crate) fn of(id: &'a str, input: Input, at_ms: i64, command: bool) -> Self {
         Self {
             id,
-            input: (partition, offset),
+            input,
             at_ms,
             command,
             answer: None,
@@ -163,10 +178,15 @@ impl<'a, E: Entity> Effects<'a, E> {
     }
 
     /// An id for this input, unique in the input topic and the same when the input is run
-    /// again after a crash: `<partition>-<offset>`. For naming what the input starts (a
-    /// transfer, an order) when the caller gave no name.
+    /// again after a crash: `<partition>-<offset>`; for a command its owner ran without a
+    /// record (it is never run again: a crash before its commit undoes it), `<partition>-c`
+    /// and 64 random bits in hex. For naming what the input starts (a transfer, an order) when
+    /// the caller gave no name.
     pub fn input_id(&self) -> String {
-        format!("{}-{}", self.input.0, self.input.1)
+        match self.input {
+            Input::Record(partition, offset) => format!("{partition}-{offset}"),
+            Input::Direct(partition, nonce) => format!("{partition}-c{nonce:016x}"),
+        }
     }
 
     /// The input's time: its record's timestamp (ms since the epoch). The entity's clock:

@@ -91,6 +91,7 @@ mod changelog;
 mod cli;
 mod cluster;
 mod commands;
+mod commit_soon;
 mod consumer;
 mod dlq;
 mod effects;

@@ -54,6 +54,15 @@ struct PeerQueryLabels {
     transport: &'static str,
 }
 
+/// Commands sent from this node, by the way they went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabels {
+    entity_type: &'static str,
+    /// `direct` (run by this node's shard without a record) or `record` (written to the input
+    /// topic for the owner to read).
+    path: &'static str,
+}
+
 /// Consumer lag is labelled as Kafka's own tools name it (group, topic, partition); the group
 /// is also the `entity_type` every series carries.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -113,6 +122,7 @@ pub(crate) struct MetricsRegistry {
     query_seconds: HistogramFamily<QueryLabels>,
     remote_query_batch: HistogramFamily<TypeLabels>,
     peer_queries: Family<PeerQueryLabels, Counter>,
+    commands: Family<CommandLabels, Counter>,
     shards_owned: Family<TypeLabels, Gauge>,
     live_entities: Family<TypeLabels, Gauge>,
     passivated_entities: Family<TypeLabels, Gauge>,
@@ -146,6 +156,10 @@ pub(crate) struct Metrics {
     pub peer_queries_link: Counter,
     /// Queries sent to an owner through the ractor_cluster session.
     pub peer_queries_remoting: Counter,
+    /// Commands this node's shards ran without a record (see `commands::direct`).
+    pub commands_direct: Counter,
+    /// Commands written to the input topic for their owner.
+    pub commands_record: Counter,
     shards_owned: Gauge,
     live_entities: Gauge,
     passivated_entities: Gauge,
@@ -190,6 +204,7 @@ impl MetricsRegistry {
             query_seconds: Family::new_with_constructor(request_histogram),
             remote_query_batch: Family::new_with_constructor(batch_histogram),
             peer_queries: Family::default(),
+            commands: Family::default(),
             shards_owned: Family::default(),
             live_entities: Family::default(),
             passivated_entities: Family::default(),
@@ -257,6 +272,11 @@ impl MetricsRegistry {
             this.peer_queries.clone(),
         );
         registry.register(
+            "commands",
+            "Commands sent from this node, by path (direct: run by this node's shard without a record; record: written to the input topic for the owner)",
+            this.commands.clone(),
+        );
+        registry.register(
             "shards_owned",
             "Shards (partitions) hosted by this node",
             this.shards_owned.clone(),
@@ -303,6 +323,8 @@ impl MetricsRegistry {
         // and a second `get_or_create` of the same family in that statement would deadlock.
         let peer_queries_link = self.peer_queries(entity_type, "link");
         let peer_queries_remoting = self.peer_queries(entity_type, "remoting");
+        let commands_direct = self.commands(entity_type, "direct");
+        let commands_record = self.commands(entity_type, "record");
         let metrics = Metrics {
             entity_type,
             topic,
@@ -322,6 +344,8 @@ impl MetricsRegistry {
             remote_query_batch: self.remote_query_batch.get_or_create(&labels).clone(),
             peer_queries_link,
             peer_queries_remoting,
+            commands_direct,
+            commands_record,
             shards_owned: self.shards_owned.get_or_create(&labels).clone(),
             live_entities: self.live_entities.get_or_create(&labels).clone(),
             passivated_entities: self.passivated_entities.get_or_create(&labels).clone(),
@@ -337,6 +361,12 @@ impl MetricsRegistry {
                 entity_type,
                 transport,
             })
+            .clone()
+    }
+
+    fn commands(&self, entity_type: &'static str, path: &'static str) -> Counter {
+        self.commands
+            .get_or_create(&CommandLabels { entity_type, path })
             .clone()
     }
 

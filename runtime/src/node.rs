@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::marker::PhantomData;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use crate::cluster::membership::{Membership, MembershipConfig, MembershipError};
 use crate::cluster::query_batcher::QueryBatcher;
 use crate::cluster::query_link::QueryLinks;
 use crate::commands::{CommandError, CommandSender, PendingCommands};
+use crate::commit_soon::CommitSoon;
 use crate::consumer::checkpoint::{Checkpointer, CheckpointerConfig};
 use crate::consumer::{
     self, ConsumerError, ConsumerExit, ConsumerHandle, ConsumerParts, ConsumerSettings,
@@ -121,9 +122,10 @@ impl<E: Entity> Entities<E> {
     }
 
     /// Sends `command` to the entity `id`, wherever it is hosted, and returns its answer once
-    /// the change it made is committed (see [`Entity::handle`]). The command is written to
-    /// the type's input topic (so it takes its place in the entity's partition order, and
-    /// survives the owner's crash); `idempotency_key` makes a retry of the same command (after
+    /// the change it made is committed (see [`Entity::handle`]). When the entity's shard is on
+    /// this node, the shard runs it directly; otherwise it is written to the type's input topic
+    /// (so it takes its place in the entity's partition order, and survives the owner's crash)
+    /// for the owner to read. `idempotency_key` makes a retry of the same command (after
     /// a timeout, through any node) get the first answer instead of running again. Errors:
     /// [`CommandError`] (`Unavailable`: the outcome is unknown; retry with the same key).
     pub async fn command(
@@ -140,7 +142,7 @@ impl<E: Entity> Entities<E> {
         };
         let value = <E::Codec as Codec<E::Event>>::encode(&command)
             .map_err(|e| CommandError::Failed(format!("the command does not encode: {e}")))?;
-        let outcome = router.commands.send(id, value, idempotency_key).await?;
+        let outcome = router.command(id, value, idempotency_key).await?;
         crate::commands::answer::<E>(outcome)
     }
 
@@ -487,7 +489,7 @@ async fn start_type<E: Entity>(
         .map_err(NodeError::CommandProducer)?,
     });
     let _ = handle.set(router.clone());
-    let commit_soon = Arc::new(AtomicBool::new(false));
+    let commit_soon = Arc::new(CommitSoon::default());
     let changed_states = Arc::new(AtomicUsize::new(0));
     let announcer = Arc::new(Announcer::new(
         &spec.group,

@@ -4,6 +4,9 @@
 //! codec). (Records whose key belongs elsewhere travel through Kafka instead: see
 //! `shard::Reroute`.)
 //!
+//! A command goes to its shard the same way when the shard is here, and is written to the input
+//! topic otherwise (`commands`).
+//!
 //! Every call has a timeout. While a shard has no known owner, or the node asked says it is not
 //! (or no longer) the owner, the caller waits for the allocation table to change, up to a bound.
 
@@ -20,7 +23,10 @@ use crate::cluster::endpoint::{CallError, Endpoint};
 use crate::cluster::gateway;
 use crate::cluster::query_batcher::QueryBatcher;
 use crate::cluster::query_link::QueryLinks;
-use crate::cluster::wire::{entity_answer, EntityAnswer, EntityQuery, NotOwner, StandbyReply};
+use crate::cluster::wire::{
+    entity_answer, CommandOutcome, EntityAnswer, EntityQuery, NotOwner, StandbyReply,
+};
+use crate::commands::{CommandError, Direct, DirectCommand};
 use crate::entity::{Codec, EncodeError, Entity, EntityId, MAX_ID_BYTES};
 use crate::metrics::Metrics;
 use crate::partitioner::partition_for_key;
@@ -174,6 +180,56 @@ impl<E: Entity> Router<E> {
 
     /// Asks the owner until it answers; with `standby_within`, after each failed attempt at the
     /// owner also the shard's standby replicas.
+    /// Sends the command `value` for entity `id` and waits for its committed answer: run by
+    /// this node's shard when the entity's shard is here and takes it (`commands::direct`),
+    /// else written as a record of the input topic for its owner to read.
+    pub async fn command(
+        &self,
+        id: &str,
+        value: Vec<u8>,
+        idempotency_key: Option<&str>,
+    ) -> Result<CommandOutcome, CommandError> {
+        crate::commands::check(id, idempotency_key)?;
+        let shard = partition_for_key(id.as_bytes(), self.partitions);
+        if let Some(local) = self.local.get(shard) {
+            let timeout = self.commands.timeout();
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            let command = DirectCommand {
+                id: id.into(),
+                value: value.clone(),
+                idempotency_key: idempotency_key.map(str::to_owned),
+                answer,
+            };
+            if local
+                .actor
+                .cast(ShardMsg::Command(Box::new(command)))
+                .is_ok()
+            {
+                let answered = tokio::time::timeout(timeout, answered).await;
+                if !matches!(answered, Ok(Ok(Direct::Declined))) {
+                    self.metrics.commands_direct.inc();
+                }
+                match answered {
+                    Ok(Ok(Direct::Answered(outcome))) => return Ok(outcome),
+                    Ok(Ok(Direct::Declined)) => {}
+                    Ok(Err(_)) => {
+                        return Err(CommandError::Unavailable(format!(
+                            "shard {shard} stopped before the command's change committed"
+                        )))
+                    }
+                    Err(_) => {
+                        return Err(CommandError::Unavailable(format!(
+                            "no answer within {} ms",
+                            timeout.as_millis()
+                        )))
+                    }
+                }
+            }
+        }
+        self.metrics.commands_record.inc();
+        self.commands.send(id, value, idempotency_key).await
+    }
+
     async fn ask_owner(
         &self,
         id: &str,

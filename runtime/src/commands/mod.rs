@@ -14,15 +14,21 @@
 //! from the entity's remembered answers when the key was seen (`remembered`): a caller that
 //! timed out and retries, through any node, gets the first answer and nothing runs twice.
 //!
+//! A command whose shard is on the node the caller reached is run there without a record
+//! (`direct`): the same answer after the same commit, without the write and the read back.
+//!
+//! - [`direct`]: a command run at its owner without a record;
 //! - [`remembered`]: the answers an entity keeps by idempotency key;
 //! - [`pending`]: the sending node's commands waiting for their answers;
 //! - [`sender`]: producing command records and waiting for the answer.
 
+mod direct;
 mod pending;
 mod remembered;
 mod sender;
 
 pub(crate) use crate::effects::failed;
+pub(crate) use direct::{Direct, DirectCommand};
 pub(crate) use pending::PendingCommands;
 pub(crate) use remembered::Remembered;
 pub(crate) use sender::{CommandMeta, CommandSender};
@@ -65,6 +71,19 @@ pub enum CommandError {
     /// Its outcome is unknown: retry with the same idempotency key to get it.
     #[error("no answer to the command: {0} (retry with the same idempotency key)")]
     Unavailable(String),
+}
+
+/// Checks a command's entity id and idempotency key before it goes anywhere.
+pub(crate) fn check(id: &str, idempotency_key: Option<&str>) -> Result<(), CommandError> {
+    if id.is_empty() || id.len() > MAX_ID_BYTES {
+        return Err(CommandError::InvalidId(id.len()));
+    }
+    match idempotency_key {
+        Some(key) if key.len() > MAX_IDEMPOTENCY_KEY_BYTES => {
+            Err(CommandError::InvalidKey(key.len()))
+        }
+        _ => Ok(()),
+    }
 }
 
 impl CommandError {

@@ -8,9 +8,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::pending::PendingCommands;
-use super::{headers, CommandError, MAX_IDEMPOTENCY_KEY_BYTES};
+use super::{headers, CommandError};
 use crate::cluster::wire::CommandOutcome;
-use crate::entity::MAX_ID_BYTES;
 use crate::kafka_config::{ClientKind, KafkaConnection};
 use crate::kafka_health::QuietContext;
 use crate::partitioner::partition_for_key;
@@ -99,6 +98,11 @@ impl CommandSender {
         })
     }
 
+    /// How long a command may wait for its answer.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Writes the command `value` for entity `id` and waits for its committed answer.
     pub async fn send(
         &self,
@@ -106,12 +110,7 @@ impl CommandSender {
         value: Vec<u8>,
         idempotency_key: Option<&str>,
     ) -> Result<CommandOutcome, CommandError> {
-        if id.is_empty() || id.len() > MAX_ID_BYTES {
-            return Err(CommandError::InvalidId(id.len()));
-        }
-        if let Some(key) = idempotency_key.filter(|k| k.len() > MAX_IDEMPOTENCY_KEY_BYTES) {
-            return Err(CommandError::InvalidKey(key.len()));
-        }
+        super::check(id, idempotency_key)?;
         let mut waiting = self.pending.register();
         let request = waiting.request.to_string();
         let mut record_headers = OwnedHeaders::new_with_capacity(3)

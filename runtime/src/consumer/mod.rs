@@ -27,6 +27,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::Message;
 
 use crate::backpressure::InFlightGate;
+use crate::commit_soon::CommitSoon;
 use crate::entity::Entity;
 use crate::handoff::Handoff;
 use crate::kafka_batch::{Batch, RawRecord, Read};
@@ -88,7 +89,7 @@ pub(crate) struct ConsumerParts<E: Entity> {
     pub kafka_stats: Arc<Mutex<String>>,
     pub runtime: tokio::runtime::Handle,
     /// Set by shards that owe command answers (see `ShardEnv::commit_soon`).
-    pub commit_soon: Arc<AtomicBool>,
+    pub commit_soon: Arc<CommitSoon>,
     /// Counted by shards as states change (see `ShardEnv::changed_states`).
     pub changed_states: Arc<AtomicUsize>,
 }
@@ -240,7 +241,7 @@ pub(crate) fn start<E: Entity>(
 
 struct LoopParts<E: Entity> {
     local: Arc<LocalShards<E>>,
-    commit_soon: Arc<AtomicBool>,
+    commit_soon: Arc<CommitSoon>,
     stats: Arc<NodeStats>,
     checkpointer_config: CheckpointerConfig,
 }
@@ -253,6 +254,13 @@ fn poll_loop<E: Entity>(
 ) -> ConsumerExit {
     let mut intake = Intake::new(&mut consumer);
     consumer.context().set_records_queue(Some(intake.records()));
+    // Weak: once the loop has dropped the queue, a late call wakes nothing.
+    let records = Arc::downgrade(&intake.records());
+    parts.commit_soon.wake_with(Some(Box::new(move || {
+        if let Some(records) = records.upgrade() {
+            records.wake();
+        }
+    })));
     let context = consumer.context();
     let mut reading = Reading {
         topic: &settings.topic,
@@ -304,11 +312,13 @@ fn poll_loop<E: Entity>(
                 .lock()
                 .expect("dispatcher lock poisoned")
                 .flush_all();
-            // While commands are coming in, their answers wait for this loop to start a
-            // checkpoint: wait briefly so it notices at once.
-            let wait = if reading
-                .last_command
-                .is_some_and(|t| t.elapsed() < COMMANDS_RECENTLY)
+            // While commands are coming in (or a checkpoint is wanted and one was in flight),
+            // their answers wait for this loop to start a checkpoint: wait briefly so it
+            // notices at once. (A call for one raised during a longer wait ends the wait.)
+            let wait = if parts.commit_soon.is_wanted()
+                || reading
+                    .last_command
+                    .is_some_and(|t| t.elapsed() < COMMANDS_RECENTLY)
             {
                 Duration::from_millis(1)
             } else {
@@ -339,9 +349,7 @@ fn poll_loop<E: Entity>(
         // one commit rather than for the interval. Looked at once a millisecond at most: while
         // a checkpoint runs the flag stays set, and flushing the batches on every read would
         // undo the batching.
-        if last_soon.elapsed() >= SOON_AT_MOST_EVERY
-            && parts.commit_soon.swap(false, Ordering::AcqRel)
-        {
+        if last_soon.elapsed() >= SOON_AT_MOST_EVERY && parts.commit_soon.take() {
             last_soon = Instant::now();
             context
                 .dispatcher
@@ -352,7 +360,7 @@ fn poll_loop<E: Entity>(
                 last_commit = Instant::now();
                 uncommitted = false;
             } else {
-                parts.commit_soon.store(true, Ordering::Release);
+                parts.commit_soon.keep();
             }
         }
         // Many states changed (events for many distinct entities): the next checkpoint starts
@@ -405,6 +413,7 @@ fn poll_loop<E: Entity>(
     // still forwarded there are revoked by the close, and their unread records read again by
     // their next owner.
     consumer.context().set_records_queue(None);
+    parts.commit_soon.wake_with(None);
     drop(intake);
     drop(consumer);
     tracing::info!("consumer closed");

@@ -27,9 +27,9 @@ use super::outbox::Outbox;
 use super::timer_index::{TimerIndex, HELD_TIMERS};
 use super::ShardEnv;
 use crate::cluster::wire::CommandOutcome;
-use crate::commands::{failed, CommandMeta};
+use crate::commands::{failed, CommandMeta, Direct, DirectCommand};
 use crate::dlq::DeadLetter;
-use crate::effects::{Effects, Output, HEADER_MESSAGE_FROM};
+use crate::effects::{Effects, Input, Output, HEADER_MESSAGE_FROM};
 use crate::entity::{Entity, EntityId, EntityMap, Stored, MAX_ID_BYTES};
 use crate::partitioner::partition_for_key;
 use crate::stats::NodeStats;
@@ -88,13 +88,42 @@ pub(crate) struct ShardState<E: Entity> {
     timers: TimerIndex,
     /// When the next [`ShardMsg::Timers`] is due, if one is scheduled.
     wake_at: Option<i64>,
+    /// Being handed off ([`ShardMsg::Drain`]): direct commands are declined.
+    closing: bool,
 }
 
-/// A command's answer, for the node that sent it.
+/// A command's answer, for whoever waits for it.
 struct Owed {
-    reply_to: String,
-    request: u64,
+    to: AnswerTo,
     outcome: CommandOutcome,
+}
+
+enum AnswerTo {
+    /// A command record's sender: the node its headers name, and its number for the command.
+    Node { reply_to: String, request: u64 },
+    /// A command run here without a record. Dropped unanswered when the shard stops before the
+    /// change commits: its caller learns at once that the outcome is unknown.
+    Here(tokio::sync::oneshot::Sender<Direct>),
+}
+
+impl From<CommandMeta> for AnswerTo {
+    fn from(meta: CommandMeta) -> Self {
+        Self::Node {
+            reply_to: meta.reply_to,
+            request: meta.request,
+        }
+    }
+}
+
+/// The command a shard runs: where it came from and who waits for its answer.
+struct CommandInput<'v> {
+    /// The record's offset; `None` for a command run without a record.
+    offset: Option<i64>,
+    /// A direct command's value (kept in a dead letter, since no record holds it).
+    value: &'v [u8],
+    idempotency_key: Option<String>,
+    at_ms: i64,
+    to: AnswerTo,
 }
 
 /// What running one batch did, for the counters.
@@ -124,6 +153,7 @@ impl<E: Entity> ShardState<E> {
             owed: Vec::new(),
             timers: TimerIndex::new(HELD_TIMERS),
             wake_at: None,
+            closing: false,
         }
     }
 
@@ -139,12 +169,20 @@ impl<E: Entity> ShardState<E> {
                     self.apply(input, id, &event, now, &mut outcome)
                 }
                 RecordContent::Command(id, Ok(command), meta) => {
-                    self.command(record.offset, id, &command, *meta, now, &mut outcome)
+                    let meta = *meta;
+                    let input = CommandInput {
+                        offset: Some(record.offset),
+                        value: &[],
+                        idempotency_key: meta.idempotency_key.clone(),
+                        at_ms: meta.at_ms,
+                        to: meta.into(),
+                    };
+                    self.command(input, id, &command, now, &mut outcome)
                 }
                 RecordContent::Command(id, Err(reason), meta) => {
                     let reason = format!("the command does not decode: {reason}");
                     self.dead_letter(&id, record.offset, reason.clone());
-                    self.owe(*meta, failed(reason));
+                    self.owe((*meta).into(), failed(reason));
                 }
                 RecordContent::Reroute(reroute) => {
                     // Done once the checkpoint that commits past it also writes it to its shard.
@@ -204,7 +242,7 @@ impl<E: Entity> ShardState<E> {
                 outcome.applied += 1;
                 let outputs = effects.take_outputs();
                 if !outputs.is_empty() {
-                    self.send_outputs(&id, offset, outputs);
+                    self.send_outputs(&id, Ok(offset), outputs);
                 }
             }
             Ok(false) => {
@@ -237,10 +275,9 @@ impl<E: Entity> ShardState<E> {
     /// not run again.
     fn command(
         &mut self,
-        offset: i64,
+        input: CommandInput<'_>,
         id: EntityId,
         command: &E::Event,
-        meta: CommandMeta,
         now: Instant,
         outcome: &mut BatchOutcome,
     ) {
@@ -248,50 +285,73 @@ impl<E: Entity> ShardState<E> {
             outcome.activated += 1;
         }
         let stored = self.states.entry(id.clone()).or_default();
-        let remembered = meta
+        let remembered = input
             .idempotency_key
             .as_deref()
             .and_then(|key| stored.acting.as_ref()?.remembered.get(key));
         if let Some(answer) = remembered {
             let answer = answer.clone();
             outcome.replays += 1;
-            self.owe(meta, answer);
+            match (input.offset, self.outbox.pending(&id)) {
+                // A retry run without a record, of a command whose change (and remembered
+                // answer) is committed: nothing to wait for, and no checkpoint would come for
+                // it (a record's offset at least moves one).
+                (None, None) => self.answer_now(input.to, answer),
+                // Its answer is durable once the change that remembered it commits.
+                (None, Some(first)) => self.owe_after(first, input.to, answer),
+                (Some(_), _) => self.owe(input.to, answer),
+            }
             return;
         }
-        if offset <= stored.last_offset {
+        if input
+            .offset
+            .is_some_and(|offset| offset <= stored.last_offset)
+        {
             // Already in the state (a replay): a command with a key was answered above; one
             // without gets no answer (its caller timed out long ago).
             outcome.replays += 1;
             return;
         }
-        let mut effects = Effects::<E>::new(&id, self.shard, offset, meta.at_ms, true);
+        let origin = match input.offset {
+            Some(offset) => Input::Record(self.shard, offset),
+            None => Input::Direct(self.shard, fastrand::u64(..)),
+        };
+        let mut effects = Effects::<E>::of(&id, origin, input.at_ms, true);
         let ran = catch_unwind(AssertUnwindSafe(|| {
             E::handle(&mut stored.state, command, &mut effects)
         }));
-        stored.last_offset = offset;
+        if let Some(offset) = input.offset {
+            stored.last_offset = offset;
+        }
+        let source = input.offset.ok_or(input.value);
         let answer = match ran {
             Ok(()) => {
                 outcome.applied += 1;
                 let outputs = effects.take_outputs();
                 if !outputs.is_empty() {
-                    self.send_outputs(&id, offset, outputs);
+                    self.send_outputs(&id, source, outputs);
                 }
                 effects.into_outcome()
             }
             Err(panic) => {
                 let reason = format!(
-                    "the entity's handle panicked: {}; the record is still in the input topic at this offset",
-                    panic_message(&*panic)
+                    "the entity's handle panicked: {}{}",
+                    panic_message(&*panic),
+                    match input.offset {
+                        Some(_) => "; the record is still in the input topic at this offset",
+                        None => " (a command run without a record: its value is this letter's)",
+                    }
                 );
                 tracing::error!(
-                    "entity {id} of shard {}: command at offset {offset} dead-lettered: {reason}",
-                    self.shard
+                    "entity {id} of shard {}: command {} dead-lettered: {reason}",
+                    self.shard,
+                    describe(source)
                 );
-                self.dead_letter(&id, offset, reason.clone());
+                self.dead_letter_input(&id, source, reason.clone());
                 failed(reason)
             }
         };
-        if let Some(key) = meta.idempotency_key.clone() {
+        if let Some(key) = input.idempotency_key {
             let stored = self
                 .states
                 .get_mut(&id)
@@ -299,18 +359,64 @@ impl<E: Entity> ShardState<E> {
             stored.acting.get_or_insert_default().remembered.remember(
                 key,
                 answer.clone(),
-                meta.at_ms,
+                input.at_ms,
             );
         }
         self.outbox.changed(&id);
-        self.owe(meta, answer);
+        self.owe(input.to, answer);
     }
 
-    /// The messages, records and timers the input at `offset` of entity `from` produced, for
-    /// the next checkpoint. One that cannot be written (a message or timer to a type this node
-    /// does not host or to an invalid id, a record without a topic, a timer beyond the
-    /// entity's limit) is dead-lettered with the reason instead.
-    fn send_outputs(&mut self, from: &EntityId, offset: i64, outputs: Vec<Output>) {
+    /// A command sent to this shard without a record: run now if the shard may commit it
+    /// (see `commands::direct`), else declined for the caller to write as a record.
+    fn direct_command(&mut self, command: DirectCommand) {
+        let DirectCommand {
+            id,
+            value,
+            idempotency_key,
+            answer,
+        } = command;
+        // Restoring: its states are not here yet. Refused: it runs nothing. Closing: its last
+        // checkpoint may already be collected. Nothing consumed: no offset to commit with the
+        // change, and that offset's group generation is what fences a zombie's commit.
+        if self.restoring.is_some()
+            || self.refused.is_some()
+            || self.closing
+            || self.processed.is_none()
+        {
+            let _ = answer.send(Direct::Declined);
+            return;
+        }
+        let event = match E::decode(&id, Some(&value)) {
+            Ok(event) => event,
+            Err(e) => {
+                // Nothing ran and nothing is owed: the caller is told at once.
+                let reason = format!("the command does not decode: {e}");
+                let _ = answer.send(Direct::Answered(failed(reason)));
+                return;
+            }
+        };
+        let input = CommandInput {
+            offset: None,
+            value: &value,
+            idempotency_key,
+            at_ms: unix_ms(),
+            to: AnswerTo::Here(answer),
+        };
+        let mut outcome = BatchOutcome::default();
+        self.command(input, id, &event, Instant::now(), &mut outcome);
+        NodeStats::add(&self.env.stats.events_processed_local, outcome.applied);
+        self.activated(outcome.activated);
+        self.report_changed();
+        // It may have set a timer earlier than any the shard waits for.
+        self.arm_timers();
+    }
+
+    /// The messages, records and timers an input of entity `from` produced (the record at an
+    /// offset, or a command's value run without a record), for the next checkpoint. One that
+    /// cannot be written (a message or timer to a type this node does not host or to an
+    /// invalid id, a record without a topic, a timer beyond the entity's limit) is
+    /// dead-lettered with the reason instead.
+    fn send_outputs(&mut self, from: &EntityId, source: Result<i64, &[u8]>, outputs: Vec<Output>) {
         let mut writes = false;
         for output in outputs {
             let done = match output {
@@ -375,14 +481,15 @@ impl<E: Entity> ShardState<E> {
             };
             if let Err(reason) = done {
                 tracing::warn!(
-                    "entity {from} of shard {} (input at offset {offset}): {reason}: dead-lettered",
-                    self.shard
+                    "entity {from} of shard {} ({}): {reason}: dead-lettered",
+                    self.shard,
+                    describe(source)
                 );
-                self.dead_letter(from, offset, reason);
+                self.dead_letter_input(from, source, reason);
             }
         }
         if writes {
-            self.env.commit_soon.store(true, Ordering::Release);
+            self.env.commit_soon.request();
         }
     }
 
@@ -491,7 +598,7 @@ impl<E: Entity> ShardState<E> {
         }
         if fired > 0 {
             NodeStats::add(&self.env.stats.timers_fired, fired);
-            self.env.commit_soon.store(true, Ordering::Release);
+            self.env.commit_soon.request();
         }
         self.wake_at = None;
         self.arm_timers();
@@ -528,16 +635,25 @@ impl<E: Entity> ShardState<E> {
     }
 
     /// `answer` goes to the command's sender once the next checkpoint (or a later one) commits.
-    fn owe(&mut self, meta: CommandMeta, outcome: CommandOutcome) {
-        self.owed.push((
-            self.outbox.next(),
-            Owed {
-                reply_to: meta.reply_to,
-                request: meta.request,
-                outcome,
-            },
-        ));
-        self.env.commit_soon.store(true, Ordering::Release);
+    fn owe(&mut self, to: AnswerTo, outcome: CommandOutcome) {
+        self.owe_after(self.outbox.next(), to, outcome);
+    }
+
+    /// `answer` goes to the command's sender once checkpoint `first` (or a later one) commits.
+    fn owe_after(&mut self, first: u64, to: AnswerTo, outcome: CommandOutcome) {
+        self.owed.push((first, Owed { to, outcome }));
+        self.env.commit_soon.request();
+    }
+
+    fn answer_now(&mut self, to: AnswerTo, outcome: CommandOutcome) {
+        match to {
+            AnswerTo::Node { reply_to, request } => {
+                self.env.commands.answer(&reply_to, request, outcome)
+            }
+            AnswerTo::Here(waiting) => {
+                let _ = waiting.send(Direct::Answered(outcome));
+            }
+        }
     }
 
     /// Checkpoint `seq` committed: the answers it made durable go to their senders.
@@ -550,19 +666,28 @@ impl<E: Entity> ShardState<E> {
             .partition(|(first, _)| *first <= seq);
         self.owed = later;
         for (_, owed) in due {
-            self.env
-                .commands
-                .answer(&owed.reply_to, owed.request, owed.outcome);
+            self.answer_now(owed.to, owed.outcome);
         }
     }
 
     /// A record of `id` at `offset` goes to the dead-letter topic with `reason`, with the
     /// checkpoint that commits past it.
     fn dead_letter(&mut self, id: &EntityId, offset: i64, reason: String) {
+        self.dead_letter_input(id, Ok(offset), reason);
+    }
+
+    /// [`Self::dead_letter`] for a record (`Ok(offset)`; its value stays in the input topic) or
+    /// for a command run without a record (`Err(value)`: the letter keeps the value, and its
+    /// source offset is -1).
+    fn dead_letter_input(&mut self, id: &EntityId, source: Result<i64, &[u8]>, reason: String) {
         NodeStats::add(&self.env.stats.dead_lettered, 1);
+        let (value, offset) = match source {
+            Ok(offset) => (None, offset),
+            Err(value) => (Some(value.to_vec()), -1),
+        };
         self.outbox.push(Outgoing::DeadLetter(Box::new(DeadLetter {
             key: Some(id.as_bytes().to_vec()),
-            value: None,
+            value,
             reason,
             source_topic: self.env.input_topic.clone(),
             source_partition: self.shard,
@@ -715,6 +840,7 @@ impl<E: Entity> ShardState<E> {
                 Some(waiting) => waiting.queries.push((id, query, reply)),
                 None => self.query(id, query, reply),
             },
+            ShardMsg::Command(command) => self.direct_command(*command),
             ShardMsg::EntityCounts(reply) => {
                 let _ = reply.send(EntityCounts {
                     live: self.live.len(),
@@ -725,12 +851,15 @@ impl<E: Entity> ShardState<E> {
             // Every batch is run when it arrives, so once this message's turn comes nothing
             // dispatched before it is pending, unless the shard is still restoring (then the
             // drain timeout bounds the wait).
-            ShardMsg::Drain(reply) => match &mut self.restoring {
-                Some(waiting) => waiting.drains.push(reply),
-                None => {
-                    let _ = reply.send(());
+            ShardMsg::Drain(reply) => {
+                self.closing = true;
+                match &mut self.restoring {
+                    Some(waiting) => waiting.drains.push(reply),
+                    None => {
+                        let _ = reply.send(());
+                    }
                 }
-            },
+            }
             ShardMsg::Checkpoint(reply) => {
                 let _ = reply.send(self.checkpoint());
             }
@@ -754,6 +883,14 @@ impl<E: Entity> ShardState<E> {
                 self.passivate_oldest(excess);
             }
         }
+    }
+}
+
+/// An input for log lines: a record's offset, or a command run without a record.
+fn describe(source: Result<i64, &[u8]>) -> String {
+    match source {
+        Ok(offset) => format!("input at offset {offset}"),
+        Err(_) => "a command run without a record".to_owned(),
     }
 }
 
@@ -865,7 +1002,7 @@ mod tests {
             input_topic: "input".into(),
             commands: Arc::new(crate::commands::PendingCommands::new("me".into())),
             destinations: Arc::new(crate::effects::Destinations::default()),
-            commit_soon: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            commit_soon: Arc::default(),
             changed_states: Arc::default(),
         })
     }
@@ -1036,7 +1173,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert!(env.commit_soon.load(Ordering::Acquire), "answers owed");
+        assert!(env.commit_soon.is_wanted(), "answers owed");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             deposit.arrived().is_none(),
@@ -1105,6 +1242,175 @@ mod tests {
             "a keyless replay gets no answer"
         );
         shard.stop(None);
+    }
+
+    /// A command sent to the shard without a record (`commands::direct`): its answer as the
+    /// shard gives it, or `None` if the shard dropped it unanswered.
+    async fn direct<E: Entity>(
+        shard: &ActorRef<ShardMsg<E>>,
+        id: &str,
+        value: &str,
+        key: Option<&str>,
+    ) -> tokio::sync::oneshot::Receiver<Direct> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        shard
+            .cast(ShardMsg::Command(Box::new(DirectCommand {
+                id: id.into(),
+                value: value.as_bytes().to_vec(),
+                idempotency_key: key.map(String::from),
+                answer,
+            })))
+            .unwrap();
+        answered
+    }
+
+    async fn commit(shard: &ActorRef<ShardMsg<Guarded>>) -> Checkpoint<SumState> {
+        let checkpoint = shard
+            .call(ShardMsg::Checkpoint, None)
+            .await
+            .unwrap()
+            .unwrap();
+        shard
+            .cast(ShardMsg::Checkpointed {
+                seq: checkpoint.seq,
+            })
+            .unwrap();
+        checkpoint
+    }
+
+    fn sum_of(answer: Direct) -> SumState {
+        match answer {
+            Direct::Answered(CommandOutcome {
+                result: Some(crate::cluster::wire::command_outcome::Result::Reply(bytes)),
+            }) => <Prost as crate::entity::Codec<SumState>>::decode(&bytes).unwrap(),
+            other => panic!("not a reply: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_direct_command_is_declined_until_the_shard_may_commit_it() {
+        let env = env(100);
+        let shard = start::<Guarded>(&env).await;
+        assert_eq!(
+            direct(&shard, "acc", "5", None).await.await.unwrap(),
+            Direct::Declined,
+            "restoring"
+        );
+        shard
+            .cast(ShardMsg::Restored(EntityMap::default()))
+            .unwrap();
+        assert_eq!(
+            direct(&shard, "acc", "5", None).await.await.unwrap(),
+            Direct::Declined,
+            "nothing consumed: no offset whose generation fences the commit"
+        );
+        env.gate.acquire(1, Duration::ZERO);
+        shard
+            .cast(ShardMsg::Consumed(events(&[(0, "other", 1)])))
+            .unwrap();
+        let answered = direct(&shard, "acc", "5", Some("k")).await;
+        let checkpoint = commit(&shard).await;
+        assert_eq!(
+            checkpoint.commit_offset,
+            Some(1),
+            "its offset commits with it"
+        );
+        assert_eq!(
+            sum_of(answered.await.unwrap()),
+            SumState { count: 1, sum: 5 }
+        );
+        shard.call(ShardMsg::Drain, None).await.unwrap().unwrap();
+        assert_eq!(
+            direct(&shard, "acc", "5", Some("k")).await.await.unwrap(),
+            Direct::Declined,
+            "handing off: even a remembered key goes to the next owner as a record"
+        );
+        shard.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_direct_command_is_answered_after_its_commit_and_dropped_unanswered_with_its_shard() {
+        let env = env(100);
+        let shard = start::<Guarded>(&env).await;
+        shard
+            .cast(ShardMsg::Restored(EntityMap::default()))
+            .unwrap();
+        env.gate.acquire(1, Duration::ZERO);
+        shard
+            .cast(ShardMsg::Consumed(events(&[(0, "acc", 100)])))
+            .unwrap();
+        env.commit_soon.take();
+        let mut deposit = direct(&shard, "acc", "50", Some("d-1")).await;
+        let overdraw = direct(&shard, "acc", "-500", None).await;
+        let mut garbage = direct(&shard, "acc", "fifty", None).await;
+        let checkpoint = shard
+            .call(ShardMsg::Checkpoint, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(env.commit_soon.is_wanted(), "answers owed");
+        match garbage.try_recv() {
+            Ok(Direct::Answered(outcome)) => assert!(
+                matches!(&outcome.result, Some(crate::cluster::wire::command_outcome::Result::Failed(r)) if r.contains("does not decode")),
+                "{outcome:?}"
+            ),
+            other => panic!("an undecodable command is answered at once: {other:?}"),
+        }
+        assert!(deposit.try_recv().is_err(), "no answer before the commit");
+        let (_, stored) = &checkpoint.states[0];
+        assert_eq!(stored.state, SumState { count: 2, sum: 150 });
+        assert_eq!(stored.last_offset, 0, "a direct command has no offset");
+        shard
+            .cast(ShardMsg::Checkpointed {
+                seq: checkpoint.seq,
+            })
+            .unwrap();
+        assert_eq!(
+            sum_of(deposit.await.unwrap()),
+            SumState { count: 2, sum: 150 }
+        );
+        assert_eq!(
+            overdraw.await.unwrap(),
+            Direct::Answered(refused("insufficient funds"))
+        );
+        // The same key again, directly or as a record: the first answer, nothing more.
+        let again = direct(&shard, "acc", "50", Some("d-1")).await;
+        let mut as_record = env.commands.register();
+        env.gate.acquire(1, Duration::ZERO);
+        shard
+            .cast(ShardMsg::Consumed(vec![command(
+                1,
+                "acc",
+                50,
+                as_record.request,
+                Some("d-1"),
+            )]))
+            .unwrap();
+        commit(&shard).await;
+        assert_eq!(
+            sum_of(again.await.unwrap()),
+            SumState { count: 2, sum: 150 }
+        );
+        assert!(as_record.outcome().await.is_some());
+        assert_eq!(ask(&shard, "acc").await, SumState { count: 2, sum: 150 });
+        // Applied, then the shard stops before a checkpoint commits it: the caller is told at
+        // once (the oneshot closes) instead of waiting out its timeout.
+        let lost = direct(&shard, "acc", "1", None).await;
+        shard
+            .call(ShardMsg::Checkpoint, None)
+            .await
+            .unwrap()
+            .unwrap();
+        shard.stop(None);
+        assert!(lost.await.is_err(), "dropped unanswered");
+    }
+
+    fn refused(reason: &str) -> CommandOutcome {
+        CommandOutcome {
+            result: Some(crate::cluster::wire::command_outcome::Result::Refused(
+                reason.into(),
+            )),
+        }
     }
 
     /// Sends each positive event on as a message to entity "to-<value>" of its own type, sends
@@ -1353,6 +1659,47 @@ mod tests {
         let rings = records(restored);
         assert_eq!(rings.len(), 1);
         assert_eq!(rings[0].headers[1], (HEADER_TIMER, "late".to_string()));
+        shard.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_timer_set_by_a_command_run_without_a_record_fires_when_due() {
+        let env = env(100);
+        let shard = start::<Alarm>(&env).await;
+        shard
+            .cast(ShardMsg::Restored(EntityMap::default()))
+            .unwrap();
+        env.gate.acquire(1, Duration::ZERO);
+        shard
+            .cast(ShardMsg::Consumed(vec![ConsumedRecord {
+                offset: 0,
+                at_ms: unix_ms(),
+                content: RecordContent::Event("other".into(), -1),
+            }]))
+            .unwrap();
+        // Its clock is the owner's: the timer is due 100 ms from now. No record follows that
+        // would wake the shard: the command itself must arm the wake-up.
+        let set = direct(&shard, "a", "100", None).await;
+        let checkpoint = shard
+            .call(ShardMsg::Checkpoint, None)
+            .await
+            .unwrap()
+            .unwrap();
+        shard
+            .cast(ShardMsg::Checkpointed {
+                seq: checkpoint.seq,
+            })
+            .unwrap();
+        assert!(matches!(set.await, Ok(Direct::Answered(_))));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let fired = shard
+            .call(ShardMsg::Checkpoint, None)
+            .await
+            .unwrap()
+            .unwrap();
+        let rings = records(fired);
+        assert_eq!(rings.len(), 1, "the timer fired");
+        assert_eq!(rings[0].key.as_deref(), Some(&b"a"[..]));
         shard.stop(None);
     }
 

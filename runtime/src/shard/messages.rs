@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use ractor::RpcReplyPort;
 
-use crate::commands::CommandMeta;
+use crate::commands::{CommandMeta, DirectCommand};
 use crate::dlq::DeadLetter;
 use crate::entity::{Entity, EntityId, EntityMap, Stored};
 
@@ -105,8 +105,12 @@ pub(crate) enum ShardMsg<E: Entity> {
         query: E::Query,
         reply: RpcReplyPort<Result<E::Reply, Arc<str>>>,
     },
+    /// A command to run here without a record (`commands::direct`), or to decline.
+    Command(Box<DirectCommand>),
     EntityCounts(RpcReplyPort<EntityCounts>),
-    /// Answer once every batch dispatched before it has run.
+    /// Answer once every batch dispatched before it has run. The shard is being handed off:
+    /// from now on it declines direct commands (their callers write them as records, for the
+    /// partition's next owner).
     Drain(RpcReplyPort<()>),
     Checkpoint(RpcReplyPort<Checkpoint<E::State>>),
     /// The checkpoint with this sequence number was committed.

@@ -16,7 +16,7 @@ mod messages;
 mod outbox;
 mod timer_index;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use ractor::ActorRef;
 
 use crate::backpressure::InFlightGate;
 use crate::commands::PendingCommands;
+use crate::commit_soon::CommitSoon;
 use crate::effects::Destinations;
 use crate::entity::Entity;
 use crate::readiness::GroupReadiness;
@@ -133,7 +134,7 @@ pub(crate) struct ShardEnv {
     /// Set when a shard owes answers, has messages or emitted records to write or fired
     /// timers: the consumer starts a checkpoint at once instead of at the next interval, so
     /// they wait for one commit, not for the interval.
-    pub commit_soon: Arc<AtomicBool>,
+    pub commit_soon: Arc<CommitSoon>,
     /// States changed since the consumer last started a checkpoint, as the shards report them
     /// after each batch: a backlog of them starts the next checkpoint without waiting for the
     /// interval (see `consumer::BACKLOG_STATES`).

@@ -47,6 +47,12 @@ impl<R: Clone> Outbox<R> {
         self.records.push((self.seq + 1, record));
     }
 
+    /// The first checkpoint that writes the entity's latest change, if it is not committed yet
+    /// (`None`: its stored state is committed).
+    pub fn pending(&self, id: &EntityId) -> Option<u64> {
+        self.dirty.get(id).copied()
+    }
+
     /// The number of the next checkpoint, the first that may include what happens now.
     pub fn next(&self) -> u64 {
         self.seq + 1
@@ -86,12 +92,14 @@ mod tests {
         let (second, ids, _) = outbox.checkpoint();
         assert_eq!(ids.len(), 2);
         outbox.committed(first);
+        assert_eq!(outbox.pending(&"a".into()), Some(second), "changed again");
         let (_, ids, records) = outbox.checkpoint();
         assert_eq!(ids.len(), 2, "the newer changes stay");
         assert!(records.is_empty(), "the letter was committed");
         outbox.committed(second);
         let (_, ids, records) = outbox.checkpoint();
         assert!(ids.is_empty() && records.is_empty());
+        assert_eq!(outbox.pending(&"a".into()), None, "committed");
     }
 
     #[test]
