@@ -27,7 +27,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::Message;
 
 use crate::backpressure::InFlightGate;
-use crate::commit_soon::CommitSoon;
+use crate::commit_soon::{CommitSoon, GATHER};
 use crate::entity::Entity;
 use crate::handoff::Handoff;
 use crate::kafka_batch::{Batch, RawRecord, Read};
@@ -349,7 +349,10 @@ fn poll_loop<E: Entity>(
         // one commit rather than for the interval. Looked at once a millisecond at most: while
         // a checkpoint runs the flag stays set, and flushing the batches on every read would
         // undo the batching.
-        if last_soon.elapsed() >= SOON_AT_MOST_EVERY && parts.commit_soon.take() {
+        if last_soon.elapsed() >= SOON_AT_MOST_EVERY
+            && !parts.commit_soon.gathering(GATHER)
+            && parts.commit_soon.take()
+        {
             last_soon = Instant::now();
             context
                 .dispatcher

@@ -665,6 +665,9 @@ impl<E: Entity> ShardState<E> {
             .into_iter()
             .partition(|(first, _)| *first <= seq);
         self.owed = later;
+        if !due.is_empty() {
+            self.env.commit_soon.answered(due.len());
+        }
         for (_, owed) in due {
             self.answer_now(owed.to, owed.outcome);
         }
