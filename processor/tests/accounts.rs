@@ -54,6 +54,18 @@ async fn commands_are_answered_once_committed_and_once_per_idempotency_key() {
         );
     }
     // The same deposit retried with its key, through the other node: the first answer, once.
+    // Node 2 forwards the retries for node 1's accounts to node 1 over the query link, where
+    // they run without a record (`commands_total{path="forwarded"}`, counted where the caller
+    // came in); its own accounts' run at its shards.
+    let commands = |path: &'static str| {
+        let node2 = &node2;
+        async move {
+            node2
+                .metric_sum("processor_commands_total", &format!(r#"path="{path}""#))
+                .await
+        }
+    };
+    let (forwarded, as_records) = (commands("forwarded").await, commands("record").await);
     for account in &accounts {
         let again = via2
             .deposit(change(account, 500, &format!("open-{account}")))
@@ -62,6 +74,17 @@ async fn commands_are_answered_once_committed_and_once_per_idempotency_key() {
             .into_inner();
         assert_eq!(again.balance, 500, "a retry is answered, not applied");
     }
+    let for_node1 = accounts.iter().filter(|a| owned_by_1(a)).count() as f64;
+    assert_eq!(
+        commands("forwarded").await - forwarded,
+        for_node1,
+        "node 2 forwards each retry for an account of node 1"
+    );
+    assert_eq!(
+        commands("record").await,
+        as_records,
+        "no retry is written as a record"
+    );
     // Refused from the balance at the time: nothing changes.
     let refused = via2
         .withdraw(change("acc-0", 501, "w-big"))
@@ -122,6 +145,15 @@ async fn commands_are_answered_once_committed_and_once_per_idempotency_key() {
         380,
         "a retried transfer is answered, not run"
     );
+    // The answer says the debit is committed and the credit on its way (a record of `to`'s
+    // partition, committed with the debit). A command from another sender is ordered after the
+    // credit only once `to`'s shard has read it (a command runs at the owner without a record,
+    // `commands::direct`): a caller that needs the credit first waits until a query sees it.
+    eventually(Duration::from_secs(30), "the credit to land", || async {
+        let mut client = accounts_at(spec.grpc_url(1));
+        (balance(&mut client, to).await == 620).then_some(())
+    })
+    .await;
     let keyless = via1.transfer(transfer(to, from, 20, "")).await.unwrap();
     let refused = via1
         .transfer(transfer(from, to, 10_000, ""))
@@ -133,8 +165,7 @@ async fn commands_are_answered_once_committed_and_once_per_idempotency_key() {
     expected.insert("acc-0".into(), 100);
     expected.insert(from.clone(), 500 - 120 + 20);
     expected.insert(to.clone(), 500 + 120 - 20);
-    // The credit was committed to `to`'s partition before the first transfer was answered, so
-    // the keyless transfer (written after) runs after it.
+    // The keyless transfer ran after the credit it waited for.
     assert_eq!(keyless.into_inner().balance, 500 + 120 - 20);
     eventually(Duration::from_secs(30), "the credits to land", || async {
         let mut client = accounts_at(spec.grpc_url(2));
@@ -190,7 +221,9 @@ async fn a_command_accepted_before_its_owner_dies_is_applied_once_by_the_next_ow
     wait_for_account_split(&[&node1, &node2], &accounts_group).await;
     let account = open_account_on(&node2, &accounts_group, "crash", &mut via1).await;
 
-    // The owner stops responding; a command for its account is written to Kafka and waits.
+    // The owner stops responding; a command for its account, forwarded to it over the query
+    // link, waits. Killed, the owner breaks the link, and the command (it has an idempotency
+    // key) is written to Kafka for the next owner.
     node2.freeze();
     let waiting = {
         let mut client = accounts_at(spec.grpc_url(1));
@@ -274,7 +307,7 @@ async fn a_command_applied_but_not_committed_when_its_owner_dies_is_not_answered
         request.set_timeout(Duration::from_secs(10));
         tokio::spawn(async move { client.deposit(request).await })
     };
-    let (as_record, at_owner) = (attempt(1, &account), attempt(2, &direct));
+    let (forwarded, at_owner) = (attempt(1, &account), attempt(2, &direct));
     eventually(
         Duration::from_secs(20),
         "node 2 to apply a deposit and stop before committing it",
@@ -286,7 +319,10 @@ async fn a_command_applied_but_not_committed_when_its_owner_dies_is_not_answered
         },
     )
     .await;
-    for (how, attempt) in [("as a record", as_record), ("at its owner", at_owner)] {
+    for (how, attempt) in [
+        ("forwarded to its owner", forwarded),
+        ("at its owner", at_owner),
+    ] {
         let lost = attempt.await.unwrap();
         assert!(
             lost.is_err(),

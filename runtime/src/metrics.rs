@@ -158,6 +158,9 @@ pub(crate) struct Metrics {
     pub peer_queries_remoting: Counter,
     /// Commands this node's shards ran without a record (see `commands::direct`).
     pub commands_direct: Counter,
+    /// Commands this node forwarded to their owner over the query link, run there without a
+    /// record (counted here, where the caller came in, not at the owner).
+    pub commands_forwarded: Counter,
     /// Commands written to the input topic for their owner.
     pub commands_record: Counter,
     shards_owned: Gauge,
@@ -273,7 +276,7 @@ impl MetricsRegistry {
         );
         registry.register(
             "commands",
-            "Commands sent from this node, by path (direct: run by this node's shard without a record; record: written to the input topic for the owner)",
+            "Commands sent from this node, by path (direct: run by this node's shard without a record; forwarded: run by the owner's shard without a record, over the query link; record: written to the input topic for the owner)",
             this.commands.clone(),
         );
         registry.register(
@@ -324,6 +327,7 @@ impl MetricsRegistry {
         let peer_queries_link = self.peer_queries(entity_type, "link");
         let peer_queries_remoting = self.peer_queries(entity_type, "remoting");
         let commands_direct = self.commands(entity_type, "direct");
+        let commands_forwarded = self.commands(entity_type, "forwarded");
         let commands_record = self.commands(entity_type, "record");
         let metrics = Metrics {
             entity_type,
@@ -345,6 +349,7 @@ impl MetricsRegistry {
             peer_queries_link,
             peer_queries_remoting,
             commands_direct,
+            commands_forwarded,
             commands_record,
             shards_owned: self.shards_owned.get_or_create(&labels).clone(),
             live_entities: self.live_entities.get_or_create(&labels).clone(),

@@ -24,7 +24,8 @@ use crate::cluster::gateway;
 use crate::cluster::query_batcher::QueryBatcher;
 use crate::cluster::query_link::QueryLinks;
 use crate::cluster::wire::{
-    entity_answer, CommandOutcome, EntityAnswer, EntityQuery, NotOwner, StandbyReply,
+    command_answer, entity_answer, CommandAnswer, CommandOutcome, EntityAnswer, EntityCommand,
+    EntityQuery, NotOwner, StandbyReply,
 };
 use crate::commands::{CommandError, Direct, DirectCommand};
 use crate::entity::{Codec, EncodeError, Entity, EntityId, MAX_ID_BYTES};
@@ -120,6 +121,11 @@ impl Route {
     }
 }
 
+/// How much longer than its own command bound a node waits for a command it forwarded: the
+/// owner answers by its bound (`--command-timeout-ms`, the same on every node), and that
+/// definite answer should not be cut off by the link's wait.
+const FORWARD_GRACE: Duration = Duration::from_millis(500);
+
 /// What one attempt at the presumed owner gave.
 pub(crate) enum Attempt<T> {
     Done(T),
@@ -178,11 +184,11 @@ impl<E: Entity> Router<E> {
         answer
     }
 
-    /// Asks the owner until it answers; with `standby_within`, after each failed attempt at the
-    /// owner also the shard's standby replicas.
-    /// Sends the command `value` for entity `id` and waits for its committed answer: run by
-    /// this node's shard when the entity's shard is here and takes it (`commands::direct`),
-    /// else written as a record of the input topic for its owner to read.
+    /// Sends the command `value` for entity `id` and waits for its committed answer. Run
+    /// without a record wherever it can be (`commands::direct`): by this node's shard when the
+    /// entity's shard is here, else forwarded over the query link to the owner the table names;
+    /// else (no link, nobody owns it now, or the shard declines) written as a record of the
+    /// input topic for its owner to read.
     pub async fn command(
         &self,
         id: &str,
@@ -191,45 +197,103 @@ impl<E: Entity> Router<E> {
     ) -> Result<CommandOutcome, CommandError> {
         crate::commands::check(id, idempotency_key)?;
         let shard = partition_for_key(id.as_bytes(), self.partitions);
-        if let Some(local) = self.local.get(shard) {
-            let timeout = self.commands.timeout();
-            let (answer, answered) = tokio::sync::oneshot::channel();
-            let command = DirectCommand {
-                id: id.into(),
-                value: value.clone(),
-                idempotency_key: idempotency_key.map(str::to_owned),
-                answer,
-            };
-            if local
-                .actor
-                .cast(ShardMsg::Command(Box::new(command)))
-                .is_ok()
-            {
-                let answered = tokio::time::timeout(timeout, answered).await;
-                if !matches!(answered, Ok(Ok(Direct::Declined))) {
-                    self.metrics.commands_direct.inc();
-                }
-                match answered {
-                    Ok(Ok(Direct::Answered(outcome))) => return Ok(outcome),
-                    Ok(Ok(Direct::Declined)) => {}
-                    Ok(Err(_)) => {
-                        return Err(CommandError::Unavailable(format!(
-                            "shard {shard} stopped before the command's change committed"
-                        )))
-                    }
-                    Err(_) => {
-                        return Err(CommandError::Unavailable(format!(
-                            "no answer within {} ms",
-                            timeout.as_millis()
-                        )))
-                    }
-                }
-            }
+        if let Some(ran) = self.command_here(shard, id, &value, idempotency_key).await {
+            self.metrics.commands_direct.inc();
+            return ran;
+        }
+        if let Some(ran) = self
+            .command_at_owner(shard, id, &value, idempotency_key)
+            .await
+        {
+            self.metrics.commands_forwarded.inc();
+            return ran;
         }
         self.metrics.commands_record.inc();
         self.commands.send(id, value, idempotency_key).await
     }
 
+    /// Runs a command at `shard` if it is here and takes it; `None` if not (not here, or
+    /// declined: restoring, refused, handing off, nothing consumed yet).
+    async fn command_here(
+        &self,
+        shard: u32,
+        id: &str,
+        value: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Option<Result<CommandOutcome, CommandError>> {
+        let local = self.local.get(shard)?;
+        let timeout = self.commands.timeout();
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let command = DirectCommand {
+            id: id.into(),
+            value: value.to_vec(),
+            idempotency_key: idempotency_key.map(str::to_owned),
+            answer,
+        };
+        local
+            .actor
+            .cast(ShardMsg::Command(Box::new(command)))
+            .ok()?;
+        match tokio::time::timeout(timeout, answered).await {
+            Ok(Ok(Direct::Answered(outcome))) => Some(Ok(outcome)),
+            Ok(Ok(Direct::Declined)) => None,
+            Ok(Err(_)) => Some(Err(CommandError::Unavailable(format!(
+                "shard {shard} stopped before the command's change committed"
+            )))),
+            Err(_) => Some(Err(CommandError::Unavailable(format!(
+                "no answer within {} ms",
+                timeout.as_millis()
+            )))),
+        }
+    }
+
+    /// Has the owner the table names for `shard`, on another node, run the command over the
+    /// query link; `None` if there is no link to it, or it declined, or the link broke under a
+    /// command with an idempotency key (then the record is safe: a command the owner did run
+    /// is answered from the key's first answer, and one it did not is run once by whoever
+    /// reads the record; without a key a second run could apply it twice, so the caller is
+    /// told the outcome is unknown).
+    async fn command_at_owner(
+        &self,
+        shard: u32,
+        id: &str,
+        value: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Option<Result<CommandOutcome, CommandError>> {
+        use command_answer::Result as R;
+        let Some(Owner::Remote(node)) = self.table.owner(shard) else {
+            return None;
+        };
+        let url = self.table.management_url(&node)?;
+        let command = EntityCommand {
+            entity_type: self.entity_type.to_string(),
+            id: id.to_owned(),
+            shard,
+            command: value.to_vec(),
+            idempotency_key: idempotency_key.map(str::to_owned),
+        };
+        // The owner's own bound comes first, so its definite answer is not cut off here.
+        let timeout = self.commands.timeout() + FORWARD_GRACE;
+        let unavailable = |why: String| Some(Err(CommandError::Unavailable(why)));
+        match self.links.command(&url, command, timeout).await {
+            Err(_not_linked) => None,
+            Ok(Ok(CommandAnswer { result })) => match result {
+                Some(R::Outcome(outcome)) => Some(Ok(outcome)),
+                Some(R::Declined(_)) => None,
+                Some(R::Unavailable(why)) => unavailable(format!("at node {node}: {why}")),
+                None => unavailable(format!("node {node} gave an empty answer")),
+            },
+            Ok(Err(CallError::Timeout)) => unavailable(format!(
+                "node {node} gave no answer within {} ms",
+                timeout.as_millis()
+            )),
+            Ok(Err(_broken)) if idempotency_key.is_some() => None,
+            Ok(Err(e)) => unavailable(format!("forwarded to node {node}: {e}")),
+        }
+    }
+
+    /// Asks the owner until it answers; with `standby_within`, after each failed attempt at the
+    /// owner also the shard's standby replicas.
     async fn ask_owner(
         &self,
         id: &str,
@@ -509,6 +573,29 @@ impl<E: Entity> Endpoint for Router<E> {
                 }
             };
             EntityAnswer {
+                result: Some(result),
+            }
+        })
+    }
+
+    fn command(&self, command: EntityCommand) -> BoxFuture<'_, CommandAnswer> {
+        use command_answer::Result as R;
+        Box::pin(async move {
+            let key = command.idempotency_key.as_deref();
+            // The shard by this node's own count, not the sender's word for it.
+            let shard = partition_for_key(command.id.as_bytes(), self.partitions);
+            let result = match crate::commands::check(&command.id, key) {
+                Err(e) => R::Outcome(crate::commands::failed(e.to_string())),
+                Ok(()) => match self
+                    .command_here(shard, &command.id, &command.command, key)
+                    .await
+                {
+                    Some(Ok(outcome)) => R::Outcome(outcome),
+                    Some(Err(e)) => R::Unavailable(e.to_string()),
+                    None => R::Declined(NotOwner {}),
+                },
+            };
+            CommandAnswer {
                 result: Some(result),
             }
         })

@@ -10,7 +10,10 @@ use ractor::rpc::CallResult;
 use ractor::MessagingErr;
 
 use crate::allocation::AllocationTable;
-use crate::cluster::wire::{entity_answer, EntityAnswer, EntityQuery};
+use crate::cluster::wire::{
+    command_answer, entity_answer, CommandAnswer, EntityAnswer, EntityCommand, EntityQuery,
+    NotOwner,
+};
 use crate::entity::DecodeError;
 
 /// Why one attempt at the presumed owner failed.
@@ -47,6 +50,9 @@ pub(crate) trait Endpoint: Send + Sync {
     fn table(&self) -> &Arc<AllocationTable>;
     /// Answers a peer's query from a shard hosted here.
     fn answer(&self, query: EntityQuery) -> BoxFuture<'_, EntityAnswer>;
+    /// Runs a command a peer forwarded, at a shard hosted here, without a record; declines
+    /// when the shard is not here or does not take it (the peer then writes the record).
+    fn command(&self, command: EntityCommand) -> BoxFuture<'_, CommandAnswer>;
 }
 
 /// A peer's query answered by the endpoint of its type, whichever transport brought it.
@@ -61,6 +67,19 @@ pub(crate) async fn answer(
                 "this node hosts no entity type '{}'",
                 query.entity_type
             ))),
+        },
+    }
+}
+
+/// A peer's command run by the endpoint of its type; declined if this node hosts no such type.
+pub(crate) async fn command(
+    endpoints: &HashMap<String, Arc<dyn Endpoint>>,
+    command: EntityCommand,
+) -> CommandAnswer {
+    match endpoints.get(&command.entity_type) {
+        Some(endpoint) => endpoint.command(command).await,
+        None => CommandAnswer {
+            result: Some(command_answer::Result::Declined(NotOwner {})),
         },
     }
 }

@@ -1,6 +1,6 @@
-//! The query link: the queries a node forwards to a shard's owner, over one connection to the
-//! owner's management port (an HTTP/1.1 upgrade to [`PROTOCOL`], then length-delimited frames),
-//! with as few thread hand-offs as a round trip allows.
+//! The query link: the queries (and commands) a node forwards to a shard's owner, over one
+//! connection to the owner's management port (an HTTP/1.1 upgrade to [`PROTOCOL`], then
+//! length-delimited frames), with as few thread hand-offs as a round trip allows.
 //!
 //! Through ractor_cluster a forwarded query crosses about a dozen hand-offs: the asking task,
 //! the remote-actor proxy, the node-session and TCP-writer actors here; the reader,
@@ -18,11 +18,20 @@
 //! the management port (with node TLS a query never crosses in the clear), or the owner's port
 //! did not take the link (then for [`RETRY_LINK_AFTER`], with one log line).
 //!
-//! The link answers reads that any client of the node's public query routes (`Entities` on the
-//! gRPC port, `/entities/...` on this port) can already make, so it asks no more of a caller.
+//! A command forwarded over the link runs at the owner as one sent there would
+//! (`commands::direct`): without a record, answered once its change commits. The owner
+//! *declines* one its shard does not take, and the sending node writes it as a record instead.
+//! Commands do not take the session: without a link they are written as records.
+//!
+//! The link answers reads and runs commands that any client of the node's public routes
+//! (`Entities` on the gRPC port, `/entities/...` on this port) can already send, so it asks no
+//! more of a caller.
 //!
 //! A frame is a `u32` big-endian length, then an `u64` little-endian request id, then the
-//! protobuf message (`EntityQuery` towards the owner, `EntityAnswer` back).
+//! protobuf message (`LinkRequest` towards the owner, `LinkAnswer` back). An owner still takes
+//! [`PROTOCOL_V1`] (bare `EntityQuery` and `EntityAnswer`, no commands) from older nodes; an
+//! older owner refuses this build's [`PROTOCOL`], whose queries then take the session for a
+//! while (see [`RETRY_LINK_AFTER`]) and commands the record.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,12 +55,17 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::cluster::endpoint::{self, CallError, Endpoint};
 use crate::cluster::tls::{self, NodeTls};
-use crate::cluster::wire::{EntityAnswer, EntityQuery};
+use crate::cluster::wire::{
+    link_answer, link_request, CommandAnswer, EntityAnswer, EntityCommand, EntityQuery, LinkAnswer,
+    LinkRequest,
+};
 
 /// Where the management port takes the link.
 pub(crate) const PATH: &str = "/cluster/query-link";
 /// The protocol the connection is upgraded to (`Upgrade:` header).
-pub(crate) const PROTOCOL: &str = "kafka-sharding-query-link/1";
+pub(crate) const PROTOCOL: &str = "kafka-sharding-query-link/2";
+/// The protocol of older builds, still served: queries only, framed bare.
+pub(crate) const PROTOCOL_V1: &str = "kafka-sharding-query-link/1";
 /// A frame's size at most (a query or an answer with its entity's reply).
 const MAX_FRAME: usize = 16 * 1024 * 1024;
 /// How long a peer whose port did not take the link is asked through the session instead.
@@ -80,6 +94,19 @@ fn frame(id: u64, message: &impl Message) -> Bytes {
     out.freeze()
 }
 
+/// `LinkRequest`'s field numbers (`proto/cluster.proto`).
+const QUERY_TAG: u32 = 1;
+const COMMAND_TAG: u32 = 2;
+
+/// The frame of a `LinkRequest` holding `message` as its field `tag`, written from a borrow
+/// (so a request that finds no link is given back to its caller as it was).
+fn request_frame(id: u64, tag: u32, message: &impl Message) -> Bytes {
+    let mut out = BytesMut::with_capacity(8 + 16 + message.encoded_len());
+    out.put_u64_le(id);
+    prost::encoding::message::encode(tag, message, &mut out);
+    out.freeze()
+}
+
 fn unframe<M: Message + Default>(mut frame: BytesMut) -> Result<(u64, M), String> {
     if frame.len() < 8 {
         return Err(format!(
@@ -93,18 +120,66 @@ fn unframe<M: Message + Default>(mut frame: BytesMut) -> Result<(u64, M), String
 
 // ---- the owner's side ----
 
-/// `GET /cluster/query-link` with `Upgrade: kafka-sharding-query-link/1`: answers the link's
-/// queries from this node's shards (and standbys), never forwarding on.
+/// Which protocol a link speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    /// [`PROTOCOL_V1`]: `EntityQuery` frames answered with `EntityAnswer` frames.
+    V1,
+    /// [`PROTOCOL`]: `LinkRequest` frames answered with `LinkAnswer` frames.
+    V2,
+}
+
+impl Version {
+    fn of(protocol: &[u8]) -> Option<Self> {
+        if protocol.eq_ignore_ascii_case(PROTOCOL.as_bytes()) {
+            Some(Self::V2)
+        } else if protocol.eq_ignore_ascii_case(PROTOCOL_V1.as_bytes()) {
+            Some(Self::V1)
+        } else {
+            None
+        }
+    }
+
+    fn protocol(self) -> &'static str {
+        match self {
+            Self::V1 => PROTOCOL_V1,
+            Self::V2 => PROTOCOL,
+        }
+    }
+
+    fn request(self, frame: BytesMut) -> Result<(u64, LinkRequest), String> {
+        match self {
+            Self::V1 => unframe::<EntityQuery>(frame).map(|(id, query)| {
+                let request = Some(link_request::Request::Query(query));
+                (id, LinkRequest { request })
+            }),
+            Self::V2 => unframe::<LinkRequest>(frame),
+        }
+    }
+
+    fn answer(self, id: u64, answer: LinkAnswer) -> Bytes {
+        match (self, answer.answer) {
+            (Self::V1, Some(link_answer::Answer::Query(answer))) => frame(id, &answer),
+            // A V1 link carries queries only (`request`), so it gets no other answer.
+            (Self::V1, _) => frame(id, &EntityAnswer::default()),
+            (Self::V2, answer) => frame(id, &LinkAnswer { answer }),
+        }
+    }
+}
+
+/// `GET /cluster/query-link` with `Upgrade: kafka-sharding-query-link/2` (or `/1`): answers the
+/// link's queries from this node's shards (and standbys) and runs its commands there, never
+/// forwarding on.
 pub(crate) fn accept(
     endpoints: Arc<HashMap<String, Arc<dyn Endpoint>>>,
     mut req: Request,
 ) -> Response {
-    let wanted = req
+    let version = req
         .headers()
         .get(header::UPGRADE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(PROTOCOL.as_bytes()));
+        .and_then(|v| Version::of(v.as_bytes()));
     let upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
-    let (true, Some(upgrade)) = (wanted, upgrade) else {
+    let (Some(version), Some(upgrade)) = (version, upgrade) else {
         return (
             StatusCode::BAD_REQUEST,
             format!("{PATH} is the query link between nodes: an HTTP/1.1 upgrade to {PROTOCOL}"),
@@ -113,52 +188,77 @@ pub(crate) fn accept(
     };
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(upgraded) => serve(endpoints, TokioIo::new(upgraded)).await,
+            Ok(upgraded) => serve(endpoints, TokioIo::new(upgraded), version).await,
             Err(e) => tracing::debug!("a query link was not upgraded: {e}"),
         }
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, HeaderValue::from_static(PROTOCOL))
+        .header(
+            header::UPGRADE,
+            HeaderValue::from_static(version.protocol()),
+        )
         .body(Body::empty())
         .expect("a static response")
 }
 
-/// One link's queries, answered as they complete, until the asking node closes it.
+/// One link's requests, answered as they complete, until the asking node closes it.
 async fn serve(
     endpoints: Arc<HashMap<String, Arc<dyn Endpoint>>>,
     io: impl AsyncRead + AsyncWrite + Send + 'static,
+    version: Version,
 ) {
     let (read, write) = tokio::io::split(io);
-    let mut queries = FramedRead::new(read, codec());
+    let mut requests = FramedRead::new(read, codec());
     let mut answers = FramedWrite::new(write, codec());
     let mut answering = FuturesUnordered::new();
     loop {
         tokio::select! {
-            read = queries.next() => match read {
-                Some(Ok(bytes)) => match unframe::<EntityQuery>(bytes) {
-                    Ok((id, query)) => {
-                        let endpoints = endpoints.clone();
-                        answering.push(async move {
-                            (id, endpoint::answer(&endpoints, query).await)
-                        });
+            read = requests.next() => match read {
+                Some(Ok(bytes)) => match version.request(bytes) {
+                    Ok((id, LinkRequest { request: Some(request) })) => {
+                        answering.push(respond(endpoints.clone(), id, request));
+                    }
+                    Ok((_, LinkRequest { request: None })) => {
+                        tracing::warn!("closing a query link: an empty request");
+                        return;
                     }
                     Err(e) => {
-                        tracing::warn!("closing a query link: an undecodable query ({e})");
+                        tracing::warn!("closing a query link: an undecodable request ({e})");
                         return;
                     }
                 },
-                // Closed by the asking node (or broken): its waiting queries fail over there.
+                // Closed by the asking node (or broken): its waiting requests fail over there.
                 Some(Err(_)) | None => return,
             },
             Some((id, answer)) = answering.next(), if !answering.is_empty() => {
-                if answers.send(frame(id, &answer)).await.is_err() {
+                if answers.send(version.answer(id, answer)).await.is_err() {
                     return;
                 }
             }
         }
     }
+}
+
+/// One request's answer, by the endpoint of its entity type.
+fn respond(
+    endpoints: Arc<HashMap<String, Arc<dyn Endpoint>>>,
+    id: u64,
+    request: link_request::Request,
+) -> futures::future::BoxFuture<'static, (u64, LinkAnswer)> {
+    Box::pin(async move {
+        let answer = match request {
+            link_request::Request::Query(query) => {
+                link_answer::Answer::Query(endpoint::answer(&endpoints, query).await)
+            }
+            link_request::Request::Command(command) => {
+                link_answer::Answer::Command(endpoint::command(&endpoints, command).await)
+            }
+        };
+        let answer = Some(answer);
+        (id, LinkAnswer { answer })
+    })
 }
 
 // ---- the asking side ----
@@ -176,7 +276,7 @@ enum Scheme {
     SessionsOnly,
 }
 
-type Waiting = Mutex<HashMap<u64, oneshot::Sender<EntityAnswer>>>;
+type Waiting = Mutex<HashMap<u64, oneshot::Sender<LinkAnswer>>>;
 
 /// Removes a query from its link's waiting ones when dropped.
 struct Forget<'a> {
@@ -241,28 +341,68 @@ impl QueryLinks {
         url: &Arc<str>,
         query: EntityQuery,
     ) -> Result<Result<EntityAnswer, CallError>, EntityQuery> {
-        let Some(link) = self.link(url).await else {
-            return Err(query);
-        };
+        let framed = |id| request_frame(id, QUERY_TAG, &query);
+        match self.call(url, framed, self.call_timeout).await {
+            None => Err(query),
+            Some(Ok(link_answer::Answer::Query(answer))) => Ok(Ok(answer)),
+            Some(Ok(_)) => Ok(Err(CallError::Remote(
+                "a query answered as a command".into(),
+            ))),
+            Some(Err(e)) => Ok(Err(e)),
+        }
+    }
+
+    /// Has the peer whose management port is at `url` run `command`, waiting up to `timeout`
+    /// for its answer; the command back when that peer is not to be asked over a link (the
+    /// caller then writes it as a record).
+    pub async fn command(
+        self: &Arc<Self>,
+        url: &Arc<str>,
+        command: EntityCommand,
+        timeout: Duration,
+    ) -> Result<Result<CommandAnswer, CallError>, EntityCommand> {
+        let framed = |id| request_frame(id, COMMAND_TAG, &command);
+        match self.call(url, framed, timeout).await {
+            None => Err(command),
+            Some(Ok(link_answer::Answer::Command(answer))) => Ok(Ok(answer)),
+            Some(Ok(_)) => Ok(Err(CallError::Remote(
+                "a command answered as a query".into(),
+            ))),
+            Some(Err(e)) => Ok(Err(e)),
+        }
+    }
+
+    /// One request over the link to `url` (`framed` writes its frame, given its id); `None`
+    /// when there is no link to take.
+    async fn call(
+        self: &Arc<Self>,
+        url: &Arc<str>,
+        framed: impl FnOnce(u64) -> Bytes,
+        timeout: Duration,
+    ) -> Option<Result<link_answer::Answer, CallError>> {
+        let link = self.link(url).await?;
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         link.waiting.lock().expect("link lock").insert(id, reply);
-        // Forgets the query however this ends: answered, timed out, failed, or the caller gone.
+        // Forgets the request however this ends: answered, timed out, failed, or the caller gone.
         let _forget = Forget {
             waiting: &link.waiting,
             id,
         };
-        let sent = link.out.lock().await.send(frame(id, &query)).await;
+        let sent = link.out.lock().await.send(framed(id)).await;
         if let Err(e) = sent {
             self.drop_link(url, &link, &e.to_string());
-            return Err(query);
+            return None;
         }
-        match tokio::time::timeout(self.call_timeout, answer).await {
-            Ok(Ok(answer)) => Ok(Ok(answer)),
-            // The link closed under the query.
-            Ok(Err(_)) => Ok(Err(CallError::Dropped)),
-            Err(_) => Ok(Err(CallError::Timeout)),
-        }
+        Some(match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(LinkAnswer {
+                answer: Some(answer),
+            })) => Ok(answer),
+            Ok(Ok(LinkAnswer { answer: None })) => Err(CallError::Remote("an empty answer".into())),
+            // The link closed under the request.
+            Ok(Err(_)) => Err(CallError::Dropped),
+            Err(_) => Err(CallError::Timeout),
+        })
     }
 
     /// The open link to `url`, opening one if needed; `None` if it is not to be used now.
@@ -315,7 +455,7 @@ impl QueryLinks {
     ) {
         let why = loop {
             match incoming.next().await {
-                Some(Ok(bytes)) => match unframe::<EntityAnswer>(bytes) {
+                Some(Ok(bytes)) => match unframe::<LinkAnswer>(bytes) {
                     Ok((id, answer)) => {
                         let waiting = link.waiting.lock().expect("link lock").remove(&id);
                         if let Some(waiting) = waiting {
@@ -423,6 +563,7 @@ async fn open(url: &str, tls: Option<TlsConnector>) -> Result<(Link, Incoming), 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::wire::entity_answer;
 
     fn links(transport: PeerTransport) -> Arc<QueryLinks> {
         QueryLinks::new(transport, None, false, Duration::from_millis(500))
@@ -436,12 +577,56 @@ mod tests {
         }
     }
 
+    fn command(id: &str) -> EntityCommand {
+        EntityCommand {
+            entity_type: "users".into(),
+            id: id.into(),
+            command: b"+1".to_vec(),
+            idempotency_key: Some("k".into()),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn a_frame_gives_back_its_id_and_message_and_a_short_one_is_an_error() {
         let bytes = frame(42, &query("7"));
         let (id, back) = unframe::<EntityQuery>(BytesMut::from(&bytes[..])).unwrap();
         assert_eq!((id, back), (42, query("7")));
         assert!(unframe::<EntityQuery>(BytesMut::from(&b"1234"[..])).is_err());
+    }
+
+    #[test]
+    fn a_request_framed_from_a_borrow_is_the_link_request_of_its_kind() {
+        let unframed = |bytes: Bytes| Version::V2.request(BytesMut::from(&bytes[..])).unwrap();
+        let (id, asked) = unframed(request_frame(7, QUERY_TAG, &query("a")));
+        assert_eq!(id, 7);
+        assert_eq!(
+            asked.request,
+            Some(link_request::Request::Query(query("a")))
+        );
+        let (_, sent) = unframed(request_frame(8, COMMAND_TAG, &command("b")));
+        assert_eq!(
+            sent.request,
+            Some(link_request::Request::Command(command("b")))
+        );
+    }
+
+    /// An older node's link (protocol /1): bare queries, answered with bare answers.
+    #[tokio::test]
+    async fn an_owner_still_answers_an_older_nodes_queries_framed_bare() {
+        let (asking, owner) = tokio::io::duplex(4096);
+        tokio::spawn(serve(echo_endpoints(), owner, Version::V1));
+        let (read, write) = tokio::io::split(asking);
+        let mut out = FramedWrite::new(write, codec());
+        let mut answers = FramedRead::new(read, codec());
+        out.send(frame(3, &query("old"))).await.unwrap();
+        let answer = answers.next().await.unwrap().unwrap();
+        let (id, answer) = unframe::<EntityAnswer>(answer).unwrap();
+        assert_eq!(id, 3);
+        assert_eq!(
+            answer.result,
+            Some(entity_answer::Result::Reply(b"old".to_vec()))
+        );
     }
 
     #[tokio::test]
@@ -467,12 +652,18 @@ mod tests {
         let links = links(PeerTransport::Link);
         assert_eq!(links.ask(&url, query("7")).await.err(), Some(query("7")));
         assert!(links.refused_now(&url), "set aside after the refusal");
+        let timeout = Duration::from_secs(1);
+        assert_eq!(
+            links.command(&url, command("7"), timeout).await.err(),
+            Some(command("7")),
+            "a command is given back too (its caller writes the record)"
+        );
     }
 
     #[tokio::test]
     async fn the_owner_closes_a_link_that_sends_an_undecodable_query() {
         let (asking, owner) = tokio::io::duplex(1024);
-        let serving = tokio::spawn(serve(Arc::new(HashMap::new()), owner));
+        let serving = tokio::spawn(serve(Arc::new(HashMap::new()), owner, Version::V2));
         let mut out = FramedWrite::new(asking, codec());
         out.send(Bytes::from_static(b"xyz")).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), serving)
@@ -481,34 +672,56 @@ mod tests {
             .unwrap();
     }
 
+    /// Answers a query with its id, after a delay that reverses the order of "a" and "b"; runs
+    /// a command into its id and command, declining entity "elsewhere".
+    struct Echo(Arc<crate::allocation::AllocationTable>);
+
+    impl Endpoint for Echo {
+        fn table(&self) -> &Arc<crate::allocation::AllocationTable> {
+            &self.0
+        }
+        fn answer(&self, query: EntityQuery) -> futures::future::BoxFuture<'_, EntityAnswer> {
+            Box::pin(async move {
+                let wait = if query.id == "a" { 50 } else { 0 };
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                EntityAnswer {
+                    result: Some(entity_answer::Result::Reply(query.id.into_bytes())),
+                }
+            })
+        }
+        fn command(&self, command: EntityCommand) -> futures::future::BoxFuture<'_, CommandAnswer> {
+            use crate::cluster::wire::{command_answer, command_outcome, CommandOutcome, NotOwner};
+            Box::pin(async move {
+                let result = match command.id.as_str() {
+                    "elsewhere" => command_answer::Result::Declined(NotOwner {}),
+                    id => command_answer::Result::Outcome(CommandOutcome {
+                        result: Some(command_outcome::Result::Reply(
+                            [id.as_bytes(), &command.command].concat(),
+                        )),
+                    }),
+                };
+                CommandAnswer {
+                    result: Some(result),
+                }
+            })
+        }
+    }
+
+    fn echo_endpoints() -> Arc<HashMap<String, Arc<dyn Endpoint>>> {
+        Arc::new(HashMap::from([(
+            "users".to_string(),
+            Arc::new(Echo(Arc::new(crate::allocation::AllocationTable::new(
+                "n1",
+            )))) as Arc<dyn Endpoint>,
+        )]))
+    }
+
     /// A link to a port that serves the upgrade: answers come back to the queries that asked,
     /// also when answered out of order.
     #[tokio::test]
-    async fn queries_over_a_link_get_their_own_answers() {
-        use crate::allocation::AllocationTable;
-        use crate::cluster::wire::entity_answer;
-        use futures::future::BoxFuture;
-
-        /// Answers with the id, after a delay that reverses the order of "a" and "b".
-        struct Echo(Arc<AllocationTable>);
-        impl Endpoint for Echo {
-            fn table(&self) -> &Arc<AllocationTable> {
-                &self.0
-            }
-            fn answer(&self, query: EntityQuery) -> BoxFuture<'_, EntityAnswer> {
-                Box::pin(async move {
-                    let wait = if query.id == "a" { 50 } else { 0 };
-                    tokio::time::sleep(Duration::from_millis(wait)).await;
-                    EntityAnswer {
-                        result: Some(entity_answer::Result::Reply(query.id.into_bytes())),
-                    }
-                })
-            }
-        }
-        let endpoints: Arc<HashMap<String, Arc<dyn Endpoint>>> = Arc::new(HashMap::from([(
-            "users".to_string(),
-            Arc::new(Echo(Arc::new(AllocationTable::new("n1")))) as Arc<dyn Endpoint>,
-        )]));
+    async fn queries_and_commands_over_a_link_get_their_own_answers() {
+        use crate::cluster::wire::{command_answer, command_outcome};
+        let endpoints = echo_endpoints();
         let app = axum::Router::new().route(
             PATH,
             axum::routing::get(move |req: Request| async move { accept(endpoints, req) }),
@@ -536,6 +749,43 @@ mod tests {
         assert!(
             matches!(answer.result, Some(entity_answer::Result::Error(ref e)) if e.contains("carts")),
             "{answer:?}"
+        );
+
+        // Commands on the same link, beside queries: each its own answer.
+        let timeout = Duration::from_secs(5);
+        let (ran, asked, declined) = tokio::join!(
+            links.command(&url, command("c"), timeout),
+            links.ask(&url, query("a")),
+            links.command(&url, command("elsewhere"), timeout),
+        );
+        let ran = ran.expect("sent over the link").expect("answered").result;
+        let Some(command_answer::Result::Outcome(outcome)) = ran else {
+            panic!("{ran:?}");
+        };
+        assert_eq!(
+            outcome.result,
+            Some(command_outcome::Result::Reply(b"c+1".to_vec()))
+        );
+        let asked = asked.unwrap().unwrap();
+        assert_eq!(
+            asked.result,
+            Some(entity_answer::Result::Reply(b"a".to_vec()))
+        );
+        let declined = declined.unwrap().unwrap().result;
+        assert!(
+            matches!(declined, Some(command_answer::Result::Declined(_))),
+            "{declined:?}"
+        );
+        let mut other_type = command("d");
+        other_type.entity_type = "carts".into();
+        let declined = links
+            .command(&url, other_type, timeout)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(declined.result, Some(command_answer::Result::Declined(_))),
+            "a type the owner does not host is declined: {declined:?}"
         );
     }
 }
