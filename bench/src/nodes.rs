@@ -320,6 +320,16 @@ impl NodeAddr {
     /// `/metrics` as `metric name -> value`, each metric summed over its series (its
     /// `entity_type` and other labels).
     pub async fn metrics(&self) -> Option<BTreeMap<String, f64>> {
+        self.metric_sums(|_| true).await
+    }
+
+    /// `/metrics` summed per metric name over the series whose labels contain `label`
+    /// (e.g. `path="forwarded"`); `None` if the node does not answer.
+    pub async fn metrics_with(&self, label: &str) -> Option<BTreeMap<String, f64>> {
+        self.metric_sums(|labels| labels.contains(label)).await
+    }
+
+    async fn metric_sums(&self, keep: impl Fn(&str) -> bool) -> Option<BTreeMap<String, f64>> {
         let text = self.get("/metrics").await?;
         let mut sums = BTreeMap::new();
         for (series, value) in text
@@ -330,8 +340,10 @@ impl NodeAddr {
             let Ok(value) = value.parse::<f64>() else {
                 continue;
             };
-            let name = series.split('{').next().unwrap_or(series);
-            *sums.entry(name.to_string()).or_insert(0.0) += value;
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            if keep(labels) {
+                *sums.entry(name.to_string()).or_insert(0.0) += value;
+            }
         }
         Some(sums)
     }

@@ -58,8 +58,9 @@ struct PeerQueryLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CommandLabels {
     entity_type: &'static str,
-    /// `direct` (run by this node's shard without a record) or `record` (written to the input
-    /// topic for the owner to read).
+    /// `direct` (run by this node's shard without a record), `forwarded` (run by the owner's
+    /// shard without a record, over the query link) or `record` (written to the input topic
+    /// for the owner to read).
     path: &'static str,
 }
 

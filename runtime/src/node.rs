@@ -123,10 +123,14 @@ impl<E: Entity> Entities<E> {
 
     /// Sends `command` to the entity `id`, wherever it is hosted, and returns its answer once
     /// the change it made is committed (see [`Entity::handle`]). When the entity's shard is on
-    /// this node, the shard runs it directly; otherwise it is written to the type's input topic
-    /// (so it takes its place in the entity's partition order, and survives the owner's crash)
-    /// for the owner to read. `idempotency_key` makes a retry of the same command (after
-    /// a timeout, through any node) get the first answer instead of running again. Errors:
+    /// this node, the shard runs it directly; when it is on a peer, it goes over the query link
+    /// and the owner's shard runs it the same way; when neither takes it (no link, the shard
+    /// restoring or handing off, no owner known) it is written to the type's input topic for
+    /// whoever owns the partition to read. Run at the owner, it is ordered after what the shard
+    /// has read of its partition, not after every record already committed there (a message
+    /// sent a moment ago may still be on its way). `idempotency_key` makes a retry of the same
+    /// command (after a timeout, through any node) get the first answer instead of running
+    /// again. Errors:
     /// [`CommandError`] (`Unavailable`: the outcome is unknown; retry with the same key).
     pub async fn command(
         &self,

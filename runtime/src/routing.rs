@@ -4,8 +4,9 @@
 //! codec). (Records whose key belongs elsewhere travel through Kafka instead: see
 //! `shard::Reroute`.)
 //!
-//! A command goes to its shard the same way when the shard is here, and is written to the input
-//! topic otherwise (`commands`).
+//! A command goes to its shard the same way: through the shard actor when the shard is here,
+//! over the query link to the owner otherwise, and is written to the input topic when neither
+//! takes it (`commands`).
 //!
 //! Every call has a timeout. While a shard has no known owner, or the node asked says it is not
 //! (or no longer) the owner, the caller waits for the allocation table to change, up to a bound.

@@ -145,6 +145,9 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
         .collect();
     let two_nodes = super::acting::transfers(&channels, &prefix, 32).await?;
     super::acting::two_nodes_row(&mut acting, &one_node, &two_nodes, &bare);
+    let through_a_peer =
+        deposits_through_a_peer([&node, &node2], [&channel, &channel2], &node2_shards, stamp)
+            .await?;
     node2.stop()?;
     node.stop()?;
     let timer_memory = super::acting::timer_memory(setup, stamp).await?;
@@ -194,7 +197,136 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
         table.row(row);
     }
     table.note("One node hosting the accounts (8 partitions), the client (this harness, tonic) and the broker on the same machine. Each deposit carries a fresh idempotency key (its answer is remembered in the account's state). The bare loop: one partition in, one out, one record at a time, in one thread; each step waits for the previous.");
-    Ok(vec![table, acting, timer_memory])
+    Ok(vec![table, through_a_peer, acting, timer_memory])
+}
+
+/// Deposits on two nodes, each worker into 64 accounts of its own: through node 1 into
+/// accounts node 1 owns (run by its shard), then into accounts node 2 owns (forwarded over the
+/// query link, or written as records when the nodes run with `PEER_QUERIES=remoting`), at
+/// concurrency 1 and 32; then at 32 with half the workers on each node's accounts, each through
+/// the owner (what two nodes do together). The nodes' `commands_total` by path over each loop
+/// shows which path the commands took.
+async fn deposits_through_a_peer(
+    nodes: [&NodeProcess; 2],
+    channels: [&Channel; 2],
+    node2_shards: &[u32],
+    stamp: u64,
+) -> anyhow::Result<Table> {
+    const PER_WORKER: usize = 64;
+    // Accounts by owner: [node 1's, node 2's].
+    let mut owned: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    for i in 0.. {
+        if owned
+            .iter()
+            .all(|accounts| accounts.len() >= 32 * PER_WORKER)
+        {
+            break;
+        }
+        let account = format!("dep2-{stamp}-{i}");
+        let owner = usize::from(node2_shards.contains(&partition_for_key(account.as_bytes(), 8)));
+        owned[owner].push(account);
+    }
+    let mut table = Table::new(
+        &format!(
+            "Deposit on two nodes: through node 1 into accounts node 1 owns, against accounts node 2 owns, and both nodes through the owners (closed loop, {} s after {} s warm-up)",
+            MEASURE.as_secs(),
+            WARM_UP.as_secs()
+        ),
+        &["accounts, callers", "concurrency", "per second", "p50", "p99", "p99.9", "errors", "÷ node 1's own", "paths (both nodes)"],
+    );
+    // Per run: a label, its concurrency, and whose accounts the workers use through node 1
+    // (`None`: worker `w` uses node `w % 2`'s accounts through that node).
+    let runs = [
+        ("node 1's, through node 1", 1, Some(0)),
+        ("node 2's, through node 1", 1, Some(1)),
+        ("node 1's, through node 1", 32, Some(0)),
+        ("node 2's, through node 1", 32, Some(1)),
+        ("both nodes', each through its owner", 32, None),
+    ];
+    let mut baseline: [Option<f64>; 2] = [None, None];
+    for (label, concurrency, through_node_1) in runs {
+        eprintln!("commands: deposits into {label}, concurrency {concurrency}");
+        // Per worker: (the owner of its accounts, the node it calls).
+        let workers: Vec<(usize, usize)> = (0..concurrency)
+            .map(|w| through_node_1.map_or((w % 2, w % 2), |owner| (owner, 0)))
+            .collect();
+        let accounts: Arc<Vec<Vec<String>>> = Arc::new(
+            workers
+                .iter()
+                .enumerate()
+                .map(|(w, &(owner, _))| owned[owner][w * PER_WORKER..(w + 1) * PER_WORKER].to_vec())
+                .collect(),
+        );
+        let worker_channels: Vec<Channel> = workers
+            .iter()
+            .map(|&(_, via)| channels[via].clone())
+            .collect();
+        let before = command_paths(nodes).await?;
+        let l = closed_loop(&worker_channels, concurrency, move |mut client, w, n| {
+            let account = accounts[w][n as usize % PER_WORKER].clone();
+            async move {
+                let change = Change {
+                    account,
+                    amount: 1,
+                    idempotency_key: format!("d2-{n}"),
+                };
+                client.deposit(change).await.map(drop)
+            }
+        })
+        .await?;
+        let after = command_paths(nodes).await?;
+        let paths = ["direct", "forwarded", "record"]
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| a > b)
+            .map(|(path, (b, a))| format!("{path} {}", a - b))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // At concurrency 1 the p50 against node 1's own accounts, at 32 the rate.
+        let (figure, slot) = if concurrency == 1 {
+            (l.ms(0.5), 0)
+        } else {
+            (l.per_second(), 1)
+        };
+        let ratio = match baseline[slot] {
+            None => "1.00".to_string(),
+            Some(base) if concurrency == 1 => format!("p50 × {:.2}", figure / base),
+            Some(base) => format!("{:.2} per second", figure / base),
+        };
+        baseline[slot].get_or_insert(figure);
+        table.row(vec![
+            label.into(),
+            concurrency.to_string(),
+            rate(l.per_second()),
+            format!("{:.1} ms", l.ms(0.5)),
+            format!("{:.1} ms", l.ms(0.99)),
+            format!("{:.1} ms", l.ms(0.999)),
+            l.errors.to_string(),
+            ratio,
+            paths,
+        ]);
+    }
+    table.note("Each deposit carries a fresh idempotency key. Paths are `processor_commands_total` of both nodes over the loop, warm-up included: direct = run by the shard of the node called, forwarded = sent over the query link to the owner's shard, record = written to the input topic for the owner to read (the path before forwarding; the nodes take it with PEER_QUERIES=remoting).");
+    Ok(table)
+}
+
+/// The nodes' commands so far by path (direct, forwarded, record), summed over the nodes.
+async fn command_paths(nodes: [&NodeProcess; 2]) -> anyhow::Result<[f64; 3]> {
+    let mut counts = [0.0; 3];
+    for node in nodes {
+        for (count, path) in counts.iter_mut().zip(["direct", "forwarded", "record"]) {
+            let metrics = node
+                .metrics_with(&format!(r#"path="{path}""#))
+                .await
+                .ok_or_else(|| anyhow::anyhow!("a node did not answer /metrics"))?;
+            // No series yet: the node has sent no command that way.
+            *count += metrics
+                .get("processor_commands_total")
+                .copied()
+                .unwrap_or_default();
+        }
+    }
+    Ok(counts)
 }
 
 /// `concurrency` workers, each depositing into accounts of its own and waiting for each answer.
