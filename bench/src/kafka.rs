@@ -29,6 +29,24 @@ fn client(bootstrap: &str, group: &str) -> ClientConfig {
     config
 }
 
+/// How many partitions `topic` has (from the broker's metadata).
+pub fn partition_count(bootstrap: &str, topic: &str) -> anyhow::Result<u32> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len());
+    anyhow::ensure!(
+        partitions > 0,
+        "topic {topic} has no partitions (or is missing)"
+    );
+    Ok(partitions as u32)
+}
+
 /// High watermark of every partition.
 pub fn end_offsets(
     bootstrap: &str,
@@ -425,10 +443,9 @@ impl Drop for CommittedTimeline {
 pub fn read_committed<T>(
     bootstrap: &str,
     topic: &str,
-    partitions: u32,
     read: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> T,
 ) -> anyhow::Result<Vec<T>> {
-    let ends = end_offsets(bootstrap, topic, partitions)?;
+    let ends = end_offsets(bootstrap, topic, partition_count(bootstrap, topic)?)?;
     let consumer: BaseConsumer = client(bootstrap, &format!("{topic}-bench-reader")).create()?;
     let mut tpl = TopicPartitionList::new();
     for p in ends.keys() {

@@ -57,6 +57,10 @@ struct Args {
     /// Users whose state one node holds in the restore and memory runs.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     state_users: u64,
+    /// Partitions of the accounts' topic in the commands scenario (a checkpoint writes to the
+    /// changelog partitions of the accounts it changed).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=128))]
+    accounts_partitions: u32,
     /// Runs of each throughput measurement (the median is reported).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=20))]
     repeat: u64,
@@ -134,7 +138,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("{}\n{}", restore.render(), memory.render());
     }
     if wants(Scenario::Commands) {
-        for table in scenarios::commands::run(&setup, stamp).await? {
+        for table in scenarios::commands::run(&setup, stamp, args.accounts_partitions).await? {
             println!("{}", table.render());
         }
     }

@@ -31,7 +31,7 @@ use crate::report::{rate, Table};
 const VISIBILITY_SAMPLES: usize = 200;
 const TIMERS: i64 = 10_000;
 const TIMERS_PER_SECOND: i64 = 1_000;
-/// Partitions of the bank topic (created by the commands scenario) and of transfers-completed.
+/// Partitions of the topics of the pending timers' memory runs.
 const PARTITIONS: u32 = 8;
 
 fn now_ms() -> i64 {
@@ -66,6 +66,7 @@ pub(super) async fn run(
     setup: &Setup,
     channel: &Channel,
     bank: &str,
+    partitions: u32,
     stamp: u64,
     bare: &Loop,
 ) -> anyhow::Result<(Table, Loop)> {
@@ -126,7 +127,7 @@ pub(super) async fn run(
         timers.missing_completed,
     );
     table.note(format!(
-        "Accounts on one node (8 partitions); the last row adds a second node to its group once the rest is measured. Timers: {TIMERS} transfers scheduled through gRPC in {:.1} s (concurrency 32), due one per {} ms from {} s after the first was scheduled; a firing is the record the shard writes to the account's own partition in a checkpoint transaction, a completion the credited account's transfers-completed record (one message hop and one more commit later). Errors: timers early or missing, credits not visible within 10 s.",
+        "Accounts on one node ({partitions} partitions); the last row adds a second node to its group once the rest is measured. Timers: {TIMERS} transfers scheduled through gRPC in {:.1} s (concurrency 32), due one per {} ms from {} s after the first was scheduled; a firing is the record the shard writes to the account's own partition in a checkpoint transaction, a completion the credited account's transfers-completed record (one message hop and one more commit later). Errors: timers early or missing, credits not visible within 10 s.",
         timers.scheduling_seconds,
         1_000 / TIMERS_PER_SECOND,
         TIMER_LEAD_MS / 1_000
@@ -289,7 +290,7 @@ async fn timers(
         tokio::time::sleep(Duration::from_secs(1)).await;
         let bootstrap = bootstrap.clone();
         let read = tokio::task::spawn_blocking(move || {
-            read_committed(&bootstrap, "transfers-completed", PARTITIONS, |m| {
+            read_committed(&bootstrap, "transfers-completed", |m| {
                 (m.key().map(<[u8]>::to_vec), m.timestamp().to_millis())
             })
         })
@@ -301,7 +302,7 @@ async fn timers(
     }
     let bank = bank.to_owned();
     let fired: HashMap<i64, i64> = tokio::task::spawn_blocking(move || {
-        read_committed(&bootstrap, &bank, PARTITIONS, |m| {
+        read_committed(&bootstrap, &bank, |m| {
             let timer = m.headers().and_then(|h| {
                 h.iter()
                     .find(|h| h.key == kafka_sharding::headers::TIMER)
@@ -345,7 +346,7 @@ const MEMORY_ACCOUNTS: u64 = 1_000_000;
 /// records are not commands). The difference is what the pending timers cost.
 pub(super) async fn timer_memory(setup: &Setup, stamp: u64) -> anyhow::Result<Table> {
     let events = format!("bench-tmem-events-{stamp}");
-    super::commands::create_topic(setup, &events, 8)?;
+    super::commands::create_topic(setup, &events, PARTITIONS)?;
     let day_ahead = now_ms() + 86_400_000;
     let mut rss = Vec::new();
     for (variant, value) in [
@@ -365,7 +366,7 @@ pub(super) async fn timer_memory(setup: &Setup, stamp: u64) -> anyhow::Result<Ta
     ] {
         let topic = format!("bench-tmem-{variant}-{stamp}");
         let group = format!("bench-tmem-{variant}-group-{stamp}");
-        super::commands::create_topic(setup, &topic, 8)?;
+        super::commands::create_topic(setup, &topic, PARTITIONS)?;
         eprintln!("commands: {MEMORY_ACCOUNTS} accounts' {variant}");
         let bootstrap = setup.bootstrap.clone();
         let produced = topic.clone();
@@ -417,7 +418,7 @@ pub(super) async fn timer_memory(setup: &Setup, stamp: u64) -> anyhow::Result<Ta
         format!("{} B", rss[1] / MEMORY_ACCOUNTS),
         format!("{} B", rss[1].saturating_sub(rss[0]) / MEMORY_ACCOUNTS),
     ]);
-    table.note("Each run a fresh node hosting the accounts (8 partitions) of a topic of 1 000 000 records, one per account (JSON, written with the Java-compatible partitioner), RSS 2 s after the group's committed offsets reached the end. A timer lives in its account's stored state (name, time, message); the shard's index holds at most 8 192 per shard.");
+    table.note(format!("Each run a fresh node hosting the accounts ({PARTITIONS} partitions) of a topic of 1 000 000 records, one per account (JSON, written with the Java-compatible partitioner), RSS 2 s after the group's committed offsets reached the end. A timer lives in its account's stored state (name, time, message); the shard's index holds at most 8 192 per shard."));
     Ok(table)
 }
 

@@ -61,7 +61,7 @@ pub(super) fn create_topic(setup: &Setup, topic: &str, partitions: u32) -> anyho
     Ok(())
 }
 
-pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
+pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<Vec<Table>> {
     let (input, output) = (
         format!("bench-rt-in-{stamp}"),
         format!("bench-rt-out-{stamp}"),
@@ -79,7 +79,7 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
         format!("bench-bank-{stamp}"),
     );
     create_topic(setup, &events, 8)?;
-    create_topic(setup, &bank, 8)?;
+    create_topic(setup, &bank, partitions)?;
     let accounts_group = format!("bench-accounts-{stamp}");
     let group = format!("bench-cmd-{stamp}");
     let node_args = [
@@ -114,7 +114,8 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
         eprintln!("commands: deposits at concurrency {concurrency}");
         loops.push((concurrency, deposits(&channel, concurrency).await?));
     }
-    let (mut acting, one_node) = super::acting::run(setup, &channel, &bank, stamp, &bare).await?;
+    let (mut acting, one_node) =
+        super::acting::run(setup, &channel, &bank, partitions, stamp, &bare).await?;
     eprintln!("commands: a second node joins; transfers through both");
     let mut node2 = NodeProcess::start(setup, 2, &events, &group, &node_args)?;
     let node2_shards = wait_until(
@@ -125,7 +126,8 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
                 node.shards_of(&accounts_group).await?,
                 node2.shards_of(&accounts_group).await?,
             );
-            (!one.is_empty() && !two.is_empty() && one.len() + two.len() == 8).then_some(two)
+            (!one.is_empty() && !two.is_empty() && one.len() + two.len() == partitions as usize)
+                .then_some(two)
         },
     )
     .await?;
@@ -136,7 +138,7 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
     let channels: Vec<Channel> = (0..32)
         .map(|w| {
             let from = format!("{prefix}-{w}");
-            if node2_shards.contains(&partition_for_key(from.as_bytes(), 8)) {
+            if node2_shards.contains(&partition_for_key(from.as_bytes(), partitions)) {
                 channel2.clone()
             } else {
                 channel.clone()
@@ -145,9 +147,14 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
         .collect();
     let two_nodes = super::acting::transfers(&channels, &prefix, 32).await?;
     super::acting::two_nodes_row(&mut acting, &one_node, &two_nodes, &bare);
-    let through_a_peer =
-        deposits_through_a_peer([&node, &node2], [&channel, &channel2], &node2_shards, stamp)
-            .await?;
+    let through_a_peer = deposits_through_a_peer(
+        [&node, &node2],
+        [&channel, &channel2],
+        &node2_shards,
+        partitions,
+        stamp,
+    )
+    .await?;
     node2.stop()?;
     node.stop()?;
     let timer_memory = super::acting::timer_memory(setup, stamp).await?;
@@ -196,7 +203,7 @@ pub async fn run(setup: &Setup, stamp: u64) -> anyhow::Result<Vec<Table>> {
         row.extend([ratio, target.into(), met]);
         table.row(row);
     }
-    table.note("One node hosting the accounts (8 partitions), the client (this harness, tonic) and the broker on the same machine. Each deposit carries a fresh idempotency key (its answer is remembered in the account's state). The bare loop: one partition in, one out, one record at a time, in one thread; each step waits for the previous.");
+    table.note(format!("One node hosting the accounts ({partitions} partitions), the client (this harness, tonic) and the broker on the same machine. Each deposit carries a fresh idempotency key (its answer is remembered in the account's state). The bare loop: one partition in, one out, one record at a time, in one thread; each step waits for the previous."));
     Ok(vec![table, through_a_peer, acting, timer_memory])
 }
 
@@ -210,6 +217,7 @@ async fn deposits_through_a_peer(
     nodes: [&NodeProcess; 2],
     channels: [&Channel; 2],
     node2_shards: &[u32],
+    partitions: u32,
     stamp: u64,
 ) -> anyhow::Result<Table> {
     const PER_WORKER: usize = 64;
@@ -223,7 +231,8 @@ async fn deposits_through_a_peer(
             break;
         }
         let account = format!("dep2-{stamp}-{i}");
-        let owner = usize::from(node2_shards.contains(&partition_for_key(account.as_bytes(), 8)));
+        let owner =
+            usize::from(node2_shards.contains(&partition_for_key(account.as_bytes(), partitions)));
         owned[owner].push(account);
     }
     let mut table = Table::new(
