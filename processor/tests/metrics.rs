@@ -1,9 +1,14 @@
 //! `GET /metrics` against a real broker: scraped while two nodes process a steady stream, the
-//! counters only grow, and at the end they agree with what the producer wrote.
+//! counters only grow, and at the end they agree with what the producer wrote. Then a real
+//! Prometheus (Debian's `prometheus` and `promtool`, installed by `.ci/run`) scrapes two nodes
+//! with the shipped `monitoring/` configuration: the rules' own unit tests pass, both targets
+//! are up, the figures it stores are the nodes', and a SIGKILLed node raises its alert.
 
 mod support;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use kafka_sharding::partitioner::partition_for_key;
@@ -12,6 +17,7 @@ use proto::service::user_service_client::UserServiceClient;
 use proto::service::UserStatsRequest;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value;
 use support::*;
 
 type Samples = BTreeMap<String, f64>;
@@ -258,4 +264,247 @@ async fn metrics_move_with_what_was_produced() {
         ),
         1.0
     );
+}
+
+/// The repository's `monitoring/` directory: the Prometheus configuration and rules operators
+/// are given.
+fn monitoring() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../monitoring")
+}
+
+/// Runs one of Prometheus's own tools; a missing one fails the test with what to install.
+fn prometheus_tool(tool: &str) -> Command {
+    let found = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    assert!(
+        matches!(found, Ok(status) if status.success()),
+        "`{tool}` is missing: install Debian's prometheus package (.ci/run does)"
+    );
+    Command::new(tool)
+}
+
+#[test]
+fn the_shipped_alert_rules_pass_their_unit_tests_and_the_config_is_valid() {
+    // `check config` checks the rules it names too.
+    for args in [
+        ["check", "config", "prometheus.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = prometheus_tool("promtool")
+            .args(args)
+            .current_dir(monitoring())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A Prometheus server of the test's own, scraping `targets` every second with the shipped
+/// rules; stopped when dropped.
+struct Prometheus {
+    child: Child,
+    port: u16,
+}
+
+impl Prometheus {
+    fn start(name: &str, port: u16, targets: &[u16]) -> Self {
+        let dir = log_dir(name).join("prometheus");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let targets: Vec<String> = targets
+            .iter()
+            .map(|p| format!("\"127.0.0.1:{p}\""))
+            .collect();
+        // The shipped alerts.yml as it is; only the intervals are the test's (1 s, so a
+        // `for: 30s` alert fires within a test's patience).
+        let config = format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             rule_files: [\"{}\"]\n\
+             scrape_configs:\n\
+             - job_name: kafka-sharding\n  \
+               scrape_timeout: 1s\n  \
+               static_configs: [{{targets: [{}]}}]\n",
+            monitoring().join("alerts.yml").display(),
+            targets.join(", ")
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = prometheus_tool("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self { child, port }
+    }
+
+    /// `GET /api/v1/<path>`'s `data`, when the server answers with success.
+    async fn api(&self, path: &str) -> Option<Value> {
+        let body: Value = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/api/v1/{path}", self.port))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (body["status"] == "success").then(|| body["data"].clone())
+    }
+
+    /// An instant query whose answer is one number (`None` while it has no sample).
+    async fn scalar(&self, promql: &str) -> Option<f64> {
+        let query: String = url_encode(promql);
+        let data = self.api(&format!("query?query={query}")).await?;
+        let result = data["result"].as_array()?;
+        if result.len() != 1 {
+            return None;
+        }
+        result[0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// The alerts in `state` (`pending` or `firing`): (name, instance label).
+    async fn alerts(&self, state: &str) -> Option<Vec<(String, String)>> {
+        let data = self.api("alerts").await?;
+        Some(
+            data["alerts"]
+                .as_array()?
+                .iter()
+                .filter(|a| a["state"] == state)
+                .map(|a| {
+                    let labels = &a["labels"];
+                    (
+                        labels["alertname"].as_str().unwrap_or("").to_string(),
+                        labels["instance"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Percent-encodes a PromQL query for a URL's query string.
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prometheus_scrapes_every_node_and_the_shipped_alert_fires_for_a_killed_one() {
+    require_broker();
+    let spec = ClusterSpec::new("prometheus", 7_000);
+    let partitions = 8;
+    spec.create_topic(partitions);
+    let node1 = spec.start_node(1);
+    let mut node2 = spec.start_node(2);
+    wait_for_split(&[&node1, &node2], partitions).await;
+    let (m1, m2) = (spec.management(1), spec.management(2));
+    let prometheus = Prometheus::start(&spec.name, spec.port_base + 90, &[m1, m2]);
+
+    // Both nodes' OpenMetrics pages are scraped without an error.
+    let up = eventually(
+        Duration::from_secs(30),
+        "Prometheus scraping both nodes",
+        || async {
+            let data = prometheus.api("targets").await?;
+            let targets = data["activeTargets"].as_array()?;
+            let healthy: Vec<String> = targets
+                .iter()
+                .filter(|t| t["health"] == "up" && t["lastError"] == "")
+                .map(|t| t["labels"]["instance"].as_str().unwrap_or("").to_string())
+                .collect();
+            (healthy.len() == 2).then_some(healthy)
+        },
+    )
+    .await;
+    assert!(up.contains(&format!("127.0.0.1:{m1}")) && up.contains(&format!("127.0.0.1:{m2}")));
+
+    // What Prometheus stores is what the nodes did: every event produced processed once, every
+    // shard owned by one node, the topic's partitions as reported.
+    let ledger = spec.produce(3_000, 300, "ledger.json");
+    wait_for_ledger(&spec, &[1, 2], &ledger, Duration::from_secs(60)).await;
+    let produced = Ledger::load(&ledger).unwrap().acknowledged_events as f64;
+    eventually(
+        Duration::from_secs(30),
+        "Prometheus's figures equal to the nodes' work",
+        || async {
+            let processed = prometheus
+                .scalar("sum(processor_events_processed_local_total)")
+                .await?;
+            let owned = prometheus.scalar("sum(processor_shards_owned)").await?;
+            let topic = prometheus.scalar("max(processor_partitions)").await?;
+            (processed == produced && owned == partitions as f64 && topic == partitions as f64)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        prometheus.alerts("firing").await.unwrap(),
+        Vec::new(),
+        "a healthy cluster raises no alert"
+    );
+
+    // A crash: node 2's alert fires once it has been down for the rule's 30 s, naming it; node 1
+    // takes its shards, as Prometheus sees it.
+    node2.kill();
+    let firing = eventually(
+        Duration::from_secs(60),
+        "ShardingNodeDown firing for the killed node",
+        || async {
+            let firing = prometheus.alerts("firing").await?;
+            firing
+                .iter()
+                .any(|(name, _)| name == "ShardingNodeDown")
+                .then_some(firing)
+        },
+    )
+    .await;
+    assert_eq!(
+        firing
+            .iter()
+            .filter(|(name, _)| name == "ShardingNodeDown")
+            .collect::<Vec<_>>(),
+        vec![&("ShardingNodeDown".to_string(), format!("127.0.0.1:{m2}"))],
+        "only the killed node is down"
+    );
+    eventually(
+        Duration::from_secs(30),
+        "node 1 owning every shard, seen by Prometheus",
+        || async {
+            let owned = prometheus.scalar("sum(processor_shards_owned)").await?;
+            let alive = prometheus.scalar("sum(up)").await?;
+            (owned == partitions as f64 && alive == 1.0).then_some(())
+        },
+    )
+    .await;
+    drop(node1);
 }

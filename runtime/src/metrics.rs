@@ -2,10 +2,13 @@
 //!
 //! Counters live in [`NodeStats`] (shared with `/cluster/stats`); this module adds the
 //! histograms (rebalance callbacks, hand-off steps, shard restores, entity queries) and the
-//! gauges that are read when scraped (shards owned, live / passivated entities, consumer lag per
-//! partition). All names start with the application's name (`<name>_`); every series of an
-//! entity type's work carries its `entity_type` label (the type's group), so one family holds
-//! every hosted type and a dashboard sums or splits them. The in-flight gauge is node-wide.
+//! gauges: the input topic's partitions (set once), and what is read when scraped (shards owned,
+//! live / passivated entities, consumer lag per partition). All names start with the
+//! application's name (`<name>_`); every series of an entity type's work carries its
+//! `entity_type` label (the type's group), so one family holds every hosted type and a dashboard
+//! sums or splits them. The in-flight gauge is node-wide. The repository's `monitoring/` holds
+//! alerting rules written against these names (a shard without an owner is `partitions` minus
+//! the nodes' `shards_owned`).
 
 use std::time::Duration;
 
@@ -124,6 +127,7 @@ pub(crate) struct MetricsRegistry {
     remote_query_batch: HistogramFamily<TypeLabels>,
     peer_queries: Family<PeerQueryLabels, Counter>,
     commands: Family<CommandLabels, Counter>,
+    partitions: Family<TypeLabels, Gauge>,
     shards_owned: Family<TypeLabels, Gauge>,
     live_entities: Family<TypeLabels, Gauge>,
     passivated_entities: Family<TypeLabels, Gauge>,
@@ -209,6 +213,7 @@ impl MetricsRegistry {
             remote_query_batch: Family::new_with_constructor(batch_histogram),
             peer_queries: Family::default(),
             commands: Family::default(),
+            partitions: Family::default(),
             shards_owned: Family::default(),
             live_entities: Family::default(),
             passivated_entities: Family::default(),
@@ -281,6 +286,11 @@ impl MetricsRegistry {
             this.commands.clone(),
         );
         registry.register(
+            "partitions",
+            "Partitions of the entity type's input topic: its shards, cluster-wide (every node reports it; the nodes' shards_owned add up to it)",
+            this.partitions.clone(),
+        );
+        registry.register(
             "shards_owned",
             "Shards (partitions) hosted by this node",
             this.shards_owned.clone(),
@@ -311,13 +321,17 @@ impl MetricsRegistry {
         }
     }
 
-    /// The counters and metrics of the entity type consumed by `group` from `topic`.
-    pub fn entity_type(&self, group: &str, topic: &str) -> (NodeStats, Metrics) {
+    /// The counters and metrics of the entity type consumed by `group` from `topic`, which has
+    /// `partitions`.
+    pub fn entity_type(&self, group: &str, topic: &str, partitions: u32) -> (NodeStats, Metrics) {
         // Label values must be `'static` to stay cheap on every observation; a node hosts a
         // handful of types for its whole life, so their names are kept for it.
         let entity_type: &'static str = Box::leak(group.to_string().into_boxed_str());
         let topic: &'static str = Box::leak(topic.to_string().into_boxed_str());
         let labels = TypeLabels { entity_type };
+        self.partitions
+            .get_or_create(&labels)
+            .set(i64::from(partitions));
         let stats = NodeStats::from_counters(
             self.counters
                 .iter()
@@ -482,8 +496,8 @@ mod tests {
     #[test]
     fn every_series_carries_its_entity_type_and_handed_off_lags_disappear() {
         let registry = MetricsRegistry::new("processor");
-        let (users, user_metrics) = registry.entity_type("users", "user-events");
-        let (devices, device_metrics) = registry.entity_type("devices", "readings");
+        let (users, user_metrics) = registry.entity_type("users", "user-events", 16);
+        let (devices, device_metrics) = registry.entity_type("devices", "readings", 4);
         NodeStats::add(&users.events_processed_local, 7);
         NodeStats::add(&devices.events_processed_local, 2);
         user_metrics.observe_query("remote", "ok", Duration::from_millis(2));
@@ -504,6 +518,8 @@ mod tests {
             r#"processor_events_processed_local_total{entity_type="users"} 7"#,
             r#"processor_events_processed_local_total{entity_type="devices"} 2"#,
             r#"processor_shards_owned{entity_type="users"} 2"#,
+            r#"processor_partitions{entity_type="users"} 16"#,
+            r#"processor_partitions{entity_type="devices"} 4"#,
             r#"processor_consumer_lag{entity_type="users",group="users",topic="user-events",partition="1"} 5"#,
             r#"processor_consumer_lag{entity_type="devices",group="devices",topic="readings",partition="1"} 9"#,
             r#"processor_passivated_entities{entity_type="users"} 7"#,

@@ -452,7 +452,9 @@ async fn start_type<E: Entity>(
     let readiness = node.readiness.group(&spec.group);
     let table = Arc::new(AllocationTable::new(node.node_id.clone()));
     let local = Arc::new(LocalShards::<E>::default());
-    let (stats, metrics) = node.metrics.entity_type(&spec.group, &spec.topic);
+    let (stats, metrics) = node
+        .metrics
+        .entity_type(&spec.group, &spec.topic, partitions);
     let (stats, metrics) = (Arc::new(stats), Arc::new(metrics));
     let batcher = Arc::new(QueryBatcher::new(
         config.remote_call_timeout,

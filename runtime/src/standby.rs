@@ -689,7 +689,7 @@ mod tests {
             changelog_topic: "changelog".into(),
             kafka_debug: None,
         };
-        let (_, metrics) = MetricsRegistry::new("test").entity_type("g", "input");
+        let (_, metrics) = MetricsRegistry::new("test").entity_type("g", "input", 4);
         let standbys = Standbys::<Sum>::new(
             1,
             1,
