@@ -239,7 +239,7 @@ impl OwnerDirectory {
     }
 
     /// Fetches the table again in the background, unless a fetch is running or ran within
-    /// the last [`REFRESH_AT_MOST_EVERY`].
+    /// the last 250 ms (`REFRESH_AT_MOST_EVERY`).
     pub fn refresh_soon(self: &Arc<Self>) {
         {
             let mut refresh = self.refresh.lock().expect("refresh lock poisoned");
