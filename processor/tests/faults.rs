@@ -1,7 +1,8 @@
 //! Self-healing under real faults, every node a separate process: a broker outage past the
 //! session timeout, a killed group coordinator in a 3-broker cluster, a fenced transactional
 //! producer, and a node with the wrong cookie. Every node stays alive and every total ends
-//! equal to the producers' ledger.
+//! equal to the producers' ledger. And a node started before its input topic exists: alive
+//! and scrapeable while it waits, ready once the topic is there.
 //!
 //! The outage and coordinator tests stop and kill brokers, so they start brokers of their own
 //! (`support::Broker`); the others use the shared test broker.
@@ -270,4 +271,57 @@ async fn a_changed_partition_count_and_a_deleted_topic_end_the_node_with_their_e
     assert!(node
         .log()
         .contains(&format!("input topic {} was deleted", spec.topic)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_waiting_for_its_topic_is_alive_and_scrapeable_and_says_what_it_waits_for() {
+    require_broker();
+    let spec = ClusterSpec::new("no-topic-yet", 6_000);
+    let mut node = spec.start_node(1);
+
+    // Waiting: the management port answers, and /ready names the missing topic.
+    let (status, body) = eventually(Duration::from_secs(30), "the waiting node's /ready", || {
+        get_status(node.management, "/ready")
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    let reasons = body["reasons"].to_string();
+    assert!(
+        reasons.contains(&spec.topic) && reasons.contains("starting"),
+        "/ready says what it waits for: {body}"
+    );
+    let (alive, _) = get_status(node.management, "/alive").await.unwrap();
+    assert_eq!(alive, 200);
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", node.management))
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.contains("# TYPE processor_in_flight_events gauge") && text.ends_with("# EOF\n"),
+        "the node's metrics, without any entity type's series yet: {text}"
+    );
+    let stats = reqwest::get(format!(
+        "http://127.0.0.1:{}/cluster/stats",
+        node.management
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        stats.status(),
+        503,
+        "nothing else is served while it starts"
+    );
+    assert!(
+        node.log()
+            .contains(&format!("waiting for topic {}", spec.topic)),
+        "its log says so too"
+    );
+
+    // The topic appears: the same node goes on, becomes ready and serves its users.
+    spec.create_topic(4);
+    until_ready(&spec, &[&node], Duration::from_secs(60)).await;
+    let ledger = spec.produce(500, 50, "late-topic.json");
+    wait_for_ledger(&spec, &[1], &ledger, Duration::from_secs(60)).await;
+    assert!(node.stop().success());
 }

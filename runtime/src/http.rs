@@ -14,6 +14,13 @@
 //!   upgrade; see `cluster::query_link`).
 //! - `GET /alive`, `GET /ready`: liveness and readiness (see `readiness`), 200 or 503 with a
 //!   JSON body saying why.
+//!
+//! The port answers from the moment the node binds it: while the node prepares its topics
+//! (waiting, if need be, for its input topic to be created) it serves [`starting`]: `/alive`,
+//! `/health`, `/ready` (503, saying what it waits for) and `/metrics` (no entity type's series
+//! yet), 503 for the rest. A [`Switch`] then hands the same listener to [`router`]. So an
+//! orchestrator's liveness probe does not restart a node that is only waiting, and Prometheus
+//! sees it up.
 //! - `POST /entities/{type}/{id}`: asks entity `id` of `type` (its group) the query in the body,
 //!   in the type's codec, from whichever node hosts it (`ask_bytes`); the reply is the body
 //!   (same codec), `x-route` says where it came from. `GET` takes the query as `?query=` text
@@ -22,7 +29,8 @@
 //!   owner answered in time), 500 (the shard refused its stored state: the reason).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
@@ -31,6 +39,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
+use tower::ServiceExt;
 
 use crate::allocation::AllocationTable;
 use crate::ask_bytes::{AskBytes, BytesAskError};
@@ -40,7 +49,7 @@ use crate::cluster::membership::Membership;
 use crate::cluster::query_link;
 use crate::lag::LagProbe;
 use crate::metrics::{Metrics, MetricsRegistry, ScrapeInputs};
-use crate::readiness::Readiness;
+use crate::readiness::{Readiness, ReadyReport};
 use crate::routing::{AskError, Consistency};
 use crate::shard::HostedShards;
 use crate::stats::{NodeStats, StatsSnapshot};
@@ -181,6 +190,70 @@ struct TypeStats {
     counters: StatsSnapshot,
 }
 
+/// The management port's routes, replaced once the node is built (see the module's doc).
+#[derive(Clone)]
+pub(crate) struct Switch(Arc<RwLock<Router>>);
+
+impl Switch {
+    pub fn new(routes: Router) -> Self {
+        Self(Arc::new(RwLock::new(routes)))
+    }
+
+    /// From now on requests go to `routes`.
+    pub fn replace(&self, routes: Router) {
+        *self.0.write().expect("routes lock poisoned") = routes;
+    }
+
+    /// What the listener serves: every request goes to the routes of the moment.
+    pub fn router(&self) -> Router {
+        let current = self.0.clone();
+        Router::new().fallback(move |request: Request| {
+            let routes = current.read().expect("routes lock poisoned").clone();
+            async move {
+                let answered: Result<Response, Infallible> = routes.oneshot(request).await;
+                answered.unwrap_or_else(|never| match never {})
+            }
+        })
+    }
+}
+
+/// A starting node's routes: alive, not ready (`status` says what it is doing), its metrics;
+/// anything else 503.
+pub(crate) fn starting(status: Arc<Mutex<String>>, metrics: Arc<MetricsRegistry>) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/alive",
+            get(|| async { Json(serde_json::json!({ "alive": true })) }),
+        )
+        .route(
+            "/ready",
+            get(move || {
+                let status = status.lock().expect("status lock poisoned").clone();
+                async move {
+                    let report = ReadyReport {
+                        ready: false,
+                        reasons: vec![format!("starting: {status}")],
+                    };
+                    (StatusCode::SERVICE_UNAVAILABLE, Json(report))
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.render(0);
+                async move { openmetrics(body) }
+            }),
+        )
+        .fallback(|| async {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the node is starting (see /ready)",
+            )
+        })
+}
+
 pub(crate) fn router(m: Arc<Management>) -> Router {
     Router::new()
         .route("/cluster/shards/{type_name}", get(shards))
@@ -316,11 +389,15 @@ async fn metrics(State(m): State<Arc<Management>>) -> Response {
             lags: &lags,
         });
     }
-    let body = m.metrics.render(m.gate.in_flight());
+    openmetrics(m.metrics.render(m.gate.in_flight()))
+}
+
+/// A `/metrics` answer: prometheus_client writes the OpenMetrics text format (`# EOF`
+/// included).
+fn openmetrics(body: String) -> Response {
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            // prometheus_client writes the OpenMetrics text format (`# EOF` included).
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         body,

@@ -6,7 +6,7 @@ use std::future::IntoFuture;
 use std::marker::PhantomData;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -348,6 +348,48 @@ fn socket(host: &str, port: u16) -> Result<SocketAddr, NodeError> {
         .map_err(|_| NodeError::BadAddress(format!("{host}:{port}")))
 }
 
+/// Binds the management port and serves `router` on it (over TLS with `--tls-serve`) until
+/// `shutdown`.
+async fn serve_management(
+    config: &NodeConfig,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, NodeError> {
+    let in_use = |source| NodeError::PortInUse {
+        what: "management",
+        host: config.bind_host.to_string(),
+        port: config.ports.management,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(socket(
+        &config.bind_host.to_string(),
+        config.ports.management,
+    )?)
+    .await
+    .map_err(in_use)?;
+    Ok(match config.tls.as_ref().filter(|_| config.tls_serve) {
+        Some(tls) => tokio::spawn(
+            axum::serve(tls.serve_https(listener).map_err(in_use)?, router)
+                .with_graceful_shutdown(shutdown)
+                .into_future(),
+        ),
+        None => tokio::spawn(
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .into_future(),
+        ),
+    })
+}
+
+/// Aborts a task when dropped (a no-op once it has ended).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Fails early with a clear message instead of a half-started node.
 fn check_port_free(what: &'static str, host: &str, port: u16) -> Result<(), NodeError> {
     TcpListener::bind(socket(host, port)?)
@@ -623,13 +665,31 @@ async fn run(
     let host = config.host.clone();
     let bind = config.bind_host.to_string();
     check_port_free("remoting", &bind, config.ports.remoting)?;
-    check_port_free("management", &bind, config.ports.management)?;
     check_port_free("gRPC", &bind, config.ports.grpc)?;
+
+    // The management port answers at once (alive, not ready, metrics), while the topics are
+    // prepared: that can wait for the input topic for `TOPIC_WAIT`.
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let metrics = Arc::new(MetricsRegistry::new(&config.name));
+    let starting = Arc::new(Mutex::new(String::from("preparing the topics")));
+    let routes = crate::http::Switch::new(crate::http::starting(starting.clone(), metrics.clone()));
+    let http = serve_management(&config, routes.router(), shutdown(shutdown_rx.clone())).await?;
+    // Ends the management port's task should the node fail to start.
+    let _http_guard = AbortOnDrop(http.abort_handle());
 
     let mut partitions = Vec::with_capacity(hosted.len());
     for h in &hosted {
-        partitions.push(prepare_topics(&config, h.spec()).await?);
+        let spec = h.spec();
+        *starting.lock().expect("status lock poisoned") = format!(
+            "checking the topics of {} (waiting for its input topic {} if it does not exist yet)",
+            spec.group, spec.topic
+        );
+        partitions.push(prepare_topics(&config, spec).await?);
     }
+    *starting.lock().expect("status lock poisoned") = "starting the entity types".into();
     let node_id = config.node_id();
     let health = KafkaHealth::new(&config.kafka);
     tokio::spawn(
@@ -652,7 +712,7 @@ async fn run(
         node_id: node_id.clone(),
         quiet: QuietContext::new(health.clone()),
         readiness: Readiness::new(health.clone(), groups.iter().map(String::as_str)),
-        metrics: Arc::new(MetricsRegistry::new(&config.name)),
+        metrics,
         gate: Arc::new(InFlightGate::new(config.max_in_flight)),
         live_entities: Arc::new(AtomicUsize::new(0)),
         commands: Arc::new(PendingCommands::new(Arc::from(node_id.as_str()))),
@@ -732,11 +792,6 @@ async fn run(
     };
     grpc_services.add_service(entities.server());
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let shutdown = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-
     let grpc_addr = socket(&bind, config.ports.grpc)?;
     let grpc = tokio::spawn(crate::grpc::serve(
         grpc_addr,
@@ -761,36 +816,7 @@ async fn run(
         readiness: readiness.clone(),
         endpoints,
     });
-    let http_listener = tokio::net::TcpListener::bind(socket(&bind, config.ports.management)?)
-        .await
-        .map_err(|source| NodeError::PortInUse {
-            what: "management",
-            host: host.clone(),
-            port: config.ports.management,
-            source,
-        })?;
-    let router = crate::http::router(management);
-    let http = match config.tls.as_ref().filter(|_| config.tls_serve) {
-        Some(tls) => tokio::spawn(
-            axum::serve(
-                tls.serve_https(http_listener)
-                    .map_err(|source| NodeError::PortInUse {
-                        what: "management",
-                        host: host.clone(),
-                        port: config.ports.management,
-                        source,
-                    })?,
-                router,
-            )
-            .with_graceful_shutdown(shutdown(shutdown_rx.clone()))
-            .into_future(),
-        ),
-        None => tokio::spawn(
-            axum::serve(http_listener, router)
-                .with_graceful_shutdown(shutdown(shutdown_rx.clone()))
-                .into_future(),
-        ),
-    };
+    routes.replace(crate::http::router(management));
     let serves_tls = config.tls.is_some() && config.tls_serve;
     let (remoting_tls, scheme, grpc_tls) = (
         if config.tls.is_some() { " (TLS)" } else { "" },
