@@ -97,11 +97,7 @@ pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<V
             let mut client = AccountsClient::new(channel.clone());
             async move {
                 client
-                    .deposit(Change {
-                        account: "warm-up".into(),
-                        amount: 1,
-                        idempotency_key: String::new(),
-                    })
+                    .deposit(one_cent("warm-up".into(), String::new()))
                     .await
                     .ok()
                     .map(|_| ())
@@ -274,11 +270,7 @@ async fn deposits_through_a_peer(
         let l = closed_loop(&worker_channels, concurrency, move |mut client, w, n| {
             let account = accounts[w][n as usize % PER_WORKER].clone();
             async move {
-                let change = Change {
-                    account,
-                    amount: 1,
-                    idempotency_key: format!("d2-{n}"),
-                };
+                let change = one_cent(account, format!("d2-{n}"));
                 client.deposit(change).await.map(drop)
             }
         })
@@ -344,15 +336,20 @@ async fn deposits(channel: &Channel, concurrency: usize) -> anyhow::Result<Loop>
         std::slice::from_ref(channel),
         concurrency,
         |mut client, w, n| async move {
-            let change = Change {
-                account: format!("acc-{w}-{}", n % 64),
-                amount: 1,
-                idempotency_key: format!("d-{n}"),
-            };
+            let change = one_cent(format!("acc-{w}-{}", n % 64), format!("d-{n}"));
             client.deposit(change).await.map(drop)
         },
     )
     .await
+}
+
+/// A deposit of one cent into `account` (an empty key: no idempotency key).
+fn one_cent(account: String, idempotency_key: String) -> Change {
+    Change {
+        account,
+        amount: 1,
+        idempotency_key,
+    }
 }
 
 /// `concurrency` workers, worker `w` through `channels[w % len]`, each calling
