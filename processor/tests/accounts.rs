@@ -55,13 +55,16 @@ async fn commands_are_answered_once_committed_and_once_per_idempotency_key() {
     }
     // The same deposit retried with its key, through the other node: the first answer, once.
     // Node 2 forwards the retries for node 1's accounts to node 1 over the query link, where
-    // they run without a record (`commands_total{path="forwarded"}`, counted where the caller
+    // they run without a record (`command_seconds{path="forwarded"}`, counted where the caller
     // came in); its own accounts' run at its shards.
     let commands = |path: &'static str| {
         let node2 = &node2;
         async move {
             node2
-                .metric_sum("processor_commands_total", &format!(r#"path="{path}""#))
+                .metric_sum(
+                    "processor_command_seconds_count",
+                    &format!(r#"path="{path}""#),
+                )
                 .await
         }
     };
@@ -97,8 +100,19 @@ async fn commands_are_answered_once_committed_and_once_per_idempotency_key() {
         let answer = via1.withdraw(change("acc-0", 200, "")).await.unwrap();
         assert_eq!(answer.into_inner().balance, expected);
     }
+    let refused_label = r#"outcome="refused""#;
+    let refusals = node1
+        .metric_sum("processor_command_seconds_count", refused_label)
+        .await;
     let refused_again = via1.withdraw(change("acc-0", 200, "")).await.unwrap_err();
     assert_eq!(refused_again.code(), Code::FailedPrecondition);
+    assert_eq!(
+        node1
+            .metric_sum("processor_command_seconds_count", refused_label)
+            .await,
+        refusals + 1.0,
+        "the refusal is timed as such where the caller came in"
+    );
 
     // Bad input: INVALID_ARGUMENT, nothing written.
     let long = "x".repeat(300);
@@ -286,13 +300,13 @@ async fn a_command_applied_but_not_committed_when_its_owner_dies_is_not_answered
     // its lag probe's stable offsets.)
     let direct_path = r#"path="direct""#;
     let run_directly = node2
-        .metric_sum("processor_commands_total", direct_path)
+        .metric_sum("processor_command_seconds_count", direct_path)
         .await;
     let opened = via2.deposit(change(&direct, 10, "more")).await.unwrap();
     assert_eq!(opened.into_inner().balance, 110);
     assert!(
         node2
-            .metric_sum("processor_commands_total", direct_path)
+            .metric_sum("processor_command_seconds_count", direct_path)
             .await
             > run_directly,
         "node 2 runs a deposit to its own account without a record"

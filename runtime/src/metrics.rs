@@ -57,14 +57,17 @@ struct PeerQueryLabels {
     transport: &'static str,
 }
 
-/// Commands sent from this node, by the way they went.
+/// Commands sent from this node: the way they went and how they ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CommandLabels {
     entity_type: &'static str,
     /// `direct` (run by this node's shard without a record), `forwarded` (run by the owner's
-    /// shard without a record, over the query link) or `record` (written to the input topic
-    /// for the owner to read).
+    /// shard without a record, over the query link), `record` (written to the input topic for
+    /// the owner to read) or `none` (refused before it went anywhere: a bad id or key).
     path: &'static str,
+    /// `ok` (the entity's reply), `refused` (the entity refused it: nothing changed), `failed`
+    /// (it could not run), `invalid_argument` or `unavailable` (no answer in time: unknown).
+    outcome: &'static str,
 }
 
 /// Consumer lag is labelled as Kafka's own tools name it (group, topic, partition); the group
@@ -126,7 +129,7 @@ pub(crate) struct MetricsRegistry {
     query_seconds: HistogramFamily<QueryLabels>,
     remote_query_batch: HistogramFamily<TypeLabels>,
     peer_queries: Family<PeerQueryLabels, Counter>,
-    commands: Family<CommandLabels, Counter>,
+    command_seconds: HistogramFamily<CommandLabels>,
     partitions: Family<TypeLabels, Gauge>,
     shards_owned: Family<TypeLabels, Gauge>,
     live_entities: Family<TypeLabels, Gauge>,
@@ -161,13 +164,7 @@ pub(crate) struct Metrics {
     pub peer_queries_link: Counter,
     /// Queries sent to an owner through the ractor_cluster session.
     pub peer_queries_remoting: Counter,
-    /// Commands this node's shards ran without a record (see `commands::direct`).
-    pub commands_direct: Counter,
-    /// Commands this node forwarded to their owner over the query link, run there without a
-    /// record (counted here, where the caller came in, not at the owner).
-    pub commands_forwarded: Counter,
-    /// Commands written to the input topic for their owner.
-    pub commands_record: Counter,
+    command_seconds: HistogramFamily<CommandLabels>,
     shards_owned: Gauge,
     live_entities: Gauge,
     passivated_entities: Gauge,
@@ -212,7 +209,7 @@ impl MetricsRegistry {
             query_seconds: Family::new_with_constructor(request_histogram),
             remote_query_batch: Family::new_with_constructor(batch_histogram),
             peer_queries: Family::default(),
-            commands: Family::default(),
+            command_seconds: Family::new_with_constructor(request_histogram),
             partitions: Family::default(),
             shards_owned: Family::default(),
             live_entities: Family::default(),
@@ -281,9 +278,9 @@ impl MetricsRegistry {
             this.peer_queries.clone(),
         );
         registry.register(
-            "commands",
-            "Commands sent from this node, by path (direct: run by this node's shard without a record; forwarded: run by the owner's shard without a record, over the query link; record: written to the input topic for the owner)",
-            this.commands.clone(),
+            "command_seconds",
+            "Commands sent from this node, from the call to the committed answer, by path (direct: run by this node's shard without a record; forwarded: run by the owner's shard without a record, over the query link; record: written to the input topic for the owner; none: refused before it went anywhere) and outcome (ok, refused, failed, invalid_argument, unavailable)",
+            this.command_seconds.clone(),
         );
         registry.register(
             "partitions",
@@ -341,9 +338,6 @@ impl MetricsRegistry {
         // and a second `get_or_create` of the same family in that statement would deadlock.
         let peer_queries_link = self.peer_queries(entity_type, "link");
         let peer_queries_remoting = self.peer_queries(entity_type, "remoting");
-        let commands_direct = self.commands(entity_type, "direct");
-        let commands_forwarded = self.commands(entity_type, "forwarded");
-        let commands_record = self.commands(entity_type, "record");
         let metrics = Metrics {
             entity_type,
             topic,
@@ -363,9 +357,7 @@ impl MetricsRegistry {
             remote_query_batch: self.remote_query_batch.get_or_create(&labels).clone(),
             peer_queries_link,
             peer_queries_remoting,
-            commands_direct,
-            commands_forwarded,
-            commands_record,
+            command_seconds: self.command_seconds.clone(),
             shards_owned: self.shards_owned.get_or_create(&labels).clone(),
             live_entities: self.live_entities.get_or_create(&labels).clone(),
             passivated_entities: self.passivated_entities.get_or_create(&labels).clone(),
@@ -381,12 +373,6 @@ impl MetricsRegistry {
                 entity_type,
                 transport,
             })
-            .clone()
-    }
-
-    fn commands(&self, entity_type: &'static str, path: &'static str) -> Counter {
-        self.commands
-            .get_or_create(&CommandLabels { entity_type, path })
             .clone()
     }
 
@@ -425,6 +411,16 @@ impl Metrics {
             .get_or_create(&QueryLabels {
                 entity_type: self.entity_type,
                 route,
+                outcome,
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn observe_command(&self, path: &'static str, outcome: &'static str, took: Duration) {
+        self.command_seconds
+            .get_or_create(&CommandLabels {
+                entity_type: self.entity_type,
+                path,
                 outcome,
             })
             .observe(took.as_secs_f64());
@@ -501,6 +497,7 @@ mod tests {
         NodeStats::add(&users.events_processed_local, 7);
         NodeStats::add(&devices.events_processed_local, 2);
         user_metrics.observe_query("remote", "ok", Duration::from_millis(2));
+        user_metrics.observe_command("forwarded", "refused", Duration::from_millis(9));
         user_metrics.refresh(&ScrapeInputs {
             shards: &[1, 2],
             live_entities: 3,
@@ -524,6 +521,7 @@ mod tests {
             r#"processor_consumer_lag{entity_type="devices",group="devices",topic="readings",partition="1"} 9"#,
             r#"processor_passivated_entities{entity_type="users"} 7"#,
             r#"processor_grpc_request_seconds_count{entity_type="users",route="remote",outcome="ok"} 1"#,
+            r#"processor_command_seconds_count{entity_type="users",path="forwarded",outcome="refused"} 1"#,
             "processor_in_flight_events 4",
         ] {
             assert!(text.contains(line), "no {line} in {text}");

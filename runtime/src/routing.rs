@@ -25,8 +25,8 @@ use crate::cluster::gateway;
 use crate::cluster::query_batcher::QueryBatcher;
 use crate::cluster::query_link::QueryLinks;
 use crate::cluster::wire::{
-    command_answer, entity_answer, CommandAnswer, CommandOutcome, EntityAnswer, EntityCommand,
-    EntityQuery, NotOwner, StandbyReply,
+    command_answer, command_outcome, entity_answer, CommandAnswer, CommandOutcome, EntityAnswer,
+    EntityCommand, EntityQuery, NotOwner, StandbyReply,
 };
 use crate::commands::{CommandError, Direct, DirectCommand};
 use crate::entity::{Codec, EncodeError, Entity, EntityId, MAX_ID_BYTES};
@@ -190,27 +190,56 @@ impl<E: Entity> Router<E> {
     /// entity's shard is here, else forwarded over the query link to the owner the table names;
     /// else (no link, nobody owns it now, or the shard declines) written as a record of the
     /// input topic for its owner to read.
+    /// Timed by path and outcome.
     pub async fn command(
         &self,
         id: &str,
         value: Vec<u8>,
         idempotency_key: Option<&str>,
     ) -> Result<CommandOutcome, CommandError> {
-        crate::commands::check(id, idempotency_key)?;
+        let started = Instant::now();
+        let (path, ran) = self.route_command(id, value, idempotency_key).await;
+        let outcome = match &ran {
+            Ok(CommandOutcome {
+                result: Some(command_outcome::Result::Reply(_)),
+            }) => "ok",
+            Ok(CommandOutcome {
+                result: Some(command_outcome::Result::Refused(_)),
+            }) => "refused",
+            Ok(_) | Err(CommandError::Refused(_) | CommandError::Failed(_)) => "failed",
+            Err(CommandError::InvalidId(_) | CommandError::InvalidKey(_)) => "invalid_argument",
+            Err(CommandError::Unavailable(_) | CommandError::NotRunning) => "unavailable",
+        };
+        self.metrics
+            .observe_command(path, outcome, started.elapsed());
+        ran
+    }
+
+    /// [`Self::command`] without the timing: the path it took (`none` when refused before it
+    /// went anywhere) and what came of it.
+    async fn route_command(
+        &self,
+        id: &str,
+        value: Vec<u8>,
+        idempotency_key: Option<&str>,
+    ) -> (&'static str, Result<CommandOutcome, CommandError>) {
+        if let Err(invalid) = crate::commands::check(id, idempotency_key) {
+            return ("none", Err(invalid));
+        }
         let shard = partition_for_key(id.as_bytes(), self.partitions);
         if let Some(ran) = self.command_here(shard, id, &value, idempotency_key).await {
-            self.metrics.commands_direct.inc();
-            return ran;
+            return ("direct", ran);
         }
         if let Some(ran) = self
             .command_at_owner(shard, id, &value, idempotency_key)
             .await
         {
-            self.metrics.commands_forwarded.inc();
-            return ran;
+            return ("forwarded", ran);
         }
-        self.metrics.commands_record.inc();
-        self.commands.send(id, value, idempotency_key).await
+        (
+            "record",
+            self.commands.send(id, value, idempotency_key).await,
+        )
     }
 
     /// Runs a command at `shard` if it is here and takes it; `None` if not (not here, or

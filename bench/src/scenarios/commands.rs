@@ -207,7 +207,7 @@ pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<V
 /// accounts node 1 owns (run by its shard), then into accounts node 2 owns (forwarded over the
 /// query link, or written as records when the nodes run with `PEER_QUERIES=remoting`), at
 /// concurrency 1 and 32; then at 32 with half the workers on each node's accounts, each through
-/// the owner (what two nodes do together). The nodes' `commands_total` by path over each loop
+/// the owner (what two nodes do together). The nodes' `command_seconds_count` by path over each loop
 /// shows which path the commands took.
 async fn deposits_through_a_peer(
     nodes: [&NodeProcess; 2],
@@ -307,7 +307,7 @@ async fn deposits_through_a_peer(
             paths,
         ]);
     }
-    table.note("Each deposit carries a fresh idempotency key. Paths are `processor_commands_total` of both nodes over the loop, warm-up included: direct = run by the shard of the node called, forwarded = sent over the query link to the owner's shard, record = written to the input topic for the owner to read (the path before forwarding; the nodes take it with PEER_QUERIES=remoting).");
+    table.note("Each deposit carries a fresh idempotency key. Paths are `processor_command_seconds_count` of both nodes over the loop, warm-up included: direct = run by the shard of the node called, forwarded = sent over the query link to the owner's shard, record = written to the input topic for the owner to read (the path before forwarding; the nodes take it with PEER_QUERIES=remoting).");
     Ok(table)
 }
 
@@ -322,7 +322,7 @@ async fn command_paths(nodes: [&NodeProcess; 2]) -> anyhow::Result<[f64; 3]> {
                 .ok_or_else(|| anyhow::anyhow!("a node did not answer /metrics"))?;
             // No series yet: the node has sent no command that way.
             *count += metrics
-                .get("processor_commands_total")
+                .get("processor_command_seconds_count")
                 .copied()
                 .unwrap_or_default();
         }
