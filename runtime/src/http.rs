@@ -14,6 +14,12 @@
 //!   upgrade; see `cluster::query_link`).
 //! - `GET /alive`, `GET /ready`: liveness and readiness (see `readiness`), 200 or 503 with a
 //!   JSON body saying why.
+//! - `POST /entities/{type}/{id}`: asks entity `id` of `type` (its group) the query in the body,
+//!   in the type's codec, from whichever node hosts it (`ask_bytes`); the reply is the body
+//!   (same codec), `x-route` says where it came from. `GET` takes the query as `?query=` text
+//!   (empty if absent: a protobuf query without fields). `?max_staleness_ms=N` lets a standby
+//!   answer during a failover. Errors: 400 (bad id or query), 404 (type not hosted), 503 (no
+//!   owner answered in time), 500 (the shard refused its stored state: the reason).
 //!
 //! The port answers from the moment the node binds it: while the node prepares its topics
 //! (waiting, if need be, for its input topic to be created) it serves [`starting`]: `/alive`,
@@ -21,12 +27,6 @@
 //! yet), 503 for the rest. A [`Switch`] then hands the same listener to [`router`]. So an
 //! orchestrator's liveness probe does not restart a node that is only waiting, and Prometheus
 //! sees it up.
-//! - `POST /entities/{type}/{id}`: asks entity `id` of `type` (its group) the query in the body,
-//!   in the type's codec, from whichever node hosts it (`ask_bytes`); the reply is the body
-//!   (same codec), `x-route` says where it came from. `GET` takes the query as `?query=` text
-//!   (empty if absent: a protobuf query without fields). `?max_staleness_ms=N` lets a standby
-//!   answer during a failover. Errors: 400 (bad id or query), 404 (type not hosted), 503 (no
-//!   owner answered in time), 500 (the shard refused its stored state: the reason).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
