@@ -354,10 +354,11 @@ impl Prometheus {
         Self { child, port }
     }
 
-    /// `GET /api/v1/<path>`'s `data`, when the server answers with success.
-    async fn api(&self, path: &str) -> Option<Value> {
+    /// `GET /api/v1/<path>?<params>`'s `data`, when the server answers with success.
+    async fn api(&self, path: &str, params: &[(&str, &str)]) -> Option<Value> {
         let body: Value = reqwest::Client::new()
             .get(format!("http://127.0.0.1:{}/api/v1/{path}", self.port))
+            .query(params)
             .timeout(Duration::from_secs(5))
             .send()
             .await
@@ -370,8 +371,7 @@ impl Prometheus {
 
     /// An instant query whose answer is one number (`None` while it has no sample).
     async fn scalar(&self, promql: &str) -> Option<f64> {
-        let query: String = url_encode(promql);
-        let data = self.api(&format!("query?query={query}")).await?;
+        let data = self.api("query", &[("query", promql)]).await?;
         let result = data["result"].as_array()?;
         if result.len() != 1 {
             return None;
@@ -381,7 +381,7 @@ impl Prometheus {
 
     /// The alerts in `state` (`pending` or `firing`): (name, instance label).
     async fn alerts(&self, state: &str) -> Option<Vec<(String, String)>> {
-        let data = self.api("alerts").await?;
+        let data = self.api("alerts", &[]).await?;
         Some(
             data["alerts"]
                 .as_array()?
@@ -406,18 +406,6 @@ impl Drop for Prometheus {
     }
 }
 
-/// Percent-encodes a PromQL query for a URL's query string.
-fn url_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn prometheus_scrapes_every_node_and_the_shipped_alert_fires_for_a_killed_one() {
     require_broker();
@@ -435,7 +423,7 @@ async fn prometheus_scrapes_every_node_and_the_shipped_alert_fires_for_a_killed_
         Duration::from_secs(30),
         "Prometheus scraping both nodes",
         || async {
-            let data = prometheus.api("targets").await?;
+            let data = prometheus.api("targets", &[]).await?;
             let targets = data["activeTargets"].as_array()?;
             let healthy: Vec<String> = targets
                 .iter()
