@@ -99,6 +99,14 @@ async fn a_broker_outage_beyond_the_session_timeout_is_survived_with_exact_total
 
     for (node, mark) in [(&node1, log_marks[0]), (&node2, log_marks[1])] {
         let log = node.log();
+        let printed = librdkafka_prints_since(&log, mark);
+        assert!(
+            printed.is_empty(),
+            "node {} let librdkafka print {} lines of its own past the node's logger:\n{}",
+            node.index,
+            printed.len(),
+            printed[..printed.len().min(10)].join("\n")
+        );
         let lines = warnings_since(&log, mark);
         assert!(
             lines.len() <= 30,

@@ -14,16 +14,18 @@
 //! own that its partitions' records are forwarded to ([`Queue::take_partition`]), and leaves
 //! the consumer queue, where rebalances arrive, to `poll`.
 
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::bindings as rdsys;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
 
 /// One record of a batch, borrowed from librdkafka until the batch is dropped.
 #[derive(Debug, Clone, Copy)]
@@ -206,6 +208,75 @@ impl Drop for Queue {
         // SAFETY: the reference taken at creation, released once. Partitions still forwarded
         // here keep the underlying queue alive; librdkafka drops what reaches it afterwards.
         unsafe { rdsys::rd_kafka_queue_destroy(self.queue) }
+    }
+}
+
+/// The log lines of a consumer whose consumer queue is read in batches, handed to its context.
+///
+/// rust-rdkafka has librdkafka put log lines (and errors, which librdkafka logs when no error
+/// callback is set) on the client's main queue, which a consumer forwards to its consumer
+/// queue. `rd_kafka_consume_batch_queue` serves them there with librdkafka's own default, a
+/// line printed to stderr: an assign-only reader cut off from its broker printed one every few
+/// seconds, past the node's rate limits. Redirected to a queue of their own, they reach the
+/// client's context ([`crate::kafka_health::QuietContext`]: rate-limited, and quiet while the
+/// outage is already said) when [`ClientLogs::serve`] is called after each read.
+pub(crate) struct ClientLogs {
+    queue: Queue,
+}
+
+impl ClientLogs {
+    /// Sends `consumer`'s log lines to a queue of their own (`None` if librdkafka refuses).
+    pub fn redirect<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<Self> {
+        let queue = Queue::new_for(consumer)?;
+        // SAFETY: both the client and the queue are valid; librdkafka forwards its internal
+        // log queue to ours and holds its own reference to it.
+        let redirected = unsafe { rdsys::rd_kafka_set_log_queue(queue.client, queue.queue) };
+        (redirected == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR)
+            .then_some(Self { queue })
+    }
+
+    /// Hands every log line waiting to `context` (never waits).
+    pub fn serve<C: ClientContext>(&self, context: &C) {
+        while self.queue.len() > 0 {
+            // SAFETY: the queue is valid; an event returned is ours until destroyed below, and
+            // the strings `rd_kafka_event_log` points at live as long as the event.
+            unsafe {
+                let event = rdsys::rd_kafka_queue_poll(self.queue.queue, 0);
+                if event.is_null() {
+                    return;
+                }
+                if rdsys::rd_kafka_event_type(event) == rdsys::RD_KAFKA_EVENT_LOG {
+                    let mut facility: *const c_char = std::ptr::null();
+                    let mut line: *const c_char = std::ptr::null();
+                    let mut level: c_int = 0;
+                    if rdsys::rd_kafka_event_log(event, &mut facility, &mut line, &mut level) == 0
+                        && !facility.is_null()
+                        && !line.is_null()
+                    {
+                        context.log(
+                            log_level(level),
+                            &CStr::from_ptr(facility).to_string_lossy(),
+                            &CStr::from_ptr(line).to_string_lossy(),
+                        );
+                    }
+                }
+                rdsys::rd_kafka_event_destroy(event);
+            }
+        }
+    }
+}
+
+/// librdkafka's syslog-style level as rust-rdkafka's.
+fn log_level(level: c_int) -> RDKafkaLogLevel {
+    match level {
+        i32::MIN..=0 => RDKafkaLogLevel::Emerg,
+        1 => RDKafkaLogLevel::Alert,
+        2 => RDKafkaLogLevel::Critical,
+        3 => RDKafkaLogLevel::Error,
+        4 => RDKafkaLogLevel::Warning,
+        5 => RDKafkaLogLevel::Notice,
+        6 => RDKafkaLogLevel::Info,
+        _ => RDKafkaLogLevel::Debug,
     }
 }
 
@@ -502,5 +573,51 @@ mod tests {
             }
         }
         assert_eq!(queue.len(), 0);
+    }
+
+    /// A context that keeps the log lines it is given.
+    #[derive(Default)]
+    struct Lines(std::sync::Mutex<Vec<String>>);
+
+    impl ClientContext for Lines {
+        fn log(&self, _: RDKafkaLogLevel, facility: &str, line: &str) {
+            self.0.lock().unwrap().push(format!("{facility} {line}"));
+        }
+    }
+    impl ConsumerContext for Lines {}
+
+    /// A reader of its consumer queue whose broker cannot be reached: librdkafka's complaints
+    /// reach the consumer's context (which rate-limits them), not stderr, where
+    /// `rd_kafka_consume_batch_queue` would print them without the redirect.
+    #[test]
+    fn a_batch_readers_log_lines_reach_its_context() {
+        let consumer: BaseConsumer<Lines> = rdkafka::ClientConfig::new()
+            // Nothing listens on port 1: every connection is refused.
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("group.id", "logs")
+            .create_with_context(Lines::default())
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("topic", 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let logs = ClientLogs::redirect(&consumer).expect("the log queue redirected");
+        let mut reader = BatchReader::new(Arc::new(Queue::of_consumer(&consumer).unwrap()), 10);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let refused =
+            || {
+                consumer.context().0.lock().unwrap().iter().any(|l| {
+                    l.contains("127.0.0.1:1") && (l.contains("refused") || l.contains("down"))
+                })
+            };
+        while !refused() && std::time::Instant::now() < deadline {
+            assert!(reader.read(Duration::from_millis(100)).is_empty());
+            logs.serve(consumer.context().as_ref());
+        }
+        assert!(
+            refused(),
+            "no connection failure reached the context: {:?}",
+            consumer.context().0.lock().unwrap()
+        );
     }
 }

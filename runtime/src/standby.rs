@@ -36,7 +36,7 @@ use crate::allocation::AllocationTable;
 use crate::changelog;
 use crate::entity::{Entity, EntityMap, Stored};
 use crate::kafka_admin::list_offsets;
-use crate::kafka_batch::{BatchReader, Queue, Read};
+use crate::kafka_batch::{BatchReader, ClientLogs, Queue, Read};
 use crate::kafka_config::KafkaConnection;
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
@@ -334,6 +334,9 @@ impl<E: Entity> Standbys<E> {
                 continue;
             }
             let mut warmed_from = self.fold_available(&c.consumer, &mut c.records, reader);
+            c.logs.serve(c.consumer.context().as_ref());
+            // Only its log lines wait on the watermark client's queue (it is assigned nothing).
+            let _ = c.watermarks.poll(Duration::ZERO);
             if measured_at.elapsed() >= LAG_EVERY {
                 measured_at = Instant::now();
                 warmed_from += self.measure(&c.consumer, &c.watermarks, reader, &assigned);
@@ -368,8 +371,12 @@ impl<E: Entity> Standbys<E> {
         let queue = Queue::of_consumer(&consumer).ok_or_else(|| {
             KafkaError::ClientCreation("the standby consumer has no consumer queue".into())
         })?;
+        let logs = ClientLogs::redirect(&consumer).ok_or_else(|| {
+            KafkaError::ClientCreation("cannot redirect the standby consumer's logs".into())
+        })?;
         Ok(Clients {
             records: BatchReader::new(Arc::new(queue), RECORDS_PER_LOCK),
+            logs,
             consumer,
             watermarks,
         })
@@ -572,10 +579,11 @@ impl<E: Entity> Standbys<E> {
     }
 }
 
-/// The standby reader's Kafka clients; the batch reader first, so it is dropped before the
-/// consumer whose queue it reads.
+/// The standby reader's Kafka clients; the batch reader and the log queue first, so they are
+/// dropped before the consumer whose queues they hold.
 struct Clients {
     records: BatchReader,
+    logs: ClientLogs,
     consumer: BaseConsumer<QuietContext>,
     watermarks: BaseConsumer<QuietContext>,
 }

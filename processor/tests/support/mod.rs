@@ -932,6 +932,21 @@ pub fn group_coordinator(bootstrap: &str, group: &str) -> i32 {
 }
 
 /// WARN and ERROR lines of a node's log from byte `from` on.
+/// The lines librdkafka printed itself (`%3|1796489189.876|FAIL|rdkafka#consumer-16| ...`)
+/// since byte `from` of a node's log: a client whose log lines bypass the node's logger and its
+/// rate limits (an outage then floods the log).
+pub fn librdkafka_prints_since(log: &str, from: usize) -> Vec<String> {
+    log.get(from..)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| {
+            let b = l.as_bytes();
+            b.len() > 3 && b[0] == b'%' && b[1].is_ascii_digit() && b[2] == b'|'
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 pub fn warnings_since(log: &str, from: usize) -> Vec<String> {
     log.get(from..)
         .unwrap_or("")
