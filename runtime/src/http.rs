@@ -46,6 +46,7 @@ use crate::ask_bytes::{AskBytes, BytesAskError};
 use crate::backpressure::InFlightGate;
 use crate::cluster::endpoint::Endpoint;
 use crate::cluster::membership::Membership;
+use crate::cluster::peer_health::PeerHealth;
 use crate::cluster::query_link;
 use crate::lag::LagProbe;
 use crate::metrics::{Metrics, MetricsRegistry, ScrapeInputs};
@@ -65,6 +66,8 @@ pub(crate) struct Management {
     pub readiness: Arc<Readiness>,
     /// Every hosted type's endpoint, for the query link.
     pub endpoints: Arc<HashMap<String, Arc<dyn Endpoint>>>,
+    /// Whether the peers answer what this node forwards.
+    pub peers: Arc<PeerHealth>,
 }
 
 /// What management shows of one hosted entity type.
@@ -133,6 +136,10 @@ struct Members {
     self_node: String,
     members: Vec<Member>,
     unreachable: Vec<Unreachable>,
+    /// Peers whose last forwarded call went unanswered (timed out, no session), though they may
+    /// still be members with a session open: a link cut without closing it.
+    #[serde(rename = "notAnswering")]
+    not_answering: Vec<String>,
     /// The first member that is up, in node order (as Akka orders addresses).
     leader: Option<String>,
     /// The member that is up and started first.
@@ -462,6 +469,12 @@ async fn members(State(m): State<Arc<Management>>) -> Response {
         self_node: m.node.clone(),
         members,
         unreachable,
+        not_answering: m
+            .peers
+            .not_answering()
+            .iter()
+            .map(|n| n.to_string())
+            .collect(),
         leader,
         oldest,
     })

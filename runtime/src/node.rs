@@ -21,6 +21,7 @@ use crate::cluster::announce::Announcer;
 use crate::cluster::endpoint::Endpoint;
 use crate::cluster::gateway::{Gateway, GatewayArgs};
 use crate::cluster::membership::{Membership, MembershipConfig, MembershipError};
+use crate::cluster::peer_health::PeerHealth;
 use crate::cluster::query_batcher::QueryBatcher;
 use crate::cluster::query_link::QueryLinks;
 use crate::commands::{CommandError, CommandSender, PendingCommands};
@@ -420,6 +421,8 @@ struct NodeShared {
     destinations: Arc<Destinations>,
     /// The query links to the peers (forwarded queries, any type).
     links: Arc<QueryLinks>,
+    /// Whether the peers answer what this node forwards (any type).
+    peers: Arc<PeerHealth>,
 }
 
 /// One started entity type: what the node's front ends need of it, and its consumer to start.
@@ -524,6 +527,7 @@ async fn start_type<E: Entity>(
         call_timeout: config.remote_call_timeout,
         batcher,
         links: node.links.clone(),
+        peers: node.peers.clone(),
         metrics: metrics.clone(),
         standbys: standbys.clone(),
         commands: CommandSender::new(
@@ -723,6 +727,7 @@ async fn run(
             config.tls_serve,
             config.remote_call_timeout,
         ),
+        peers: PeerHealth::new(),
         health,
         config: Arc::new(config),
     };
@@ -815,6 +820,7 @@ async fn run(
         metrics: shared.metrics.clone(),
         readiness: readiness.clone(),
         endpoints,
+        peers: shared.peers.clone(),
     });
     routes.replace(crate::http::router(management));
     let serves_tls = config.tls.is_some() && config.tls_serve;

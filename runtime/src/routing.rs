@@ -22,6 +22,7 @@ use ractor::MessagingErr;
 use crate::allocation::{AllocationTable, Owner};
 use crate::cluster::endpoint::{CallError, Endpoint};
 use crate::cluster::gateway;
+use crate::cluster::peer_health::PeerHealth;
 use crate::cluster::query_batcher::QueryBatcher;
 use crate::cluster::query_link::QueryLinks;
 use crate::cluster::wire::{
@@ -152,6 +153,8 @@ pub(crate) struct Router<E: Entity> {
     pub batcher: Arc<QueryBatcher>,
     /// The query links to peers (tried before the session).
     pub links: Arc<QueryLinks>,
+    /// Whether the peers answer (said once when one stops, once when it answers again).
+    pub peers: Arc<PeerHealth>,
     pub metrics: Arc<Metrics>,
     /// This node's standby replicas, for reads that allow staleness.
     pub standbys: Arc<Standbys<E>>,
@@ -305,7 +308,13 @@ impl<E: Entity> Router<E> {
         // The owner's own bound comes first, so its definite answer is not cut off here.
         let timeout = self.commands.timeout() + FORWARD_GRACE;
         let unavailable = |why: String| Some(Err(CommandError::Unavailable(why)));
-        match self.links.command(&url, command, timeout).await {
+        let answer = self.links.command(&url, command, timeout).await;
+        match &answer {
+            Ok(Ok(_)) => self.peers.answered(&node),
+            Ok(Err(e)) => self.peers.failed(&node, e),
+            Err(_not_linked) => {}
+        }
+        match answer {
             Err(_not_linked) => None,
             Ok(Ok(CommandAnswer { result })) => match result {
                 Some(R::Outcome(outcome)) => Some(Ok(outcome)),
@@ -467,6 +476,19 @@ impl<E: Entity> Router<E> {
     /// One query to `node`: over the query link when it can be asked that way, else (or
     /// when its port did not take the link) through its gateway.
     async fn ask_peer(&self, node: &str, query: EntityQuery) -> Result<EntityAnswer, CallError> {
+        let answer = self.ask_peer_once(node, query).await;
+        match &answer {
+            Ok(_) => self.peers.answered(node),
+            Err(e) => self.peers.failed(node, e),
+        }
+        answer
+    }
+
+    async fn ask_peer_once(
+        &self,
+        node: &str,
+        query: EntityQuery,
+    ) -> Result<EntityAnswer, CallError> {
         let query = match self.table.management_url(node) {
             Some(url) => match self.links.ask(&url, query).await {
                 Ok(answered) => {
