@@ -16,16 +16,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::panic::AssertUnwindSafe;
 use support::*;
 
-fn merge(spec: &ClusterSpec, ledgers: &[&std::path::Path], name: &str) -> std::path::PathBuf {
-    let mut merged = Ledger::load(ledgers[0]).unwrap();
-    for l in &ledgers[1..] {
-        merged.merge(&Ledger::load(l).unwrap());
-    }
-    let path = log_dir(&spec.name).join(name);
-    merged.save(&path).unwrap();
-    path
-}
-
 /// Writes `count` events for users `sentinel-0..users` (Java-compatible partitioning) and
 /// returns their ledger. Their totals never change afterwards, so any answer other than these
 /// totals (e.g. zeros from a shard that has not restored yet) is wrong.
@@ -175,7 +165,7 @@ async fn chaos_crash_graceful_stop_and_join_count_every_event_exactly_once() {
     let node4 = spec.start_node(4);
     let events = producer.wait();
 
-    let expected = merge(&spec, &[&sentinel_path, &events], "expected.json");
+    let expected = merge_ledgers(&spec, &[&sentinel_path, &events], "expected.json");
     wait_for_ledger(&spec, &[1, 2, 4], &expected, Duration::from_secs(180)).await;
     let (wrong, answered, unavailable) = probe.finish().await;
     assert!(
@@ -432,7 +422,7 @@ async fn idle_entities_passivate_and_come_back_with_their_totals() {
     // Queries and new events bring entities back with their totals.
     wait_for_ledger(&spec, &[1], &ledger, Duration::from_secs(30)).await;
     let more = spec.produce(1_000, 200, "more.json");
-    let expected = merge(&spec, &[&ledger, &more], "expected.json");
+    let expected = merge_ledgers(&spec, &[&ledger, &more], "expected.json");
     wait_for_ledger(&spec, &[1], &expected, Duration::from_secs(60)).await;
     assert_eq!(counts().await.1, 200);
     // The cap is soft during a burst (entities with events in flight are not evicted) and

@@ -4,11 +4,13 @@
 #![allow(dead_code)]
 
 pub mod bank;
+pub mod netns;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -97,6 +99,9 @@ pub struct ClusterSpec {
     /// The node binary (a sibling of `processor`), taking the processor's node options,
     /// `--topic` and `--group`.
     pub program: String,
+    /// Hosts of their own for the nodes (node i in network namespace i, at its own address),
+    /// instead of all on 127.0.0.1: links between them can then be cut.
+    pub network: Option<Arc<netns::Network>>,
 }
 
 impl ClusterSpec {
@@ -120,6 +125,7 @@ impl ClusterSpec {
             producer_args: Vec::new(),
             bootstrap: bootstrap(),
             program: "processor".into(),
+            network: None,
         }
     }
 
@@ -138,11 +144,18 @@ impl ClusterSpec {
     pub fn grpc(&self, i: u16) -> u16 {
         self.port_base + 200 + i
     }
+    /// The address node `i` is reached at.
+    pub fn host(&self, i: u16) -> String {
+        match &self.network {
+            Some(network) => network.address(i),
+            None => "127.0.0.1".into(),
+        }
+    }
     pub fn grpc_url(&self, i: u16) -> String {
-        format!("http://127.0.0.1:{}", self.grpc(i))
+        format!("http://{}:{}", self.host(i), self.grpc(i))
     }
     pub fn node_id(&self, i: u16) -> String {
-        format!("processor-{}@127.0.0.1", self.remoting(i))
+        format!("processor-{}@{}", self.remoting(i), self.host(i))
     }
 
     pub fn start_node(&self, i: u16) -> Node {
@@ -163,9 +176,21 @@ impl ClusterSpec {
         let seeds: Vec<String> = self
             .seeds
             .iter()
-            .map(|p| format!("{}:{p}", self.seed_host))
+            .map(|p| match &self.network {
+                Some(_) => format!("{}:{p}", self.host(p - self.port_base)),
+                None => format!("{}:{p}", self.seed_host),
+            })
             .collect();
-        let child = Command::new(bin(&self.program))
+        let mut command = match &self.network {
+            Some(network) => {
+                let mut command = network.command(i, &bin(&self.program));
+                // Off loopback a node needs a cookie of its own (the default is refused).
+                command.args(["--host", &self.host(i), "--cookie", "netns-test-cookie"]);
+                command
+            }
+            None => Command::new(bin(&self.program)),
+        };
+        let child = command
             .args([self.remoting(i), self.management(i), self.grpc(i)].map(|p| p.to_string()))
             .args([
                 "--bootstrap-servers",
@@ -193,6 +218,7 @@ impl ClusterSpec {
             index: i,
             child: Some(child),
             management: self.management(i),
+            host: self.host(i),
             log_path,
             log_from,
             id: self.node_id(i),
@@ -302,6 +328,8 @@ pub struct Node {
     pub index: u16,
     child: Option<Child>,
     pub management: u16,
+    /// The address its ports listen on.
+    pub host: String,
     pub log_path: PathBuf,
     /// Where this process's output starts in the log file.
     log_from: u64,
@@ -310,7 +338,7 @@ pub struct Node {
 
 impl Node {
     pub async fn get_json(&self, path: &str) -> Option<Value> {
-        get_status(self.management, path)
+        get_status_at(&self.host, self.management, path)
             .await
             .map(|(_, body)| body)
     }
@@ -355,7 +383,7 @@ impl Node {
 
     /// `GET /metrics`, parsed: `name{labels}` -> value (labels as the node printed them).
     pub async fn metrics(&self) -> Option<BTreeMap<String, f64>> {
-        let url = format!("http://127.0.0.1:{}/metrics", self.management);
+        let url = format!("http://{}:{}/metrics", self.host, self.management);
         let response = reqwest::Client::new()
             .get(url)
             .timeout(Duration::from_secs(5))
@@ -804,9 +832,22 @@ fn describe_mismatches(spec: &ClusterSpec, report: &str) -> String {
     out
 }
 
+/// The ledgers of several producer runs as one, saved as `name` in the test's log dir.
+pub fn merge_ledgers(spec: &ClusterSpec, ledgers: &[&Path], name: &str) -> PathBuf {
+    let mut merged = proto::ledger::Ledger::load(ledgers[0]).unwrap();
+    for l in &ledgers[1..] {
+        merged.merge(&proto::ledger::Ledger::load(l).unwrap());
+    }
+    let path = log_dir(&spec.name).join(name);
+    merged.save(&path).unwrap();
+    path
+}
+
 /// Brokers of a test's own (fault tests stop and kill them), started by `scripts/kafka` on
 /// `port` (broker N on port + 10*(N-1)) with a fresh data dir, wiped when dropped.
 pub struct Broker {
+    /// The address its client listener binds and advertises (`KAFKA_HOST`).
+    host: String,
     port: u16,
     brokers: u8,
     data_dir: PathBuf,
@@ -825,9 +866,20 @@ impl Broker {
         Self::start_with(port, 1, Some(sasl_ssl_port))
     }
 
+    /// One broker listening for clients on `host` (e.g. a bridge's address, for nodes in
+    /// network namespaces).
+    pub fn start_on(host: &str, port: u16) -> Self {
+        Self::start_at(host, port, 1, None)
+    }
+
     fn start_with(port: u16, brokers: u8, sasl_ssl_port: Option<u16>) -> Self {
+        Self::start_at("127.0.0.1", port, brokers, sasl_ssl_port)
+    }
+
+    fn start_at(host: &str, port: u16, brokers: u8, sasl_ssl_port: Option<u16>) -> Self {
         let data_dir = PathBuf::from(format!("/tmp/kafka-sharding-fault-tests-{port}"));
         let broker = Self {
+            host: host.into(),
             port,
             brokers,
             data_dir,
@@ -853,7 +905,7 @@ impl Broker {
 
     pub fn bootstrap(&self) -> String {
         (0..self.brokers)
-            .map(|i| format!("127.0.0.1:{}", self.port + 10 * i as u16))
+            .map(|i| format!("{}:{}", self.host, self.port + 10 * i as u16))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -882,6 +934,7 @@ impl Broker {
         let out = Command::new(script)
             .args(args)
             .env("KAFKA_PORT", self.port.to_string())
+            .env("KAFKA_HOST", &self.host)
             .env("KAFKA_BROKERS", self.brokers.to_string())
             .env("KAFKA_DATA_DIR", &self.data_dir)
             .env(
@@ -958,7 +1011,12 @@ pub fn warnings_since(log: &str, from: usize) -> Vec<String> {
 
 /// `GET path` on a node's management port: (status, JSON body).
 pub async fn get_status(management: u16, path: &str) -> Option<(u16, Value)> {
-    let url = format!("http://127.0.0.1:{management}{path}");
+    get_status_at("127.0.0.1", management, path).await
+}
+
+/// [`get_status`] of a node listening on `host`.
+pub async fn get_status_at(host: &str, management: u16, path: &str) -> Option<(u16, Value)> {
+    let url = format!("http://{host}:{management}{path}");
     let response = reqwest::Client::new()
         .get(url)
         .timeout(Duration::from_secs(5))
