@@ -88,6 +88,16 @@ async fn not_answering(node: &Node) -> Vec<String> {
         .collect()
 }
 
+/// `processor_peers_not_answering` of `node`, the gauge the shipped alert watches.
+async fn peers_not_answering_gauge(node: &Node) -> f64 {
+    node.metrics()
+        .await
+        .unwrap_or_else(|| panic!("/metrics of node {} does not answer", node.id))
+        .get("processor_peers_not_answering")
+        .copied()
+        .unwrap_or_else(|| panic!("node {} has no processor_peers_not_answering", node.id))
+}
+
 /// A user whose partition is in `shards`.
 fn user_in(shards: &std::collections::BTreeSet<u32>) -> String {
     (0..USERS)
@@ -165,6 +175,12 @@ async fn a_cut_between_nodes_and_a_node_cut_off_from_everything_heal_with_every_
         vec![node2.id.clone()],
         "node 1's /cluster/members during the cut"
     );
+    assert_eq!(peers_not_answering_gauge(&node1).await, 1.0);
+    assert_eq!(
+        peers_not_answering_gauge(&node2).await,
+        0.0,
+        "node 2 forwarded nothing"
+    );
 
     // Healed: every user exact through either node (forwarding works again).
     network.heal(1, 2);
@@ -179,6 +195,7 @@ async fn a_cut_between_nodes_and_a_node_cut_off_from_everything_heal_with_every_
         not_answering(&node1).await.is_empty(),
         "node 1 still lists node 2 as not answering"
     );
+    assert_eq!(peers_not_answering_gauge(&node1).await, 0.0);
 
     // Node 2 cut off from everything. A client beside it may get the totals it held (nothing
     // newer is applied anywhere before its partitions move) and, once its session is lost,

@@ -86,6 +86,22 @@ pub(crate) struct TypeView {
 }
 
 impl Management {
+    /// The peers not answering that the tables still route to (one that left the cluster is
+    /// no longer anybody's concern, whatever its last call did).
+    fn peers_not_answering(&self) -> Vec<String> {
+        let known: std::collections::BTreeSet<String> = self
+            .types
+            .iter()
+            .flat_map(|view| view.table.members().into_keys())
+            .collect();
+        self.peers
+            .not_answering()
+            .iter()
+            .filter(|node| known.contains(&***node))
+            .map(|node| node.to_string())
+            .collect()
+    }
+
     fn view(&self, type_name: &str) -> Result<&TypeView, (StatusCode, String)> {
         self.types
             .iter()
@@ -249,7 +265,7 @@ pub(crate) fn starting(status: Arc<Mutex<String>>, metrics: Arc<MetricsRegistry>
         .route(
             "/metrics",
             get(move || {
-                let body = metrics.render(0);
+                let body = metrics.render(0, 0);
                 async move { openmetrics(body) }
             }),
         )
@@ -396,7 +412,10 @@ async fn metrics(State(m): State<Arc<Management>>) -> Response {
             lags: &lags,
         });
     }
-    openmetrics(m.metrics.render(m.gate.in_flight()))
+    openmetrics(
+        m.metrics
+            .render(m.gate.in_flight(), m.peers_not_answering().len()),
+    )
 }
 
 /// A `/metrics` answer: prometheus_client writes the OpenMetrics text format (`# EOF`
@@ -469,12 +488,7 @@ async fn members(State(m): State<Arc<Management>>) -> Response {
         self_node: m.node.clone(),
         members,
         unreachable,
-        not_answering: m
-            .peers
-            .not_answering()
-            .iter()
-            .map(|n| n.to_string())
-            .collect(),
+        not_answering: m.peers_not_answering(),
         leader,
         oldest,
     })

@@ -136,6 +136,7 @@ pub(crate) struct MetricsRegistry {
     passivated_entities: Family<TypeLabels, Gauge>,
     consumer_lag: Family<PartitionLabels, Gauge>,
     in_flight_events: Gauge,
+    peers_not_answering: Gauge,
 }
 
 /// One entity type's metrics (its counters are in its [`NodeStats`]).
@@ -216,6 +217,7 @@ impl MetricsRegistry {
             passivated_entities: Family::default(),
             consumer_lag: Family::default(),
             in_flight_events: Gauge::default(),
+            peers_not_answering: Gauge::default(),
         };
         registry.register(
             "rebalance_callback_seconds",
@@ -312,6 +314,11 @@ impl MetricsRegistry {
             "Events dispatched to shards and not yet applied (every entity type)",
             this.in_flight_events.clone(),
         );
+        registry.register(
+            "peers_not_answering",
+            "Peers whose last forwarded query or command went unanswered (see /cluster/members)",
+            this.peers_not_answering.clone(),
+        );
         Self {
             registry: root,
             ..this
@@ -378,8 +385,9 @@ impl MetricsRegistry {
 
     /// The Prometheus text exposition, after each type's scrape-time gauges were refreshed
     /// ([`Metrics::refresh`]).
-    pub fn render(&self, in_flight: usize) -> String {
+    pub fn render(&self, in_flight: usize, peers_not_answering: usize) -> String {
         self.in_flight_events.set(in_flight as i64);
+        self.peers_not_answering.set(peers_not_answering as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -510,7 +518,7 @@ mod tests {
             stored_entities: 0,
             lags: &[(1, 9)],
         });
-        let text = registry.render(4);
+        let text = registry.render(4, 1);
         for line in [
             r#"processor_events_processed_local_total{entity_type="users"} 7"#,
             r#"processor_events_processed_local_total{entity_type="devices"} 2"#,
@@ -523,6 +531,7 @@ mod tests {
             r#"processor_grpc_request_seconds_count{entity_type="users",route="remote",outcome="ok"} 1"#,
             r#"processor_command_seconds_count{entity_type="users",path="forwarded",outcome="refused"} 1"#,
             "processor_in_flight_events 4",
+            "processor_peers_not_answering 1",
         ] {
             assert!(text.contains(line), "no {line} in {text}");
         }
@@ -544,7 +553,7 @@ mod tests {
         user_metrics.set_standby_lag(5, Some(12));
         user_metrics.set_standby_lag(6, Some(0));
         user_metrics.set_standby_lag(6, None);
-        let text = registry.render(0);
+        let text = registry.render(0, 0);
         assert!(!text
             .contains(r#"entity_type="users",group="users",topic="user-events",partition="1""#));
         for line in [
