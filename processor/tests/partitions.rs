@@ -37,11 +37,7 @@ fn ask_from(
         .args(["--addr", grpc_url, "--via-addr", "get", user, "--json"])
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     if !out.status.success() {
         return Err(text);
     }
@@ -66,11 +62,7 @@ fn verify_at_owners(grpc_url: &str, ledger: &Path) -> (bool, String) {
         ])
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     (out.status.success(), text)
 }
 

@@ -547,12 +547,16 @@ pub fn verify_with(grpc_url: &str, ledger: &Path, options: &[&str]) -> (bool, St
         .args(["verify", "--ledger", ledger.to_str().unwrap()])
         .output()
         .unwrap();
-    let text = format!(
+    (out.status.success(), output_text(&out))
+}
+
+/// What a finished command printed, stdout then stderr.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    )
 }
 
 /// `client get ID --json` through one node (`--via-addr`, as [`verify`]): (purchases,
@@ -984,7 +988,6 @@ pub fn group_coordinator(bootstrap: &str, group: &str) -> i32 {
         .leader()
 }
 
-/// WARN and ERROR lines of a node's log from byte `from` on.
 /// The lines librdkafka printed itself (`%3|1796489189.876|FAIL|rdkafka#consumer-16| ...`)
 /// since byte `from` of a node's log: a client whose log lines bypass the node's logger and its
 /// rate limits (an outage then floods the log).
@@ -1000,6 +1003,7 @@ pub fn librdkafka_prints_since(log: &str, from: usize) -> Vec<String> {
         .collect()
 }
 
+/// WARN and ERROR lines of a node's log from byte `from` on.
 pub fn warnings_since(log: &str, from: usize) -> Vec<String> {
     log.get(from..)
         .unwrap_or("")
