@@ -10,9 +10,10 @@
 //!
 //! A batch read also serves whatever else waits in its queue, and serves a rebalance event
 //! there by assigning without the application's callbacks. So an assign-only consumer (a
-//! restore) reads its consumer queue directly, while a group member reads a [`Queue`] of its
-//! own that its partitions' records are forwarded to ([`Queue::take_partition`]), and leaves
-//! the consumer queue, where rebalances arrive, to `poll`.
+//! restore, a standby) reads its consumer queue directly ([`ConsumerReader`], which also takes
+//! its log lines off that queue), while a group member reads a [`Queue`] of its own that its
+//! partitions' records are forwarded to ([`Queue::take_partition`]), and leaves the consumer
+//! queue, where rebalances and log lines arrive, to `poll`.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::marker::PhantomData;
@@ -149,7 +150,8 @@ unsafe impl Send for Queue {}
 unsafe impl Sync for Queue {}
 
 impl Queue {
-    /// The consumer queue (`None` if the consumer was created without a `group.id`).
+    /// The consumer queue (`None` if the consumer was created without a `group.id`). Read it
+    /// in batches only through a [`ConsumerReader`], which keeps librdkafka's log lines off it.
     pub fn of_consumer<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<Self> {
         let client = consumer.client().native_ptr();
         // SAFETY: the client is valid while `consumer` lives; the queue returned is a new
@@ -211,7 +213,8 @@ impl Drop for Queue {
     }
 }
 
-/// The log lines of a consumer whose consumer queue is read in batches, handed to its context.
+/// The log lines of a consumer whose consumer queue is read in batches, handed to its context
+/// (a part of [`ConsumerReader`]).
 ///
 /// rust-rdkafka has librdkafka put log lines (and errors, which librdkafka logs when no error
 /// callback is set) on the client's main queue, which a consumer forwards to its consumer
@@ -220,13 +223,13 @@ impl Drop for Queue {
 /// seconds, past the node's rate limits. Redirected to a queue of their own, they reach the
 /// client's context ([`crate::kafka_health::QuietContext`]: rate-limited, and quiet while the
 /// outage is already said) when [`ClientLogs::serve`] is called after each read.
-pub(crate) struct ClientLogs {
+struct ClientLogs {
     queue: Queue,
 }
 
 impl ClientLogs {
     /// Sends `consumer`'s log lines to a queue of their own (`None` if librdkafka refuses).
-    pub fn redirect<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<Self> {
+    fn redirect<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<Self> {
         let queue = Queue::new_for(consumer)?;
         // SAFETY: both the client and the queue are valid; librdkafka forwards its internal
         // log queue to ours and holds its own reference to it.
@@ -236,7 +239,7 @@ impl ClientLogs {
     }
 
     /// Hands every log line waiting to `context` (never waits).
-    pub fn serve<C: ClientContext>(&self, context: &C) {
+    fn serve<C: ClientContext>(&self, context: &C) {
         while self.queue.len() > 0 {
             // SAFETY: the queue is valid; an event returned is ours until destroyed below, and
             // the strings `rd_kafka_event_log` points at live as long as the event.
@@ -277,6 +280,50 @@ fn log_level(level: c_int) -> RDKafkaLogLevel {
         5 => RDKafkaLogLevel::Notice,
         6 => RDKafkaLogLevel::Info,
         _ => RDKafkaLogLevel::Debug,
+    }
+}
+
+/// Reads an assign-only consumer's own queue in batches, its log lines handed to the
+/// consumer's context after each read (see [`ClientLogs`]: read without that, the queue prints
+/// them to stderr). Drop it before the consumer.
+pub(crate) struct ConsumerReader<C: ClientContext> {
+    records: BatchReader,
+    logs: ClientLogs,
+    context: Arc<C>,
+}
+
+impl<C: ConsumerContext> ConsumerReader<C> {
+    /// A reader of `consumer`'s queue, in batches of up to `capacity`; `what` names the
+    /// consumer in the error if librdkafka refuses either queue.
+    pub fn new(
+        consumer: &BaseConsumer<C>,
+        capacity: usize,
+        what: &str,
+    ) -> Result<Self, KafkaError> {
+        let queue = Queue::of_consumer(consumer)
+            .ok_or_else(|| KafkaError::ClientCreation(format!("{what} has no consumer queue")))?;
+        let logs = ClientLogs::redirect(consumer).ok_or_else(|| {
+            KafkaError::ClientCreation(format!("cannot redirect the log lines of {what}"))
+        })?;
+        Ok(Self {
+            records: BatchReader::new(Arc::new(queue), capacity),
+            logs,
+            context: consumer.context().clone(),
+        })
+    }
+
+    /// As [`BatchReader::read`].
+    pub fn read(&mut self, timeout: Duration) -> Batch<'_> {
+        let batch = self.records.read(timeout);
+        self.logs.serve(self.context.as_ref());
+        batch
+    }
+
+    /// As [`BatchReader::read_now_or_first`].
+    pub fn read_now_or_first(&mut self, max: usize, timeout: Duration) -> Batch<'_> {
+        let batch = self.records.read_now_or_first(max, timeout);
+        self.logs.serve(self.context.as_ref());
+        batch
     }
 }
 
@@ -590,7 +637,7 @@ mod tests {
     /// reach the consumer's context (which rate-limits them), not stderr, where
     /// `rd_kafka_consume_batch_queue` would print them without the redirect.
     #[test]
-    fn a_batch_readers_log_lines_reach_its_context() {
+    fn a_consumer_readers_log_lines_reach_its_context() {
         let consumer: BaseConsumer<Lines> = rdkafka::ClientConfig::new()
             // Nothing listens on port 1: every connection is refused.
             .set("bootstrap.servers", "127.0.0.1:1")
@@ -601,8 +648,7 @@ mod tests {
         tpl.add_partition_offset("topic", 0, Offset::Beginning)
             .unwrap();
         consumer.assign(&tpl).unwrap();
-        let logs = ClientLogs::redirect(&consumer).expect("the log queue redirected");
-        let mut reader = BatchReader::new(Arc::new(Queue::of_consumer(&consumer).unwrap()), 10);
+        let mut reader = ConsumerReader::new(&consumer, 10, "the test consumer").unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let refused =
             || {
@@ -612,7 +658,6 @@ mod tests {
             };
         while !refused() && std::time::Instant::now() < deadline {
             assert!(reader.read(Duration::from_millis(100)).is_empty());
-            logs.serve(consumer.context().as_ref());
         }
         assert!(
             refused(),

@@ -27,7 +27,7 @@ use crate::changelog;
 use crate::entity::{Entity, EntityMap, Stored};
 use crate::fencing::{fence, transactional_id};
 use crate::kafka_admin::{committed_offsets, list_offsets};
-use crate::kafka_batch::{BatchReader, ClientLogs, Queue, Read};
+use crate::kafka_batch::{ConsumerReader, Read};
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
 use crate::shard::ShardMsg;
@@ -424,13 +424,7 @@ impl<E: Entity> Restorer<E> {
             .restore_records_remaining
             .inc_by(pending.values().map(|r| r.end - r.position).sum());
         consumer.assign(&tpl)?;
-        let queue = Queue::of_consumer(&consumer).ok_or_else(|| {
-            KafkaError::ClientCreation("the restore consumer has no consumer queue".into())
-        })?;
-        let logs = ClientLogs::redirect(&consumer).ok_or_else(|| {
-            KafkaError::ClientCreation("cannot redirect the restore consumer's logs".into())
-        })?;
-        let mut reader = BatchReader::new(std::sync::Arc::new(queue), READ_BATCH);
+        let mut reader = ConsumerReader::new(&consumer, READ_BATCH, "the restore consumer")?;
         let mut last_report = Instant::now();
         let mut last_position_check = Instant::now();
         let mut records_since_clock = 0usize;
@@ -440,7 +434,6 @@ impl<E: Entity> Restorer<E> {
             // Short: a partition whose tail is only a transaction marker delivers no record, and
             // is seen complete at the position check after an empty read.
             let batch = reader.read(BATCH_WAIT);
-            logs.serve(consumer.context().as_ref());
             let idle = batch.is_empty();
             records_since_clock += batch.len();
             let look_at_clock = idle || records_since_clock >= CLOCK_EVERY_RECORDS;

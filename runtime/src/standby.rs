@@ -36,7 +36,7 @@ use crate::allocation::AllocationTable;
 use crate::changelog;
 use crate::entity::{Entity, EntityMap, Stored};
 use crate::kafka_admin::list_offsets;
-use crate::kafka_batch::{BatchReader, ClientLogs, Queue, Read};
+use crate::kafka_batch::{ConsumerReader, Read};
 use crate::kafka_config::KafkaConnection;
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
@@ -334,7 +334,6 @@ impl<E: Entity> Standbys<E> {
                 continue;
             }
             let mut warmed_from = self.fold_available(&c.consumer, &mut c.records, reader);
-            c.logs.serve(c.consumer.context().as_ref());
             // Only its log lines wait on the watermark client's queue (it is assigned nothing).
             let _ = c.watermarks.poll(Duration::ZERO);
             if measured_at.elapsed() >= LAG_EVERY {
@@ -368,15 +367,8 @@ impl<E: Entity> Standbys<E> {
             reader.kafka_debug.as_deref(),
             &reader.context,
         )?;
-        let queue = Queue::of_consumer(&consumer).ok_or_else(|| {
-            KafkaError::ClientCreation("the standby consumer has no consumer queue".into())
-        })?;
-        let logs = ClientLogs::redirect(&consumer).ok_or_else(|| {
-            KafkaError::ClientCreation("cannot redirect the standby consumer's logs".into())
-        })?;
         Ok(Clients {
-            records: BatchReader::new(Arc::new(queue), RECORDS_PER_LOCK),
-            logs,
+            records: ConsumerReader::new(&consumer, RECORDS_PER_LOCK, "the standby consumer")?,
             consumer,
             watermarks,
         })
@@ -465,7 +457,7 @@ impl<E: Entity> Standbys<E> {
     fn fold_available(
         &self,
         consumer: &BaseConsumer<QuietContext>,
-        records: &mut BatchReader,
+        records: &mut ConsumerReader<QuietContext>,
         reader: &Reader,
     ) -> u64 {
         // At most one lock's worth: the positions move past every record read, so each is
@@ -579,11 +571,10 @@ impl<E: Entity> Standbys<E> {
     }
 }
 
-/// The standby reader's Kafka clients; the batch reader and the log queue first, so they are
-/// dropped before the consumer whose queues they hold.
+/// The standby reader's Kafka clients; the batch reader first, so it is dropped before the
+/// consumer whose queues it holds.
 struct Clients {
-    records: BatchReader,
-    logs: ClientLogs,
+    records: ConsumerReader<QuietContext>,
     consumer: BaseConsumer<QuietContext>,
     watermarks: BaseConsumer<QuietContext>,
 }
