@@ -8,6 +8,7 @@
 //! a peer stops answering, and one when it answers again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -17,6 +18,9 @@ use crate::cluster::endpoint::CallError;
 #[derive(Default)]
 pub struct PeerHealth {
     unanswered: Mutex<HashMap<Arc<str>, Unanswered>>,
+    /// How many entries `unanswered` has, read without its lock: every forwarded answer calls
+    /// `answered`, and while every peer answers there is nothing to look up.
+    unanswered_count: AtomicUsize,
 }
 
 struct Unanswered {
@@ -53,17 +57,22 @@ impl PeerHealth {
                         calls: 1,
                     },
                 );
+                self.unanswered_count
+                    .store(unanswered.len(), Ordering::Release);
             }
         }
     }
 
     /// A call to `node` was answered.
     pub fn answered(&self, node: &str) {
-        let mut unanswered = self.unanswered.lock().expect("peer health lock");
-        if unanswered.is_empty() {
+        // A peer marked by a call failing at this very moment is unmarked by its next answer.
+        if self.unanswered_count.load(Ordering::Acquire) == 0 {
             return;
         }
+        let mut unanswered = self.unanswered.lock().expect("peer health lock");
         if let Some(entry) = unanswered.remove(node) {
+            self.unanswered_count
+                .store(unanswered.len(), Ordering::Release);
             tracing::info!(
                 "node {node} answers again, after {:.1} s ({} calls unanswered)",
                 entry.since.elapsed().as_secs_f64(),
@@ -103,5 +112,12 @@ mod tests {
         assert_eq!(peers.unanswered.lock().unwrap()["b"].calls, 2);
         peers.answered("b");
         assert_eq!(peers.not_answering(), vec![Arc::<str>::from("c")]);
+        peers.answered("c");
+        assert!(peers.not_answering().is_empty());
+        // Marked again by its next timeout, after the count went back to none.
+        peers.failed("c", &CallError::Dropped);
+        assert_eq!(peers.not_answering(), vec![Arc::<str>::from("c")]);
+        peers.answered("c");
+        assert!(peers.not_answering().is_empty());
     }
 }
