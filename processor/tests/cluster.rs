@@ -684,6 +684,183 @@ async fn malformed_records_go_to_the_dead_letter_topic_and_valid_ones_are_all_co
     }
 }
 
+/// `dead-letters` with `args` against the test broker: (exit code, stdout, stdout and stderr).
+fn dead_letters(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(bin("dead-letters"))
+        .args(args)
+        .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap())
+        .output()
+        .expect("dead-letters runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        output_text(&out),
+    )
+}
+
+/// `dead-letters list TOPIC --json [extra]`, one JSON object per dead letter.
+fn listed(topic: &str, extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["list", topic, "--json"];
+    args.extend_from_slice(extra);
+    let (code, stdout, all) = dead_letters(&args);
+    assert_eq!(code, 0, "dead-letters list failed: {all}");
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_listed_with_their_reasons_and_each_replayed_exactly_once() {
+    require_broker();
+    let spec = ClusterSpec::new("dead-letter-tool", 3_000);
+    spec.create_topic(4);
+    let node = spec.start_node(1);
+    wait_for_split(&[&node], 4).await;
+    let dlq = format!("{}-dlq", spec.topic);
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let negative = prost::Message::encode_to_vec(&proto::events::UserPurchase {
+        user_id: "3".into(),
+        product: "x".into(),
+        quantity: -4,
+        price: 5,
+    });
+    let bad: [(Option<&str>, &[u8]); 3] = [
+        (None, b"no key here"),
+        (Some("3"), b"\xff\xfe not a protobuf"),
+        (Some("3"), &negative),
+    ];
+    for (key, value) in bad {
+        let mut record = FutureRecord::<str, [u8]>::to(&spec.topic)
+            .payload(value)
+            .partition(partition_for_key(b"3", 4) as i32);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    let ledger = spec.produce(500, 20, "ledger.json");
+    wait_for_ledger(&spec, &[1], &ledger, Duration::from_secs(120)).await;
+
+    // Listed once committed, with their origin, reason, key and value (hex when not UTF-8).
+    let first = eventually(Duration::from_secs(30), "three dead letters", || async {
+        let listed = listed(&dlq, &[]);
+        (listed.len() >= 3).then_some(listed)
+    })
+    .await;
+    assert_eq!(first.len(), 3, "{first:?}");
+    let reasons: Vec<&str> = first
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap())
+        .collect();
+    for expected in ["no key", "UserPurchase", "negative"] {
+        assert!(
+            reasons.iter().any(|r| r.contains(expected)),
+            "no reason with '{expected}' in {reasons:?}"
+        );
+    }
+    for letter in &first {
+        assert_eq!(letter["source_topic"], spec.topic.as_str());
+        assert_eq!(
+            letter["source_partition"],
+            partition_for_key(b"3", 4) as u64
+        );
+    }
+    let undecodable = first
+        .iter()
+        .find(|d| d["reason"].as_str().unwrap().contains("UserPurchase"))
+        .unwrap();
+    assert_eq!(undecodable["key"], "3");
+    assert_eq!(undecodable["value"], serde_json::Value::Null);
+    assert!(undecodable["value_hex"]
+        .as_str()
+        .unwrap()
+        .starts_with("fffe206e6f74"));
+    let (_, text, _) = dead_letters(&["list", &dlq]);
+    assert_eq!(text.lines().count(), 3, "one line each: {text}");
+    assert_eq!(
+        listed(&dlq, &["--pending"]).len(),
+        3,
+        "nothing replayed yet"
+    );
+
+    // Replayed to where they came from: the node, unchanged, dead-letters them again.
+    let (code, _, said) = dead_letters(&["replay", &dlq]);
+    assert_eq!(code, 0, "{said}");
+    assert!(
+        said.contains(&format!(
+            "replayed 3 dead letters of {dlq} (3 to {})",
+            spec.topic
+        )),
+        "{said}"
+    );
+    let second = eventually(
+        Duration::from_secs(60),
+        "the replayed three dead-lettered",
+        || async {
+            let listed = listed(&dlq, &[]);
+            (listed.len() >= 6).then_some(listed)
+        },
+    )
+    .await;
+    assert_eq!(second.len(), 6, "{second:?}");
+    let replayed: Vec<String> = read_topic(&spec.topic)
+        .into_iter()
+        .filter_map(|(_, _, _, headers)| {
+            headers
+                .into_iter()
+                .find(|(k, _)| k == "dlq.replayed.from")
+                .map(|(_, v)| v)
+        })
+        .collect();
+    assert_eq!(replayed.len(), 3, "each replayed once: {replayed:?}");
+    for letter in &first {
+        let from = format!("{dlq}/{}/{}", letter["partition"], letter["offset"]);
+        assert!(replayed.contains(&from), "{from} not in {replayed:?}");
+    }
+    // Each original and its replay have the same key, value and reason.
+    let shape = |d: &serde_json::Value| {
+        (
+            d["key"].clone(),
+            d["value"].clone(),
+            d["value_hex"].clone(),
+            d["reason"].clone(),
+        )
+    };
+    let mut shapes: Vec<_> = second.iter().map(shape).collect();
+    shapes.sort_by_key(|s| format!("{s:?}"));
+    for pair in shapes.chunks(2) {
+        assert_eq!(pair[0], pair[1], "an original and its replay differ");
+    }
+
+    // The replay group's offsets moved with the records: only the new three are pending, and a
+    // second replay writes those three, not all six.
+    let pending = listed(&dlq, &["--pending"]);
+    assert_eq!(pending.len(), 3, "{pending:?}");
+    let (code, _, said) = dead_letters(&["replay", &dlq]);
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains("replayed 3 dead letters"), "{said}");
+    wait_for_ledger(&spec, &[1], &ledger, Duration::from_secs(60)).await;
+
+    // Bad arguments: a usage message and exit 2; a topic that does not exist: exit 1, said.
+    let (code, _, said) = dead_letters(&["replay"]);
+    assert_eq!(code, 2, "{said}");
+    assert!(said.contains("Usage"), "{said}");
+    let (code, _, said) = dead_letters(&["replay", &dlq, "--to", &dlq]);
+    assert_eq!(code, 2, "{said}");
+    assert!(said.contains("the dead-letter topic itself"), "{said}");
+    let (code, _, said) = dead_letters(&["list", "no-such-topic-here"]);
+    assert_eq!(code, 1, "{said}");
+    assert!(said.contains("no-such-topic-here does not exist"), "{said}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn queries_validate_input_and_wait_a_bounded_time_for_a_shard_without_owner() {
     use rdkafka::consumer::{BaseConsumer, Consumer};

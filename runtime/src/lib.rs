@@ -149,6 +149,12 @@ pub mod admin {
     pub use crate::kafka_admin::{ensure_topic, AdminError};
 }
 
+/// Dead letters: the records an entity type could not process, with the reason and their origin
+/// (the `dead-letters` binary lists and replays them).
+pub mod dead_letters {
+    pub use crate::dlq::{DeadLetter, NotADeadLetter};
+}
+
 /// Header names on the records the runtime writes.
 pub mod headers {
     pub use crate::changelog::{
