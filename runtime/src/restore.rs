@@ -38,6 +38,8 @@ const POSITION_CHECK_EVERY: Duration = Duration::from_millis(20);
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for a previous owner's pending offsets (bounded by its transaction timeout).
 const STABLE_OFFSETS_TIMEOUT: Duration = Duration::from_secs(60);
+/// A restore that takes this long before it reads a record says where the time went.
+const SLOW_START: Duration = Duration::from_millis(200);
 /// How long to wait for the group's description before fencing its departed members.
 const FENCE_DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the group is described while a departed node may still be a member.
@@ -315,6 +317,7 @@ impl<E: Entity> Restorer<E> {
             shards.iter().map(|(p, _)| *p),
             STABLE_OFFSETS_TIMEOUT,
         )?;
+        let stable_wait = started.elapsed();
         // The end to read to is the partition's high watermark (asked with read_uncommitted):
         // reading (read_committed) up to it waits until every transaction already in the
         // partition is committed or aborted. Reading to the last stable offset instead, a frozen
@@ -352,6 +355,19 @@ impl<E: Entity> Restorer<E> {
             Offset::End,
             WATERMARK_TIMEOUT,
         )?;
+        // All of a hand-over from warm standbys happens before this point when the standbys are
+        // at the changelog's end: say where the time went when it is noticeable.
+        let ends_wait = started.elapsed() - stable_wait;
+        if stable_wait + ends_wait >= SLOW_START {
+            tracing::info!(
+                "restore of {} shards: {} ms waiting for the group's committed offsets to be \
+                 stable (a previous owner's transaction completing), {} ms starting the readers and \
+                 asking the changelog's ends",
+                shards.len(),
+                stable_wait.as_millis(),
+                ends_wait.as_millis()
+            );
+        }
         let mut pending: BTreeMap<u32, PartitionRestore<E>> = BTreeMap::new();
         let mut tpl = TopicPartitionList::new();
         for (partition, shard) in shards.clone() {
