@@ -595,6 +595,26 @@ async fn a_third_node_takes_only_the_moved_partitions_and_answers_for_them() {
     );
 }
 
+/// Writes `records` (key, value) to one partition of `topic`, bypassing every partitioner.
+async fn send_to_partition(topic: &str, partition: u32, records: &[(Option<&str>, &[u8])]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    for (key, value) in records {
+        let mut record = FutureRecord::<str, [u8]>::to(topic)
+            .payload(*value)
+            .partition(partition as i32);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_records_go_to_the_dead_letter_topic_and_valid_ones_are_all_counted() {
     require_broker();
@@ -604,10 +624,6 @@ async fn malformed_records_go_to_the_dead_letter_topic_and_valid_ones_are_all_co
     wait_for_split(&[&node], 8).await;
 
     let first = spec.produce(1_000, 50, "first.json");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
     let valid_value = |user: &str, quantity: i64| {
         prost::Message::encode_to_vec(&proto::events::UserPurchase {
             user_id: user.into(),
@@ -625,18 +641,8 @@ async fn malformed_records_go_to_the_dead_letter_topic_and_valid_ones_are_all_co
         ),
         (Some("3"), valid_value("3", -4), "negative"),
     ];
-    for (key, value, _) in &bad {
-        let mut record = FutureRecord::<str, [u8]>::to(&spec.topic)
-            .payload(value)
-            .partition(partition_for_key(b"3", 8) as i32);
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .unwrap();
-    }
+    let records: Vec<(Option<&str>, &[u8])> = bad.iter().map(|(k, v, _)| (*k, &v[..])).collect();
+    send_to_partition(&spec.topic, partition_for_key(b"3", 8), &records).await;
     let second = spec.produce(1_000, 50, "second.json");
     let mut expected = Ledger::load(&first).unwrap();
     expected.merge(&Ledger::load(&second).unwrap());
@@ -719,10 +725,6 @@ async fn dead_letters_are_listed_with_their_reasons_and_each_replayed_exactly_on
     wait_for_split(&[&node], 4).await;
     let dlq = format!("{}-dlq", spec.topic);
 
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
     let negative = prost::Message::encode_to_vec(&proto::events::UserPurchase {
         user_id: "3".into(),
         product: "x".into(),
@@ -734,18 +736,7 @@ async fn dead_letters_are_listed_with_their_reasons_and_each_replayed_exactly_on
         (Some("3"), b"\xff\xfe not a protobuf"),
         (Some("3"), &negative),
     ];
-    for (key, value) in bad {
-        let mut record = FutureRecord::<str, [u8]>::to(&spec.topic)
-            .payload(value)
-            .partition(partition_for_key(b"3", 4) as i32);
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .unwrap();
-    }
+    send_to_partition(&spec.topic, partition_for_key(b"3", 4), &bad).await;
     let ledger = spec.produce(500, 20, "ledger.json");
     wait_for_ledger(&spec, &[1], &ledger, Duration::from_secs(120)).await;
 
