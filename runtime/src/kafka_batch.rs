@@ -240,15 +240,23 @@ impl ClientLogs {
 
     /// Hands every log line waiting to `context` (never waits).
     fn serve<C: ClientContext>(&self, context: &C) {
-        while self.queue.len() > 0 {
-            // SAFETY: the queue is valid; an event returned is ours until destroyed below, and
-            // the strings `rd_kafka_event_log` points at live as long as the event.
-            unsafe {
-                let event = rdsys::rd_kafka_queue_poll(self.queue.queue, 0);
-                if event.is_null() {
-                    return;
-                }
-                if rdsys::rd_kafka_event_type(event) == rdsys::RD_KAFKA_EVENT_LOG {
+        serve_events(&self.queue, context);
+    }
+}
+
+/// Hands the log lines and errors waiting in `queue` to `context`, and drops any other event
+/// (never waits). Only for a queue that holds no records: a record taken here would be lost.
+fn serve_events<C: ClientContext>(queue: &Queue, context: &C) {
+    while queue.len() > 0 {
+        // SAFETY: the queue is valid; an event returned is ours until destroyed below, and
+        // the strings librdkafka points at live as long as the event.
+        unsafe {
+            let event = rdsys::rd_kafka_queue_poll(queue.queue, 0);
+            if event.is_null() {
+                return;
+            }
+            match rdsys::rd_kafka_event_type(event) {
+                rdsys::RD_KAFKA_EVENT_LOG => {
                     let mut facility: *const c_char = std::ptr::null();
                     let mut line: *const c_char = std::ptr::null();
                     let mut level: c_int = 0;
@@ -263,8 +271,19 @@ impl ClientLogs {
                         );
                     }
                 }
-                rdsys::rd_kafka_event_destroy(event);
+                rdsys::RD_KAFKA_EVENT_ERROR => {
+                    let code = RDKafkaErrorCode::from(rdsys::rd_kafka_event_error(event));
+                    let reason = rdsys::rd_kafka_event_error_string(event);
+                    let reason = if reason.is_null() {
+                        std::borrow::Cow::Borrowed("")
+                    } else {
+                        CStr::from_ptr(reason).to_string_lossy()
+                    };
+                    context.error(KafkaError::Global(code), reason.trim());
+                }
+                _ => {}
             }
+            rdsys::rd_kafka_event_destroy(event);
         }
     }
 }
@@ -285,7 +304,9 @@ fn log_level(level: c_int) -> RDKafkaLogLevel {
 
 /// Reads an assign-only consumer's own queue in batches, its log lines handed to the
 /// consumer's context after each read (see [`ClientLogs`]: read without that, the queue prints
-/// them to stderr). Drop it before the consumer.
+/// them to stderr). Make it before assigning the consumer anything (`new` refuses otherwise),
+/// so the lines logged since the consumer was created reach the context too; drop it before
+/// the consumer.
 pub(crate) struct ConsumerReader<C: ClientContext> {
     records: BatchReader,
     logs: ClientLogs,
@@ -300,15 +321,25 @@ impl<C: ConsumerContext> ConsumerReader<C> {
         capacity: usize,
         what: &str,
     ) -> Result<Self, KafkaError> {
+        // Lines logged before the redirect already wait on the consumer queue, where a batch
+        // read would print them; they are handed over below, which is only safe while no
+        // record can be there.
+        if consumer.assignment()?.count() > 0 {
+            return Err(KafkaError::ClientCreation(format!(
+                "{what} was assigned partitions before its reader was made"
+            )));
+        }
         let queue = Queue::of_consumer(consumer)
             .ok_or_else(|| KafkaError::ClientCreation(format!("{what} has no consumer queue")))?;
         let logs = ClientLogs::redirect(consumer).ok_or_else(|| {
             KafkaError::ClientCreation(format!("cannot redirect the log lines of {what}"))
         })?;
+        let context = consumer.context().clone();
+        serve_events(&queue, context.as_ref());
         Ok(Self {
             records: BatchReader::new(Arc::new(queue), capacity),
             logs,
-            context: consumer.context().clone(),
+            context,
         })
     }
 
@@ -622,7 +653,7 @@ mod tests {
         assert_eq!(queue.len(), 0);
     }
 
-    /// A context that keeps the log lines it is given.
+    /// A context that keeps the log lines and errors it is given.
     #[derive(Default)]
     struct Lines(std::sync::Mutex<Vec<String>>);
 
@@ -630,14 +661,18 @@ mod tests {
         fn log(&self, _: RDKafkaLogLevel, facility: &str, line: &str) {
             self.0.lock().unwrap().push(format!("{facility} {line}"));
         }
+        fn error(&self, error: KafkaError, reason: &str) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("error {error}: {reason}"));
+        }
     }
     impl ConsumerContext for Lines {}
 
-    /// A reader of its consumer queue whose broker cannot be reached: librdkafka's complaints
-    /// reach the consumer's context (which rate-limits them), not stderr, where
-    /// `rd_kafka_consume_batch_queue` would print them without the redirect.
-    #[test]
-    fn a_consumer_readers_log_lines_reach_its_context() {
+    /// A consumer that cannot reach its broker, its records asked for from the start of
+    /// `topic` partition 0 (not assigned yet: see [`ConsumerReader::new`]).
+    fn unreachable_consumer() -> (BaseConsumer<Lines>, TopicPartitionList) {
         let consumer: BaseConsumer<Lines> = rdkafka::ClientConfig::new()
             // Nothing listens on port 1: every connection is refused.
             .set("bootstrap.servers", "127.0.0.1:1")
@@ -647,22 +682,66 @@ mod tests {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset("topic", 0, Offset::Beginning)
             .unwrap();
-        consumer.assign(&tpl).unwrap();
+        (consumer, tpl)
+    }
+
+    fn refused(consumer: &BaseConsumer<Lines>) -> bool {
+        consumer
+            .context()
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("127.0.0.1:1") && (l.contains("refused") || l.contains("down")))
+    }
+
+    /// A reader of its consumer queue whose broker cannot be reached: librdkafka's complaints
+    /// reach the consumer's context (which rate-limits them), not stderr, where
+    /// `rd_kafka_consume_batch_queue` would print them without the redirect.
+    #[test]
+    fn a_consumer_readers_log_lines_reach_its_context() {
+        let (consumer, tpl) = unreachable_consumer();
         let mut reader = ConsumerReader::new(&consumer, 10, "the test consumer").unwrap();
+        consumer.assign(&tpl).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let refused =
-            || {
-                consumer.context().0.lock().unwrap().iter().any(|l| {
-                    l.contains("127.0.0.1:1") && (l.contains("refused") || l.contains("down"))
-                })
-            };
-        while !refused() && std::time::Instant::now() < deadline {
+        while !refused(&consumer) && std::time::Instant::now() < deadline {
             assert!(reader.read(Duration::from_millis(100)).is_empty());
         }
         assert!(
-            refused(),
+            refused(&consumer),
             "no connection failure reached the context: {:?}",
             consumer.context().0.lock().unwrap()
+        );
+    }
+
+    /// The lines a consumer logs before its reader exists wait on its consumer queue (where a
+    /// batch read would print them): making the reader hands them to the context at once.
+    #[test]
+    fn lines_logged_before_the_reader_was_made_reach_the_context_too() {
+        let (consumer, tpl) = unreachable_consumer();
+        let consumer_queue = Queue::of_consumer(&consumer).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while consumer_queue.len() == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            consumer_queue.len() > 0,
+            "nothing was logged before the reader"
+        );
+        assert!(consumer.context().0.lock().unwrap().is_empty());
+        let _reader = ConsumerReader::new(&consumer, 10, "the test consumer").unwrap();
+        assert!(
+            !consumer.context().0.lock().unwrap().is_empty(),
+            "the waiting lines were not handed over"
+        );
+        assert_eq!(consumer_queue.len(), 0);
+        // Once records may wait on the queue, a reader would drop them: it is refused.
+        consumer.assign(&tpl).unwrap();
+        let refused = ConsumerReader::new(&consumer, 10, "the test consumer");
+        assert!(
+            matches!(&refused, Err(KafkaError::ClientCreation(m)) if m.contains("assigned")),
+            "{:?}",
+            refused.err()
         );
     }
 }

@@ -439,8 +439,8 @@ impl<E: Entity> Restorer<E> {
         self.metrics
             .restore_records_remaining
             .inc_by(pending.values().map(|r| r.end - r.position).sum());
-        consumer.assign(&tpl)?;
         let mut reader = ConsumerReader::new(&consumer, READ_BATCH, "the restore consumer")?;
+        consumer.assign(&tpl)?;
         let mut last_report = Instant::now();
         let mut last_position_check = Instant::now();
         let mut records_since_clock = 0usize;
