@@ -61,20 +61,19 @@ pub enum ChangelogError {
     Unreadable { changelog: String, reason: String },
 }
 
-/// The two clients that read a changelog (restores and standbys): an assign-only read_committed
+/// A client that reads a changelog (a restore, the standbys): an assign-only read_committed
 /// consumer, group id `<changelog>-<role>` (it never joins or commits, but librdkafka needs a
 /// group id to report positions), with the reader's `settings` over the operator's `consumer.`
-/// properties (those are meant for the group consumer); and a read_uncommitted client for the
-/// partitions' high watermarks (a read_committed client is told the last stable offset, which
-/// stops short of an open transaction).
-pub(crate) fn readers(
+/// properties (those are meant for the group consumer). Read it through a
+/// [`crate::kafka_batch::ConsumerReader`].
+pub(crate) fn reader(
     kafka: &KafkaConnection,
     changelog_topic: &str,
     role: &str,
     settings: &[(&str, &str)],
     kafka_debug: Option<&str>,
     context: &QuietContext,
-) -> Result<(BaseConsumer<QuietContext>, BaseConsumer<QuietContext>), KafkaError> {
+) -> Result<BaseConsumer<QuietContext>, KafkaError> {
     let mut config = kafka.client(ClientKind::Consumer);
     with_debug(&mut config, kafka_debug)
         .set("group.id", format!("{changelog_topic}-{role}"))
@@ -83,12 +82,23 @@ pub(crate) fn readers(
     for (key, value) in settings {
         config.set(*key, *value);
     }
-    let reader = config.create_with_context(context.clone())?;
-    let watermarks = kafka
+    config.create_with_context(context.clone())
+}
+
+/// The client that asks for a changelog's partitions' high watermarks (read_uncommitted: a
+/// read_committed client is told the last stable offset, which stops short of an open
+/// transaction), one per entity type, shared by its restores and standbys and kept for the
+/// node's lifetime: a client made for a restore took 0.5–0.7 s over its first requests in 3
+/// of 96 hand-overs (docs/BENCHMARKS.md). Nothing reads its queue: serve its log lines with
+/// [`crate::kafka_health::serve_events`].
+pub(crate) fn ends_client(
+    kafka: &KafkaConnection,
+    context: &QuietContext,
+) -> Result<BaseConsumer<QuietContext>, KafkaError> {
+    kafka
         .client(ClientKind::Consumer)
         .set("isolation.level", "read_uncommitted")
-        .create_with_context(context.clone())?;
-    Ok((reader, watermarks))
+        .create_with_context(context.clone())
 }
 
 /// The changelog value for a state: the envelope around the entity's state codec. An entity

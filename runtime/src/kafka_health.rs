@@ -11,7 +11,7 @@
 //! librdkafka warnings are rate-limited per kind.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::kafka_config::{ClientKind, KafkaConnection};
@@ -29,6 +29,8 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The same librdkafka warning is logged at most once in this window.
 const SAME_WARNING_EVERY: Duration = Duration::from_secs(30);
+/// How often [`serve_idle_clients`] hands their waiting log lines and errors on.
+const SERVE_IDLE_EVERY: Duration = Duration::from_secs(1);
 
 /// Problems a restart cannot fix: the node exits with a distinct code and says what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -359,6 +361,29 @@ impl ClientContext for QuietContext {
 }
 
 impl ConsumerContext for QuietContext {}
+
+/// Hands the log lines and errors of clients that nothing polls (the offset and watermark
+/// clients a node keeps for its lifetime) to their context once a second, on a task that ends
+/// when every client is gone. Unserved, those events would wait in the client's queue (which
+/// librdkafka does not bound) for as long as it lives, and tell nobody.
+pub(crate) fn serve_idle_clients(clients: Vec<Weak<BaseConsumer<QuietContext>>>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(SERVE_IDLE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let mut alive = 0;
+            for client in clients.iter().filter_map(Weak::upgrade) {
+                alive += 1;
+                // Assigned nothing, so no record is taken: this only serves events.
+                let _ = client.poll(Duration::ZERO);
+            }
+            if alive == 0 {
+                return;
+            }
+        }
+    });
+}
 
 impl ProducerContext for QuietContext {
     type DeliveryOpaque = ();

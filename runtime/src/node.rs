@@ -37,7 +37,7 @@ use crate::grpc::GrpcServices;
 use crate::handoff::Handoff;
 use crate::http::{Management, TypeView};
 use crate::kafka_admin::{self, AdminError};
-use crate::kafka_health::{KafkaHealth, QuietContext, Unrecoverable};
+use crate::kafka_health::{self, KafkaHealth, QuietContext, Unrecoverable};
 use crate::lag::LagProbe;
 use crate::metrics::MetricsRegistry;
 use crate::readiness::Readiness;
@@ -314,6 +314,8 @@ pub enum NodeError {
     Consumer(#[from] ConsumerError),
     #[error("cannot create the client reading the group's committed offsets: {0}")]
     GroupOffsets(rdkafka::error::KafkaError),
+    #[error("cannot create the client asking for the changelog's ends: {0}")]
+    ChangelogEnds(rdkafka::error::KafkaError),
     #[error("cannot create the producer of commands: {0}")]
     CommandProducer(rdkafka::error::KafkaError),
     #[error("cannot start the gateway actor: {0}")]
@@ -512,9 +514,14 @@ async fn start_type<E: Entity>(
         metrics.clone(),
         readiness.clone(),
     ));
+    // One client asks for the changelog's ends, for the standbys' lag and the restores.
+    let changelog_ends = Arc::new(
+        changelog::ends_client(&config.kafka, &node.quiet).map_err(NodeError::ChangelogEnds)?,
+    );
     standbys.start(StandbyReader {
         kafka: config.kafka.clone(),
         changelog_topic: spec.changelog_topic.clone(),
+        ends: changelog_ends.clone(),
         context: node.quiet.clone(),
         kafka_debug: config.kafka_debug.clone(),
     });
@@ -556,6 +563,10 @@ async fn start_type<E: Entity>(
         kafka_admin::group_offsets_client(&config.kafka, &spec.group, node.quiet.clone())
             .map_err(NodeError::GroupOffsets)?,
     );
+    kafka_health::serve_idle_clients(vec![
+        Arc::downgrade(&group_offsets),
+        Arc::downgrade(&changelog_ends),
+    ]);
     let kafka_stats = Arc::new(std::sync::Mutex::new(String::new()));
     let view = TypeView {
         group: spec.group.clone(),
@@ -587,6 +598,7 @@ async fn start_type<E: Entity>(
         changelog_topic: spec.changelog_topic.clone(),
         group_offsets,
         input_topic: spec.topic.clone(),
+        changelog_ends,
         metrics: metrics.clone(),
         kafka_debug: config.kafka_debug.clone(),
         context: node.quiet.clone(),

@@ -68,6 +68,8 @@ pub(crate) struct Restorer<E: Entity> {
     /// restore waits for their committed offsets to be stable (see `run`).
     pub group_offsets: Arc<BaseConsumer<QuietContext>>,
     pub input_topic: String,
+    /// The entity type's [`changelog::ends_client`].
+    pub changelog_ends: Arc<BaseConsumer<QuietContext>>,
     pub metrics: Arc<Metrics>,
     /// librdkafka debug contexts for the restore consumer (`--kafka-debug`).
     pub kafka_debug: Option<String>,
@@ -324,7 +326,7 @@ impl<E: Entity> Restorer<E> {
         // node's checkpoint that it commits after resuming (its offsets were accepted before it
         // froze) is missing from the restored state, while this node's consumer, which waits for
         // stable offsets, resumes after it: those events would be lost.
-        let (consumer, watermarks) = changelog::readers(
+        let consumer = changelog::reader(
             &self.kafka,
             &self.changelog_topic,
             "restore",
@@ -342,14 +344,14 @@ impl<E: Entity> Restorer<E> {
         // round trip each, a noticeable part of restoring 128 shards.
         let partitions = || shards.iter().map(|(p, _)| *p);
         let lows = list_offsets(
-            &watermarks,
+            &self.changelog_ends,
             &self.changelog_topic,
             partitions(),
             Offset::Beginning,
             WATERMARK_TIMEOUT,
         )?;
         let highs = list_offsets(
-            &watermarks,
+            &self.changelog_ends,
             &self.changelog_topic,
             partitions(),
             Offset::End,

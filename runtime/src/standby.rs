@@ -194,6 +194,8 @@ pub(crate) struct Standbys<E: Entity> {
 pub(crate) struct Reader {
     pub kafka: KafkaConnection,
     pub changelog_topic: String,
+    /// The entity type's [`changelog::ends_client`] (for the standbys' lag).
+    pub ends: Arc<BaseConsumer<QuietContext>>,
     pub context: QuietContext,
     pub kafka_debug: Option<String>,
 }
@@ -334,11 +336,9 @@ impl<E: Entity> Standbys<E> {
                 continue;
             }
             let mut warmed_from = self.fold_available(&c.consumer, &mut c.records, reader);
-            // Only its log lines wait on the watermark client's queue (it is assigned nothing).
-            let _ = c.watermarks.poll(Duration::ZERO);
             if measured_at.elapsed() >= LAG_EVERY {
                 measured_at = Instant::now();
-                warmed_from += self.measure(&c.consumer, &c.watermarks, reader, &assigned);
+                warmed_from += self.measure(&c.consumer, reader, &assigned);
             }
             // A warm-up reads whole changelog partitions through librdkafka's prefetch and
             // grows the maps by doubling: glibc keeps what that freed unless asked.
@@ -348,9 +348,9 @@ impl<E: Entity> Standbys<E> {
         }
     }
 
-    /// The tailing consumer and a client for the changelog's end.
+    /// The tailing consumer and its reader.
     fn clients(reader: &Reader) -> Result<Clients, KafkaError> {
-        let (consumer, watermarks) = changelog::readers(
+        let consumer = changelog::reader(
             &reader.kafka,
             &reader.changelog_topic,
             "standby",
@@ -370,7 +370,6 @@ impl<E: Entity> Standbys<E> {
         Ok(Clients {
             records: ConsumerReader::new(&consumer, RECORDS_PER_LOCK, "the standby consumer")?,
             consumer,
-            watermarks,
         })
     }
 
@@ -517,12 +516,11 @@ impl<E: Entity> Standbys<E> {
     fn measure(
         &self,
         consumer: &BaseConsumer<QuietContext>,
-        watermarks: &BaseConsumer<QuietContext>,
         reader: &Reader,
         assigned: &BTreeSet<u32>,
     ) -> u64 {
         let ends = match list_offsets(
-            watermarks,
+            &reader.ends,
             &reader.changelog_topic,
             assigned.iter().copied(),
             Offset::End,
@@ -571,12 +569,11 @@ impl<E: Entity> Standbys<E> {
     }
 }
 
-/// The standby reader's Kafka clients; the batch reader first, so it is dropped before the
+/// The standby reader's consumer; the batch reader first, so it is dropped before the
 /// consumer whose queues it holds.
 struct Clients {
     records: ConsumerReader<QuietContext>,
     consumer: BaseConsumer<QuietContext>,
-    watermarks: BaseConsumer<QuietContext>,
 }
 
 /// Moves each standby's next offset to its consumer position: past the transaction markers
@@ -682,8 +679,10 @@ mod tests {
         producer.flush(Duration::from_secs(10)).unwrap();
 
         let kafka = KafkaConnection::new(cluster.bootstrap_servers());
+        let context = QuietContext::new(KafkaHealth::new(&kafka));
         let reader = Reader {
-            context: QuietContext::new(KafkaHealth::new(&kafka)),
+            ends: Arc::new(changelog::ends_client(&kafka, &context).unwrap()),
+            context,
             kafka,
             changelog_topic: "changelog".into(),
             kafka_debug: None,
