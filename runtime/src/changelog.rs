@@ -8,6 +8,8 @@
 //! topic, it would make entities skip that topic's events as replays. The node therefore
 //! refuses, at start, a changelog written for another topic or in another format.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::kafka_config::{ClientKind, KafkaConnection};
@@ -20,7 +22,7 @@ use crate::acting::Acting;
 use crate::entity::{Codec, DecodeError, EncodeError, Entity, EntityId, EntityMap, Stored};
 use crate::kafka_admin::{list_offsets, with_debug};
 use crate::kafka_batch::RawRecord;
-use crate::kafka_health::QuietContext;
+use crate::kafka_health::{IdleClient, QuietContext};
 
 /// Header on every changelog record: the input topic its state's offsets refer to.
 pub const HEADER_INPUT_TOPIC: &str = "input.topic";
@@ -85,20 +87,88 @@ pub(crate) fn reader(
     config.create_with_context(context.clone())
 }
 
-/// The client that asks for a changelog's partitions' high watermarks (read_uncommitted: a
+/// Asks for a changelog's partitions' first offsets and high watermarks (read_uncommitted: a
 /// read_committed client is told the last stable offset, which stops short of an open
-/// transaction), one per entity type, shared by its restores and standbys and kept for the
-/// node's lifetime: a client made for a restore took 0.5–0.7 s over its first requests in 3
-/// of 96 hand-overs (docs/BENCHMARKS.md). Nothing reads its queue: serve its log lines with
-/// [`crate::kafka_health::serve_events`].
-pub(crate) fn ends_client(
-    kafka: &KafkaConnection,
-    context: &QuietContext,
-) -> Result<BaseConsumer<QuietContext>, KafkaError> {
-    kafka
-        .client(ClientKind::Consumer)
-        .set("isolation.level", "read_uncommitted")
-        .create_with_context(context.clone())
+/// transaction). One per entity type, shared by its restores and standbys, and its client is
+/// kept between requests: a client made for each restore spent 0.5–0.7 s on its first requests
+/// about once in 200 (docs/BENCHMARKS.md). A kept client can go stale, though: after the broker
+/// leading some partitions was killed, it answered "leader not available" for them for minutes
+/// where a new client asks for fresh metadata. So a request that fails, or leaves a partition
+/// without an offset, retires the client, and the next request makes a new one.
+pub(crate) struct ChangelogEnds {
+    kafka: KafkaConnection,
+    context: QuietContext,
+    client: Mutex<Option<Arc<BaseConsumer<QuietContext>>>>,
+}
+
+impl ChangelogEnds {
+    /// Makes the first client now, so the first restore finds it connected.
+    pub fn new(kafka: &KafkaConnection, context: &QuietContext) -> Result<Self, KafkaError> {
+        let ends = Self {
+            kafka: kafka.clone(),
+            context: context.clone(),
+            client: Mutex::new(None),
+        };
+        ends.client()?;
+        Ok(ends)
+    }
+
+    /// The offset of each of `partitions` (`Offset::Beginning` or `Offset::End`, as
+    /// [`list_offsets`]); partitions the broker gave none for are absent.
+    pub fn list(
+        &self,
+        topic: &str,
+        partitions: impl IntoIterator<Item = u32>,
+        which: Offset,
+        timeout: Duration,
+    ) -> Result<BTreeMap<u32, i64>, KafkaError> {
+        let partitions: Vec<u32> = partitions.into_iter().collect();
+        let client = self.client()?;
+        let listed = list_offsets(&client, topic, partitions.iter().copied(), which, timeout);
+        let complete = listed
+            .as_ref()
+            .is_ok_and(|offsets| partitions.iter().all(|p| offsets.contains_key(p)));
+        if !complete {
+            self.retire(&client);
+        }
+        listed
+    }
+
+    fn client(&self) -> Result<Arc<BaseConsumer<QuietContext>>, KafkaError> {
+        let mut kept = self.client.lock().expect("changelog ends lock poisoned");
+        if let Some(client) = kept.as_ref() {
+            return Ok(client.clone());
+        }
+        let client: Arc<BaseConsumer<QuietContext>> = Arc::new(
+            self.kafka
+                .client(ClientKind::Consumer)
+                .set("isolation.level", "read_uncommitted")
+                .create_with_context(self.context.clone())?,
+        );
+        *kept = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Drops `client` from use, unless another request already replaced it.
+    fn retire(&self, client: &Arc<BaseConsumer<QuietContext>>) {
+        let mut kept = self.client.lock().expect("changelog ends lock poisoned");
+        if kept.as_ref().is_some_and(|k| Arc::ptr_eq(k, client)) {
+            *kept = None;
+        }
+    }
+}
+
+impl IdleClient for ChangelogEnds {
+    fn serve_events(&self) {
+        let kept = self
+            .client
+            .lock()
+            .expect("changelog ends lock poisoned")
+            .clone();
+        if let Some(client) = kept {
+            client.serve_events();
+        }
+    }
 }
 
 /// The changelog value for a state: the envelope around the entity's state codec. An entity
@@ -539,6 +609,38 @@ mod tests {
         assert!(
             refused.0.contains("no migration from state version 1"),
             "{refused}"
+        );
+    }
+
+    /// The ends client is kept while it answers for every partition asked, and replaced after
+    /// a request that left one out (a stale client's "leader not available" looks the same).
+    #[test]
+    fn the_ends_client_is_kept_while_it_answers_and_replaced_when_it_does_not() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("changelog", 2, 1).unwrap();
+        let kafka = KafkaConnection::new(cluster.bootstrap_servers());
+        let context = QuietContext::new(crate::kafka_health::KafkaHealth::new(&kafka));
+        let ends = ChangelogEnds::new(&kafka, &context).unwrap();
+        let kept = |ends: &ChangelogEnds| ends.client.lock().unwrap().clone();
+        let first = kept(&ends).unwrap();
+        let timeout = Duration::from_secs(10);
+        let listed = ends
+            .list("changelog", [0, 1], Offset::End, timeout)
+            .unwrap();
+        assert_eq!(listed, BTreeMap::from([(0, 0), (1, 0)]));
+        assert!(
+            Arc::ptr_eq(&first, &kept(&ends).unwrap()),
+            "replaced while answering"
+        );
+        // Partition 7 does not exist: the broker gives no offset for it.
+        let listed = ends.list("changelog", [0, 7], Offset::End, timeout);
+        assert!(listed.map_or(true, |offsets| !offsets.contains_key(&7)));
+        assert!(kept(&ends).is_none(), "kept after leaving a partition out");
+        ends.list("changelog", [1], Offset::Beginning, timeout)
+            .unwrap();
+        assert!(
+            !Arc::ptr_eq(&first, &kept(&ends).unwrap()),
+            "no new client was made"
         );
     }
 }

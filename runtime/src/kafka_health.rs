@@ -362,11 +362,24 @@ impl ClientContext for QuietContext {
 
 impl ConsumerContext for QuietContext {}
 
-/// Hands the log lines and errors of clients that nothing polls (the offset and watermark
-/// clients a node keeps for its lifetime) to their context once a second, on a task that ends
-/// when every client is gone. Unserved, those events would wait in the client's queue (which
-/// librdkafka does not bound) for as long as it lives, and tell nobody.
-pub(crate) fn serve_idle_clients(clients: Vec<Weak<BaseConsumer<QuietContext>>>) {
+/// A client that nothing reads: its log lines and errors wait in its queue until served.
+pub(crate) trait IdleClient: Send + Sync {
+    /// Hands the log lines and errors waiting to the client's context (never waits).
+    fn serve_events(&self);
+}
+
+impl IdleClient for BaseConsumer<QuietContext> {
+    fn serve_events(&self) {
+        // Assigned nothing, so no record is taken: this only serves events.
+        let _ = self.poll(Duration::ZERO);
+    }
+}
+
+/// Serves the events of clients that nothing reads (the offset and watermark clients a node
+/// keeps for its lifetime) once a second, on a task that ends when every client is gone.
+/// Unserved, those events would wait in the client's queue (which librdkafka does not bound)
+/// for as long as it lives, and tell nobody.
+pub(crate) fn serve_idle_clients(clients: Vec<Weak<dyn IdleClient>>) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(SERVE_IDLE_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -375,8 +388,7 @@ pub(crate) fn serve_idle_clients(clients: Vec<Weak<BaseConsumer<QuietContext>>>)
             let mut alive = 0;
             for client in clients.iter().filter_map(Weak::upgrade) {
                 alive += 1;
-                // Assigned nothing, so no record is taken: this only serves events.
-                let _ = client.poll(Duration::ZERO);
+                client.serve_events();
             }
             if alive == 0 {
                 return;

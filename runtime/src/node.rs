@@ -6,7 +6,7 @@ use std::future::IntoFuture;
 use std::marker::PhantomData;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -516,7 +516,8 @@ async fn start_type<E: Entity>(
     ));
     // One client asks for the changelog's ends, for the standbys' lag and the restores.
     let changelog_ends = Arc::new(
-        changelog::ends_client(&config.kafka, &node.quiet).map_err(NodeError::ChangelogEnds)?,
+        changelog::ChangelogEnds::new(&config.kafka, &node.quiet)
+            .map_err(NodeError::ChangelogEnds)?,
     );
     standbys.start(StandbyReader {
         kafka: config.kafka.clone(),
@@ -564,8 +565,8 @@ async fn start_type<E: Entity>(
             .map_err(NodeError::GroupOffsets)?,
     );
     kafka_health::serve_idle_clients(vec![
-        Arc::downgrade(&group_offsets),
-        Arc::downgrade(&changelog_ends),
+        Arc::downgrade(&group_offsets) as Weak<dyn kafka_health::IdleClient>,
+        Arc::downgrade(&changelog_ends) as Weak<dyn kafka_health::IdleClient>,
     ]);
     let kafka_stats = Arc::new(std::sync::Mutex::new(String::new()));
     let view = TypeView {

@@ -26,7 +26,7 @@ use crate::allocation::AllocationTable;
 use crate::changelog;
 use crate::entity::{Entity, EntityMap, Stored};
 use crate::fencing::{fence, transactional_id};
-use crate::kafka_admin::{committed_offsets, list_offsets};
+use crate::kafka_admin::committed_offsets;
 use crate::kafka_batch::{ConsumerReader, Read};
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
@@ -68,8 +68,8 @@ pub(crate) struct Restorer<E: Entity> {
     /// restore waits for their committed offsets to be stable (see `run`).
     pub group_offsets: Arc<BaseConsumer<QuietContext>>,
     pub input_topic: String,
-    /// The entity type's [`changelog::ends_client`].
-    pub changelog_ends: Arc<BaseConsumer<QuietContext>>,
+    /// The entity type's changelog offsets (shared with its standbys).
+    pub changelog_ends: Arc<changelog::ChangelogEnds>,
     pub metrics: Arc<Metrics>,
     /// librdkafka debug contexts for the restore consumer (`--kafka-debug`).
     pub kafka_debug: Option<String>,
@@ -343,15 +343,13 @@ impl<E: Entity> Restorer<E> {
         // One ListOffsets request each for all partitions: asking per partition cost a broker
         // round trip each, a noticeable part of restoring 128 shards.
         let partitions = || shards.iter().map(|(p, _)| *p);
-        let lows = list_offsets(
-            &self.changelog_ends,
+        let lows = self.changelog_ends.list(
             &self.changelog_topic,
             partitions(),
             Offset::Beginning,
             WATERMARK_TIMEOUT,
         )?;
-        let highs = list_offsets(
-            &self.changelog_ends,
+        let highs = self.changelog_ends.list(
             &self.changelog_topic,
             partitions(),
             Offset::End,

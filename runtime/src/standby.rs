@@ -35,7 +35,6 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::allocation::AllocationTable;
 use crate::changelog;
 use crate::entity::{Entity, EntityMap, Stored};
-use crate::kafka_admin::list_offsets;
 use crate::kafka_batch::{ConsumerReader, Read};
 use crate::kafka_config::KafkaConnection;
 use crate::kafka_health::QuietContext;
@@ -194,8 +193,8 @@ pub(crate) struct Standbys<E: Entity> {
 pub(crate) struct Reader {
     pub kafka: KafkaConnection,
     pub changelog_topic: String,
-    /// The entity type's [`changelog::ends_client`] (for the standbys' lag).
-    pub ends: Arc<BaseConsumer<QuietContext>>,
+    /// The entity type's changelog offsets (for the standbys' lag; shared with its restores).
+    pub ends: Arc<changelog::ChangelogEnds>,
     pub context: QuietContext,
     pub kafka_debug: Option<String>,
 }
@@ -519,8 +518,7 @@ impl<E: Entity> Standbys<E> {
         reader: &Reader,
         assigned: &BTreeSet<u32>,
     ) -> u64 {
-        let ends = match list_offsets(
-            &reader.ends,
+        let ends = match reader.ends.list(
             &reader.changelog_topic,
             assigned.iter().copied(),
             Offset::End,
@@ -681,7 +679,7 @@ mod tests {
         let kafka = KafkaConnection::new(cluster.bootstrap_servers());
         let context = QuietContext::new(KafkaHealth::new(&kafka));
         let reader = Reader {
-            ends: Arc::new(changelog::ends_client(&kafka, &context).unwrap()),
+            ends: Arc::new(changelog::ChangelogEnds::new(&kafka, &context).unwrap()),
             context,
             kafka,
             changelog_topic: "changelog".into(),
