@@ -1,5 +1,7 @@
 //! The changelog's record format (the runtime's envelope around the application's state
-//! codec), and the start-up check that a changelog belongs to this input topic and format.
+//! codec), the start-up check that a changelog belongs to this input topic and format, and the
+//! clients that read it back (a restore's or the standbys' reader, and [`ChangelogEnds`], the
+//! partitions' offsets they read between).
 //!
 //! One record per changed entity: key = entity id, value = the envelope
 //! `[last_offset: 8 bytes big-endian][state bytes of the entity's codec]`, headers
