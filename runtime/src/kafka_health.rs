@@ -376,15 +376,19 @@ impl IdleClient for BaseConsumer<QuietContext> {
 }
 
 /// Serves the events of clients that nothing reads (the offset and watermark clients a node
-/// keeps for its lifetime) once a second, on a task that ends when every client is gone.
+/// keeps for its lifetime) once a second, on a thread that ends when every client is gone.
 /// Unserved, those events would wait in the client's queue (which librdkafka does not bound)
-/// for as long as it lives, and tell nobody.
-pub(crate) fn serve_idle_clients(clients: Vec<Weak<dyn IdleClient>>) {
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(SERVE_IDLE_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
+/// for as long as it lives, and tell nobody. A thread, not a tokio task: this loop can hold the
+/// last reference to a client (retired by [`crate::changelog::ChangelogEnds`], or the node
+/// stopping), and dropping a librdkafka client waits for its broker threads, seconds when the
+/// broker is down, which would stall a tokio worker.
+pub(crate) fn serve_idle_clients(
+    clients: Vec<Weak<dyn IdleClient>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("kafka-idle-clients".into())
+        .spawn(move || loop {
+            std::thread::sleep(SERVE_IDLE_EVERY);
             let mut alive = 0;
             for client in clients.iter().filter_map(Weak::upgrade) {
                 alive += 1;
@@ -393,8 +397,8 @@ pub(crate) fn serve_idle_clients(clients: Vec<Weak<dyn IdleClient>>) {
             if alive == 0 {
                 return;
             }
-        }
-    });
+        })
+        .expect("cannot spawn the thread serving idle Kafka clients")
 }
 
 impl ProducerContext for QuietContext {
@@ -406,6 +410,36 @@ impl ProducerContext for QuietContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Counted(std::sync::atomic::AtomicUsize);
+
+    impl IdleClient for Counted {
+        fn serve_events(&self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn idle_clients_are_served_every_second_until_the_last_is_gone() {
+        let counted = Arc::new(Counted(Default::default()));
+        let served = || counted.0.load(std::sync::atomic::Ordering::SeqCst);
+        let thread = serve_idle_clients(vec![Arc::downgrade(&counted) as Weak<dyn IdleClient>]);
+        std::thread::sleep(SERVE_IDLE_EVERY * 2 + SERVE_IDLE_EVERY / 2);
+        assert!(served() >= 2, "served {} times in 2.5 s", served());
+        assert!(
+            !thread.is_finished(),
+            "the thread stopped while a client was alive"
+        );
+        drop(counted);
+        let gone = Instant::now();
+        while !thread.is_finished() {
+            assert!(
+                gone.elapsed() < SERVE_IDLE_EVERY * 3,
+                "the thread outlived its clients"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 
     #[test]
     fn connectivity_and_authorization_errors_are_told_apart() {
