@@ -48,12 +48,20 @@ pub enum Op {
         transfer_id: String,
     },
     /// Transfer to `to` at `at_ms` (a command): sets a timer named `transfer_id` whose
-    /// message is [`Op::TransferDue`].
+    /// message is [`Op::TransferDue`]. Refused ([`SCHEDULED_IN_THE_PAST`]) when `at_ms` is
+    /// before `requested_ms`, the time the caller asked (by the clock of the node it asked).
+    /// That time travels in the op, rather than the check being made against the clock when
+    /// the command arrives, so that it is made once, when the command first runs: a retry with
+    /// the same idempotency key after `at_ms` has passed gets the first answer (scheduled, or
+    /// already fired), not a refusal for a transfer that was in fact made.
     ScheduleTransfer {
         to: String,
         amount: i64,
         at_ms: i64,
         transfer_id: String,
+        /// Absent (0) in ops written before it existed: never refused as past.
+        #[serde(default)]
+        requested_ms: i64,
     },
     /// A scheduled transfer's time came (the timer's message to the debited account).
     TransferDue {
@@ -72,6 +80,10 @@ pub struct Account {
 
 /// Why an op changes nothing.
 pub const INSUFFICIENT_FUNDS: &str = "insufficient funds";
+
+/// How the refusal of a transfer scheduled before the time it was asked begins (the service
+/// answers it with `INVALID_ARGUMENT`, as a bad argument).
+pub const SCHEDULED_IN_THE_PAST: &str = "at_unix_ms is in the past";
 
 /// The topic every credited transfer is emitted to (key: the transfer id; value: JSON
 /// `{"from","to","amount"}`).
@@ -165,7 +177,13 @@ impl Account {
                 amount,
                 at_ms,
                 transfer_id,
+                requested_ms,
             } => {
+                if at_ms < requested_ms {
+                    return Err(format!(
+                        "{SCHEDULED_IN_THE_PAST}: {at_ms}, asked at {requested_ms}"
+                    ));
+                }
                 positive(*amount)?;
                 let due = Op::TransferDue {
                     to: to.clone(),

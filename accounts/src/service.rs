@@ -4,12 +4,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use kafka_sharding::{Entities, MAX_IDEMPOTENCY_KEY_BYTES, MAX_ID_BYTES, MAX_TIMER_DELAY};
+use kafka_sharding::{
+    CommandError, Entities, MAX_IDEMPOTENCY_KEY_BYTES, MAX_ID_BYTES, MAX_TIMER_DELAY,
+};
 use proto::bank::accounts_server::{Accounts as AccountsApi, AccountsServer};
 use proto::bank::{Account, Balance, Change, Scheduled, TransferRequest};
 use tonic::{Request, Response, Status};
 
-use crate::{Accounts, Op};
+use crate::{Accounts, Op, SCHEDULED_IN_THE_PAST};
 
 pub struct AccountsService {
     accounts: Entities<Accounts>,
@@ -68,10 +70,10 @@ fn check_transfer(transfer: &TransferRequest) -> Result<(), Status> {
     check_amount(transfer.amount)
 }
 
-/// A scheduled transfer's time: not in the past (by this node's clock), not beyond the
-/// runtime's timer limit.
-fn check_time(at_ms: i64, now_ms: i64) -> Result<(), Status> {
-    if at_ms < now_ms {
+/// A scheduled transfer's time: not beyond the runtime's timer limit, and, when `refuse_past`,
+/// not in the past (by this node's clock).
+fn check_time(at_ms: i64, now_ms: i64, refuse_past: bool) -> Result<(), Status> {
+    if refuse_past && at_ms < now_ms {
         return Err(Status::invalid_argument(format!(
             "at_unix_ms {at_ms} is in the past (now {now_ms})"
         )));
@@ -155,8 +157,11 @@ impl AccountsApi for AccountsService {
     ) -> Result<Response<Scheduled>, Status> {
         let transfer = request.into_inner();
         check_transfer(&transfer)?;
-        check_time(transfer.at_unix_ms, unix_ms())?;
+        let now_ms = unix_ms();
         let key = idempotency_key(&transfer.idempotency_key)?;
+        // A keyed call may be the retry of one the account took before its time passed: the
+        // account checks its time (`requested_ms`) and answers a retry with the first answer.
+        check_time(transfer.at_unix_ms, now_ms, key.is_none())?;
         // The timer's name: the caller's key (a retry finds the same timer), else a new id.
         let transfer_id = key.map_or_else(new_transfer_id, String::from);
         let op = Op::ScheduleTransfer {
@@ -164,11 +169,17 @@ impl AccountsApi for AccountsService {
             amount: transfer.amount,
             at_ms: transfer.at_unix_ms,
             transfer_id: transfer_id.clone(),
+            requested_ms: now_ms,
         };
         self.accounts
             .command(&transfer.from, op, key)
             .await
-            .map_err(|e| e.to_status("account"))?;
+            .map_err(|e| match e {
+                CommandError::Refused(why) if why.starts_with(SCHEDULED_IN_THE_PAST) => {
+                    Status::invalid_argument(why)
+                }
+                e => e.to_status("account"),
+            })?;
         Ok(Response::new(Scheduled { transfer_id }))
     }
 

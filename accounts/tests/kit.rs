@@ -89,12 +89,13 @@ fn a_transfer_debits_credits_by_message_and_emits_its_completion_once() {
 fn a_scheduled_transfer_fires_once_when_due_and_a_short_one_is_refused() {
     let mut kit = TestKit::<Accounts>::new();
     kit.command("alice", &deposit(300), None).unwrap();
-    let at = kit.now_ms() + 60_000;
+    let (now, at) = (kit.now_ms(), kit.now_ms() + 60_000);
     let schedule = |id: &str, amount| Op::ScheduleTransfer {
         to: "carol".into(),
         amount,
         at_ms: at,
         transfer_id: id.into(),
+        requested_ms: now,
     };
     kit.command("alice", &schedule("s-1", 100), Some("s-1"))
         .unwrap();
@@ -133,6 +134,44 @@ fn a_scheduled_transfer_fires_once_when_due_and_a_short_one_is_refused() {
     assert_eq!(refused[0].reason, accounts::INSUFFICIENT_FUNDS);
     kit.advance(Duration::from_secs(3_600));
     assert_eq!(kit.query("carol", &()), 100, "each timer fired once");
+}
+
+#[test]
+fn a_scheduled_transfer_retried_after_its_time_gets_the_first_answer_and_a_new_one_is_refused() {
+    let mut kit = TestKit::<Accounts>::new();
+    kit.command("alice", &deposit(300), None).unwrap();
+    let at = kit.now_ms() + 1_000;
+    let schedule = |id: &str, requested_ms| Op::ScheduleTransfer {
+        to: "carol".into(),
+        amount: 100,
+        at_ms: at,
+        transfer_id: id.into(),
+        requested_ms,
+    };
+    let first = schedule("s-1", kit.now_ms());
+    assert_eq!(kit.command("alice", &first, Some("s-1")), Ok(300));
+    kit.advance(Duration::from_secs(2));
+    assert_eq!(kit.query("carol", &()), 100);
+    // The caller never saw the first answer and retries, its time now past: the first answer,
+    // and nothing more moves.
+    let retry = schedule("s-1", kit.now_ms());
+    assert_eq!(kit.command("alice", &retry, Some("s-1")), Ok(300));
+    kit.advance(Duration::from_secs(2));
+    assert_eq!(
+        (kit.query("alice", &()), kit.query("carol", &())),
+        (200, 100)
+    );
+    // A call the account never took, asked after its time: refused, nothing scheduled.
+    let late = schedule("s-2", kit.now_ms());
+    match kit.command("alice", &late, Some("s-2")) {
+        Err(CommandError::Refused(why)) => {
+            assert!(why.starts_with(accounts::SCHEDULED_IN_THE_PAST), "{why}")
+        }
+        other => panic!("a late schedule answered {other:?}"),
+    }
+    assert!(kit.timers("alice").is_empty());
+    kit.advance(Duration::from_secs(2));
+    assert_eq!(kit.query("carol", &()), 100);
 }
 
 #[test]

@@ -416,6 +416,8 @@ async fn scheduled_transfers_fire_once_when_due_through_a_crash_and_a_full_resta
         scheduled(&rich, &payee, 5, "", now + 400 * 86_400_000),
         scheduled(&rich, &rich, 5, "", now + 1_000),
         scheduled(&rich, &payee, 0, "", now + 1_000),
+        // Keyed, so the account judges the time (it might be a retry): never taken, refused.
+        scheduled(&rich, &payee, 5, &unique("late"), now - 60_000),
     ] {
         let status = via1.schedule_transfer(bad).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
@@ -489,6 +491,13 @@ async fn scheduled_transfers_fire_once_when_due_through_a_crash_and_a_full_resta
         || async { (emitted() == (1, 1, 1)).then_some(()) },
     )
     .await;
+    // A caller that never saw its answer retries after the time: the first answer, nothing more.
+    let late_retry = via1
+        .schedule_transfer(scheduled(&rich, &payee, 100, &keyed_id, due))
+        .await
+        .expect("a keyed schedule retried after its time")
+        .into_inner();
+    assert_eq!(late_retry.transfer_id, keyed_id);
 
     // The whole cluster is down when a transfer is due: it fires once when it is back.
     let back_id = unique("sched-back");
