@@ -15,6 +15,20 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, Producer};
 use support::*;
 
+/// The partitions whose consumer lag a node's /metrics reports.
+fn lag_partitions(
+    metrics: &std::collections::BTreeMap<String, f64>,
+) -> std::collections::BTreeSet<u32> {
+    metrics
+        .keys()
+        .filter(|series| series.starts_with("processor_consumer_lag{"))
+        .filter_map(|series| {
+            let label = series.split("partition=\"").nth(1)?;
+            label.split('"').next()?.parse().ok()
+        })
+        .collect()
+}
+
 /// Readiness through both front ends: (HTTP status of /ready, gRPC health) of each node.
 async fn readiness(spec: &ClusterSpec, nodes: &[&Node]) -> Vec<(u16, Option<i32>)> {
     let mut out = Vec::new();
@@ -154,6 +168,20 @@ async fn killing_the_group_coordinator_of_three_brokers_keeps_every_node_alive_a
     );
     let now = group_coordinator(&spec.bootstrap, &spec.group);
     assert_ne!(now, coordinator, "another broker coordinates the group");
+    // /metrics reports the consumer lag of every partition each node owns, those the killed
+    // broker led included (their offsets are asked of the new leaders).
+    for node in [&node1, &node2] {
+        eventually(
+            Duration::from_secs(20),
+            "the lag of every owned partition at /metrics",
+            || async {
+                let owned = node.try_shards().await?;
+                let lagged = lag_partitions(&node.metrics().await?);
+                (lagged == owned).then_some(())
+            },
+        )
+        .await;
+    }
     // Each hand-off checkpoint of the stops ends by its deadline, whatever the coordinators
     // do (librdkafka can wait on a lost one for good).
     assert!(node1.stop().success() && node2.stop().success());
