@@ -96,6 +96,10 @@ pub async fn run(
                 "the bare consumer read {} records, not {events}",
                 drained.records
             );
+            eprintln!(
+                "throughput round {round}/{repeat}: bare consumer from {from:?}: {} events/s",
+                rate(events as f64 / drained.time.as_secs_f64())
+            );
             rates.push(Bare {
                 rate: events as f64 / drained.time.as_secs_f64(),
                 startup: (drained.time - drained.from_first_record).as_secs_f64(),
@@ -107,10 +111,18 @@ pub async fn run(
         let mut nodes = start_nodes(setup, topic, &format!("{topic}-one-{round}"), 1)?;
         one.push(drain(setup, topic, &nodes, &ends, events).await?);
         nodes[0].stop()?;
+        eprintln!(
+            "throughput round {round}/{repeat}: one node: {} events/s",
+            rate(one[one.len() - 1].rate)
+        );
 
         eprintln!("throughput round {round}/{repeat}: two processor nodes");
         let nodes = start_nodes(setup, topic, &format!("{topic}-two-{round}"), 2)?;
         two.push(drain(setup, topic, &nodes, &ends, events).await?);
+        eprintln!(
+            "throughput round {round}/{repeat}: two nodes: {} events/s",
+            rate(two[two.len() - 1].rate)
+        );
         last_nodes = Some(nodes);
     }
     let nodes = last_nodes.ok_or_else(|| anyhow::anyhow!("--repeat must be at least 1"))?;
