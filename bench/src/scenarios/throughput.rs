@@ -96,12 +96,13 @@ pub async fn run(
                 "the bare consumer read {} records, not {events}",
                 drained.records
             );
+            let bare_rate = events as f64 / drained.time.as_secs_f64();
             eprintln!(
                 "throughput round {round}/{repeat}: bare consumer from {from:?}: {} events/s",
-                rate(events as f64 / drained.time.as_secs_f64())
+                rate(bare_rate)
             );
             rates.push(Bare {
-                rate: events as f64 / drained.time.as_secs_f64(),
+                rate: bare_rate,
                 startup: (drained.time - drained.from_first_record).as_secs_f64(),
                 per_event: events as f64 / drained.from_first_record.as_secs_f64(),
             });
@@ -109,20 +110,22 @@ pub async fn run(
 
         eprintln!("throughput round {round}/{repeat}: one processor node");
         let mut nodes = start_nodes(setup, topic, &format!("{topic}-one-{round}"), 1)?;
-        one.push(drain(setup, topic, &nodes, &ends, events).await?);
+        let drained = drain(setup, topic, &nodes, &ends, events).await?;
         nodes[0].stop()?;
         eprintln!(
             "throughput round {round}/{repeat}: one node: {} events/s",
-            rate(one[one.len() - 1].rate)
+            rate(drained.rate)
         );
+        one.push(drained);
 
         eprintln!("throughput round {round}/{repeat}: two processor nodes");
         let nodes = start_nodes(setup, topic, &format!("{topic}-two-{round}"), 2)?;
-        two.push(drain(setup, topic, &nodes, &ends, events).await?);
+        let drained = drain(setup, topic, &nodes, &ends, events).await?;
         eprintln!(
             "throughput round {round}/{repeat}: two nodes: {} events/s",
-            rate(two[two.len() - 1].rate)
+            rate(drained.rate)
         );
+        two.push(drained);
         last_nodes = Some(nodes);
     }
     let nodes = last_nodes.ok_or_else(|| anyhow::anyhow!("--repeat must be at least 1"))?;
