@@ -33,28 +33,55 @@ use crate::entity::Entity;
 use crate::kafka_health::QuietContext;
 use crate::shard::{Checkpoint, LocalShard, OutRecord, Outgoing, Reroute, ShardMsg};
 
-/// Waits until every record sent is acknowledged, in 1 ms steps, by `deadline`.
+/// Waits until every record sent is acknowledged, in 1 ms steps, by `deadline`, sending what
+/// lingers at once.
 ///
 /// rust-rdkafka's `commit_transaction` flushes first, and its flush waits in polls of up to
 /// 100 ms for delivery events, which this producer's own polling thread serves (and, with
 /// delivery reports for errors only, which never come): every commit took at least 100 ms,
 /// the whole of a command's wait. After this, that flush finds nothing outstanding.
+///
+/// librdkafka sends a partition's batch before `linger.ms` only while a flush call is under
+/// way (`rk_flushing`, checked by each broker thread when it wakes). rust-rdkafka's flush
+/// calls `rd_kafka_flush` with no wait, which leaves that window too short for the broker
+/// threads to see, so a commit would wait out the linger; each step here holds it for 1 ms.
+/// So a commit never waits for the linger, whatever an operator sets it to.
 pub(crate) fn delivered<P: Producer<C>, C: rdkafka::producer::ProducerContext>(
     producer: &P,
     deadline: Instant,
 ) -> Result<(), KafkaError> {
+    let client = producer.client().native_ptr();
     loop {
-        match producer.flush(Duration::ZERO) {
-            Ok(()) => return Ok(()),
-            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
-                if Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(1))
-            }
-            Err(e) => return Err(e),
+        // SAFETY: `client` is the producer's handle, alive while `producer` is borrowed;
+        // rd_kafka_flush may be called from any thread, alongside the producer's own polling.
+        let outcome = unsafe { rdkafka::bindings::rd_kafka_flush(client, 1) };
+        match RDKafkaErrorCode::from(outcome) {
+            RDKafkaErrorCode::NoError => return Ok(()),
+            RDKafkaErrorCode::OperationTimedOut if Instant::now() < deadline => {}
+            error => return Err(KafkaError::Flush(error)),
         }
     }
 }
+
+/// The checkpoint producer's settings that an operator may change (`KAFKA_CLIENT_PRODUCER_*`,
+/// `-X producer.…`); the transactional ones are the node's own.
+///
+/// - Delivery reports are ignored (a failed record fails the transaction), so only errors get
+///   one: with a report per record the producer's polling thread took a tenth of a node's CPU
+///   writing a million new entities' states, 2% without.
+/// - A transaction begun right after a commit is refused (CONCURRENT_TRANSACTIONS) until the
+///   broker has written the commit's markers, and retried after the backoff: librdkafka's
+///   100 ms made every back-to-back checkpoint (commands arriving while one commits) take
+///   100 ms more.
+/// - A commit sends what lingers at once (`delivered`, above), so a longer linger would not delay a
+///   command's reply; 20 ms did not make a million new entities' checkpoints measurably
+///   cheaper for the broker (docs/BENCHMARKS.md), so it stays short.
+pub const CHECKPOINT_PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("linger.ms", "1"),
+    ("compression.type", "lz4"),
+    ("delivery.report.only.error", "true"),
+    ("retry.backoff.ms", "5"),
+];
 
 /// Header on a re-routed event: where it was first read.
 pub const HEADER_REROUTED_FROM: &str = "rerouted.from";
@@ -132,24 +159,7 @@ impl Checkpointer {
     pub fn create(config: &CheckpointerConfig) -> Result<Self, CheckpointError> {
         let producer: ThreadedProducer<QuietContext> = config
             .kafka
-            .client_with(
-                ClientKind::Producer,
-                // Defaults an operator may change. Delivery reports are ignored (a failed record
-                // fails the transaction), so only errors get one: with a report per record the
-                // producer's polling thread took a tenth of a node's CPU writing a million new
-                // entities' states, 2% without.
-                //
-                // A transaction begun right after a commit is refused (CONCURRENT_TRANSACTIONS)
-                // until the broker has written the commit's markers, and retried after the
-                // backoff: librdkafka's 100 ms made every back-to-back checkpoint (commands
-                // arriving while one commits) take 100 ms more.
-                &[
-                    ("linger.ms", "1"),
-                    ("compression.type", "lz4"),
-                    ("delivery.report.only.error", "true"),
-                    ("retry.backoff.ms", "5"),
-                ],
-            )
+            .client_with(ClientKind::Producer, CHECKPOINT_PRODUCER_DEFAULTS)
             .set("transactional.id", &config.transactional_id)
             .set(
                 "transaction.timeout.ms",
@@ -487,6 +497,33 @@ mod tests {
             state.insert(*pair, 1);
         }
         fn query(_: &Self::State, _: &()) {}
+    }
+
+    // librdkafka's mock cluster: when the client sends is the client's behaviour, not the
+    // broker's. Without the flush held open, the record waits out its linger and the deadline
+    // passes first.
+    #[test]
+    fn delivered_sends_what_lingers_at_once() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("changelog", 1, 1).unwrap();
+        let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+            rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", cluster.bootstrap_servers())
+                .set("linger.ms", "60000")
+                .create()
+                .unwrap();
+        producer
+            .send(
+                BaseRecord::to("changelog")
+                    .partition(0)
+                    .key("a")
+                    .payload("1"),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+        delivered(&producer, Instant::now() + Duration::from_secs(10))
+            .expect("the record is sent and acknowledged long before its 60 s linger");
+        assert_eq!(producer.in_flight_count(), 0);
     }
 
     #[test]
