@@ -3,7 +3,9 @@
 //! figure next to a baseline measured in the same run. Run it through `scripts/bench`, which
 //! builds the binaries and starts a broker of its own.
 
+mod bare_jobs;
 mod kafka;
+mod machine;
 mod nodes;
 mod progress;
 mod report;

@@ -20,6 +20,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tonic::transport::Channel;
 
+use crate::bare_jobs::{bare_transactions, create_changelog};
 use crate::nodes::{wait_until, NodeProcess, Setup};
 use crate::report::{rate, verdict, Table};
 
@@ -73,6 +74,37 @@ pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<V
     let bare = tokio::task::spawn_blocking(move || bare_round_trips(&bootstrap, &input, &output))
         .await
         .context("the bare loop panicked")??;
+
+    // What a plain rdkafka program gets from the broker for the commits that 32 callers, each
+    // waiting for its change to commit, need: at most 32 state records per transaction.
+    let bare_topic = format!("bench-bare-transactions-{stamp}");
+    create_changelog(&setup.bootstrap, &bare_topic, partitions).await?;
+    let mut bare_transaction_rates = Vec::new();
+    for lanes in [1usize, 2] {
+        eprintln!(
+            "commands: bare transactions of {} state records on {lanes} producer(s)",
+            32 / lanes
+        );
+        let (bootstrap, topic) = (setup.bootstrap.clone(), bare_topic.clone());
+        let per_second = tokio::task::spawn_blocking(move || {
+            bare_transactions(
+                &bootstrap,
+                &topic,
+                partitions,
+                lanes,
+                32 / lanes,
+                WARM_UP,
+                MEASURE,
+            )
+        })
+        .await
+        .context("the bare transactions panicked")??;
+        eprintln!(
+            "commands: bare transactions on {lanes} producer(s): {} records/s",
+            rate(per_second)
+        );
+        bare_transaction_rates.push((lanes, per_second));
+    }
 
     let (events, bank) = (
         format!("bench-cmd-events-{stamp}"),
@@ -176,6 +208,23 @@ pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<V
     row.extend(cells(&bare));
     row.extend(["1.00".into(), "baseline".into(), String::new()]);
     table.row(row);
+    for (lanes, per_second) in &bare_transaction_rates {
+        table.row(vec![
+            format!(
+                "bare transactions of {} state records, back to back on {lanes} producer(s), no runtime (reference for concurrency 32)",
+                32 / lanes
+            ),
+            "32".into(),
+            rate(*per_second),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+    }
     for (concurrency, l) in &loops {
         let mut row = vec![
             "Deposit, answered once committed".into(),
@@ -199,7 +248,7 @@ pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<V
         row.extend([ratio, target.into(), met]);
         table.row(row);
     }
-    table.note(format!("One node hosting the accounts ({partitions} partitions), the client (this harness, tonic) and the broker on the same machine. Each deposit carries a fresh idempotency key (its answer is remembered in the account's state). The bare loop: one partition in, one out, one record at a time, in one thread; each step waits for the previous."));
+    table.note(format!("One node hosting the accounts ({partitions} partitions), the client (this harness, tonic) and the broker on the same machine. Each deposit carries a fresh idempotency key (its answer is remembered in the account's state). The bare loop: one partition in, one out, one record at a time, in one thread; each step waits for the previous. The bare transactions (records committed per second): a plain rdkafka loop committing transactions of 32 records (one producer) or of 16 on each of two producers at once, each record the state of an account of its own on the account's partition of a compacted topic with as many partitions, back to back with nothing else to do (no gRPC, no reading): the commits 32 callers need, each waiting for its change to commit, as a program without the runtime gets them."));
     Ok(vec![table, through_a_peer, acting, timer_memory])
 }
 

@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::bare_jobs::{bare_pipeline, bare_writes, create_changelog};
 use crate::kafka::{bare_drain, committed_to_end, end_offsets, StartFrom};
+use crate::machine::{busy_during, busy_seconds};
 use crate::nodes::{produce, NodeProcess, Setup};
 use crate::report::{rate, verdict, Table};
 
@@ -21,6 +23,8 @@ struct Drain {
     startup: f64,
     per_event: f64,
     commit_tail: f64,
+    /// The machine's busy CPU seconds from the assignment to the committed end.
+    cpu: f64,
 }
 
 /// One bare drain: events/s over its window, its start-up, events/s from its first record.
@@ -28,6 +32,14 @@ struct Bare {
     rate: f64,
     startup: f64,
     per_event: f64,
+    /// The machine's busy CPU seconds over the drain.
+    cpu: f64,
+}
+
+/// The bare writes and the bare pipeline of one round: events/s and the machine's CPU seconds.
+struct Unassisted {
+    writes: [(f64, f64); 2],
+    pipeline: (f64, f64),
 }
 
 /// Median and range of a set of runs.
@@ -71,6 +83,7 @@ pub async fn run(
 
     let mut bare = Vec::new();
     let mut bare_known = Vec::new();
+    let mut unassisted = Vec::new();
     let mut one = Vec::new();
     let mut two = Vec::new();
     let mut last_nodes: Option<Vec<NodeProcess>> = None;
@@ -89,8 +102,10 @@ pub async fn run(
                 "throughput round {round}/{repeat}: bare consumer drain from {from:?} (baseline)"
             );
             let (bootstrap, t, e) = (setup.bootstrap.clone(), topic.to_string(), ends.clone());
-            let drained =
-                tokio::task::spawn_blocking(move || bare_drain(&bootstrap, &t, &e, from)).await??;
+            let (drained, cpu) = tokio::task::spawn_blocking(move || {
+                busy_during(|| bare_drain(&bootstrap, &t, &e, from))
+            })
+            .await??;
             anyhow::ensure!(
                 drained.records == events,
                 "the bare consumer read {} records, not {events}",
@@ -105,8 +120,11 @@ pub async fn run(
                 rate: bare_rate,
                 startup: (drained.time - drained.from_first_record).as_secs_f64(),
                 per_event: events as f64 / drained.from_first_record.as_secs_f64(),
+                cpu,
             });
         }
+
+        unassisted.push(unassisted_round(setup, topic, &ends, events, round, repeat).await?);
 
         eprintln!("throughput round {round}/{repeat}: one processor node");
         let mut nodes = start_nodes(setup, topic, &format!("{topic}-one-{round}"), 1)?;
@@ -132,6 +150,7 @@ pub async fn run(
     let [n1, n2] = <[NodeProcess; 2]>::try_from(nodes)
         .map_err(|_| anyhow::anyhow!("the two-node run started two nodes"))?;
 
+    let bare_cpu = spread(bare.iter().map(|b| b.cpu)).median;
     let bare_startup = spread(bare.iter().map(|b| b.startup));
     let bare_per_event = spread(bare.iter().map(|b| b.per_event));
     let (bare, one_rate, two_rate) = (
@@ -140,6 +159,11 @@ pub async fn run(
         spread(two.iter().map(|d| d.rate)),
     );
     let bare_known = spread(bare_known.iter().map(|b| b.rate));
+    let writes = |lane: usize| spread(unassisted.iter().map(|u| u.writes[lane].0));
+    let writes_cpu = |lane: usize| spread(unassisted.iter().map(|u| u.writes[lane].1)).median;
+    let pipeline = spread(unassisted.iter().map(|u| u.pipeline.0));
+    let pipeline_cpu = spread(unassisted.iter().map(|u| u.pipeline.1)).median;
+    let per_million = |cpu: f64| format!("{:.1}", cpu * 1e6 / events as f64);
     // The window split, as medians: start-up, events/s from the first event, commit tail.
     let split = |drains: &[Drain]| {
         let per_event = spread(drains.iter().map(|d| d.per_event)).median;
@@ -162,6 +186,7 @@ pub async fn run(
             "× bare consumer (median)",
             "window: start-up; from first event to last; commit tail",
             "from process start (events/s)",
+            "machine CPU per million events (core-s)",
             "target",
             "",
         ],
@@ -169,6 +194,7 @@ pub async fn run(
     table.row(vec![
         "producer (pre-fill, acks=all, informational)".into(),
         rate(events as f64 / produced_in.as_secs_f64()),
+        "".into(),
         "".into(),
         "".into(),
         "".into(),
@@ -185,6 +211,7 @@ pub async fn run(
             rate(bare_per_event.median)
         ),
         "".into(),
+        per_million(bare_cpu),
         "baseline".into(),
         "".into(),
     ]);
@@ -197,12 +224,42 @@ pub async fn run(
         "".into(),
         "".into(),
     ]);
+    for (lane, what) in [
+        (0, "one producer"),
+        (1, "two producers at once, half the keys each"),
+    ] {
+        let w = writes(lane);
+        table.row(vec![
+            format!("(d{}) bare transactional writes alone, {what}: the changelog records of {events} new keys from memory, transactions of 100 000, nothing read", if lane == 0 { "" } else { "′" }),
+            show(&w),
+            format!("{:.2}", w.median / bare.median),
+            "".into(),
+            "".into(),
+            per_million(writes_cpu(lane)),
+            "".into(),
+            "".into(),
+        ]);
+    }
+    table.row(vec![
+        format!(
+            "(e) a hand-written exactly-once pipeline (rdkafka, no runtime): (a)'s read, then a changelog record per changed key, in transactions with the offsets (one node ÷ this: {:.2})",
+            one_rate.median / pipeline.median
+        ),
+        show(&pipeline),
+        format!("{:.2}", pipeline.median / bare.median),
+        "".into(),
+        "".into(),
+        per_million(pipeline_cpu),
+        "".into(),
+        "".into(),
+    ]);
     table.row(vec![
         "(b) one node, exactly-once, to committed end".into(),
         show(&one_rate),
         format!("{:.2}", one_rate.median / bare.median),
         split(&one),
         rate(spread(one.iter().map(|d| d.from_start)).median),
+        per_million(spread(one.iter().map(|d| d.cpu)).median),
         "≥ 0.5 × bare (aim 0.8)".into(),
         verdict(one_rate.median >= 0.5 * bare.median),
     ]);
@@ -217,6 +274,7 @@ pub async fn run(
         format!("{:.2}", two_rate.median / bare.median),
         split(&two),
         rate(spread(two.iter().map(|d| d.from_start)).median),
+        per_million(spread(two.iter().map(|d| d.cpu)).median),
         "≥ one node".into(),
         verdict(two_rate.median >= one_rate.median),
     ]);
@@ -226,13 +284,81 @@ pub async fn run(
          transactional producer init, the group's initial rebalance delay). The bare consumer assigns the \
          partitions itself (no group join). (a) resolves each partition's start as the node's consumer does (a \
          group without committed offsets resets to the earliest offset, one lookup per partition); (a′) asks \
-         every start in one request first, which no group consumer can: the fastest possible read. Per-node \
+         every start in one request first, which no group consumer can: the fastest possible read. (d) and (d′) \
+         write what a runtime keeping a changelog record per entity must write for these events when every \
+         one is a new entity, with nothing else to do, on the node's checkpoint producer settings; (e) is \
+         (a)'s read and those writes together, in transactions with the offsets begun every 500 ms or at 100 \
+         000 pending keys on a thread of their own (the node's checkpoint policy), from the assign to the \
+         last commit. Machine CPU: every process's (the broker's too), from /proc/stat over the run's window; \
+         the broker is fresh at the first round, and the first writes of each round also pay for its JIT \
+         compiling the produce path. Per-node \
          rates: events each node processed ÷ the run's time. The window split: start-up is the time from \
          the assignment (the bare consumer: from its assign) to the first event processed (polled every 10 ms), \
          then events/s from there to the last event processed (× the bare consumer's from its first record), \
          then the time until the last offsets are committed.",
     );
     Ok((table, [n1, n2]))
+}
+
+/// The rows without a runtime (d, e) of one round, each into a changelog of its own.
+async fn unassisted_round(
+    setup: &Setup,
+    topic: &str,
+    ends: &BTreeMap<u32, i64>,
+    events: u64,
+    round: usize,
+    repeat: usize,
+) -> anyhow::Result<Unassisted> {
+    let partitions = ends.len() as u32;
+    let mut writes = [(0.0, 0.0); 2];
+    for (lanes, slot) in [1usize, 2].into_iter().zip(writes.iter_mut()) {
+        eprintln!(
+            "throughput round {round}/{repeat}: bare transactional writes alone on {lanes} producer(s)"
+        );
+        let changelog = format!("{topic}-bare-writes-{lanes}-{round}");
+        create_changelog(&setup.bootstrap, &changelog, partitions).await?;
+        let bootstrap = setup.bootstrap.clone();
+        let (took, cpu) = tokio::task::spawn_blocking(move || {
+            busy_during(|| bare_writes(&bootstrap, &changelog, partitions, events, lanes))
+        })
+        .await??;
+        let per_second = events as f64 / took.as_secs_f64();
+        eprintln!(
+            "throughput round {round}/{repeat}: bare writes on {lanes} producer(s): {} records/s, {cpu:.1} core-s",
+            rate(per_second)
+        );
+        *slot = (per_second, cpu);
+    }
+
+    eprintln!("throughput round {round}/{repeat}: bare exactly-once pipeline");
+    let changelog = format!("{topic}-bare-changelog-{round}");
+    create_changelog(&setup.bootstrap, &changelog, partitions).await?;
+    let (bootstrap, t, e, group) = (
+        setup.bootstrap.clone(),
+        topic.to_string(),
+        ends.clone(),
+        format!("{topic}-bare-pipeline-{round}"),
+    );
+    let (run, cpu) = tokio::task::spawn_blocking(move || {
+        busy_during(|| bare_pipeline(&bootstrap, &t, &e, &changelog, &group))
+    })
+    .await??;
+    anyhow::ensure!(
+        run.records == events,
+        "the bare pipeline read {} records, not {events}",
+        run.records
+    );
+    let pipeline_rate = events as f64 / run.time.as_secs_f64();
+    eprintln!(
+        "throughput round {round}/{repeat}: bare pipeline: {} events/s ({} states in {} transactions), {cpu:.1} core-s",
+        rate(pipeline_rate),
+        run.states,
+        run.transactions
+    );
+    Ok(Unassisted {
+        writes,
+        pipeline: (pipeline_rate, cpu),
+    })
 }
 
 fn start_nodes(
@@ -256,9 +382,11 @@ async fn drain(
 ) -> anyhow::Result<Drain> {
     let spawned = Instant::now();
     let assigned = first_assigned(nodes).await?;
+    let busy_at_assignment = busy_seconds()?;
     let first_event = processed_at_least(nodes, 1).await?;
     let last_event = processed_at_least(nodes, events).await?;
     let done = committed_to_end(&setup.bootstrap, &nodes[0].group, topic, ends).await?;
+    let cpu = busy_seconds()? - busy_at_assignment;
     let seconds = (done - assigned).as_secs_f64();
     let mut per_node = Vec::new();
     for node in nodes {
@@ -275,6 +403,7 @@ async fn drain(
         startup: (first_event - assigned).as_secs_f64(),
         per_event: events as f64 / (last_event - first_event).as_secs_f64().max(1e-3),
         commit_tail: done.saturating_duration_since(last_event).as_secs_f64(),
+        cpu,
     })
 }
 
