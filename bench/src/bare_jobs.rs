@@ -85,23 +85,12 @@ fn send(
     }
 }
 
-/// Waits for every record sent to be acknowledged, in 1 ms steps, as the node's checkpoint
-/// does (`delivered` in the runtime's `consumer/checkpoint.rs`): each step is a flush call that
-/// lasts 1 ms, so librdkafka sends what lingers at once, and no step waits 100 ms as
-/// rust-rdkafka's own flush does.
+/// Waits for every record sent to be acknowledged, as the node's checkpoint does.
 fn delivered(producer: &ThreadedProducer<DefaultProducerContext>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + TIMEOUT;
-    let client = producer.client().native_ptr();
-    loop {
-        // SAFETY: `client` is the producer's handle, alive while `producer` is borrowed.
-        let outcome =
-            RDKafkaErrorCode::from(unsafe { rdkafka::bindings::rd_kafka_flush(client, 1) });
-        match outcome {
-            RDKafkaErrorCode::NoError => return Ok(()),
-            RDKafkaErrorCode::OperationTimedOut if Instant::now() < deadline => {}
-            error => anyhow::bail!("flushing the bare producer: {error}"),
-        }
-    }
+    Ok(kafka_sharding::delivered(
+        producer,
+        Instant::now() + TIMEOUT,
+    )?)
 }
 
 /// What one bare pipeline run did.

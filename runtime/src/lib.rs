@@ -128,7 +128,7 @@ pub use cli::{KafkaClientArgs, NodeArgs, NodeConfig, Ports, DEFAULT_COOKIE};
 pub use cluster::endpoint::CallError;
 pub use cluster::tls::{NodeTls, NodeTlsError, NodeTlsFiles};
 pub use commands::{CommandError, MAX_IDEMPOTENCY_KEY_BYTES};
-pub use consumer::checkpoint::CHECKPOINT_PRODUCER_DEFAULTS;
+pub use consumer::checkpoint::{delivered, CHECKPOINT_PRODUCER_DEFAULTS};
 pub use effects::Effects;
 #[cfg(feature = "json")]
 pub use entity::Json;

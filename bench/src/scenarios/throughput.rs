@@ -223,6 +223,7 @@ pub async fn run(
         "".into(),
         "".into(),
         "".into(),
+        "".into(),
     ]);
     for (lane, what) in [
         (0, "one producer"),

@@ -34,7 +34,8 @@ use crate::kafka_health::QuietContext;
 use crate::shard::{Checkpoint, LocalShard, OutRecord, Outgoing, Reroute, ShardMsg};
 
 /// Waits until every record sent is acknowledged, in 1 ms steps, by `deadline`, sending what
-/// lingers at once.
+/// lingers at once. For any producer about to commit a transaction (the checkpoint's, and
+/// programs that write as a node does).
 ///
 /// rust-rdkafka's `commit_transaction` flushes first, and its flush waits in polls of up to
 /// 100 ms for delivery events, which this producer's own polling thread serves (and, with
@@ -46,7 +47,7 @@ use crate::shard::{Checkpoint, LocalShard, OutRecord, Outgoing, Reroute, ShardMs
 /// calls `rd_kafka_flush` with no wait, which leaves that window too short for the broker
 /// threads to see, so a commit would wait out the linger; each step here holds it for 1 ms.
 /// So a commit never waits for the linger, whatever an operator sets it to.
-pub(crate) fn delivered<P: Producer<C>, C: rdkafka::producer::ProducerContext>(
+pub fn delivered<P: Producer<C>, C: rdkafka::producer::ProducerContext>(
     producer: &P,
     deadline: Instant,
 ) -> Result<(), KafkaError> {
