@@ -11,8 +11,9 @@
 //!   100 000 pending keys, written on a thread of their own while reading goes on (the node's
 //!   checkpoint policy and thread). No decoding, no entities, no headers.
 //! - [`bare_transactions`]: transactions of N changelog records for N accounts, back to back on
-//!   one or more transactional producers: the commits callers need that each wait for their
-//!   change to commit (a command's reply), at most N per transaction.
+//!   one or more transactional producers, with or without consumed offsets: the commits callers
+//!   need that each wait for their change to commit (a command's reply), at most N per
+//!   transaction.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -321,14 +322,20 @@ pub fn bare_writes(
 /// Transactions of `per_transaction` records each, back to back, on `lanes` transactional
 /// producers at once (a thread each), to `changelog` (`partitions` partitions). Each record is
 /// the state of one of `per_transaction` accounts of its lane, on the account's partition, as a
-/// command's state change is. Returns the records committed per second over `measure`, after
-/// `warm_up`.
+/// command's state change is; lane k's accounts are on partitions `p % lanes == k`, so no two
+/// lanes write to one partition. With `offsets`, each transaction also commits an offset for
+/// each of the lane's partitions to one consumer group shared by the lanes, as every checkpoint
+/// of the node does (AddOffsetsToTxn and TxnOffsetCommit, two more requests to the
+/// coordinators, and the transaction's markers on the group's offsets partition). Returns the
+/// records committed per second over `measure`, after `warm_up`.
+#[allow(clippy::too_many_arguments)]
 pub fn bare_transactions(
     bootstrap: &str,
     changelog: &str,
     partitions: u32,
     lanes: usize,
     per_transaction: usize,
+    offsets: bool,
     warm_up: Duration,
     measure: Duration,
 ) -> anyhow::Result<f64> {
@@ -341,12 +348,29 @@ pub fn bare_transactions(
                 .name(format!("bare-transactions-{lane}"))
                 .spawn(move || -> anyhow::Result<u64> {
                     let producer = transactional(&bootstrap, &format!("{changelog}-lane-{lane}"))?;
-                    let accounts: Vec<(String, i32)> = (0..per_transaction)
+                    let accounts: Vec<(String, i32)> = (0..)
                         .map(|a| {
                             let id = format!("account-{lane}-{a}");
                             let partition = partition_for_key(id.as_bytes(), partitions) as i32;
                             (id, partition)
                         })
+                        .filter(|(_, p)| *p as usize % lanes == lane)
+                        .take(per_transaction)
+                        .collect();
+                    let group = offsets
+                        .then(|| -> anyhow::Result<_> {
+                            let consumer: BaseConsumer = ClientConfig::new()
+                                .set("bootstrap.servers", &bootstrap)
+                                .set("group.id", format!("{changelog}-group"))
+                                .create()?;
+                            let metadata = consumer
+                                .group_metadata()
+                                .context("the bare transactions' group metadata")?;
+                            Ok((consumer, metadata))
+                        })
+                        .transpose()?;
+                    let lane_partitions: Vec<i32> = (0..partitions as i32)
+                        .filter(|p| *p as usize % lanes == lane)
                         .collect();
                     let mut committed = 0u64;
                     let mut n = 0u64;
@@ -362,6 +386,17 @@ pub fn bare_transactions(
                                     .key(id.as_bytes())
                                     .payload(value.as_bytes()),
                             )?;
+                        }
+                        if let Some((_, metadata)) = &group {
+                            let mut consumed = TopicPartitionList::new();
+                            for p in &lane_partitions {
+                                consumed.add_partition_offset(
+                                    &changelog,
+                                    *p,
+                                    Offset::Offset(n as i64),
+                                )?;
+                            }
+                            producer.send_offsets_to_transaction(&consumed, metadata, TIMEOUT)?;
                         }
                         delivered(&producer)?;
                         producer.commit_transaction(TIMEOUT)?;

@@ -80,9 +80,14 @@ pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<V
     let bare_topic = format!("bench-bare-transactions-{stamp}");
     create_changelog(&setup.bootstrap, &bare_topic, partitions).await?;
     let mut bare_transaction_rates = Vec::new();
-    for lanes in [1usize, 2] {
+    for (lanes, offsets) in [(1usize, false), (2, false), (1, true), (2, true)] {
+        let with = if offsets {
+            "with offsets"
+        } else {
+            "no offsets"
+        };
         eprintln!(
-            "commands: bare transactions of {} state records on {lanes} producer(s)",
+            "commands: bare transactions of {} state records on {lanes} producer(s), {with}",
             32 / lanes
         );
         let (bootstrap, topic) = (setup.bootstrap.clone(), bare_topic.clone());
@@ -93,6 +98,7 @@ pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<V
                 partitions,
                 lanes,
                 32 / lanes,
+                offsets,
                 WARM_UP,
                 MEASURE,
             )
@@ -100,10 +106,10 @@ pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<V
         .await
         .context("the bare transactions panicked")??;
         eprintln!(
-            "commands: bare transactions on {lanes} producer(s): {} records/s",
+            "commands: bare transactions on {lanes} producer(s), {with}: {} records/s",
             rate(per_second)
         );
-        bare_transaction_rates.push((lanes, per_second));
+        bare_transaction_rates.push((lanes, offsets, per_second));
     }
 
     let (events, bank) = (
@@ -208,10 +214,15 @@ pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<V
     row.extend(cells(&bare));
     row.extend(["1.00".into(), "baseline".into(), String::new()]);
     table.row(row);
-    for (lanes, per_second) in &bare_transaction_rates {
+    for (lanes, offsets, per_second) in &bare_transaction_rates {
+        let with = if *offsets {
+            "with the consumed offsets, as a checkpoint"
+        } else {
+            "no offsets"
+        };
         table.row(vec![
             format!(
-                "bare transactions of {} state records, back to back on {lanes} producer(s), no runtime (reference for concurrency 32)",
+                "bare transactions of {} state records, {with}, back to back on {lanes} producer(s), no runtime (reference for concurrency 32)",
                 32 / lanes
             ),
             "32".into(),
@@ -248,7 +259,7 @@ pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<V
         row.extend([ratio, target.into(), met]);
         table.row(row);
     }
-    table.note(format!("One node hosting the accounts ({partitions} partitions), the client (this harness, tonic) and the broker on the same machine. Each deposit carries a fresh idempotency key (its answer is remembered in the account's state). The bare loop: one partition in, one out, one record at a time, in one thread; each step waits for the previous. The bare transactions (records committed per second): a plain rdkafka loop committing transactions of 32 records (one producer) or of 16 on each of two producers at once, each record the state of an account of its own on the account's partition of a compacted topic with as many partitions, back to back with nothing else to do (no gRPC, no reading): the commits 32 callers need, each waiting for its change to commit, as a program without the runtime gets them."));
+    table.note(format!("One node hosting the accounts ({partitions} partitions), the client (this harness, tonic) and the broker on the same machine. Each deposit carries a fresh idempotency key (its answer is remembered in the account's state). The bare loop: one partition in, one out, one record at a time, in one thread; each step waits for the previous. The bare transactions (records committed per second): a plain rdkafka loop committing transactions of 32 records (one producer) or of 16 on each of two producers at once, each record the state of an account of its own on the account's partition of a compacted topic with as many partitions (producer k's accounts on partitions p % producers = k), back to back with nothing else to do (no gRPC, no reading): the commits 32 callers need, each waiting for its change to commit, as a program without the runtime gets them; with offsets, each transaction also commits an offset per partition of its producer to a consumer group the producers share, as every checkpoint of the node does (its offsets fence a zombie: docs/ARCHITECTURE.md)."));
     Ok(vec![table, through_a_peer, acting, timer_memory])
 }
 
