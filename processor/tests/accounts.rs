@@ -384,6 +384,125 @@ async fn a_command_applied_but_not_committed_when_its_owner_dies_is_not_answered
     }
 }
 
+/// A zombie that runs a command at its owner, unseen by the node that took its shards over.
+/// Node 2 alone owns every account; a deposit runs at its owner (no record, so its checkpoint
+/// sends no offset: the offset did not move) and the checkpoint is held after collecting the
+/// change, before writing anything (`KAFKA_SHARDING_HOLD_WRITE_WHEN`). Node 2 is then frozen,
+/// and node 1, started only now (it never saw node 2 claim anything), takes every shard once
+/// the group drops node 2. Thawed, node 2 writes the change after node 1 read the changelog:
+/// only the fence of the committer named by the partition's last offset
+/// (`Restorer::fence_committers`) stops that transaction. The caller gets no success, node 1's
+/// balance is the committed one, and the retry with the same key applies once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zombie_owner_cannot_commit_a_command_after_its_shard_was_taken_over() {
+    require_broker();
+    let (spec, accounts_group) = bank_cluster(ClusterSpec::new("accounts-zombie", 27_500));
+    let hold = log_dir(&spec.name).join("hold-write");
+    let _ = std::fs::remove_file(&hold);
+    let mut held_spec = spec.clone();
+    held_spec.extra_env.push((
+        "KAFKA_SHARDING_HOLD_WRITE_WHEN".into(),
+        hold.display().to_string(),
+    ));
+    let node2 = held_spec.start_node(2);
+    wait_for_account_split(&[&node2], &accounts_group).await;
+    let mut via2 = accounts_at(spec.grpc_url(2));
+    // Opened through a record (the shard had read none yet), then a deposit run at its owner:
+    // its checkpoint commits no offset, the last one committed names node 2.
+    let account = open_account_on(&node2, &accounts_group, "zombie", &mut via2).await;
+    let more = via2.deposit(change(&account, 10, "more")).await.unwrap();
+    assert_eq!(more.into_inner().balance, 110);
+
+    std::fs::write(&hold, b"").unwrap();
+    let mut client = accounts_at(spec.grpc_url(2));
+    let mut request = tonic::Request::new(change(&account, 50, "zombie"));
+    // Long enough to outlast the freeze below: the answer is decided after the thaw.
+    request.set_timeout(Duration::from_secs(120));
+    let attempt = tokio::spawn(async move { client.deposit(request).await });
+    eventually(
+        Duration::from_secs(20),
+        "node 2 to apply the deposit and hold its checkpoint before writing it",
+        || async {
+            node2
+                .log()
+                .contains("collected states stopped before writing them")
+                .then_some(())
+        },
+    )
+    .await;
+    node2.freeze();
+
+    // Its own seed: a frozen seed would hold its admission in a handshake that never ends.
+    let mut alone = spec.clone();
+    alone.seeds = vec![27_501];
+    let node1 = alone.start_node(1);
+    eventually(
+        Duration::from_secs(90),
+        "node 1 to take every account shard from the frozen node 2",
+        || async {
+            let shards = node1
+                .get_json(&format!("/cluster/shards/{accounts_group}"))
+                .await?;
+            (shards["regions"].as_array()?.len() == BANK_PARTITIONS).then_some(())
+        },
+    )
+    .await;
+    let mut via1 = accounts_at(spec.grpc_url(1));
+    let committed = eventually(Duration::from_secs(60), "node 1 to answer", || {
+        let mut via1 = via1.clone();
+        let account = account.clone();
+        async move { try_balance(&mut via1, &account).await }
+    })
+    .await;
+    assert_eq!(committed, 110, "node 1 restored the committed balance");
+    assert!(
+        node1
+            .log()
+            .contains("and is not in the group: its transactional id"),
+        "node 1 fenced node 2 as the committer of the account's partition:\n{}",
+        node1.log()
+    );
+
+    std::fs::remove_file(&hold).unwrap();
+    node2.thaw();
+    let zombie = attempt.await.unwrap();
+    assert!(
+        zombie.is_err(),
+        "the zombie answered a change node 1 never saw: {zombie:?}"
+    );
+    assert_eq!(
+        balance(&mut via1, &account).await,
+        110,
+        "nothing of the zombie's"
+    );
+    let retried = eventually(
+        Duration::from_secs(60),
+        "a definite answer to the retried deposit",
+        || {
+            let mut via1 = via1.clone();
+            let account = account.clone();
+            async move {
+                via1.deposit(change(&account, 50, "zombie"))
+                    .await
+                    .ok()
+                    .map(|answer| answer.into_inner().balance)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        retried, 160,
+        "the deposit applied once, on the committed balance"
+    );
+    assert_eq!(balance(&mut via1, &account).await, 160, "applied once");
+    eventually(
+        Duration::from_secs(30),
+        "node 2 to find its producer fenced",
+        || async { node2.log().contains("recovering").then_some(()) },
+    )
+    .await;
+}
+
 /// The records of `topic` keyed `key`.
 fn keyed(topic: &str, key: &str) -> usize {
     read_topic(topic)

@@ -4,7 +4,16 @@
 //! Every node has one transactional id per entity type, stable across restarts, so a restarted
 //! node fences its previous run, and a new owner can end a departed owner's open transaction
 //! instead of waiting for its timeout (when that is safe is decided in `restore`).
+//!
+//! Every offset a checkpoint commits names its committer in the offset's metadata
+//! ([`committer_metadata`]). A checkpoint leaves out the offsets that have not moved since its
+//! producer committed them, so a transaction may change a partition's states without an offset
+//! whose group generation would fence a zombie; the committer named by a partition's last
+//! offset is the only producer that can do so, and a new owner fences it before it restores
+//! (`restore`, the argument in docs/ARCHITECTURE.md).
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
@@ -24,6 +33,25 @@ pub(crate) fn transactional_id(group: &str, node: &str) -> String {
     format!("{group}-{node}")
 }
 
+/// A lock per transactional id this process fences.
+static FENCING: LazyLock<Mutex<HashMap<String, Arc<Mutex<()>>>>> = LazyLock::new(Default::default);
+
+/// What a checkpoint's offsets carry as their metadata: the committing node.
+const COMMITTER: &str = "kafka-sharding committer=";
+
+/// The metadata of the offsets `node` commits.
+pub(crate) fn committer_metadata(node: &str) -> String {
+    format!("{COMMITTER}{node}")
+}
+
+/// The node that committed an offset with `metadata`; `None` for an offset committed otherwise
+/// (by an earlier version, which never left an offset out, or by a tool).
+pub(crate) fn committer(metadata: &str) -> Option<&str> {
+    metadata
+        .strip_prefix(COMMITTER)
+        .filter(|node| !node.is_empty())
+}
+
 /// Ends whatever transaction `transactional_id` left open, now: initialising a producer with
 /// that id makes the coordinator abort it (or complete it, if its commit was already decided)
 /// and fences every older producer with the id.
@@ -38,6 +66,16 @@ pub(crate) fn fence(
     transactional_id: &str,
     context: QuietContext,
 ) -> Result<(), KafkaError> {
+    // Two fences of one id at once (the early one and a restore's) would each be told
+    // CONCURRENT_TRANSACTIONS while the other aborts, and wait out attempts (half a second in a
+    // failover); one after the other, the second is a single round trip.
+    let one_at_a_time = FENCING
+        .lock()
+        .expect("fencing lock poisoned")
+        .entry(transactional_id.to_string())
+        .or_default()
+        .clone();
+    let _turn = one_at_a_time.lock().expect("fence lock poisoned");
     let deadline = Instant::now() + FENCE_TIMEOUT;
     let mut wait = FIRST_ATTEMPT;
     loop {
@@ -52,5 +90,22 @@ pub(crate) fn fence(
             Err(e) => return Err(e),
         }
         wait = (wait * 2).min(LONGEST_ATTEMPT);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_offsets_committer_is_read_back_from_its_metadata() {
+        assert_eq!(committer(&committer_metadata("node-2")), Some("node-2"));
+        assert_eq!(
+            committer(""),
+            None,
+            "an offset committed by an earlier version"
+        );
+        assert_eq!(committer("someone else's note"), None);
+        assert_eq!(committer(&committer_metadata("")), None);
     }
 }

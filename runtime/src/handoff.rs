@@ -14,7 +14,7 @@
 //!   claim. Only then does the callback return and may Kafka give the partitions to another
 //!   node, which restores exactly the committed states and reads on from the committed offsets.
 //!   A partition that was *lost* (session timeout) is not checkpointed: another member may
-//!   already own it, and the group generation fences the commit anyway.
+//!   already own it (and fence this node: `restore`).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -273,6 +273,41 @@ pub fn committed_offsets<C: ConsumerContext>(
     ))
 }
 
+/// The committer (`fencing::committer`) of the group's stable committed offset of each of
+/// `partitions` that has one, through a [`group_offsets_client`]; waits like
+/// [`committed_offsets`].
+pub fn committers<C: ConsumerContext>(
+    client: &BaseConsumer<C>,
+    topic: &str,
+    partitions: impl IntoIterator<Item = u32>,
+    timeout: Duration,
+) -> KafkaResult<std::collections::BTreeMap<u32, String>> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(topic, p as i32);
+    }
+    let committed = client.committed_offsets(tpl, timeout)?;
+    // SAFETY: `committed` owns the list and outlives this borrow; librdkafka keeps `cnt`
+    // elements at `elems`, each with `metadata_size` bytes at `metadata` (or none when null).
+    // Read raw because rust-rdkafka's `metadata()` panics on metadata that is not UTF-8, which
+    // any client may have committed.
+    let elements = unsafe {
+        let list = &*committed.ptr();
+        std::slice::from_raw_parts(list.elems, list.cnt.max(0) as usize)
+    };
+    Ok(elements
+        .iter()
+        .filter(|e| !e.metadata.is_null() && e.metadata_size > 0 && e.partition >= 0)
+        .filter_map(|e| {
+            // SAFETY: as above.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(e.metadata as *const u8, e.metadata_size) };
+            let node = crate::fencing::committer(std::str::from_utf8(bytes).ok()?)?;
+            Some((e.partition as u32, node.to_string()))
+        })
+        .collect())
+}
+
 /// Turns on librdkafka's debug `contexts` (e.g. `fetch`), if any, for a client built from `config`.
 pub fn with_debug<'a>(
     config: &'a mut ClientConfig,

@@ -604,6 +604,7 @@ async fn start_type<E: Entity>(
         kafka_debug: config.kafka_debug.clone(),
         context: node.quiet.clone(),
         standbys,
+        node: node.node_id.clone(),
     });
     restorer.fence_departures_early(announcer.table().clone());
     let handoff = Arc::new(Handoff::new(
@@ -621,6 +622,7 @@ async fn start_type<E: Entity>(
             let checkpointer_config = CheckpointerConfig {
                 kafka: config.kafka.clone(),
                 transactional_id: transactional_id(&spec.group, &node.node_id),
+                node: node.node_id.clone(),
                 transaction_timeout: config.transaction_timeout,
                 changelog_topic: spec.changelog_topic.clone(),
                 input_topic: spec.topic.clone(),

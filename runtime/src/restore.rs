@@ -11,6 +11,11 @@
 //! [`Restorer::fence_departed`]);
 //! otherwise the abort comes after the producers' `transaction.timeout.ms`, which is logged
 //! while waiting.
+//!
+//! Before it reads a changelog partition, the restore fences the node that committed the
+//! partition's last offset unless the group lists that node (see [`Restorer::fence_committers`]):
+//! checkpoints leave out offsets that have not moved, so nothing else would stop that node's
+//! late transaction from changing the states after they were read.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -26,7 +31,7 @@ use crate::allocation::AllocationTable;
 use crate::changelog;
 use crate::entity::{Entity, EntityMap, Stored};
 use crate::fencing::{fence, transactional_id};
-use crate::kafka_admin::committed_offsets;
+use crate::kafka_admin::committers;
 use crate::kafka_batch::{ConsumerReader, Read};
 use crate::kafka_health::QuietContext;
 use crate::metrics::Metrics;
@@ -77,6 +82,29 @@ pub(crate) struct Restorer<E: Entity> {
     pub context: QuietContext,
     /// This node's standby replicas: a restore starts from one's position when it has one.
     pub standbys: Arc<Standbys<E>>,
+    /// This node's id (its own checkpoints' committer, never fenced by it).
+    pub node: String,
+}
+
+/// Why one attempt at a restore failed; the restore tries again.
+#[derive(Debug, thiserror::Error)]
+enum RestoreError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(
+        "cannot describe group {group} to learn whether the committers of its partitions' last \
+         checkpoints are members: {source}"
+    )]
+    Members { group: String, source: KafkaError },
+    #[error(
+        "cannot fence node {node}, which committed the last checkpoint of partitions \
+         {partitions:?} and is not in the group: {source}"
+    )]
+    Fence {
+        node: String,
+        partitions: Vec<u32>,
+        source: Box<KafkaError>,
+    },
 }
 
 struct PartitionRestore<E: Entity> {
@@ -293,6 +321,65 @@ impl<E: Entity> Restorer<E> {
             .collect()
     }
 
+    /// Fences each node in `committers` (by partition: the node that committed its last
+    /// offset) that is not this node and that the group does not list; fails unless every such
+    /// fence succeeded.
+    ///
+    /// Why: a checkpoint leaves out the offsets its producer already committed, so a node
+    /// running commands at their owner commits state changes without an offset whose group
+    /// generation a zombie's transaction would fail on. Only the producer that committed a
+    /// partition's last offset can do that (every earlier committer has since let the partition
+    /// go or been fenced, by this same rule), and only while it still runs the partition's shard. A node the
+    /// group lists has let the shard go: Kafka assigns a partition elsewhere only after its
+    /// owner's revoke callback returned, or after the owner left the group (its session
+    /// expired), and a member that left rejoins only after its lost callback dropped its
+    /// shards. A node the group does not list may be such a zombie: fencing its transactional
+    /// id aborts its open transaction and fails every later one, so the changelog read after
+    /// this holds every state it can ever commit. Fencing a node that has just rejoined costs
+    /// it a recovery (`consumer::recovery`), nothing else.
+    fn fence_committers(&self, committers: &BTreeMap<u32, String>) -> Result<(), RestoreError> {
+        let mut by_node: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+        for (partition, node) in committers {
+            if *node != self.node {
+                by_node.entry(node).or_default().push(*partition);
+            }
+        }
+        if by_node.is_empty() {
+            return Ok(());
+        }
+        let members = self
+            .group_offsets
+            .fetch_group_list(Some(&self.group), FENCE_DESCRIBE_TIMEOUT)
+            .map_err(|source| RestoreError::Members {
+                group: self.group.clone(),
+                source,
+            })?;
+        let listed: BTreeSet<&str> = members
+            .groups()
+            .iter()
+            .flat_map(|g| g.members())
+            .map(|m| m.client_id())
+            .collect();
+        for (node, partitions) in by_node {
+            if listed.contains(node) {
+                continue;
+            }
+            let id = transactional_id(&self.group, node);
+            fence(&self.kafka, &id, self.context.clone()).map_err(|source| {
+                RestoreError::Fence {
+                    node: node.to_string(),
+                    partitions: partitions.clone(),
+                    source: Box::new(source),
+                }
+            })?;
+            tracing::info!(
+                "node {node} committed the last checkpoint of partitions {partitions:?} and is not \
+                 in the group: its transactional id {id} is fenced before they are restored"
+            );
+        }
+        Ok(())
+    }
+
     /// Restores `shards`, removing each from the list once it has its state (so a retry after
     /// an error only does the rest); returns how many changelog records it read.
     fn run(
@@ -300,7 +387,7 @@ impl<E: Entity> Restorer<E> {
         shards: &mut Vec<(u32, ActorRef<ShardMsg<E>>)>,
         assigned_at: Instant,
         orphaned: &BTreeMap<u32, Instant>,
-    ) -> Result<u64, KafkaError> {
+    ) -> Result<u64, RestoreError> {
         let started = Instant::now();
         // Reading to the high watermark covers a previous owner's open transaction only once its
         // records are in the changelog. A frozen owner's checkpoint can have its offsets accepted
@@ -312,14 +399,17 @@ impl<E: Entity> Restorer<E> {
         // broker answers only once no transaction has offsets pending for them); by then every
         // record such a transaction will ever commit is in the changelog. This runs before the
         // restore consumer is created: created first, its first fetch came about a second late
-        // (measured: docs/BENCHMARKS.md).
-        committed_offsets(
+        // (measured: docs/BENCHMARKS.md). The stable offsets name their committers, which are
+        // fenced (if need be) before the changelog's ends are asked.
+        let committers = committers(
             &self.group_offsets,
             &self.input_topic,
             shards.iter().map(|(p, _)| *p),
             STABLE_OFFSETS_TIMEOUT,
         )?;
         let stable_wait = started.elapsed();
+        self.fence_committers(&committers)?;
+        let fence_wait = started.elapsed() - stable_wait;
         // The end to read to is the partition's high watermark (asked with read_uncommitted):
         // reading (read_committed) up to it waits until every transaction already in the
         // partition is committed or aborted. Reading to the last stable offset instead, a frozen
@@ -357,14 +447,15 @@ impl<E: Entity> Restorer<E> {
         )?;
         // All of a hand-over from warm standbys happens before this point when the standbys are
         // at the changelog's end: say where the time went when it is noticeable.
-        let ends_wait = started.elapsed() - stable_wait;
-        if stable_wait + ends_wait >= SLOW_START {
+        let ends_wait = started.elapsed() - stable_wait - fence_wait;
+        if stable_wait + fence_wait + ends_wait >= SLOW_START {
             tracing::info!(
                 "restore of {} shards: {} ms waiting for the group's committed offsets to be \
-                 stable (a previous owner's transaction completing), {} ms starting the readers and \
-                 asking the changelog's ends",
+                 stable (a previous owner's transaction completing), {} ms checking (and fencing) \
+                 their committers, {} ms starting the readers and asking the changelog's ends",
                 shards.len(),
                 stable_wait.as_millis(),
+                fence_wait.as_millis(),
                 ends_wait.as_millis()
             );
         }
@@ -374,7 +465,8 @@ impl<E: Entity> Restorer<E> {
             let (Some(&low), Some(&high)) = (lows.get(&partition), highs.get(&partition)) else {
                 return Err(KafkaError::MetadataFetch(
                     rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable,
-                ));
+                )
+                .into());
             };
             // A standby that read past the log start holds every committed record before its
             // position: only the rest is read (one whose position the log start passed, which

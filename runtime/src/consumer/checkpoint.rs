@@ -8,7 +8,15 @@
 //! below the offset its state records (`entity::Stored`). The offsets are sent with the
 //! consumer's group metadata, so a
 //! node whose group generation is stale (a zombie that was frozen past its session timeout)
-//! cannot commit: its transaction fails and nothing it wrote becomes visible.
+//! cannot commit them: its transaction fails and nothing it wrote becomes visible.
+//!
+//! An offset this producer already committed is left out (commands run at their owner change
+//! states without moving it): the offsets cost the transaction two round trips to the
+//! coordinators and a marker, about a fifth of a command's checkpoint (docs/BENCHMARKS.md). Such
+//! a transaction has no generation to fence it, so every offset names its committer
+//! (`fencing::committer_metadata`) and a partition's next owner fences that committer before it
+//! restores, unless the group lists it (then it has let the partition go); see `restore` and
+//! docs/ARCHITECTURE.md.
 //!
 //! Errors come in two kinds. An abortable one ([`CheckpointError::Aborted`]) is aborted and its
 //! content stays dirty in the shards, so the next checkpoint retries it. After a fatal one, or
@@ -128,6 +136,8 @@ pub(crate) struct CheckpointerConfig {
     pub kafka: KafkaConnection,
     /// Stable per node: a restarted node (or a re-created producer) fences the previous one.
     pub transactional_id: String,
+    /// The node's id, which every committed offset names (`fencing::committer_metadata`).
+    pub node: String,
     pub transaction_timeout: Duration,
     pub changelog_topic: String,
     pub input_topic: String,
@@ -142,7 +152,12 @@ pub(crate) struct Checkpointer {
     dlq_topic: String,
     /// Every changelog record says which input topic its offsets belong to.
     changelog_headers: OwnedHeaders,
+    /// The offsets this producer committed: an offset that has not moved is not sent again.
+    /// Only a successful commit adds one, and a partition let go is forgotten, so a partition's
+    /// first checkpoint after it is taken over (or by a new producer) always sends it.
     committed: HashMap<u32, i64>,
+    /// The metadata of every offset sent: this node, as their committer.
+    offset_metadata: String,
     /// How long one checkpoint may take unless its caller says otherwise.
     transaction_timeout: Duration,
 }
@@ -178,6 +193,7 @@ impl Checkpointer {
             dlq_topic: config.dlq_topic.clone(),
             changelog_headers: record_headers(&config.input_topic),
             committed: HashMap::new(),
+            offset_metadata: crate::fencing::committer_metadata(&config.node),
             transaction_timeout: config.transaction_timeout,
         })
     }
@@ -258,6 +274,9 @@ impl Checkpointer {
             return Ok(false);
         }
         let collected = started.elapsed();
+        super::commit_hold::before_write(
+            checkpoints.iter().map(|(_, cp, _)| cp.states.len()).sum(),
+        );
         self.producer
             .begin_transaction()
             .map_err(|e| self.classify(e))?;
@@ -288,8 +307,8 @@ impl Checkpointer {
         Ok(true)
     }
 
-    /// Adds the consumed offsets to the open transaction (which holds `states` state records)
-    /// and commits it, both by `deadline`.
+    /// Adds the consumed offsets that moved (if any) to the open transaction (which holds
+    /// `states` state records) and commits it, both by `deadline`.
     fn commit(
         &self,
         offsets: &TopicPartitionList,
@@ -298,8 +317,10 @@ impl Checkpointer {
         states: usize,
     ) -> Result<(), KafkaError> {
         let started = Instant::now();
-        self.producer
-            .send_offsets_to_transaction(offsets, group, remaining(deadline))?;
+        if offsets.count() > 0 {
+            self.producer
+                .send_offsets_to_transaction(offsets, group, remaining(deadline))?;
+        }
         let offsets_sent = started.elapsed();
         delivered(&self.producer, deadline)?;
         let delivered_by = started.elapsed();
@@ -343,12 +364,13 @@ impl Checkpointer {
                 Outgoing::Record(record) => self.send_record(record, deadline)?,
             }
         }
-        if let Some(offset) = cp.commit_offset {
-            offsets.add_partition_offset(
-                &self.input_topic,
-                cp.partition as i32,
-                Offset::Offset(offset),
-            )?;
+        match cp.commit_offset {
+            Some(offset) if self.committed.get(&cp.partition) != Some(&offset) => {
+                let mut element = offsets.add_partition(&self.input_topic, cp.partition as i32);
+                element.set_offset(Offset::Offset(offset))?;
+                element.set_metadata(&self.offset_metadata);
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -525,6 +547,66 @@ mod tests {
         delivered(&producer, Instant::now() + Duration::from_secs(10))
             .expect("the record is sent and acknowledged long before its 60 s linger");
         assert_eq!(producer.in_flight_count(), 0);
+    }
+
+    /// A checkpoint sends a partition's offset, naming this node, only when it moved since
+    /// this producer committed it; a partition let go is sent again.
+    #[test]
+    fn an_offset_is_sent_with_its_committer_only_when_it_moved() {
+        // Created, never connected: `write` only fills the offsets here.
+        let kafka = KafkaConnection::new("127.0.0.1:1");
+        let mut checkpointer = Checkpointer::create(&CheckpointerConfig {
+            context: QuietContext::new(crate::kafka_health::KafkaHealth::new(&kafka)),
+            kafka,
+            transactional_id: "group-node-7".into(),
+            node: "node-7".into(),
+            transaction_timeout: Duration::from_secs(10),
+            changelog_topic: "changelog".into(),
+            input_topic: "input".into(),
+            dlq_topic: "dlq".into(),
+        })
+        .unwrap();
+        let at = |offset| Checkpoint::<BTreeMap<(u8, u8), u8>> {
+            partition: 2,
+            seq: 1,
+            commit_offset: Some(offset),
+            states: Vec::new(),
+            outgoing: Vec::new(),
+        };
+        let sent = |checkpointer: &Checkpointer, offset| {
+            let mut offsets = TopicPartitionList::new();
+            let deadline = Instant::now() + Duration::from_secs(1);
+            checkpointer
+                .write::<Pairs>(&at(offset), &[], &mut offsets, deadline)
+                .unwrap();
+            offsets
+                .elements()
+                .iter()
+                .map(|e| {
+                    let metadata = e.metadata().to_string();
+                    (e.partition(), e.offset(), metadata)
+                })
+                .collect::<Vec<_>>()
+        };
+        let named = crate::fencing::committer_metadata("node-7");
+        assert_eq!(
+            sent(&checkpointer, 9),
+            vec![(2, Offset::Offset(9), named.clone())],
+            "never committed by this producer"
+        );
+        checkpointer.committed.insert(2, 9);
+        assert_eq!(sent(&checkpointer, 9), vec![], "committed and not moved");
+        assert_eq!(
+            sent(&checkpointer, 10),
+            vec![(2, Offset::Offset(10), named.clone())],
+            "moved"
+        );
+        checkpointer.forget(&[2]);
+        assert_eq!(
+            sent(&checkpointer, 9),
+            vec![(2, Offset::Offset(9), named)],
+            "let go, then taken again"
+        );
     }
 
     #[test]

@@ -333,6 +333,7 @@ mod tests {
             context: QuietContext::new(KafkaHealth::new(&kafka)),
             kafka,
             transactional_id: "node-1".into(),
+            node: "node-1".into(),
             transaction_timeout: Duration::from_secs(10),
             changelog_topic: "changelog".into(),
             input_topic: "input".into(),
