@@ -5,12 +5,12 @@
 //! node fences its previous run, and a new owner can end a departed owner's open transaction
 //! instead of waiting for its timeout (when that is safe is decided in `restore`).
 //!
-//! Every offset a checkpoint commits names its committer in the offset's metadata
-//! ([`committer_metadata`]). A checkpoint leaves out the offsets that have not moved since its
-//! producer committed them, so a transaction may change a partition's states without an offset
-//! whose group generation would fence a zombie; the committer named by a partition's last
-//! offset is the only producer that can do so, and a new owner fences it before it restores
-//! (`restore`, the argument in docs/ARCHITECTURE.md).
+//! A checkpoint may leave out a partition's offset that has not moved (`consumer::checkpoint`),
+//! so a transaction may change a partition's states without an offset whose group generation
+//! would fence a zombie. A producer does so only after an offset it committed named it in the
+//! offset's metadata ([`committer_metadata`]); the committer named by a partition's last offset
+//! is the only producer that can, and a new owner fences it before it restores (`restore`, the
+//! argument in docs/ARCHITECTURE.md).
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -36,16 +36,16 @@ pub(crate) fn transactional_id(group: &str, node: &str) -> String {
 /// A lock per transactional id this process fences.
 static FENCING: LazyLock<Mutex<HashMap<String, Arc<Mutex<()>>>>> = LazyLock::new(Default::default);
 
-/// What a checkpoint's offsets carry as their metadata: the committing node.
+/// What an offset that lets its committer leave the next ones out carries as its metadata.
 const COMMITTER: &str = "kafka-sharding committer=";
 
-/// The metadata of the offsets `node` commits.
+/// The metadata of such an offset committed by `node`.
 pub(crate) fn committer_metadata(node: &str) -> String {
     format!("{COMMITTER}{node}")
 }
 
-/// The node that committed an offset with `metadata`; `None` for an offset committed otherwise
-/// (by an earlier version, which never left an offset out, or by a tool).
+/// The node that committed an offset with `metadata`, if it named itself; `None` for an offset
+/// whose committer sends every offset it commits (or an earlier version, or a tool).
 pub(crate) fn committer(metadata: &str) -> Option<&str> {
     metadata
         .strip_prefix(COMMITTER)

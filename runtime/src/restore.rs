@@ -12,10 +12,10 @@
 //! otherwise the abort comes after the producers' `transaction.timeout.ms`, which is logged
 //! while waiting.
 //!
-//! Before it reads a changelog partition, the restore fences the node that committed the
-//! partition's last offset unless the group lists that node (see [`Restorer::fence_committers`]):
-//! checkpoints leave out offsets that have not moved, so nothing else would stop that node's
-//! late transaction from changing the states after they were read.
+//! Before it reads a changelog partition, the restore fences the node named by the partition's
+//! last committed offset unless the group lists that node (see [`Restorer::fence_committers`]):
+//! that node's checkpoints may leave out offsets that have not moved, so nothing else would stop
+//! its late transaction from changing the states after they were read.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -322,14 +322,16 @@ impl<E: Entity> Restorer<E> {
     }
 
     /// Fences each node in `committers` (by partition: the node that committed its last
-    /// offset) that is not this node and that the group does not list; fails unless every such
-    /// fence succeeded.
+    /// offset, named in it) that is not this node and that the group does not list; fails
+    /// unless every such fence succeeded.
     ///
-    /// Why: a checkpoint leaves out the offsets its producer already committed, so a node
+    /// Why: a checkpoint may leave out an offset its producer already committed, so a node
     /// running commands at their owner commits state changes without an offset whose group
-    /// generation a zombie's transaction would fail on. Only the producer that committed a
-    /// partition's last offset can do that (every earlier committer has since let the partition
-    /// go or been fenced, by this same rule), and only while it still runs the partition's shard. A node the
+    /// generation a zombie's transaction would fail on. It does so only after an offset it
+    /// committed named it, so only the producer named by a partition's last offset can (every
+    /// earlier one has since let the partition go or been fenced, by this same rule; one whose
+    /// last offset named nobody sends the offset with every change), and only while it still
+    /// runs the partition's shard. A node the
     /// group lists has let the shard go: Kafka assigns a partition elsewhere only after its
     /// owner's revoke callback returned, or after the owner left the group (its session
     /// expired), and a member that left rejoins only after its lost callback dropped its

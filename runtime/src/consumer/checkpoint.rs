@@ -10,20 +10,22 @@
 //! node whose group generation is stale (a zombie that was frozen past its session timeout)
 //! cannot commit them: its transaction fails and nothing it wrote becomes visible.
 //!
-//! An offset this producer already committed is left out (commands run at their owner change
-//! states without moving it): the offsets cost the transaction two round trips to the
-//! coordinators and a marker, about a fifth of a command's checkpoint (docs/BENCHMARKS.md). Such
-//! a transaction has no generation to fence it, so every offset names its committer
-//! (`fencing::committer_metadata`) and a partition's next owner fences that committer before it
-//! restores, unless the group lists it (then it has let the partition go); see `restore` and
-//! docs/ARCHITECTURE.md.
+//! An offset this producer already committed is left out once the producer has *announced*
+//! that it may leave it out (commands run at their owner change states without moving it): the
+//! offsets cost the transaction two round trips to the coordinators and a marker
+//! (docs/BENCHMARKS.md). Such a transaction has no generation to fence it, so the offset that
+//! announces it names its committer (`fencing::committer_metadata`), as every later one of the
+//! partition's by this producer does, and a partition's next owner fences that committer before
+//! it restores unless the group lists it (then it has let the partition go); see `restore` and
+//! docs/ARCHITECTURE.md. A partition whose offsets always move (events only) never announces,
+//! so its next owner fences nobody.
 //!
 //! Errors come in two kinds. An abortable one ([`CheckpointError::Aborted`]) is aborted and its
 //! content stays dirty in the shards, so the next checkpoint retries it. After a fatal one, or
 //! when even the abort fails (the transaction's state is then unknown), the producer is of no
 //! further use ([`CheckpointError::Fatal`]): the consumer recovers (see `consumer::recovery`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -152,11 +154,14 @@ pub(crate) struct Checkpointer {
     dlq_topic: String,
     /// Every changelog record says which input topic its offsets belong to.
     changelog_headers: OwnedHeaders,
-    /// The offsets this producer committed: an offset that has not moved is not sent again.
-    /// Only a successful commit adds one, and a partition let go is forgotten, so a partition's
-    /// first checkpoint after it is taken over (or by a new producer) always sends it.
+    /// The offsets this producer committed. Only a successful commit adds one, and a partition
+    /// let go is forgotten, so a partition's first checkpoint after it is taken over (or by a
+    /// new producer) always sends it.
     committed: HashMap<u32, i64>,
-    /// The metadata of every offset sent: this node, as their committer.
+    /// The partitions whose committed offset announced that this producer may leave it out
+    /// (see [`OffsetPlan`]); forgotten with `committed`.
+    announced: HashSet<u32>,
+    /// The metadata of an announcing offset: this node, as its committer.
     offset_metadata: String,
     /// How long one checkpoint may take unless its caller says otherwise.
     transaction_timeout: Duration,
@@ -193,6 +198,7 @@ impl Checkpointer {
             dlq_topic: config.dlq_topic.clone(),
             changelog_headers: record_headers(&config.input_topic),
             committed: HashMap::new(),
+            announced: HashSet::new(),
             offset_metadata: crate::fencing::committer_metadata(&config.node),
             transaction_timeout: config.transaction_timeout,
         })
@@ -273,6 +279,10 @@ impl Checkpointer {
         {
             return Ok(false);
         }
+        let plans: Vec<OffsetPlan> = checkpoints
+            .iter()
+            .map(|(_, cp, _)| self.plan::<E>(cp))
+            .collect();
         let collected = started.elapsed();
         super::commit_hold::before_write(
             checkpoints.iter().map(|(_, cp, _)| cp.states.len()).sum(),
@@ -281,8 +291,8 @@ impl Checkpointer {
             .begin_transaction()
             .map_err(|e| self.classify(e))?;
         let mut offsets = TopicPartitionList::new();
-        for (_, cp, values) in &checkpoints {
-            if let Err(e) = self.write::<E>(cp, values, &mut offsets, deadline) {
+        for ((_, cp, values), plan) in checkpoints.iter().zip(&plans) {
+            if let Err(e) = self.write::<E>(cp, values, *plan, &mut offsets, deadline) {
                 return Err(self.abort(e));
             }
         }
@@ -298,9 +308,12 @@ impl Checkpointer {
             collected,
             written
         );
-        for (shard, cp, _) in checkpoints {
+        for ((shard, cp, _), plan) in checkpoints.into_iter().zip(plans) {
             if let Some(offset) = cp.commit_offset {
                 self.committed.insert(cp.partition, offset);
+            }
+            if plan == OffsetPlan::Announce {
+                self.announced.insert(cp.partition);
             }
             let _ = shard.actor.cast(ShardMsg::Checkpointed { seq: cp.seq });
         }
@@ -337,6 +350,25 @@ impl Checkpointer {
     pub fn forget(&mut self, partitions: &[u32]) {
         for p in partitions {
             self.committed.remove(p);
+            self.announced.remove(p);
+        }
+    }
+
+    /// What `cp`'s offset does in this checkpoint.
+    fn plan<E: Entity>(&self, cp: &Checkpoint<E::State>) -> OffsetPlan {
+        let Some(offset) = cp.commit_offset else {
+            return OffsetPlan::LeaveOut;
+        };
+        let moved = self.committed.get(&cp.partition) != Some(&offset);
+        let announced = self.announced.contains(&cp.partition);
+        match (moved, announced) {
+            (false, true) => OffsetPlan::LeaveOut,
+            (true, true) => OffsetPlan::Announce,
+            // Changes without a moved offset (commands run at their owner): from now on.
+            (false, false) if !cp.is_empty() => OffsetPlan::Announce,
+            // Nothing of the partition's to commit.
+            (false, false) => OffsetPlan::LeaveOut,
+            (true, false) => OffsetPlan::Send,
         }
     }
 
@@ -344,6 +376,7 @@ impl Checkpointer {
         &self,
         cp: &Checkpoint<E::State>,
         values: &[Vec<u8>],
+        plan: OffsetPlan,
         offsets: &mut TopicPartitionList,
         deadline: Instant,
     ) -> Result<(), KafkaError> {
@@ -364,13 +397,12 @@ impl Checkpointer {
                 Outgoing::Record(record) => self.send_record(record, deadline)?,
             }
         }
-        match cp.commit_offset {
-            Some(offset) if self.committed.get(&cp.partition) != Some(&offset) => {
-                let mut element = offsets.add_partition(&self.input_topic, cp.partition as i32);
-                element.set_offset(Offset::Offset(offset))?;
+        if let (Some(offset), OffsetPlan::Send | OffsetPlan::Announce) = (cp.commit_offset, plan) {
+            let mut element = offsets.add_partition(&self.input_topic, cp.partition as i32);
+            element.set_offset(Offset::Offset(offset))?;
+            if plan == OffsetPlan::Announce {
                 element.set_metadata(&self.offset_metadata);
             }
-            _ => {}
         }
         Ok(())
     }
@@ -471,6 +503,23 @@ impl Checkpointer {
     }
 }
 
+/// What a checkpoint does with a partition's offset.
+///
+/// A producer may leave a partition's offset out of a transaction that changes its states
+/// only after it *announced* it: committed the offset with metadata naming this node as the
+/// committer, which the partition's next owner reads and fences (`restore`). Every later offset
+/// of the partition this producer commits announces again, so the last committed offset tells
+/// whether its committer may have changed states without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OffsetPlan {
+    /// Not sent: it did not move and was announced, or nothing of the partition's changed.
+    LeaveOut,
+    /// Sent as it always was: the generation check covers this transaction.
+    Send,
+    /// Sent naming this node as its committer.
+    Announce,
+}
+
 /// The time left until `deadline`; zero once it passed (librdkafka then fails the call at once
 /// unless it is already done).
 fn remaining(deadline: Instant) -> Duration {
@@ -549,11 +598,12 @@ mod tests {
         assert_eq!(producer.in_flight_count(), 0);
     }
 
-    /// A checkpoint sends a partition's offset, naming this node, only when it moved since
-    /// this producer committed it; a partition let go is sent again.
+    /// A partition's offset is sent when it moved; a checkpoint that changes states without
+    /// moving it announces this node as the committer first, and only then leaves it out; the
+    /// announcement sticks to the partition until it is let go.
     #[test]
-    fn an_offset_is_sent_with_its_committer_only_when_it_moved() {
-        // Created, never connected: `write` only fills the offsets here.
+    fn an_offset_is_left_out_only_after_it_named_its_committer() {
+        // Created, never connected: planning and `write` only fill the offsets here.
         let kafka = KafkaConnection::new("127.0.0.1:1");
         let mut checkpointer = Checkpointer::create(&CheckpointerConfig {
             context: QuietContext::new(crate::kafka_health::KafkaHealth::new(&kafka)),
@@ -566,46 +616,68 @@ mod tests {
             dlq_topic: "dlq".into(),
         })
         .unwrap();
-        let at = |offset| Checkpoint::<BTreeMap<(u8, u8), u8>> {
+        let cp = |offset, changed: bool| Checkpoint::<BTreeMap<(u8, u8), u8>> {
             partition: 2,
             seq: 1,
             commit_offset: Some(offset),
-            states: Vec::new(),
+            states: if changed {
+                vec![("a".into(), Stored::new(BTreeMap::new(), 8))]
+            } else {
+                Vec::new()
+            },
             outgoing: Vec::new(),
         };
-        let sent = |checkpointer: &Checkpointer, offset| {
+        // Plans `cp` as a checkpoint would and writes its offset (its states would need an
+        // open transaction), then records it as committed.
+        let commit = |checkpointer: &mut Checkpointer, offset, changed| {
+            let plan = checkpointer.plan::<Pairs>(&cp(offset, changed));
             let mut offsets = TopicPartitionList::new();
             let deadline = Instant::now() + Duration::from_secs(1);
             checkpointer
-                .write::<Pairs>(&at(offset), &[], &mut offsets, deadline)
+                .write::<Pairs>(&cp(offset, false), &[], plan, &mut offsets, deadline)
                 .unwrap();
+            checkpointer.committed.insert(2, offset);
+            if plan == OffsetPlan::Announce {
+                checkpointer.announced.insert(2);
+            }
             offsets
                 .elements()
                 .iter()
-                .map(|e| {
-                    let metadata = e.metadata().to_string();
-                    (e.partition(), e.offset(), metadata)
-                })
+                .map(|e| (e.offset(), e.metadata().to_string()))
                 .collect::<Vec<_>>()
         };
         let named = crate::fencing::committer_metadata("node-7");
+        let at = Offset::Offset;
         assert_eq!(
-            sent(&checkpointer, 9),
-            vec![(2, Offset::Offset(9), named.clone())],
-            "never committed by this producer"
-        );
-        checkpointer.committed.insert(2, 9);
-        assert_eq!(sent(&checkpointer, 9), vec![], "committed and not moved");
-        assert_eq!(
-            sent(&checkpointer, 10),
-            vec![(2, Offset::Offset(10), named.clone())],
+            commit(&mut checkpointer, 9, true),
+            vec![(at(9), String::new())],
             "moved"
+        );
+        assert_eq!(
+            commit(&mut checkpointer, 9, false),
+            vec![],
+            "nothing changed"
+        );
+        assert_eq!(
+            commit(&mut checkpointer, 9, true),
+            vec![(at(9), named.clone())],
+            "changes without a moved offset: announced first"
+        );
+        assert_eq!(
+            commit(&mut checkpointer, 9, true),
+            vec![],
+            "announced: left out"
+        );
+        assert_eq!(
+            commit(&mut checkpointer, 10, true),
+            vec![(at(10), named.clone())],
+            "moved, and still announcing"
         );
         checkpointer.forget(&[2]);
         assert_eq!(
-            sent(&checkpointer, 9),
-            vec![(2, Offset::Offset(9), named)],
-            "let go, then taken again"
+            commit(&mut checkpointer, 10, true),
+            vec![(at(10), String::new())],
+            "let go, then taken again: sent, not announced"
         );
     }
 

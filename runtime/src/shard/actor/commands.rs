@@ -158,9 +158,9 @@ impl<E: Entity> ShardState<E> {
             answer,
         } = command;
         // Restoring: its states are not here yet. Refused: it runs nothing. Closing: its last
-        // checkpoint may already be collected. Nothing consumed: no offset, so this node may
-        // not be the committer a new owner would fence (`restore::fence_committers`); the
-        // first checkpoint after a record commits the offset, naming this node.
+        // checkpoint may already be collected. Nothing consumed: no offset, so this node is
+        // not the committer a new owner would fence (`restore::fence_committers`); a checkpoint
+        // leaves an offset out only once it committed it naming this node.
         if self.restoring.is_some()
             || self.refused.is_some()
             || self.closing
