@@ -138,7 +138,8 @@ pub(crate) struct CheckpointerConfig {
     pub kafka: KafkaConnection,
     /// Stable per node: a restarted node (or a re-created producer) fences the previous one.
     pub transactional_id: String,
-    /// The node's id, which every committed offset names (`fencing::committer_metadata`).
+    /// The node's id, which the offsets that announce this producer name
+    /// (`fencing::committer_metadata`).
     pub node: String,
     pub transaction_timeout: Duration,
     pub changelog_topic: String,
