@@ -142,8 +142,9 @@ pub struct NodeArgs {
     #[arg(long, env = "KAFKA_STATISTICS_INTERVAL_MS", default_value_t = 0)]
     pub statistics_interval_ms: u64,
 
-    /// librdkafka debug contexts for the node's consumer and restorer (e.g. `fetch`, `cgrp`), logged at debug
-    /// level under `librdkafka` (set `RUST_LOG=info,librdkafka=debug`). Verbose: for diagnosis.
+    /// librdkafka debug contexts for the node's consumer, restorer and checkpoint producer (e.g.
+    /// `fetch`, `cgrp`, `eos`), logged at debug level under `librdkafka` (set
+    /// `RUST_LOG=info,librdkafka=debug`). Verbose: for diagnosis.
     #[arg(long, env = "KAFKA_DEBUG")]
     pub kafka_debug: Option<String>,
 

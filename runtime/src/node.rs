@@ -628,6 +628,7 @@ async fn start_type<E: Entity>(
                 input_topic: spec.topic.clone(),
                 dlq_topic: spec.dlq_topic.clone(),
                 context: node.quiet.clone(),
+                kafka_debug: config.kafka_debug.clone(),
             };
             let starting = checkpointer_config.clone();
             let checkpointer = tokio::task::spawn_blocking(move || Checkpointer::new(&starting))

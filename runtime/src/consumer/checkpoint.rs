@@ -146,6 +146,8 @@ pub(crate) struct CheckpointerConfig {
     pub input_topic: String,
     pub dlq_topic: String,
     pub context: QuietContext,
+    /// librdkafka debug contexts (`--kafka-debug`, e.g. `eos`), if any.
+    pub kafka_debug: Option<String>,
 }
 
 pub(crate) struct Checkpointer {
@@ -179,9 +181,11 @@ impl Checkpointer {
 
     /// Creates the producer without contacting the broker; [`Checkpointer::init`] must follow.
     pub fn create(config: &CheckpointerConfig) -> Result<Self, CheckpointError> {
-        let producer: ThreadedProducer<QuietContext> = config
+        let mut client = config
             .kafka
-            .client_with(ClientKind::Producer, CHECKPOINT_PRODUCER_DEFAULTS)
+            .client_with(ClientKind::Producer, CHECKPOINT_PRODUCER_DEFAULTS);
+        crate::kafka_admin::with_debug(&mut client, config.kafka_debug.as_deref());
+        let producer: ThreadedProducer<QuietContext> = client
             .set("transactional.id", &config.transactional_id)
             .set(
                 "transaction.timeout.ms",
@@ -615,6 +619,7 @@ mod tests {
             changelog_topic: "changelog".into(),
             input_topic: "input".into(),
             dlq_topic: "dlq".into(),
+            kafka_debug: None,
         })
         .unwrap();
         let cp = |offset, changed: bool| Checkpoint::<BTreeMap<(u8, u8), u8>> {

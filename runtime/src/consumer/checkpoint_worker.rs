@@ -338,6 +338,7 @@ mod tests {
             changelog_topic: "changelog".into(),
             input_topic: "input".into(),
             dlq_topic: "dlq".into(),
+            kafka_debug: None,
         })
         .unwrap()
     }
