@@ -227,6 +227,15 @@ pub fn list_offsets<C: ConsumerContext>(
     ))
 }
 
+/// `partitions` of `topic`, as a list to ask about.
+fn partition_list(topic: &str, partitions: impl IntoIterator<Item = u32>) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(topic, p as i32);
+    }
+    tpl
+}
+
 /// The valid (non-negative) offsets in `tpl`, by partition.
 pub fn offsets_by_partition(tpl: &TopicPartitionList) -> std::collections::BTreeMap<u32, i64> {
     tpl.elements()
@@ -264,13 +273,10 @@ pub fn committed_offsets<C: ConsumerContext>(
     partitions: impl IntoIterator<Item = u32>,
     timeout: Duration,
 ) -> KafkaResult<std::collections::BTreeMap<u32, i64>> {
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        tpl.add_partition(topic, p as i32);
-    }
-    Ok(offsets_by_partition(
-        &client.committed_offsets(tpl, timeout)?,
-    ))
+    Ok(offsets_by_partition(&client.committed_offsets(
+        partition_list(topic, partitions),
+        timeout,
+    )?))
 }
 
 /// The committer (`fencing::committer`) of the group's stable committed offset of each of
@@ -282,11 +288,7 @@ pub fn committers<C: ConsumerContext>(
     partitions: impl IntoIterator<Item = u32>,
     timeout: Duration,
 ) -> KafkaResult<std::collections::BTreeMap<u32, String>> {
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        tpl.add_partition(topic, p as i32);
-    }
-    let committed = client.committed_offsets(tpl, timeout)?;
+    let committed = client.committed_offsets(partition_list(topic, partitions), timeout)?;
     // SAFETY: `committed` owns the list and outlives this borrow; librdkafka keeps `cnt`
     // elements at `elems`, each with `metadata_size` bytes at `metadata` (or none when null).
     // Read raw because rust-rdkafka's `metadata()` panics on metadata that is not UTF-8, which

@@ -91,10 +91,7 @@ pub(crate) struct Restorer<E: Entity> {
 enum RestoreError {
     #[error(transparent)]
     Kafka(#[from] KafkaError),
-    #[error(
-        "cannot describe group {group} to learn whether the committers of its partitions' last \
-         checkpoints are members: {source}"
-    )]
+    #[error("cannot describe group {group} to learn its members: {source}")]
     Members { group: String, source: KafkaError },
     #[error(
         "cannot fence node {node}, which committed the last checkpoint of partitions \
@@ -146,9 +143,9 @@ impl<E: Entity> Restorer<E> {
                     match this.run(&mut shards, assigned_at, &orphaned) {
                         Ok(records) => {
                             // The restore consumer is gone by now: its fetch buffers (up to
-                            // `fetch.max.bytes` each) were freed, and glibc keeps them in its
-                            // heaps unless asked (1 M users restored: 320 MiB resident, 135 MiB
-                            // after a trim; docs/BENCHMARKS.md).
+                            // `fetch.max.bytes` each) were freed, and the allocator keeps them
+                            // unless asked (1 M users restored: 320 MiB resident with glibc,
+                            // 135 MiB after a trim; docs/BENCHMARKS.md).
                             if records >= TRIM_AFTER_RESTORING_FROM {
                                 crate::memory::release_free_memory();
                             }
@@ -259,31 +256,33 @@ impl<E: Entity> Restorer<E> {
             .expect("cannot spawn the early fencing thread");
     }
 
+    /// The client ids of the group's members.
+    fn members(&self) -> Result<BTreeSet<String>, RestoreError> {
+        let list = self
+            .group_offsets
+            .fetch_group_list(Some(&self.group), FENCE_DESCRIBE_TIMEOUT)
+            .map_err(|source| RestoreError::Members {
+                group: self.group.clone(),
+                source,
+            })?;
+        Ok(list
+            .groups()
+            .iter()
+            .flat_map(|g| g.members())
+            .map(|m| m.client_id().to_string())
+            .collect())
+    }
+
     /// The client ids of the group's members; `None` if it cannot be described (said when
     /// `say`).
     fn group_members(&self, say: bool) -> Option<BTreeSet<String>> {
-        match self
-            .group_offsets
-            .fetch_group_list(Some(&self.group), FENCE_DESCRIBE_TIMEOUT)
-        {
-            Ok(list) => Some(
-                list.groups()
-                    .iter()
-                    .flat_map(|g| g.members())
-                    .map(|m| m.client_id().to_string())
-                    .collect(),
-            ),
-            Err(e) => {
+        self.members()
+            .inspect_err(|e| {
                 if say {
-                    tracing::warn!(
-                        "cannot describe group {} ({e}): previous owners' open transactions \
-                         are left to time out",
-                        self.group
-                    );
+                    tracing::warn!("{e}: previous owners' open transactions are left to time out");
                 }
-                None
-            }
-        }
+            })
+            .ok()
     }
 
     /// Fences `node`, which the group no longer lists; returns whether that worked. `when`
@@ -349,19 +348,7 @@ impl<E: Entity> Restorer<E> {
         if by_node.is_empty() {
             return Ok(());
         }
-        let members = self
-            .group_offsets
-            .fetch_group_list(Some(&self.group), FENCE_DESCRIBE_TIMEOUT)
-            .map_err(|source| RestoreError::Members {
-                group: self.group.clone(),
-                source,
-            })?;
-        let listed: BTreeSet<&str> = members
-            .groups()
-            .iter()
-            .flat_map(|g| g.members())
-            .map(|m| m.client_id())
-            .collect();
+        let listed = self.members()?;
         for (node, partitions) in by_node {
             if listed.contains(node) {
                 continue;
