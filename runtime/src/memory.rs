@@ -1,15 +1,15 @@
 //! Giving freed memory back to the operating system after passivation, standby warm-ups and
 //! restores.
 //!
-//! A drain of many distinct entities passivates entities past the live cap; glibc keeps what
-//! the passivated entries (and, when entities were actors, the stopped actors) used in its
-//! heaps, so the resident set stayed at that high-water mark (docs/BENCHMARKS.md). After many
-//! passivations `malloc_trim` returns it. A standby warm-up
-//! (whole changelog partitions read, maps grown by doubling) leaves the same kind of free
-//! memory behind; `standby` trims after a large one, and `restore` after a restore that read
-//! many records (its consumer's fetch buffers). (mimalloc was tried
-//! instead of glibc: no throughput gain beyond run-to-run noise, and 2.7× the memory per
-//! restored entity.)
+//! A drain of many distinct entities passivates entities past the live cap; the allocator keeps
+//! what the passivated entries used, so the resident set stayed at that high-water mark
+//! (docs/BENCHMARKS.md). After many passivations the free memory is released: glibc's
+//! `malloc_trim`, or with the `jemalloc` feature a purge of jemalloc's arenas (which otherwise
+//! return unused pages only as later allocations let them decay). A standby warm-up (whole
+//! changelog partitions read, maps grown by doubling) leaves the same kind of free memory
+//! behind; `standby` releases it after a large one, and `restore` after a restore that read
+//! many records (its consumer's fetch buffers). (mimalloc as Rust's allocator was tried: no
+//! throughput gain beyond run-to-run noise, and 2.7× the memory per restored entity.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +36,26 @@ pub async fn trim_after_passivation(stats: Vec<Arc<NodeStats>>) {
     }
 }
 
+/// Returns jemalloc's unused pages to the OS (every arena's; `arena.<all>.purge`).
+#[cfg(feature = "jemalloc")]
+pub(crate) fn release_free_memory() {
+    // jemalloc's MALLCTL_ARENAS_ALL: the purge applies to every arena.
+    const PURGE_EVERY_ARENA: &[u8] = b"arena.4096.purge\0";
+    // SAFETY: a NUL-terminated name, and no old or new value: the call reads and writes
+    // nothing of ours.
+    unsafe {
+        tikv_jemalloc_sys::mallctl(
+            PURGE_EVERY_ARENA.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        );
+    }
+}
+
 /// Returns glibc's free heap memory to the OS (walks the heaps: not for hot paths).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(not(feature = "jemalloc"), target_os = "linux", target_env = "gnu"))]
 pub(crate) fn release_free_memory() {
     // SAFETY: malloc_trim only walks and shrinks glibc's own heaps; it takes no pointers.
     unsafe {
@@ -45,5 +63,8 @@ pub(crate) fn release_free_memory() {
     }
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+#[cfg(all(
+    not(feature = "jemalloc"),
+    not(all(target_os = "linux", target_env = "gnu"))
+))]
 pub(crate) fn release_free_memory() {}

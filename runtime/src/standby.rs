@@ -340,7 +340,7 @@ impl<E: Entity> Standbys<E> {
                 warmed_from += self.measure(&c.consumer, reader, &assigned);
             }
             // A warm-up reads whole changelog partitions through librdkafka's prefetch and
-            // grows the maps by doubling: glibc keeps what that freed unless asked.
+            // grows the maps by doubling: the allocator keeps what that freed unless asked.
             if warmed_from >= TRIM_AFTER_WARMING_FROM {
                 crate::memory::release_free_memory();
             }

@@ -270,7 +270,7 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
     memory.note(format!(
         "Per user = (RSS − idle RSS) ÷ users; per live actor = RSS growth ÷ actors made live, in the same process. \
          Node A's RSS is taken once it has settled ({} s after its offsets reached the end): right after a burst of \
-         passivations glibc still holds the stopped actors' memory until the node's periodic malloc_trim.",
+         passivations the allocator still holds the passivated entities' memory until the node's periodic release of it.",
         SETTLE_RSS.as_secs()
     ));
     Ok((restore, memory))
