@@ -283,7 +283,8 @@ pub async fn run(
         "Times run from the first partition assignment to the group's committed offsets reaching the end of \
          every partition (polled every 25 ms); \"from process start\" includes start-up (topic checks, \
          transactional producer init, the group's initial rebalance delay). The bare consumer assigns the \
-         partitions itself (no group join). (a) resolves each partition's start as the node's consumer does (a \
+         partitions itself (no group join); it runs in this harness, on the same allocator as the nodes \
+         (jemalloc, the runtime's `jemalloc` feature). (a) resolves each partition's start as the node's consumer does (a \
          group without committed offsets resets to the earliest offset, one lookup per partition); (a′) asks \
          every start in one request first, which no group consumer can: the fastest possible read. (d) and (d′) \
          write what a runtime keeping a changelog record per entity must write for these events when every \
