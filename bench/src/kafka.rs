@@ -473,3 +473,66 @@ pub fn read_committed<T>(
         anyhow::ensure!(Instant::now() < deadline, "could not read all of {topic}");
     }
 }
+
+/// The broker setting that makes every partition's leader check with the transaction
+/// coordinator that a transactional produce's partition is in the transaction (KIP-890 part 1;
+/// on by default since Kafka 3.6). It guards against hanging transactions and costs a round
+/// trip inside the cluster per partition per transaction.
+pub const PARTITION_VERIFICATION: &str = "transaction.partition.verification.enable";
+
+/// Sets `name` to `value` as a dynamic per-broker config on every broker, or with `None` removes
+/// the per-broker dynamic configs again (each broker falls back to its `server.properties`).
+/// AlterConfigs replaces a broker's whole set of dynamic configs, so a broker that has others
+/// (an operator's) is left alone and reported.
+pub async fn set_broker_config(
+    bootstrap: &str,
+    name: &str,
+    value: Option<&str>,
+) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ConfigSource, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let brokers: Vec<i32> = admin
+        .inner()
+        .fetch_metadata(None, TIMEOUT)?
+        .brokers()
+        .iter()
+        .map(|b| b.id())
+        .collect();
+    let options = AdminOptions::new().request_timeout(Some(TIMEOUT));
+    let specifiers: Vec<ResourceSpecifier> = brokers
+        .iter()
+        .map(|&id| ResourceSpecifier::Broker(id))
+        .collect();
+    for described in admin.describe_configs(&specifiers, &options).await? {
+        let resource = described.context("describing a broker's configs")?;
+        let others: Vec<&str> = resource
+            .entries
+            .iter()
+            .filter(|e| e.source == ConfigSource::DynamicBroker && e.name != name)
+            .map(|e| e.name.as_str())
+            .collect();
+        anyhow::ensure!(
+            others.is_empty(),
+            "broker {:?} has per-broker dynamic configs ({}) that setting {name} would remove",
+            resource.specifier,
+            others.join(", ")
+        );
+    }
+    let changes: Vec<AlterConfig> = specifiers
+        .iter()
+        .map(|s| {
+            let change = AlterConfig::new(*s);
+            match value {
+                Some(value) => change.set(name, value),
+                None => change,
+            }
+        })
+        .collect();
+    for altered in admin.alter_configs(&changes, &options).await? {
+        altered.map_err(|(resource, e)| anyhow::anyhow!("altering {resource:?}: {e}"))?;
+    }
+    Ok(())
+}

@@ -21,6 +21,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tonic::transport::Channel;
 
 use crate::bare_jobs::{bare_transactions, create_changelog};
+use crate::kafka::{self, PARTITION_VERIFICATION};
 use crate::nodes::{wait_until, NodeProcess, Setup};
 use crate::report::{rate, verdict, Table};
 
@@ -148,6 +149,28 @@ pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<V
         eprintln!("commands: deposits at concurrency {concurrency}");
         loops.push((concurrency, deposits(&channel, concurrency).await?));
     }
+    // The same at 32, and the bare transactions on one producer, with the brokers' check that a
+    // transactional produce's partition is in the transaction turned off: what that check costs
+    // a command (an operator's choice, docs/BENCHMARKS.md).
+    eprintln!(
+        "commands: deposits at concurrency 32 and bare transactions, partition verification off"
+    );
+    kafka::set_broker_config(&setup.bootstrap, PARTITION_VERIFICATION, Some("false")).await?;
+    let unverified = async {
+        let deposits = deposits(&channel, 32).await?;
+        let (bootstrap, topic) = (setup.bootstrap.clone(), bare_topic.clone());
+        let bare = tokio::task::spawn_blocking(move || {
+            bare_transactions(
+                &bootstrap, &topic, partitions, 1, 32, false, WARM_UP, MEASURE,
+            )
+        })
+        .await
+        .context("the bare transactions panicked")??;
+        anyhow::Ok((deposits, bare))
+    }
+    .await;
+    kafka::set_broker_config(&setup.bootstrap, PARTITION_VERIFICATION, None).await?;
+    let (unverified, unverified_bare) = unverified?;
     let (mut acting, one_node) =
         super::acting::run(setup, &channel, &bank, partitions, stamp, &bare).await?;
     eprintln!("commands: a second node joins; transfers through both");
@@ -214,28 +237,29 @@ pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<V
     row.extend(cells(&bare));
     row.extend(["1.00".into(), "baseline".into(), String::new()]);
     table.row(row);
+    let bare_row = |what: String, per_second: f64| {
+        let mut row = vec![what, "32".into(), rate(per_second)];
+        row.resize(10, String::new());
+        row
+    };
     for (lanes, offsets, per_second) in &bare_transaction_rates {
         let with = if *offsets {
             "with the consumed offsets, as a checkpoint"
         } else {
             "no offsets"
         };
-        table.row(vec![
+        table.row(bare_row(
             format!(
                 "bare transactions of {} state records, {with}, back to back on {lanes} producer(s), no runtime (reference for concurrency 32)",
                 32 / lanes
             ),
-            "32".into(),
-            rate(*per_second),
-            String::new(),
-            String::new(),
-            String::new(),
-            String::new(),
-            String::new(),
-            String::new(),
-            String::new(),
-        ]);
+            *per_second,
+        ));
     }
+    table.row(bare_row(
+        "the same, 32 records, no offsets, 1 producer, **partition verification off**".into(),
+        unverified_bare,
+    ));
     for (concurrency, l) in &loops {
         let mut row = vec![
             "Deposit, answered once committed".into(),
@@ -259,7 +283,26 @@ pub async fn run(setup: &Setup, stamp: u64, partitions: u32) -> anyhow::Result<V
         row.extend([ratio, target.into(), met]);
         table.row(row);
     }
-    table.note(format!("One node hosting the accounts ({partitions} partitions), the client (this harness, tonic) and the broker on the same machine. Each deposit carries a fresh idempotency key (its answer is remembered in the account's state). The bare loop: one partition in, one out, one record at a time, in one thread; each step waits for the previous. The bare transactions (records committed per second): a plain rdkafka loop committing transactions of 32 records (one producer) or of 16 on each of two producers at once, each record the state of an account of its own on the account's partition of a compacted topic with as many partitions (producer k's accounts on partitions p % producers = k), back to back with nothing else to do (no gRPC, no reading): the commits 32 callers need, each waiting for its change to commit, as a program without the runtime gets them; with offsets, each transaction also commits an offset per partition of its producer to a consumer group the producers share, as every checkpoint of the node does (its offsets fence a zombie: docs/ARCHITECTURE.md)."));
+    let verified = &loops
+        .iter()
+        .find(|(c, _)| *c == 32)
+        .expect("a loop at 32")
+        .1;
+    let mut row = vec![
+        "Deposit, answered once committed, **partition verification off**".into(),
+        "32".into(),
+    ];
+    row.extend(cells(&unverified));
+    row.extend([
+        format!(
+            "× {:.2} with it on",
+            unverified.per_second() / verified.per_second()
+        ),
+        "(the same target, an operator's choice)".into(),
+        verdict(unverified.per_second() >= 5_000.0 && unverified.errors == 0),
+    ]);
+    table.row(row);
+    table.note(format!("One node hosting the accounts ({partitions} partitions), the client (this harness, tonic) and the broker on the same machine. Each deposit carries a fresh idempotency key (its answer is remembered in the account's state). The bare loop: one partition in, one out, one record at a time, in one thread; each step waits for the previous. The bare transactions (records committed per second): a plain rdkafka loop committing transactions of 32 records (one producer) or of 16 on each of two producers at once, each record the state of an account of its own on the account's partition of a compacted topic with as many partitions (producer k's accounts on partitions p % producers = k), back to back with nothing else to do (no gRPC, no reading): the commits 32 callers need, each waiting for its change to commit, as a program without the runtime gets them; with offsets, each transaction also commits an offset per partition of its producer to a consumer group the producers share, as every checkpoint of the node does (its offsets fence a zombie: docs/ARCHITECTURE.md). Partition verification off: the brokers' `{PARTITION_VERIFICATION}` set to false (per broker, dynamically) for that row's loop only; by default (since Kafka 3.6) a partition's leader asks the transaction coordinator, once per partition per transaction, whether the partition is in the producer's transaction before it appends, which guards against hanging transactions (README, \"Using your own Kafka\")."));
     Ok(vec![table, through_a_peer, acting, timer_memory])
 }
 
