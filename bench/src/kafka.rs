@@ -494,18 +494,14 @@ pub async fn set_broker_config(
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()?;
-    let brokers: Vec<i32> = admin
+    let specifiers: Vec<ResourceSpecifier> = admin
         .inner()
         .fetch_metadata(None, TIMEOUT)?
         .brokers()
         .iter()
-        .map(|b| b.id())
+        .map(|b| ResourceSpecifier::Broker(b.id()))
         .collect();
     let options = AdminOptions::new().request_timeout(Some(TIMEOUT));
-    let specifiers: Vec<ResourceSpecifier> = brokers
-        .iter()
-        .map(|&id| ResourceSpecifier::Broker(id))
-        .collect();
     for described in admin.describe_configs(&specifiers, &options).await? {
         let resource = described.context("describing a broker's configs")?;
         let others: Vec<&str> = resource
