@@ -410,9 +410,9 @@ impl<E: Entity> ShardState<E> {
             ShardMsg::Checkpoint(reply) => {
                 let _ = reply.send(self.checkpoint());
             }
-            ShardMsg::Checkpointed { seq } => {
+            ShardMsg::Checkpointed { seq, commit } => {
                 self.outbox.committed(seq);
-                self.answer_committed(seq);
+                self.answer_committed(seq, commit);
             }
             ShardMsg::Timers => self.fire_due_timers(),
             ShardMsg::Tick => {
