@@ -12,11 +12,10 @@
 //! callers' next ones would wait for the one after, and concurrent callers would settle into
 //! halves that each wait for two checkpoints (docs/BENCHMARKS.md, "Commands run at their
 //! owner"). A lone caller is answered alone and never waits for this. The gathering ends
-//! early, with a wake of the loop, once every shard of the commit has answered and as many new
-//! answers are owed as were given out: the answered callers are back, and waiting longer would
-//! only hold their commands.
+//! early, with a wake of the loop, once as many new answers are owed as were given out: the
+//! answered callers are back, and waiting longer would only hold their commands.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -25,77 +24,54 @@ type Waker = Box<dyn Fn() + Send + Sync>;
 /// How long after answers to several callers went out the next checkpoint for answers waits.
 pub(crate) const GATHER: Duration = Duration::from_millis(1);
 
-#[derive(Default)]
 pub(crate) struct CommitSoon {
     wanted: AtomicBool,
     wake: Mutex<Option<Waker>>,
-    gather: Mutex<Gather>,
-}
-
-/// What the gathering counts since the last call was taken.
-#[derive(Default)]
-struct Gather {
-    /// The commit whose answers are going out, and how many of its shards have not said yet
-    /// how many they gave (each says once, see [`CommitSoon::answered`]).
-    commit: u64,
-    shards_to_answer: usize,
-    /// Answers given out, and when the last went out.
-    answered: usize,
-    answered_at: Option<Instant>,
-    /// Answers owed (see [`CommitSoon::owed_answer`]).
-    owed: usize,
+    base: Instant,
+    /// When answers last went out (ns after `base`).
+    answered_at: AtomicU64,
+    /// Answers given out since the last call was taken.
+    answered: AtomicUsize,
+    /// Answers owed since the last call was taken (see [`Self::owed_answer`]).
+    owed: AtomicUsize,
     /// Of those, the ones owed before the first answer went out: callers that were not
     /// answered, whose commands do not count as the answered ones' return.
-    owed_before_answers: usize,
+    owed_before_answers: AtomicUsize,
 }
 
-impl Gather {
-    /// Several callers were answered, every shard of the commit has answered, and as many
-    /// new answers are owed as went out.
-    fn all_back(&self) -> bool {
-        self.answered >= 2
-            && self.shards_to_answer == 0
-            && self.owed >= self.owed_before_answers + self.answered
+impl Default for CommitSoon {
+    fn default() -> Self {
+        Self {
+            wanted: AtomicBool::default(),
+            wake: Mutex::default(),
+            base: Instant::now(),
+            answered_at: AtomicU64::default(),
+            answered: AtomicUsize::default(),
+            owed: AtomicUsize::default(),
+            owed_before_answers: AtomicUsize::default(),
+        }
     }
 }
 
 impl CommitSoon {
-    /// One of the `shards` shards that commit `commit` (numbered by the checkpoint thread)
-    /// included gave out `count` answers. Every shard of the commit says so, with none too:
-    /// the gathering waits for all of them, or the callers of the first shard to answer, back
-    /// before the other shards answered theirs, would end it.
-    pub fn answered(&self, commit: u64, shards: usize, count: usize) {
-        let back = {
-            let mut g = self.gather.lock().expect("gather lock poisoned");
-            if g.commit != commit {
-                g.commit = commit;
-                g.shards_to_answer = shards;
-            }
-            g.shards_to_answer = g.shards_to_answer.saturating_sub(1);
-            if count > 0 {
-                if g.answered == 0 {
-                    g.owed_before_answers = g.owed;
-                }
-                g.answered += count;
-                g.answered_at = Some(Instant::now());
-            }
-            g.all_back()
-        };
-        if back {
-            self.wanted.store(true, Ordering::Release);
-            self.wake();
+    /// A shard gave out `count` answers (a checkpoint committed their changes).
+    pub fn answered(&self, count: usize) {
+        let now = self.base.elapsed().as_nanos() as u64;
+        self.answered_at.store(now, Ordering::Release);
+        if self.answered.fetch_add(count, Ordering::AcqRel) == 0 {
+            self.owed_before_answers
+                .store(self.owed.load(Ordering::Acquire), Ordering::Release);
         }
     }
 
-    /// A command's answer is owed (a checkpoint is wanted). When that brings the answered
-    /// callers all back, the gathering is over: the loop is woken to start the checkpoint now
-    /// rather than at its next look.
+    /// A command's answer is owed (a checkpoint is wanted). When that makes as many answers
+    /// owed since the answers went out as were given out, the gathering is over: the loop is
+    /// woken to start the checkpoint now rather than at its next look.
     pub fn owed_answer(&self) {
-        let back = {
-            let mut g = self.gather.lock().expect("gather lock poisoned");
-            g.owed += 1;
-            g.all_back()
-        };
+        let owed = self.owed.fetch_add(1, Ordering::AcqRel) + 1;
+        let answered = self.answered.load(Ordering::Acquire);
+        let back =
+            answered >= 2 && owed == self.owed_before_answers.load(Ordering::Acquire) + answered;
         if back {
             self.wanted.store(true, Ordering::Release);
             self.wake();
@@ -104,14 +80,24 @@ impl CommitSoon {
         }
     }
 
+    /// Whether the callers answered since the last call was taken are all back (see
+    /// [`Self::owed_answer`]).
+    fn all_back(&self) -> bool {
+        let answered = self.answered.load(Ordering::Acquire);
+        self.owed.load(Ordering::Acquire)
+            >= self.owed_before_answers.load(Ordering::Acquire) + answered
+    }
+
     /// Whether the next checkpoint should wait for the commands of callers just answered
-    /// (several were, less than `gather` ago, and not all are back).
+    /// (several were, less than `gather` ago).
     pub fn gathering(&self, gather: Duration) -> bool {
-        let g = self.gather.lock().expect("gather lock poisoned");
-        if g.answered < 2 || g.all_back() {
+        if self.answered.load(Ordering::Acquire) < 2 || self.all_back() {
             return false;
         }
-        g.answered_at.is_some_and(|at| at.elapsed() < gather)
+        let since = self.base.elapsed().saturating_sub(Duration::from_nanos(
+            self.answered_at.load(Ordering::Acquire),
+        ));
+        since < gather
     }
 
     /// A checkpoint is wanted now; wakes the poll loop if it was not already.
@@ -127,17 +113,14 @@ impl CommitSoon {
         }
     }
 
-    /// Whether a checkpoint was wanted; clears the call (and what was counted for
+    /// Whether a checkpoint was wanted; clears the call (and the answers counted for
     /// [`Self::gathering`]: the checkpoint now starting gathers what came since).
     pub fn take(&self) -> bool {
         let wanted = self.wanted.swap(false, Ordering::AcqRel);
         if wanted {
-            let mut g = self.gather.lock().expect("gather lock poisoned");
-            *g = Gather {
-                commit: g.commit,
-                shards_to_answer: g.shards_to_answer,
-                ..Gather::default()
-            };
+            self.answered.store(0, Ordering::Release);
+            self.owed.store(0, Ordering::Release);
+            self.owed_before_answers.store(0, Ordering::Release);
         }
         wanted
     }
@@ -190,9 +173,9 @@ mod tests {
     #[test]
     fn answers_to_several_callers_hold_the_next_checkpoint_briefly_and_one_does_not() {
         let soon = CommitSoon::default();
-        soon.answered(1, 2, 1);
+        soon.answered(1);
         assert!(!soon.gathering(Duration::from_secs(60)), "a lone caller");
-        soon.answered(1, 2, 3);
+        soon.answered(3);
         assert!(soon.gathering(Duration::from_secs(60)));
         assert!(!soon.gathering(Duration::ZERO), "gathered long enough");
         soon.request();
@@ -216,8 +199,8 @@ mod tests {
         assert!(soon.take());
         // A caller not in the checkpoint now running is owed before its answers go out.
         soon.owed_answer();
-        soon.answered(7, 2, 2);
-        soon.answered(7, 2, 1);
+        soon.answered(2);
+        soon.answered(1);
         let gather = Duration::from_secs(60);
         assert!(soon.gathering(gather), "three callers answered, none back");
         soon.owed_answer();
@@ -232,46 +215,5 @@ mod tests {
             "woken when the last is back"
         );
         assert!(soon.take());
-    }
-
-    #[test]
-    fn the_gathering_waits_for_every_shard_of_the_commit() {
-        let soon = CommitSoon::default();
-        let wakes = Arc::new(AtomicUsize::new(0));
-        let counted = wakes.clone();
-        soon.wake_with(Some(Box::new(move || {
-            counted.fetch_add(1, Ordering::Relaxed);
-        })));
-        let gather = Duration::from_secs(60);
-        // Commit 3 included three shards: the first answers two callers, and they are back
-        // before the second has answered its own.
-        soon.answered(3, 3, 2);
-        soon.owed_answer();
-        soon.owed_answer();
-        assert!(soon.gathering(gather), "two shards have not answered yet");
-        soon.answered(3, 3, 2);
-        soon.owed_answer();
-        soon.owed_answer();
-        assert!(soon.gathering(gather), "the third shard has not said");
-        let before = wakes.load(Ordering::Relaxed);
-        soon.answered(3, 3, 0);
-        assert!(
-            !soon.gathering(gather),
-            "every shard answered, every caller back"
-        );
-        assert_eq!(
-            wakes.load(Ordering::Relaxed),
-            before + 1,
-            "the last shard's word wakes the loop"
-        );
-        assert!(soon.take());
-        // The next commit counts its own shards.
-        soon.answered(4, 2, 2);
-        soon.owed_answer();
-        soon.owed_answer();
-        assert!(
-            soon.gathering(gather),
-            "one of commit 4's two shards has not said"
-        );
     }
 }

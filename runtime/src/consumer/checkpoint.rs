@@ -41,7 +41,7 @@ use crate::changelog::{self, record_headers};
 use crate::dlq::DeadLetter;
 use crate::entity::Entity;
 use crate::kafka_health::QuietContext;
-use crate::shard::{Checkpoint, Commit, LocalShard, OutRecord, Outgoing, Reroute, ShardMsg};
+use crate::shard::{Checkpoint, LocalShard, OutRecord, Outgoing, Reroute, ShardMsg};
 
 /// Waits until every record sent is acknowledged, in 1 ms steps, by `deadline`, sending what
 /// lingers at once. For any producer about to commit a transaction (the checkpoint's, and
@@ -168,8 +168,6 @@ pub(crate) struct Checkpointer {
     offset_metadata: String,
     /// How long one checkpoint may take unless its caller says otherwise.
     transaction_timeout: Duration,
-    /// Transactions committed, which numbers them for the shards (see [`Commit`]).
-    commits: u64,
 }
 
 impl Checkpointer {
@@ -208,7 +206,6 @@ impl Checkpointer {
             announced: HashSet::new(),
             offset_metadata: crate::fencing::committer_metadata(&config.node),
             transaction_timeout: config.transaction_timeout,
-            commits: 0,
         })
     }
 
@@ -316,11 +313,6 @@ impl Checkpointer {
             collected,
             written
         );
-        self.commits += 1;
-        let commit = Commit {
-            number: self.commits,
-            shards: checkpoints.len(),
-        };
         for ((shard, cp, _), plan) in checkpoints.into_iter().zip(plans) {
             if let Some(offset) = cp.commit_offset {
                 self.committed.insert(cp.partition, offset);
@@ -328,10 +320,7 @@ impl Checkpointer {
             if plan == OffsetPlan::Announce {
                 self.announced.insert(cp.partition);
             }
-            let _ = shard.actor.cast(ShardMsg::Checkpointed {
-                seq: cp.seq,
-                commit,
-            });
+            let _ = shard.actor.cast(ShardMsg::Checkpointed { seq: cp.seq });
         }
         Ok(true)
     }

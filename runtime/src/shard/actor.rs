@@ -410,9 +410,9 @@ impl<E: Entity> ShardState<E> {
             ShardMsg::Checkpoint(reply) => {
                 let _ = reply.send(self.checkpoint());
             }
-            ShardMsg::Checkpointed { seq, commit } => {
+            ShardMsg::Checkpointed { seq } => {
                 self.outbox.committed(seq);
-                self.answer_committed(seq, commit);
+                self.answer_committed(seq);
             }
             ShardMsg::Timers => self.fire_due_timers(),
             ShardMsg::Tick => {

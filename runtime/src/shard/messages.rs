@@ -79,16 +79,6 @@ impl<S> Checkpoint<S> {
     }
 }
 
-/// One committed checkpoint transaction, as its shards hear of it (see
-/// `CommitSoon::answered`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Commit {
-    /// Numbered by the checkpoint thread, one after another.
-    pub number: u64,
-    /// How many shards the transaction included (each is told).
-    pub shards: usize,
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct EntityCounts {
     /// Live entities (active recently; the others are passivated).
@@ -123,10 +113,9 @@ pub(crate) enum ShardMsg<E: Entity> {
     /// partition's next owner).
     Drain(RpcReplyPort<()>),
     Checkpoint(RpcReplyPort<Checkpoint<E::State>>),
-    /// The checkpoint with this sequence number was committed, in `commit`.
+    /// The checkpoint with this sequence number was committed.
     Checkpointed {
         seq: u64,
-        commit: Commit,
     },
     /// Passivate idle entities.
     Tick,

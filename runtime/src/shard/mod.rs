@@ -33,8 +33,7 @@ use crate::stats::NodeStats;
 
 pub(crate) use actor::{ShardActor, ShardArgs};
 pub(crate) use messages::{
-    Checkpoint, Commit, ConsumedRecord, EntityCounts, OutRecord, Outgoing, RecordContent, Reroute,
-    ShardMsg,
+    Checkpoint, ConsumedRecord, EntityCounts, OutRecord, Outgoing, RecordContent, Reroute, ShardMsg,
 };
 
 /// What the node keeps about one local shard.

@@ -15,7 +15,6 @@ use crate::cluster::wire::CommandOutcome;
 use crate::commands::{failed, CommandMeta, Direct, DirectCommand};
 use crate::effects::{Effects, Input};
 use crate::entity::{Entity, EntityId};
-use crate::shard::Commit;
 use crate::stats::NodeStats;
 
 /// A command's answer, for whoever waits for it.
@@ -217,22 +216,18 @@ impl<E: Entity> ShardState<E> {
         }
     }
 
-    /// Checkpoint `seq` committed (in `commit`, with `shards` shards): the answers it made
-    /// durable go to their senders, and `commit_soon` hears how many (none too).
-    pub(super) fn answer_committed(&mut self, seq: u64, commit: Commit) {
+    /// Checkpoint `seq` committed: the answers it made durable go to their senders.
+    pub(super) fn answer_committed(&mut self, seq: u64) {
         if self.owed.is_empty() {
-            self.env
-                .commit_soon
-                .answered(commit.number, commit.shards, 0);
             return;
         }
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.owed)
             .into_iter()
             .partition(|(first, _)| *first <= seq);
         self.owed = later;
-        self.env
-            .commit_soon
-            .answered(commit.number, commit.shards, due.len());
+        if !due.is_empty() {
+            self.env.commit_soon.answered(due.len());
+        }
         for (_, owed) in due {
             self.answer_now(owed.to, owed.outcome);
         }

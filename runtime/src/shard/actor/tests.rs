@@ -9,7 +9,6 @@ use crate::entity::{Prost, Rejection};
 use crate::partitioner::partition_for_key;
 use crate::readiness::GroupReadiness;
 use crate::shard::messages::OutRecord;
-use crate::shard::Commit;
 use crate::timers::{PendingTimer, HEADER_TIMER};
 use std::sync::atomic::AtomicUsize;
 
@@ -237,7 +236,6 @@ async fn commands_are_answered_after_their_checkpoint_commits_and_once_per_key()
     shard
         .cast(ShardMsg::Checkpointed {
             seq: checkpoint.seq,
-            commit: Commit::default(),
         })
         .unwrap();
     let reply = |outcome: CommandOutcome| match outcome.result {
@@ -275,7 +273,6 @@ async fn commands_are_answered_after_their_checkpoint_commits_and_once_per_key()
     shard
         .cast(ShardMsg::Checkpointed {
             seq: checkpoint.seq,
-            commit: Commit::default(),
         })
         .unwrap();
     assert_eq!(
@@ -320,7 +317,6 @@ async fn commit(shard: &ActorRef<ShardMsg<Guarded>>) -> Checkpoint<SumState> {
     shard
         .cast(ShardMsg::Checkpointed {
             seq: checkpoint.seq,
-            commit: Commit::default(),
         })
         .unwrap();
     checkpoint
@@ -411,7 +407,6 @@ async fn a_direct_command_is_answered_after_its_commit_and_dropped_unanswered_wi
     shard
         .cast(ShardMsg::Checkpointed {
             seq: checkpoint.seq,
-            commit: Commit::default(),
         })
         .unwrap();
     assert_eq!(
@@ -657,12 +652,7 @@ async fn a_timer_fires_once_when_due_from_the_state_that_holds_it_and_a_cancelle
     );
     let seq = first.seq;
     assert!(records(first).is_empty(), "nothing is due yet");
-    shard
-        .cast(ShardMsg::Checkpointed {
-            seq,
-            commit: Commit::default(),
-        })
-        .unwrap();
+    shard.cast(ShardMsg::Checkpointed { seq }).unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     let fired = checkpoint(shard.clone()).await;
     let seq = fired.seq;
@@ -687,12 +677,7 @@ async fn a_timer_fires_once_when_due_from_the_state_that_holds_it_and_a_cancelle
             ]
         );
     }
-    shard
-        .cast(ShardMsg::Checkpointed {
-            seq,
-            commit: Commit::default(),
-        })
-        .unwrap();
+    shard.cast(ShardMsg::Checkpointed { seq }).unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(records(checkpoint(shard.clone()).await).is_empty(), "once");
     assert_eq!(env.stats.timers_fired.get(), 2);
@@ -746,7 +731,6 @@ async fn a_timer_set_by_a_command_run_without_a_record_fires_when_due() {
     shard
         .cast(ShardMsg::Checkpointed {
             seq: checkpoint.seq,
-            commit: Commit::default(),
         })
         .unwrap();
     assert!(matches!(set.await, Ok(Direct::Answered(_))));
@@ -819,7 +803,6 @@ async fn a_shard_runs_its_entities_in_partition_order_and_skips_replays() {
     shard
         .cast(ShardMsg::Checkpointed {
             seq: checkpoint.seq,
-            commit: Commit::default(),
         })
         .unwrap();
     let next = shard
