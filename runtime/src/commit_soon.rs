@@ -11,9 +11,7 @@
 //! Started at once, it would carry only the commands that were waiting already, the answered
 //! callers' next ones would wait for the one after, and concurrent callers would settle into
 //! halves that each wait for two checkpoints (docs/BENCHMARKS.md, "Commands run at their
-//! owner"). A lone caller is answered alone and never waits for this. The gathering ends
-//! early, with a wake of the loop, once as many new answers are owed as were given out: the
-//! answered callers are back, and waiting longer would only hold their commands.
+//! owner"). A lone caller is answered alone and never waits for this.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -32,11 +30,6 @@ pub(crate) struct CommitSoon {
     answered_at: AtomicU64,
     /// Answers given out since the last call was taken.
     answered: AtomicUsize,
-    /// Answers owed since the last call was taken (see [`Self::owed_answer`]).
-    owed: AtomicUsize,
-    /// Of those, the ones owed before the first answer went out: callers that were not
-    /// answered, whose commands do not count as the answered ones' return.
-    owed_before_answers: AtomicUsize,
 }
 
 impl Default for CommitSoon {
@@ -47,8 +40,6 @@ impl Default for CommitSoon {
             base: Instant::now(),
             answered_at: AtomicU64::default(),
             answered: AtomicUsize::default(),
-            owed: AtomicUsize::default(),
-            owed_before_answers: AtomicUsize::default(),
         }
     }
 }
@@ -58,40 +49,13 @@ impl CommitSoon {
     pub fn answered(&self, count: usize) {
         let now = self.base.elapsed().as_nanos() as u64;
         self.answered_at.store(now, Ordering::Release);
-        if self.answered.fetch_add(count, Ordering::AcqRel) == 0 {
-            self.owed_before_answers
-                .store(self.owed.load(Ordering::Acquire), Ordering::Release);
-        }
-    }
-
-    /// A command's answer is owed (a checkpoint is wanted). When that makes as many answers
-    /// owed since the answers went out as were given out, the gathering is over: the loop is
-    /// woken to start the checkpoint now rather than at its next look.
-    pub fn owed_answer(&self) {
-        let owed = self.owed.fetch_add(1, Ordering::AcqRel) + 1;
-        let answered = self.answered.load(Ordering::Acquire);
-        let back =
-            answered >= 2 && owed == self.owed_before_answers.load(Ordering::Acquire) + answered;
-        if back {
-            self.wanted.store(true, Ordering::Release);
-            self.wake();
-        } else {
-            self.request();
-        }
-    }
-
-    /// Whether the callers answered since the last call was taken are all back (see
-    /// [`Self::owed_answer`]).
-    fn all_back(&self) -> bool {
-        let answered = self.answered.load(Ordering::Acquire);
-        self.owed.load(Ordering::Acquire)
-            >= self.owed_before_answers.load(Ordering::Acquire) + answered
+        self.answered.fetch_add(count, Ordering::AcqRel);
     }
 
     /// Whether the next checkpoint should wait for the commands of callers just answered
     /// (several were, less than `gather` ago).
     pub fn gathering(&self, gather: Duration) -> bool {
-        if self.answered.load(Ordering::Acquire) < 2 || self.all_back() {
+        if self.answered.load(Ordering::Acquire) < 2 {
             return false;
         }
         let since = self.base.elapsed().saturating_sub(Duration::from_nanos(
@@ -103,13 +67,9 @@ impl CommitSoon {
     /// A checkpoint is wanted now; wakes the poll loop if it was not already.
     pub fn request(&self) {
         if !self.wanted.swap(true, Ordering::AcqRel) {
-            self.wake();
-        }
-    }
-
-    fn wake(&self) {
-        if let Some(wake) = &*self.wake.lock().expect("waker lock poisoned") {
-            wake();
+            if let Some(wake) = &*self.wake.lock().expect("waker lock poisoned") {
+                wake();
+            }
         }
     }
 
@@ -119,8 +79,6 @@ impl CommitSoon {
         let wanted = self.wanted.swap(false, Ordering::AcqRel);
         if wanted {
             self.answered.store(0, Ordering::Release);
-            self.owed.store(0, Ordering::Release);
-            self.owed_before_answers.store(0, Ordering::Release);
         }
         wanted
     }
@@ -184,36 +142,5 @@ mod tests {
             !soon.gathering(Duration::from_secs(60)),
             "the checkpoint that started carries them"
         );
-    }
-
-    #[test]
-    fn the_gathering_ends_with_a_wake_once_the_answered_callers_are_back() {
-        let soon = CommitSoon::default();
-        let wakes = Arc::new(AtomicUsize::new(0));
-        let counted = wakes.clone();
-        soon.wake_with(Some(Box::new(move || {
-            counted.fetch_add(1, Ordering::Relaxed);
-        })));
-        soon.owed_answer();
-        assert_eq!(wakes.load(Ordering::Relaxed), 1, "the first call wakes");
-        assert!(soon.take());
-        // A caller not in the checkpoint now running is owed before its answers go out.
-        soon.owed_answer();
-        soon.answered(2);
-        soon.answered(1);
-        let gather = Duration::from_secs(60);
-        assert!(soon.gathering(gather), "three callers answered, none back");
-        soon.owed_answer();
-        soon.owed_answer();
-        assert!(soon.gathering(gather), "two of three back");
-        let before = wakes.load(Ordering::Relaxed);
-        soon.owed_answer();
-        assert!(!soon.gathering(gather), "all three back");
-        assert_eq!(
-            wakes.load(Ordering::Relaxed),
-            before + 1,
-            "woken when the last is back"
-        );
-        assert!(soon.take());
     }
 }

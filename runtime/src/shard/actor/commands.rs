@@ -202,7 +202,7 @@ impl<E: Entity> ShardState<E> {
     /// `answer` goes to the command's sender once checkpoint `first` (or a later one) commits.
     pub(super) fn owe_after(&mut self, first: u64, to: AnswerTo, outcome: CommandOutcome) {
         self.owed.push((first, Owed { to, outcome }));
-        self.env.commit_soon.owed_answer();
+        self.env.commit_soon.request();
     }
 
     pub(super) fn answer_now(&mut self, to: AnswerTo, outcome: CommandOutcome) {
