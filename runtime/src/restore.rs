@@ -52,6 +52,8 @@ const EARLY_FENCE_EVERY: Duration = Duration::from_millis(100);
 /// How long after its departure a node is watched for (well past any session timeout: a node
 /// still listed then is alive, and the assignment-time fence is left to deal with it).
 const EARLY_FENCE_FOR: Duration = Duration::from_secs(120);
+/// How often a restore still under way says how far it is (or that it waits).
+const REPORT_EVERY: Duration = Duration::from_secs(5);
 /// Records between two looks at the clock (reading it per record showed in the profile).
 const CLOCK_EVERY_RECORDS: usize = 64;
 /// Records read from librdkafka at once (`kafka_batch`).
@@ -517,15 +519,15 @@ impl<E: Entity> Restorer<E> {
             pending.len(),
             self.changelog_topic
         );
-        self.metrics
-            .restore_records_remaining
-            .inc_by(pending.values().map(|r| r.end - r.position).sum());
+        let to_read: i64 = pending.values().map(|r| r.end - r.position).sum();
+        self.metrics.restore_records_remaining.inc_by(to_read);
         let mut reader = ConsumerReader::new(&consumer, READ_BATCH, "the restore consumer")?;
         consumer.assign(&tpl)?;
         let mut last_report = Instant::now();
         let mut last_position_check = Instant::now();
         let mut records_since_clock = 0usize;
         let mut records = 0u64;
+        let mut records_at_report = 0u64;
         while !pending.is_empty() {
             let mut complete = Vec::new();
             // Short: a partition whose tail is only a transaction marker delivers no record, and
@@ -603,16 +605,26 @@ impl<E: Entity> Restorer<E> {
                 self.restored(partition, restore, assigned_at, started, orphaned);
                 shards.retain(|(p, _)| *p != partition);
             }
-            if look_at_clock
-                && !pending.is_empty()
-                && last_report.elapsed() > Duration::from_secs(5)
-            {
+            if look_at_clock && !pending.is_empty() && last_report.elapsed() >= REPORT_EVERY {
                 last_report = Instant::now();
-                tracing::warn!(
-                    "still restoring shards {:?}: waiting for their changelog end (an open transaction of a \
-                     failed node is aborted after the transaction timeout)",
-                    pending.keys().collect::<Vec<_>>()
-                );
+                // A large restore reads for many seconds: say how far it is. Only a restore that
+                // read nothing since the last report is waiting, and that is worth a warning.
+                if records > records_at_report {
+                    tracing::info!(
+                        "restoring {} shards from {}: {records} records read of at most {to_read}",
+                        pending.len(),
+                        self.changelog_topic
+                    );
+                } else {
+                    tracing::warn!(
+                        "still restoring shards {:?}: nothing read for {} s, waiting for their \
+                         changelog end (an open transaction of a failed node is aborted after the \
+                         transaction timeout)",
+                        pending.keys().collect::<Vec<_>>(),
+                        REPORT_EVERY.as_secs()
+                    );
+                }
+                records_at_report = records;
             }
         }
         Ok(records)
