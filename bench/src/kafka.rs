@@ -124,8 +124,6 @@ pub enum StartFrom {
     KnownOffsets,
 }
 
-/// The baseline: a bare consumer (read_committed, as the processor) reads every partition from
-/// the start to `ends`, doing nothing with the records. Returns (records, time).
 /// A bare read of a topic: records read, the time from assigning the partitions to the end,
 /// and the part of it from the first record on (the rest is start-up: lookups, first fetch).
 pub struct BareDrain {
@@ -134,13 +132,22 @@ pub struct BareDrain {
     pub from_first_record: Duration,
 }
 
+/// The baseline: a bare consumer (read_committed, as the processor) reads every partition from
+/// the start to `ends`, doing nothing with the records, with the fetch sizes of the node's
+/// restore and the node's `defaults` for the reader it stands beside (none for the group
+/// consumer, `CHANGELOG_READER_DEFAULTS` for a changelog read).
 pub fn bare_drain(
     bootstrap: &str,
     topic: &str,
     ends: &BTreeMap<u32, i64>,
     from: StartFrom,
+    defaults: &[(&str, &str)],
 ) -> anyhow::Result<BareDrain> {
-    let consumer: BaseConsumer = client(bootstrap, &format!("bench-bare-{topic}"))
+    let mut config = client(bootstrap, &format!("bench-bare-{topic}"));
+    for (key, value) in defaults {
+        config.set(*key, *value);
+    }
+    let consumer: BaseConsumer = config
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "10485760")
         .create()?;

@@ -123,7 +123,7 @@ mod stats;
 pub mod testkit;
 mod timers;
 
-pub use changelog::decode_value as decode_changelog_value;
+pub use changelog::{decode_value as decode_changelog_value, CHANGELOG_READER_DEFAULTS};
 pub use cli::{KafkaClientArgs, NodeArgs, NodeConfig, Ports, DEFAULT_COOKIE};
 pub use cluster::endpoint::CallError;
 pub use cluster::tls::{NodeTls, NodeTlsError, NodeTlsFiles};

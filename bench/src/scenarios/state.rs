@@ -88,7 +88,13 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
         changelog_ends.clone(),
     );
     let bare = tokio::task::spawn_blocking(move || {
-        bare_drain(&bootstrap, &cl, &e, StartFrom::KnownOffsets)
+        bare_drain(
+            &bootstrap,
+            &cl,
+            &e,
+            StartFrom::KnownOffsets,
+            kafka_sharding::CHANGELOG_READER_DEFAULTS,
+        )
     })
     .await??;
     let (records, bare_time) = (bare.records, bare.time);
@@ -183,8 +189,8 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
         format!("{restore_time:.2} s"),
         format!("{} entities", rate(restore_rate)),
         format!("{:.2}", restore_rate / bare_rate),
-        "≥ 0.5 × bare".into(),
-        verdict(restore_rate >= 0.5 * bare_rate),
+        "≥ 0.9 × bare".into(),
+        verdict(restore_rate >= 0.9 * bare_rate),
     ]);
     // Per user: node B's longest shard restored all users cold, node C's longest shard the
     // standby set's.
@@ -204,6 +210,11 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
         "≤ 0.1 × cold".into(),
         verdict(standby_per_user <= 0.1 * cold_per_user),
     ]);
+    restore.note(
+        "The bare read assigns the partitions at the offsets it asked first, as the restore \
+         does, with the restore's fetch sizes and the changelog readers' librdkafka defaults \
+         (`CHANGELOG_READER_DEFAULTS`); it reads after node B's restore.",
+    );
 
     let per_user = rss_b.saturating_sub(idle_rss) as f64 / users as f64;
     let per_actor = rss_live.saturating_sub(rss_b) as f64 / (live_after - live_b).max(1.0);
@@ -226,6 +237,7 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
         "".into(),
         "".into(),
     ]);
+    let memory_target = memory_target(users);
     memory.row(vec![
         format!(
             "node A after processing {users} users (default live-actor cap; {} 2 s after the end)",
@@ -237,16 +249,16 @@ pub async fn run(setup: &Setup, topic: &str, users: u64) -> anyhow::Result<(Tabl
             "{:.0} B/user (incl. actors)",
             rss_a.saturating_sub(idle_rss) as f64 / users as f64
         ),
-        "≤ 1 GiB".into(),
-        verdict(rss_a <= GIB),
+        memory_target.1.into(),
+        verdict(rss_a <= memory_target.0),
     ]);
     memory.row(vec![
         format!("node B with {users} users restored"),
         format!("{live_b:.0}"),
         mib(rss_b),
         format!("{per_user:.0} B/user"),
-        "≤ 1 GiB".into(),
-        verdict(rss_b <= GIB),
+        memory_target.1.into(),
+        verdict(rss_b <= memory_target.0),
     ]);
     memory.row(vec![
         format!("node B after events for {LIVE_ACTORS} users"),
@@ -282,4 +294,14 @@ async fn settling_rss(node: &NodeProcess) -> anyhow::Result<(u64, u64)> {
     let early = node.rss_bytes()?;
     tokio::time::sleep(SETTLE_RSS - Duration::from_secs(2)).await;
     Ok((early, node.rss_bytes()?))
+}
+
+/// A node's memory target with `users` users' state: 1 GiB up to a million users, 1.5 GiB
+/// (about 150 B/user) for ten million (issue 18).
+fn memory_target(users: u64) -> (u64, &'static str) {
+    if users > 1_000_000 {
+        (3 * GIB / 2, "≤ 1.5 GiB")
+    } else {
+        (GIB, "≤ 1 GiB")
+    }
 }

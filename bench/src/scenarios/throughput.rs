@@ -103,7 +103,7 @@ pub async fn run(
             );
             let (bootstrap, t, e) = (setup.bootstrap.clone(), topic.to_string(), ends.clone());
             let (drained, cpu) = tokio::task::spawn_blocking(move || {
-                busy_during(|| bare_drain(&bootstrap, &t, &e, from))
+                busy_during(|| bare_drain(&bootstrap, &t, &e, from, &[]))
             })
             .await??;
             anyhow::ensure!(
