@@ -109,6 +109,8 @@ enum RestoreError {
 struct PartitionRestore<E: Entity> {
     shard: ActorRef<ShardMsg<E>>,
     states: EntityMap<Stored<E::State>>,
+    /// Whether a folded state held a timer (see `changelog::fold`).
+    timers: bool,
     /// How far reading got: from the log start or the standby's position, advanced at each
     /// position check (for the records-remaining gauge).
     position: i64,
@@ -380,6 +382,7 @@ impl<E: Entity> Restorer<E> {
         orphaned: &BTreeMap<u32, Instant>,
     ) -> Result<u64, RestoreError> {
         let started = Instant::now();
+        let cpu_at_start = thread_cpu_time();
         // Reading to the high watermark covers a previous owner's open transaction only once its
         // records are in the changelog. A frozen owner's checkpoint can have its offsets accepted
         // (TxnOffsetCommit) before its changelog records are appended, and commit both after it
@@ -466,10 +469,11 @@ impl<E: Entity> Restorer<E> {
                 .standbys
                 .take(partition)
                 .filter(|w| w.next_offset.is_some_and(|next| next >= low));
-            let (start, states, from_standby) = match warm {
+            let (start, states, timers, from_standby) = match warm {
                 Some(warm) => (
                     warm.next_offset.unwrap_or(low),
                     warm.states,
+                    warm.timers,
                     Some(warm.records),
                 ),
                 None => {
@@ -481,6 +485,7 @@ impl<E: Entity> Restorer<E> {
                     (
                         low,
                         EntityMap::with_capacity_and_hasher(expected, Default::default()),
+                        false,
                         None,
                     )
                 }
@@ -488,6 +493,7 @@ impl<E: Entity> Restorer<E> {
             let restore = PartitionRestore {
                 shard,
                 states,
+                timers,
                 position: start,
                 end: high,
                 records: 0,
@@ -555,8 +561,12 @@ impl<E: Entity> Restorer<E> {
                     continue;
                 };
                 restore.records += 1;
-                let folded =
-                    changelog::fold::<E>(&mut restore.states, &self.changelog_topic, record);
+                let folded = changelog::fold::<E>(
+                    &mut restore.states,
+                    &mut restore.timers,
+                    &self.changelog_topic,
+                    record,
+                );
                 if let Err(unreadable) = folded {
                     let restore = pending.remove(&partition).expect("pending above");
                     self.refused(partition, restore, unreadable);
@@ -627,6 +637,21 @@ impl<E: Entity> Restorer<E> {
                 records_at_report = records;
             }
         }
+        // Whether a restore was bound by this thread or waited for the broker.
+        let cpu = thread_cpu_time()
+            .zip(cpu_at_start)
+            .map(|(now, then)| {
+                format!(
+                    ", {} ms of it on the restore thread's CPU",
+                    (now - then).as_millis()
+                )
+            })
+            .unwrap_or_default();
+        tracing::info!(
+            "restore from {} done: {records} records read in {} ms{cpu}",
+            self.changelog_topic,
+            started.elapsed().as_millis()
+        );
         Ok(records)
     }
 
@@ -676,7 +701,10 @@ impl<E: Entity> Restorer<E> {
             restore.states.len(),
             started.elapsed().as_millis()
         );
-        let _ = restore.shard.cast(ShardMsg::Restored(restore.states));
+        let _ = restore.shard.cast(ShardMsg::Restored {
+            states: restore.states,
+            timers: restore.timers,
+        });
         self.metrics
             .restore_seconds
             .observe(assigned_at.elapsed().as_secs_f64());
@@ -690,4 +718,15 @@ impl<E: Entity> Restorer<E> {
             );
         }
     }
+}
+
+/// The CPU time the calling thread has used, if the platform says.
+fn thread_cpu_time() -> Option<Duration> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to fill.
+    let read = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    (read == 0).then(|| Duration::new(now.tv_sec as u64, now.tv_nsec as u32))
 }

@@ -114,6 +114,8 @@ pub(crate) fn placement(
 /// A standby's states and how far it has read.
 pub(crate) struct Warm<S> {
     pub states: EntityMap<Stored<S>>,
+    /// Whether a folded state held a timer (see `changelog::fold`).
+    pub timers: bool,
     /// The changelog offset after the last folded record (every committed record before it is
     /// in `states`); `None` before the first.
     pub next_offset: Option<i64>,
@@ -149,6 +151,7 @@ impl<S> Warm<S> {
         let now = Instant::now();
         Self {
             states: EntityMap::default(),
+            timers: false,
             next_offset: None,
             records: 0,
             started: now,
@@ -474,6 +477,7 @@ impl<E: Entity> Standbys<E> {
                     if let Some(warm) = inner.shards.get_mut(&shard) {
                         match changelog::fold::<E>(
                             &mut warm.states,
+                            &mut warm.timers,
                             &reader.changelog_topic,
                             record,
                         ) {

@@ -351,7 +351,7 @@ impl<E: Entity> ShardState<E> {
 
     fn handle(&mut self, msg: ShardMsg<E>) {
         match msg {
-            ShardMsg::Restored(states) => {
+            ShardMsg::Restored { states, timers } => {
                 let Some(WaitingForRestore {
                     batches,
                     queries,
@@ -364,7 +364,9 @@ impl<E: Entity> ShardState<E> {
                 NodeStats::add(&self.env.stats.entities_restored, states.len() as u64);
                 self.states = states;
                 // The restored states' timers: overdue ones fire now, once each.
-                self.rebuild_timer_index();
+                if timers {
+                    self.rebuild_timer_index();
+                }
                 self.wake_at = None;
                 self.arm_timers();
                 for batch in batches {

@@ -91,8 +91,12 @@ pub(crate) struct EntityCounts {
 }
 
 pub(crate) enum ShardMsg<E: Entity> {
-    /// The partition's changelog, read to its end: the shard may start.
-    Restored(EntityMap<Stored<E::State>>),
+    /// The partition's changelog, read to its end: the shard may start. `timers`: whether any
+    /// state may hold a pending timer (the shard then indexes them; see `changelog::fold`).
+    Restored {
+        states: EntityMap<Stored<E::State>>,
+        timers: bool,
+    },
     /// A batch read from the partition, in offset order.
     Consumed(Vec<ConsumedRecord<E::Event>>),
     /// The partition's changelog holds a state this build cannot read (why): the shard

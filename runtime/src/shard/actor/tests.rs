@@ -202,7 +202,10 @@ async fn commands_are_answered_after_their_checkpoint_commits_and_once_per_key()
     let env = env(100);
     let shard = start::<Guarded>(&env).await;
     shard
-        .cast(ShardMsg::Restored(EntityMap::default()))
+        .cast(ShardMsg::Restored {
+            states: EntityMap::default(),
+            timers: false,
+        })
         .unwrap();
     let (mut deposit, mut overdraw) = (env.commands.register(), env.commands.register());
     env.gate.acquire(2, Duration::ZERO);
@@ -341,7 +344,10 @@ async fn a_direct_command_is_declined_until_the_shard_may_commit_it() {
         "restoring"
     );
     shard
-        .cast(ShardMsg::Restored(EntityMap::default()))
+        .cast(ShardMsg::Restored {
+            states: EntityMap::default(),
+            timers: false,
+        })
         .unwrap();
     assert_eq!(
         direct(&shard, "acc", "5", None).await.await.unwrap(),
@@ -377,7 +383,10 @@ async fn a_direct_command_is_answered_after_its_commit_and_dropped_unanswered_wi
     let env = env(100);
     let shard = start::<Guarded>(&env).await;
     shard
-        .cast(ShardMsg::Restored(EntityMap::default()))
+        .cast(ShardMsg::Restored {
+            states: EntityMap::default(),
+            timers: false,
+        })
         .unwrap();
     env.gate.acquire(1, Duration::ZERO);
     shard
@@ -504,7 +513,10 @@ async fn messages_and_emitted_records_leave_with_the_checkpoint_and_a_bad_one_is
     });
     let shard = start::<Relay>(&env).await;
     shard
-        .cast(ShardMsg::Restored(EntityMap::default()))
+        .cast(ShardMsg::Restored {
+            states: EntityMap::default(),
+            timers: false,
+        })
         .unwrap();
     env.gate.acquire(1, Duration::ZERO);
     shard
@@ -609,7 +621,10 @@ async fn a_timer_fires_once_when_due_from_the_state_that_holds_it_and_a_cancelle
     let env = env(100);
     let shard = start::<Alarm>(&env).await;
     shard
-        .cast(ShardMsg::Restored(EntityMap::default()))
+        .cast(ShardMsg::Restored {
+            states: EntityMap::default(),
+            timers: false,
+        })
         .unwrap();
     // Inputs stamped 10 s ago: "a" rings 10.1 s after its input (100 ms from now), "b"
     // too but is cancelled, "c" is set for a day and then reset to ring with "a".
@@ -692,9 +707,10 @@ async fn a_timer_fires_once_when_due_from_the_state_that_holds_it_and_a_cancelle
         .set(PendingTimer::new("late", then, &[], None));
     let shard = start::<Alarm>(&env).await;
     shard
-        .cast(ShardMsg::Restored(
-            [("d".into(), overdue)].into_iter().collect(),
-        ))
+        .cast(ShardMsg::Restored {
+            states: [("d".into(), overdue)].into_iter().collect(),
+            timers: true,
+        })
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let restored = checkpoint(shard.clone()).await;
@@ -710,7 +726,10 @@ async fn a_timer_set_by_a_command_run_without_a_record_fires_when_due() {
     let env = env(100);
     let shard = start::<Alarm>(&env).await;
     shard
-        .cast(ShardMsg::Restored(EntityMap::default()))
+        .cast(ShardMsg::Restored {
+            states: EntityMap::default(),
+            timers: false,
+        })
         .unwrap();
     env.gate.acquire(1, Duration::ZERO);
     shard
@@ -772,7 +791,12 @@ async fn a_shard_runs_its_entities_in_partition_order_and_skips_replays() {
         // Offset 10 is already in this state: a replay.
         Stored::new(SumState { count: 1, sum: 100 }, 10),
     )]);
-    shard.cast(ShardMsg::Restored(restored)).unwrap();
+    shard
+        .cast(ShardMsg::Restored {
+            states: restored,
+            timers: false,
+        })
+        .unwrap();
     assert_eq!(ask(&shard, "a").await, SumState { count: 2, sum: 101 });
     assert_eq!(ask(&shard, "b").await, SumState { count: 1, sum: 7 });
     assert_eq!(ask(&shard, "never").await, SumState::default());
@@ -823,7 +847,10 @@ async fn the_live_cap_passivates_the_least_recently_active_and_keeps_their_state
     let env = env(2);
     let shard = start::<Sum>(&env).await;
     shard
-        .cast(ShardMsg::Restored(EntityMap::default()))
+        .cast(ShardMsg::Restored {
+            states: EntityMap::default(),
+            timers: false,
+        })
         .unwrap();
     shard
         .cast(ShardMsg::Consumed(events(&[
@@ -850,7 +877,10 @@ async fn an_apply_that_panics_dead_letters_its_event_and_the_shard_goes_on() {
     let env = env(100);
     let shard = start::<Unlucky>(&env).await;
     shard
-        .cast(ShardMsg::Restored(EntityMap::default()))
+        .cast(ShardMsg::Restored {
+            states: EntityMap::default(),
+            timers: false,
+        })
         .unwrap();
     shard
         .cast(ShardMsg::Consumed(events(&[
