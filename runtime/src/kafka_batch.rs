@@ -62,6 +62,10 @@ impl<'a> RawRecord<'a> {
 
     /// # Safety
     /// `message` is a valid librdkafka message that outlives `'a` and carries no error.
+    // Inlined into the readers' loops, which the applications' crates instantiate: called
+    // across crates, the view was written to the stack and read back per record (see
+    // docs/BENCHMARKS.md, "The restore thread's own work, and the timer scan").
+    #[inline]
     unsafe fn view(message: *const rdsys::rd_kafka_message_t) -> Self {
         let m = &*message;
         let bytes = |ptr: *mut c_void, len: usize| {
@@ -431,6 +435,7 @@ impl Batch<'_> {
     }
 
     /// What was read, in the order librdkafka delivered it.
+    #[inline]
     pub fn records(&self) -> impl Iterator<Item = Read<'_>> {
         self.messages.iter().map(|&message| {
             // SAFETY: librdkafka returned this message and it is not destroyed before the
