@@ -254,6 +254,8 @@ pub async fn run(
         "".into(),
         "".into(),
     ]);
+    // Issue 18's: with every event a new entity each also costs a changelog record.
+    let target = if users_in_turn { 0.8 } else { 0.9 };
     table.row(vec![
         "(b) one node, exactly-once, to committed end".into(),
         show(&one_rate),
@@ -261,8 +263,8 @@ pub async fn run(
         split(&one),
         rate(spread(one.iter().map(|d| d.from_start)).median),
         per_million(spread(one.iter().map(|d| d.cpu)).median),
-        "≥ 0.5 × bare (aim 0.8)".into(),
-        verdict(one_rate.median >= 0.5 * bare.median),
+        format!("≥ {target} × bare"),
+        verdict(one_rate.median >= target * bare.median),
     ]);
     let per_node = |i: usize| rate(spread(two.iter().map(|d| d.per_node[i])).median);
     table.row(vec![
