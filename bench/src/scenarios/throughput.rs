@@ -254,7 +254,8 @@ pub async fn run(
         "".into(),
         "".into(),
     ]);
-    // Issue 18's: with every event a new entity each also costs a changelog record.
+    // Issue 18's targets: lower when every event is a new entity, which also costs a changelog
+    // record.
     let target = if users_in_turn { 0.8 } else { 0.9 };
     table.row(vec![
         "(b) one node, exactly-once, to committed end".into(),
