@@ -41,11 +41,7 @@ pub async fn create_changelog(bootstrap: &str, name: &str, partitions: u32) -> a
         name,
         partitions,
         -1,
-        &[
-            ("cleanup.policy", "compact"),
-            ("min.cleanable.dirty.ratio", "0.1"),
-            ("segment.ms", "600000"),
-        ],
+        kafka_sharding::CHANGELOG_TOPIC_CONFIG,
     )
     .await?;
     Ok(())

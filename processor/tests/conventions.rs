@@ -34,6 +34,18 @@ async fn seeds_by_name_json_logs_openmetrics_and_akka_shaped_members() {
     // Each node answers for every user: the remote hops work between nodes found by name.
     wait_for_ledger(&spec, &[1, 2], &ledger, Duration::from_secs(60)).await;
 
+    // The changelog the node created carries the runtime's topic settings (compacted, small
+    // preallocated indexes: kafka_sharding::CHANGELOG_TOPIC_CONFIG says why).
+    let changelog = format!("{}-{}-state", spec.group, spec.topic);
+    let config = topic_config_at(&spec.bootstrap, &changelog).await;
+    for (key, value) in kafka_sharding::CHANGELOG_TOPIC_CONFIG {
+        assert_eq!(
+            config.get(*key).map(String::as_str),
+            Some(*value),
+            "{changelog}: {key}"
+        );
+    }
+
     // Members: both up, one leader and one oldest (node 1 started first), nothing unreachable.
     let members = node2.get_json("/cluster/members").await.unwrap();
     assert_eq!(members["selfNode"], node2.id.as_str(), "{members}");

@@ -65,6 +65,27 @@ pub enum ChangelogError {
     Unreadable { changelog: String, reason: String },
 }
 
+/// The topic settings a node creates a changelog with (an existing changelog keeps its own).
+///
+/// - Compacted: the latest state of every entity is what a restore needs; `min.cleanable.dirty.ratio`
+///   0.1 and ten-minute segments let the cleaner drop superseded states sooner than Kafka's defaults
+///   (0.5, a week), which bounds a restore's read.
+/// - `segment.index.bytes` 1 MiB instead of 10 MiB. A broker preallocates each segment's offset
+///   and time index at that size as a sparse file and writes them through `mmap`. The first write to
+///   an index faults in a read-around window of the file (`read_ahead_kb`, 8 MiB on the machine the
+///   benchmarks run on), which the kernel zero-fills page by page: 16 MiB of new memory per
+///   partition of a fresh changelog, 2 GiB for 128 partitions, all on the broker's request threads
+///   while a node's first checkpoints wait on them (docs/BENCHMARKS.md, "The brokers' index
+///   files"). 1 MiB still indexes at least 340 MiB of a segment (more than ten minutes' worth of
+///   a partition at a million states a second over 128 partitions) before the index fills and
+///   rolls it.
+pub const CHANGELOG_TOPIC_CONFIG: &[(&str, &str)] = &[
+    ("cleanup.policy", "compact"),
+    ("min.cleanable.dirty.ratio", "0.1"),
+    ("segment.ms", "600000"),
+    ("segment.index.bytes", "1048576"),
+];
+
 /// The changelog readers' librdkafka settings that the operator's `consumer.` properties may
 /// change.
 ///

@@ -123,7 +123,9 @@ mod stats;
 pub mod testkit;
 mod timers;
 
-pub use changelog::{decode_value as decode_changelog_value, CHANGELOG_READER_DEFAULTS};
+pub use changelog::{
+    decode_value as decode_changelog_value, CHANGELOG_READER_DEFAULTS, CHANGELOG_TOPIC_CONFIG,
+};
 pub use cli::{KafkaClientArgs, NodeArgs, NodeConfig, Ports, DEFAULT_COOKIE};
 pub use cluster::endpoint::CallError;
 pub use cluster::tls::{NodeTls, NodeTlsError, NodeTlsFiles};

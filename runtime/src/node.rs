@@ -455,11 +455,7 @@ async fn prepare_topics(config: &NodeConfig, spec: &EntityType) -> Result<u32, N
         &spec.changelog_topic,
         partitions,
         replication,
-        &[
-            ("cleanup.policy", "compact"),
-            ("min.cleanable.dirty.ratio", "0.1"),
-            ("segment.ms", "600000"),
-        ],
+        changelog::CHANGELOG_TOPIC_CONFIG,
     )
     .await?;
     if changelog_partitions != partitions {

@@ -641,6 +641,32 @@ pub fn replication_factor_at(bootstrap: &str, topic: &str) -> usize {
     topic_partitions(bootstrap, topic)[0].1
 }
 
+/// `topic`'s configuration as the broker describes it (every key, defaults included).
+pub async fn topic_config_at(bootstrap: &str, topic: &str) -> BTreeMap<String, String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let described = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    let resource = described
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("describing topic {topic}: {e}"));
+    resource
+        .entries
+        .into_iter()
+        .filter_map(|entry| Some((entry.name, entry.value?)))
+        .collect()
+}
+
 /// `topic`'s partitions, each with its replica count.
 fn topic_partitions(bootstrap: &str, topic: &str) -> Vec<(i32, usize)> {
     let consumer = metadata_client(bootstrap);
