@@ -291,7 +291,8 @@ pub async fn run(
          group without committed offsets resets to the earliest offset, one lookup per partition); (a′) asks \
          every start in one request first, which no group consumer can: the fastest possible read. (d) and (d′) \
          write what a runtime keeping a changelog record per entity must write for these events when every \
-         one is a new entity, with nothing else to do, on the node's checkpoint producer settings, to a changelog created as the node creates one (`CHANGELOG_TOPIC_CONFIG`); (e) is \
+         one is a new entity, with nothing else to do, on the node's checkpoint producer settings, to a \
+         changelog created as the node creates one (`CHANGELOG_TOPIC_CONFIG`); (e) is \
          (a)'s read and those writes together, in transactions with the offsets begun every 500 ms or at 100 \
          000 pending keys on a thread of their own (the node's checkpoint policy), from the assign to the \
          last commit. Machine CPU: every process's (the broker's too), from /proc/stat over the run's window; \
