@@ -9,7 +9,12 @@
 //! task, HTTP/2 framing on both sides). On the link, the asking task writes its frame itself and
 //! the link's reader task hands it the answer; at the owner one task per link reads the
 //! queries, asks the shards (each query a future of that task, so a slow shard holds up only
-//! its own answer) and writes the answers. The messages are those ractor_cluster carries
+//! its own answer) and writes the answers.
+//!
+//! Both ends write what is ready in one write: the owner every answer ready at once, and the
+//! asking node the frames of requests that came while another request was writing (that one
+//! writes them with its own). A write costs a system call here and a wake-up there, about as
+//! much as the rest of a forwarded query (docs/BENCHMARKS.md). The messages are those ractor_cluster carries
 //! between gateways (`EntityQuery`, `EntityAnswer`), answered by the same endpoints, so the
 //! routing loop treats both transports alike.
 //!
@@ -34,7 +39,7 @@
 //! while (see [`RETRY_LINK_AFTER`]) and commands the record.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,7 +50,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use dashmap::DashMap;
 use futures::stream::FuturesUnordered;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
@@ -233,7 +238,16 @@ async fn serve(
                 Some(Err(_)) | None => return,
             },
             Some((id, answer)) = answering.next(), if !answering.is_empty() => {
-                if answers.send(version.answer(id, answer)).await.is_err() {
+                // Every answer ready by now goes out in one write.
+                if answers.feed(version.answer(id, answer)).await.is_err() {
+                    return;
+                }
+                while let Some(Some((id, answer))) = answering.next().now_or_never() {
+                    if answers.feed(version.answer(id, answer)).await.is_err() {
+                        return;
+                    }
+                }
+                if SinkExt::<Bytes>::flush(&mut answers).await.is_err() {
                     return;
                 }
             }
@@ -290,11 +304,127 @@ impl Drop for Forget<'_> {
     }
 }
 
+type Out = FramedWrite<WriteHalf<Box<dyn Io>>, LengthDelimitedCodec>;
+
 /// One open link to a peer.
 struct Link {
-    out: tokio::sync::Mutex<FramedWrite<WriteHalf<Box<dyn Io>>, LengthDelimitedCodec>>,
+    /// The connection's writing half, held by whichever request is writing (see
+    /// [`Link::write`]).
+    out: Arc<tokio::sync::Mutex<Out>>,
+    /// Frames handed to the request that holds `out`.
+    queued: Arc<Mutex<Vec<Bytes>>>,
+    /// Set once the link is dropped: a request that finds it set takes another way.
+    closed: AtomicBool,
     waiting: Arc<Waiting>,
     next_id: AtomicU64,
+}
+
+impl Link {
+    fn new(out: Out) -> Self {
+        Self {
+            out: Arc::new(tokio::sync::Mutex::new(out)),
+            queued: Arc::new(Mutex::new(Vec::new())),
+            closed: AtomicBool::new(false),
+            waiting: Arc::new(Mutex::new(HashMap::new())),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// Writes `frame` with whatever other requests queued meanwhile. Requests that find the
+    /// connection being written leave their frames for the writer and return, so concurrent
+    /// requests share one write (one system call, one wake-up at the owner) instead of taking
+    /// turns, while a lone request still writes its own frame at once.
+    async fn write(&self, frame: Bytes) -> std::io::Result<()> {
+        self.queued.lock().expect("link queue lock").push(frame);
+        let Ok(out) = self.out.clone().try_lock_owned() else {
+            // The writer looks at the queue again after it lets go of the connection.
+            return Ok(());
+        };
+        let mut writer = Writer {
+            out: Some(out),
+            queued: self.queued.clone(),
+            hand_over: true,
+        };
+        // Requests already runnable on this worker queue their frames first and share the
+        // write; alone, this costs one turn of the scheduler.
+        tokio::task::yield_now().await;
+        writer.drain().await
+    }
+}
+
+/// The request writing a link's queued frames. Dropped before it finished (its request was
+/// given up mid-write), it leaves the rest to a task of its own, so frames other requests
+/// queued are not left unwritten.
+struct Writer {
+    out: Option<tokio::sync::OwnedMutexGuard<Out>>,
+    queued: Arc<Mutex<Vec<Bytes>>>,
+    /// Whether a drop before the end hands the rest to a task of its own.
+    hand_over: bool,
+}
+
+impl Writer {
+    /// Writes the queued frames until none are left once the connection is let go. After a
+    /// failed write it lets go at once: the link is being dropped.
+    async fn drain(&mut self) -> std::io::Result<()> {
+        let written = self.write_queued().await;
+        if written.is_err() {
+            self.out = None;
+        }
+        written
+    }
+
+    async fn write_queued(&mut self) -> std::io::Result<()> {
+        loop {
+            let Some(out) = self.out.as_mut() else {
+                return Ok(());
+            };
+            loop {
+                let frames = std::mem::take(&mut *self.queued.lock().expect("link queue lock"));
+                if frames.is_empty() {
+                    break;
+                }
+                for frame in frames {
+                    out.feed(frame).await?;
+                }
+                SinkExt::<Bytes>::flush(&mut **out).await?;
+            }
+            // A frame queued after the last look but before this lets go found the connection
+            // taken: look once more, writing it unless another request took over.
+            let lock = tokio::sync::OwnedMutexGuard::mutex(out).clone();
+            self.out = None;
+            if self.queued.lock().expect("link queue lock").is_empty() {
+                return Ok(());
+            }
+            match lock.try_lock_owned() {
+                Ok(out) => self.out = Some(out),
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let Some(out) = self.out.take() else {
+            return;
+        };
+        // Once only: a writer dropped in its own task (the runtime shutting down) lets the
+        // frames go with the link. So does one dropped without a runtime.
+        if !self.hand_over {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut rest = Writer {
+            out: Some(out),
+            queued: self.queued.clone(),
+            hand_over: false,
+        };
+        runtime.spawn(async move {
+            let _ = rest.drain().await;
+        });
+    }
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -389,8 +519,12 @@ impl QueryLinks {
             waiting: &link.waiting,
             id,
         };
-        let sent = link.out.lock().await.send(framed(id)).await;
-        if let Err(e) = sent {
+        // Dropped after it was taken from the table: its waiting requests were failed already
+        // (`drop_link` closes before it clears them), so this one must not wait there.
+        if link.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        if let Err(e) = link.write(framed(id)).await {
             self.drop_link(url, &link, &e.to_string());
             return None;
         }
@@ -472,6 +606,7 @@ impl QueryLinks {
     }
 
     fn drop_link(&self, url: &Arc<str>, link: &Arc<Link>, why: &str) {
+        link.closed.store(true, Ordering::SeqCst);
         if self
             .links
             .remove_if(url, |_, open| Arc::ptr_eq(open, link))
@@ -551,11 +686,7 @@ async fn open(url: &str, tls: Option<TlsConnector>) -> Result<(Link, Incoming), 
     let io: Box<dyn Io> = Box::new(TokioIo::new(upgraded));
     let (read, write) = tokio::io::split(io);
     Ok((
-        Link {
-            out: tokio::sync::Mutex::new(FramedWrite::new(write, codec())),
-            waiting: Arc::new(Mutex::new(HashMap::new())),
-            next_id: AtomicU64::new(0),
-        },
+        Link::new(FramedWrite::new(write, codec())),
         FramedRead::new(read, codec()),
     ))
 }
@@ -670,6 +801,68 @@ mod tests {
             .await
             .expect("the link is closed")
             .unwrap();
+    }
+
+    /// Frames read off the far end of a link's connection.
+    async fn frames_read(far: tokio::io::DuplexStream, count: usize) -> Vec<Bytes> {
+        let mut read = FramedRead::new(far, codec());
+        let mut frames = Vec::new();
+        while frames.len() < count {
+            let next = tokio::time::timeout(Duration::from_secs(5), read.next()).await;
+            frames.push(next.expect("the frame arrives").unwrap().unwrap().freeze());
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn a_frame_queued_behind_a_writer_given_up_mid_write_is_still_written() {
+        // A buffer smaller than the first frame: its writer blocks until the far end reads.
+        let (near, far) = tokio::io::duplex(16);
+        let (_, write) = tokio::io::split(Box::new(near) as Box<dyn Io>);
+        let link = Arc::new(Link::new(FramedWrite::new(write, codec())));
+        let first = Bytes::from(vec![1u8; 1024]);
+        let writing = tokio::spawn({
+            let link = link.clone();
+            let first = first.clone();
+            async move { link.write(first).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !writing.is_finished(),
+            "the first writer waits on the far end"
+        );
+        // Finds the connection taken: queued for the writer, and back at once.
+        let second = Bytes::from_static(b"second");
+        tokio::time::timeout(Duration::from_secs(1), link.write(second.clone()))
+            .await
+            .expect("a queued frame does not wait for the write")
+            .unwrap();
+        writing.abort();
+        assert!(writing.await.unwrap_err().is_cancelled());
+        assert_eq!(frames_read(far, 2).await, vec![first, second]);
+    }
+
+    #[tokio::test]
+    async fn many_queries_at_once_over_one_link_each_get_their_own_answer() {
+        let endpoints = echo_endpoints();
+        let app = axum::Router::new().route(
+            PATH,
+            axum::routing::get(move |req: Request| async move { accept(endpoints, req) }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: Arc<str> = Arc::from(format!("http://{}", listener.local_addr().unwrap()));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let links = links(PeerTransport::Link);
+        let ids: Vec<String> = (0..500).map(|i| format!("user-{i}")).collect();
+        let answers =
+            futures::future::join_all(ids.iter().map(|id| links.ask(&url, query(id)))).await;
+        for (id, answered) in ids.iter().zip(answers) {
+            let answer = answered.expect("asked over the link").expect("answered");
+            assert_eq!(
+                answer.result,
+                Some(entity_answer::Result::Reply(id.as_bytes().to_vec()))
+            );
+        }
     }
 
     /// Answers a query with its id, after a delay that reverses the order of "a" and "b"; runs
