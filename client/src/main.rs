@@ -98,7 +98,7 @@ enum Command {
         /// Queries in flight at once (each worker waits for its answer before the next).
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=10_000))]
         concurrency: u64,
-        /// HTTP/2 connections shared by the workers.
+        /// HTTP/2 connections shared by the workers: to the node given, and as many to each owner.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
         connections: u64,
         /// Measured seconds (after the warm-up).
@@ -470,13 +470,20 @@ async fn bench(
         duration: seconds("--duration-secs", duration_secs)?,
     };
     anyhow::ensure!(!plan.duration.is_zero(), "--duration-secs must be > 0");
-    // One client per connection to the node given; all share one owner directory (its
-    // channels, one per owner, multiplex the workers' queries).
+    // One client per connection to the node given, each with its own owner directory, so
+    // that asking the owners directly spreads over as many connections to each owner as
+    // asking through the node given does over connections to it.
     let first = connect(target).await?;
     let mut clients = vec![first.clone()];
     for _ in 1..plan.connections.min(plan.concurrency) {
+        let channel = connect_channel(target).await?;
         clients.push(Users {
-            any_node: UserServiceClient::new(connect_channel(target).await?),
+            any_node: UserServiceClient::new(channel.clone()),
+            // The first one's failure was said once; the others go through the node too.
+            owners: match first.owners {
+                Some(_) => owner_directory(target, channel).await,
+                None => None,
+            },
             ..first.clone()
         });
     }
