@@ -100,7 +100,7 @@ pub async fn run(setup: &Setup, nodes: &[NodeProcess; 2], users: u64) -> anyhow:
             ]);
         }
     }
-    table.note("The client, both nodes and the broker share the machine's cores; the client is `client bench` (release). local, remote: `--via-addr` (node 1 answers, forwarding node 2's users one hop); direct: node 2's users, the client asking node 2 itself after learning the owners from node 1.");
+    table.note("The client, both nodes and the broker share the machine's cores; the client is `client bench` (release). local, remote: `--via-addr` (node 1 answers, forwarding node 2's users one hop); direct: node 2's users, the client asking node 2 itself after learning the owners from node 1. Each run spreads its workers over 4 HTTP/2 connections: to node 1, or (direct) to each owner.");
     Ok(table)
 }
 
