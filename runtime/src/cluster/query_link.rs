@@ -345,9 +345,11 @@ impl Link {
             queued: self.queued.clone(),
             hand_over: true,
         };
-        // Requests already runnable on this worker queue their frames first and share the
-        // write; alone, this costs one turn of the scheduler.
-        tokio::task::yield_now().await;
+        // With other requests in flight, the ones already runnable queue their frames first
+        // and share the write. A request alone on the link writes at once.
+        if self.waiting.lock().expect("link lock").len() > 1 {
+            tokio::task::yield_now().await;
+        }
         writer.drain().await
     }
 }
