@@ -9,14 +9,14 @@
 //! task, HTTP/2 framing on both sides). On the link, the asking task writes its frame itself and
 //! the link's reader task hands it the answer; at the owner one task per link reads the
 //! queries, asks the shards (each query a future of that task, so a slow shard holds up only
-//! its own answer) and writes the answers.
+//! its own answer) and writes the answers. The messages are those ractor_cluster carries
+//! between gateways (`EntityQuery`, `EntityAnswer`), answered by the same endpoints, so the
+//! routing loop treats both transports alike.
 //!
 //! Both ends write what is ready in one write: the owner every answer ready at once, and the
 //! asking node the frames of requests that came while another request was writing (that one
 //! writes them with its own). A write costs a system call here and a wake-up there, about as
-//! much as the rest of a forwarded query (docs/BENCHMARKS.md). The messages are those ractor_cluster carries
-//! between gateways (`EntityQuery`, `EntityAnswer`), answered by the same endpoints, so the
-//! routing loop treats both transports alike.
+//! much as the rest of a forwarded query (docs/BENCHMARKS.md).
 //!
 //! The cluster session stays the way when the link cannot be taken: the owner's management URL
 //! is not known yet, the operator chose it (`--peer-queries remoting`), node TLS without TLS on
@@ -846,14 +846,7 @@ mod tests {
 
     #[tokio::test]
     async fn many_queries_at_once_over_one_link_each_get_their_own_answer() {
-        let endpoints = echo_endpoints();
-        let app = axum::Router::new().route(
-            PATH,
-            axum::routing::get(move |req: Request| async move { accept(endpoints, req) }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url: Arc<str> = Arc::from(format!("http://{}", listener.local_addr().unwrap()));
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let url = serve_echo_links().await;
         let links = links(PeerTransport::Link);
         let ids: Vec<String> = (0..500).map(|i| format!("user-{i}")).collect();
         let answers =
@@ -911,20 +904,25 @@ mod tests {
         )]))
     }
 
-    /// A link to a port that serves the upgrade: answers come back to the queries that asked,
-    /// also when answered out of order.
-    #[tokio::test]
-    async fn queries_and_commands_over_a_link_get_their_own_answers() {
-        use crate::cluster::wire::{command_answer, command_outcome};
+    /// A management port taking links to the [`Echo`] endpoint; its URL.
+    async fn serve_echo_links() -> Arc<str> {
         let endpoints = echo_endpoints();
         let app = axum::Router::new().route(
             PATH,
             axum::routing::get(move |req: Request| async move { accept(endpoints, req) }),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url: Arc<str> = Arc::from(format!("http://{}", listener.local_addr().unwrap()));
+        let url = Arc::from(format!("http://{}", listener.local_addr().unwrap()));
         tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
 
+    /// A link to a port that serves the upgrade: answers come back to the queries that asked,
+    /// also when answered out of order.
+    #[tokio::test]
+    async fn queries_and_commands_over_a_link_get_their_own_answers() {
+        use crate::cluster::wire::{command_answer, command_outcome};
+        let url = serve_echo_links().await;
         let links = links(PeerTransport::Link);
         let (a, b) = tokio::join!(links.ask(&url, query("a")), links.ask(&url, query("b")));
         for (asked, answered) in [("a", a), ("b", b)] {
